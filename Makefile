@@ -1,0 +1,46 @@
+# Two entry points on a fresh clone:  make serve  and  make test.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.qstack-installed
+NATIVE := $(wildcard qstack/native/include/*.h qstack/native/src/*.c qstack/native/src/*.h) qstack/native/build.py
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+
+.PHONY: all build serve test test-fast bench clean sysdeps
+
+all: build
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# pip builds the native module with cffi (API mode) as part of the install;
+# the explicit in-place build keeps the editable tree importable.
+$(STAMP): $(BIN)/python setup.py setup.cfg pyproject.toml $(NATIVE)
+	$(BIN)/python -m pip install -q -e '.[test,bench]'
+	$(BIN)/python qstack/native/build.py
+	touch $@
+
+build: $(STAMP)
+
+serve: build
+	$(BIN)/qstack serve apps.echo:handle --host $(HOST) --port $(PORT)
+
+# System packages the suite needs, installed only when missing (and only as root).
+SYSDEPS :=
+sysdeps:
+	@missing=""; for p in $(SYSDEPS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "missing system packages:$$missing (run make test as root, or install them)"; exit 2; fi; \
+	fi
+
+test: sysdeps build
+	$(BIN)/python -m pytest -q
+
+bench: build
+	$(BIN)/python bench/echo.py
+
+clean:
+	rm -rf build dist *.egg-info qstack/_native*.so qstack/_native.c qstack/_native.o bench/bin

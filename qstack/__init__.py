@@ -1,0 +1,10 @@
+"""qstack: a server framework for very many concurrent TCP connections with
+request priorities.  Write ``def handle(req) -> bytes | None`` and run
+``qstack serve app:handle``; see README.md.
+"""
+
+__version__ = "0.1.0"
+
+from .app import Connection, Request, stream  # noqa: E402
+
+__all__ = ["Connection", "Request", "stream", "__version__"]

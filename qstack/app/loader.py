@@ -1,0 +1,58 @@
+"""Import ``module:attr`` references (handlers, classifiers) for the user.
+
+Every failure becomes one ConfigError line naming the spec, because these are
+the most common start-up mistakes (typo in the module, running from the wrong
+directory) and a traceback into importlib helps nobody.  The module's own
+import errors are summarised, not hidden: ``No module named 'redis'`` says
+what to install.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import Callable
+
+from qstack.errors import ConfigError
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text or type(e).__name__
+
+
+def load_callable(spec: str, what: str) -> Callable:
+    """Return the callable named by ``spec`` ('module:attr', attr may be dotted).
+
+    ``what`` names the role in messages ("handler", "classifier").
+    """
+    module_name, sep, attr = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    parts = module_name.split(".") + attr.split(".")
+    if not sep or not all(p.isidentifier() for p in parts):
+        raise ConfigError(f"bad {what} {spec!r}: expected MODULE:ATTR, e.g. apps.echo:handle")
+
+    # Like gunicorn: the directory qstack was started from is importable even
+    # when it was started as a console script (whose sys.path[0] is bin/).
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"cannot import {what} {spec!r}: {_one_line(e)}") from None
+    except (Exception, SystemExit) as e:  # the module itself is broken
+        raise ConfigError(f"cannot import {what} {spec!r}: "
+                          f"{type(e).__name__}: {_one_line(e)}") from None
+
+    for name in attr.split("."):
+        try:
+            obj = getattr(obj, name)
+        except AttributeError:
+            raise ConfigError(f"cannot load {what} {spec!r}: {type(obj).__name__} "
+                              f"{getattr(obj, '__name__', '?')!r} has no attribute "
+                              f"{name!r}") from None
+    if not callable(obj):
+        raise ConfigError(f"{what} {spec!r} is not callable (it is a {type(obj).__name__})")
+    return obj

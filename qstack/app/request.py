@@ -1,0 +1,85 @@
+"""The handler API: what a handler receives.
+
+A message handler is ``def handle(req) -> bytes | None``.  It runs on one of
+the core's worker greenlets; ``req`` is reused by that worker for its next
+request, so it is valid only until the handler returns.  ``req.data`` is a
+memoryview straight over the pool buffer the stack thread read into (zero
+copy); it is released when the handler returns.  Keep the bytes with
+``bytes(req.data)``.  Returning ``req.data`` itself sends that buffer back
+without a copy; returning any other bytes-like object copies it once into the
+native send path; returning None sends nothing.
+
+A stream handler is ``def handle(conn)``, marked with :func:`stream`.  It gets
+a greenlet of its own for the life of the connection, in the style of gevent's
+StreamServer, and uses ``conn.recv``, ``conn.send``/``sendall`` and
+``conn.close``.
+"""
+
+__all__ = ["Request", "Connection", "stream"]
+
+
+class Request:
+    """One framed message.  Attributes: data, priority (0 is highest), conn."""
+
+    __slots__ = ("data", "priority", "conn_id", "_hub")
+
+    def __init__(self, hub):
+        self._hub = hub
+        self.data = None
+        self.priority = 0
+        self.conn_id = 0
+
+    @property
+    def conn(self):
+        """The connection this request came on (to send more, or close it)."""
+        return Connection(self._hub, self.conn_id)
+
+    def __repr__(self):
+        n = len(self.data) if self.data is not None else 0
+        return f"<Request conn={self.conn_id} priority={self.priority} {n} bytes>"
+
+
+class Connection:
+    """A connection as a handler sees it.  Sends are queued to the stack thread.
+
+    Stream handlers get the full socket-like API (recv/send/sendall/close);
+    message handlers use ``req.conn.send(data)`` to push extra replies and
+    ``req.conn.close()`` to close after the queued replies are written.
+    """
+
+    __slots__ = ("_hub", "id")
+
+    def __init__(self, hub, conn_id):
+        self._hub = hub
+        self.id = conn_id
+
+    def send(self, data, priority=None):
+        """Queue all of ``data`` for sending; returns len(data)."""
+        return self._hub.conn_send(self.id, data, priority)
+
+    def sendall(self, data, priority=None):
+        """Queue ``data`` and wait while too much is unsent (flow control)."""
+        self._hub.conn_send(self.id, data, priority, wait=True)
+
+    def recv(self, bufsize=65536):
+        """Stream handlers: up to ``bufsize`` bytes; b"" once the peer closed."""
+        return self._hub.conn_recv(self.id, bufsize)
+
+    def close(self):
+        """Close after everything queued so far has been written."""
+        self._hub.conn_close(self.id)
+
+    def __eq__(self, other):
+        return isinstance(other, Connection) and other.id == self.id
+
+    def __hash__(self):
+        return hash(self.id)
+
+    def __repr__(self):
+        return f"<Connection {self.id:#x}>"
+
+
+def stream(handler):
+    """Mark ``handler`` as a stream handler: ``handler(conn)`` per connection."""
+    handler.__qstack_stream__ = True
+    return handler

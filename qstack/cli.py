@@ -1,0 +1,124 @@
+"""The ``qstack`` command.
+
+Start-up is a straight line -- parse flags, build the config, import the
+handler, check the port, run -- and every mistake on it is a ConfigError that
+ends as one line, ``qstack: error: <message>``, exit status 2.  Only argparse
+prints usage (its own errors, also status 2).  Flag values are validated by
+load_config, not by argparse, so `--port 70000` and `port: 70000` in the file
+give the same message.
+
+The server is imported lazily: the error paths above must not pay for (or
+depend on) the native core and gevent, and with several cores the parent must
+stay a plain process until it has forked (see qstack.supervisor).
+
+Subcommands: each ``_add_<name>`` registers its parser and sets ``run``; more
+(``load``, ``bench``) plug in the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+
+from qstack.config import load_config, parse_rule
+from qstack.errors import ConfigError
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a handler",
+                       description="Serve MODULE:ATTR on every core.")
+    p.add_argument("app", nargs="?", metavar="MODULE:ATTR",
+                   help="the handler (default: app.handler from the config)")
+    p.add_argument("--config", "-c", metavar="FILE", help="YAML config (see conf/qstack.yaml)")
+    # default=None everywhere: only flags actually given override the file.
+    flags = [
+        ("--host", "server.host", str, "address to listen on"),
+        ("--port", "server.port", int, "TCP port (0 = any free port)"),
+        ("--cores", "server.cores", int, "worker processes, one per core"),
+        ("--workers", "server.workers", int, "greenlets per core"),
+        ("--backend", "server.backend", str, "network stack: kernel"),
+        ("--grace", "server.shutdown_grace", float, "seconds to finish requests on stop"),
+        ("--framing", "app.framing", str, "raw | line | fixed:N | length:N"),
+        ("--levels", "priority.levels", int, "number of priority levels"),
+        ("--pin", "layout.pin", str, "thread layout: none | shared | split"),
+    ]
+    for flag, key, typ, text in flags:
+        p.add_argument(flag, dest=key, type=typ, default=None, metavar=key.split(".")[1].upper(),
+                       help=f"{text} ({key})")
+    p.add_argument("--priority", action="append", metavar="RULE", default=None,
+                   help="offset=N,value=N[,mask=N][,level=N]; repeatable, "
+                        "first match wins (priority.rules)")
+    p.add_argument("--stats", dest="server.stats", action="store_true", default=None,
+                   help="print per-core stats every interval (server.stats)")
+    p.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    p.set_defaults(run=_serve)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qstack", description="Serve many TCP connections with request priorities.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_serve(sub)
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, object]:
+    out: dict[str, object] = {k: v for k, v in vars(args).items()
+                              if "." in k and v is not None}
+    if args.priority:
+        out["priority.rules"] = [parse_rule(text) for text in args.priority]
+    if args.app is not None:
+        out["app.handler"] = args.app
+    return out
+
+
+def _serve(args: argparse.Namespace) -> int:
+    # Imported here so a bad config never imports qstack.app (and below it
+    # the hub, gevent and the native core) just to print an error.
+    from qstack.app.loader import load_callable
+
+    cfg = load_config(args.config, _overrides(args))
+    if cfg.app.handler is None:
+        raise ConfigError("no handler given: pass MODULE:ATTR "
+                          "(e.g. qstack serve apps.echo:handle) or set app.handler")
+    handler = load_callable(cfg.app.handler, "handler")
+
+    from qstack import server
+    port = server.check_port(cfg.server.host, cfg.server.port)
+    if port != cfg.server.port:  # port 0: every core must bind the same one
+        cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, port=port))
+    if cfg.server.cores == 1:
+        return server.serve(cfg, handler, core_index=0, stats_fd=None)
+    from qstack.supervisor import Supervisor
+    return Supervisor(cfg, handler).run()
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
+                        format="%(asctime)s qstack[%(process)d] %(levelname)s %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``qstack`` console script; returns the exit status."""
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_usage(sys.stderr)
+            print("qstack: error: a command is required (try: qstack serve --help)",
+                  file=sys.stderr)
+            return 2
+        _setup_logging(getattr(args, "log_level", "info"))
+        return args.run(args)
+    except ConfigError as e:
+        # One line even if a message slipped in a newline (e.g. from a library).
+        print(f"qstack: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        # Ctrl-C during start-up (e.g. a slow handler import): quiet, like a shell.
+        return 130
+

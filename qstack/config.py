@@ -1,0 +1,470 @@
+"""Configuration: defaults <- YAML file <- command-line overrides.
+
+The settings live in frozen dataclasses (their field defaults are the single
+source of the defaults) and one validator per key in ``_SCHEMA``.  Every value,
+whether it came from YAML or from a flag, goes through the same validator, so
+a bad setting is reported the same way wherever it came from: one line naming
+the dotted key (``priority.levels: expected an integer in 1..8, got 12``).
+
+Nothing here imports the handler or classifier: ``module:attr`` strings are
+only checked for shape; importing them is the loader's job, later, so that a
+config can be validated without side effects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import yaml
+
+from qstack.errors import ConfigError
+
+MAX_LEVELS = 8          # QS_MAX_LEVELS in qstack.h
+MAX_RULES = 8           # QS_MAX_RULES in qstack.h
+MAX_FIXED = 16777216
+LENGTH_SIZES = (1, 2, 4, 8)
+PINS = ("none", "shared", "split")
+
+
+@dataclass(frozen=True)
+class Framing:
+    """How the byte stream is cut into messages: kind raw|line|fixed|length.
+
+    ``arg`` is the message size for fixed, the header size in bytes for
+    length, and 0 otherwise.
+    """
+    kind: str
+    arg: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.arg}" if self.kind in ("fixed", "length") else self.kind
+
+
+@dataclass(frozen=True)
+class Rule:
+    """QStack's -i filter: (msg[offset] & mask) == value -> level."""
+    offset: int
+    value: int
+    mask: int = 0xFF
+    level: int = 0
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    backend: str = "kernel"
+    cores: int = 1
+    workers: int = 64
+    backlog: int = 1024
+    shutdown_grace: float = 5.0
+    stats: bool = False
+    stats_interval: float = 1.0
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    handler: str | None = None
+    framing: Framing = Framing("raw", 0)
+    max_message: int = 16777216
+
+
+@dataclass(frozen=True)
+class PriorityConfig:
+    levels: int = 2
+    rules: tuple[Rule, ...] = ()
+    default_level: int | None = None
+    classifier: str | None = None
+    low_share: float = 0.0
+
+    @property
+    def effective_default_level(self) -> int:
+        """The level of a message no rule matches (None means the lowest)."""
+        return self.levels - 1 if self.default_level is None else self.default_level
+
+
+@dataclass(frozen=True)
+class LayoutConfig:
+    pin: str = "none"
+
+
+@dataclass(frozen=True)
+class NativeConfig:
+    buf_size: int = 16384
+    buf_count: int = 8192
+    ring_size: int = 65536
+    cmd_ring_size: int = 65536
+    out_high_water: int = 4194304
+    batch: int = 128
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    app: AppConfig = field(default_factory=AppConfig)
+    priority: PriorityConfig = field(default_factory=PriorityConfig)
+    layout: LayoutConfig = field(default_factory=LayoutConfig)
+    native: NativeConfig = field(default_factory=NativeConfig)
+
+
+# --- value checks -----------------------------------------------------------
+# A validator takes (value, dotted key, source) and returns the stored value
+# or raises ConfigError.  ``source`` ("in conf/x.yaml") only matters for
+# unknown keys nested inside values (rule mappings).
+
+Validator = Callable[[Any, str, str], Any]
+
+
+def _show(value: Any) -> str:
+    """Render a bad value as the user wrote it (YAML spelling), briefly."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_int(value: Any) -> bool:
+    # bool is an int subclass; `port: true` must not mean port 1.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int(lo: int, hi: int | None = None) -> Validator:
+    want = f"an integer in {lo}..{hi}" if hi is not None else f"an integer >= {lo}"
+
+    def check(value, key, source):
+        if not _is_int(value) or value < lo or (hi is not None and value > hi):
+            raise ConfigError(f"{key}: expected {want}, got {_show(value)}")
+        return value
+    return check
+
+
+def _pow2(lo: int, hi: int) -> Validator:
+    def check(value, key, source):
+        if not _is_int(value) or not lo <= value <= hi or value & (value - 1):
+            raise ConfigError(
+                f"{key}: expected a power of two in {lo}..{hi}, got {_show(value)}")
+        return value
+    return check
+
+
+def _float(lo: float, hi: float, hi_open: bool = False) -> Validator:
+    want = f"{lo} <= x < {hi}" if hi_open else f"{lo}..{hi}"
+
+    def check(value, key, source):
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+              and math.isfinite(value) and lo <= value
+              and (value < hi if hi_open else value <= hi))
+        if not ok:
+            raise ConfigError(f"{key}: expected a number in {want}, got {_show(value)}")
+        return float(value)
+    return check
+
+
+def _bool(value, key, source):
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {_show(value)}")
+    return value
+
+
+def _str(value, key, source):
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key}: expected a non-empty string, got {_show(value)}")
+    return value
+
+
+def _choice(*allowed: str) -> Validator:
+    def check(value, key, source):
+        if value not in allowed or not isinstance(value, str):
+            names = ", ".join(allowed)
+            raise ConfigError(f"{key}: expected one of {names}, got {_show(value)}")
+        return value
+    return check
+
+
+def _backend(value, key, source):
+    if value == "kernel":
+        return value
+    if value == "ustack":
+        raise ConfigError(f"{key}: the user-space stack 'ustack' is not available "
+                          "yet; only 'kernel' is supported for now")
+    raise ConfigError(f"{key}: expected 'kernel' (the user-space stack comes "
+                      f"later), got {_show(value)}")
+
+
+def _optional(inner: Validator) -> Validator:
+    def check(value, key, source):
+        return None if value is None else inner(value, key, source)
+    return check
+
+
+def _spec(value, key, source):
+    """A 'module:attr' reference; imported later by qstack.app.loader."""
+    if isinstance(value, str):
+        module, sep, attr = value.partition(":")
+        if sep and all(p.isidentifier() for p in module.split(".") + attr.split(".")):
+            return value
+    raise ConfigError(f"{key}: expected 'module:attr' (e.g. apps.echo:handle), "
+                      f"got {_show(value)}")
+
+
+def _framing(value, key, source):
+    if isinstance(value, Framing):
+        value = str(value)  # re-validate what a caller built by hand
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected raw, line, fixed:N or length:N, "
+                          f"got {_show(value)}")
+    try:
+        return parse_framing(value)
+    except ConfigError as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
+def _rules(value, key, source):
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{key}: expected a list of rules, got {_show(value)}")
+    if len(value) > MAX_RULES:
+        raise ConfigError(f"{key}: at most {MAX_RULES} rules are supported, "
+                          f"got {len(value)}")
+    rules = []
+    for i, item in enumerate(value):
+        where = f"{key}[{i}]"
+        if isinstance(item, Rule):
+            item = dataclasses.asdict(item)
+        elif not isinstance(item, dict):
+            raise ConfigError(f"{where}: expected a mapping with offset, value"
+                              f"[, mask, level], got {_show(item)}")
+        for name in item:
+            if name not in _RULE_FIELDS:
+                raise ConfigError(f"unknown key '{where}.{name}' {source}")
+        rules.append(_make_rule(item, lambda msg, w=where: ConfigError(f"{w}.{msg}")))
+    return tuple(rules)
+
+
+_RULE_FIELDS = {"offset": 65535, "value": 255, "mask": 255, "level": MAX_LEVELS - 1}
+
+
+def _make_rule(fields: dict, error: Callable[[str], ConfigError]) -> Rule:
+    """Range-check rule fields; ``error('name: problem')`` builds the error."""
+    for name in ("offset", "value"):
+        if name not in fields:
+            raise error(f"{name}: missing (a rule needs offset and value)")
+    for name, hi in _RULE_FIELDS.items():
+        if name in fields:
+            v = fields[name]
+            if not _is_int(v) or not 0 <= v <= hi:
+                raise error(f"{name}: expected an integer in 0..{hi}, got {_show(v)}")
+    return Rule(**fields)
+
+
+_SCHEMA: dict[str, dict[str, Validator]] = {
+    "server": {
+        "host": _str,
+        "port": _int(0, 65535),
+        "backend": _backend,
+        "cores": _int(1, 64),
+        "workers": _int(1, 100000),
+        "backlog": _int(1, 65535),
+        "shutdown_grace": _float(0, 3600),
+        "stats": _bool,
+        "stats_interval": _float(0.1, 3600),
+    },
+    "app": {
+        "handler": _optional(_spec),
+        "framing": _framing,
+        "max_message": _int(1, 1 << 30),
+    },
+    "priority": {
+        "levels": _int(1, MAX_LEVELS),
+        "rules": _rules,
+        "default_level": _optional(_int(0, MAX_LEVELS - 1)),
+        "classifier": _optional(_spec),
+        "low_share": _float(0, 1, hi_open=True),
+    },
+    "layout": {
+        "pin": _choice(*PINS),
+    },
+    "native": {
+        "buf_size": _int(256, 16777216),
+        "buf_count": _int(16, 4194304),
+        "ring_size": _pow2(16, 16777216),
+        "cmd_ring_size": _pow2(16, 16777216),
+        "out_high_water": _int(1024),
+        "batch": _int(1, 65536),
+    },
+}
+
+_CLASSES = {"server": ServerConfig, "app": AppConfig, "priority": PriorityConfig,
+            "layout": LayoutConfig, "native": NativeConfig}
+
+ALL_KEYS = tuple(f"{s}.{k}" for s, keys in _SCHEMA.items() for k in keys)
+
+
+# --- parsers for the CLI syntax --------------------------------------------
+
+def parse_rule(text: str) -> Rule:
+    """Parse ``offset=5,value=0x01[,mask=0xff][,level=0]`` into a Rule."""
+    def error(msg: str) -> ConfigError:
+        return ConfigError(f"bad priority rule {text!r}: {msg}")
+
+    fields: dict[str, int] = {}
+    for part in text.split(","):
+        name, sep, raw = (s.strip() for s in part.partition("="))
+        if not sep or not name:
+            raise error("expected offset=N,value=N[,mask=N][,level=N]")
+        if name not in _RULE_FIELDS:
+            raise error(f"unknown field {name!r} (expected offset, value, mask, level)")
+        if name in fields:
+            raise error(f"{name} given twice")
+        try:
+            fields[name] = int(raw, 0)  # base 0: 5, 0x05 and 0b101 all work
+        except ValueError:
+            raise error(f"{name}: {raw!r} is not an integer") from None
+    return _make_rule(fields, error)
+
+
+def parse_framing(text: str) -> Framing:
+    """Parse ``raw``, ``line``, ``fixed:N`` or ``length:N`` into a Framing."""
+    kind, sep, raw = text.strip().partition(":")
+    if kind in ("raw", "line") and not sep:
+        return Framing(kind, 0)
+    if kind in ("fixed", "length") and sep:
+        try:
+            n = int(raw, 10)
+        except ValueError:
+            n = None
+        if kind == "fixed" and n is not None and 1 <= n <= MAX_FIXED:
+            return Framing(kind, n)
+        if kind == "length" and n in LENGTH_SIZES:
+            return Framing(kind, n)
+        want = (f"N in 1..{MAX_FIXED}" if kind == "fixed"
+                else "N, the header size in bytes, in 1, 2, 4 or 8")
+        raise ConfigError(f"bad framing {text!r}: {kind}:N needs {want}")
+    raise ConfigError(f"bad framing {text!r}: expected raw, line, fixed:N or length:N")
+
+
+# --- loading ----------------------------------------------------------------
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys instead of keeping the last."""
+
+
+def _construct_mapping(loader, node, deep=False):
+    loader.flatten_mapping(node)
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            duplicate = key in seen
+        except TypeError:
+            break  # unhashable: construct_mapping reports it properly
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _read_yaml(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.load(f, Loader=_Loader)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"invalid YAML in {path}: {_yaml_problem(e)}") from None
+    if data is None:  # an empty file (or only comments) means all defaults
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections "
+                          f"({', '.join(_SCHEMA)}), got {_show(data)}")
+    return data
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None)
+    if problem and mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(e).split())  # one line, whatever PyYAML said
+
+
+def _unknown(key: str, source: str) -> ConfigError:
+    close = difflib.get_close_matches(key, ALL_KEYS + tuple(_SCHEMA), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown key '{key}' {source}{hint}")
+
+
+def _collect(data: dict, source: str, into: dict) -> None:
+    """Check the file's keys and copy its values into ``into[(section, key)]``."""
+    for section, values in data.items():
+        if section not in _SCHEMA:
+            raise _unknown(str(section), source)
+        if values is None:  # `server:` with every key commented out
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section}: expected a mapping of keys, got {_show(values)}")
+        for key, value in values.items():
+            if key not in _SCHEMA[section]:
+                raise _unknown(f"{section}.{key}", source)
+            into[(section, key)] = (value, source)
+
+
+def load_config(path: str | None, overrides: dict[str, object]) -> Config:
+    """Build the Config: defaults, then the YAML file, then ``overrides``.
+
+    ``overrides`` maps dotted keys (``"server.port"``) to values of the same
+    types the YAML holds; ``priority.rules`` may also hold Rule objects and
+    ``app.framing`` a Framing.  Raises ConfigError on any problem.
+    """
+    given: dict[tuple[str, str], tuple[Any, str]] = {}
+    if path is not None:
+        _collect(_read_yaml(path), f"in {path}", given)
+    for dotted, value in overrides.items():
+        section, _, key = dotted.partition(".")
+        if key not in _SCHEMA.get(section, {}):
+            raise _unknown(dotted, "in command-line overrides")
+        given[(section, key)] = (value, "in command-line overrides")
+
+    sections = {}
+    for section, validators in _SCHEMA.items():
+        values = {}
+        for key, check in validators.items():
+            if (section, key) in given:
+                value, source = given[(section, key)]
+                values[key] = check(value, f"{section}.{key}", source)
+        sections[section] = _CLASSES[section](**values)
+    cfg = Config(**sections)
+    _check_together(cfg)
+    return cfg
+
+
+def _check_together(cfg: Config) -> None:
+    """Checks that involve more than one key."""
+    pr = cfg.priority
+    for i, rule in enumerate(pr.rules):
+        if rule.level >= pr.levels:
+            raise ConfigError(f"priority.rules[{i}].level: {rule.level} is not below "
+                              f"priority.levels ({pr.levels})")
+    if pr.default_level is not None and pr.default_level >= pr.levels:
+        raise ConfigError(f"priority.default_level: {pr.default_level} is not below "
+                          f"priority.levels ({pr.levels})")
+    if pr.rules and pr.classifier is not None:
+        raise ConfigError("priority.rules and priority.classifier are mutually "
+                          "exclusive: use native rules or a Python classifier")
+    fr = cfg.app.framing
+    if fr.kind == "fixed" and fr.arg > cfg.app.max_message:
+        raise ConfigError(f"app.framing: fixed size {fr.arg} exceeds "
+                          f"app.max_message ({cfg.app.max_message})")

@@ -1,0 +1,114 @@
+"""The Python face of one native core (qstack/native/include/qstack.h).
+
+Who keeps what alive while C holds a pointer:
+
+- The qs_core and its slab belong to :class:`NativeCore`; ``slab`` is a
+  memoryview over C memory that stays mapped until :meth:`free`, which is
+  only called once no request view can be live any more.
+- Commands and SEND_COPY payloads are only borrowed for the duration of
+  ``qs_core_submit``: C copies what it needs before returning, so the hub may
+  clear its staging buffers right after.
+- Every data event carries one reference to a pool buffer; the hub hands it
+  back with exactly one command naming it (or ``release_local`` once the stack
+  thread is gone).
+"""
+
+import struct
+
+from qstack._native import ffi, lib
+
+__all__ = ["NativeCore", "ffi", "lib", "EVENT_SIZE", "iter_events", "FRAMINGS"]
+
+EVENT_SIZE = ffi.sizeof("qs_event")
+assert EVENT_SIZE == ffi.sizeof("qs_cmd") == 64
+iter_events = struct.Struct("8q").iter_unpack
+
+FRAMINGS = {
+    "raw": lib.QS_FRAME_RAW,
+    "line": lib.QS_FRAME_LINE,
+    "fixed": lib.QS_FRAME_FIXED,
+    "length": lib.QS_FRAME_LENGTH,
+}
+
+
+class NativeCore:
+    """One qs_core: its stack thread, rings, pool and wake fd."""
+
+    def __init__(self, *, levels, rules=(), default_level=None, framing="raw",
+                 frame_arg=0, max_message=1 << 24, ring_size=65536,
+                 cmd_ring_size=65536, buf_size=16384, buf_count=8192,
+                 out_high_water=4 << 20, stream_mode=False, stack_cpu=-1):
+        cfg = ffi.new("qs_config *")
+        cfg.levels = levels
+        if len(rules) > lib.QS_MAX_RULES:
+            raise ValueError(f"at most {lib.QS_MAX_RULES} native priority rules")
+        cfg.nrules = len(rules)
+        for i, (offset, value, mask, level) in enumerate(rules):
+            r = cfg.rules[i]
+            r.offset, r.value, r.mask, r.level = offset, value, mask, level
+        cfg.default_level = levels - 1 if default_level is None else default_level
+        cfg.framer.kind = FRAMINGS[framing]
+        cfg.framer.arg = frame_arg
+        cfg.framer.max_message = max_message
+        cfg.ring_size = ring_size
+        cfg.cmd_ring_size = cmd_ring_size
+        cfg.buf_size = buf_size
+        cfg.buf_count = buf_count
+        cfg.out_high_water = out_high_water
+        cfg.stream_mode = 1 if stream_mode else 0
+        cfg.stack_cpu = stack_cpu
+        err = ffi.new("int *")
+        c = lib.qs_core_new(cfg, err)
+        if c == ffi.NULL:
+            raise OSError(-err[0], f"qs_core_new failed: {_strerror(-err[0])}")
+        self.ptr = c
+        self.levels = levels
+        self.header_len = lib.qs_frame_header_len(ffi.addressof(cfg.framer))
+        size = ffi.new("uint64_t *")
+        base = lib.qs_core_slab(c, size)
+        self.slab = memoryview(ffi.buffer(base, size[0]))
+        self.wake_fd = lib.qs_core_wake_fd(c)
+        self._stats = ffi.new("qs_stats *")
+        self.running = False
+
+    def listen(self, fd):
+        _check(lib.qs_core_listen(self.ptr, fd), "qs_core_listen")
+
+    def start(self):
+        _check(lib.qs_core_start(self.ptr), "qs_core_start")
+        self.running = True
+
+    def shutdown(self, grace_s):
+        if self.running:
+            self.running = False
+            _check(lib.qs_core_shutdown(self.ptr, int(max(grace_s, 0) * 1e9)),
+                   "qs_core_shutdown")
+
+    def release_local(self, buf):
+        lib.qs_core_release_local(self.ptr, buf)
+
+    def stats(self):
+        lib.qs_core_stats(self.ptr, self._stats)
+        return self._stats
+
+    def free(self):
+        if self.ptr is not None:
+            self.slab.release()
+            lib.qs_core_free(self.ptr)
+            self.ptr = None
+
+
+def jumbo_view(address, length):
+    """A writable memoryview over a jumbo buffer (QS_EV_BIGDATA)."""
+    return memoryview(ffi.buffer(ffi.cast("char *", address), length))
+
+
+def _strerror(code):
+    import os
+    return os.strerror(code)
+
+
+def _check(rc, what):
+    if rc < 0:
+        raise OSError(-rc, f"{what}: {_strerror(-rc)}")
+    return rc

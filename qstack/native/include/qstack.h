@@ -1,0 +1,184 @@
+/*
+ * qstack.h -- the one door between the native stack and Python.
+ *
+ * cffi reads this file verbatim (qstack/native/build.py), so it holds only
+ * declarations cffi can parse: no #include, no #ifdef, no macros other than
+ * integer constants.  C files include <stdint.h> before it.
+ *
+ * Threads.  A qs_core owns one stack thread (the "stack") and is driven by one
+ * Python thread (the "hub").  They share nothing but:
+ *   - one single-producer/single-consumer event ring per priority level
+ *     (stack -> hub), drained highest level (0) first by qs_core_poll();
+ *   - one SPSC command ring per priority level (hub -> stack), filled by
+ *     qs_core_submit(); the stack executes level 0 commands first, so
+ *     high-priority replies are written first;
+ *   - two eventfds: the stack writes the hub's (qs_core_wake_fd) only after
+ *     the hub announced it sleeps (qs_core_sleep), and the hub writes the
+ *     stack's only while the stack sleeps in epoll_wait.
+ * The stack thread never calls into Python and never takes the GIL.
+ *
+ * Buffer ownership.  Every data event carries one reference to a pool buffer
+ * (field buf, an opaque qs_buf pointer as an integer).  The hub owns that
+ * reference until it hands it back with exactly one command that names the
+ * buffer: SEND_BUF (send bytes out of it, zero copy), SEND_COPY, DONE or
+ * RELEASE.  Only the stack thread touches the pool, so buffers travel back
+ * through the command ring; no lock is needed.  Memory handed to Python
+ * (the slab, jumbo buffers) stays valid until qs_core_free().
+ *
+ * Errors: functions return -errno (negative) on failure, >= 0 on success.
+ */
+
+#define QS_MAX_LEVELS 8
+#define QS_MAX_RULES 8
+#define QS_LAT_BUCKETS 328
+
+/* framing of the byte stream into messages */
+#define QS_FRAME_RAW 0      /* every read() is one message */
+#define QS_FRAME_LINE 1     /* up to and including '\n' */
+#define QS_FRAME_FIXED 2    /* arg bytes each */
+#define QS_FRAME_LENGTH 3   /* arg-byte big-endian length header (1,2,4,8), then payload */
+
+/* event kinds (stack -> hub) */
+#define QS_EV_DATA 1        /* a message: data at slab offset `off`, `len` bytes */
+#define QS_EV_BIGDATA 2     /* a message in a jumbo buffer: `off` is its address */
+#define QS_EV_ACCEPTED 3    /* stream mode only: new connection */
+#define QS_EV_EOF 4         /* stream mode only: peer shut down its sending side */
+#define QS_EV_CLOSED 5      /* stream mode only: connection gone, no more events */
+#define QS_EV_WRITABLE 6    /* unsent bytes fell to zero after a send flagged QS_F_NOTIFY */
+
+/* command ops (hub -> stack) */
+#define QS_CMD_SEND_BUF 1   /* send [off, off+len) of buffer `buf` (slab offset, or address for
+                               jumbo), then drop the reference: zero copy */
+#define QS_CMD_SEND_COPY 2  /* copy len bytes at staging+off, send them; drop `buf` if non-zero */
+#define QS_CMD_DONE 3       /* request finished without reply: drop `buf` */
+#define QS_CMD_RELEASE 4    /* drop `buf` only (stream mode recv) */
+#define QS_CMD_CLOSE 5      /* close conn after its queued sends (QS_F_ABORT: at once, RST) */
+#define QS_CMD_PAUSE 6      /* stop reading conn */
+#define QS_CMD_RESUME 7     /* read conn again */
+#define QS_CMD_STOP_ACCEPT 8  /* close every listening socket (conn ignored) */
+#define QS_CMD_STOP_READ 9    /* stop reading every connection (graceful shutdown) */
+
+/* command flags */
+#define QS_F_NOTIFY 1       /* emit QS_EV_WRITABLE once this conn has nothing left to send */
+#define QS_F_ABORT 2        /* with QS_CMD_CLOSE: discard queued sends, reset */
+#define QS_F_CLOSE 4        /* with a send or DONE: close gracefully afterwards */
+
+/* One event.  Eight int64 fields so Python can read a batch with
+ * struct.iter_unpack("8q", ...) without touching cffi per field. */
+typedef struct qs_event {
+    int64_t kind;       /* QS_EV_* */
+    int64_t level;      /* priority, 0 = highest */
+    int64_t conn;       /* connection id: never reused within a core's life */
+    int64_t buf;        /* owning buffer reference, 0 if none */
+    int64_t off;        /* DATA: offset from qs_core_slab(); BIGDATA: address */
+    int64_t len;        /* message bytes */
+    int64_t t_rx;       /* CLOCK_MONOTONIC ns when the message was complete */
+    int64_t aux;        /* reserved, 0 */
+} qs_event;
+
+/* One command; the same eight-int64 shape. */
+typedef struct qs_cmd {
+    int64_t op;         /* QS_CMD_* */
+    int64_t level;      /* priority: picks the command ring */
+    int64_t conn;
+    int64_t buf;        /* buffer reference handed back, 0 if none */
+    int64_t off;        /* see the ops above */
+    int64_t len;
+    int64_t t_rx;       /* if non-zero, latency t_send - t_rx is recorded at `level` */
+    int64_t flags;      /* QS_F_* */
+} qs_cmd;
+
+/* A native priority rule, QStack's -i filter: the message byte at `offset`,
+ * masked with `mask`, equal to `value` -> `level`.  First match wins. */
+typedef struct qs_rule {
+    int32_t offset;
+    uint8_t mask;
+    uint8_t value;
+    int32_t level;
+} qs_rule;
+
+typedef struct qs_framer {
+    int32_t kind;         /* QS_FRAME_* */
+    int32_t arg;          /* FIXED: size; LENGTH: header bytes */
+    uint64_t max_message; /* a larger message is a protocol error */
+} qs_framer;
+
+typedef struct qs_config {
+    int32_t levels;           /* 1..QS_MAX_LEVELS */
+    int32_t nrules;
+    qs_rule rules[8];         /* QS_MAX_RULES */
+    int32_t default_level;    /* level of a message no rule matches */
+    qs_framer framer;
+    uint32_t ring_size;       /* events per level ring; power of two */
+    uint32_t cmd_ring_size;   /* commands per level ring; power of two */
+    uint32_t buf_size;        /* bytes per pool buffer */
+    uint32_t buf_count;       /* pool buffers, allocated up front in one slab */
+    uint64_t out_high_water;  /* stop reading a conn with more unsent bytes than this */
+    int32_t stream_mode;      /* report ACCEPTED/EOF/CLOSED; never auto-close */
+    int32_t stack_cpu;        /* pin the stack thread to this CPU, -1 = leave it */
+} qs_config;
+
+typedef struct qs_stats {
+    uint64_t conns_open;
+    uint64_t conns_accepted;
+    uint64_t conns_closed;
+    uint64_t paused_conns;
+    uint64_t accept_errors;
+    uint64_t protocol_errors;           /* oversize or malformed frames */
+    uint64_t bufs_in_use;               /* pool + jumbo buffers not yet returned */
+    uint64_t bufs_total;                /* pool size */
+    uint64_t stack_cpu_ns;              /* CPU time of the stack thread */
+    uint64_t rx_msgs[8];                /* per level */
+    uint64_t rx_bytes[8];
+    uint64_t tx_msgs[8];
+    uint64_t tx_bytes[8];
+    uint64_t ring_depth[8];             /* events waiting in each level ring */
+    uint64_t lat[8][328];               /* rx -> reply written, see qs_lat_bucket */
+} qs_stats;
+
+typedef struct qs_core qs_core;
+
+/* Sans-IO framing: look for one complete message at data[0..len).
+ * Returns bytes consumed (> 0) and sets *msg_off/*msg_len (relative to data);
+ * 0 if more bytes are needed (*need = total bytes that would complete it, or 0
+ * if unknown); -EMSGSIZE if the message is larger than max_message. */
+int64_t qs_frame_scan(const qs_framer *f, const uint8_t *data, uint64_t len,
+                      uint64_t *msg_off, uint64_t *msg_len, uint64_t *need);
+
+/* Header bytes prepended to every SEND_COPY and kept in front of every
+ * SEND_BUF for this framer (LENGTH: arg, else 0). */
+int32_t qs_frame_header_len(const qs_framer *f);
+
+/* Classify one message with the native rules. */
+int32_t qs_classify(const qs_rule *rules, int32_t nrules, int32_t default_level,
+                    const uint8_t *msg, uint64_t len);
+
+/* Latency histogram buckets: 8 linear sub-buckets per power of two of ns. */
+int32_t qs_lat_bucket(uint64_t ns);
+uint64_t qs_lat_bucket_upper(int32_t bucket);
+
+/* Core lifecycle.  qs_core_new validates cfg (-EINVAL) and allocates. */
+qs_core *qs_core_new(const qs_config *cfg, int *err);
+int qs_core_listen(qs_core *c, int fd);   /* adopt a bound, listening socket; before start */
+int qs_core_start(qs_core *c);            /* spawn the stack thread */
+/* Stop the stack thread: flush unsent bytes for at most grace_ns, close every
+ * socket, join.  Buffers still held by the hub stay valid and countable. */
+int qs_core_shutdown(qs_core *c, int64_t grace_ns);
+/* Free everything; the hub must hold no buffer references any more. */
+void qs_core_free(qs_core *c);
+
+/* Data path, hub side.  level -1 polls all rings, highest first. */
+int qs_core_poll(qs_core *c, int level, qs_event *out, int max);
+/* Returns how many commands were queued (fewer than n if a ring is full);
+ * staging is the base for SEND_COPY offsets (may be NULL if none). */
+int qs_core_submit(qs_core *c, const qs_cmd *cmds, int n, const uint8_t *staging);
+/* Events waiting at levels < level (cheap: two loads per ring). */
+int qs_core_pending_above(qs_core *c, int level);
+/* The hub is about to sleep on qs_core_wake_fd: returns 1 (and does not arm
+ * the wakeup) if events are already waiting, else 0. */
+int qs_core_sleep(qs_core *c);
+int qs_core_wake_fd(qs_core *c);
+uint8_t *qs_core_slab(qs_core *c, uint64_t *size);
+int qs_core_stats(qs_core *c, qs_stats *out);
+/* Release buffer references the hub still holds at teardown (no stack thread). */
+int qs_core_release_local(qs_core *c, int64_t buf);

@@ -1,0 +1,201 @@
+"""Run one core in this process: listener, native stack thread, hub.
+
+The frontend calls :func:`check_port` once before anything starts (so a busy
+port is a start-up error, exit 2, even with several cores) and then
+:func:`serve` in each core's process.  ``serve`` owns the process's signals:
+the first SIGINT/SIGTERM drains gracefully (stop accepting and reading, finish
+queued requests within ``server.shutdown_grace``, flush replies, close); a
+second SIGINT exits at once.
+"""
+
+import errno
+import json
+import logging
+import os
+import signal
+import socket
+import time
+
+from .errors import ConfigError
+
+__all__ = ["check_port", "open_listener", "serve"]
+
+log = logging.getLogger("qstack")
+
+
+def _addrinfo(host, port):
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot resolve host {host!r}: {exc.strerror}") from None
+    return infos[0]
+
+
+def _bind(host, port, *, reuseport, backlog=None):
+    family, type_, proto, _, addr = _addrinfo(host, port)
+    sock = socket.socket(family, type_, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(addr)
+        if backlog is not None:
+            sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(f"port {port} on {host} is already in use") from None
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    return sock
+
+
+def check_port(host, port):
+    """Fail (ConfigError) if host:port is taken; returns the concrete port.
+
+    The probe binds *without* SO_REUSEPORT, so another server that holds the
+    port with SO_REUSEPORT (another qstack, say) is detected too.
+    """
+    sock = _bind(host, port, reuseport=False)
+    try:
+        return sock.getsockname()[1]
+    finally:
+        sock.close()
+
+
+def open_listener(host, port, backlog):
+    """A listening socket in this core's SO_REUSEPORT group."""
+    return _bind(host, port, reuseport=True, backlog=backlog)
+
+
+def _native_options(cfg, stream, stack_cpu):
+    prio, native, app = cfg.priority, cfg.native, cfg.app
+    rules = [(r.offset, r.value, r.mask, r.level) for r in prio.rules]
+    default_level = prio.default_level
+    if prio.classifier:
+        rules, default_level = [], 0        # Python classifies everything
+    return dict(
+        levels=prio.levels, rules=rules, default_level=default_level,
+        framing=app.framing.kind, frame_arg=app.framing.arg,
+        max_message=app.max_message, ring_size=native.ring_size,
+        cmd_ring_size=native.cmd_ring_size, buf_size=native.buf_size,
+        buf_count=native.buf_count, out_high_water=native.out_high_water,
+        stream_mode=stream, stack_cpu=stack_cpu)
+
+
+def snapshot(core_index, hub):
+    """This core's counters in the shape qstack.stats expects."""
+    st = hub.core.stats()
+    queued = [len(q) for q in hub._queues]
+    levels = []
+    for lv in range(hub.core.levels):
+        levels.append({
+            "requests": st.rx_msgs[lv], "bytes_in": st.rx_bytes[lv],
+            "replies": st.tx_msgs[lv], "bytes_out": st.tx_bytes[lv],
+            "queued": st.ring_depth[lv] + queued[lv],
+            "lat": list(st.lat[lv]),
+        })
+    return {"core": core_index, "t": time.monotonic(), "conns": st.conns_open,
+            "accepted": st.conns_accepted, "bufs_in_use": st.bufs_in_use,
+            "bufs_total": st.bufs_total, "cpu_stack": st.stack_cpu_ns / 1e9,
+            "cpu_hub": time.thread_time(), "errors": hub.errors,
+            "levels": levels}
+
+
+def serve(cfg, handler, core_index=0, stats_fd=None):
+    """Serve until a signal asks to stop; returns the exit code."""
+    import gevent
+    from gevent.event import Event
+
+    from .app import Connection, Request
+    from .app.loader import load_callable
+    from .coro import Hub, StreamHub
+    from .coro.native import NativeCore
+    from .layout import plan
+
+    srv = cfg.server
+    stream = bool(getattr(handler, "__qstack_stream__", False))
+    classifier = (load_callable(cfg.priority.classifier, "priority classifier")
+                  if cfg.priority.classifier else None)
+    stack_cpu, hub_cpu = plan(cfg.layout.pin, core_index,
+                              sorted(os.sched_getaffinity(0)))
+    if hub_cpu is not None:
+        os.sched_setaffinity(0, {hub_cpu})      # this thread only
+    sock = open_listener(srv.host, srv.port, srv.backlog)
+    try:
+        core = NativeCore(**_native_options(cfg, stream, stack_cpu))
+    except (OSError, ValueError) as exc:
+        sock.close()
+        raise ConfigError(f"cannot create the native core: {exc}") from None
+    core.listen(sock.detach())
+    hub_type = StreamHub if stream else Hub
+    hub = hub_type(core, handler, workers=srv.workers,
+                   low_share=cfg.priority.low_share, classifier=classifier,
+                   batch=cfg.native.batch, make_request=Request,
+                   make_connection=Connection)
+    core.start()
+    hub.start()
+    log.info("core %d serving %s:%d (%s handler, %d workers, pid %d)",
+             core_index, srv.host, srv.port, "stream" if stream else "message",
+             srv.workers, os.getpid())
+
+    done = Event()
+    stopping = []
+
+    def stop():
+        clean = hub.drain(srv.shutdown_grace)
+        if not clean:
+            log.warning("core %d: grace period of %.1fs ran out; closing the rest",
+                        core_index, srv.shutdown_grace)
+        done.set()
+
+    def on_signal(signum):
+        if stopping:
+            if signum == signal.SIGINT:
+                os._exit(1)
+            return
+        stopping.append(signum)
+        gevent.spawn(stop)
+
+    gevent.signal_handler(signal.SIGTERM, on_signal, signal.SIGTERM)
+    gevent.signal_handler(signal.SIGINT, on_signal, signal.SIGINT)
+
+    reporter = None
+    if stats_fd is not None or srv.stats:
+        reporter = gevent.spawn(_report_stats, core_index, hub, stats_fd,
+                                srv.stats_interval)
+    done.wait()
+    if reporter is not None:
+        reporter.kill()
+    final = snapshot(core_index, hub)
+    if stats_fd is not None:
+        _write_line(stats_fd, final)
+    log.info("core %d stopped: %d requests, %d handler errors, buffers in use %d",
+             core_index, sum(lv["requests"] for lv in final["levels"]),
+             hub.errors, final["bufs_in_use"])
+    if final["bufs_in_use"] == 0:
+        core.free()
+    return 0
+
+
+def _write_line(fd, snap):
+    try:
+        os.write(fd, (json.dumps(snap, separators=(",", ":")) + "\n").encode())
+    except OSError:
+        pass                          # the supervisor is gone; keep serving
+
+
+def _report_stats(core_index, hub, stats_fd, interval):
+    import gevent
+
+    from .stats import StatsView
+
+    view = StatsView()
+    while True:
+        gevent.sleep(interval)
+        snap = snapshot(core_index, hub)
+        if stats_fd is not None:
+            _write_line(stats_fd, snap)
+        else:
+            for line in view.update([snap]):
+                print(line, flush=True)
