@@ -1,0 +1,385 @@
+/*
+ * kernel_cmd.c -- commands from the hub and the out queues.
+ *
+ * Commands run in batches, level 0 first, so high-priority replies reach
+ * the socket first.  Sends are not written one by one: each is appended to
+ * its conn's out queue and the conn goes on the batch's dirty list; at the
+ * end of the batch every dirty conn is flushed with one sendmsg() of up to
+ * QS_IOV_MAX iovecs.  A pipelining client thus costs one syscall per batch,
+ * not one per reply, and a lone reply still goes out at once.
+ *
+ * Out queue nodes own their bytes in one of three ways (qs_out): a buffer
+ * reference (SEND_BUF: zero copy, the reference is held until the bytes are
+ * written), a malloc'ed copy, or a borrow of the level's byte ring
+ * (SEND_COPY).  The byte ring only advances at the end of the batch, after
+ * the flush; whatever borrowed bytes are still unsent then are copied into a
+ * malloc'ed chunk, so the common case (the socket takes everything) copies
+ * nothing and allocates nothing.
+ *
+ * Latency is recorded when a command is executed, i.e. in the batch whose
+ * flush hands its bytes to the kernel (microseconds apart): now - t_rx.
+ */
+#include "kernel.h"
+#include <stdlib.h>
+#include <string.h>
+#include <errno.h>
+#include <unistd.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+#define QS_OUT_CACHE 4096
+
+static qs_out *node_get(qs_kernel *k)
+{
+    qs_out *o = k->out_free;
+    if (o) {
+        k->out_free = o->next;
+        k->nout_free--;
+        return o;
+    }
+    return malloc(sizeof(qs_out));
+}
+
+static void node_release(qs_kernel *k, qs_out *o)
+{
+    if (o->buf)
+        qs_pool_unref(&k->core->pool, o->buf);
+    free(o->heap);
+    if (k->nout_free < QS_OUT_CACHE) {
+        o->next = k->out_free;
+        k->out_free = o;
+        k->nout_free++;
+    } else {
+        free(o);
+    }
+}
+
+void qs_conn_out_cache_free(qs_kernel *k)
+{
+    while (k->out_free) {
+        qs_out *o = k->out_free;
+        k->out_free = o->next;
+        free(o);
+    }
+    k->nout_free = 0;
+}
+
+static int out_append(qs_kernel *k, qs_conn *c, uint8_t *p, uint64_t len, qs_buf *buf, void *heap)
+{
+    qs_out *o = node_get(k);
+    if (!o)
+        return -ENOMEM;
+    o->next = NULL;
+    o->p = p;
+    o->len = len;
+    o->buf = buf;
+    o->heap = heap;
+    if (c->oq_tail)
+        c->oq_tail->next = o;
+    else {
+        c->oq_head = o;
+        k->nqueued++;
+    }
+    c->oq_tail = o;
+    if (!buf && !heap && !c->oq_borrow)
+        c->oq_borrow = o;
+    c->out_bytes += len;
+    return 0;
+}
+
+void qs_conn_out_clear(qs_kernel *k, qs_conn *c)
+{
+    if (!c->oq_head)
+        return;
+    while (c->oq_head) {
+        qs_out *o = c->oq_head;
+        c->oq_head = o->next;
+        node_release(k, o);
+    }
+    c->oq_tail = c->oq_borrow = NULL;
+    c->out_bytes = 0;
+    k->nqueued--;
+}
+
+/* Write as much of the out queue as the socket takes.
+ * Returns 0, or -1 if the conn was closed on a write error. */
+static int out_flush(qs_kernel *k, qs_conn *c)
+{
+    while (c->oq_head) {
+        struct iovec iov[QS_IOV_MAX];
+        int n = 0;
+        uint64_t total = 0;
+        for (qs_out *o = c->oq_head; o && n < QS_IOV_MAX; o = o->next, n++) {
+            iov[n].iov_base = o->p;
+            iov[n].iov_len = o->len;
+            total += o->len;
+        }
+        struct msghdr m = {.msg_iov = iov, .msg_iovlen = (size_t)n};
+        ssize_t w = sendmsg(c->fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                c->flags |= QC_WANT_OUT;
+                return 0;
+            }
+            qs_conn_close(k, c, 0);    /* EPIPE, ECONNRESET: nobody to send to */
+            return -1;
+        }
+        uint64_t left = (uint64_t)w;
+        c->out_bytes -= left;
+        while (left) {
+            qs_out *o = c->oq_head;
+            if (left < o->len) {
+                o->p += left;
+                o->len -= left;
+                break;
+            }
+            left -= o->len;
+            c->oq_head = o->next;
+            if (c->oq_borrow == o)
+                c->oq_borrow = o->next;
+            node_release(k, o);
+        }
+        if ((uint64_t)w < total) {
+            c->flags |= QC_WANT_OUT;
+            return 0;
+        }
+    }
+    c->oq_tail = NULL;
+    c->oq_borrow = NULL;
+    c->flags &= ~QC_WANT_OUT;
+    k->nqueued--;
+    return 0;
+}
+
+/* Copy bytes still borrowed from the byte ring before it moves on. */
+static int unborrow(qs_kernel *k, qs_conn *c)
+{
+    for (qs_out *o = c->oq_borrow; o; o = o->next) {
+        if (o->buf || o->heap)
+            continue;
+        void *h = malloc(o->len ? o->len : 1);
+        if (!h) {
+            qs_conn_close(k, c, 1);    /* cannot keep the bytes: lose the conn, not memory */
+            return -1;
+        }
+        memcpy(h, o->p, o->len);
+        o->heap = h;
+        o->p = h;
+    }
+    c->oq_borrow = NULL;
+    return 0;
+}
+
+static void emit_writable(qs_kernel *k, qs_conn *c)
+{
+    qs_event ev = {.kind = QS_EV_WRITABLE, .level = c->notify_level, .conn = c->id};
+    c->flags &= ~QC_NOTIFY;
+    if (qs_conn_emit(k, &ev) == 0)
+        return;
+    if (k->nowed == k->owed_cap) {
+        int cap = k->owed_cap ? k->owed_cap * 2 : 64;
+        int64_t *o = realloc(k->owed, (size_t)cap * sizeof(*o));
+        if (!o)
+            return;                    /* out of memory: the notification is lost */
+        k->owed = o;
+        k->owed_cap = cap;
+    }
+    k->owed[k->nowed++] = c->id;
+}
+
+void qs_conn_retry_owed(qs_kernel *k)
+{
+    int i = 0, j = 0;
+    for (; i < k->nowed; i++) {
+        qs_conn *c = qs_conn_lookup(k, k->owed[i]);
+        if (!c)
+            continue;
+        qs_event ev = {.kind = QS_EV_WRITABLE, .level = c->notify_level, .conn = c->id};
+        if (qs_conn_emit(k, &ev) < 0)
+            k->owed[j++] = k->owed[i];
+    }
+    k->nowed = j;
+}
+
+/* After the out queue changed: high water, WRITABLE, reading, closing. */
+static void after_out(qs_kernel *k, qs_conn *c)
+{
+    uint64_t hw = k->core->cfg.out_high_water;
+    if (c->out_bytes > hw)
+        c->flags |= QC_HIGHWATER;
+    else if ((c->flags & QC_HIGHWATER) && c->out_bytes <= hw / 2)
+        c->flags &= ~QC_HIGHWATER;
+    if (!c->oq_head && (c->flags & QC_NOTIFY))
+        emit_writable(k, c);
+    qs_conn_update(k, c);
+    qs_conn_finish(k, c);
+}
+
+void qs_conn_writable(qs_kernel *k, qs_conn *c)
+{
+    if (out_flush(k, c) == 0)
+        after_out(k, c);
+}
+
+static void put_header(uint8_t *p, int h, uint64_t len)
+{
+    for (int i = h - 1; i >= 0; i--, len >>= 8)
+        p[i] = (uint8_t)len;
+}
+
+static void stop_read_all(qs_kernel *k)
+{
+    k->stop_read = 1;
+    for (uint32_t fd = 0; fd < k->nconns; fd++) {
+        qs_conn *c = k->conns[fd];
+        if (c) {
+            c->flags |= QC_STOPREAD;
+            qs_conn_update(k, c);
+        }
+    }
+}
+
+void qs_kernel_stop_reading(qs_kernel *k)
+{
+    stop_read_all(k);
+}
+
+static void exec_cmd(qs_kernel *k, const qs_cmd *cmd, int l, int64_t now, int64_t *bend)
+{
+    qs_core *core = k->core;
+    qs_buf *b = cmd->buf ? qs_pool_lookup(&core->pool, cmd->buf) : NULL;
+    int64_t op = cmd->op;
+    uint8_t *cp = NULL;
+    void *heap = NULL;
+    if (op == QS_CMD_SEND_COPY) {
+        if (cmd->flags & QS_FI_HEAP) {
+            heap = cp = (uint8_t *)(uintptr_t)cmd->off;
+        } else {
+            cp = qs_bring_ptr(&core->bring[l], (uint64_t)cmd->off);
+            *bend = cmd->off + cmd->len;
+        }
+    }
+    qs_conn *c = NULL;
+    switch (op) {
+    case QS_CMD_STOP_ACCEPT:
+        qs_kernel_close_listeners(k);
+        goto drop;
+    case QS_CMD_STOP_READ:
+        stop_read_all(k);
+        goto drop;
+    case QS_CMD_RELEASE:
+        goto drop;
+    }
+    c = qs_conn_lookup(k, cmd->conn);
+    if (!c)
+        goto drop;                     /* stale: the conn is gone */
+    if (b && (op == QS_CMD_SEND_BUF || op == QS_CMD_SEND_COPY || op == QS_CMD_DONE))
+        c->inflight--;
+    int64_t sent = -1;
+    switch (op) {
+    case QS_CMD_SEND_BUF: {
+        int h = core->hdr_len;
+        if (!b || (c->flags & QC_CLOSING) || cmd->len < 0)
+            break;
+        uintptr_t a = qs_pool_is_jumbo(b) ? (uintptr_t)cmd->off
+                                           : (uintptr_t)core->pool.slab + (uintptr_t)cmd->off;
+        uintptr_t lo = (uintptr_t)b->data;
+        if (a < lo + (uintptr_t)h || a + (uintptr_t)cmd->len > lo + b->cap)
+            break;                     /* not inside the named buffer: ignore */
+        uint8_t *p = b->data + (a - lo);
+        if (h)                         /* the payload may have shrunk in place */
+            put_header(p - h, h, (uint64_t)cmd->len);
+        if (out_append(k, c, p - h, (uint64_t)cmd->len + h, b, NULL) == 0) {
+            b = NULL;                  /* the reference moved to the out queue */
+            sent = cmd->len + h;
+        }
+        break;
+    }
+    case QS_CMD_SEND_COPY:
+        if (cmd->len > 0 && !(c->flags & QC_CLOSING) &&
+            out_append(k, c, cp, (uint64_t)cmd->len, NULL, heap) == 0) {
+            heap = NULL;
+            sent = cmd->len;
+        }
+        break;
+    case QS_CMD_CLOSE:
+        if (cmd->flags & QS_F_ABORT) {
+            qs_conn_close(k, c, 1);
+            goto drop;
+        }
+        c->flags |= QC_CLOSING;
+        break;
+    case QS_CMD_PAUSE:
+        c->flags |= QC_PAUSED;
+        break;
+    case QS_CMD_RESUME:
+        c->flags &= ~QC_PAUSED;
+        break;
+    }
+    if (sent >= 0) {
+        QS_ADD(core->st.tx_msgs[l], 1);
+        QS_ADD(core->st.tx_bytes[l], sent);
+    }
+    if (cmd->t_rx && op <= QS_CMD_DONE) {
+        int64_t d = now - cmd->t_rx;
+        QS_ADD(core->st.lat[l][qs_lat_bucket(d > 0 ? (uint64_t)d : 0)], 1);
+    }
+    if (cmd->flags & QS_F_NOTIFY) {
+        c->flags |= QC_NOTIFY;
+        c->notify_level = (int8_t)l;
+    }
+    if ((cmd->flags & QS_F_CLOSE) && op <= QS_CMD_DONE)
+        c->flags |= QC_CLOSING;
+    if (!(c->flags & QC_DIRTY)) {
+        c->flags |= QC_DIRTY;
+        k->dirty[k->ndirty++] = c->id;
+    }
+drop:
+    free(heap);
+    if (b)
+        qs_pool_unref(&core->pool, b);
+}
+
+static void flush_dirty(qs_kernel *k)
+{
+    for (int i = 0; i < k->ndirty; i++) {
+        qs_conn *c = qs_conn_lookup(k, k->dirty[i]);
+        if (!c)
+            continue;
+        c->flags &= ~QC_DIRTY;
+        if (c->oq_head && !(c->flags & QC_WANT_OUT) && out_flush(k, c) < 0)
+            continue;
+        if (c->oq_borrow && unborrow(k, c) < 0)
+            continue;
+        after_out(k, c);
+    }
+    k->ndirty = 0;
+}
+
+/* Run the waiting commands, level 0 first.  Returns how many ran. */
+int qs_conn_run_commands(qs_kernel *k)
+{
+    qs_core *core = k->core;
+    qs_cmd cmds[QS_CMD_BATCH];
+    int total = 0;
+    for (int l = 0; l < core->cfg.levels; l++) {
+        qs_ring *r = &core->cmd[l];
+        /* bounded per iteration so sockets and lower levels get their turn */
+        for (int round = 0; round < 8; round++) {
+            int n = qs_ring_pop(r, cmds, QS_CMD_BATCH, qs_ring_tail(r));
+            if (n == 0)
+                break;
+            int64_t now = qs_now_ns(), bend = -1;
+            for (int i = 0; i < n; i++)
+                exec_cmd(k, &cmds[i], l, now, &bend);
+            flush_dirty(k);
+            if (bend >= 0)
+                qs_bring_release(&core->bring[l], (uint64_t)bend);
+            total += n;
+        }
+    }
+    return total;
+}

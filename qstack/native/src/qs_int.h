@@ -1,0 +1,117 @@
+/*
+ * qs_int.h -- internal declarations shared by the native sources.
+ *
+ * Everything here is private to the shared object: Python sees only
+ * include/qstack.h.  The pieces are
+ *   ring.h / ring.c   SPSC rings of 64-byte records and SPSC byte rings
+ *   pool.c            the buffer pool (one slab + jumbo buffers)
+ *   frame.c           sans-IO framing
+ *   classify.c        native priority rules and latency buckets
+ *   core.c            the hub-side API (poll, submit, sleep, stats, lifecycle)
+ *   backend_kernel.c  the epoll stack thread, behind the qs_backend table
+ *   kernel_conn.c     connections: accept, receive, close, backpressure
+ *   kernel_cmd.c      commands and out queues
+ */
+#ifndef QS_INT_H
+#define QS_INT_H
+
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <stdint.h>
+#include <stddef.h>
+#include <stdatomic.h>
+#include <pthread.h>
+#include <time.h>
+#include "qstack.h"
+
+#define QS_ALIGNED _Alignas(64)
+#define QS_LIKELY(x) __builtin_expect(!!(x), 1)
+#define QS_UNLIKELY(x) __builtin_expect(!!(x), 0)
+#define QS_UNUSED __attribute__((unused))
+
+typedef _Atomic uint64_t qs_au64;
+
+/* Counters have a single writer (the stack thread), so a relaxed load + store
+ * is enough and avoids a locked read-modify-write on the hot path; readers use
+ * relaxed loads and may see a value one update old. */
+#define QS_GET(x) atomic_load_explicit(&(x), memory_order_relaxed)
+#define QS_SET(x, v) atomic_store_explicit(&(x), (v), memory_order_relaxed)
+#define QS_ADD(x, v) QS_SET(x, QS_GET(x) + (uint64_t)(v))
+#define QS_SUB(x, v) QS_SET(x, QS_GET(x) - (uint64_t)(v))
+
+static inline int64_t qs_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+#include "ring.h"
+#include "pool.h"
+
+/* qs_stats with atomic fields, same order (see qs_core_stats). */
+struct qs_astats {
+    qs_au64 conns_open, conns_accepted, conns_closed, paused_conns;
+    qs_au64 accept_errors, protocol_errors;
+    qs_au64 rx_msgs[QS_MAX_LEVELS], rx_bytes[QS_MAX_LEVELS];
+    qs_au64 tx_msgs[QS_MAX_LEVELS], tx_bytes[QS_MAX_LEVELS];
+    qs_au64 lat[QS_MAX_LEVELS][QS_LAT_BUCKETS];
+};
+
+struct qs_core;
+
+/* A network stack behind the core.  The core owns the rings, the pool, the
+ * wakeup protocol and the thread; a backend owns sockets (or a user-space
+ * TCP/IP stack) and runs the stack thread's loop.  One implementation today:
+ * qs_backend_kernel (epoll over kernel sockets). */
+typedef struct qs_backend {
+    const char *name;
+    int (*init)(struct qs_core *c);            /* allocate backend state */
+    int (*listen)(struct qs_core *c, int fd);  /* adopt a listening socket */
+    void (*run)(struct qs_core *c);            /* the stack thread's body */
+    void (*destroy)(struct qs_core *c);        /* after run() returned (or never ran) */
+} qs_backend;
+
+extern const qs_backend qs_backend_kernel;
+
+/* Internal command flag: SEND_COPY payload is a malloc'ed block at `off`
+ * (too big for the byte ring); the stack frees it. */
+#define QS_FI_HEAP (1LL << 40)
+
+struct qs_core {
+    qs_config cfg;
+    int32_t hdr_len;
+    const qs_backend *be;
+    void *be_state;
+    qs_pool pool;
+    qs_ring ev[QS_MAX_LEVELS];      /* stack -> hub */
+    qs_ring cmd[QS_MAX_LEVELS];     /* hub -> stack */
+    qs_bring bring[QS_MAX_LEVELS];  /* SEND_COPY payloads, hub -> stack */
+    int hub_efd, stack_efd;
+    pthread_t thread;
+    int started, joined;
+
+    /* written by the stack, read by the hub */
+    QS_ALIGNED _Atomic int stack_sleeping;   /* also cleared by the hub */
+    _Atomic int stack_want_space;            /* conns wait for event ring space */
+    qs_au64 cmd_gen;                         /* bumped when commands were consumed */
+    qs_au64 final_cpu_ns;
+
+    /* written by the hub, read by the stack */
+    QS_ALIGNED _Atomic int hub_sleeping;     /* also cleared by the stack */
+    _Atomic int hub_want_space;              /* a submit was cut short */
+    _Atomic int quit;
+    int64_t grace_ns;                        /* published by the quit store */
+    uint64_t gen_at_fail;                    /* hub-private */
+
+    QS_ALIGNED struct qs_astats st;
+};
+
+/* Wake helpers (core.c).  Each is the "other side" of a Dekker handshake:
+ * the caller has just published work, then fences and checks the sleeper's
+ * flag; the sleeper sets its flag, fences and re-checks for work. */
+void qs_core_wake_stack(struct qs_core *c);
+void qs_core_wake_hub(struct qs_core *c);
+
+#endif

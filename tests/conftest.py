@@ -1,0 +1,103 @@
+"""Real servers for the tests: `qstack serve` in a child process on 127.0.0.1."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, proc, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited early with {proc.returncode}: "
+                               f"{proc.stderr.read().decode(errors='replace')}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"server did not listen on {port} within {timeout}s")
+
+
+class Server:
+    """A running `qstack serve`; stop() checks it exits 0 with no buffer leaked."""
+
+    def __init__(self, app, *args, env=None, cwd=ROOT):
+        self.port = free_port()
+        self.args = [sys.executable, "-m", "qstack", "serve", app,
+                     "--host", "127.0.0.1", "--port", str(self.port), *args]
+        self.proc = subprocess.Popen(self.args, cwd=cwd, env={**os.environ, **(env or {})},
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.stderr = ""
+        wait_port(self.port, self.proc)
+
+    def connect(self, timeout=10.0):
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return s
+
+    def stop(self, sig=signal.SIGTERM, timeout=20.0):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+            raise AssertionError("server did not stop in time")
+        self.stdout = out.decode(errors="replace")
+        self.stderr = err.decode(errors="replace")
+        return self.proc.returncode
+
+
+@pytest.fixture
+def serve():
+    """serve(app, *args) starts a server; at teardown it must stop cleanly:
+    exit 0 on SIGTERM and every pool buffer back ("buffers in use 0")."""
+    servers = []
+
+    def start(app, *args, **kw):
+        s = Server(app, *args, **kw)
+        servers.append(s)
+        return s
+
+    yield start
+    for s in servers:
+        already = s.proc.poll() is not None
+        code = s.stop()
+        if not already:
+            assert code == 0, f"exit {code}: {s.stderr[-2000:]}"
+            assert "buffers in use 0" in s.stderr, s.stderr[-2000:]
+
+
+def recv_exact(sock, n):
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            raise EOFError(f"connection closed after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+def recv_line(sock):
+    buf = bytearray()
+    while not buf.endswith(b"\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            raise EOFError(f"connection closed after {bytes(buf)!r}")
+        buf += chunk
+    return bytes(buf)

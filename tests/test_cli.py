@@ -1,0 +1,234 @@
+"""`qstack serve` as a user runs it: a real process, its exit status, stderr.
+
+The error-path tests stop before serving (config, handler import and the
+port check all come first), so they need neither the native core nor gevent.
+The tests marked ``needs_server`` start a real server; they are skipped until
+the native core is built (qstack._native).
+"""
+
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+needs_server = pytest.mark.skipif(
+    importlib.util.find_spec("qstack._native") is None,
+    reason="needs the native core (qstack._native) to serve")
+
+
+def qstack(*args, cwd=ROOT, timeout=30, env=None):
+    return subprocess.run([sys.executable, "-m", "qstack", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_error(res, *fragments):
+    assert res.returncode == 2, res
+    assert "Traceback" not in res.stderr
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("qstack: error: "), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def env_with_root_on_path():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+# --- errors: one line, exit 2 --------------------------------------------------
+
+def test_unknown_key(tmp_path):
+    cfg = write(tmp_path, "x.yaml", "server:\n  prot: 9000\n")
+    assert_one_error(qstack("serve", "apps.echo:handle", "--config", cfg),
+                     "unknown key 'server.prot'", "x.yaml")
+
+
+def test_wrong_type(tmp_path):
+    cfg = write(tmp_path, "x.yaml", "server:\n  port: 'eighty'\n")
+    assert_one_error(qstack("serve", "apps.echo:handle", "--config", cfg),
+                     "server.port", "'eighty'")
+
+
+def test_out_of_range_in_file_and_flag(tmp_path):
+    cfg = write(tmp_path, "x.yaml", "priority:\n  levels: 12\n")
+    assert_one_error(qstack("serve", "apps.echo:handle", "--config", cfg),
+                     "priority.levels: expected an integer in 1..8, got 12")
+    assert_one_error(qstack("serve", "apps.echo:handle", "--port", "70000"),
+                     "server.port", "70000")
+    assert_one_error(qstack("serve", "apps.echo:handle", "--cores", "0"), "server.cores")
+    assert_one_error(qstack("serve", "apps.echo:handle", "--backend", "ustack"),
+                     "server.backend", "not available yet")
+
+
+def test_bad_yaml(tmp_path):
+    cfg = write(tmp_path, "x.yaml", "server: {port: 8000\n")
+    assert_one_error(qstack("serve", "apps.echo:handle", "--config", cfg),
+                     "invalid YAML", "x.yaml", "line")
+
+
+def test_missing_config_file(tmp_path):
+    assert_one_error(qstack("serve", "apps.echo:handle", "--config",
+                            str(tmp_path / "nope.yaml")),
+                     "cannot read config file", "nope.yaml")
+
+
+def test_bad_priority_flag():
+    assert_one_error(qstack("serve", "apps.echo:handle", "--priority", "offset=5,valu=1"),
+                     "bad priority rule 'offset=5,valu=1'", "valu")
+    assert_one_error(qstack("serve", "apps.echo:handle", "--priority", "offset=5,value=1,level=2"),
+                     "priority.rules[0].level", "priority.levels")
+
+
+def test_bad_framing_flag():
+    assert_one_error(qstack("serve", "apps.echo:handle", "--framing", "fixed:0"),
+                     "app.framing", "'fixed:0'")
+
+
+def test_unimportable_handler():
+    assert_one_error(qstack("serve", "apps.nope:handle"),
+                     "cannot import handler 'apps.nope:handle': No module named 'apps.nope'")
+
+
+def test_handler_raising_on_import(tmp_path):
+    write(tmp_path, "broken.py", "raise RuntimeError('boom')\n")
+    # cwd is tmp_path: the handler is found there, like gunicorn does.
+    assert_one_error(qstack("serve", "broken:handle", cwd=tmp_path, env=env_with_root_on_path()),
+                     "cannot import handler 'broken:handle'", "RuntimeError: boom")
+
+
+def test_missing_and_non_callable_handler():
+    assert_one_error(qstack("serve", "apps.echo:nope"), "apps.echo:nope", "nope")
+    assert_one_error(qstack("serve", "os:sep"), "handler 'os:sep' is not callable")
+    assert_one_error(qstack("serve", "no-colon"), "module:attr", "no-colon")
+
+
+def test_no_handler():
+    assert_one_error(qstack("serve"), "no handler given")
+
+
+def test_handler_from_config_file(tmp_path):
+    cfg = write(tmp_path, "x.yaml", "app:\n  handler: apps.nope:handle\n")
+    assert_one_error(qstack("serve", "--config", cfg), "apps.nope:handle")
+
+
+def test_port_already_in_use():
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        assert_one_error(qstack("serve", "apps.echo:handle", "--port", str(port)),
+                         f"port {port} on 127.0.0.1 is already in use")
+        assert_one_error(qstack("serve", "apps.echo:handle", "--port", str(port),
+                                "--cores", "2"), "already in use")
+
+
+def test_usage_errors_exit_2():
+    res = qstack("serve", "apps.echo:handle", "--port", "abc")
+    assert res.returncode == 2 and "usage:" in res.stderr and "Traceback" not in res.stderr
+    res = qstack()
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert qstack("serve", "--help").returncode == 0
+
+
+def test_ctrl_c_during_start_up_exits_130(tmp_path):
+    write(tmp_path, "slowimport.py",
+          "import time\nprint('importing', flush=True)\ntime.sleep(30)\n"
+          "def handle(req):\n    return None\n")
+    proc = subprocess.Popen([sys.executable, "-m", "qstack", "serve", "slowimport:handle"],
+                            cwd=tmp_path, env=env_with_root_on_path(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "importing\n"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert "Traceback" not in err
+
+
+# --- the real server -----------------------------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(*args):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "qstack", "serve", *args,
+                             "--port", str(port)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            return proc, socket.create_connection(("127.0.0.1", port), timeout=5), port
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                out, err = proc.communicate()
+                pytest.fail(f"server did not start (rc {proc.returncode}): {err}")
+            time.sleep(0.05)
+
+
+def recv_exactly(sock, n):
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+@needs_server
+def test_echo_then_sigterm_exits_0_within_grace():
+    proc, conn, _ = start("apps.echo:handle", "--grace", "2")
+    try:
+        with conn:
+            for payload in (b"hello", b"x" * 1000):
+                conn.sendall(payload)
+                assert recv_exactly(conn, len(payload)) == payload
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=2 + 3)
+        assert proc.returncode == 0, err
+        assert time.monotonic() - t0 < 2 + 2
+        assert "Traceback" not in err
+    finally:
+        proc.kill()
+
+
+@needs_server
+def test_second_sigint_exits_at_once():
+    proc, conn, _ = start("tests.apps.pidecho:handle", "--grace", "30")
+    try:
+        with conn:
+            conn.sendall(b"sleep")            # a request that lasts 30 s
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGINT)   # graceful: waits for that request
+            time.sleep(0.5)
+            assert proc.poll() is None, "the first SIGINT should wait for the request"
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=5)
+            assert time.monotonic() - t0 < 3
+            assert "Traceback" not in err
+    finally:
+        proc.kill()

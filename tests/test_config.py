@@ -1,0 +1,266 @@
+"""qstack.config: defaults, precedence and one clear error per bad setting."""
+
+import dataclasses
+import os
+import re
+
+import pytest
+
+from qstack.config import (ALL_KEYS, Config, Framing, Rule, load_config,
+                           parse_framing, parse_rule)
+from qstack.errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED = os.path.join(ROOT, "conf", "qstack.yaml")
+
+
+def write(tmp_path, text, name="x.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def error_of(path=None, overrides=None):
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides or {})
+    msg = str(info.value)
+    assert "\n" not in msg
+    return msg
+
+
+# --- defaults and precedence -------------------------------------------------
+
+def test_defaults():
+    cfg = load_config(None, {})
+    assert cfg == Config()
+    s = cfg.server
+    assert (s.host, s.port, s.backend, s.cores, s.workers, s.backlog) == \
+        ("127.0.0.1", 8000, "kernel", 1, 64, 1024)
+    assert (s.shutdown_grace, s.stats, s.stats_interval) == (5.0, False, 1.0)
+    assert cfg.app.handler is None
+    assert cfg.app.framing == Framing("raw", 0)
+    assert cfg.app.max_message == 16777216
+    p = cfg.priority
+    assert (p.levels, p.rules, p.default_level, p.classifier, p.low_share) == \
+        (2, (), None, None, 0.0)
+    assert p.effective_default_level == 1
+    assert cfg.layout.pin == "none"
+    n = cfg.native
+    assert (n.buf_size, n.buf_count, n.ring_size, n.cmd_ring_size,
+            n.out_high_water, n.batch) == (16384, 8192, 65536, 65536, 4194304, 128)
+
+
+def test_config_is_frozen():
+    cfg = load_config(None, {})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.server.port = 1
+
+
+def test_shipped_yaml_gives_exactly_the_defaults():
+    assert load_config(SHIPPED, {}) == load_config(None, {})
+
+
+def test_shipped_yaml_and_docs_name_every_key():
+    import yaml
+    with open(SHIPPED) as f:
+        data = yaml.safe_load(f)
+    keys = {f"{s}.{k}" for s, values in data.items() for k in values}
+    assert keys == set(ALL_KEYS)
+    with open(os.path.join(ROOT, "docs", "CONFIG.md")) as f:
+        docs = f.read()
+    missing = [k for k in ALL_KEYS if f"`{k}`" not in docs]
+    assert not missing, f"docs/CONFIG.md does not document {missing}"
+
+
+def test_file_overrides_defaults_and_flags_override_file(tmp_path):
+    path = write(tmp_path, """
+server: {port: 9000, host: 0.0.0.0, shutdown_grace: 2}
+priority:
+  levels: 3
+  rules:
+    - {offset: 5, value: 0x01, level: 0}
+    - {offset: 5, value: 0x00, mask: 0x0f, level: 2}
+""")
+    cfg = load_config(path, {})
+    assert cfg.server.port == 9000 and cfg.server.host == "0.0.0.0"
+    assert cfg.server.shutdown_grace == 2.0 and isinstance(cfg.server.shutdown_grace, float)
+    assert cfg.server.workers == 64                       # untouched default
+    assert cfg.priority.rules == (Rule(5, 1, 255, 0), Rule(5, 0, 15, 2))
+    cfg = load_config(path, {"server.port": 9001,
+                             "priority.rules": [Rule(offset=1, value=2)],
+                             "app.framing": "fixed:64",
+                             "app.handler": "apps.echo:handle"})
+    assert cfg.server.port == 9001 and cfg.server.host == "0.0.0.0"
+    assert cfg.priority.rules == (Rule(1, 2, 255, 0),)
+    assert cfg.app.framing == Framing("fixed", 64)
+    assert cfg.app.handler == "apps.echo:handle"
+
+
+def test_empty_file_and_empty_section_mean_defaults(tmp_path):
+    assert load_config(write(tmp_path, "# nothing\n"), {}) == Config()
+    assert load_config(write(tmp_path, "server:\n"), {}) == Config()
+
+
+def test_override_accepts_framing_object():
+    cfg = load_config(None, {"app.framing": Framing("length", 4)})
+    assert cfg.app.framing == Framing("length", 4)
+
+
+# --- errors --------------------------------------------------------------------
+
+def test_unknown_keys_at_every_level(tmp_path):
+    msg = error_of(write(tmp_path, "server: {prot: 1}\n"))
+    assert re.match(r"unknown key 'server\.prot' in .*x\.yaml", msg)
+    assert "did you mean 'server.port'" in msg
+    assert "unknown key 'servr'" in error_of(write(tmp_path, "servr: {}\n"))
+    msg = error_of(write(tmp_path, "priority: {rules: [{offset: 1, value: 2, lvl: 0}]}\n"))
+    assert "unknown key 'priority.rules[0].lvl'" in msg
+    assert "unknown key 'server.prot' in command-line overrides" in \
+        error_of(overrides={"server.prot": 1})
+    assert "unknown key 'port'" in error_of(overrides={"port": 1})
+
+
+@pytest.mark.parametrize("key, value, expect", [
+    ("server.port", "8000", "server.port: expected an integer in 0..65535, got '8000'"),
+    ("server.port", True, "server.port: expected an integer in 0..65535, got true"),
+    ("server.port", 65536, "got 65536"),
+    ("server.port", -1, "got -1"),
+    ("server.cores", 0, "server.cores: expected an integer in 1..64"),
+    ("server.cores", 65, "server.cores"),
+    ("server.workers", 100001, "server.workers"),
+    ("server.backlog", 0, "server.backlog"),
+    ("server.shutdown_grace", -1, "server.shutdown_grace: expected a number in 0..3600"),
+    ("server.shutdown_grace", "5", "server.shutdown_grace"),
+    ("server.shutdown_grace", float("nan"), "server.shutdown_grace"),
+    ("server.stats", 1, "server.stats: expected true or false, got 1"),
+    ("server.stats_interval", 0.05, "server.stats_interval"),
+    ("server.host", 127, "server.host: expected a non-empty string"),
+    ("server.host", "", "server.host"),
+    ("server.backend", "ustack", "not available yet"),
+    ("server.backend", "dpdk", "server.backend: expected 'kernel'"),
+    ("app.handler", "nocolon", "app.handler: expected 'module:attr'"),
+    ("app.handler", "a b:c", "app.handler"),
+    ("app.framing", "fixed:0", "app.framing: bad framing 'fixed:0'"),
+    ("app.framing", 5, "app.framing"),
+    ("app.max_message", 0, "app.max_message"),
+    ("app.max_message", (1 << 30) + 1, "app.max_message"),
+    ("priority.levels", 12, "priority.levels: expected an integer in 1..8, got 12"),
+    ("priority.levels", 0, "priority.levels"),
+    ("priority.default_level", -1, "priority.default_level"),
+    ("priority.classifier", "x", "priority.classifier: expected 'module:attr'"),
+    ("priority.low_share", 1.0, "priority.low_share: expected a number in 0 <= x < 1"),
+    ("priority.low_share", -0.1, "priority.low_share"),
+    ("priority.rules", {"offset": 1}, "priority.rules: expected a list"),
+    ("priority.rules", [5], "priority.rules[0]: expected a mapping"),
+    ("priority.rules", [{"offset": 1}], "priority.rules[0].value: missing"),
+    ("priority.rules", [{"offset": 70000, "value": 1}],
+     "priority.rules[0].offset: expected an integer in 0..65535, got 70000"),
+    ("priority.rules", [{"offset": 1, "value": 256}], "priority.rules[0].value"),
+    ("priority.rules", [{"offset": 1, "value": 1, "mask": -1}], "priority.rules[0].mask"),
+    ("priority.rules", [{"offset": 1, "value": True}], "priority.rules[0].value"),
+    ("priority.rules", [{"offset": 0, "value": 0}] * 9, "at most 8 rules"),
+    ("layout.pin", "both", "layout.pin: expected one of none, shared, split, got 'both'"),
+    ("native.buf_size", 255, "native.buf_size: expected an integer in 256..16777216"),
+    ("native.buf_count", 15, "native.buf_count"),
+    ("native.ring_size", 1000, "native.ring_size: expected a power of two in 16..16777216"),
+    ("native.ring_size", 8, "native.ring_size"),
+    ("native.cmd_ring_size", 1 << 25, "native.cmd_ring_size"),
+    ("native.out_high_water", 1023, "native.out_high_water: expected an integer >= 1024"),
+    ("native.batch", 0, "native.batch"),
+    ("native.batch", 1.5, "native.batch"),
+])
+def test_bad_values_name_the_key(key, value, expect):
+    assert expect in error_of(overrides={key: value})
+
+
+def test_bad_values_from_yaml_name_the_key(tmp_path):
+    msg = error_of(write(tmp_path, "priority:\n  levels: 12\n"))
+    assert msg == "priority.levels: expected an integer in 1..8, got 12"
+    assert "got 'yes please'" in error_of(write(tmp_path, "server: {stats: yes please}\n"))
+
+
+def test_yaml_ints_are_fine_for_floats(tmp_path):
+    cfg = load_config(write(tmp_path, "server: {shutdown_grace: 3, stats_interval: 2}\n"), {})
+    assert cfg.server.shutdown_grace == 3.0 and cfg.server.stats_interval == 2.0
+
+
+def test_cross_key_checks():
+    assert "priority.rules[1].level: 2 is not below priority.levels (2)" in error_of(
+        overrides={"priority.rules": [Rule(0, 0, level=1), Rule(0, 1, level=2)]})
+    assert "priority.default_level: 2 is not below priority.levels (2)" in error_of(
+        overrides={"priority.default_level": 2})
+    assert "mutually exclusive" in error_of(overrides={
+        "priority.rules": [Rule(0, 0)], "priority.classifier": "apps.x:classify"})
+    assert "exceeds app.max_message" in error_of(
+        overrides={"app.framing": "fixed:100", "app.max_message": 50})
+    cfg = load_config(None, {"priority.levels": 4, "priority.default_level": 3,
+                             "priority.rules": [Rule(5, 1, level=3)]})
+    assert cfg.priority.effective_default_level == 3
+
+
+def test_hex_ints_in_yaml_rules(tmp_path):
+    cfg = load_config(write(tmp_path, """
+priority:
+  rules:
+    - offset: 0x05
+      value: 0xff
+      mask: 0x80
+"""), {})
+    assert cfg.priority.rules == (Rule(5, 255, 128, 0),)
+
+
+def test_bad_files(tmp_path):
+    msg = error_of(str(tmp_path / "missing.yaml"))
+    assert msg.startswith("cannot read config file") and "missing.yaml" in msg
+    assert "No such file" in msg
+    assert "Is a directory" in error_of(str(tmp_path))
+    msg = error_of(write(tmp_path, "server: {port: 1\n"))
+    assert msg.startswith("invalid YAML in") and "line" in msg
+    assert "expected a mapping of sections" in error_of(write(tmp_path, "- 1\n- 2\n"))
+    assert "server: expected a mapping of keys" in error_of(write(tmp_path, "server: 5\n"))
+    assert "duplicate key 'port'" in error_of(write(tmp_path, "server:\n  port: 1\n  port: 2\n"))
+    bad = tmp_path / "bin.yaml"
+    bad.write_bytes(b"server: {host: \xff\xfe}\n")
+    assert error_of(str(bad)).startswith("invalid YAML in")
+
+
+# --- the CLI syntaxes --------------------------------------------------------
+
+def test_parse_rule():
+    assert parse_rule("offset=5,value=0x01") == Rule(5, 1, 255, 0)
+    assert parse_rule("offset=5, value=1, mask=0x0f, level=1") == Rule(5, 1, 15, 1)
+    assert parse_rule("level=1,value=0b1,offset=0") == Rule(0, 1, 255, 1)
+
+
+@pytest.mark.parametrize("text, expect", [
+    ("", "expected offset=N,value=N"),
+    ("offset=5", "value: missing"),
+    ("offset=5,valu=1", "unknown field 'valu'"),
+    ("offset=5,value=1,value=2", "value given twice"),
+    ("offset=x,value=1", "offset: 'x' is not an integer"),
+    ("offset=5,value=256", "value: expected an integer in 0..255, got 256"),
+    ("offset=5,value=1,level=9", "level"),
+    ("offset 5", "expected offset=N"),
+])
+def test_parse_rule_errors(text, expect):
+    with pytest.raises(ConfigError) as info:
+        parse_rule(text)
+    msg = str(info.value)
+    assert msg.startswith(f"bad priority rule {text!r}") and expect in msg
+
+
+def test_parse_framing():
+    assert parse_framing("raw") == Framing("raw", 0)
+    assert parse_framing("line") == Framing("line", 0)
+    assert parse_framing("fixed:1") == Framing("fixed", 1)
+    assert parse_framing("fixed:16777216") == Framing("fixed", 16777216)
+    for n in (1, 2, 4, 8):
+        assert parse_framing(f"length:{n}") == Framing("length", n)
+
+
+@pytest.mark.parametrize("text", ["", "foo", "raw:1", "fixed", "fixed:0", "fixed:x",
+                                  "fixed:16777217", "length:3", "length:16", "line:"])
+def test_parse_framing_errors(text):
+    with pytest.raises(ConfigError) as info:
+        parse_framing(text)
+    assert str(info.value).startswith(f"bad framing {text!r}")

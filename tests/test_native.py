@@ -1,0 +1,843 @@
+"""Tests of the native core (qstack/native) through its ABI only.
+
+Pure parts (framing, rules, latency buckets) are driven in-process and
+deterministically; the stack is driven over real sockets on 127.0.0.1, with
+Python playing the hub: poll events, submit commands, check every byte.
+Every wait is bounded in both count and time.  Each core is checked at
+teardown: after shutdown and releasing what the test held, no buffer may be
+left in use.
+"""
+
+import errno
+import os
+import random
+import select
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NATIVE = os.path.join(ROOT, "qstack", "native")
+
+
+def _stale():
+    import glob
+    so = glob.glob(os.path.join(ROOT, "qstack", "_native*.so"))
+    if not so:
+        return True
+    built = os.path.getmtime(so[0])
+    srcs = glob.glob(os.path.join(NATIVE, "src", "*")) + [
+        os.path.join(NATIVE, "include", "qstack.h"), os.path.join(NATIVE, "build.py")]
+    return any(os.path.getmtime(p) > built for p in srcs)
+
+
+if _stale() and not os.environ.get("QSTACK_NO_BUILD"):
+    subprocess.check_call([sys.executable, os.path.join(NATIVE, "build.py")], cwd=ROOT)
+
+from qstack._native import ffi, lib  # noqa: E402
+
+EV = struct.Struct("8q")
+DATA, BIGDATA = lib.QS_EV_DATA, lib.QS_EV_BIGDATA
+
+
+# ---------------------------------------------------------------- framing
+
+def framer(kind, arg=0, max_message=1 << 20):
+    f = ffi.new("qs_framer *")
+    f.kind, f.arg, f.max_message = kind, arg, max_message
+    return f
+
+
+def scan(f, data):
+    mo, ml, need = ffi.new("uint64_t *"), ffi.new("uint64_t *"), ffi.new("uint64_t *")
+    r = lib.qs_frame_scan(f, data, len(data), mo, ml, need)
+    return r, mo[0], ml[0], need[0]
+
+
+def scan_all(f, data):
+    """Scan like the stack does: from the message start, again and again."""
+    msgs, pos = [], 0
+    while True:
+        r, mo, ml, need = scan(f, data[pos:])
+        if r < 0:
+            return msgs, r, need
+        if r == 0:
+            return msgs, pos, need
+        msgs.append(data[pos + mo:pos + mo + ml])
+        pos += r
+
+
+def length_msg(payload, h):
+    return len(payload).to_bytes(h, "big") + payload
+
+
+def check_prefixes(f, stream, expected, hdr=0):
+    """Feed every prefix of stream: the complete messages come out, the rest
+    is reported as partial with the right `need` where it is known."""
+    bounds, pos = [], 0
+    for m in expected:
+        pos += hdr + len(m)
+        bounds.append(pos)
+    for p in range(len(stream) + 1):
+        msgs, consumed, need = scan_all(f, stream[:p])
+        done = [b for b in bounds if b <= p]
+        assert msgs == expected[:len(done)], p
+        assert consumed == (done[-1] if done else 0)
+        if p < len(stream) and consumed < p:
+            nxt = bounds[len(done)] - consumed
+            if f.kind == lib.QS_FRAME_FIXED:
+                assert need == f.arg
+            elif f.kind == lib.QS_FRAME_LENGTH:
+                assert need == (nxt if p - consumed >= hdr else 0)
+            else:
+                assert need == 0
+
+
+def test_frame_raw():
+    f = framer(lib.QS_FRAME_RAW)
+    assert scan(f, b"") [0] == 0
+    for n in (1, 7, 300):
+        r, mo, ml, need = scan(f, b"x" * n)
+        assert (r, mo, ml) == (n, 0, n)
+
+
+def test_frame_line_every_split():
+    f = framer(lib.QS_FRAME_LINE, max_message=64)
+    msgs = [b"a\n", b"\n", b"hello world\n", b"x" * 63 + b"\n", b"last\n"]
+    check_prefixes(f, b"".join(msgs), msgs)
+
+
+def test_frame_line_too_long():
+    f = framer(lib.QS_FRAME_LINE, max_message=8)
+    assert scan(f, b"1234567\n")[0] == 8          # exactly max_message: fine
+    assert scan(f, b"1234567")[0] == 0            # may still end in time
+    assert scan(f, b"12345678")[0] == -errno.EMSGSIZE
+    assert scan(f, b"12345678\n")[0] == -errno.EMSGSIZE
+
+
+def test_frame_fixed_every_split():
+    f = framer(lib.QS_FRAME_FIXED, 5)
+    msgs = [bytes([i]) * 5 for i in range(6)]
+    check_prefixes(f, b"".join(msgs), msgs)
+    assert scan(framer(lib.QS_FRAME_FIXED, 5, max_message=4), b"12345")[0] == -errno.EMSGSIZE
+
+
+@pytest.mark.parametrize("h", [1, 2, 4, 8])
+def test_frame_length_every_split(h):
+    f = framer(lib.QS_FRAME_LENGTH, h, max_message=200)
+    msgs = [b"", b"a", b"hello", bytes(range(200)), b"z" * 17]
+    check_prefixes(f, b"".join(length_msg(m, h) for m in msgs), msgs, hdr=h)
+    r, mo, ml, need = scan(f, length_msg(b"abc", h))
+    assert (r, mo, ml) == (h + 3, h, 3)
+    r, mo, ml, need = scan(f, length_msg(b"abc", h)[:-1])
+    assert (r, need) == (0, h + 3)
+    assert scan(f, (201).to_bytes(h, "big"))[0] == -errno.EMSGSIZE
+
+
+def test_frame_length_max_header():
+    f = framer(lib.QS_FRAME_LENGTH, 8, max_message=1 << 40)
+    assert scan(f, b"\xff" * 8)[0] == -errno.EMSGSIZE
+    assert scan(f, (1 << 40).to_bytes(8, "big"))[:4] == (0, 0, 0, 8 + (1 << 40))
+
+
+def test_frame_bad_args():
+    assert scan(framer(lib.QS_FRAME_LENGTH, 3), b"abcdef")[0] == -errno.EINVAL
+    assert scan(framer(lib.QS_FRAME_FIXED, 0), b"abcdef")[0] == -errno.EINVAL
+    assert scan(framer(17), b"abcdef")[0] == -errno.EINVAL
+
+
+def test_header_len():
+    assert lib.qs_frame_header_len(framer(lib.QS_FRAME_LENGTH, 4)) == 4
+    assert lib.qs_frame_header_len(framer(lib.QS_FRAME_LENGTH, 2)) == 2
+    for k in (lib.QS_FRAME_RAW, lib.QS_FRAME_LINE):
+        assert lib.qs_frame_header_len(framer(k)) == 0
+    assert lib.qs_frame_header_len(framer(lib.QS_FRAME_FIXED, 4)) == 0
+
+
+# ---------------------------------------------------------------- rules, histogram
+
+def rules(*rs):
+    arr = ffi.new("qs_rule[8]")
+    for i, (offset, mask, value, level) in enumerate(rs):
+        arr[i].offset, arr[i].mask, arr[i].value, arr[i].level = offset, mask, value, level
+    return arr, len(rs)
+
+
+def test_classify():
+    arr, n = rules((5, 0xff, 1, 0), (0, 0xf0, 0x40, 2), (0, 0xff, ord("A"), 3))
+    cl = lambda m: lib.qs_classify(arr, n, 1, m, len(m))  # noqa: E731
+    assert cl(b"\x00\x00\x00\x00\x00\x01") == 0
+    assert cl(b"A\x00\x00\x00\x00\x01") == 0        # first match wins
+    assert cl(b"A") == 2                            # 0x41 & 0xf0 == 0x40 wins before 'A'
+    assert cl(b"\x4f") == 2
+    assert cl(b"\x00\x00\x00\x00\x00") == 1         # too short for offset 5
+    assert cl(b"") == 1
+    assert cl(b"\x30\x00\x00\x00\x00\x02") == 1
+    assert lib.qs_classify(arr, 0, 7, b"A", 1) == 7
+
+
+def test_lat_buckets():
+    n = lib.QS_LAT_BUCKETS
+    uppers = [lib.qs_lat_bucket_upper(i) for i in range(n)]
+    assert all(a < b for a, b in zip(uppers, uppers[1:]))
+    for i in range(n - 1):
+        assert lib.qs_lat_bucket(uppers[i]) == i
+        assert lib.qs_lat_bucket(uppers[i] + 1) == i + 1
+    for v in (0, 1, 7, 8, 9, 15, 16, 17, 1000, 10 ** 6, 10 ** 9, 2 ** 40):
+        b = lib.qs_lat_bucket(v)
+        assert v <= uppers[b] and (b == 0 or v > uppers[b - 1])
+        if v >= 8:
+            assert uppers[b] - (uppers[b - 1] + 1) <= v / 8   # 1/8 relative width
+    assert lib.qs_lat_bucket(2 ** 63) == n - 1
+    assert lib.qs_lat_bucket(2 ** 64 - 1) == n - 1
+    assert uppers[-1] == 2 ** 64 - 1
+
+
+# ---------------------------------------------------------------- a hub in Python
+
+def make_config(levels=2, rules_=(), default_level=None, kind=lib.QS_FRAME_RAW, arg=0,
+                max_message=1 << 24, ring_size=1024, cmd_ring_size=1024, buf_size=16384,
+                buf_count=1024, out_high_water=4 << 20, stream_mode=0, stack_cpu=-1):
+    cfg = ffi.new("qs_config *")
+    cfg.levels = levels
+    cfg.nrules = len(rules_)
+    for i, (offset, mask, value, level) in enumerate(rules_):
+        r = cfg.rules[i]
+        r.offset, r.mask, r.value, r.level = offset, mask, value, level
+    cfg.default_level = levels - 1 if default_level is None else default_level
+    cfg.framer.kind, cfg.framer.arg, cfg.framer.max_message = kind, arg, max_message
+    cfg.ring_size, cfg.cmd_ring_size = ring_size, cmd_ring_size
+    cfg.buf_size, cfg.buf_count = buf_size, buf_count
+    cfg.out_high_water = out_high_water
+    cfg.stream_mode, cfg.stack_cpu = stream_mode, stack_cpu
+    return cfg
+
+
+class Core:
+    """Python as the hub of one qs_core, with helpers for tests."""
+
+    def __init__(self, **kw):
+        self.cfg = make_config(**kw)
+        err = ffi.new("int *")
+        self.c = lib.qs_core_new(self.cfg, err)
+        assert self.c != ffi.NULL, err[0]
+        self.levels = self.cfg.levels
+        self.hdr = lib.qs_frame_header_len(ffi.addressof(self.cfg.framer))
+        size = ffi.new("uint64_t *")
+        self.slab = ffi.buffer(lib.qs_core_slab(self.c, size), size[0])
+        self.wake_fd = lib.qs_core_wake_fd(self.c)
+        ls = socket.socket()
+        ls.bind(("127.0.0.1", 0))
+        ls.listen(1024)
+        self.addr = ls.getsockname()
+        assert lib.qs_core_listen(self.c, ls.detach()) == 0   # the core owns it now
+        assert lib.qs_core_start(self.c) == 0
+        self.evs = ffi.new("qs_event[1024]")
+        self.held = set()          # buffer refs the hub owns
+        self.stats_ = ffi.new("qs_stats *")
+
+    # -- events
+    def poll(self, level=-1, max=1024):
+        n = lib.qs_core_poll(self.c, level, self.evs, max)
+        assert n >= 0
+        out = list(EV.iter_unpack(ffi.buffer(self.evs, n * 64)))
+        for e in out:
+            if e[3]:
+                assert e[3] not in self.held or e[0] in (DATA, BIGDATA)
+                self.held.add(e[3]) if e[3] not in self.held else None
+        return out
+
+    def wait(self, timeout=0.2):
+        """Sleep through the wake fd protocol until events may be there."""
+        if lib.qs_core_sleep(self.c) == 0:
+            select.select([self.wake_fd], [], [], timeout)
+        try:
+            os.read(self.wake_fd, 8)
+        except BlockingIOError:
+            pass
+
+    def events(self, until, timeout=10.0, level=-1):
+        """Poll until until(events_so_far) is true."""
+        got, deadline = [], time.monotonic() + timeout
+        while not until(got):
+            assert time.monotonic() < deadline, f"timed out with {len(got)} events"
+            evs = self.poll(level)
+            if evs:
+                got += evs
+            else:
+                self.wait(0.05)
+        return got
+
+    def payload(self, e):
+        kind, level, conn, buf, off, ln = e[:6]
+        if kind == DATA:
+            return bytes(self.slab[off:off + ln])
+        assert kind == BIGDATA
+        return ffi.buffer(ffi.cast("char *", off), ln)[:]
+
+    # -- commands
+    def submit(self, cmds, staging=b"", timeout=10.0):
+        """cmds: tuples (op, level, conn, buf, off, len, t_rx, flags)."""
+        arr = ffi.new("qs_cmd[]", len(cmds))
+        for i, c in enumerate(cmds):
+            a = arr[i]
+            (a.op, a.level, a.conn, a.buf, a.off, a.len, a.t_rx, a.flags) = c
+        stg = ffi.from_buffer(staging) if staging else ffi.NULL
+        done, deadline = 0, time.monotonic() + timeout
+        while done < len(cmds):
+            n = lib.qs_core_submit(self.c, arr + done, len(cmds) - done, stg)
+            assert n >= 0, n
+            done += n
+            if done < len(cmds):
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+        for c in cmds:
+            if c[3]:
+                self.held.discard(c[3])
+
+    def echo(self, e, flags=0, level=None):
+        kind, lvl, conn, buf, off, ln, t_rx, _ = e
+        self.submit([(lib.QS_CMD_SEND_BUF, lvl if level is None else level, conn, buf,
+                      off, ln, t_rx, flags)])
+
+    def reply_copy(self, e, data, flags=0):
+        kind, lvl, conn, buf, off, ln, t_rx, _ = e
+        self.submit([(lib.QS_CMD_SEND_COPY, lvl, conn, buf, 0, len(data), t_rx, flags)],
+                    staging=data)
+
+    def done(self, e, op=lib.QS_CMD_DONE):
+        self.submit([(op, e[1], e[2], e[3], 0, 0, 0, 0)])
+
+    def stats(self):
+        assert lib.qs_core_stats(self.c, self.stats_) == 0
+        return self.stats_
+
+    def close(self, grace=1.0):
+        assert lib.qs_core_shutdown(self.c, int(grace * 1e9)) == 0
+        # events left in the rings after shutdown: drop them locally
+        for _ in range(1000):
+            if not self.poll():
+                break
+        for b in list(self.held):
+            assert lib.qs_core_release_local(self.c, b) == 0
+        self.held.clear()
+        st = self.stats()
+        leaked, open_ = st.bufs_in_use, st.conns_open
+        lib.qs_core_free(self.c)
+        self.c = None
+        assert leaked == 0
+        assert open_ == 0
+
+
+class EchoHub(threading.Thread):
+    """A hub thread echoing every message (zero copy, or as a copy)."""
+
+    def __init__(self, core, copy=False, transform=None):
+        super().__init__(daemon=True)
+        self.core, self.copy, self.transform = core, copy, transform
+        self.stop, self.count, self.error = False, 0, None
+
+    def run(self):
+        core = self.core
+        try:
+            while not self.stop:
+                evs = core.poll()
+                if not evs:
+                    core.wait(0.02)
+                    continue
+                cmds, staging = [], bytearray()
+                for e in evs:
+                    kind, lvl, conn, buf, off, ln, t_rx, _ = e
+                    if kind not in (DATA, BIGDATA):
+                        continue
+                    if self.copy:
+                        data = core.payload(e)
+                        if self.transform:
+                            data = self.transform(data)
+                        cmds.append((lib.QS_CMD_SEND_COPY, lvl, conn, buf, len(staging),
+                                     len(data), t_rx, 0))
+                        staging += data
+                    else:
+                        cmds.append((lib.QS_CMD_SEND_BUF, lvl, conn, buf, off, ln, t_rx, 0))
+                    self.count += 1
+                if cmds:
+                    core.submit(cmds, bytes(staging))
+        except BaseException as exc:     # surfaced by join()
+            self.error = exc
+
+    def join(self, timeout=10):
+        self.stop = True
+        super().join(timeout)
+        assert not self.is_alive()
+        if self.error:
+            raise self.error
+
+
+@pytest.fixture
+def cores():
+    made = []
+
+    def make(**kw):
+        c = Core(**kw)
+        made.append(c)
+        return c
+    yield make
+    for c in made:
+        if c.c is not None:
+            c.close()
+
+
+def connect(core, n=1):
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection(core.addr, timeout=10)
+        socks.append(s)
+    return socks
+
+
+def recv_exact(s, n, timeout=10.0):
+    s.settimeout(timeout)
+    out = bytearray()
+    while len(out) < n:
+        chunk = s.recv(min(n - len(out), 1 << 20))
+        assert chunk, f"EOF after {len(out)} of {n} bytes"
+        out += chunk
+    return bytes(out)
+
+
+def wait_for(pred, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+# ---------------------------------------------------------------- sockets
+
+def test_config_validation():
+    err = ffi.new("int *")
+    bad = [dict(levels=0), dict(levels=9), dict(ring_size=1000), dict(cmd_ring_size=3),
+           dict(buf_size=255), dict(kind=lib.QS_FRAME_LENGTH, arg=3),
+           dict(kind=lib.QS_FRAME_FIXED, arg=0), dict(kind=9), dict(default_level=2),
+           dict(rules_=[(0, 0xff, 1, 2)]), dict(rules_=[(-1, 0xff, 1, 0)]),
+           dict(buf_count=0), dict(stream_mode=2), dict(max_message=0),
+           dict(kind=lib.QS_FRAME_FIXED, arg=100, max_message=10)]
+    for kw in bad:
+        assert lib.qs_core_new(make_config(**kw), err) == ffi.NULL, kw
+        assert err[0] == -errno.EINVAL, kw
+    c = lib.qs_core_new(make_config(), err)
+    assert c != ffi.NULL and err[0] == 0
+    lib.qs_core_free(c)          # never started
+
+
+def test_echo_zero_copy_and_copy(cores):
+    core = cores()
+    a, b = connect(core, 2)
+    a.sendall(b"hello")
+    (e,) = core.events(lambda g: len(g) >= 1)
+    assert e[0] == DATA and core.payload(e) == b"hello" and e[6] > 0
+    core.echo(e)
+    assert recv_exact(a, 5) == b"hello"
+    b.sendall(b"question")
+    (e,) = core.events(lambda g: len(g) >= 1)
+    core.reply_copy(e, b"answer!")
+    assert recv_exact(b, 7) == b"answer!"
+    st = core.stats()
+    assert st.conns_accepted == 2 and st.conns_open == 2
+    assert st.rx_msgs[1] == 2 and st.rx_bytes[1] == 13
+    assert st.tx_msgs[1] == 2 and st.tx_bytes[1] == 12
+    assert sum(st.lat[1][i] for i in range(lib.QS_LAT_BUCKETS)) == 2
+    assert st.bufs_total == 1024
+    a.close()
+    b.close()
+    wait_for(lambda: core.stats().conns_open == 0, what="server closes")
+
+
+def test_many_conns_length_echo(cores):
+    """200 conns x 20 LENGTH-framed messages, half echoed zero copy (header
+    included), half as copies (header added): every byte checked."""
+    core = cores(kind=lib.QS_FRAME_LENGTH, arg=2, max_message=4096, buf_size=4096)
+    rnd = random.Random(7)
+    socks = connect(core, 200)
+    sent = {}
+    for i, s in enumerate(socks):
+        msgs = [bytes(rnd.getrandbits(8) for _ in range(rnd.randrange(0, 300)))
+                for _ in range(20)]
+        sent[i] = b"".join(length_msg(m, 2) for m in msgs)
+    hub = EchoHub(core)
+    hub.start()
+    for i, s in enumerate(socks):     # in pieces, to split messages across reads
+        data = sent[i]
+        for j in range(0, len(data), 1000):
+            s.sendall(data[j:j + 1000])
+    for i, s in enumerate(socks):
+        assert recv_exact(s, len(sent[i])) == sent[i]
+    hub.join()
+    assert hub.count == 4000
+    hub2 = EchoHub(core, copy=True)
+    hub2.start()
+    for i, s in enumerate(socks):
+        s.sendall(sent[i])
+    for i, s in enumerate(socks):
+        assert recv_exact(s, len(sent[i])) == sent[i]
+    hub2.join()
+    st = core.stats()
+    assert st.rx_msgs[1] == 8000 and st.tx_msgs[1] == 8000
+    assert st.conns_open == 200 and st.protocol_errors == 0
+    for s in socks:
+        s.close()
+    wait_for(lambda: core.stats().conns_open == 0, what="server closes")
+
+
+def test_line_echo_pipelined(cores):
+    core = cores(kind=lib.QS_FRAME_LINE, max_message=100000, buf_size=512)
+    hub = EchoHub(core, copy=True, transform=lambda d: d.upper())
+    hub.start()
+    (s,) = connect(core)
+    lines = [(b"line %d " % i) + b"x" * (i * 37 % 3000) + b"\n" for i in range(300)]
+    blob = b"".join(lines)
+    s.sendall(blob)
+    assert recv_exact(s, len(blob)) == blob.upper()
+    hub.join()
+    assert hub.count == 300
+    s.close()
+
+
+def test_line_too_long_closes(cores):
+    core = cores(kind=lib.QS_FRAME_LINE, max_message=1000, buf_size=256)
+    (s,) = connect(core)
+    s.sendall(b"y" * 5000)
+    s.settimeout(10)
+    with pytest.raises(ConnectionResetError):
+        while s.recv(100):
+            pass
+    wait_for(lambda: core.stats().protocol_errors == 1)
+    wait_for(lambda: core.stats().conns_open == 0)
+
+
+def test_length_4mib_jumbo_zero_copy(cores):
+    core = cores(kind=lib.QS_FRAME_LENGTH, arg=4, max_message=8 << 20, buf_size=16384)
+    (s,) = connect(core)
+    payload = os.urandom(4 << 20)
+    msg = length_msg(payload, 4)
+    t = threading.Thread(target=s.sendall, args=(msg + length_msg(b"tail", 4),))
+    t.start()
+    evs = core.events(lambda g: len(g) >= 2)
+    t.join()
+    big, small = evs
+    assert big[0] == BIGDATA and big[5] == len(payload)
+    assert core.payload(big) == payload
+    assert small[0] == DATA and core.payload(small) == b"tail"
+    assert core.stats().bufs_in_use == 2
+    core.echo(big)
+    core.echo(small)
+    assert recv_exact(s, len(msg) + 8) == msg + length_msg(b"tail", 4)
+    s.close()
+
+
+def test_send_buf_slice_rewrites_length_header(cores):
+    core = cores(kind=lib.QS_FRAME_LENGTH, arg=2, max_message=1000)
+    (s,) = connect(core)
+    s.sendall(length_msg(b"0123456789", 2))
+    (e,) = core.events(lambda g: len(g) >= 1)
+    kind, lvl, conn, buf, off, ln, t_rx, _ = e
+    core.submit([(lib.QS_CMD_SEND_BUF, lvl, conn, buf, off, 4, t_rx, 0)])  # shrunk reply
+    assert recv_exact(s, 6) == length_msg(b"0123", 2)
+    s.close()
+
+
+def test_priority_rules(cores):
+    """Byte 0 == 'H' -> level 0; the hub sees level 0 first, each level FIFO."""
+    core = cores(kind=lib.QS_FRAME_LINE, max_message=1000, rules_=[(0, 0xff, ord("H"), 0)])
+    (s,) = connect(core)
+    msgs = [(b"H%d\n" if i % 3 == 0 else b"L%d\n") % i for i in range(60)]
+    s.sendall(b"".join(msgs))
+    wait_for(lambda: core.stats().rx_msgs[0] + core.stats().rx_msgs[1] == 60)
+    evs = core.events(lambda g: len(g) >= 60)
+    got = [core.payload(e) for e in evs]
+    high = [m for m in msgs if m.startswith(b"H")]
+    low = [m for m in msgs if m.startswith(b"L")]
+    assert got == high + low
+    assert [e[1] for e in evs] == [0] * len(high) + [1] * len(low)
+    assert lib.qs_core_pending_above(core.c, 1) == 0
+    for e in evs:
+        core.echo(e)
+    # level 0 commands run first: the high replies lead the stream
+    data = recv_exact(s, len(b"".join(msgs)))
+    assert data == b"".join(high + low)
+    st = core.stats()
+    assert st.rx_msgs[0] == len(high) and st.tx_msgs[0] == len(high)
+    s.close()
+
+
+def test_pending_above_and_poll_one_level(cores):
+    core = cores(kind=lib.QS_FRAME_LINE, max_message=100, rules_=[(0, 0xff, ord("H"), 0)])
+    (s,) = connect(core)
+    s.sendall(b"L1\nH1\nL2\n")
+    wait_for(lambda: lib.qs_core_pending_above(core.c, 2) == 3)
+    assert lib.qs_core_pending_above(core.c, 1) == 1
+    assert lib.qs_core_pending_above(core.c, 0) == 0
+    low = core.poll(level=1)
+    assert [core.payload(e) for e in low] == [b"L1\n", b"L2\n"]
+    assert lib.qs_core_sleep(core.c) == 1            # H1 still waiting
+    high = core.poll(level=0)
+    assert [core.payload(e) for e in high] == [b"H1\n"]
+    assert lib.qs_core_poll(core.c, 2, core.evs, 10) == -errno.EINVAL
+    for e in low + high:
+        core.done(e)
+    s.close()
+
+
+def test_ring_full_backpressure(cores):
+    """A tiny event ring: the conn stops being read, nothing is lost."""
+    core = cores(kind=lib.QS_FRAME_LINE, max_message=100, ring_size=4, levels=1, buf_size=256)
+    (s,) = connect(core)
+    msgs = [b"message number %05d\n" % i for i in range(3000)]
+    t = threading.Thread(target=s.sendall, args=(b"".join(msgs),))
+    t.start()
+    wait_for(lambda: core.stats().paused_conns == 1, what="conn paused")
+    assert core.stats().ring_depth[0] == 4
+    got, deadline = [], time.monotonic() + 20
+    while len(got) < len(msgs):
+        assert time.monotonic() < deadline
+        evs = core.poll(max=3)
+        if not evs:
+            core.wait(0.05)
+        for e in evs:
+            got.append(core.payload(e))
+            core.done(e)
+    t.join()
+    assert got == msgs
+    wait_for(lambda: core.stats().paused_conns == 0)
+    s.close()
+
+
+def test_pool_empty_backpressure(cores):
+    """The hub holds every buffer: reading stops until it gives some back."""
+    core = cores(kind=lib.QS_FRAME_FIXED, arg=300, max_message=300, buf_size=256 * 4,
+                 buf_count=4)
+    (s,) = connect(core)
+    msgs = [bytes([i % 251]) * 300 for i in range(200)]
+    t = threading.Thread(target=s.sendall, args=(b"".join(msgs),))
+    t.start()
+    held, got, deadline = [], [], time.monotonic() + 20
+    while len(got) < len(msgs):
+        assert time.monotonic() < deadline
+        evs = core.poll()
+        for e in evs:
+            got.append(core.payload(e))
+            held.append(e)
+        if not evs:
+            if core.stats().bufs_in_use == 4 and held:
+                assert core.stats().paused_conns == 1
+                for e in held:        # give everything back
+                    core.done(e)
+                held = []
+            core.wait(0.02)
+    t.join()
+    for e in held:
+        core.done(e)
+    assert got == msgs
+    s.close()
+
+
+def test_client_reset_mid_stream(cores):
+    core = cores(kind=lib.QS_FRAME_LINE, max_message=100)
+    (s,) = connect(core)
+    s.sendall(b"one\ntwo\nthr")
+    evs = core.events(lambda g: len(g) >= 2)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()                                  # RST
+    wait_for(lambda: core.stats().conns_open == 0, what="reset conn closed")
+    for e in evs:                              # replies to a gone conn: stale
+        core.echo(e)
+    (s2,) = connect(core)                      # the core is fine
+    s2.sendall(b"four\n")
+    (e,) = core.events(lambda g: len(g) >= 1)
+    assert e[2] != evs[0][2]                   # never the same conn id
+    core.echo(e)
+    assert recv_exact(s2, 5) == b"four\n"
+    s2.close()
+    wait_for(lambda: core.stats().bufs_in_use == 0, what="buffers back")
+
+
+def test_half_close_message_mode(cores):
+    core = cores(kind=lib.QS_FRAME_LINE, max_message=100)
+    (s,) = connect(core)
+    s.sendall(b"a\nb\nc\npartial")
+    s.shutdown(socket.SHUT_WR)
+    evs = core.events(lambda g: len(g) >= 3)
+    time.sleep(0.05)
+    assert core.stats().conns_open == 1        # requests in flight: not closed yet
+    for e in evs:
+        core.reply_copy(e, b"re:" + core.payload(e))
+    assert recv_exact(s, 15) == b"re:a\nre:b\nre:c\n"
+    s.settimeout(10)
+    assert s.recv(10) == b""                  # then the server closes
+    wait_for(lambda: core.stats().conns_open == 0)
+    s.close()
+
+
+def test_stream_mode_order(cores):
+    core = cores(stream_mode=1, levels=2, rules_=[(0, 0xff, ord("H"), 0)])
+    (s,) = connect(core)
+    evs = core.events(lambda g: len(g) >= 1)
+    assert evs[0][0] == lib.QS_EV_ACCEPTED and evs[0][1] == 1
+    conn = evs[0][2]
+    s.sendall(b"Hhigh")
+    evs += core.events(lambda g: len(g) >= 1)
+    s.shutdown(socket.SHUT_WR)
+    evs += core.events(lambda g: len(g) >= 1)
+    kinds = [e[0] for e in evs]
+    assert kinds == [lib.QS_EV_ACCEPTED, DATA, lib.QS_EV_EOF]
+    assert all(e[2] == conn for e in evs)
+    assert evs[1][1] == 0 and evs[2][1] == 1
+    core.done(evs[1], op=lib.QS_CMD_RELEASE)
+    # never auto-closed: the hub can still write, then close
+    core.submit([(lib.QS_CMD_SEND_COPY, 0, conn, 0, 0, 3, 0, lib.QS_F_CLOSE)], b"bye")
+    closed = core.events(lambda g: len(g) >= 1)
+    assert closed[0][0] == lib.QS_EV_CLOSED and closed[0][2] == conn
+    assert recv_exact(s, 3) == b"bye"
+    assert s.recv(10) == b""
+    s.close()
+
+
+def test_stream_mode_data_before_eof_under_load(cores):
+    """Many conns each send then close: per conn, every DATA comes before its
+    EOF, and CLOSED after the hub closes it."""
+    core = cores(stream_mode=1, levels=2, rules_=[(0, 0x80, 0x80, 0)], ring_size=8)
+    socks = connect(core, 50)
+    for i, s in enumerate(socks):
+        s.sendall(bytes([0x80 | i]) * 10)
+        s.shutdown(socket.SHUT_WR)
+    seen, closed, deadline = {}, set(), time.monotonic() + 20
+    while len(closed) < 50:
+        assert time.monotonic() < deadline
+        evs = core.poll(max=5)
+        if not evs:
+            core.wait(0.02)
+        for e in evs:
+            kind, conn = e[0], e[2]
+            st = seen.setdefault(conn, [])
+            if kind == DATA:
+                assert lib.QS_EV_EOF not in st
+                core.done(e, op=lib.QS_CMD_RELEASE)
+            elif kind == lib.QS_EV_EOF:
+                core.submit([(lib.QS_CMD_CLOSE, 1, conn, 0, 0, 0, 0, 0)])
+            elif kind == lib.QS_EV_CLOSED:
+                assert lib.QS_EV_EOF in st
+                closed.add(conn)
+            st.append(kind)
+    for s in socks:
+        s.close()
+
+
+def test_abort_close_and_notify(cores):
+    core = cores(stream_mode=1)
+    a, b = connect(core, 2)
+    acc = core.events(lambda g: len(g) >= 2)
+    ca, cb = acc[0][2], acc[1][2]
+    core.submit([(lib.QS_CMD_SEND_COPY, 1, ca, 0, 0, 2, 0, lib.QS_F_NOTIFY)], b"hi")
+    evs = core.events(lambda g: len(g) >= 1)
+    assert evs[0][0] == lib.QS_EV_WRITABLE and evs[0][2] == ca
+    assert recv_exact(a, 2) == b"hi"
+    core.submit([(lib.QS_CMD_CLOSE, 1, cb, 0, 0, 0, 0, lib.QS_F_ABORT)])
+    evs = core.events(lambda g: len(g) >= 1)
+    assert evs[0][0] == lib.QS_EV_CLOSED and evs[0][2] == cb
+    b.settimeout(10)
+    with pytest.raises(ConnectionResetError):
+        b.recv(10)
+    a.close()
+    b.close()
+
+
+def test_high_water_and_pause(cores):
+    """A reader that does not read: the server stops reading that conn once
+    its unsent bytes pass out_high_water; PAUSE/RESUME work by hand."""
+    core = cores(kind=lib.QS_FRAME_LINE, max_message=100, out_high_water=1 << 16)
+    (s,) = connect(core)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    big = b"z" * (1 << 20)
+    s.sendall(b"go\n")
+    (e,) = core.events(lambda g: len(g) >= 1)
+    core.reply_copy(e, big)
+    wait_for(lambda: core.stats().paused_conns == 1, what="high water pause")
+    assert recv_exact(s, len(big)) == big
+    wait_for(lambda: core.stats().paused_conns == 0, what="resume below half")
+    conn = e[2]
+    core.submit([(lib.QS_CMD_PAUSE, 1, conn, 0, 0, 0, 0, 0)])
+    wait_for(lambda: core.stats().paused_conns == 1)
+    s.sendall(b"later\n")
+    time.sleep(0.05)
+    assert core.poll() == []
+    core.submit([(lib.QS_CMD_RESUME, 1, conn, 0, 0, 0, 0, 0)])
+    (e,) = core.events(lambda g: len(g) >= 1)
+    assert core.payload(e) == b"later\n"
+    core.done(e)
+    s.close()
+
+
+def test_stop_accept_and_stop_read(cores):
+    core = cores(kind=lib.QS_FRAME_LINE, max_message=100)
+    (s,) = connect(core)
+    core.submit([(lib.QS_CMD_STOP_ACCEPT, 0, 0, 0, 0, 0, 0, 0),
+                 (lib.QS_CMD_STOP_READ, 0, 0, 0, 0, 0, 0, 0)])
+    time.sleep(0.05)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(core.addr, timeout=5)
+    s.sendall(b"ignored for now\n")
+    time.sleep(0.05)
+    assert core.poll() == []
+    s.close()
+
+
+def test_shutdown_flushes_and_releases(cores):
+    core = cores(kind=lib.QS_FRAME_LINE, max_message=100, ring_size=2, levels=1)
+    socks = connect(core, 3)
+    for s in socks:
+        s.sendall(b"a\nb\nc\nd\n")
+    wait_for(lambda: core.stats().rx_msgs[0] == 2 and core.stats().paused_conns >= 1)
+    evs = core.poll()
+    core.reply_copy(evs[0], b"x" * 100000)      # queued when shutdown begins
+    core.done(evs[1])
+    assert lib.qs_core_shutdown(core.c, int(2e9)) == 0
+    data = b""
+    socks[0].settimeout(10)
+    r = [s for s in socks if s.fileno() >= 0]
+    # the reply went out in full before the sockets were closed
+    for s in socks:
+        s.settimeout(10)
+    conn0 = [s for s in socks]
+    got = {}
+    for s in conn0:
+        buf = b""
+        while True:
+            chunk = s.recv(1 << 16)
+            if not chunk:
+                break
+            buf += chunk
+        got[s] = buf
+    assert sorted(len(v) for v in got.values()) == [0, 0, 100000]
+    # stats stay readable; commands after shutdown only return buffers
+    assert core.stats().conns_open == 0
+    later = core.poll()
+    for e in later:
+        core.done(e)
+    for s in socks:
+        s.close()
+    del data, r
+
+
+def test_submit_validation(cores):
+    core = cores()
+    arr = ffi.new("qs_cmd[1]")
+    arr[0].op, arr[0].level = lib.QS_CMD_DONE, 5
+    assert lib.qs_core_submit(core.c, arr, 1, ffi.NULL) == -errno.EINVAL
+    arr[0].op, arr[0].level, arr[0].len = lib.QS_CMD_SEND_COPY, 0, 4
+    assert lib.qs_core_submit(core.c, arr, 1, ffi.NULL) == -errno.EINVAL
+    assert lib.qs_core_release_local(core.c, 12345) == -errno.EBUSY

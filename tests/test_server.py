@@ -1,0 +1,267 @@
+"""The runtime end to end: `qstack serve` on 127.0.0.1, real client sockets.
+
+Every test's server must stop with exit 0 and all pool buffers returned
+(checked by the `serve` fixture at teardown).
+"""
+
+import os
+import socket
+import struct
+import time
+
+import gevent
+import pytest
+from gevent import socket as gsocket
+
+from conftest import recv_exact, recv_line
+
+
+def echo_ok(server, payload=b"still serving"):
+    with server.connect() as s:
+        s.sendall(payload)
+        assert recv_exact(s, len(payload)) == payload
+
+
+def test_thousand_connections_hundred_messages_each(serve):
+    server = serve("apps.echo:handle", "--workers", "64")
+    nconn, nmsg = 1000, 100
+    errors = []
+
+    def client(i):
+        s = gsocket.create_connection(("127.0.0.1", server.port), timeout=60)
+        try:
+            for j in range(nmsg):
+                msg = b"%06d:%03d:" % (i, j) + bytes([i % 251]) * (j % 50)
+                s.sendall(msg)
+                got = b""
+                while len(got) < len(msg):
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        raise EOFError("closed")
+                    got += chunk
+                if got != msg:
+                    errors.append((i, j, got[:40]))
+                    return
+        finally:
+            s.close()
+
+    jobs = []
+    for i in range(nconn):
+        jobs.append(gevent.spawn(client, i))
+        if i % 100 == 99:
+            gevent.sleep(0.01)          # stay under the accept backlog
+    gevent.joinall(jobs, timeout=120, raise_error=True)
+    assert all(j.dead for j in jobs)
+    assert not errors, errors[:5]
+
+
+def test_four_mib_message_intact(serve):
+    server = serve("apps.echo:handle")
+    payload = os.urandom(4 << 20)
+    s = gsocket.create_connection(("127.0.0.1", server.port), timeout=60)
+    sender = gevent.spawn(s.sendall, payload)
+    got = bytearray()
+    while len(got) < len(payload):
+        chunk = s.recv(1 << 20)
+        assert chunk, "server closed early"
+        got += chunk
+    sender.get(timeout=10)
+    s.close()
+    assert bytes(got) == payload
+    echo_ok(server)
+
+
+def test_four_mib_length_framed_message_intact(serve):
+    server = serve("apps.echo:handle", "--framing", "length:4")
+    payload = os.urandom(4 << 20)
+    s = gsocket.create_connection(("127.0.0.1", server.port), timeout=60)
+    sender = gevent.spawn(s.sendall, struct.pack(">I", len(payload)) + payload)
+    head = recv_exact(s, 4)
+    assert struct.unpack(">I", head)[0] == len(payload)
+    assert recv_exact(s, len(payload)) == payload
+    sender.get(timeout=10)
+    s.close()
+
+
+def test_line_framing_splits_and_joins(serve):
+    server = serve("apps.echo:handle", "--framing", "line")
+    with server.connect() as s:
+        s.sendall(b"one\ntw")
+        assert recv_line(s) == b"one\n"
+        s.sendall(b"o\nthree\n")
+        assert recv_line(s) == b"two\n"
+        assert recv_line(s) == b"three\n"
+
+
+def test_half_close_still_gets_replies(serve):
+    server = serve("apps.echo:handle", "--framing", "line")
+    with server.connect() as s:
+        lines = b"".join(b"line %d\n" % i for i in range(100))
+        s.sendall(lines)
+        s.shutdown(socket.SHUT_WR)
+        assert recv_exact(s, len(lines)) == lines
+        assert s.recv(10) == b""            # the server closed its side after replying
+    echo_ok(server)
+
+
+def test_client_reset_mid_request(serve):
+    server = serve("apps.echo:handle", "--framing", "length:4")
+    for _ in range(20):
+        s = server.connect()
+        s.sendall(struct.pack(">I", 100000) + b"x" * 5000)   # a request cut short
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()                                             # RST
+    with server.connect() as s:
+        s.sendall(struct.pack(">I", 5) + b"hello")
+        assert recv_exact(s, 9) == struct.pack(">I", 5) + b"hello"
+
+
+def test_handler_error_closes_only_its_connection(serve):
+    server = serve("tests.apps.behaviors:boom", "--framing", "line")
+    with server.connect() as good, server.connect() as bad:
+        good.sendall(b"before\n")
+        assert recv_line(good) == b"before\n"
+        bad.sendall(b"boom\n")
+        assert bad.recv(10) == b""          # closed by the server
+        good.sendall(b"after\n")
+        assert recv_line(good) == b"after\n"
+    code = server.stop()
+    assert code == 0
+    assert server.stderr.count("RuntimeError: boom requested by the test") == 1
+    assert server.stderr.count("handler raised") == 1
+
+
+def test_handler_returning_str_is_an_error_not_a_crash(serve):
+    server = serve("tests.apps.behaviors:wrong_type")
+    with server.connect() as s:
+        s.sendall(b"x")
+        assert s.recv(10) == b""
+    code = server.stop()
+    assert code == 0
+    assert "non-bytes reply" in server.stderr
+
+
+def test_blocked_handler_suspends_only_its_worker(serve):
+    server = serve("tests.apps.behaviors:sleepy", "--workers", "4", "--framing", "line")
+    with server.connect() as slow, server.connect() as fast:
+        slow.sendall(b"sleep\n")
+        time.sleep(0.1)
+        t0 = time.monotonic()
+        for i in range(50):
+            fast.sendall(b"ping %d\n" % i)
+            assert recv_line(fast) == b"ping %d\n" % i
+        assert time.monotonic() - t0 < 0.9, "echoes waited for the sleeping handler"
+        assert recv_line(slow) == b"slept\n"
+
+
+def test_cooperative_socket_in_handler(serve):
+    # A local server that answers after 0.5 s: the handler waits on it through
+    # a gevent socket while other requests on the same core are served.
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(4)
+    port = lsock.getsockname()[1]
+
+    def slow_peer():
+        c, _ = lsock.accept()
+        c.recv(1)
+        time.sleep(0.5)
+        c.sendall(b"late\n")
+        c.close()
+
+    import threading
+    t = threading.Thread(target=slow_peer, daemon=True)
+    t.start()
+    server = serve("tests.apps.behaviors:sleepy", "--workers", "4", "--framing", "line")
+    with server.connect() as dialer, server.connect() as other:
+        dialer.sendall(b"dial %d\n" % port)
+        time.sleep(0.05)
+        other.sendall(b"hello\n")
+        assert recv_line(other) == b"hello\n"       # served while the dial waits
+        assert recv_line(dialer) == b"late\n"
+    t.join(5)
+    lsock.close()
+
+
+PRIO = ["--priority", "offset=0,value=0x48"]          # 'H' is level 0, the rest level 1
+
+
+def _prio_run(server, tmp_path, workers, n_high, n_low):
+    gate = tmp_path / "gate"
+    holders = [server.connect() for _ in range(workers)]
+    for h in holders:
+        h.sendall(b"hold\n")
+    time.sleep(0.3)                                  # every worker is now busy
+    lows = [server.connect() for _ in range(n_low)]
+    highs = [server.connect() for _ in range(n_high)]
+    for s in lows:
+        s.sendall(b"L\n")
+    time.sleep(0.1)
+    for s in highs:
+        s.sendall(b"H\n")
+    time.sleep(0.3)                                  # all of them queued natively
+    gate.touch()
+    for h in holders:
+        assert recv_line(h) == b"held\n"
+    seq = lambda s: tuple(int(x) for x in recv_line(s).split())
+    high = [seq(s) for s in highs]
+    low = [seq(s) for s in lows]
+    for s in holders + lows + highs:
+        s.close()
+    assert all(p == 0 for _, p in high) and all(p == 1 for _, p in low)
+    return [n for n, _ in high], [n for n, _ in low]
+
+
+def test_queued_high_requests_all_served_before_queued_low(serve, tmp_path):
+    server = serve("tests.apps.behaviors:seq", "--workers", "4", "--framing", "line",
+                   *PRIO, env={"QSTACK_TEST_GATE": str(tmp_path / "gate")})
+    high, low = _prio_run(server, tmp_path, workers=4, n_high=20, n_low=20)
+    assert max(high) < min(low), (sorted(high), sorted(low))
+
+
+def test_guaranteed_share_lets_low_progress(serve, tmp_path):
+    conf = tmp_path / "share.yaml"
+    conf.write_text("priority:\n  low_share: 0.5\n")
+    server = serve("tests.apps.behaviors:seq", "--workers", "1", "--framing", "line",
+                   "--config", str(conf), *PRIO,
+                   env={"QSTACK_TEST_GATE": str(tmp_path / "gate")})
+    high, low = _prio_run(server, tmp_path, workers=1, n_high=20, n_low=20)
+    # with a 50% share, low requests interleave instead of all waiting
+    assert min(low) < max(high), (sorted(high), sorted(low))
+    assert sum(1 for n in low if n < max(high)) >= 8
+
+
+def test_stream_handler_echo_and_close(serve):
+    server = serve("tests.apps.behaviors:stream_echo")
+    with server.connect() as a, server.connect() as b:
+        for i in range(20):
+            a.sendall(b"a%d" % i)
+            b.sendall(b"b%d" % i)
+            assert recv_exact(a, len(b"a%d" % i)) == b"a%d" % i
+            assert recv_exact(b, len(b"b%d" % i)) == b"b%d" % i
+        big = os.urandom(3 << 20)
+        sender = gevent.spawn(a.sendall, big)
+        assert recv_exact(a, len(big)) == big
+        sender.get(timeout=10)
+        a.shutdown(socket.SHUT_WR)
+        assert a.recv(10) == b""
+
+
+def test_stream_handler_closes(serve):
+    server = serve("tests.apps.behaviors:stream_upper_then_close")
+    with server.connect() as s:
+        s.sendall(b"hello")
+        assert recv_exact(s, 5) == b"HELLO"
+        assert s.recv(10) == b""
+
+
+def test_sigint_drains_in_flight_requests(serve, tmp_path):
+    server = serve("tests.apps.behaviors:sleepy", "--framing", "line")
+    s = server.connect()
+    s.sendall(b"sleep\n")
+    time.sleep(0.2)
+    import signal
+    server.proc.send_signal(signal.SIGINT)
+    assert recv_line(s) == b"slept\n"          # the in-flight request finished
+    s.close()
+    assert server.proc.wait(10) == 0
