@@ -405,7 +405,7 @@ def parse_args(argv=None):
     cfg.duration = cfg.duration or (1.5 if cfg.quick else 4.0)
     cfg.warmup = cfg.warmup if cfg.warmup is not None else (0.5 if cfg.quick else 1.0)
     cfg.drain = 1.0 if cfg.quick else 2.0
-    cfg.retry_budget = 6 if cfg.quick else 15  # bounds the time retries can add
+    cfg.retry_budget = 6 if cfg.quick else 10  # bounds the time retries can add
     cfg.servers = [s.strip() for s in cfg.servers.split(",") if s.strip()]
     bad = [s for s in cfg.servers if s not in ALL_SERVERS]
     if bad:

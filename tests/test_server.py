@@ -7,6 +7,7 @@ Every test's server must stop with exit 0 and all pool buffers returned
 import os
 import socket
 import struct
+import threading
 import time
 
 import gevent
@@ -16,7 +17,7 @@ from gevent import socket as gsocket
 from conftest import recv_exact, recv_line
 
 
-def echo_ok(server, payload=b"still serving"):
+def echo_ok(server, payload=b"still serving\n"):
     with server.connect() as s:
         s.sendall(payload)
         assert recv_exact(s, len(payload)) == payload
@@ -169,7 +170,6 @@ def test_cooperative_socket_in_handler(serve):
         c.sendall(b"late\n")
         c.close()
 
-    import threading
     t = threading.Thread(target=slow_peer, daemon=True)
     t.start()
     server = serve("tests.apps.behaviors:sleepy", "--workers", "4", "--framing", "line")
@@ -240,9 +240,10 @@ def test_stream_handler_echo_and_close(serve):
             assert recv_exact(a, len(b"a%d" % i)) == b"a%d" % i
             assert recv_exact(b, len(b"b%d" % i)) == b"b%d" % i
         big = os.urandom(3 << 20)
-        sender = gevent.spawn(a.sendall, big)
+        sender = threading.Thread(target=a.sendall, args=(big,))
+        sender.start()
         assert recv_exact(a, len(big)) == big
-        sender.get(timeout=10)
+        sender.join(10)
         a.shutdown(socket.SHUT_WR)
         assert a.recv(10) == b""
 

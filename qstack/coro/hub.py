@@ -197,6 +197,9 @@ class Hub:
         if data:
             self._tx += data
         self._cmds.extend((op, level, conn, buf, off, len(data), t_rx, flags))
+        self._schedule_flush()
+
+    def _schedule_flush(self):
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.run_callback(self._scheduled_flush)
@@ -280,7 +283,10 @@ class Hub:
                 continue
             self._run(req, ev)
             if self._leader is not me:
-                return                  # we blocked and a follower took over
+                # We blocked and a follower took over; it may be asleep on
+                # the eventfd, so our reply must not wait for its next batch.
+                self._schedule_flush()
+                return
             handled += 1
             if handled >= YIELD_EVERY:
                 handled = 0
