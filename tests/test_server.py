@@ -266,3 +266,44 @@ def test_sigint_drains_in_flight_requests(serve, tmp_path):
     assert recv_line(s) == b"slept\n"          # the in-flight request finished
     s.close()
     assert server.proc.wait(10) == 0
+
+
+def test_stream_handlers_many_connections(serve):
+    server = serve("tests.apps.behaviors:stream_echo")
+    errors = []
+
+    def client(i):
+        s = gsocket.create_connection(("127.0.0.1", server.port), timeout=60)
+        try:
+            for j in range(50):
+                msg = b"%04d-%02d|" % (i, j) * (1 + j % 7)
+                s.sendall(msg)
+                got = b""
+                while len(got) < len(msg):
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        raise EOFError
+                    got += chunk
+                if got != msg:
+                    errors.append((i, j))
+                    return
+        finally:
+            s.close()
+
+    jobs = [gevent.spawn(client, i) for i in range(200)]
+    gevent.joinall(jobs, timeout=60, raise_error=True)
+    assert all(j.dead for j in jobs) and not errors
+
+
+def test_stats_lines_report_traffic_per_level(serve):
+    server = serve("apps.echo:handle", "--stats", "--framing", "line", *PRIO)
+    with server.connect() as s:
+        for i in range(200):
+            s.sendall(b"H high\n" if i % 2 else b"low\n")
+            recv_line(s)
+    time.sleep(1.5)
+    code = server.stop()
+    assert code == 0
+    lines = [ln for ln in server.stdout.splitlines() if ln.startswith("core 0")]
+    assert lines, server.stdout
+    assert "L0" in lines[0] and "L1" in lines[0] and "bufs" in lines[0]

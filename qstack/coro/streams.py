@@ -18,7 +18,7 @@ from collections import deque
 from greenlet import getcurrent, greenlet
 
 from .hub import CLOSE, EV_DATA, EV_BIGDATA, RELEASE, SEND_COPY, Hub
-from .native import lib
+from .native import EVENT_SIZE, iter_events, lib
 
 __all__ = ["StreamHub"]
 
@@ -34,14 +34,15 @@ SEND_HIGH_WATER = 1 << 20
 
 
 class _Stream:
-    __slots__ = ("id", "inbox", "pos", "eof", "closed", "paused", "unsent",
-                 "waiter", "greenlet")
+    __slots__ = ("id", "inbox", "pos", "eof", "closed", "gone", "paused",
+                 "unsent", "waiter", "greenlet")
 
     def __init__(self, conn_id):
         self.id = conn_id
         self.inbox = deque()
         self.pos = 0
         self.eof = self.closed = self.paused = False
+        self.gone = False               # CLOSED seen: no more events will come
         self.unsent = 0
         self.waiter = None
         self.greenlet = None
@@ -51,6 +52,7 @@ class StreamHub(Hub):
     def __init__(self, core, handler, **kw):
         super().__init__(core, handler, **kw)
         self._streams = {}
+        self._finished = set()          # handler done, CLOSED not seen yet
 
     def start(self):
         g = greenlet(self._dispatch, parent=self._ghub)
@@ -70,18 +72,36 @@ class StreamHub(Hub):
                 ev = pop()
             self._yield()               # let the woken connections run
 
+    def _refill(self):
+        # One poll over every level: only that keeps a connection's data
+        # ahead of its EOF/CLOSED (qs_core_poll reads the lower rings'
+        # positions first).  Per-level polls could overtake.
+        n = lib.qs_core_poll(self._c, -1, self._evbuf, self._batch)
+        if n > 0:
+            queues = self._queues
+            for ev in iter_events(self._evview[:n * EVENT_SIZE]):
+                queues[ev[1]].append(ev)
+        return max(n, 0)
+
     def _route(self, ev):
         kind, conn = ev[0], ev[2]
         st = self._streams.get(conn)
-        if kind == ACCEPTED:
+        if st is None:
+            # A connection's level-0 data can arrive before its ACCEPTED (which
+            # travels in the lowest ring), so its first event of any kind
+            # starts it -- unless its handler already finished.  CLOSED is
+            # always a connection's last event.
+            if conn in self._finished:
+                if kind == CLOSED:
+                    self._finished.discard(conn)
+                if ev[3]:
+                    self.post(RELEASE, ev[1], conn, ev[3])
+                return
             st = self._streams[conn] = _Stream(conn)
             st.greenlet = greenlet(self._serve, parent=self._ghub)
             self._workers.add(st.greenlet)
             self._loop.run_callback(st.greenlet.switch, st)
-            return
-        if st is None:
-            if ev[3]:
-                self.post(RELEASE, ev[1], conn, ev[3])
+        if kind == ACCEPTED:
             return
         if kind == EV_DATA or kind == EV_BIGDATA:
             st.inbox.append(ev)
@@ -91,7 +111,7 @@ class StreamHub(Hub):
         elif kind == EOF:
             st.eof = True
         elif kind == CLOSED:
-            st.closed = True
+            st.closed = st.gone = True
         elif kind == WRITABLE:
             st.unsent = 0
         self._wake_stream(st)
@@ -111,6 +131,8 @@ class StreamHub(Hub):
         finally:
             self._workers.discard(getcurrent())
             self._streams.pop(st.id, None)
+            if not st.gone:
+                self._finished.add(st.id)
             for ev in st.inbox:
                 self.post(RELEASE, ev[1], st.id, ev[3])
             st.inbox.clear()

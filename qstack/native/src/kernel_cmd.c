@@ -364,12 +364,19 @@ int qs_conn_run_commands(qs_kernel *k)
 {
     qs_core *core = k->core;
     qs_cmd cmds[QS_CMD_BATCH];
+    uint64_t snap[QS_MAX_LEVELS];
     int total = 0;
+    /* Snapshot the tails lowest level first (as qs_core_poll does): a
+     * command seen at level l implies everything the hub submitted before
+     * it at higher levels is seen too, so priority never reorders a hub's
+     * earlier high-priority reply behind a later low one.  The snapshot also
+     * bounds the work per iteration, so sockets get their turn. */
+    for (int l = core->cfg.levels - 1; l >= 0; l--)
+        snap[l] = qs_ring_tail(&core->cmd[l]);
     for (int l = 0; l < core->cfg.levels; l++) {
         qs_ring *r = &core->cmd[l];
-        /* bounded per iteration so sockets and lower levels get their turn */
-        for (int round = 0; round < 8; round++) {
-            int n = qs_ring_pop(r, cmds, QS_CMD_BATCH, qs_ring_tail(r));
+        for (;;) {
+            int n = qs_ring_pop(r, cmds, QS_CMD_BATCH, snap[l]);
             if (n == 0)
                 break;
             int64_t now = qs_now_ns(), bend = -1;

@@ -238,8 +238,11 @@ static void on_eof(qs_kernel *k, qs_conn *c)
             return;
         }
     }
-    qs_conn_update(k, c);
+    /* finish first: a conn closed right away needs no epoll_ctl */
+    int64_t id = c->id;
     qs_conn_finish(k, c);
+    if (qs_conn_lookup(k, id) == c)
+        qs_conn_update(k, c);
 }
 
 void qs_conn_readable(qs_kernel *k, qs_conn *c)
