@@ -116,6 +116,8 @@ typedef struct qs_config {
     uint64_t out_high_water;  /* stop reading a conn with more unsent bytes than this */
     int32_t stream_mode;      /* report ACCEPTED/EOF/CLOSED; never auto-close */
     int32_t stack_cpu;        /* pin the stack thread to this CPU, -1 = leave it */
+    int32_t inline_stack;     /* 1: no stack thread; the hub drives the stack
+                                 with qs_core_step() in its own thread */
 } qs_config;
 
 typedef struct qs_stats {
@@ -139,7 +141,7 @@ typedef struct qs_stats {
 typedef struct qs_core qs_core;
 
 /* Sans-IO framing: look for one complete message at data[0..len).
- * Returns bytes consumed (> 0) and sets *msg_off/*msg_len (relative to data);
+ * Returns bytes consumed (> 0) and sets *msg_off, *msg_len (relative to data);
  * 0 if more bytes are needed (*need = total bytes that would complete it, or 0
  * if unknown); -EMSGSIZE if the message is larger than max_message. */
 int64_t qs_frame_scan(const qs_framer *f, const uint8_t *data, uint64_t len,
@@ -180,5 +182,16 @@ int qs_core_sleep(qs_core *c);
 int qs_core_wake_fd(qs_core *c);
 uint8_t *qs_core_slab(qs_core *c, uint64_t *size);
 int qs_core_stats(qs_core *c, qs_stats *out);
+/* Inline layout (cfg.inline_stack = 1): the stack runs in the hub's thread,
+ * as QStack runs its stack and app in one thread when they share a CPU; no
+ * thread hand-off, no eventfd wakeups.  qs_core_step runs one iteration of
+ * the stack loop in the caller's thread: the submitted commands (writes), one
+ * epoll_wait of at most timeout_ms (0 = do not block), reads, publishing the
+ * events.  Returns the number of events published, or -errno.
+ * qs_core_poll_fd is readable whenever a step would find socket work (it is
+ * the epoll fd), for the hub's own event loop to watch while idle. */
+int qs_core_step(qs_core *c, int timeout_ms);
+int qs_core_poll_fd(qs_core *c);
+
 /* Release buffer references the hub still holds at teardown (no stack thread). */
 int qs_core_release_local(qs_core *c, int64_t buf);
