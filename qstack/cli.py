@@ -45,6 +45,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         ("--framing", "app.framing", str, "raw | line | fixed:N | length:N"),
         ("--levels", "priority.levels", int, "number of priority levels"),
         ("--pin", "layout.pin", str, "thread layout: none | shared | split"),
+        ("--stack", "layout.stack", str, "where the stack runs: auto | thread | inline"),
     ]
     for flag, key, typ, text in flags:
         p.add_argument(flag, dest=key, type=typ, default=None, metavar=key.split(".")[1].upper(),

@@ -28,6 +28,7 @@ MAX_RULES = 8           # QS_MAX_RULES in qstack.h
 MAX_FIXED = 16777216
 LENGTH_SIZES = (1, 2, 4, 8)
 PINS = ("none", "shared", "split")
+STACKS = ("auto", "thread", "inline")
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ class PriorityConfig:
 @dataclass(frozen=True)
 class LayoutConfig:
     pin: str = "none"
+    stack: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -292,6 +294,7 @@ _SCHEMA: dict[str, dict[str, Validator]] = {
     },
     "layout": {
         "pin": _choice(*PINS),
+        "stack": _choice(*STACKS),
     },
     "native": {
         "buf_size": _int(256, 16777216),

@@ -34,3 +34,22 @@ def plan(pin: str, core_index: int, allowed: list[int]) -> tuple[int, int | None
         # wrap around, which is the best a short set allows.
         return cpus[(2 * core_index) % n], cpus[(2 * core_index + 1) % n]
     raise ValueError(f"plan: unknown pin {pin!r} (expected none, shared or split)")
+
+
+def stack_inline(stack: str, pin: str, cores: int, allowed: list[int]) -> bool:
+    """Whether a core's stack runs in its hub's thread (layout.stack).
+
+    A separate stack thread pays two thread hand-offs per request and wins
+    only when it has a CPU of its own: ``auto`` gives it one thread only when
+    each core can have two CPUs (``pin: split`` with at least two CPUs per
+    core, or ``pin: none`` with at least 2 x cores CPUs in the allowed set).
+    """
+    if stack == "inline":
+        return True
+    if stack == "thread":
+        return False
+    if stack != "auto":
+        raise ValueError(f"stack_inline: unknown stack {stack!r}")
+    if pin == "shared":
+        return True
+    return len(allowed) < 2 * cores

@@ -68,7 +68,7 @@ def open_listener(host, port, backlog):
     return _bind(host, port, reuseport=True, backlog=backlog)
 
 
-def _native_options(cfg, stream, stack_cpu):
+def _native_options(cfg, stream, stack_cpu, inline):
     prio, native, app = cfg.priority, cfg.native, cfg.app
     rules = [(r.offset, r.value, r.mask, r.level) for r in prio.rules]
     default_level = prio.default_level
@@ -80,12 +80,15 @@ def _native_options(cfg, stream, stack_cpu):
         max_message=app.max_message, ring_size=native.ring_size,
         cmd_ring_size=native.cmd_ring_size, buf_size=native.buf_size,
         buf_count=native.buf_count, out_high_water=native.out_high_water,
-        stream_mode=stream, stack_cpu=stack_cpu)
+        stream_mode=stream, stack_cpu=stack_cpu, inline=inline)
 
 
 def snapshot(core_index, hub):
     """This core's counters in the shape qstack.stats expects."""
     st = hub.core.stats()
+    cpu_stack = st.stack_cpu_ns / 1e9
+    # Inline, the stack's steps run in this thread: its CPU is counted apart.
+    cpu_hub = time.thread_time() - (cpu_stack if hub.core.inline else 0.0)
     queued = [len(q) for q in hub._queues]
     levels = []
     for lv in range(hub.core.levels):
@@ -97,8 +100,8 @@ def snapshot(core_index, hub):
         })
     return {"core": core_index, "t": time.monotonic(), "conns": st.conns_open,
             "accepted": st.conns_accepted, "bufs_in_use": st.bufs_in_use,
-            "bufs_total": st.bufs_total, "cpu_stack": st.stack_cpu_ns / 1e9,
-            "cpu_hub": time.thread_time(), "errors": hub.errors,
+            "bufs_total": st.bufs_total, "cpu_stack": cpu_stack,
+            "cpu_hub": cpu_hub, "errors": hub.errors,
             "levels": levels}
 
 
@@ -111,19 +114,20 @@ def serve(cfg, handler, core_index=0, stats_fd=None):
     from .app.loader import load_callable
     from .coro import Hub, StreamHub
     from .coro.native import NativeCore
-    from .layout import plan
+    from .layout import plan, stack_inline
 
     srv = cfg.server
     stream = bool(getattr(handler, "__qstack_stream__", False))
     classifier = (load_callable(cfg.priority.classifier, "priority classifier")
                   if cfg.priority.classifier else None)
-    stack_cpu, hub_cpu = plan(cfg.layout.pin, core_index,
-                              sorted(os.sched_getaffinity(0)))
+    allowed = sorted(os.sched_getaffinity(0))
+    stack_cpu, hub_cpu = plan(cfg.layout.pin, core_index, allowed)
+    inline = stack_inline(cfg.layout.stack, cfg.layout.pin, srv.cores, allowed)
     if hub_cpu is not None:
         os.sched_setaffinity(0, {hub_cpu})      # this thread only
     sock = open_listener(srv.host, srv.port, srv.backlog)
     try:
-        core = NativeCore(**_native_options(cfg, stream, stack_cpu))
+        core = NativeCore(**_native_options(cfg, stream, stack_cpu, inline))
     except (OSError, ValueError) as exc:
         sock.close()
         raise ConfigError(f"cannot create the native core: {exc}") from None
@@ -135,9 +139,9 @@ def serve(cfg, handler, core_index=0, stats_fd=None):
                    make_connection=Connection)
     core.start()
     hub.start()
-    log.info("core %d serving %s:%d (%s handler, %d workers, pid %d)",
+    log.info("core %d serving %s:%d (%s handler, %d workers, %s stack, pid %d)",
              core_index, srv.host, srv.port, "stream" if stream else "message",
-             srv.workers, os.getpid())
+             srv.workers, "inline" if inline else "threaded", os.getpid())
 
     done = Event()
     stopping = []
@@ -170,9 +174,11 @@ def serve(cfg, handler, core_index=0, stats_fd=None):
     final = snapshot(core_index, hub)
     if stats_fd is not None:
         _write_line(stats_fd, final)
-    log.info("core %d stopped: %d requests, %d handler errors, buffers in use %d",
-             core_index, sum(lv["requests"] for lv in final["levels"]),
-             hub.errors, final["bufs_in_use"])
+    log.info("core %d stopped: %d requests, %d handler errors, buffers in use %d, "
+             "cpu stack %.3fs hub %.3fs", core_index,
+             sum(lv["requests"] for lv in final["levels"]), hub.errors,
+             final["bufs_in_use"], final["cpu_stack"],
+             final["cpu_hub"])
     if final["bufs_in_use"] == 0:
         core.free()
     return 0

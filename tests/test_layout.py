@@ -2,7 +2,7 @@
 
 import pytest
 
-from qstack.layout import plan
+from qstack.layout import plan, stack_inline
 
 
 def test_none_leaves_everything_to_the_os():
@@ -49,3 +49,17 @@ def test_bad_input():
         plan("shared", 0, [])
     with pytest.raises(ValueError):
         plan("diagonal", 0, [0])
+
+
+@pytest.mark.parametrize("stack,pin,cores,allowed,inline", [
+    ("inline", "split", 1, [0, 1, 2, 3], True),
+    ("thread", "shared", 1, [0], False),
+    ("auto", "none", 1, [0], True),            # taskset -c 0: one CPU for both
+    ("auto", "none", 1, [0, 1], False),        # a CPU each
+    ("auto", "none", 2, [0, 1], True),         # two cores on two CPUs
+    ("auto", "shared", 1, [0, 1, 2, 3], True),
+    ("auto", "split", 2, [0, 1, 2, 3], False),
+    ("auto", "split", 2, [0, 1], True),
+])
+def test_stack_inline(stack, pin, cores, allowed, inline):
+    assert stack_inline(stack, pin, cores, allowed) is inline

@@ -89,12 +89,14 @@ class Hub:
         self.send_level = core.levels - 1 if send_level is None else send_level
         self._ghub = get_hub()
         self._loop = self._ghub.loop
+        self._inline = core.inline
         self._wake = self._loop.io(core.wake_fd, 1)
         self._nworkers = workers
         self._workers = set()
         self._idle = []
         self._leader = None
         self._parked = False
+        self._sleeper = None            # the leader, while it sleeps in _wait_events
         self._armed = False
         self._flush_scheduled = False
         self._stopping = False
@@ -106,6 +108,11 @@ class Hub:
     def _refill(self):
         """Move waiting events from the native rings into the run queue."""
         c, buf, view, batch = self._c, self._evbuf, self._evview, self._batch
+        if self._inline:
+            if self._cmds:
+                self._flush()           # hands over replies, then steps
+            else:
+                lib.qs_core_step(c, 0)
         moved = 0
         for level, q in enumerate(self._queues):
             n = lib.qs_core_poll(c, level, buf, batch)
@@ -171,12 +178,23 @@ class Hub:
         if done == n:
             del cmds[:]
             del tx[:]
+            if self._inline:
+                self._step()
         else:
             # A command ring is full: keep the rest (their staging offsets
             # stay valid until everything is taken) and retry shortly.
             del cmds[:max(done, 0) * 8]
             timer = self._loop.timer(0.0002)
             timer.start(self._flush_later, timer)
+
+    def _step(self):
+        """Inline stack: run one step now so submitted replies are written.
+
+        The step may read sockets and publish events while the leader sleeps
+        on the epoll fd, whose readiness the step has just consumed: wake it.
+        """
+        if lib.qs_core_step(self._c, 0) > 0 and self._sleeper is not None:
+            self._loop.run_callback(self._kick)
 
     def _flush_later(self, timer):
         timer.close()
@@ -211,22 +229,40 @@ class Hub:
     # -- sleeping ---------------------------------------------------------
 
     def _wait_events(self):
-        """Sleep on the core's eventfd through gevent's loop."""
-        self._flush()
+        """Sleep through gevent's loop until the stack has events.
+
+        Threaded stack: on the eventfd the stack thread writes after we
+        announced sleeping.  Inline stack: on the stack's epoll fd; the next
+        refill's step then reads the sockets.
+        """
+        if self._inline and not self._cmds:
+            lib.qs_core_step(self._c, 0)
+        else:
+            self._flush()               # inline, this steps too
         self._parked = True
         try:
             if lib.qs_core_sleep(self._c) == 0:
-                self._wake.start(getcurrent().switch)
+                self._sleeper = getcurrent()
+                self._wake.start(self._kick)
                 try:
                     self._ghub.switch()
                 finally:
+                    self._sleeper = None
                     self._wake.stop()
-                try:
-                    os.eventfd_read(self.core.wake_fd)
-                except BlockingIOError:
-                    pass
+                if not self._inline:
+                    try:
+                        os.eventfd_read(self.core.wake_fd)
+                    except BlockingIOError:
+                        pass
         finally:
             self._parked = False
+
+    def _kick(self):
+        """Resume the sleeping leader, once, from the watcher or a step."""
+        g = self._sleeper
+        if g is not None:
+            self._sleeper = None
+            g.switch()
 
     def _yield(self):
         """Give gevent's loop one turn (timers, resumed handlers)."""
@@ -238,8 +274,9 @@ class Hub:
             self._parked = False
 
     def wake(self):
-        """Wake a sleeping leader (used by stop())."""
-        os.eventfd_write(self.core.wake_fd, 1)
+        """Wake a sleeping leader (used by drain())."""
+        if not self._inline:
+            os.eventfd_write(self.core.wake_fd, 1)
 
     # -- message workers ----------------------------------------------------
 

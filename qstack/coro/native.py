@@ -37,7 +37,8 @@ class NativeCore:
     def __init__(self, *, levels, rules=(), default_level=None, framing="raw",
                  frame_arg=0, max_message=1 << 24, ring_size=65536,
                  cmd_ring_size=65536, buf_size=16384, buf_count=8192,
-                 out_high_water=4 << 20, stream_mode=False, stack_cpu=-1):
+                 out_high_water=4 << 20, stream_mode=False, stack_cpu=-1,
+                 inline=False):
         cfg = ffi.new("qs_config *")
         cfg.levels = levels
         if len(rules) > lib.QS_MAX_RULES:
@@ -57,6 +58,7 @@ class NativeCore:
         cfg.out_high_water = out_high_water
         cfg.stream_mode = 1 if stream_mode else 0
         cfg.stack_cpu = stack_cpu
+        cfg.inline_stack = 1 if inline else 0
         err = ffi.new("int *")
         c = lib.qs_core_new(cfg, err)
         if c == ffi.NULL:
@@ -67,7 +69,10 @@ class NativeCore:
         size = ffi.new("uint64_t *")
         base = lib.qs_core_slab(c, size)
         self.slab = memoryview(ffi.buffer(base, size[0]))
-        self.wake_fd = lib.qs_core_wake_fd(c)
+        self.inline = bool(inline)
+        # What the hub's loop watches while idle: the stack's epoll fd when the
+        # stack runs inline (qs_core_step), else the eventfd the thread writes.
+        self.wake_fd = lib.qs_core_poll_fd(c) if inline else lib.qs_core_wake_fd(c)
         self._stats = ffi.new("qs_stats *")
         self.running = False
 

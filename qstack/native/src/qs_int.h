@@ -63,13 +63,26 @@ struct qs_core;
 
 /* A network stack behind the core.  The core owns the rings, the pool, the
  * wakeup protocol and the thread; a backend owns sockets (or a user-space
- * TCP/IP stack) and runs the stack thread's loop.  One implementation today:
- * qs_backend_kernel (epoll over kernel sockets). */
+ * TCP/IP stack) and runs the stack loop.  One implementation today:
+ * qs_backend_kernel (epoll over kernel sockets).
+ *
+ * Two layouts drive the same backend:
+ *   threaded  run() is the stack thread's body: iterations plus the sleep
+ *             handshake of core.c until quit, then the quit sequence;
+ *   inline    (cfg.inline_stack) step() is one iteration in the hub's
+ *             thread (commands first, then one wait of at most timeout_ms,
+ *             reads, publish; no eventfd is ever written), and
+ *             qs_core_shutdown calls run() in the hub's thread with quit
+ *             already set, so it performs only the quit sequence.
+ * init() sets core->poll_fd: an fd readable whenever a step would find
+ * work (the epoll fd), for the hub's event loop to watch in inline mode. */
 typedef struct qs_backend {
     const char *name;
     int (*init)(struct qs_core *c);            /* allocate backend state */
     int (*listen)(struct qs_core *c, int fd);  /* adopt a listening socket */
-    void (*run)(struct qs_core *c);            /* the stack thread's body */
+    void (*run)(struct qs_core *c);            /* loop until quit, then the quit sequence */
+    int (*step)(struct qs_core *c, int timeout_ms);  /* inline: one iteration; events
+                                                        published, or -errno */
     void (*destroy)(struct qs_core *c);        /* after run() returned (or never ran) */
 } qs_backend;
 
@@ -89,6 +102,7 @@ struct qs_core {
     qs_ring cmd[QS_MAX_LEVELS];     /* hub -> stack */
     qs_bring bring[QS_MAX_LEVELS];  /* SEND_COPY payloads, hub -> stack */
     int hub_efd, stack_efd;
+    int poll_fd;                    /* set by the backend's init */
     pthread_t thread;
     int started, joined;
 
@@ -97,6 +111,7 @@ struct qs_core {
     _Atomic int stack_want_space;            /* conns wait for event ring space */
     qs_au64 cmd_gen;                         /* bumped when commands were consumed */
     qs_au64 final_cpu_ns;
+    qs_au64 step_cpu_ns;                     /* inline: thread CPU spent in steps */
 
     /* written by the hub, read by the stack */
     QS_ALIGNED _Atomic int hub_sleeping;     /* also cleared by the stack */
