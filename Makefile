@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.qstack-installed
-NATIVE := $(wildcard qstack/native/include/*.h qstack/native/src/*.c qstack/native/src/*.h) qstack/native/build.py
+NATIVE := $(wildcard qstack/native/include/*.h qstack/native/src/*.c qstack/native/src/*.h qstack/native/loadgen/*.c qstack/native/loadgen/*.h) \
+          qstack/native/build.py qstack/native/build_loadgen.py
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
@@ -20,6 +21,7 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python setup.py setup.cfg pyproject.toml $(NATIVE)
 	$(BIN)/python -m pip install -q -e '.[test,bench]'
 	$(BIN)/python qstack/native/build.py
+	$(BIN)/python qstack/native/build_loadgen.py
 	touch $@
 
 build: $(STAMP)
@@ -28,7 +30,7 @@ serve: build
 	$(BIN)/qstack serve apps.echo:handle --host $(HOST) --port $(PORT)
 
 # System packages the suite needs, installed only when missing (and only as root).
-SYSDEPS :=
+SYSDEPS := redis-server
 sysdeps:
 	@missing=""; for p in $(SYSDEPS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

@@ -6,5 +6,6 @@ request priorities.  Write ``def handle(req) -> bytes | None`` and run
 __version__ = "0.1.0"
 
 from .app import Connection, Request, stream  # noqa: E402
+from .app.counters import count  # noqa: E402
 
-__all__ = ["Connection", "Request", "stream", "__version__"]
+__all__ = ["Connection", "Request", "count", "stream", "__version__"]

@@ -24,6 +24,8 @@ import sys
 
 from qstack.config import load_config, parse_rule
 from qstack.errors import ConfigError
+from qstack.loadgen.cli import add_load_parser
+from qstack.redisctl import add_redis_parser as _add_redis
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -64,6 +66,8 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="qstack", description="Serve many TCP connections with request priorities.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_serve(sub)
+    add_load_parser(sub)
+    _add_redis(sub)
     return parser
 
 

@@ -72,6 +72,10 @@ class AppConfig:
     handler: str | None = None
     framing: Framing = Framing("raw", 0)
     max_message: int = 16777216
+    init: str | None = None
+    # Free-form, for the app's init (read-only by convention; a dict is not
+    # hashable, hence hash=False).
+    settings: dict = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
@@ -219,6 +223,19 @@ def _spec(value, key, source):
                       f"got {_show(value)}")
 
 
+def _settings(value, key, source):
+    """app.settings: the app's own mapping; only its shape is checked here."""
+    if value is None:       # `settings:` with everything commented out
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping of settings for the app, "
+                          f"got {_show(value)}")
+    for name in value:
+        if not isinstance(name, str):
+            raise ConfigError(f"{key}: setting names must be strings, got {_show(name)}")
+    return dict(value)
+
+
 def _framing(value, key, source):
     if isinstance(value, Framing):
         value = str(value)  # re-validate what a caller built by hand
@@ -284,6 +301,8 @@ _SCHEMA: dict[str, dict[str, Validator]] = {
         "handler": _optional(_spec),
         "framing": _framing,
         "max_message": _int(1, 1 << 30),
+        "init": _optional(_spec),
+        "settings": _settings,
     },
     "priority": {
         "levels": _int(1, MAX_LEVELS),

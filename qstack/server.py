@@ -16,6 +16,7 @@ import signal
 import socket
 import time
 
+from .app import counters
 from .errors import ConfigError
 
 __all__ = ["check_port", "open_listener", "serve"]
@@ -102,7 +103,31 @@ def snapshot(core_index, hub):
             "accepted": st.conns_accepted, "bufs_in_use": st.bufs_in_use,
             "bufs_total": st.bufs_total, "cpu_stack": cpu_stack,
             "cpu_hub": cpu_hub, "errors": hub.errors,
-            "levels": levels}
+            "levels": levels, **_app_counters()}
+
+
+def _app_counters():
+    counts = counters.snapshot()
+    return {"counters": counts} if counts else {}
+
+
+def _app_init(app, load_callable):
+    """Run app.init(settings) once in this core's process, before serving.
+
+    Its failure is a start-up error: one line, exit 2, no restart (the
+    supervisor forwards a core's ConfigError).  Any other exception is turned
+    into one, since a traceback per core helps nobody find a typo'd path.
+    """
+    if app.init is None:
+        return
+    init = load_callable(app.init, "app init")
+    try:
+        init(dict(app.settings))
+    except ConfigError:
+        raise
+    except Exception as exc:
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        raise ConfigError(f"app init {app.init} failed: {type(exc).__name__}: {text}") from None
 
 
 def serve(cfg, handler, core_index=0, stats_fd=None):
@@ -125,6 +150,7 @@ def serve(cfg, handler, core_index=0, stats_fd=None):
     inline = stack_inline(cfg.layout.stack, cfg.layout.pin, srv.cores, allowed)
     if hub_cpu is not None:
         os.sched_setaffinity(0, {hub_cpu})      # this thread only
+    _app_init(cfg.app, load_callable)
     sock = open_listener(srv.host, srv.port, srv.backlog)
     try:
         core = NativeCore(**_native_options(cfg, stream, stack_cpu, inline))
@@ -179,6 +205,10 @@ def serve(cfg, handler, core_index=0, stats_fd=None):
              sum(lv["requests"] for lv in final["levels"]), hub.errors,
              final["bufs_in_use"], final["cpu_stack"],
              final["cpu_hub"])
+    if final.get("counters"):
+        from .stats import format_counters
+        log.info("core %d counters: %s", core_index,
+                 format_counters(final["counters"], len(final["levels"])).strip())
     if final["bufs_in_use"] == 0:
         core.free()
     return 0

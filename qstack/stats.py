@@ -10,7 +10,11 @@ Snapshot (a plain dict, so it can travel as one JSON line over a pipe)::
     {"core": 0, "t": <monotonic s>, "conns": open, "accepted": cumulative,
      "bufs_in_use": n, "bufs_total": n, "cpu_stack": s, "cpu_hub": s,
      "levels": [{"requests", "bytes_in", "bytes_out", "replies": cumulative,
-                 "queued": current depth, "lat": [328 cumulative counts]}]}
+                 "queued": current depth, "lat": [328 cumulative counts]}],
+     "counters": {name: [cumulative count per level]}}   # only if the app counted
+
+App counters (qstack.count) are shown as totals since the core started, and
+only those with a non-zero level: ``redis_errors L0 3 L1 12``.
 
 Latency histogram: 8 linear sub-buckets per power of two of nanoseconds, the
 same function as qs_lat_bucket / qs_lat_bucket_upper in qstack.h (a native
@@ -109,6 +113,7 @@ class _Interval:
         self.byte_rate: list[float | None] = [None] * nlevels
         self.queued = [0] * nlevels
         self.lat = [[0] * QS_LAT_BUCKETS for _ in range(nlevels)]
+        self.counters: dict[str, list[int]] = {}
 
     def add(self, other: "_Interval") -> None:
         """Sum another core into this one (rates add, histograms merge)."""
@@ -124,6 +129,11 @@ class _Interval:
             self.byte_rate[lv] = plus(self.byte_rate[lv], other.byte_rate[lv])
             self.queued[lv] += other.queued[lv]
             self.lat[lv] = [a + b for a, b in zip(self.lat[lv], other.lat[lv])]
+        for name, values in other.counters.items():
+            mine = self.counters.setdefault(name, [])
+            mine.extend([0] * (len(values) - len(mine)))
+            for lv, v in enumerate(values):
+                mine[lv] += v
 
     def line(self, label: str) -> str:
         parts = []
@@ -137,7 +147,19 @@ class _Interval:
                 f"p99 {fmt_ns(percentile(self.lat[lv], 0.99))}")
         return (f"{label:<6}  conns {self.conns}  " + " | ".join(parts) +
                 f"  bufs {self.bufs_in_use}/{self.bufs_total}"
-                f"  cpu stack {_pct(self.cpu_stack)} hub {_pct(self.cpu_hub)}")
+                f"  cpu stack {_pct(self.cpu_stack)} hub {_pct(self.cpu_hub)}" +
+                format_counters(self.counters, len(self.queued)))
+
+
+def format_counters(counters: dict, nlevels: int) -> str:
+    """``"  name L0 n L1 n"`` for each counter with a non-zero level, else ""."""
+    out = ""
+    for name in sorted(counters):
+        values = list(counters[name])
+        if any(values):
+            values += [0] * (nlevels - len(values))
+            out += f"  {name} " + " ".join(f"L{lv} {v}" for lv, v in enumerate(values))
+    return out
 
 
 def _went_back(prev: dict, cur: dict) -> bool:
@@ -156,6 +178,7 @@ def _interval(prev: dict | None, cur: dict) -> _Interval:
     iv.bufs_in_use = cur["bufs_in_use"]
     iv.bufs_total = cur["bufs_total"]
     iv.queued = [lv["queued"] for lv in levels]
+    iv.counters = {name: list(v) for name, v in cur.get("counters", {}).items()}
     if prev is None or _went_back(prev, cur):
         return iv  # no baseline: gauges only
     dt = cur["t"] - prev["t"]

@@ -144,6 +144,11 @@ def test_unknown_keys_at_every_level(tmp_path):
     ("app.framing", 5, "app.framing"),
     ("app.max_message", 0, "app.max_message"),
     ("app.max_message", (1 << 30) + 1, "app.max_message"),
+    ("app.init", "noattr", "app.init: expected 'module:attr'"),
+    ("app.settings", [1, 2], "app.settings: expected a mapping of settings for the app, "
+                             "got a list"),
+    ("app.settings", "x", "app.settings: expected a mapping"),
+    ("app.settings", {5: "x"}, "app.settings: setting names must be strings, got 5"),
     ("priority.levels", 12, "priority.levels: expected an integer in 1..8, got 12"),
     ("priority.levels", 0, "priority.levels"),
     ("priority.default_level", -1, "priority.default_level"),
@@ -177,6 +182,34 @@ def test_bad_values_from_yaml_name_the_key(tmp_path):
     msg = error_of(write(tmp_path, "priority:\n  levels: 12\n"))
     assert msg == "priority.levels: expected an integer in 1..8, got 12"
     assert "got 'yes please'" in error_of(write(tmp_path, "server: {stats: yes please}\n"))
+
+
+def test_app_init_and_free_form_settings(tmp_path):
+    cfg = load_config(None, {})
+    assert cfg.app.init is None and cfg.app.settings == {}
+    cfg = load_config(write(tmp_path, """
+app:
+  init: apps.iotepserver:init
+  settings:
+    redis_dir: /tmp/x
+    nested: {a: [1, 2], b: null}
+"""), {})
+    assert cfg.app.init == "apps.iotepserver:init"
+    assert cfg.app.settings == {"redis_dir": "/tmp/x", "nested": {"a": [1, 2], "b": None}}
+    assert load_config(write(tmp_path, "app:\n  settings:\n"), {}).app.settings == {}
+
+
+def test_shipped_iotepserver_yaml_loads():
+    cfg = load_config(os.path.join(ROOT, "conf", "iotepserver.yaml"), {})
+    assert cfg.app.handler == "apps.iotepserver:handle"
+    assert cfg.app.init == "apps.iotepserver:init"
+    assert cfg.app.framing == Framing("fixed", 200)
+    s = cfg.app.settings
+    assert (s["redis_dir"], s["redis_count"]) == ("/tmp/qstack-redis", 4)
+    from qstack import redisctl              # `qstack redis up` then serve: they agree
+    assert (s["redis_dir"], s["redis_count"]) == (redisctl.DEFAULT_DIR, redisctl.DEFAULT_COUNT)
+    # the native rule and the app read the same byte for the same value
+    assert cfg.priority.rules == (Rule(s["request_offset"], s["request_value"], 0xFF, 0),)
 
 
 def test_yaml_ints_are_fine_for_floats(tmp_path):

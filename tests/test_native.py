@@ -6,6 +6,10 @@ Python playing the hub: poll events, submit commands, check every byte.
 Every wait is bounded in both count and time.  Each core is checked at
 teardown: after shutdown and releasing what the test held, no buffer may be
 left in use.
+
+The socket tests run in both layouts (the `cores` fixture): "threaded" (a
+stack thread; the hub sleeps on the wake fd) and "inline" (no stack thread:
+whoever waits drives the stack with qs_core_step, as the hub does).
 """
 
 import collections
@@ -203,7 +207,8 @@ def test_lat_buckets():
 
 def make_config(levels=2, rules_=(), default_level=None, kind=lib.QS_FRAME_RAW, arg=0,
                 max_message=1 << 24, ring_size=1024, cmd_ring_size=1024, buf_size=16384,
-                buf_count=1024, out_high_water=4 << 20, stream_mode=0, stack_cpu=-1):
+                buf_count=1024, out_high_water=4 << 20, stream_mode=0, stack_cpu=-1,
+                inline_stack=0):
     cfg = ffi.new("qs_config *")
     cfg.levels = levels
     cfg.nrules = len(rules_)
@@ -216,7 +221,39 @@ def make_config(levels=2, rules_=(), default_level=None, kind=lib.QS_FRAME_RAW, 
     cfg.buf_size, cfg.buf_count = buf_size, buf_count
     cfg.out_high_water = out_high_water
     cfg.stream_mode, cfg.stack_cpu = stream_mode, stack_cpu
+    cfg.inline_stack = inline_stack
     return cfg
+
+
+# Inline cores alive in this test: waiting helpers (wait_for, recv_exact,
+# settle) drive them instead of sleeping, as the hub's event loop would.
+_INLINE = []
+
+
+def pump(seconds):
+    """Let time pass; inline cores are stepped meanwhile (by whoever holds
+    their step lock: a hub thread may be stepping one already)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        if not _INLINE:
+            time.sleep(left)
+            return
+        stepped = False
+        for core in list(_INLINE):
+            if core.c is not None and core.lock.acquire(blocking=False):
+                try:
+                    core.step_locked(min(left, 0.002))
+                    stepped = True
+                finally:
+                    core.lock.release()
+        if not stepped:
+            time.sleep(min(left, 0.001))
+
+
+settle = pump
 
 
 class Core:
@@ -224,6 +261,8 @@ class Core:
 
     def __init__(self, **kw):
         self.cfg = make_config(**kw)
+        self.inline = bool(self.cfg.inline_stack)
+        self.lock = threading.Lock()      # inline: one stepping thread at a time
         err = ffi.new("int *")
         self.c = lib.qs_core_new(self.cfg, err)
         assert self.c != ffi.NULL, err[0]
@@ -238,6 +277,8 @@ class Core:
         self.addr = ls.getsockname()
         assert lib.qs_core_listen(self.c, ls.detach()) == 0   # the core owns it now
         assert lib.qs_core_start(self.c) == 0
+        if self.inline:
+            _INLINE.append(self)
         self.evs = ffi.new("qs_event[1024]")
         self.held = collections.Counter()   # buffer references the hub owns
         self.stats_ = ffi.new("qs_stats *")
@@ -252,8 +293,23 @@ class Core:
                 self.held[e[3]] += 1
         return out
 
+    def step_locked(self, timeout):
+        n = lib.qs_core_step(self.c, max(0, int(timeout * 1000)))
+        assert n >= 0, n
+        return n
+
+    def step(self, timeout=0.0):
+        """Inline: run the stack once in this thread."""
+        with self.lock:
+            return self.step_locked(timeout)
+
     def wait(self, timeout=0.2):
-        """Sleep through the wake fd protocol until events may be there."""
+        """Sleep through the wake fd protocol until events may be there;
+        inline: step the stack, blocking in it for at most timeout."""
+        if self.inline:
+            if lib.qs_core_sleep(self.c) == 0:
+                self.step(timeout)
+            return
         if lib.qs_core_sleep(self.c) == 0:
             select.select([self.wake_fd], [], [], timeout)
         try:
@@ -293,9 +349,12 @@ class Core:
             n = lib.qs_core_submit(self.c, arr + done, len(cmds) - done, stg)
             assert n >= 0, n
             done += n
+            if self.inline and not self.closed():
+                self.step(0)              # as the hub does: step after submitting
             if done < len(cmds):
                 assert time.monotonic() < deadline
-                time.sleep(0.001)
+                if not self.inline:
+                    time.sleep(0.001)
         for c in cmds:
             if c[3]:
                 self.held[c[3]] -= 1
@@ -317,8 +376,21 @@ class Core:
         assert lib.qs_core_stats(self.c, self.stats_) == 0
         return self.stats_
 
+    def closed(self):
+        return self.joined
+
+    joined = False
+
+    def shutdown(self, grace_ns):
+        if self in _INLINE:
+            _INLINE.remove(self)
+        with self.lock:
+            rc = lib.qs_core_shutdown(self.c, grace_ns)
+        self.joined = True
+        return rc
+
     def close(self, grace=1.0):
-        assert lib.qs_core_shutdown(self.c, int(grace * 1e9)) == 0
+        assert self.shutdown(int(grace * 1e9)) == 0
         # events left in the rings after shutdown: drop them locally
         for _ in range(1000):
             if not self.poll():
@@ -379,11 +451,16 @@ class EchoHub(threading.Thread):
             raise self.error
 
 
-@pytest.fixture
-def cores():
+LAYOUTS = ["threaded", "inline"]
+
+
+@pytest.fixture(params=LAYOUTS)
+def cores(request):
     made = []
+    inline = int(request.param == "inline")
 
     def make(**kw):
+        kw.setdefault("inline_stack", inline)
         c = Core(**kw)
         made.append(c)
         return c
@@ -391,19 +468,37 @@ def cores():
     for c in made:
         if c.c is not None:
             c.close()
+    _INLINE.clear()
 
 
 def connect(core, n=1):
+    """n clients, returned once the core has accepted them all."""
     socks = []
+    before = core.stats().conns_accepted
     for _ in range(n):
         s = socket.create_connection(core.addr, timeout=10)
         socks.append(s)
+    wait_for(lambda: core.stats().conns_accepted >= before + n, what="accepted")
     return socks
 
 
 def recv_exact(s, n, timeout=10.0):
-    s.settimeout(timeout)
     out = bytearray()
+    if _INLINE:                    # inline: drive the stack while waiting
+        deadline = time.monotonic() + timeout
+        s.settimeout(0)
+        while len(out) < n:
+            try:
+                chunk = s.recv(min(n - len(out), 1 << 20))
+            except BlockingIOError:
+                assert time.monotonic() < deadline, f"timed out after {len(out)} of {n} bytes"
+                pump(0.002)
+                continue
+            assert chunk, f"EOF after {len(out)} of {n} bytes"
+            out += chunk
+        s.settimeout(timeout)
+        return bytes(out)
+    s.settimeout(timeout)
     while len(out) < n:
         chunk = s.recv(min(n - len(out), 1 << 20))
         assert chunk, f"EOF after {len(out)} of {n} bytes"
@@ -411,11 +506,29 @@ def recv_exact(s, n, timeout=10.0):
     return bytes(out)
 
 
+def recv_some(s, n, timeout=10.0):
+    """One recv() (b"" at EOF; raises on reset), driving inline cores."""
+    if not _INLINE:
+        s.settimeout(timeout)
+        return s.recv(n)
+    deadline = time.monotonic() + timeout
+    s.settimeout(0)
+    try:
+        while True:
+            try:
+                return s.recv(n)
+            except BlockingIOError:
+                assert time.monotonic() < deadline, "timed out in recv"
+                pump(0.002)
+    finally:
+        s.settimeout(timeout)
+
+
 def wait_for(pred, timeout=10.0, what="condition"):
     deadline = time.monotonic() + timeout
     while not pred():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
+        pump(0.005)
 
 
 # ---------------------------------------------------------------- sockets
@@ -513,9 +626,8 @@ def test_line_too_long_closes(cores):
     core = cores(kind=lib.QS_FRAME_LINE, max_message=1000, buf_size=256)
     (s,) = connect(core)
     s.sendall(b"y" * 5000)
-    s.settimeout(10)
     with pytest.raises(ConnectionResetError):
-        while s.recv(100):
+        while recv_some(s, 100):
             pass
     wait_for(lambda: core.stats().protocol_errors == 1)
     wait_for(lambda: core.stats().conns_open == 0)
@@ -676,13 +788,12 @@ def test_half_close_message_mode(cores):
     s.sendall(b"a\nb\nc\npartial")
     s.shutdown(socket.SHUT_WR)
     evs = core.events(lambda g: len(g) >= 3)
-    time.sleep(0.05)
+    settle(0.05)
     assert core.stats().conns_open == 1        # requests in flight: not closed yet
     for e in evs:
         core.reply_copy(e, b"re:" + core.payload(e))
     assert recv_exact(s, 15) == b"re:a\nre:b\nre:c\n"
-    s.settimeout(10)
-    assert s.recv(10) == b""                  # then the server closes
+    assert recv_some(s, 10) == b""            # then the server closes
     wait_for(lambda: core.stats().conns_open == 0)
     s.close()
 
@@ -707,7 +818,7 @@ def test_stream_mode_order(cores):
     closed = core.events(lambda g: len(g) >= 1)
     assert closed[0][0] == lib.QS_EV_CLOSED and closed[0][2] == conn
     assert recv_exact(s, 3) == b"bye"
-    assert s.recv(10) == b""
+    assert recv_some(s, 10) == b""
     s.close()
 
 
@@ -753,9 +864,8 @@ def test_abort_close_and_notify(cores):
     core.submit([(lib.QS_CMD_CLOSE, 1, cb, 0, 0, 0, 0, lib.QS_F_ABORT)])
     evs = core.events(lambda g: len(g) >= 1)
     assert evs[0][0] == lib.QS_EV_CLOSED and evs[0][2] == cb
-    b.settimeout(10)
     with pytest.raises(ConnectionResetError):
-        b.recv(10)
+        recv_some(b, 10)
     a.close()
     b.close()
 
@@ -778,7 +888,7 @@ def test_high_water_and_pause(cores):
     core.submit([(lib.QS_CMD_PAUSE, 1, conn, 0, 0, 0, 0, 0)])
     wait_for(lambda: core.stats().paused_conns == 1)
     s.sendall(b"later\n")
-    time.sleep(0.05)
+    settle(0.05)
     assert core.poll() == []
     core.submit([(lib.QS_CMD_RESUME, 1, conn, 0, 0, 0, 0, 0)])
     (e,) = core.events(lambda g: len(g) >= 1)
@@ -792,11 +902,11 @@ def test_stop_accept_and_stop_read(cores):
     (s,) = connect(core)
     core.submit([(lib.QS_CMD_STOP_ACCEPT, 0, 0, 0, 0, 0, 0, 0),
                  (lib.QS_CMD_STOP_READ, 0, 0, 0, 0, 0, 0, 0)])
-    time.sleep(0.05)
+    settle(0.05)
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(core.addr, timeout=5)
     s.sendall(b"ignored for now\n")
-    time.sleep(0.05)
+    settle(0.05)
     assert core.poll() == []
     s.close()
 
@@ -829,7 +939,7 @@ def test_shutdown_flushes_and_releases(cores):
     readers = [threading.Thread(target=drain, args=(s,)) for s in socks]
     for t in readers:
         t.start()
-    assert lib.qs_core_shutdown(core.c, int(5e9)) == 0
+    assert core.shutdown(int(5e9)) == 0
     for t in readers:
         t.join(10)
     assert sorted(got.values()) == [0, 0, 3000000]
@@ -864,7 +974,9 @@ def test_wakeups_are_never_lost(cores):
         while not evs:
             assert time.monotonic() < deadline
             evs = core.poll()
-            if not evs and lib.qs_core_sleep(core.c) == 0:
+            if not evs and core.inline:
+                core.step(5.0)                               # long: a stall shows
+            elif not evs and lib.qs_core_sleep(core.c) == 0:
                 select.select([core.wake_fd], [], [], 5.0)   # long: a lost wakeup shows
                 try:
                     os.read(core.wake_fd, 8)
@@ -900,6 +1012,9 @@ def test_accept_backoff_on_emfile(cores):
         assert core.stats().conns_accepted == 0
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if core.inline:     # an idle hub watching the poll fd learns when to accept again
+        pfd = lib.qs_core_poll_fd(core.c)
+        assert select.select([pfd], [], [], 2.0)[0] == [pfd]
     wait_for(lambda: core.stats().conns_accepted == 4, what="accepts resume")
     assert core.stats().accept_errors < 10                 # backed off, no spin
     clients[0].sendall(b"still works")
@@ -934,3 +1049,166 @@ def test_lifecycle_errors():
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(addr, timeout=5)
     lib.qs_core_free(c)
+
+
+# ---------------------------------------------------------------- inline layout
+
+def stack_threads():
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                names.append(f.read().strip())
+        except FileNotFoundError:      # the thread just ended
+            pass
+    return names.count("qs-stack")
+
+
+def test_inline_lifecycle_errors():
+    err = ffi.new("int *")
+    c = lib.qs_core_new(make_config(inline_stack=2), err)
+    assert c == ffi.NULL and err[0] == -errno.EINVAL
+    c = lib.qs_core_new(make_config(inline_stack=1), err)
+    assert lib.qs_core_step(c, 0) == -errno.EINVAL          # not started
+    assert lib.qs_core_start(c) == 0
+    assert lib.qs_core_start(c) == -errno.EALREADY
+    assert lib.qs_core_listen(c, 0) == -errno.EBUSY
+    assert lib.qs_core_step(c, 0) == 0
+    assert lib.qs_core_shutdown(c, 0) == 0
+    assert lib.qs_core_shutdown(c, 0) == 0
+    assert lib.qs_core_step(c, 0) == -errno.ESHUTDOWN
+    st = ffi.new("qs_stats *")
+    assert lib.qs_core_stats(c, st) == 0 and st.bufs_in_use == 0
+    lib.qs_core_free(c)
+    c = lib.qs_core_new(make_config(), err)                 # threaded: no stepping
+    assert lib.qs_core_start(c) == 0
+    assert lib.qs_core_step(c, 0) == -errno.EINVAL
+    lib.qs_core_free(c)
+
+
+def test_inline_has_no_stack_thread():
+    before = stack_threads()
+    threaded = Core()
+    wait_for(lambda: stack_threads() == before + 1,   # the check does see one
+             what="threaded core's stack thread named")
+    threaded.close()
+    wait_for(lambda: stack_threads() == before, what="stack thread gone")
+    core = Core(inline_stack=1)
+    try:
+        assert stack_threads() == before
+        (s,) = connect(core)
+        s.sendall(b"hello")
+        (e,) = core.events(lambda g: len(g) >= 1)
+        core.echo(e)
+        assert recv_exact(s, 5) == b"hello"
+        assert stack_threads() == before
+        s.close()
+    finally:
+        _INLINE.clear()
+        core.close()
+
+
+def test_inline_poll_fd_step_and_no_wakeups():
+    """The epoll fd is readable exactly when a step has socket work; a step
+    returns the events it published; the wake fds are never written; conns
+    blocked on a full ring do not make the poll fd readable (no spin)."""
+    core = Core(inline_stack=1, kind=lib.QS_FRAME_LINE, max_message=100, ring_size=2, levels=1)
+    try:
+        pfd = lib.qs_core_poll_fd(core.c)
+        assert os.readlink(f"/proc/self/fd/{pfd}") == "anon_inode:[eventpoll]"
+        (s,) = connect(core)
+        assert select.select([pfd], [], [], 0)[0] == []
+        s.sendall(b"a\n")
+        assert select.select([pfd], [], [], 5)[0] == [pfd]
+        assert lib.qs_core_step(core.c, 0) == 1
+        assert lib.qs_core_sleep(core.c) == 1
+        assert select.select([pfd], [], [], 0)[0] == []
+        (e,) = core.poll()
+        assert lib.qs_core_sleep(core.c) == 0
+        core.echo(e)                         # submit + step(0): the reply leaves now
+        s.settimeout(5)
+        assert s.recv(10) == b"a\n"
+        # ring of 2: four lines, the conn blocks with one event held
+        s.sendall(b"b\nc\nd\ne\n")
+        assert select.select([pfd], [], [], 5)[0] == [pfd]
+        assert lib.qs_core_step(core.c, 0) == 2
+        assert core.stats().paused_conns == 1
+        t0 = time.monotonic()
+        assert lib.qs_core_step(core.c, 100) == 0      # nothing to do: sleeps, no spin
+        assert time.monotonic() - t0 >= 0.08
+        assert select.select([pfd], [], [], 0.05)[0] == []
+        got = core.poll()                    # room again: the next step resumes it
+        assert lib.qs_core_step(core.c, 0) == 2
+        got += core.poll()
+        assert [core.payload(e) for e in got] == [b"b\n", b"c\n", b"d\n", b"e\n"]
+        for e in got:
+            core.done(e)
+        # never a wakeup through the eventfds
+        assert select.select([core.wake_fd], [], [], 0)[0] == []
+        s.close()
+    finally:
+        _INLINE.clear()
+        core.close()
+
+
+def test_inline_stack_cpu_ns_increases():
+    core = Core(inline_stack=1, kind=lib.QS_FRAME_LINE, max_message=100)
+    try:
+        (s,) = connect(core)
+        cpu0 = core.stats().stack_cpu_ns
+        for i in range(200):
+            s.sendall(b"x%d\n" % i)
+            (e,) = core.events(lambda g: len(g) >= 1)
+            core.echo(e)
+            assert recv_exact(s, len(b"x%d\n" % i)) == b"x%d\n" % i
+        cpu1 = core.stats().stack_cpu_ns
+        assert cpu1 > cpu0
+        t0 = time.monotonic()
+        core.step(0.2)                       # an idle wait costs (almost) no CPU
+        assert time.monotonic() - t0 >= 0.15
+        assert core.stats().stack_cpu_ns - cpu1 < 50_000_000
+        s.close()
+    finally:
+        _INLINE.clear()
+        core.close()
+    assert core.stats_.stack_cpu_ns >= cpu1    # last read, taken by close()
+
+
+def test_inline_shutdown_flushes_large_send():
+    """Shutdown in the hub's thread: a 32 MiB reply to a slow reader is
+    flushed in full (blocking for EPOLLOUT within the grace time), then every
+    socket is closed and every buffer returned."""
+    core = Core(inline_stack=1, kind=lib.QS_FRAME_LINE, max_message=100)
+    big = os.urandom(32 << 20)
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    s.connect(core.addr)
+    s.sendall(b"go\n")
+    (e,) = core.events(lambda g: len(g) >= 1)
+    core.reply_copy(e, big)
+    assert core.stats().conns_open == 1
+    got = bytearray()
+
+    def slow_reader():
+        time.sleep(0.2)                      # shutdown starts with most bytes unsent
+        s.settimeout(20)
+        while True:
+            chunk = s.recv(1 << 16)
+            if not chunk:
+                break
+            got.extend(chunk)
+    t = threading.Thread(target=slow_reader)
+    t.start()
+    t0 = time.monotonic()
+    assert core.shutdown(int(20e9)) == 0
+    took = time.monotonic() - t0
+    t.join(20)
+    assert not t.is_alive()
+    assert len(got) == len(big) and bytes(got) == big
+    assert took >= 0.15                      # it did wait for the reader
+    st = core.stats()
+    assert st.conns_open == 0 and st.bufs_in_use == 0
+    assert st.stack_cpu_ns > 0
+    assert lib.qs_core_step(core.c, 0) == -errno.ESHUTDOWN
+    core.close()
+    s.close()

@@ -17,6 +17,15 @@ from gevent import socket as gsocket
 from conftest import recv_exact, recv_line
 
 
+@pytest.fixture(params=["thread", "inline"])
+def serve(request, serve):
+    """Every test here runs twice: with a stack thread, and with the stack
+    inline in the hub's thread (layout.stack)."""
+    def start(app, *args, **kw):
+        return serve(app, *args, "--stack", request.param, **kw)
+    return start
+
+
 def echo_ok(server, payload=b"still serving\n"):
     with server.connect() as s:
         s.sendall(payload)

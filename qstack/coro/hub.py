@@ -79,6 +79,9 @@ class Hub:
         self._rq = RunQueue(core.levels, low_share)
         self._queues = self._rq.queues
         self._classifier = classifier
+        if core.only_level is not None and classifier is None:
+            self._only = self._queues[core.only_level]
+            self._next = self._next_only
         self._batch = batch
         self._evbuf = ffi.new("qs_event[]", batch)
         self._evview = memoryview(ffi.buffer(self._evbuf))
@@ -142,6 +145,15 @@ class Hub:
         if ev[0] == EV_DATA:
             return self._slab[ev[4]:ev[4] + ev[5]]
         return jumbo_view(ev[4], ev[5])
+
+    def _next_only(self):
+        """_next when every message has the same level (no rule, no classifier)."""
+        q = self._only
+        if not q:
+            self._refill()
+            if not q:
+                return None
+        return q.popleft()
 
     def _next(self):
         """The next event by priority, refilling from the rings as needed."""

@@ -48,6 +48,8 @@ class NativeCore:
             r = cfg.rules[i]
             r.offset, r.value, r.mask, r.level = offset, value, mask, level
         cfg.default_level = levels - 1 if default_level is None else default_level
+        # With no rule every message gets the default level: one ring is used.
+        self.only_level = cfg.default_level if not rules else None
         cfg.framer.kind = FRAMINGS[framing]
         cfg.framer.arg = frame_arg
         cfg.framer.max_message = max_message

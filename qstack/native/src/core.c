@@ -13,6 +13,13 @@
  * eventfd registered; the hub sleeps on qs_core_wake_fd (nonblocking; Python
  * reads it after waking).
  *
+ * Inline layout (cfg.inline_stack): there is no stack thread.  start only
+ * marks the core running, qs_core_step runs one backend iteration in the
+ * caller's thread, shutdown runs the quit sequence there; there is no
+ * handshake (no flag, no fence) and no eventfd is ever written.
+ * stack_cpu_ns is the CPU time spent inside steps and shutdown (see
+ * qs_core_step for how it is measured cheaply).
+ *
  * SEND_COPY: the staging memory is only borrowed for the duration of
  * qs_core_submit, so submit copies each payload (after the framer header)
  * into the level's byte ring, or into a malloc'ed block when it is bigger
@@ -71,6 +78,8 @@ static int config_check(const qs_config *g)
         return -EINVAL;
     if (g->stack_cpu < -1 || g->stack_cpu >= CPU_SETSIZE)
         return -EINVAL;
+    if (g->inline_stack != 0 && g->inline_stack != 1)
+        return -EINVAL;
     return 0;
 }
 
@@ -89,7 +98,7 @@ qs_core *qs_core_new(const qs_config *cfg, int *err)
     c->cfg = *cfg;
     c->hdr_len = qs_frame_header_len(&cfg->framer);
     c->be = &qs_backend_kernel;
-    c->hub_efd = c->stack_efd = -1;
+    c->hub_efd = c->stack_efd = c->poll_fd = -1;
     rc = qs_pool_init(&c->pool, cfg->buf_size, cfg->buf_count);
     for (int l = 0; rc == 0 && l < cfg->levels; l++) {
         rc = qs_ring_init(&c->ev[l], cfg->ring_size);
@@ -135,10 +144,21 @@ static void *stack_main(void *arg)
     return NULL;
 }
 
+static uint64_t thread_cpu_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
 int qs_core_start(qs_core *c)
 {
     if (c->started || c->joined)
         return -EALREADY;
+    if (c->cfg.inline_stack) {         /* no thread: the hub steps the stack */
+        c->started = 1;
+        return 0;
+    }
     pthread_attr_t attr;
     sigset_t all, old;
     pthread_attr_init(&attr);
@@ -173,6 +193,14 @@ int qs_core_shutdown(qs_core *c, int64_t grace_ns)
     }
     c->grace_ns = grace_ns < 0 ? 0 : grace_ns;
     atomic_store_explicit(&c->quit, 1, memory_order_seq_cst);
+    if (c->cfg.inline_stack) {
+        /* the quit sequence, here in the hub's thread: run() sees quit set */
+        uint64_t t0 = thread_cpu_ns();
+        c->be->run(c);
+        QS_ADD(c->step_cpu_ns, thread_cpu_ns() - t0);
+        c->joined = 1;
+        return 0;
+    }
     uint64_t one = 1;
     if (write(c->stack_efd, &one, 8) < 0) { /* counter saturated: already awake */ }
     int rc = pthread_join(c->thread, NULL);
@@ -240,7 +268,7 @@ int qs_core_poll(qs_core *c, int level, qs_event *out, int max)
         for (int l = 0; l < levels && n < max; l++)
             n += qs_ring_pop(&c->ev[l], out + n, max - n, snap[l]);
     }
-    if (n > 0) {
+    if (n > 0 && !c->cfg.inline_stack) {
         /* freed ring space: wake the stack if conns wait for it */
         atomic_thread_fence(memory_order_seq_cst);
         if (atomic_load_explicit(&c->stack_want_space, memory_order_relaxed) &&
@@ -324,7 +352,7 @@ int qs_core_submit(qs_core *c, const qs_cmd *cmds, int n, const uint8_t *staging
     } else if (atomic_load_explicit(&c->hub_want_space, memory_order_relaxed)) {
         atomic_store_explicit(&c->hub_want_space, 0, memory_order_relaxed);
     }
-    if (touched)
+    if (touched && !c->cfg.inline_stack)
         qs_core_wake_stack(c);
     return i;
 }
@@ -341,6 +369,14 @@ int qs_core_pending_above(qs_core *c, int level)
 
 int qs_core_sleep(qs_core *c)
 {
+    if (c->cfg.inline_stack) {
+        /* nobody else runs: no handshake, no wakeup to arm, just report */
+        for (int l = 0; l < c->cfg.levels; l++)
+            if (qs_ring_count(&c->ev[l]))
+                return 1;
+        return atomic_load_explicit(&c->hub_want_space, memory_order_relaxed) &&
+               atomic_load_explicit(&c->cmd_gen, memory_order_relaxed) != c->gen_at_fail;
+    }
     atomic_store_explicit(&c->hub_sleeping, 1, memory_order_relaxed);
     atomic_thread_fence(memory_order_seq_cst);
     int ready = 0;
@@ -379,7 +415,9 @@ int qs_core_stats(qs_core *c, qs_stats *o)
     o->protocol_errors = QS_GET(s->protocol_errors);
     o->bufs_in_use = QS_GET(c->pool.in_use);
     o->bufs_total = c->pool.count;
-    if (c->started && !c->joined) {
+    if (c->cfg.inline_stack) {
+        o->stack_cpu_ns = QS_GET(c->step_cpu_ns);
+    } else if (c->started && !c->joined) {
         clockid_t cid;
         struct timespec ts;
         if (pthread_getcpuclockid(c->thread, &cid) == 0 && clock_gettime(cid, &ts) == 0)
@@ -397,6 +435,38 @@ int qs_core_stats(qs_core *c, qs_stats *o)
             o->lat[l][b] = QS_GET(s->lat[l][b]);
     }
     return 0;
+}
+
+/* stack_cpu_ns of a step.  CLOCK_THREAD_CPUTIME_ID is a real syscall (no
+ * vDSO): ~0.5 us per read on the benchmark VM, i.e. ~1 us per step, as much
+ * as a whole read() + sendmsg().  So by default a step is charged its wall
+ * time (vDSO CLOCK_MONOTONIC, ~20 ns) minus the time the backend slept in
+ * its wait (c->step_idle_ns); that equals its CPU time unless the thread is
+ * preempted mid-step.  -DQS_STEP_CPU_EXACT selects the thread CPU clock. */
+int qs_core_step(qs_core *c, int timeout_ms)
+{
+    if (!c->cfg.inline_stack || !c->started)
+        return -EINVAL;
+    if (c->joined)
+        return -ESHUTDOWN;
+#ifdef QS_STEP_CPU_EXACT
+    uint64_t t0 = thread_cpu_ns();
+    int n = c->be->step(c, timeout_ms);
+    QS_ADD(c->step_cpu_ns, thread_cpu_ns() - t0);
+#else
+    int64_t t0 = qs_now_ns();
+    c->step_idle_ns = 0;
+    int n = c->be->step(c, timeout_ms);
+    int64_t d = qs_now_ns() - t0 - c->step_idle_ns;
+    if (d > 0)
+        QS_ADD(c->step_cpu_ns, d);
+#endif
+    return n;
+}
+
+int qs_core_poll_fd(qs_core *c)
+{
+    return c->poll_fd;
 }
 
 int qs_core_release_local(qs_core *c, int64_t buf)

@@ -18,6 +18,7 @@
 #define QS_POOL_WAIT QS_MAX_LEVELS         /* blocked-list index: waiting for a buffer */
 
 /* epoll data tags: conn ids are < 2^56 */
+#define QS_TAG_TIMER (1ULL << 61)    /* inline: accept backoff over */
 #define QS_TAG_LISTEN (1ULL << 62)
 #define QS_TAG_WAKE (1ULL << 63)
 
@@ -73,6 +74,7 @@ typedef struct qs_kernel {
     int nlisten;
     int accept_off;                /* listeners removed from epoll after EMFILE */
     int64_t accept_resume;
+    int timer_fd;                  /* inline: timerfd for the accept backoff, -1 if none */
     qs_conn **conns;               /* indexed by fd */
     uint32_t nconns;
     uint32_t gen;
@@ -87,7 +89,8 @@ typedef struct qs_kernel {
     uint64_t nqueued;              /* conns with unsent bytes */
     unsigned touched;              /* event rings with unpublished events */
     int stop_read, quitting;
-    int64_t now;                   /* CLOCK_MONOTONIC of the current iteration */
+    int64_t now;                   /* CLOCK_MONOTONIC of the current iteration: the only
+                                      clock read on the data path (t_rx, latency) */
 } qs_kernel;
 
 /* kernel_conn.c */

@@ -5,7 +5,7 @@
  * the socket first.  Sends are not written one by one: each is appended to
  * its conn's out queue and the conn goes on the batch's dirty list; at the
  * end of the batch every dirty conn is flushed with one sendmsg() of up to
- * QS_IOV_MAX iovecs.  A pipelining client thus costs one syscall per batch,
+ * QS_IOV_MAX iovecs (send() when there is only one).  A pipelining client thus costs one syscall per batch,
  * not one per reply, and a lone reply still goes out at once.
  *
  * Out queue nodes own their bytes in one of three ways (qs_out): a buffer
@@ -17,7 +17,8 @@
  * nothing and allocates nothing.
  *
  * Latency is recorded when a command is executed, i.e. in the batch whose
- * flush hands its bytes to the kernel (microseconds apart): now - t_rx.
+ * flush hands its bytes to the kernel (microseconds apart): k->now - t_rx,
+ * with k->now read once per loop iteration, not per command.
  */
 #include "kernel.h"
 #include <stdlib.h>
@@ -115,8 +116,13 @@ static int out_flush(qs_kernel *k, qs_conn *c)
             iov[n].iov_len = o->len;
             total += o->len;
         }
-        struct msghdr m = {.msg_iov = iov, .msg_iovlen = (size_t)n};
-        ssize_t w = sendmsg(c->fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
+        ssize_t w;
+        if (n == 1) {                  /* the usual lone reply: send() skips the iovec import */
+            w = send(c->fd, iov[0].iov_base, iov[0].iov_len, MSG_NOSIGNAL | MSG_DONTWAIT);
+        } else {
+            struct msghdr m = {.msg_iov = iov, .msg_iovlen = (size_t)n};
+            w = sendmsg(c->fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
+        }
         if (w < 0) {
             if (errno == EINTR)
                 continue;
@@ -379,9 +385,9 @@ int qs_conn_run_commands(qs_kernel *k)
             int n = qs_ring_pop(r, cmds, QS_CMD_BATCH, snap[l]);
             if (n == 0)
                 break;
-            int64_t now = qs_now_ns(), bend = -1;
+            int64_t bend = -1;
             for (int i = 0; i < n; i++)
-                exec_cmd(k, &cmds[i], l, now, &bend);
+                exec_cmd(k, &cmds[i], l, k->now, &bend);
             flush_dirty(k);
             if (bend >= 0)
                 qs_bring_release(&core->bring[l], (uint64_t)bend);

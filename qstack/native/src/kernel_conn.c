@@ -262,7 +262,7 @@ void qs_conn_readable(qs_kernel *k, qs_conn *c)
     ssize_t n = read(c->fd, b->data + c->rend, b->cap - c->rend);
     if (n > 0) {
         c->rend += (uint64_t)n;
-        c->t_read = qs_now_ns();
+        c->t_read = k->now;           /* one clock read per iteration */
         rx_scan(k, c, 1);
         return;
     }

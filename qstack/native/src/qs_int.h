@@ -82,7 +82,8 @@ typedef struct qs_backend {
     int (*listen)(struct qs_core *c, int fd);  /* adopt a listening socket */
     void (*run)(struct qs_core *c);            /* loop until quit, then the quit sequence */
     int (*step)(struct qs_core *c, int timeout_ms);  /* inline: one iteration; events
-                                                        published, or -errno */
+                                                        published, or -errno; adds the
+                                                        time it slept to step_idle_ns */
     void (*destroy)(struct qs_core *c);        /* after run() returned (or never ran) */
 } qs_backend;
 
@@ -111,7 +112,8 @@ struct qs_core {
     _Atomic int stack_want_space;            /* conns wait for event ring space */
     qs_au64 cmd_gen;                         /* bumped when commands were consumed */
     qs_au64 final_cpu_ns;
-    qs_au64 step_cpu_ns;                     /* inline: thread CPU spent in steps */
+    qs_au64 step_cpu_ns;                     /* inline: CPU spent in steps */
+    int64_t step_idle_ns;                    /* inline: set by step(): time asleep in its wait */
 
     /* written by the hub, read by the stack */
     QS_ALIGNED _Atomic int hub_sleeping;     /* also cleared by the stack */

@@ -1,0 +1,284 @@
+"""iotepserver: QStack's IoT benchmark, on qstack and Redis.
+
+    qstack redis up 4
+    qstack serve apps.iotepserver:handle --config conf/iotepserver.yaml
+
+An IoT front-end for very many devices sending bursts of fixed-size messages
+(200 bytes by default: ``app.framing: fixed:200``).  A message whose byte 5
+is 0x01 is a *request* (high priority, by the native rule in the config);
+anything else is a *heartbeat* (low priority).  For every message the
+handler, written in plain blocking style, does what QStack's worker threads
+did against hiredis::
+
+    GET 1\\b<conn id>            (\\b is the byte 0x08; conn id in decimal)
+    SET 1\\b<conn id> <the message's first 6 bytes>      if it was missing
+    SET 1\\b<conn id> <the old value, first byte + 1>    otherwise
+    GET 2\\b<conn id>
+
+A request then gets a 146-byte reply (an ``HTTP/1.1 200 OK`` header with
+keep-alive and ``Content-Length: 100``, NUL-padded to 146 bytes, byte 6 set
+to 0x03, as QStack sent it); a heartbeat gets none.
+
+Redis servers and workers.  The servers are ``redis-server``s on unix
+sockets ``<redis_dir>/redis-<i>.sock`` (``qstack redis up N`` starts them).
+Each worker greenlet talks to its own server over its own connection:
+worker i -> server i mod N, i counted in the order workers first handle a
+message in this core process (as QStack's worker i used Redis i).  A
+connection's messages are served by whichever worker is free, so its keys
+may live on several servers; that is the benchmark's design, not a bug.
+
+Cooperation.  redis-py is a blocking library; :func:`init` runs
+``gevent.monkey.patch_socket()`` in each core process (qstack calls it
+there, after the fork, before the core listens), so redis-py's sockets are
+gevent's and a worker waiting on Redis only suspends its own greenlet: the
+hub hands the rings to another worker.  Patching there rather than at
+import keeps the supervisor process (which imports the handler to check it)
+unpatched, and patches before any Redis connection exists.
+
+Faults.  ``init`` PINGs every server: one unreachable stops start-up with
+one line (``redis not reachable at ...``) and exit 2.  While serving, a
+Redis error (the server died, timed out after ``redis_timeout`` s) answers
+that message with nothing, counts it in ``redis_errors`` per priority level
+(``--stats`` and the exit log show them: nothing is lost silently), and is
+logged once per burst per server -- then a reminder every 10 s while it
+lasts, and one line when the server answers again.  Each worker reconnects
+on its next message, so a restarted Redis is used again without a restart
+of qstack.  A worker rests 50 ms after an error, so the workers of a dead
+server take few messages while those of the healthy servers serve the rest.
+"""
+
+import logging
+import time
+
+import gevent
+from greenlet import getcurrent
+
+import qstack
+from qstack.errors import ConfigError
+from qstack.redisctl import DEFAULT_COUNT, DEFAULT_DIR, ping, socket_path
+
+__all__ = ["handle", "init", "reply_bytes"]
+
+log = logging.getLogger("qstack.iotepserver")
+
+# app.settings and their defaults (the same as conf/iotepserver.yaml and
+# `qstack redis up`).
+DEFAULTS = {
+    "redis_dir": DEFAULT_DIR,     # where redis-<i>.sock live (qstack redis up --dir)
+    "redis_count": DEFAULT_COUNT,  # servers redis-0.sock .. redis-<count-1>.sock
+    "redis_timeout": 5.0,         # seconds for one Redis command or connect
+    "request_offset": 5,          # byte that tells a request from a heartbeat...
+    "request_value": 0x01,        # ...and its value for a request
+    "value_bytes": 6,             # how many leading message bytes SET stores
+    "reply_size": 146,            # bytes in a request's reply
+    "content_length": 100,        # the reply header's Content-Length
+}
+REMIND_EVERY = 10.0               # seconds between "still failing" log lines
+FAIL_PAUSE = 0.05                 # seconds a worker rests after a Redis error
+COUNTER = "redis_errors"
+
+_HEADER = (b"HTTP/1.1 200 OK\r\n"
+           b"Date: 25.11.1985\r\n"
+           b"Server: Webserver on Middlebox TCP (Ubuntu)\r\n"
+           b"Content-Length: %d\r\n"
+           b"Connection: keep-alive\r\n\r\n")
+
+
+def reply_bytes(size=146, content_length=100):
+    """The reply to a request: QStack's header, NUL-padded, byte 6 = 0x03."""
+    head = _HEADER % content_length
+    if size < len(head):
+        raise ConfigError(f"app.settings.reply_size: {size} is shorter than the "
+                          f"reply header ({len(head)} bytes)")
+    out = bytearray(head.ljust(size, b"\0"))
+    out[6] = 0x03
+    return bytes(out)
+
+
+# --- settings ----------------------------------------------------------------
+
+def _setting(settings, name, want, ok):
+    value = settings.get(name, DEFAULTS[name])
+    if isinstance(value, bool) or not ok(value):
+        raise ConfigError(f"app.settings.{name}: expected {want}, got {value!r}")
+    return value
+
+
+def _int(lo, hi):
+    return f"an integer in {lo}..{hi}", lambda v: isinstance(v, int) and lo <= v <= hi
+
+
+def parse_settings(settings):
+    """Check app.settings for iotepserver; returns a complete dict."""
+    unknown = sorted(set(settings) - set(DEFAULTS))
+    if unknown:
+        raise ConfigError(f"unknown setting 'app.settings.{unknown[0]}' for iotepserver "
+                          f"(known: {', '.join(DEFAULTS)})")
+    number = ("a number > 0", lambda v: isinstance(v, (int, float)) and v > 0)
+    text = ("a non-empty string", lambda v: isinstance(v, str) and v != "")
+    return {
+        "redis_dir": _setting(settings, "redis_dir", *text),
+        "redis_count": _setting(settings, "redis_count", *_int(1, 256)),
+        "redis_timeout": float(_setting(settings, "redis_timeout", *number)),
+        "request_offset": _setting(settings, "request_offset", *_int(0, 65535)),
+        "request_value": _setting(settings, "request_value", *_int(0, 255)),
+        "value_bytes": _setting(settings, "value_bytes", *_int(1, 1 << 20)),
+        "reply_size": _setting(settings, "reply_size", *_int(1, 1 << 20)),
+        "content_length": _setting(settings, "content_length", *_int(0, 1 << 30)),
+    }
+
+
+# --- one Redis server, as this core process sees it ---------------------------
+
+class _Server:
+    """A Redis server's path and health; logs failures once per burst."""
+
+    __slots__ = ("path", "failing", "burst", "unlogged", "logged_at")
+
+    def __init__(self, path):
+        self.path = path
+        self.failing = False
+        self.burst = 0          # errors since the server last answered
+        self.unlogged = 0       # errors since the last log line
+        self.logged_at = 0.0
+
+    def failed(self, exc, level):
+        qstack.count(COUNTER, level)
+        now = time.monotonic()
+        self.burst += 1
+        if not self.failing:
+            self.failing = True
+            self.logged_at, self.unlogged = now, 0
+            log.warning("redis %s failed: %s; messages served through it get no "
+                        "reply until it answers again (counted as %s)",
+                        self.path, _one_line(exc), COUNTER)
+        else:
+            self.unlogged += 1
+            if now - self.logged_at >= REMIND_EVERY:
+                log.warning("redis %s still failing: %d more errors in the last %.0f s",
+                            self.path, self.unlogged, now - self.logged_at)
+                self.logged_at, self.unlogged = now, 0
+
+    def recovered(self):
+        log.warning("redis %s answers again after %d failed messages",
+                    self.path, self.burst)
+        self.failing = False
+        self.burst = 0
+
+
+def _one_line(exc):
+    """Why a Redis command failed, briefly: the OS's reason when there is one."""
+    for cause in (exc.__cause__, exc.__context__):
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+    return " ".join(str(exc).split()).rstrip(".") or type(exc).__name__
+
+
+class _Worker:
+    """One worker greenlet's Redis server and connection (made on first use)."""
+
+    __slots__ = ("server", "redis", "_connect")
+
+    def __init__(self, server, connect):
+        self.server = server
+        self.redis = None
+        self._connect = connect
+
+    def connect(self):
+        self.redis = self._connect(self.server.path)
+        return self.redis
+
+
+# --- per-process state, set by init() --------------------------------------------
+
+_workers = {}           # worker greenlet -> _Worker
+_servers = []
+_reply = b""
+_offset = 5
+_value = 0x01
+_nbytes = 6
+_redis_error = None     # redis.RedisError once init ran
+_connect = None
+
+
+def init(settings):
+    """app.init: make redis-py cooperative, check every server answers."""
+    global _servers, _reply, _offset, _value, _nbytes, _redis_error, _connect
+    s = parse_settings(settings)
+    reply = reply_bytes(s["reply_size"], s["content_length"])
+
+    from gevent import monkey
+    monkey.patch_socket()
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    timeout = s["redis_timeout"]
+    servers = [_Server(socket_path(s["redis_dir"], i)) for i in range(s["redis_count"])]
+    for server in servers:
+        why = ping(server.path, timeout)
+        if why is not None:
+            raise ConfigError(f"redis not reachable at {server.path}: {why} (start "
+                              f"the servers with: qstack redis up {s['redis_count']} "
+                              f"--dir {s['redis_dir']})")
+
+    def connect(path):
+        # One connection, made now (a dead server raises here, inside the
+        # handler's try).  A connection Redis dropped is retried once at
+        # once: that is a restarted server being used again.  A timeout is
+        # not retried: the server is slow, waiting twice helps nobody.
+        return redis.Redis(
+            unix_socket_path=path, socket_timeout=timeout,
+            socket_connect_timeout=timeout, single_connection_client=True,
+            retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+            lib_name=None, lib_version=None)
+
+    _workers.clear()
+    _servers = servers
+    _reply = reply
+    _offset, _value, _nbytes = s["request_offset"], s["request_value"], s["value_bytes"]
+    _redis_error = redis.RedisError
+    _connect = connect
+    log.info("iotepserver: %d redis server(s) in %s, reply %d bytes to messages "
+             "with byte %d = %#04x", len(servers), s["redis_dir"], len(reply),
+             _offset, _value)
+
+
+def _new_worker(me):
+    if not _servers:
+        raise RuntimeError("iotepserver is not initialised: set app.init to "
+                           "apps.iotepserver:init (see conf/iotepserver.yaml)")
+    worker = _Worker(_servers[len(_workers) % len(_servers)], _connect)
+    _workers[me] = worker
+    return worker
+
+
+def handle(req):
+    me = getcurrent()
+    worker = _workers.get(me) or _new_worker(me)
+    server = worker.server
+    data = req.data
+    cid = b"%d" % req.conn_id
+    key = b"1\x08" + cid
+    try:
+        r = worker.redis or worker.connect()
+        old = r.get(key)
+        if old is None:
+            r.set(key, bytes(data[:_nbytes]))
+        elif old:
+            r.set(key, bytes(((old[0] + 1) & 0xFF,)) + old[1:])
+        else:
+            r.set(key, old)
+        r.get(b"2\x08" + cid)
+    except _redis_error as exc:
+        server.failed(exc, req.priority)
+        # A dead server fails at once; without a rest its workers would take
+        # message after message (never blocking, they keep the lead) while
+        # the healthy servers' workers wait on their replies.
+        gevent.sleep(FAIL_PAUSE)
+        return None
+    if server.failing:
+        server.recovered()
+    if len(data) > _offset and data[_offset] == _value:
+        return _reply
+    return None

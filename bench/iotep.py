@@ -1,0 +1,239 @@
+"""iotepserver under bursty IoT load: request latency with priority on and off.
+
+    .venv/bin/python bench/iotep.py [--connections 20000] [--ratio 0.05]
+        [--epoch 2] [--burst 2000] [--duration 20] [--rounds 1]
+        [--cores 2] [--smp 2] [--redis 4] [--json FILE] [--quick]
+
+QStack's headline benchmark, on this machine's loopback.  It starts
+``--redis`` redis-servers (``qstack redis up`` in a private directory), then
+for each round serves apps.iotepserver twice -- priority on (conf/
+iotepserver.yaml as shipped: byte 5 == 0x01 is level 0) and priority off
+(``--levels 1``: one FIFO for requests and heartbeats) -- each time under
+the same ``qstack load --protocol iotep`` run: ``--connections`` device
+connections opened over ``--setup`` seconds, each sending one 200-byte
+message per ``--epoch``, in bursts of ``--burst`` connections at once, a
+share ``--ratio`` of them requests (which alone get a 146-byte reply).  The
+client measures each request's latency (send to reply) in HDR histograms;
+heartbeats get no reply, so only requests have a latency.
+
+What to read.  "req p99" side by side: with priority on a request waits only
+for requests (and the message in hand), with priority off for every
+heartbeat queued before it, so the gap grows with the burst size and with
+how close the offered load (connections / epoch messages per second) is to
+what the cores can serve.  "served/s" tells whether a run was overloaded;
+"lost" counts requests whose reply never came (the load generator's
+incomplete + lost), "redis err" the server's redis_errors (both should be 0).
+
+Everything runs on this machine's CPUs together -- server cores, Redis and
+the load processes -- so the absolute figures are this machine's, not
+QStack's 10-million-connection testbed; the on/off ratio is the result.
+Raw documents (the load generator's JSON per run) go to --json; server logs
+and cdf.txt files to bench/results/.
+"""
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import yaml
+
+import harness as h
+
+QSTACK = os.path.join(h.REPO, ".venv", "bin", "qstack")
+CONF = os.path.join(h.REPO, "conf", "iotepserver.yaml")
+RESULTS = os.path.join(h.BENCH, "results")
+MODES = (("on", []), ("off", ["--levels", "1"]))
+
+
+def qstack_cmd():
+    return [QSTACK] if os.access(QSTACK, os.X_OK) else [sys.executable, "-m", "qstack"]
+
+
+def check_load_available():
+    res = subprocess.run(qstack_cmd() + ["load", "--help"], cwd=h.REPO,
+                         capture_output=True, text=True)
+    if res.returncode != 0 or "--protocol" not in res.stdout:
+        sys.exit("bench/iotep.py needs `qstack load --protocol iotep`, which this "
+                 "checkout does not have yet")
+
+
+def write_config(path, redis_dir, redis_count, workers):
+    with open(CONF) as f:
+        cfg = yaml.safe_load(f)
+    cfg["app"]["settings"].update(redis_dir=redis_dir, redis_count=redis_count)
+    if workers:
+        cfg["server"]["workers"] = workers
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+
+
+def redis_errors(log_path):
+    """Sum of the cores' redis_errors from the server's exit log lines."""
+    total = 0
+    try:
+        with open(log_path, errors="replace") as f:
+            for line in f:
+                if "counters: redis_errors" in line:
+                    values = line.split("redis_errors", 1)[1].split()
+                    total += sum(int(v) for v in values[1::2])
+    except OSError:
+        pass
+    return total
+
+
+def run_one(args, mode, extra, rnd, conf, cpus):
+    port = h.free_port()
+    tag = f"iotep-{mode}-r{rnd}"
+    log_path = os.path.join(RESULTS, "logs", tag + ".log")
+    serve = qstack_cmd() + ["serve", "--config", conf, "--port", str(port),
+                            "--cores", str(args.cores), *extra]
+    server = h.Server("iotepserver", serve, cpus, log_path=log_path)
+    try:
+        why = server.wait_port(port, timeout=30)
+        if why:
+            raise RuntimeError(f"iotepserver {why}:\n{server.log_tail()}")
+        doc_path = os.path.join(RESULTS, tag + ".json")
+        load = qstack_cmd() + [
+            "load", "--protocol", "iotep", "--dest", f"{h.LOOPBACK}:{port}",
+            "-c", str(args.connections), "-s", str(args.setup), "-w", str(args.wait),
+            "-e", str(args.epoch), "-b", str(args.burst), "-r", str(args.ratio),
+            "-d", str(args.duration), "--warmup", str(args.warmup),
+            "--smp", str(args.smp), "--ips", str(args.ips), "--quiet",
+            "--json", doc_path, "--cdf", os.path.join(RESULTS, tag + "-cdf.txt")]
+        print(f"[{mode}] {' '.join(load)}", flush=True)
+        limit = args.setup + args.wait + args.warmup + args.duration + 120
+        res = subprocess.run(load, cwd=h.REPO, capture_output=True, text=True,
+                             timeout=limit)
+        if not os.path.exists(doc_path):
+            raise RuntimeError(f"qstack load failed ({res.returncode}):\n"
+                               f"{res.stderr[-2000:]}{res.stdout[-2000:]}")
+        with open(doc_path) as f:
+            doc = json.load(f)
+    finally:
+        code = server.stop(timeout=15)
+    doc["server"] = {"command": serve, "exit": code, "redis_errors": redis_errors(log_path)}
+    doc["load_command"] = load
+    return doc
+
+
+def summary(doc):
+    lat = doc["latency_ms"]["high"]
+    return {
+        "status": doc["status"],
+        "connected": doc["connections"]["connected"],
+        "offered": doc["window"]["offered_per_s"],
+        "sent": doc["window"]["sent_per_s"],
+        "served": doc["window"]["responses_per_s"],
+        "p50": lat["p50"], "p99": lat["p99"], "p999": lat["p99.9"], "max": lat["max"],
+        # requests with no reply: still missing after the drain, or on a
+        # connection that dropped
+        "lost": doc["window"]["incomplete"] + doc["messages"]["lost"],
+        "redis_errors": doc["server"]["redis_errors"],
+    }
+
+
+def fmt(v, digits=2):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}"
+    return f"{v:,}"
+
+
+def table(rows):
+    out = ["| priority | connected | sent msg/s | replies/s | req p50 ms | req p99 ms "
+           "| req p99.9 ms | req max ms | lost | redis err |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for mode, s in rows:
+        out.append(f"| {mode} | {fmt(s['connected'])} | {fmt(s['sent'], 0)} | "
+                   f"{fmt(s['served'], 0)} | {fmt(s['p50'])} | {fmt(s['p99'])} | "
+                   f"{fmt(s['p999'])} | {fmt(s['max'])} | {fmt(s['lost'])} | "
+                   f"{fmt(s['redis_errors'])} |")
+    return "\n".join(out)
+
+
+def median_summary(runs):
+    keys = ("connected", "offered", "sent", "served", "p50", "p99", "p999", "max",
+            "lost", "redis_errors")
+    out = {"status": ",".join(sorted({r["status"] for r in runs}))}
+    for k in keys:
+        values = [r[k] for r in runs if r[k] is not None]
+        out[k] = statistics.median(values) if values else None
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--connections", type=int, default=20000)
+    ap.add_argument("--ratio", type=float, default=0.05, help="share of requests")
+    ap.add_argument("--epoch", type=float, default=2.0,
+                    help="seconds between two messages of one connection")
+    ap.add_argument("--burst", type=int, default=2000,
+                    help="connections that send at the same instant")
+    ap.add_argument("--setup", type=float, default=10.0)
+    ap.add_argument("--wait", type=float, default=2.0)
+    ap.add_argument("--warmup", type=float, default=4.0)
+    ap.add_argument("--duration", type=float, default=20.0)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--cores", type=int, default=2, help="server cores")
+    ap.add_argument("--workers", type=int, default=0, help="per core (0: the config's)")
+    ap.add_argument("--smp", type=int, default=2, help="load processes")
+    ap.add_argument("--ips", type=int, default=2, help="client source addresses")
+    ap.add_argument("--redis", type=int, default=4, help="redis-servers")
+    ap.add_argument("--json", metavar="FILE", default=os.path.join(RESULTS, "iotep.json"))
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run: 2,000 connections, 5 s window")
+    args = ap.parse_args()
+    if args.quick:
+        args.connections, args.setup, args.wait, args.warmup, args.duration = \
+            2000, 2.0, 1.0, 1.0, 5.0
+        args.burst = min(args.burst, 200)
+    if shutil.which("redis-server") is None:
+        sys.exit("bench/iotep.py needs redis-server (apt-get install redis-server)")
+    check_load_available()
+    os.makedirs(os.path.join(RESULTS, "logs"), exist_ok=True)
+    cpus = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+
+    redis_dir = tempfile.mkdtemp(prefix="qsr-bench-", dir="/tmp")
+    conf = os.path.join(redis_dir, "iotep.yaml")
+    write_config(conf, redis_dir, args.redis, args.workers)
+    subprocess.run(qstack_cmd() + ["redis", "up", str(args.redis), "--dir", redis_dir],
+                   cwd=h.REPO, check=True)
+    runs = {mode: [] for mode, _ in MODES}
+    docs = []
+    try:
+        for rnd in range(args.rounds):
+            order = MODES if rnd % 2 == 0 else MODES[::-1]
+            for mode, extra in order:
+                doc = run_one(args, mode, extra, rnd, conf, cpus)
+                docs.append({"mode": mode, "round": rnd, "doc": doc})
+                runs[mode].append(summary(doc))
+                print(f"[{mode}] " + json.dumps(runs[mode][-1]), flush=True)
+                time.sleep(2)            # let TIME_WAIT and Redis settle a little
+    finally:
+        subprocess.run(qstack_cmd() + ["redis", "down", "--dir", redis_dir], cwd=h.REPO)
+        shutil.rmtree(redis_dir, ignore_errors=True)
+
+    rows = [(mode, median_summary(runs[mode])) for mode, _ in MODES]
+    print()
+    print(f"iotepserver, {args.connections:,} connections, {args.ratio:.0%} requests, "
+          f"one 200-byte message per connection every {args.epoch:g} s in bursts of "
+          f"{args.burst:,}; {args.cores} server cores, {args.redis} redis-servers, "
+          f"{args.smp} load processes; median of {args.rounds} round(s):")
+    print()
+    print(table(rows))
+    on, off = dict(rows)["on"]["p99"], dict(rows)["off"]["p99"]
+    if on and off:
+        print(f"\nrequest p99, priority off / on: {off / on:.1f}x")
+    with open(args.json, "w") as f:
+        json.dump({"args": vars(args), "rows": dict(rows), "runs": docs}, f, indent=1)
+    print(f"raw documents: {os.path.relpath(args.json, h.REPO)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""``qstack load``: the command line of the load generator.
+
+    qstack load --dest 127.0.0.1:8000 -c 1000 -s 2 -w 1 -e 1 -b 50 -l 64 -r 0.2 -d 30
+
+registers with ``add_load_parser(sub)`` from qstack/cli.py.  Flags follow
+MCC's (-c -s -w -e -b -l -r -d, --log-duration); see docs/LOAD.md for every
+flag and output.  Bad values end as ``qstack: error: ...`` (ConfigError,
+exit 2) before anything is opened; limits the plan would hit (open files per
+process, source ports per address) are checked up front the same way.
+
+Output streams: progress lines and the report go to stdout, unless
+``--json -`` puts the JSON document there, in which case they go to stderr.
+Exit status: 0 when the run completed and every reply checked out, 1 when it
+failed (nothing connected, bad replies, a load process died), 2 for bad
+input, 130 when interrupted (the report of what was measured still prints).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+
+from qstack.errors import ConfigError
+
+__all__ = ["add_load_parser"]
+
+
+def add_load_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "load", help="generate load: many connections, bursts, priorities (MCC-style)",
+        description="Open many TCP connections to --dest and send fixed-size messages on an "
+                    "MCC-style schedule (every connection once per epoch, in bursts), an "
+                    "open-loop rate or a closed loop; report latency per priority from "
+                    "HDR histograms. See docs/LOAD.md.")
+    a = p.add_argument
+    a("--dest", metavar="HOST:PORT", help="the server (a loopback address unless "
+                                          "--allow-remote)")
+    a("-c", "--connections", type=int, metavar="N", help="concurrent connections (default 100)")
+    a("-s", "--setup", type=float, metavar="S",
+      help="seconds over which to open them, evenly (default 1)")
+    a("-w", "--wait", type=float, metavar="S",
+      help="seconds to wait after the setup before sending (default 1)")
+    a("-e", "--epoch", type=float, metavar="S",
+      help="each connection sends once per epoch (default 1)")
+    a("-b", "--burst", type=int, metavar="N",
+      help="connections fire in blocks of N spread evenly over the epoch (default 1)")
+    a("-l", "--length", type=int, metavar="BYTES",
+      help="message length (default 64 for echo, 200 for iotep)")
+    a("-r", "--ratio", type=float, metavar="R",
+      help="share of high-priority messages, 0..1 (default 0.5)")
+    a("-d", "--duration", type=float, metavar="S",
+      help="seconds of the measured window (default 10)")
+    a("--protocol", choices=("echo", "iotep"), help="message format (default echo)")
+    a("--reply-len", type=int, metavar="BYTES",
+      help="iotep: bytes in each reply to a request (default 146)")
+    a("--rate", type=float, metavar="R",
+      help="open loop: R messages/s in total instead of the epoch schedule; latency counts "
+           "from each message's intended send time")
+    a("--closed", action="store_true", default=None,
+      help="closed loop: the next message as soon as the reply is in")
+    a("--window", type=int, metavar="W",
+      help="outstanding requests per connection (default 8; --closed: 1)")
+    a("--grain", choices=("message", "connection"),
+      help="draw the priority per message (default) or once per connection")
+    a("--seed", type=int, metavar="N", help="seed of the priority draws (default 1)")
+    a("--smp", type=int, metavar="P", help="load processes, each with its share (default 1)")
+    a("--ips", type=int, metavar="K",
+      help="bind to K source addresses 127.0.0.2... (more than one address's ports)")
+    a("--warmup", type=float, metavar="S",
+      help="seconds of sending before the measured window (default 0)")
+    a("--drain", type=float, metavar="S",
+      help="after the window, wait up to S s for outstanding replies (default 2)")
+    a("--retry-delay", type=float, metavar="S",
+      help="retry a failed or dropped connection after S s (default 1)")
+    a("--connect-timeout", type=float, metavar="S",
+      help="give up on one connect attempt after S s (default 5)")
+    a("--connect-inflight", type=int, metavar="N",
+      help="connects outstanding at once (default 256)")
+    a("--log-duration", type=float, metavar="S",
+      help="print latency percentiles every S s of the window (default 10; 0: off)")
+    a("--cdf", metavar="FILE", help="write HCMonitor's cdf.txt layout")
+    a("--json", metavar="FILE", help="write the full report as JSON ('-': stdout)")
+    a("--plot", metavar="FILE.png", help="draw the latency CDF per priority (matplotlib)")
+    a("--quiet", "-q", action="store_true", default=None, help="no progress lines")
+    a("--marks", action="store_true", default=None,
+      help="print '#start' and '#end' on stdout as the window opens and closes")
+    a("--spin", type=float, metavar="S",
+      help="poll instead of sleeping when the next send is within S s (default 0)")
+    a("--allow-remote", action="store_true", help="allow a non-loopback --dest")
+    p.set_defaults(run=_load)
+
+
+FIELDS = ("connections", "setup", "wait", "epoch", "burst", "length", "ratio", "duration",
+          "protocol", "reply_len", "rate", "closed", "window", "grain", "seed", "smp", "ips",
+          "warmup", "drain", "retry_delay", "connect_timeout", "connect_inflight",
+          "log_duration", "cdf", "json", "plot", "quiet", "marks", "spin")
+
+
+def options_from_args(args: argparse.Namespace):
+    from qstack.loadgen.options import check_limits, parse_dest, validate
+    host, port = parse_dest(args.dest, args.allow_remote)
+    o = validate(host=host, port=port, **{f: getattr(args, f) for f in FIELDS})
+    notes = check_limits(o, resource.getrlimit(resource.RLIMIT_NOFILE))
+    if o.plot:   # say so now, not after the run
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ConfigError("--plot needs matplotlib, which is not installed: "
+                              "pip install 'qstack[plot]' (or pip install matplotlib)") from None
+    return o, notes
+
+
+def _load(args: argparse.Namespace) -> int:
+    o, notes = options_from_args(args)
+    try:
+        from qstack.loadgen import report, runner
+    except ImportError as e:   # the engine was never built
+        raise ConfigError(f"the load engine (qstack._loadgen) is not built: run "
+                          f"'python qstack/native/build_loadgen.py' or 'make build' ({e})") \
+            from None
+    human = sys.stderr if o.json == "-" else sys.stdout
+
+    def say(line: str) -> None:
+        print(line, file=human, flush=True)
+
+    def mark(line: str) -> None:
+        print(line, file=sys.stdout, flush=True)
+
+    if not o.quiet:
+        say("qstack load: " + o.describe())
+    for n in notes:
+        say("note: " + n)
+    doc = runner.run(o, printer=say, marks=mark if o.marks else None)
+    if not o.quiet or doc["status"] != "ok":
+        say(report.format_report(doc))
+    for path in report.write_outputs(o, doc, stdout=sys.stdout):
+        if not o.quiet:
+            say(f"wrote {path}")
+    if doc["status"] == "interrupted":
+        return 130
+    return 0 if doc["status"] == "ok" else 1

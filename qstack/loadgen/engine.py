@@ -1,0 +1,123 @@
+"""The Python face of one native engine (qstack/native/include/qsload.h).
+
+Who keeps what alive: the qsl_engine belongs to :class:`Engine` and is freed
+by :meth:`Engine.close` (which also closes its sockets).  ``sources`` is
+copied by qsl_engine_new, and the export buffers are only written during
+the call, so no Python object is referenced by C between calls.  cffi
+releases the GIL around every call; :meth:`Engine.run` blocks in C until its
+deadline, so a Python thread (or a signal) gets its turn at least that often.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from qstack._loadgen import ffi, lib
+from qstack.loadgen.hist import Histogram
+
+__all__ = ["Engine", "EngineTimes", "now_ns", "lib", "ffi", "STAT_FIELDS"]
+
+NS = 1_000_000_000
+MODES = {"epoch": lib.QSL_MODE_EPOCH, "rate": lib.QSL_MODE_RATE, "closed": lib.QSL_MODE_CLOSED}
+PROTOCOLS = {"echo": lib.QSL_PROTO_ECHO, "iotep": lib.QSL_PROTO_IOTEP}
+GRAINS = {"message": lib.QSL_GRAIN_MESSAGE, "connection": lib.QSL_GRAIN_CONN}
+STAT_FIELDS = [name for name, _ in ffi.typeof("qsl_stats").fields]
+LEVEL_NAMES = ("high", "low")   # level 0, level 1
+
+
+def now_ns() -> int:
+    return lib.qsl_now_ns()
+
+
+class EngineTimes:
+    """The run's timeline in CLOCK_MONOTONIC ns, shared by every process."""
+
+    def __init__(self, o, t_start: int):
+        self.start = t_start
+        self.send = t_start + int((o.setup + o.wait) * NS)
+        self.meas = self.send + int(o.warmup * NS)
+        self.end = self.meas + int(o.duration * NS)
+        self.drain_ns = int(o.drain * NS)
+
+
+class Engine:
+    def __init__(self, o, times: EngineTimes, first: int, count: int):
+        cfg = ffi.new("qsl_config *")
+        cfg.dest_addr = int(ipaddress.IPv4Address(o.host))
+        cfg.dest_port = o.port
+        cfg.protocol = PROTOCOLS[o.protocol]
+        cfg.mode = MODES[o.mode]
+        cfg.nconns = count
+        cfg.first_conn = first
+        cfg.total_conns = o.connections
+        if o.ips:
+            from qstack.loadgen.options import source_addresses
+            addrs = [int(ipaddress.IPv4Address(a)) for a in source_addresses(o.ips)]
+            sources = ffi.new("uint32_t[]", addrs)     # copied by qsl_engine_new
+            cfg.nsources = len(addrs)
+            cfg.sources = sources
+        cfg.msg_len = o.length
+        cfg.reply_len = o.reply_len if o.protocol == "iotep" else o.length
+        cfg.burst = o.burst
+        cfg.window = o.window
+        cfg.ratio = o.ratio
+        cfg.grain = GRAINS[o.grain]
+        cfg.seed = o.seed
+        cfg.t_start = times.start
+        cfg.setup_ns = int(o.setup * NS)
+        cfg.t_send = times.send
+        cfg.t_meas = times.meas
+        cfg.t_end = times.end
+        cfg.drain_ns = times.drain_ns
+        cfg.epoch_ns = int(o.epoch * NS)
+        cfg.rate = o.rate
+        cfg.retry_ns = int(o.retry_delay * NS)
+        cfg.connect_timeout_ns = int(o.connect_timeout * NS)
+        cfg.connect_inflight = o.connect_inflight
+        cfg.spin_ns = int(o.spin * NS)
+        out = ffi.new("qsl_engine **")
+        rc = lib.qsl_engine_new(cfg, out)
+        if rc < 0:
+            raise OSError(-rc, "qsl_engine_new refused the configuration or ran out of memory")
+        self._e = out[0]
+        self._stats = ffi.new("qsl_stats *")
+        self._info = ffi.new("qsl_hist_info *")
+        self._idx = ffi.new("uint32_t[]", lib.QSL_HIST_BUCKETS)
+        self._cnt = ffi.new("uint64_t[]", lib.QSL_HIST_BUCKETS)
+
+    def run(self, until_ns: int) -> bool:
+        """Run the event loop until until_ns; True once the run is complete."""
+        rc = lib.qsl_engine_run(self._e, until_ns)
+        if rc < 0:
+            raise OSError(-rc, "the load engine's event loop failed")
+        return rc == lib.QSL_RUN_DONE
+
+    def stop(self, drain_s: float) -> None:
+        lib.qsl_engine_stop(self._e, int(drain_s * NS))
+
+    def stats(self) -> dict[str, int]:
+        lib.qsl_engine_stats(self._e, self._stats)
+        s = self._stats
+        return {name: getattr(s, name) for name in STAT_FIELDS}
+
+    def hist(self, level: int, interval: bool = False) -> Histogram:
+        which = lib.QSL_HIST_INTERVAL if interval else lib.QSL_HIST_WINDOW
+        n = lib.qsl_engine_hist(self._e, level, which, self._info, self._idx, self._cnt,
+                                lib.QSL_HIST_BUCKETS)
+        if n < 0:
+            raise OSError(-n, "qsl_engine_hist failed")
+        i = self._info
+        info = {"count": i.count, "min": i.min, "max": i.max, "sum": i.sum,
+                "clamped": i.clamped}
+        return Histogram.from_export(info, zip(self._idx[0:n], self._cnt[0:n]))
+
+    def close(self) -> None:
+        if self._e is not None:
+            lib.qsl_engine_free(self._e)
+            self._e = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,231 @@
+"""The load generator's settings: validated once, split across processes.
+
+Everything here is pure (no sockets, no engine): :func:`validate` turns the
+parsed flags into a :class:`LoadOptions` or raises ConfigError with one line
+naming the flag; :func:`check_limits` compares the plan with the machine's
+limits (open files per process, source ports per address) and says plainly
+what to change; :func:`split` and :func:`plan_processes` share connections
+between --smp processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import math
+import socket
+
+from qstack.errors import ConfigError
+
+PROTOCOLS = ("echo", "iotep")
+GRAINS = ("message", "connection")
+# Open files a process needs besides its connections: stdio, the epoll fd,
+# pipes to the parent, Python's own, some slack.
+FD_RESERVE = 64
+ECHO_MIN = 16     # qsload.h QSL_ECHO_HEADER
+IOTEP_MIN = 9     # QSL_IOTEP_MIN
+MAX_WINDOW = 64   # QSL_MAX_WINDOW
+DEFAULT_LENGTH = {"echo": 64, "iotep": 200}   # iotep: apps/iotepserver's fixed:200
+DEFAULT_REPLY_LEN = 146                        # QStack's iotepserver reply
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadOptions:
+    host: str                 # IPv4 literal of the destination
+    port: int
+    connections: int = 100
+    setup: float = 1.0        # -s: seconds to establish them
+    wait: float = 1.0         # -w: idle seconds after setup
+    epoch: float = 1.0        # -e
+    burst: int = 1            # -b
+    length: int = 64          # -l
+    ratio: float = 0.5        # -r
+    duration: float = 10.0    # -d: the measured window
+    protocol: str = "echo"
+    reply_len: int = DEFAULT_REPLY_LEN
+    rate: float = 0.0         # > 0: open loop
+    closed: bool = False
+    window: int = 8
+    grain: str = "message"
+    seed: int = 1
+    smp: int = 1
+    ips: int = 0
+    warmup: float = 0.0
+    drain: float = 2.0
+    retry_delay: float = 1.0
+    connect_timeout: float = 5.0
+    connect_inflight: int = 256
+    log_duration: float = 10.0
+    spin: float = 0.0
+    cdf: str | None = None
+    json: str | None = None
+    plot: str | None = None
+    quiet: bool = False
+    marks: bool = False
+
+    @property
+    def mode(self) -> str:
+        return "closed" if self.closed else "rate" if self.rate > 0 else "epoch"
+
+    @property
+    def dest(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def describe(self) -> str:
+        sched = {"epoch": f"epoch {self.epoch:g} s, burst {self.burst}",
+                 "rate": f"open loop {self.rate:,.0f} msg/s",
+                 "closed": f"closed loop, {self.window} in flight per connection"}[self.mode]
+        extra = (f", {self.smp} processes" if self.smp > 1 else "") + \
+                (f", {self.ips} source addresses" if self.ips else "")
+        return (f"{self.protocol} to {self.dest}: {self.connections:,} connections "
+                f"(setup {self.setup:g} s, wait {self.wait:g} s), {sched}, "
+                f"{self.length} B, high share {self.ratio:g}, "
+                f"{self.duration:g} s measured{extra}")
+
+
+def parse_dest(text: str | None, allow_remote: bool = False) -> tuple[str, int]:
+    if not text:
+        raise ConfigError("--dest HOST:PORT is required (e.g. --dest 127.0.0.1:8000)")
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"--dest: expected HOST:PORT, got {text!r}")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(f"--dest: the port must be a number, got {port_text!r}") from None
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--dest: the port must be in 1..65535, got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ConfigError(f"--dest: cannot resolve {host!r} to an IPv4 address ({e.strerror})") \
+            from None
+    addr = infos[0][4][0]
+    if not allow_remote and not ipaddress.IPv4Address(addr).is_loopback:
+        raise ConfigError(f"--dest {addr} is not a loopback address; pass --allow-remote "
+                          "to load another machine")
+    return addr, port
+
+
+def _need(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def validate(**kw) -> LoadOptions:
+    """Build LoadOptions from flag values; raises ConfigError naming the flag."""
+    protocol = kw.get("protocol") or "echo"
+    _need(protocol in PROTOCOLS, f"--protocol: expected one of {', '.join(PROTOCOLS)}, "
+                                 f"got {protocol!r}")
+    if kw.get("length") is None:
+        kw["length"] = DEFAULT_LENGTH[protocol]
+    if kw.get("window") is None:
+        kw["window"] = 1 if kw.get("closed") else 8
+    kw = {k: v for k, v in kw.items() if v is not None}
+    o = LoadOptions(**kw)
+    _need(o.connections >= 1, f"-c/--connections must be at least 1, got {o.connections}")
+    _need(o.connections <= 10_000_000, f"-c/--connections: at most 10,000,000, got "
+                                       f"{o.connections:,}")
+    for flag, v in (("-s/--setup", o.setup), ("-w/--wait", o.wait), ("--warmup", o.warmup),
+                    ("--drain", o.drain), ("--spin", o.spin),
+                    ("--log-duration", o.log_duration)):
+        _need(math.isfinite(v) and v >= 0, f"{flag} must be a number of seconds >= 0, got {v}")
+    for flag, v in (("-d/--duration", o.duration), ("-e/--epoch", o.epoch),
+                    ("--retry-delay", o.retry_delay), ("--connect-timeout", o.connect_timeout)):
+        _need(math.isfinite(v) and v > 0, f"{flag} must be a number of seconds > 0, got {v}")
+    _need(o.burst >= 1, f"-b/--burst must be at least 1, got {o.burst}")
+    _need(0.0 <= o.ratio <= 1.0, f"-r/--ratio is a share of messages, 0..1, got {o.ratio}")
+    minimum = ECHO_MIN if protocol == "echo" else IOTEP_MIN
+    _need(minimum <= o.length <= (65535 if protocol == "echo" else 1 << 24),
+          f"-l/--length: {protocol} messages need {minimum}.."
+          f"{65535 if protocol == 'echo' else 1 << 24} bytes, got {o.length}")
+    _need(1 <= o.reply_len <= 1 << 24, f"--reply-len must be 1..{1 << 24}, got {o.reply_len}")
+    _need(math.isfinite(o.rate) and o.rate >= 0, f"--rate must be messages per second >= 0, "
+                                                 f"got {o.rate}")
+    _need(not (o.closed and o.rate > 0), "--closed and --rate exclude each other")
+    _need(1 <= o.window <= MAX_WINDOW, f"--window must be 1..{MAX_WINDOW}, got {o.window}")
+    _need(o.grain in GRAINS, f"--grain: expected one of {', '.join(GRAINS)}, got {o.grain!r}")
+    _need(0 <= o.seed < 2**64, f"--seed must be 0..2^64-1, got {o.seed}")
+    _need(o.smp >= 1, f"--smp must be at least 1, got {o.smp}")
+    _need(o.smp <= o.connections, f"--smp {o.smp} is more processes than connections "
+                                  f"({o.connections})")
+    _need(0 <= o.ips <= 60_000, f"--ips must be 0..60000, got {o.ips}")
+    _need(not o.ips or ipaddress.IPv4Address(o.host).is_loopback,
+          "--ips binds source addresses in 127.0.0.0/8, so --dest must be a loopback address")
+    _need(o.connect_inflight >= 1, f"--connect-inflight must be at least 1, got "
+                                   f"{o.connect_inflight}")
+    if o.plot and not o.plot.lower().endswith(".png"):
+        raise ConfigError(f"--plot writes a PNG image: name it FILE.png, got {o.plot!r}")
+    return o
+
+
+def source_addresses(k: int) -> list[str]:
+    """K source addresses in 127.0.0.0/8 from 127.0.0.2 on (never .0 or .255
+    in the last octet), loopback only by construction."""
+    out, n = [], int(ipaddress.IPv4Address("127.0.0.2"))
+    while len(out) < k:
+        a = ipaddress.IPv4Address(n)
+        if n & 0xFF not in (0, 255):
+            out.append(str(a))
+        n += 1
+    assert all(ipaddress.IPv4Address(a) in ipaddress.IPv4Network("127.0.0.0/8") for a in out)
+    return out
+
+
+def split(total: int, parts: int) -> list[int]:
+    """total shared as evenly as possible, the first ones get the remainder."""
+    base, extra = divmod(total, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def plan_processes(o: LoadOptions) -> list[tuple[int, int]]:
+    """(first global connection, count) for each process."""
+    out, first = [], 0
+    for n in split(o.connections, o.smp):
+        out.append((first, n))
+        first += n
+    return out
+
+
+def _port_range(path="/proc/sys/net/ipv4/ip_local_port_range") -> tuple[int, int]:
+    try:
+        with open(path) as f:
+            lo, hi = (int(x) for x in f.read().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def check_limits(o: LoadOptions, nofile: tuple[int, int],
+                 port_range: tuple[int, int] | None = None) -> list[str]:
+    """Raise ConfigError for a plan the machine cannot hold; return notes.
+
+    nofile is (soft, hard) RLIMIT_NOFILE; the soft limit is raised to what
+    is needed (up to hard) before the processes start.
+    """
+    notes = []
+    per_proc = max(n for _, n in plan_processes(o))
+    need = per_proc + FD_RESERVE
+    soft, hard = nofile
+    if hard >= 0 and need > hard:
+        usable = hard - FD_RESERVE
+        smp = math.ceil(o.connections / max(usable, 1))
+        raise ConfigError(
+            f"{o.connections:,} connections in {o.smp} process(es) is {per_proc:,} per process, "
+            f"which needs {need:,} open files, but the limit is {hard:,} per process "
+            f"(ulimit -Hn); use --smp {smp} or more (each process holds its share), or raise "
+            f"the hard limit")
+    lo, hi = port_range or _port_range()
+    ports = hi - lo + 1
+    sources = max(o.ips, 1)
+    per_source = math.ceil(o.connections / sources)
+    if per_source > ports:
+        k = math.ceil(o.connections / ports)
+        raise ConfigError(
+            f"{o.connections:,} connections to {o.dest} need {per_source:,} source ports per "
+            f"source address, but one address has {ports:,} (net.ipv4.ip_local_port_range "
+            f"{lo}-{hi}); use --ips {k} or more to spread them over 127.0.0.0/8")
+    if per_source > 0.9 * ports:
+        notes.append(f"{per_source:,} of {ports:,} source ports per address in use: close to "
+                     f"the limit (connections in TIME_WAIT count too); --ips spreads them")
+    return notes

@@ -1,0 +1,345 @@
+"""Reports: the text summary, HCMonitor's cdf.txt, the JSON document, the plot.
+
+All of them come from one document built by :func:`build` (the JSON that
+``--json`` writes), so the figures agree everywhere.  Latencies are in
+milliseconds, quantiles by nearest rank over HDR buckets (see hist.py).
+
+cdf.txt (HCMonitor's layout)::
+
+    connections:1000,avg_delay:0.412345
+    0.10:    0.3210;            0.3011;                    0.3390
+    ...
+    0.99:    0.9120;            0.8001;                    0.9900
+    0.9990:   1.2000;           1.1000;                   1.3000
+    0.9999:   1.5000;           1.4000;                   1.6000
+    1.0000:   1.7000;           1.5000;                   1.7000
+
+The header holds the connections established at the end of the window and
+the mean latency over all replies (ms); then one line per quantile with
+total; high; low in ms.  A priority without replies shows ``nan`` (HCMonitor
+drops the column, which a parser cannot tell apart).  Split a line on ':'
+and ';' and read floats.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+from qstack.errors import ConfigError
+from qstack.loadgen.hist import Histogram
+
+__all__ = ["build", "CDF_QUANTILES", "cdf_text", "parse_cdf", "latency_table",
+           "format_latency", "format_report", "write_outputs", "plot_cdf"]
+
+CDF_QUANTILES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 0.9999, 1.0)
+TABLE_QUANTILES = (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99.9", 0.999))
+LEVELS = ("all", "high", "low")
+SCHEMA = 1
+
+
+def _ms(ns):
+    return None if ns is None else ns / 1e6
+
+
+def _hists(hists: list[Histogram]) -> dict[str, Histogram]:
+    return {"all": Histogram.merged(hists), "high": hists[0], "low": hists[1]}
+
+
+def latency_table(hists: list[Histogram]) -> dict[str, dict]:
+    """{all|high|low: {count, mean, min, p50, p90, p99, p99.9, max}} in ms."""
+    out = {}
+    for name, h in _hists(hists).items():
+        qs = h.quantiles([q for _, q in TABLE_QUANTILES])
+        row = {"count": h.count, "mean": _ms(h.mean()), "min": _ms(h.min if h.count else None)}
+        row.update({label: _ms(v) for (label, _), v in zip(TABLE_QUANTILES, qs)})
+        row["max"] = _ms(h.max if h.count else None)
+        out[name] = row
+    return out
+
+
+def _fmt_ms(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.3f}" if v < 100 else f"{v:,.1f}"
+
+
+def format_latency(table: dict, title: str) -> str:
+    lines = [f"{title}:",
+             f"  {'(ms)':<6} {'count':>11} {'mean':>9} {'p50':>9} {'p90':>9} {'p99':>9} "
+             f"{'p99.9':>9} {'max':>9}"]
+    for name in LEVELS:
+        r = table[name]
+        lines.append(f"  {name:<6} {r['count']:>11,} {_fmt_ms(r['mean']):>9} "
+                     f"{_fmt_ms(r['p50']):>9} {_fmt_ms(r['p90']):>9} {_fmt_ms(r['p99']):>9} "
+                     f"{_fmt_ms(r['p99.9']):>9} {_fmt_ms(r['max']):>9}")
+    return "\n".join(lines)
+
+
+# ---- the document ------------------------------------------------------------
+
+def _problems(o, s: dict, incomplete: int) -> list[str]:
+    """Every limit or fault the run hit, in plain words."""
+    out = []
+    if s["err_nofile"]:
+        out.append(f"{s['err_nofile']:,} connection attempts failed for lack of file "
+                   f"descriptors (EMFILE/ENFILE): each process may hold only so many open "
+                   f"files (ulimit -n); use more --smp processes")
+    if s["err_noport"]:
+        out.append(f"{s['err_noport']:,} connection attempts found no free source port "
+                   f"(EADDRNOTAVAIL): one source address has about 28,000 ports per "
+                   f"destination; use --ips K to spread connections over 127.0.0.0/8")
+    if s["err_refused"]:
+        out.append(f"{s['err_refused']:,} connection attempts were refused by {o.dest} "
+                   f"(nothing listening, or its accept queue was full); they were retried "
+                   f"after {o.retry_delay:g} s")
+    if s["err_timeout"]:
+        out.append(f"{s['err_timeout']:,} connection attempts got no answer within "
+                   f"{o.connect_timeout:g} s (SYNs dropped: a full accept queue or SYN "
+                   f"backlog?); spread them with a longer -s")
+    if s["err_reset"]:
+        out.append(f"{s['err_reset']:,} connections or attempts were reset by the peer")
+    if s["err_nomem"]:
+        out.append(f"{s['err_nomem']:,} connection attempts failed: the kernel ran out of "
+                   f"socket memory (ENOBUFS/ENOMEM)")
+    if s["err_other"]:
+        out.append(f"{s['err_other']:,} connection errors of another kind (the last: "
+                   f"{os.strerror(s['last_errno'])})")
+    if s["drops"]:
+        out.append(f"{s['drops']:,} established connections were lost (closed, reset or a "
+                   f"bad reply) and reopened after {o.retry_delay:g} s")
+    if s["bad_replies"]:
+        out.append(f"{s['bad_replies']:,} replies failed verification (corrupted, misrouted, "
+                   f"or the server does not echo --protocol {o.protocol}); their connections "
+                   f"were reopened")
+    if s["unsolicited"]:
+        out.append(f"{s['unsolicited']:,} replies arrived that no request was waiting for "
+                   f"(does the server answer heartbeats, or is --reply-len wrong?)")
+    if s["missed"]:
+        out.append(f"{s['missed']:,} scheduled messages were skipped because their "
+                   f"connection was down at the time")
+    if s["lost"]:
+        out.append(f"{s['lost']:,} requests were lost with their connection")
+    if s["deferred"]:
+        out.append(f"{s['deferred']:,} messages waited for a free slot (--window "
+                   f"{o.window} outstanding per connection): replies were slower than the "
+                   f"schedule; their latency still counts from the intended send time")
+    if s["late_sends"]:
+        out.append(f"{s['late_sends']:,} messages left more than 1 ms after their intended "
+                   f"time (at worst {s['max_lag_ns'] / 1e6:,.1f} ms): the client fell behind "
+                   f"(CPU?), and that lag is part of their latency")
+    if incomplete:
+        out.append(f"{incomplete:,} requests of the window got no reply within --drain "
+                   f"{o.drain:g} s")
+    return out
+
+
+def build(o, stats: dict, hists: list[Histogram], cpu_s: float, intervals: list,
+          errors: list[str], interrupted: bool = False, complete: bool = True) -> dict:
+    """The report document (what --json writes)."""
+    s = stats
+    window = o.duration
+    incomplete = max(0, s.get("w_requests", 0) - s.get("w_responses", 0))
+    offered = o.rate if o.mode == "rate" else (
+        o.connections / o.epoch if o.mode == "epoch" else None)
+    hs = _hists(hists)
+    cdf = {"quantiles": list(CDF_QUANTILES)}
+    for name, h in hs.items():
+        cdf[name] = [_ms(v) for v in h.quantiles(CDF_QUANTILES)]
+    busy = (cpu_s - s.get("idle_ns", 0) / 1e9) / window if window else None
+    problems = _problems(o, s, incomplete) if s else []
+    ok = (complete and not errors and s.get("established", 0) > 0 and
+          not s.get("bad_replies") and not s.get("unsolicited"))
+    return {
+        "schema": SCHEMA,
+        "tool": "qstack load",
+        "status": "interrupted" if interrupted else ("ok" if ok else "failed"),
+        "config": {
+            "dest": o.dest, "protocol": o.protocol, "mode": o.mode,
+            "connections": o.connections, "setup_s": o.setup, "wait_s": o.wait,
+            "epoch_s": o.epoch, "burst": o.burst, "length": o.length,
+            "reply_len": o.reply_len if o.protocol == "iotep" else o.length,
+            "ratio": o.ratio, "grain": o.grain, "seed": o.seed, "duration_s": o.duration,
+            "warmup_s": o.warmup, "drain_s": o.drain, "rate": o.rate or None,
+            "window": o.window, "smp": o.smp, "ips": o.ips,
+            "retry_delay_s": o.retry_delay, "connect_timeout_s": o.connect_timeout,
+            "log_duration_s": o.log_duration,
+        },
+        "connections": {
+            "target": o.connections, "connected": s.get("connected", 0),
+            "max_connected": s.get("max_connected", 0), "attempts": s.get("attempts", 0),
+            "established": s.get("established", 0), "retries": s.get("retries", 0),
+            "drops": s.get("drops", 0),
+            "errors": {k[4:]: s.get(k, 0) for k in
+                       ("err_refused", "err_timeout", "err_reset", "err_nofile",
+                        "err_noport", "err_nomem", "err_other")},
+        },
+        "messages": {
+            "sent": s.get("sent", 0), "sent_high": s.get("sent_high", 0),
+            "sent_low": s.get("sent", 0) - s.get("sent_high", 0),
+            "requests": s.get("requests", 0), "requests_high": s.get("requests_high", 0),
+            "responses": s.get("responses", 0), "responses_high": s.get("responses_high", 0),
+            "missed": s.get("missed", 0), "deferred": s.get("deferred", 0),
+            "lost": s.get("lost", 0), "bad_replies": s.get("bad_replies", 0),
+            "unsolicited": s.get("unsolicited", 0), "late_sends": s.get("late_sends", 0),
+            "max_lag_ms": s.get("max_lag_ns", 0) / 1e6,
+            "tx_bytes": s.get("tx_bytes", 0), "rx_bytes": s.get("rx_bytes", 0),
+        },
+        "window": {
+            "seconds": window, "sent": s.get("w_sent", 0),
+            "requests": s.get("w_requests", 0), "requests_high": s.get("w_requests_high", 0),
+            "responses": s.get("w_responses", 0), "incomplete": incomplete,
+            "responses_per_s": s.get("w_done", 0) / window,
+            "sent_per_s": s.get("w_sent", 0) / window,
+            "offered_per_s": offered,
+        },
+        "latency_ms": {name: row for name, row in latency_table(hists).items()},
+        "cdf_ms": cdf,
+        "intervals": intervals,
+        "client": {"cpu": cpu_s / window if window else None,
+                   "busy": busy, "processes": o.smp},
+        "histograms": {"unit": "ns", "layout": "hdr-log-linear sub_bits=10 max_bits=40",
+                       "high": hists[0].to_json(), "low": hists[1].to_json()},
+        "problems": problems,
+        "errors": errors,
+    }
+
+
+def format_report(doc: dict) -> str:
+    c, m, w = doc["connections"], doc["messages"], doc["window"]
+    cfg = doc["config"]
+    lines = [f"--- qstack load: {doc['status']} ---",
+             f"connections: {c['connected']:,} of {c['target']:,} connected at the end "
+             f"(max {c['max_connected']:,}); {c['attempts']:,} attempts, "
+             f"{c['retries']:,} retries, {c['drops']:,} drops",
+             f"messages: sent {m['sent']:,} (high {m['sent_high']:,}, low {m['sent_low']:,}), "
+             f"requests {m['requests']:,}, responses {m['responses']:,}",
+             f"window {w['seconds']:g} s: sent {w['sent']:,}, requests {w['requests']:,} "
+             f"(high {w['requests_high']:,}), responses {w['responses']:,}, "
+             f"incomplete {w['incomplete']:,}; {w['responses_per_s']:,.1f} responses/s"
+             + (f", offered {w['offered_per_s']:,.1f} msg/s" if w["offered_per_s"] else ""),
+             format_latency(doc["latency_ms"], "latency of the window's requests (from "
+                            "intended send time)")]
+    cl = doc["client"]
+    if cl["cpu"] is not None:
+        lines.append(f"client CPU: {100 * cl['cpu']:.1f}% of one core over the window "
+                     f"({cfg['smp']} process{'es' if cfg['smp'] > 1 else ''})")
+    for p in doc["problems"]:
+        lines.append("note: " + p)
+    for e in doc["errors"]:
+        lines.append("error: " + e)
+    return "\n".join(lines)
+
+
+# ---- cdf.txt -----------------------------------------------------------------
+
+def _cell(v, width: int) -> str:
+    return f"{v:{width}.4f}" if v is not None else f"{'nan':>{width}}"
+
+
+def cdf_text(connections: int, hists: list[Histogram]) -> str:
+    """HCMonitor's cdf.txt for the high (level 0) and low (level 1) histograms."""
+    hs = _hists(hists)
+    mean = hs["all"].mean()
+    cols = {name: h.quantiles(CDF_QUANTILES) for name, h in hs.items()}
+    lines = [f"connections:{connections},avg_delay:{(mean or 0.0) / 1e6:f}"]
+    for i, q in enumerate(CDF_QUANTILES):
+        t, hi, lo = (_ms(cols[n][i]) for n in LEVELS)
+        if q < 0.999:             # 0.10 .. 0.99: HCMonitor's "%.2f: %9.4f; %17.4f; %25.4f"
+            lines.append(f"{q:.2f}: {_cell(t, 9)}; {_cell(hi, 17)}; {_cell(lo, 25)}")
+        else:                     # 0.9990, 0.9999, 1.0000: "%.4f: %8.4f; %16.4f; %24.4f"
+            lines.append(f"{q:.4f}: {_cell(t, 8)}; {_cell(hi, 16)}; {_cell(lo, 24)}")
+    return "\n".join(lines) + "\n"
+
+
+def parse_cdf(text: str) -> dict:
+    """Read cdf.txt back: {connections, avg_delay, rows: [(q, total, high, low)]}."""
+    lines = text.strip().splitlines()
+    head = dict(kv.split(":", 1) for kv in lines[0].split(","))
+    rows = []
+    for line in lines[1:]:
+        q, rest = line.split(":", 1)
+        vals = [float(x) for x in rest.split(";")]
+        rows.append((float(q), *vals))
+    return {"connections": int(head["connections"]), "avg_delay": float(head["avg_delay"]),
+            "rows": rows}
+
+
+# ---- files -------------------------------------------------------------------
+
+def plot_cdf(doc: dict, path: str) -> None:
+    """Latency CDF per priority as a PNG (needs matplotlib: pip install 'qstack[plot]')."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError("--plot needs matplotlib, which is not installed: "
+                          "pip install 'qstack[plot]' (or pip install matplotlib)") from None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    hs = {"high": Histogram.from_json(doc["histograms"]["high"]),
+          "low": Histogram.from_json(doc["histograms"]["low"])}
+    hs = {"all": Histogram.merged(hs.values()), **hs}
+    styles = {"all": ("black", "-"), "high": ("tab:red", "-"), "low": ("tab:blue", "--")}
+    drawn = 0
+    for name, h in hs.items():
+        pts = h.cdf_points()
+        if not pts:
+            continue
+        xs = [max(v, 1) / 1e6 for v, _ in pts]
+        ys = [f for _, f in pts]
+        color, ls = styles[name]
+        ax.step(xs, ys, where="post", color=color, linestyle=ls,
+                label=f"{name} ({h.count:,})")
+        drawn += 1
+    cfg = doc["config"]
+    ax.set_xscale("log")
+    ax.set_xlabel("latency (ms, from intended send time)")
+    ax.set_ylabel("cumulative fraction")
+    ax.set_ylim(0, 1.01)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(f"qstack load: {cfg['protocol']}, {cfg['connections']:,} conns, "
+                 f"{cfg['mode']}, high share {cfg['ratio']:g}", fontsize=10)
+    if drawn:
+        ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _write(path: str, text: str, what: str) -> None:
+    try:
+        with open(path, "w") as f:
+            f.write(text)
+    except OSError as e:
+        raise ConfigError(f"cannot write {what} {path}: {e.strerror}") from None
+
+
+def write_outputs(o, doc: dict, stdout=None) -> list[str]:
+    """Write --cdf, --json and --plot; returns what was written (for the log)."""
+    done = []
+    hists = [Histogram.from_json(doc["histograms"]["high"]),
+             Histogram.from_json(doc["histograms"]["low"])]
+    if o.cdf:
+        _write(o.cdf, cdf_text(doc["connections"]["connected"], hists), "--cdf")
+        done.append(o.cdf)
+    if o.json:
+        text = json.dumps(doc, indent=1, allow_nan=False, default=_json_default) + "\n"
+        if o.json == "-":
+            (stdout or sys.stdout).write(text)
+            (stdout or sys.stdout).flush()
+        else:
+            _write(o.json, text, "--json")
+            done.append(o.json)
+    if o.plot:
+        plot_cdf(doc, o.plot)
+        done.append(o.plot)
+    return done
+
+
+def _json_default(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    raise TypeError(type(v).__name__)
