@@ -4,10 +4,10 @@ and gevent.
     .venv/bin/python bench/echo.py [--quick] [--json FILE]
         [--servers qstack,c-epoll,uvloop,asyncio,gevent] [--duration S]
 
-What it measures. Each server echoes whatever it reads. A native load client
-(bench/src/loadclient.c, built into bench/bin/ on demand) keeps N connections
-busy in a closed loop: send an L-byte message, wait for all L bytes back,
-check them, send the next. Every (server, L in {64 B, 1 KiB}, N in {100,
+What it measures. Each server echoes whatever it reads. The load generator
+(`qstack load --closed`, the native engine of docs/LOAD.md) keeps N
+connections busy in a closed loop: send an L-byte message, wait for all L
+bytes back, check them, send the next. Every (server, L in {64 B, 1 KiB}, N in {100,
 1000}) is run in a fresh server process pinned to CPU 0 with the client
 pinned to CPU 1, so the two never share a core. For the measured window the
 client reports requests/s and latency percentiles (log-linear histogram,
@@ -450,7 +450,7 @@ def main(argv=None):
     # The runner itself wakes at the marks and reads /proc: keep it off the
     # server's CPU.
     os.sched_setaffinity(0, {cfg.client_cpu})
-    client = h.build("loadclient")
+    client = h.load_command()
     load_before = os.getloadavg()
     print("echo bench: servers %s, sizes %s, conns %s, %d round(s), warm-up %.1f s, "
           "window %.1f s; load average %.2f" % (

@@ -1,10 +1,11 @@
 """Shared machinery for the side-by-side benchmarks in bench/.
 
-Builds the native tools, starts a server pinned to one CPU and stops it
-(process group: SIGTERM, then SIGKILL), runs the native load client pinned to
-another CPU, and samples the server's CPU time per thread exactly when the
-client opens and closes its measured window (the client prints "#start" and
-"#end" on stdout for that).
+Builds the C reference server (bench/peers/epoll_echo.c), starts a server
+pinned to one CPU and stops it (process group: SIGTERM, then SIGKILL), runs
+the load generator -- `qstack load`, the same native engine users run (see
+docs/LOAD.md) -- pinned to another CPU, and samples the server's CPU time per
+thread exactly when the generator opens and closes its measured window
+(`qstack load --marks` prints "#start" and "#end" on stdout for that).
 
 CPU time comes from /proc/PID/task/TID/schedstat (nanoseconds) when the
 kernel provides it, else from utime+stime in /proc/PID/task/TID/stat (clock
@@ -17,19 +18,20 @@ import signal
 import socket
 import statistics
 import subprocess
+import sys
 import threading
 import time
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH)
-SRC = os.path.join(BENCH, "src")
+PEERS = os.path.join(BENCH, "peers")
 BIN = os.path.join(BENCH, "bin")
+VENV_PY = os.path.join(REPO, ".venv", "bin", "python")
 LOOPBACK = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-# binary name -> its C sources (the header is a dependency of all of them)
+# binary name -> its C sources in bench/peers/
 NATIVE = {
-    "loadclient": ["loadclient.c", "lc_hist.c", "lc_connect.c", "lc_msg.c"],
     "epoll_echo": ["epoll_echo.c"],
 }
 
@@ -39,8 +41,8 @@ NATIVE = {
 def build(name, log=print):
     """Compile bench/bin/NAME with gcc -O2 when a source is newer; return path."""
     out = os.path.join(BIN, name)
-    srcs = [os.path.join(SRC, s) for s in NATIVE[name]]
-    deps = srcs + [os.path.join(SRC, "lc.h")]
+    srcs = [os.path.join(PEERS, s) for s in NATIVE[name]]
+    deps = srcs
     if os.path.exists(out):
         built = os.path.getmtime(out)
         if all(os.path.getmtime(d) <= built for d in deps if os.path.exists(d)):
@@ -219,41 +221,70 @@ def cpu_delta(before, after, classify):
     return by_class, by_class_ticks, by_comm, allowed
 
 
-# ---- the load client --------------------------------------------------------
+# ---- the load generator ----------------------------------------------------
+
+def load_command():
+    """argv prefix that runs `qstack load` (the venv's Python when there is one)."""
+    py = VENV_PY if os.access(VENV_PY, os.X_OK) else sys.executable
+    return [py, "-m", "qstack", "load"]
+
+
+def _flat(doc):
+    """The figures the benchmarks use, from `qstack load --json` (docs/LOAD.md)."""
+    lat = doc["latency_ms"]["all"]
+    win, msg, conn = doc["window"], doc["messages"], doc["connections"]
+    us = lambda v: None if v is None else v * 1e3   # noqa: E731
+    errors = (msg["bad_replies"] + msg["unsolicited"] + conn["drops"]
+              + max(0, conn["target"] - conn["max_connected"]))
+    return {"mode": doc["config"]["mode"], "conns": conn["target"],
+            "connected": conn["max_connected"], "size": doc["config"]["length"],
+            "rate": doc["config"]["rate"] or 0.0, "seconds": win["seconds"],
+            "requests": lat["count"], "rps": win["responses_per_s"],
+            "incomplete": win["incomplete"], "p50_us": us(lat["p50"]),
+            "p90_us": us(lat["p90"]), "p99_us": us(lat["p99"]), "p999_us": us(lat["p99.9"]),
+            "max_us": us(lat["max"]), "mean_us": us(lat["mean"]), "errors": errors,
+            "connect_retries": conn["retries"], "client_cpu": doc["client"]["cpu"],
+            "client_busy": doc["client"]["busy"], "problems": doc["problems"],
+            "status": doc["status"]}
+
 
 def run_client(client, port, cpu, *, conns, size, warmup, duration, rate=0.0,
                drain=2.0, on_mark=None, extra=()):
-    """Run the native client; on_mark("start"|"end") is called at the marks.
+    """Run `qstack load` (argv prefix `client`, see load_command) pinned to cpu:
+    closed loop, or open loop at `rate` req/s.  on_mark("start"|"end") is
+    called as the measured window opens and closes.
 
-    Returns the client's JSON result (a dict), or a dict with "error".
+    Returns a flat dict of the figures (see _flat), or a dict with "error".
     """
-    argv = pin_prefix(cpu) + [
-        client, "--host", LOOPBACK, "--port", str(port), "--conns", str(conns),
-        "--size", str(size), "--warmup", str(warmup), "--duration", str(duration),
-        "--drain", str(drain), "--marks"] + list(extra)
-    if rate > 0:
-        argv += ["--rate", "%.1f" % rate]
+    argv = pin_prefix(cpu) + list(client) + [
+        "--dest", "%s:%d" % (LOOPBACK, port), "-c", str(conns), "-l", str(size),
+        "-s", "0", "-w", "0.5", "--connect-inflight", "64", "-r", "0",
+        "--warmup", str(warmup), "-d", str(duration), "--drain", str(drain),
+        "--spin", "0.002", "--log-duration", "0", "--marks", "--quiet", "--json", "-"]
+    argv += ["--rate", "%.1f" % rate] if rate > 0 else ["--closed"]
+    argv += list(extra)
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    # Bounded: connect phase (30 s max) + warm-up + window + drain + slack.
+                            text=True, cwd=REPO)
+    # Bounded: start-up + warm-up + window + drain + slack.
     limit = 30 + warmup + duration + drain + 15
     watchdog = threading.Timer(limit, proc.kill)
     watchdog.start()
-    result = None
+    body = []
     try:
         for line in proc.stdout:
-            line = line.strip()
             if line.startswith("#"):
                 if on_mark:
-                    on_mark(line[1:])
-            elif line.startswith("{"):
-                result = json.loads(line)
+                    on_mark(line[1:].strip())
+            else:
+                body.append(line)
         err = proc.stderr.read()
         proc.wait()
     finally:
         watchdog.cancel()
-    if result is None:
-        return {"error": "client exit %s: %s" % (proc.returncode, err.strip()[-300:])}
+    try:
+        result = _flat(json.loads("".join(body)))
+    except (ValueError, KeyError):
+        return {"error": "qstack load exit %s: %s" % (proc.returncode, err.strip()[-300:])}
     if err.strip():
         result["stderr"] = err.strip()[-300:]
     return result

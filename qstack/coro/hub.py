@@ -30,8 +30,10 @@ without going through gevent's loop; every ``YIELD_EVERY`` requests it gives
 the loop one turn so timers and handlers that were blocked can resume.  When
 the rings are empty it sleeps on the core's eventfd through gevent's loop.
 
-Commands (replies, buffer returns) collect in an int64 array and a staging
-bytearray and reach C in one call per batch.  A reply that is the request's
+Commands (replies, buffer returns) collect as tuples in a list (appending is
+the cheapest thing Python does; array.extend of a tuple costs 10x more) plus a
+staging bytearray for copied replies, and reach C packed, in one call per
+batch.  A reply that is the request's
 own buffer is sent without a copy; because QS_EV_DATA == QS_CMD_SEND_BUF and
 the layouts match, such an event tuple *is* its own command.
 """
@@ -39,7 +41,8 @@ the layouts match, such an event tuple *is* its own command.
 import logging
 import os
 import time
-from array import array
+from itertools import starmap
+from struct import Struct
 
 import gevent
 from gevent import get_hub
@@ -63,6 +66,7 @@ F_CLOSE = lib.QS_F_CLOSE
 assert EV_DATA == SEND_BUF
 
 YIELD_EVERY = 64
+_pack_cmd = Struct("8q").pack
 
 
 class Hub:
@@ -79,13 +83,16 @@ class Hub:
         self._rq = RunQueue(core.levels, low_share)
         self._queues = self._rq.queues
         self._classifier = classifier
-        if core.only_level is not None and classifier is None:
+        self._polled = list(enumerate(self._queues))
+        if core.only_level is not None and classifier is None and not core.stream:
+            # Every message gets one level (no rule): one ring to poll.
             self._only = self._queues[core.only_level]
             self._next = self._next_only
+            self._polled = [(core.only_level, self._only)]
         self._batch = batch
         self._evbuf = ffi.new("qs_event[]", batch)
         self._evview = memoryview(ffi.buffer(self._evbuf))
-        self._cmds = array("q")
+        self._cmds = []                 # command tuples, packed once per flush
         self._tx = bytearray()
         self._make_request = make_request
         self._make_connection = make_connection
@@ -117,7 +124,7 @@ class Hub:
             else:
                 lib.qs_core_step(c, 0)
         moved = 0
-        for level, q in enumerate(self._queues):
+        for level, q in self._polled:
             n = lib.qs_core_poll(c, level, buf, batch)
             if n:
                 moved += n
@@ -179,9 +186,9 @@ class Hub:
         if self._native_gone:
             self._release_commands()
             return
-        n = len(cmds) >> 3
+        n = len(cmds)
         tx = self._tx
-        with ffi.from_buffer("qs_cmd[]", cmds) as p:
+        with ffi.from_buffer("qs_cmd[]", b"".join(starmap(_pack_cmd, cmds))) as p:
             if tx:
                 with ffi.from_buffer(tx) as s:
                     done = lib.qs_core_submit(self._c, p, n, s)
@@ -195,7 +202,7 @@ class Hub:
         else:
             # A command ring is full: keep the rest (their staging offsets
             # stay valid until everything is taken) and retry shortly.
-            del cmds[:max(done, 0) * 8]
+            del cmds[:max(done, 0)]
             timer = self._loop.timer(0.0002)
             timer.start(self._flush_later, timer)
 
@@ -215,9 +222,9 @@ class Hub:
     def _release_commands(self):
         """After the stack thread is gone: drop the buffers commands name."""
         cmds = self._cmds
-        for i in range(3, len(cmds), 8):
-            if cmds[i]:
-                self.core.release_local(cmds[i])
+        for cmd in cmds:
+            if cmd[3]:
+                self.core.release_local(cmd[3])
         del cmds[:]
         del self._tx[:]
 
@@ -226,7 +233,7 @@ class Hub:
         off = len(self._tx)
         if data:
             self._tx += data
-        self._cmds.extend((op, level, conn, buf, off, len(data), t_rx, flags))
+        self._cmds.append((op, level, conn, buf, off, len(data), t_rx, flags))
         self._schedule_flush()
 
     def _schedule_flush(self):
@@ -322,15 +329,46 @@ class Hub:
             self._lead(me, req)
 
     def _lead(self, me, req):
+        """Run requests while we lead.  The hot loop of qstack: every name it
+        uses per request is a local, and the handler runs in this frame."""
         self._arm()
+        handler, slab, cmds, nxt = self._handler, self._slab, self._cmds, self._next
         handled = 0
         while not self._native_gone:
-            ev = self._next()
+            ev = nxt()
             if ev is None:
                 self._wait_events()
                 self._arm()
                 continue
-            self._run(req, ev)
+            kind, level, conn, buf, off, ln, t_rx, _ = ev
+            data = slab[off:off + ln] if kind == EV_DATA else jumbo_view(off, ln)
+            req.data = data
+            req.priority = level
+            req.conn_id = conn
+            try:
+                out = handler(req)
+                if out is data:
+                    cmds.append(ev if kind == EV_DATA else
+                                (SEND_BUF, level, conn, buf, off, ln, t_rx, 0))
+                elif out is None:
+                    cmds.append((DONE, level, conn, buf, 0, 0, 0, 0))
+                else:
+                    tx = self._tx
+                    pos = len(tx)
+                    tx += out
+                    cmds.append((SEND_COPY, level, conn, buf, pos, len(tx) - pos, t_rx, 0))
+            except Exception as exc:
+                self._handler_failed(conn, exc)
+                cmds.append((DONE, level, conn, buf, 0, 0, 0, F_CLOSE))
+            except BaseException:
+                cmds.append((DONE, level, conn, buf, 0, 0, 0, F_CLOSE))
+                raise
+            finally:
+                req.data = None
+                try:
+                    data.release()
+                except BufferError:
+                    pass                # the handler still exports it
             if self._leader is not me:
                 # We blocked and a follower took over; it may be asleep on
                 # the eventfd, so our reply must not wait for its next batch.
@@ -341,40 +379,6 @@ class Hub:
                 handled = 0
                 self._yield()
                 self._arm()
-
-    def _run(self, req, ev):
-        kind, level, conn, buf, off, ln, t_rx, _ = ev
-        data = self._slab[off:off + ln] if kind == EV_DATA else jumbo_view(off, ln)
-        req.data = data
-        req.priority = level
-        req.conn_id = conn
-        cmds = self._cmds
-        try:
-            out = self._handler(req)
-            if out is None:
-                cmds.extend((DONE, level, conn, buf, 0, 0, 0, 0))
-            elif out is data:
-                if kind == EV_DATA:
-                    cmds.extend(ev)
-                else:
-                    cmds.extend((SEND_BUF, level, conn, buf, off, ln, t_rx, 0))
-            else:
-                tx = self._tx
-                pos = len(tx)
-                tx += out
-                cmds.extend((SEND_COPY, level, conn, buf, pos, len(tx) - pos, t_rx, 0))
-        except Exception as exc:
-            self._handler_failed(conn, exc)
-            cmds.extend((DONE, level, conn, buf, 0, 0, 0, F_CLOSE))
-        except BaseException:
-            cmds.extend((DONE, level, conn, buf, 0, 0, 0, F_CLOSE))
-            raise
-        finally:
-            req.data = None
-            try:
-                data.release()
-            except BufferError:
-                pass                    # the handler still exports it
 
     def _handler_failed(self, conn, exc):
         self.errors += 1
@@ -440,7 +444,7 @@ class Hub:
         self._release_commands()
         # End the workers the way gevent would (from its loop, so each dying
         # greenlet returns to the hub, not to us); blocked handlers see
-        # GreenletExit and hand their buffer back through _run's except.
+        # GreenletExit and hand their buffer back through _lead's except.
         me = getcurrent()
         for g in list(self._workers):
             if not g.dead and g is not me:

@@ -72,6 +72,7 @@ class NativeCore:
         base = lib.qs_core_slab(c, size)
         self.slab = memoryview(ffi.buffer(base, size[0]))
         self.inline = bool(inline)
+        self.stream = bool(stream_mode)
         # What the hub's loop watches while idle: the stack's epoll fd when the
         # stack runs inline (qs_core_step), else the eventfd the thread writes.
         self.wake_fd = lib.qs_core_poll_fd(c) if inline else lib.qs_core_wake_fd(c)

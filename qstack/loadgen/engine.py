@@ -56,6 +56,8 @@ class Engine:
             sources = ffi.new("uint32_t[]", addrs)     # copied by qsl_engine_new
             cfg.nsources = len(addrs)
             cfg.sources = sources
+            from qstack.loadgen.options import _port_range
+            cfg.port_lo, cfg.port_hi = _port_range()
         cfg.msg_len = o.length
         cfg.reply_len = o.reply_len if o.protocol == "iotep" else o.length
         cfg.burst = o.burst

@@ -225,6 +225,10 @@ def check_limits(o: LoadOptions, nofile: tuple[int, int],
             f"{o.connections:,} connections to {o.dest} need {per_source:,} source ports per "
             f"source address, but one address has {ports:,} (net.ipv4.ip_local_port_range "
             f"{lo}-{hi}); use --ips {k} or more to spread them over 127.0.0.0/8")
+    if not o.ips and o.connections > 5000 and ipaddress.IPv4Address(o.host).is_loopback:
+        notes.append(f"{o.connections:,} connections with kernel-chosen source ports: connect() "
+                     f"slows down as the ports fill up (the kernel searches for a free one); "
+                     f"--ips 1 binds explicit ports and connects several times faster")
     if per_source > 0.9 * ports:
         notes.append(f"{per_source:,} of {ports:,} source ports per address in use: close to "
                      f"the limit (connections in TIME_WAIT count too); --ips spreads them")

@@ -107,6 +107,19 @@ def _problems(o, s: dict, incomplete: int) -> list[str]:
     if s["err_other"]:
         out.append(f"{s['err_other']:,} connection errors of another kind (the last: "
                    f"{os.strerror(s['last_errno'])})")
+    missing = o.connections - s.get("connected", 0)
+    if missing > 0 and s.get("established", 0) > 0:
+        why = []
+        if s.get("unstarted"):
+            why.append(f"{s['unstarted']:,} never got their first attempt before the window "
+                       f"ended (at most --connect-inflight {o.connect_inflight} connects are "
+                       f"in flight at a time; a server that accepts slowly"
+                       + ("" if o.ips else ", or connect() searching for free ports (see "
+                                            "--ips)") + " holds them back: a longer -s/-w helps)")
+        if s.get("connecting"):
+            why.append(f"{s['connecting']:,} were still connecting")
+        out.append(f"{missing:,} of {o.connections:,} connections were not established at the "
+                   f"end" + (": " + "; ".join(why) if why else ""))
     if s["drops"]:
         out.append(f"{s['drops']:,} established connections were lost (closed, reset or a "
                    f"bad reply) and reopened after {o.retry_delay:g} s")
@@ -137,10 +150,12 @@ def _problems(o, s: dict, incomplete: int) -> list[str]:
 
 
 def build(o, stats: dict, hists: list[Histogram], cpu_s: float, intervals: list,
-          errors: list[str], interrupted: bool = False, complete: bool = True) -> dict:
-    """The report document (what --json writes)."""
+          errors: list[str], interrupted: bool = False, complete: bool = True,
+          window_s: float | None = None) -> dict:
+    """The report document (what --json writes).  window_s is the measured
+    window's actual length (shorter than -d when interrupted)."""
     s = stats
-    window = o.duration
+    window = window_s if window_s else o.duration
     incomplete = max(0, s.get("w_requests", 0) - s.get("w_responses", 0))
     offered = o.rate if o.mode == "rate" else (
         o.connections / o.epoch if o.mode == "epoch" else None)

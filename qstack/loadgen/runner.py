@@ -14,7 +14,8 @@ that the parent reads with a selector.  Messages are tuples:
     ("tick", proc, n, stats)               cumulative counters at t_start + n s
     ("log", proc, n, stats, [high, low])   interval histograms, every --log-duration
     ("mark", proc, "start" | "end")        the measured window opened / closed
-    ("final", proc, stats, [high, low], cpu_s)   window histograms, CPU in the window
+    ("final", proc, stats, [high, low], cpu_s, window_s)
+                                           window histograms, CPU and length of the window
     ("error", proc, text)                  the engine could not start
 
 Signals.  SIGINT/SIGTERM end the window early: every engine stops sending,
@@ -34,6 +35,7 @@ import struct
 import sys
 import time
 
+from qstack.errors import ConfigError
 from qstack.loadgen.engine import NS, Engine, EngineTimes, now_ns
 from qstack.loadgen.hist import Histogram
 from qstack.loadgen.options import LoadOptions, plan_processes
@@ -73,10 +75,12 @@ def worker(o: LoadOptions, times: EngineTimes, proc: int, first: int, count: int
         marks = [("start", times.meas), ("end", times.end)]
         cpu = {}
         stopped = False
+        window_end = times.end
         while True:
             if stop.requested and not stopped:
                 eng.stop(min(o.drain, STOP_DRAIN_S))
                 stopped = True
+                window_end = max(times.meas, min(times.end, now_ns()))
             now = now_ns()
             until = min(next_tick, now + POLL_NS)
             if next_log is not None:
@@ -99,7 +103,7 @@ def worker(o: LoadOptions, times: EngineTimes, proc: int, first: int, count: int
                     skip = (now - next_tick) // TICK_NS + 1
                     next_tick += skip * TICK_NS
                     tick_no += skip
-            if next_log is not None and now >= next_log and now <= times.end + NS // 2:
+            if next_log is not None and now >= next_log:
                 emit(("log", proc, log_no, eng.stats(),
                       [eng.hist(0, interval=True), eng.hist(1, interval=True)]))
                 log_no += 1
@@ -109,7 +113,8 @@ def worker(o: LoadOptions, times: EngineTimes, proc: int, first: int, count: int
             if done:
                 break
         window_cpu = cpu.get("end", _cpu_s()) - cpu.get("start", _cpu_s())
-        emit(("final", proc, eng.stats(), [eng.hist(0), eng.hist(1)], window_cpu))
+        emit(("final", proc, eng.stats(), [eng.hist(0), eng.hist(1)], window_cpu,
+              (window_end - times.meas) / NS))
     finally:
         eng.close()
 
@@ -130,6 +135,8 @@ class Aggregator:
         self.print = printer
         self.marks_out = marks
         self.ticks: dict[int, dict[int, dict]] = {}
+        self._tick_seen: dict[int, set[int]] = {}
+        self._tick_stats: dict[int, dict[int, dict]] = {}
         self.logs: dict[int, dict[int, tuple]] = {}
         self.last_stats: dict[int, dict] = {}
         self.finals: dict[int, tuple] = {}
@@ -147,6 +154,8 @@ class Aggregator:
             _, _, n, stats = msg
             self.last_stats[proc] = stats
             self.ticks.setdefault(n, {})[proc] = stats
+            self._tick_seen.setdefault(proc, set()).add(n)
+            self._tick_stats.setdefault(proc, {})[n] = stats
             self._flush_ticks()
         elif kind == "log":
             _, _, n, stats, hists = msg
@@ -160,9 +169,9 @@ class Aggregator:
                 if self.marks_out:
                     self.marks_out("#" + name)
         elif kind == "final":
-            _, _, stats, hists, cpu = msg
+            _, _, stats, hists, cpu, window_s = msg
             self.last_stats[proc] = stats
-            self.finals[proc] = (stats, hists, cpu)
+            self.finals[proc] = (stats, hists, cpu, window_s)
             self._flush_ticks()
             self._flush_logs()
         elif kind == "error":
@@ -191,13 +200,28 @@ class Aggregator:
         return out
 
     def _flush_ticks(self) -> None:
-        for n in sorted(self.ticks):
-            got = self.ticks[n]
-            if not self._live() <= set(got):
-                break
-            merged = {**{p: s for p, s in self.last_stats.items() if p not in got}, **got}
-            self._progress(n, self._sum(merged))
+        """Print tick n once every live process has reported tick n or later,
+        each process counted by its latest report at or before n (a stalled
+        process may skip ticks; a finished one counts with its final stats)."""
+        while self.ticks:
+            n = min(self.ticks)
+            latest = {p: max(t) for p, t in self._tick_seen.items() if t}
+            if any(latest.get(p, 0) < n for p in self._live()):
+                return
+            per_proc = {}
+            for p in range(self.nproc):
+                upto = [t for t in self._tick_seen.get(p, ()) if t <= n]
+                if p in self.finals and not any(t >= n for t in self._tick_seen.get(p, ())):
+                    per_proc[p] = self.finals[p][0]
+                elif upto:
+                    per_proc[p] = self._tick_stats[p][max(upto)]
+            self._progress(n, self._sum(per_proc))
             del self.ticks[n]
+            for p in self._tick_seen:   # keep only what later ticks may need
+                older = [t for t in self._tick_seen[p] if t < n]
+                for t in older[:-1]:
+                    self._tick_seen[p].discard(t)
+                    self._tick_stats[p].pop(t, None)
 
     def _progress(self, n: int, s: dict) -> None:
         prev_n, prev = self._prev_tick
@@ -236,7 +260,9 @@ class Aggregator:
                           | {p: s for p, s in self.last_stats.items() if p not in self.finals})
         hists = [Histogram.merged(f[1][lvl] for f in self.finals.values()) for lvl in (0, 1)]
         cpu = sum(f[2] for f in self.finals.values())
+        window_s = max((f[3] for f in self.finals.values()), default=self.o.duration)
         return report.build(self.o, stats, hists, cpu, self.intervals, self.errors,
+                            window_s=window_s,
                             interrupted=interrupted, complete=len(self.finals) == self.nproc)
 
 
@@ -330,7 +356,16 @@ def _run_children(o, times, plan, agg, stop, children) -> None:
     sys.stderr.flush()
     for proc, (first, count) in enumerate(plan):
         r, w = os.pipe()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as e:
+            os.close(r)
+            os.close(w)
+            for other in children:
+                os.kill(other, signal.SIGKILL)
+                os.waitpid(other, 0)
+            raise ConfigError(f"cannot start load process {proc} of {len(plan)}: "
+                              f"{e.strerror}") from None
         if pid == 0:   # child
             code = 0
             try:

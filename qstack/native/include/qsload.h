@@ -65,6 +65,12 @@ typedef struct qsl_config {
     const uint32_t *sources;      /* nsources IPv4 addresses, host order; the
                                      connection with global index g binds to
                                      sources[g % nsources] */
+    uint32_t port_lo, port_hi;    /* with sources: connection g binds the explicit port
+                                     port_lo + (g / nsources) mod (port_hi - port_lo + 1)
+                                     (no kernel search for a free port, which costs
+                                     O(ports in use) per connect); 0, 0 = the kernel
+                                     picks.  A port found busy falls back to the
+                                     kernel's choice for that connection. */
     uint32_t msg_len;             /* bytes per message */
     uint32_t reply_len;           /* iotep: bytes per reply (echo: msg_len) */
     uint32_t burst;               /* epoch mode: connections per block */
@@ -125,6 +131,7 @@ typedef struct qsl_stats {
     uint64_t rx_bytes;
     uint64_t idle_ns;             /* window time in polls that found nothing (--spin) */
     uint64_t outstanding;         /* requests awaiting a reply now */
+    uint64_t unstarted;           /* connections still waiting for their first attempt */
 } qsl_stats;
 
 /* Summary of one histogram (values in ns). */

@@ -619,6 +619,7 @@ int qsl_engine_new(const qsl_config *cfg, qsl_engine **out)
 void qsl_engine_stats(const qsl_engine *e, qsl_stats *out)
 {
     *out = e->st;
+    out->unstarted = e->cfg.nconns - e->next_initial;
 }
 
 int qsl_engine_hist(qsl_engine *e, int level, int which, qsl_hist_info *info,

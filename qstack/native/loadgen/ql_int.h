@@ -56,6 +56,7 @@ struct ql_conn {
     uint8_t state;
     uint8_t out_armed;      /* EPOLLOUT in the interest set */
     uint8_t tried;          /* at least one attempt made: later ones are retries */
+    uint8_t kernel_port;    /* its explicit source port was busy: let the kernel pick */
     uint32_t g;             /* global index */
     uint32_t next_wait;     /* retry queue link (local index + 1, 0 = end) */
     int64_t t_wait;         /* WAIT: not before; CONNECTING: attempt started */
