@@ -19,7 +19,7 @@ $(BIN)/python:
 # pip builds the native module with cffi (API mode) as part of the install;
 # the explicit in-place build keeps the editable tree importable.
 $(STAMP): $(BIN)/python setup.py setup.cfg pyproject.toml $(NATIVE)
-	$(BIN)/python -m pip install -q -e '.[test,bench]'
+	$(BIN)/python -m pip install -q -e '.[test,bench,plot]'
 	$(BIN)/python qstack/native/build.py
 	$(BIN)/python qstack/native/build_loadgen.py
 	touch $@
@@ -45,4 +45,5 @@ bench: build
 	$(BIN)/python bench/echo.py
 
 clean:
-	rm -rf build dist *.egg-info qstack/_native*.so qstack/_native.c qstack/_native.o bench/bin
+	rm -rf build dist *.egg-info qstack/_native*.so qstack/_native.c qstack/_native.o \
+	  qstack/_loadgen*.so qstack/_loadgen.c qstack/_loadgen.o bench/bin

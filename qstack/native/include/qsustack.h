@@ -1,0 +1,173 @@
+/*
+ * qsustack.h -- the user-space TCP/IP stack's test ABI (qstack._ustack_test).
+ *
+ * cffi reads this file verbatim (qstack/native/build_ustack.py): only
+ * declarations cffi can parse, integer constants for macros, no #include.
+ * C files include <stdint.h> before it.  The stack's own code includes it
+ * too, for qsu_config and qsu_stats, so there is one definition of each.
+ *
+ * The test harness (qsu_net) is two complete stacks (Ethernet, ARP, IPv4,
+ * ICMP, TCP) joined by an in-memory wire, driven by a fake clock: nothing
+ * happens unless a qsu_* call runs, and every run is reproducible from its
+ * seeds.  Each side may wrap its transmit path in a fault injector.
+ *
+ * Buffers: every packet and every byte of stream data lives in a stack's
+ * pool.  qsu_stats.pool_in_use counts the buffers out of it; after
+ * qsu_net_quiesce() with every connection gone it must be zero.
+ *
+ * Errors: functions return -errno (negative) on failure, >= 0 on success.
+ */
+
+/* TCP states (RFC 9293 3.3.2) */
+#define QSU_CLOSED 0
+#define QSU_LISTEN 1
+#define QSU_SYN_SENT 2
+#define QSU_SYN_RECEIVED 3
+#define QSU_ESTABLISHED 4
+#define QSU_FIN_WAIT_1 5
+#define QSU_FIN_WAIT_2 6
+#define QSU_CLOSE_WAIT 7
+#define QSU_CLOSING 8
+#define QSU_LAST_ACK 9
+#define QSU_TIME_WAIT 10
+
+/* harness connection events (qsu_conn_info.events), sticky bits */
+#define QSU_EV_ACCEPTED 1
+#define QSU_EV_CONNECTED 2
+#define QSU_EV_READABLE 4
+#define QSU_EV_WRITABLE 8
+#define QSU_EV_EOF 16
+#define QSU_EV_CLOSED 32
+
+typedef struct qsu_config {
+    uint8_t mac[6];
+    uint32_t ip;              /* host byte order */
+    int32_t prefix_len;       /* 1..32 */
+    uint32_t gateway;         /* 0 = none */
+    uint32_t buf_size;        /* bytes per pool buffer, header included (>= 1600) */
+    uint32_t buf_count;       /* pool buffers, allocated up front */
+    uint32_t max_conns;       /* flow table capacity */
+    uint32_t syn_backlog;     /* half-open connections per listener */
+    int32_t syncookies;       /* 0 never, 1 when the backlog is full, 2 always */
+    uint32_t snd_buf;         /* bytes queued for sending per connection */
+    uint32_t rcv_buf;         /* receive window per connection, bytes */
+    uint32_t mss;             /* our MSS: 536..1460 */
+    int32_t wscale;           /* window scale we offer, 0..14; -1 = do not offer */
+    uint32_t init_rto_ms;     /* RFC 6298 2.1: 1000 */
+    uint32_t min_rto_ms;
+    uint32_t max_rto_ms;
+    uint32_t delack_ms;       /* delayed ACK timeout (<= 500, RFC 9293 3.8.6.3) */
+    uint32_t msl_ms;          /* TIME_WAIT lasts 2 * msl_ms */
+    uint32_t max_retries;     /* RTO expiries in a row before giving up */
+    uint32_t syn_retries;
+    uint32_t keepalive_idle_ms;   /* 0 = no keepalive */
+    uint32_t keepalive_intvl_ms;
+    uint32_t keepalive_cnt;
+    uint64_t secret;          /* seeds ISS and SYN cookies (RFC 6528) */
+} qsu_config;
+
+typedef struct qsu_stats {
+    uint64_t rx_frames, tx_frames, rx_bytes, tx_bytes;
+    uint64_t eth_short, eth_bad_dst, eth_bad_type;
+    uint64_t arp_rx, arp_tx, arp_bad, arp_queued, arp_drop;
+    uint64_t ip_rx, ip_tx, ip_bad_hdr, ip_bad_csum, ip_frag_drop, ip_ttl_drop,
+             ip_not_mine, ip_bad_proto, ip_no_route;
+    uint64_t icmp_rx, icmp_echo_replies, icmp_bad;
+    uint64_t tcp_rx, tcp_tx, tcp_bad_hdr, tcp_bad_csum, tcp_bad_opts;
+    uint64_t tcp_rst_rx, tcp_rst_tx, tcp_rst_ignored, tcp_challenge_acks, tcp_out_of_window;
+    uint64_t tcp_syn_rx, tcp_syn_drop, tcp_cookies_sent, tcp_cookies_ok, tcp_cookies_bad;
+    uint64_t tcp_rexmit, tcp_rto, tcp_fast_rexmit, tcp_partial_acks, tcp_dupacks;
+    uint64_t tcp_ooo, tcp_dup_data, tcp_zwp, tcp_keepalives, tcp_delacks;
+    uint64_t tcp_active_opens, tcp_passive_opens, tcp_conns, tcp_resets, tcp_timeouts;
+    uint64_t tcp_time_wait, tcp_no_mem;
+    uint64_t pool_total, pool_in_use, pool_peak, pool_fail;
+    uint64_t drv_drop;
+    uint64_t tcb_bytes;       /* sizeof one control block */
+    uint64_t flow_bytes;      /* flow table bytes per connection slot */
+} qsu_stats;
+
+/* Faults applied to every frame one side transmits.  Rates are in [0, 1]. */
+typedef struct qsu_fault {
+    double loss, dup, reorder, corrupt;
+    int64_t delay_ns;         /* added to every frame */
+    int64_t reorder_ns;       /* a reordered frame is held up to this much longer */
+    uint64_t seed;
+} qsu_fault;
+
+typedef struct qsu_conn_info {
+    int32_t state;            /* QSU_*; QSU_CLOSED once the stack let go */
+    int32_t events;           /* QSU_EV_* seen so far */
+    int32_t err;              /* -errno the connection ended with, 0 if none */
+    uint16_t lport, rport;
+    uint32_t snd_una, snd_nxt, snd_max, rcv_nxt, iss, irs;   /* raw sequence numbers */
+    uint32_t snd_wnd, rcv_wnd, cwnd, ssthresh, mss, rto_ms, srtt_us;
+    int32_t snd_wscale, rcv_wscale;
+    uint32_t sndq, rcvq;      /* bytes queued */
+    uint32_t nrexmit;
+} qsu_conn_info;
+
+typedef struct qsu_bulk_result {
+    uint64_t sent_ab, recv_ab, sent_ba, recv_ba;
+    uint8_t sha_sent_ab[32], sha_recv_ab[32], sha_sent_ba[32], sha_recv_ba[32];
+    int64_t sim_ns;           /* fake time the transfer took */
+    int64_t wall_ns;
+    uint64_t rounds;
+} qsu_bulk_result;
+
+typedef struct qsu_net qsu_net;
+
+/* Defaults: side 0 (a) is 198.18.0.1, side 1 (b) 198.18.0.2, /24. */
+void qsu_config_default(qsu_config *cfg, int side);
+
+/* Two stacks over an in-memory wire with latency_ns one way. */
+qsu_net *qsu_net_new(const qsu_config *a, const qsu_config *b, int64_t latency_ns, int *err);
+void qsu_net_free(qsu_net *n);
+int qsu_net_fault(qsu_net *n, int side, const qsu_fault *f);   /* f NULL: no faults */
+int64_t qsu_net_now(qsu_net *n);
+/* Run both stacks for dt_ns of fake time: deliver frames and fire timers at
+ * their times.  Returns how many frames and timers were handled. */
+int64_t qsu_net_run(qsu_net *n, int64_t dt_ns);
+/* Run until nothing is in flight and no timer is due within idle_ns, at most
+ * max_ns; returns the fake time used, or -ETIMEDOUT. */
+int64_t qsu_net_settle(qsu_net *n, int64_t idle_ns, int64_t max_ns);
+int qsu_stats_get(qsu_net *n, int side, qsu_stats *out);
+/* Frames the wire still holds (both directions). */
+int qsu_net_inflight(qsu_net *n);
+
+/* Sockets, harness style: small integer handles per side. */
+int qsu_listen(qsu_net *n, int side, uint16_t port, int backlog);
+int qsu_unlisten(qsu_net *n, int side, uint16_t port);
+int qsu_connect(qsu_net *n, int side, uint16_t lport, uint16_t rport);  /* lport 0: pick */
+/* Handles of connections accepted on `side` since the last call. */
+int qsu_accepted(qsu_net *n, int side, int32_t *out, int max);
+int qsu_send(qsu_net *n, int side, int h, const uint8_t *data, int len);  /* bytes queued */
+int qsu_recv(qsu_net *n, int side, int h, uint8_t *out, int max);        /* bytes read */
+int qsu_close(qsu_net *n, int side, int h);     /* graceful: FIN after queued data */
+int qsu_abort(qsu_net *n, int side, int h);     /* RST, at once */
+int qsu_keepalive(qsu_net *n, int side, int h, int on);
+int qsu_info(qsu_net *n, int side, int h, qsu_conn_info *out);
+/* Bytes the other stack may still send before this side's window is full:
+ * set this side's receive buffer for one connection (zero-window tests). */
+int qsu_set_rcvbuf(qsu_net *n, int side, int h, uint32_t bytes);
+
+/* Hand a raw Ethernet frame to a side's input, as if received. */
+int qsu_inject(qsu_net *n, int side, const uint8_t *frame, int len);
+/* Copy the frames a side transmitted since the last call (the capture ring
+ * keeps the last 64) as [u16 length][frame]...; returns bytes written. */
+int qsu_capture(qsu_net *n, int side, uint8_t *out, int max);
+/* Fuzz: `count` frames derived from captured or synthetic TCP/IP frames by
+ * random mutation (seeded), injected into `side`.  Returns frames injected. */
+int qsu_fuzz(qsu_net *n, int side, uint64_t seed, int count);
+
+/* Transfer bytes_ab from handle ha (side 0) to hb (side 1) and bytes_ba
+ * back, at once, from a seeded pseudo-random stream; SHA-256 of what was
+ * sent and what arrived on each side.  Stops when everything arrived or
+ * max_ns of fake time passed (-ETIMEDOUT). */
+int qsu_bulk(qsu_net *n, int ha, int hb, uint64_t bytes_ab, uint64_t bytes_ba,
+             uint64_t seed, int64_t max_ns, qsu_bulk_result *out);
+
+/* Open `count` connections from side 0 to side 1's `port` and leave them
+ * idle; returns how many reached ESTABLISHED on both sides. */
+int qsu_open_many(qsu_net *n, uint16_t port, int count);
+
+void qsu_sha256(const uint8_t *data, uint64_t len, uint8_t *out);
