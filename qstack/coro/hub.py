@@ -63,9 +63,11 @@ DONE = lib.QS_CMD_DONE
 RELEASE = lib.QS_CMD_RELEASE
 CLOSE = lib.QS_CMD_CLOSE
 F_CLOSE = lib.QS_F_CLOSE
+NO_POLL = lib.QS_STEP_NO_POLL
 assert EV_DATA == SEND_BUF
 
 YIELD_EVERY = 64
+HOT_BATCH = 4       # inline: a refill this big means more is coming; poll at once
 _pack_cmd = Struct("8q").pack
 
 
@@ -100,6 +102,7 @@ class Hub:
         self._ghub = get_hub()
         self._loop = self._ghub.loop
         self._inline = core.inline
+        self._hot = False
         self._wake = self._loop.io(core.wake_fd, 1)
         self._nworkers = workers
         self._workers = set()
@@ -119,9 +122,10 @@ class Hub:
         """Move waiting events from the native rings into the run queue."""
         c, buf, view, batch = self._c, self._evbuf, self._evview, self._batch
         if self._inline:
-            if self._cmds:
-                self._flush()           # hands over replies, then steps
-            else:
+            # Replies out; while busy also read the sockets right away, else
+            # leave that to gevent's epoll_wait (see _wait_events).
+            self._flush()
+            if self._hot:
                 lib.qs_core_step(c, 0)
         moved = 0
         for level, q in self._polled:
@@ -132,6 +136,7 @@ class Hub:
                     q.extend(iter_events(view[:n * EVENT_SIZE]))
                 else:
                     self._classify(iter_events(view[:n * EVENT_SIZE]))
+        self._hot = moved >= HOT_BATCH
         return moved
 
     def _classify(self, events):
@@ -198,7 +203,7 @@ class Hub:
             del cmds[:]
             del tx[:]
             if self._inline:
-                self._step()
+                self._step(NO_POLL)
         else:
             # A command ring is full: keep the rest (their staging offsets
             # stay valid until everything is taken) and retry shortly.
@@ -206,13 +211,13 @@ class Hub:
             timer = self._loop.timer(0.0002)
             timer.start(self._flush_later, timer)
 
-    def _step(self):
-        """Inline stack: run one step now so submitted replies are written.
+    def _step(self, timeout):
+        """Inline stack: run one step now (NO_POLL: just the commands).
 
-        The step may read sockets and publish events while the leader sleeps
-        on the epoll fd, whose readiness the step has just consumed: wake it.
+        A step may publish events (a read, or a connection that was waiting
+        for ring space) while the leader sleeps on the epoll fd: wake it.
         """
-        if lib.qs_core_step(self._c, 0) > 0 and self._sleeper is not None:
+        if lib.qs_core_step(self._c, timeout) > 0 and self._sleeper is not None:
             self._loop.run_callback(self._kick)
 
     def _flush_later(self, timer):
@@ -251,13 +256,15 @@ class Hub:
         """Sleep through gevent's loop until the stack has events.
 
         Threaded stack: on the eventfd the stack thread writes after we
-        announced sleeping.  Inline stack: on the stack's epoll fd; the next
-        refill's step then reads the sockets.
+        announced sleeping.  Inline stack: on the stack's epoll fd, through
+        gevent's own epoll_wait -- so we do not poll the sockets ourselves
+        before sleeping (that would be a second epoll_wait per wake-up); on
+        wake-up one step reads them.  The commands-only step before sleeping
+        also retries connections that waited for the ring space just freed.
         """
-        if self._inline and not self._cmds:
-            lib.qs_core_step(self._c, 0)
-        else:
-            self._flush()               # inline, this steps too
+        self._flush()
+        if self._inline:
+            self._step(NO_POLL)
         self._parked = True
         try:
             if lib.qs_core_sleep(self._c) == 0:
@@ -268,7 +275,9 @@ class Hub:
                 finally:
                     self._sleeper = None
                     self._wake.stop()
-                if not self._inline:
+                if self._inline:
+                    self._step(0)
+                else:
                     try:
                         os.eventfd_read(self.core.wake_fd)
                     except BlockingIOError:

@@ -188,8 +188,11 @@ int qs_core_stats(qs_core *c, qs_stats *out);
  * the stack loop in the caller's thread: the submitted commands (writes), one
  * epoll_wait of at most timeout_ms (0 = do not block), reads, publishing the
  * events.  Returns the number of events published, or -errno.
+ * timeout_ms QS_STEP_NO_POLL runs the commands only and leaves the sockets
+ * alone: what a hub does before it sleeps in its own loop on the poll fd.
  * qs_core_poll_fd is readable whenever a step would find socket work (it is
  * the epoll fd), for the hub's own event loop to watch while idle. */
+#define QS_STEP_NO_POLL -2
 int qs_core_step(qs_core *c, int timeout_ms);
 int qs_core_poll_fd(qs_core *c);
 

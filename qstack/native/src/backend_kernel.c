@@ -361,9 +361,12 @@ static int k_step(qs_core *core, int timeout)
     k->now = qs_now_ns();
     int ncmd = k_work(k);
     listeners_resume(k);
-    if (k->touched)
-        timeout = 0;                   /* events wait already: just look */
-    int rc = k_poll(k, evs, timeout, ncmd > 0);
+    int rc = 0;
+    if (timeout != QS_STEP_NO_POLL) {
+        if (k->touched)
+            timeout = 0;               /* events wait already: just look */
+        rc = k_poll(k, evs, timeout, ncmd > 0);
+    }
     int pushed = publish(k);
     return rc < 0 && !pushed ? rc : pushed;
 }

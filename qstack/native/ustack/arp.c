@@ -1,0 +1,176 @@
+/*
+ * arp.c -- ARP (RFC 826) for IPv4 over Ethernet: request, reply, cache.
+ *
+ * The cache is a small open-addressed table (QS_ARP_SLOTS, probing 8
+ * slots).  A frame for an unresolved next hop waits in its entry (at most
+ * QS_ARP_QLEN; the oldest is dropped: TCP retransmits anyway) while a
+ * request goes out, repeated at most once a second.  Following RFC 826's
+ * "merge" rule, a packet from a sender we already know refreshes its entry
+ * even if it is not for us; only packets for us create entries, so a
+ * flood of foreign ARP traffic cannot evict our neighbours.
+ */
+#include "ustack.h"
+
+#define ARP_TTL_NS 60000000000LL      /* resolved entries live a minute */
+#define ARP_RETRY_NS 1000000000LL
+#define ARP_PROBE 8
+#define ST_FREE 0
+#define ST_PENDING 1
+#define ST_OK 2
+
+static uint32_t slot_of(uint32_t ip)
+{
+    return (ip * 2654435761u) >> 24;   /* 256 slots */
+}
+
+static qs_arp_entry *find(qs_ustack *s, uint32_t ip)
+{
+    for (uint32_t i = 0; i < ARP_PROBE; i++) {
+        qs_arp_entry *e = &s->arp[(slot_of(ip) + i) % QS_ARP_SLOTS];
+        if (e->state != ST_FREE && e->ip == ip)
+            return e;
+    }
+    return NULL;
+}
+
+static void entry_clear(qs_ustack *s, qs_arp_entry *e)
+{
+    for (int i = 0; i < e->nq; i++) {
+        qs_mbuf_free(&s->pool, e->q[i]);
+        s->st.arp_drop++;
+    }
+    memset(e, 0, sizeof(*e));
+}
+
+/* a slot for ip: free, else expired, else the first non-static one */
+static qs_arp_entry *claim(qs_ustack *s, uint32_t ip, int64_t now)
+{
+    qs_arp_entry *victim = NULL;
+    for (uint32_t i = 0; i < ARP_PROBE; i++) {
+        qs_arp_entry *e = &s->arp[(slot_of(ip) + i) % QS_ARP_SLOTS];
+        if (e->state == ST_FREE)
+            return e;
+        if (!victim && e->expires != INT64_MAX && (e->state == ST_PENDING || e->expires <= now))
+            victim = e;
+    }
+    if (!victim)
+        victim = &s->arp[slot_of(ip)];
+    entry_clear(s, victim);
+    return victim;
+}
+
+static void flush_queue(qs_ustack *s, qs_arp_entry *e, int64_t now)
+{
+    int n = e->nq;
+    e->nq = 0;
+    for (int i = 0; i < n; i++)
+        qs_eth_output(s, e->q[i], e->mac, 0x0800, now);
+}
+
+void qs_arp_add_static(qs_ustack *s, uint32_t ip, const uint8_t *mac)
+{
+    qs_arp_entry *e = find(s, ip);
+    if (!e)
+        e = claim(s, ip, 0);
+    e->ip = ip;
+    memcpy(e->mac, mac, 6);
+    e->state = ST_OK;
+    e->expires = INT64_MAX;
+}
+
+void qs_arp_destroy(qs_ustack *s)
+{
+    for (int i = 0; i < QS_ARP_SLOTS; i++)
+        if (s->arp[i].state != ST_FREE)
+            entry_clear(s, &s->arp[i]);
+}
+
+static int send_arp(qs_ustack *s, int oper, const uint8_t *tha, uint32_t tpa, const uint8_t *dst,
+                    int64_t now)
+{
+    qs_mbuf *m = qs_mbuf_alloc(&s->pool);
+    if (!m)
+        return -ENOBUFS;
+    uint8_t *p = qs_mbuf_ptr(m);
+    qs_put16(p, 1);
+    qs_put16(p + 2, 0x0800);
+    p[4] = 6;
+    p[5] = 4;
+    qs_put16(p + 6, (uint16_t)oper);
+    memcpy(p + 8, s->cfg.mac, 6);
+    qs_put32(p + 14, s->cfg.ip);
+    memcpy(p + 18, tha, 6);
+    qs_put32(p + 24, tpa);
+    m->len = 28;
+    s->st.arp_tx++;
+    return qs_eth_output(s, m, dst, 0x0806, now);
+}
+
+int qs_arp_input(qs_ustack *s, qs_mbuf *m, int64_t now)
+{
+    const uint8_t *p = qs_mbuf_ptr(m);
+    s->st.arp_rx++;
+    if (m->len < 28 || qs_get16(p) != 1 || qs_get16(p + 2) != 0x0800 || p[4] != 6 || p[5] != 4 ||
+        (qs_get16(p + 6) != 1 && qs_get16(p + 6) != 2) || (p[8] & 1)) {
+        s->st.arp_bad++;
+        qs_mbuf_free(&s->pool, m);
+        return -EINVAL;
+    }
+    uint16_t oper = qs_get16(p + 6);
+    uint8_t sha[6];
+    memcpy(sha, p + 8, 6);
+    uint32_t spa = qs_get32(p + 14), tpa = qs_get32(p + 24);
+    qs_mbuf_free(&s->pool, m);
+    if (spa == 0 || spa == s->cfg.ip)      /* probes and conflicts: never cache */
+        return 0;
+    qs_arp_entry *e = find(s, spa);
+    if (e && e->expires != INT64_MAX) {    /* merge (static entries stay) */
+        memcpy(e->mac, sha, 6);
+        e->state = ST_OK;
+        e->expires = now + ARP_TTL_NS;
+    }
+    if (tpa != s->cfg.ip)
+        return 0;
+    if (!e) {
+        e = claim(s, spa, now);
+        e->ip = spa;
+        memcpy(e->mac, sha, 6);
+        e->state = ST_OK;
+        e->expires = now + ARP_TTL_NS;
+    }
+    if (e->state == ST_OK)
+        flush_queue(s, e, now);
+    if (oper == 1)
+        send_arp(s, 2, sha, spa, sha, now);
+    return 0;
+}
+
+/* m holds an IPv4 packet for next hop `nh`: send it, or park it and ask. */
+int qs_arp_resolve_output(qs_ustack *s, qs_mbuf *m, uint32_t nh, int64_t now)
+{
+    qs_arp_entry *e = find(s, nh);
+    if (e && e->state == ST_OK && e->expires > now)
+        return qs_eth_output(s, m, e->mac, 0x0800, now);
+    if (!e) {
+        e = claim(s, nh, now);
+        e->ip = nh;
+    }
+    if (e->state != ST_PENDING) {
+        e->state = ST_PENDING;
+        e->expires = 0;
+    }
+    if (e->nq == QS_ARP_QLEN) {             /* drop the oldest */
+        qs_mbuf_free(&s->pool, e->q[0]);
+        memmove(e->q, e->q + 1, sizeof(e->q[0]) * (QS_ARP_QLEN - 1));
+        e->nq--;
+        s->st.arp_drop++;
+    }
+    e->q[e->nq++] = m;
+    s->st.arp_queued++;
+    if (now >= e->expires) {
+        static const uint8_t zero[6];
+        e->expires = now + ARP_RETRY_NS;
+        send_arp(s, 1, zero, nh, qs_eth_bcast, now);
+    }
+    return 0;
+}

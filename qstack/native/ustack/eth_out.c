@@ -1,0 +1,21 @@
+/*
+ * eth_out.c -- Ethernet II transmit: prepend the header, hand to the driver.
+ */
+#include "ustack.h"
+
+int qs_eth_output(qs_ustack *s, qs_mbuf *m, const uint8_t *dst, uint16_t type, int64_t now)
+{
+    if (m->off < 14) {            /* cannot happen with QS_HEADROOM; never scribble */
+        qs_mbuf_free(&s->pool, m);
+        return -EINVAL;
+    }
+    m->off -= 14;
+    m->len += 14;
+    uint8_t *p = qs_mbuf_ptr(m);
+    memcpy(p, dst, 6);
+    memcpy(p + 6, s->cfg.mac, 6);
+    qs_put16(p + 12, type);
+    s->st.tx_frames++;
+    s->st.tx_bytes += m->len;
+    return s->drv->ops->tx(s->drv, m, now);
+}

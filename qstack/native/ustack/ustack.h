@@ -1,0 +1,376 @@
+/*
+ * ustack.h -- internal declarations of qstack's user-space TCP/IP stack.
+ *
+ * Layers, one file per layer and direction (after mTCP), each calling only
+ * downwards on transmit and upwards on receive:
+ *
+ *   tcp_api.c     the application side: listen, connect, send, recv, close
+ *   tcp_in.c      segment arrival: demux, LISTEN, SYN-SENT (RFC 9293 3.10.7)
+ *   tcp_sync.c    segment arrival in synchronized states: RST/SYN/ACK/text/FIN
+ *   tcp_cc.c      RTO (RFC 6298), congestion control, NewReno (RFC 5681, 6582)
+ *   tcp_out.c     segment output, retransmission, window advertisement
+ *   tcp_timer.c   the timer wheel and the per-connection timers
+ *   tcp_flow.c    control blocks, the 4-tuple flow table, listeners
+ *   tcp_cookie.c  SipHash, ISS (RFC 6528) and SYN cookies
+ *   ip_in.c ip_out.c icmp.c arp.c eth_in.c eth_out.c
+ *   mbuf.c        the buffer pool every packet and stream byte lives in
+ *   stack.c       the stack object, its input entry and poll loop
+ *   wire.c fault.c tap.c   drivers behind qs_netdrv_ops
+ *
+ * Time: nothing here reads a clock.  Every entry point takes `now` (ns, any
+ * monotonic origin) and the TCP timers run on the millisecond ticks derived
+ * from it, so tests drive the stack with a fake clock.
+ *
+ * Single-threaded: a stack belongs to one thread.  Byte order: addresses and
+ * ports are host order everywhere except inside packet headers.
+ */
+#ifndef QS_USTACK_H
+#define QS_USTACK_H
+
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <stdint.h>
+#include <stddef.h>
+#include <string.h>
+#include <errno.h>
+#include "qsustack.h"
+#include "tcp_seq.h"
+
+#define QS_LIKELY(x) __builtin_expect(!!(x), 1)
+#define QS_UNLIKELY(x) __builtin_expect(!!(x), 0)
+
+/* ------------------------------------------------------------ buffers */
+
+/* One pool buffer: a frame, or a piece of a connection's stream.  In TCP
+ * queues `seq` is the sequence number of data[off] and `flags` may carry
+ * QS_MB_FIN (an out-of-order segment that ended with FIN). */
+typedef struct qs_mbuf {
+    struct qs_mbuf *next;
+    int64_t due;              /* wire / fault injector: delivery time */
+    qs_seq seq;
+    uint16_t off, len;        /* valid bytes: data[off, off + len) */
+    uint8_t flags;
+    uint8_t prio;             /* priority level of the packet, 0 = highest */
+    uint16_t cap;             /* bytes in data[] */
+    uint8_t data[];
+} qs_mbuf;
+
+#define QS_MB_FIN 1
+#define QS_HEADROOM 64        /* room for Ethernet + IPv4 in front of TCP */
+
+typedef struct qs_mq {        /* FIFO of mbufs */
+    qs_mbuf *head, *tail;
+} qs_mq;
+
+typedef struct qs_mpool {
+    uint8_t *slab;
+    qs_mbuf *free;
+    uint32_t buf_size, count;
+    uint64_t in_use, peak, fails;
+} qs_mpool;
+
+int qs_mpool_init(qs_mpool *p, uint32_t buf_size, uint32_t count);
+void qs_mpool_destroy(qs_mpool *p);
+qs_mbuf *qs_mbuf_alloc(qs_mpool *p);      /* off = QS_HEADROOM, len = 0; NULL if empty */
+void qs_mbuf_free(qs_mpool *p, qs_mbuf *m);
+void qs_mq_push(qs_mq *q, qs_mbuf *m);
+qs_mbuf *qs_mq_pop(qs_mq *q);
+void qs_mq_free(qs_mpool *p, qs_mq *q);
+static inline uint8_t *qs_mbuf_ptr(qs_mbuf *m) { return m->data + m->off; }
+
+/* ------------------------------------------------------------ drivers */
+
+typedef struct qs_netdrv qs_netdrv;
+
+/* A network device.  tx always takes the frame (sent, queued or dropped);
+ * rx fills out[] with frames in buffers of the driver's pool (the stack's).
+ * next_due: earliest time a frame the driver holds becomes deliverable to
+ * this side (INT64_MAX if none), so a fake clock can jump there. */
+typedef struct qs_netdrv_ops {
+    const char *name;
+    int (*tx)(qs_netdrv *d, qs_mbuf *m, int64_t now);
+    int (*rx)(qs_netdrv *d, qs_mbuf **out, int max, int64_t now);
+    int64_t (*next_due)(qs_netdrv *d);
+    void (*destroy)(qs_netdrv *d);
+} qs_netdrv_ops;
+
+struct qs_netdrv {
+    const qs_netdrv_ops *ops;
+    qs_mpool *pool;           /* the owning stack's pool */
+    uint64_t *drops;          /* the owning stack's drv_drop counter */
+};
+
+/* ------------------------------------------------------------ TCP */
+
+enum {
+    QS_TCP_CLOSED = QSU_CLOSED, QS_TCP_LISTEN, QS_TCP_SYN_SENT, QS_TCP_SYN_RECEIVED,
+    QS_TCP_ESTABLISHED, QS_TCP_FIN_WAIT_1, QS_TCP_FIN_WAIT_2, QS_TCP_CLOSE_WAIT,
+    QS_TCP_CLOSING, QS_TCP_LAST_ACK, QS_TCP_TIME_WAIT
+};
+
+/* header flags */
+#define QS_TH_FIN 0x01
+#define QS_TH_SYN 0x02
+#define QS_TH_RST 0x04
+#define QS_TH_PSH 0x08
+#define QS_TH_ACK 0x10
+#define QS_TH_URG 0x20
+
+/* qs_tcb.flags */
+#define QT_APP_CLOSED  0x0001   /* the application let go of the handle */
+#define QT_FIN_QUEUED  0x0002   /* send FIN after the queued data */
+#define QT_FIN_SENT    0x0004   /* our FIN has a sequence number (snd_max covers it) */
+#define QT_FIN_OOO     0x0008   /* peer's FIN seen out of order at fin_seq */
+#define QT_WS          0x0010   /* window scaling in use (both sides offered) */
+#define QT_TIMING      0x0020   /* an RTT measurement runs on rtt_seq */
+#define QT_RECOVERY    0x0040   /* NewReno fast recovery (RFC 6582) */
+#define QT_ACK_NOW     0x0080   /* send an ACK at the end of this input */
+#define QT_PASSIVE     0x0100   /* from a listener (SYN-RECEIVED goes back to LISTEN) */
+#define QT_KEEPALIVE   0x0200
+#define QT_REPORTED    0x0400   /* the application was told closed() */
+#define QT_DEAD        0x0800   /* on the reap list */
+#define QT_ACCEPTED    0x1000   /* accepted() / connected() was delivered */
+#define QT_RCV_SHUT    0x2000   /* FIN received and in order */
+#define QT_RTO_BACKOFF 0x4000   /* RTO was backed off: no new estimate yet (6298 5.5) */
+
+/* timers, qs_tcb.timers bits (deadlines in ms ticks) */
+enum { QS_TM_REXMIT, QS_TM_DELACK, QS_TM_KEEP, QS_TM_NTIMERS };
+/* REXMIT also serves the SYN timer, the persist (zero window probe) timer
+ * and 2MSL in TIME_WAIT: a connection never needs two of them at once. */
+
+/* The control block: everything a connection costs while idle (see
+ * docs/USTACK.md for the sum).  Queues hold pool buffers only while they
+ * hold bytes. */
+typedef struct qs_tcb {
+    struct qs_tcb *hnext;               /* flow table chain */
+    struct qs_tcb *tprev, *tnext;       /* timer wheel slot, or the reap list */
+    uint64_t user;                      /* the application's handle */
+    uint32_t laddr, raddr;
+    uint16_t lport, rport;
+    uint8_t state, timers;              /* timers: bit per QS_TM_* armed */
+    uint8_t snd_wscale, rcv_wscale;
+    uint16_t flags;
+    uint16_t mss;                       /* send MSS (peer's option, capped by ours) */
+    uint8_t dupacks, nrexmit, nkeep, prio;
+    uint8_t segs_unacked;               /* full segments received since our last ACK */
+    uint8_t listener;                   /* listener index + 1 of a passive open */
+    qs_seq iss, irs;
+    qs_seq snd_una, snd_nxt, snd_max;   /* snd_max: highest ever sent (go-back-N) */
+    qs_seq snd_wl1, snd_wl2, recover, rtt_seq;
+    qs_seq rcv_nxt, rcv_adv;            /* rcv_adv: right edge we advertised */
+    qs_seq fin_seq;                     /* QT_FIN_OOO */
+    uint32_t snd_wnd, max_snd_wnd;
+    uint32_t cwnd, ssthresh;
+    uint32_t srtt_us, rttvar_us, rto_ms;
+    uint32_t rtt_t0;                    /* tick the timed segment left */
+    uint32_t t_at;                      /* tick the wheel files us under */
+    uint32_t tm[QS_TM_NTIMERS];         /* deadlines, ticks */
+    uint32_t rcv_buf;                   /* receive buffer size (bytes) */
+    uint32_t sndq_len, rcvq_len;        /* bytes in sndq (from snd_una) and rcvq */
+    qs_mq sndq, rcvq, oooq;
+} qs_tcb;
+
+#define QS_MAX_LISTEN 16
+#define QS_WHEEL_SLOTS 4096             /* 1 ms ticks: 4 s per revolution */
+
+typedef struct qs_listener {
+    uint16_t port;
+    uint16_t active;
+    uint32_t backlog, half_open;
+} qs_listener;
+
+/* What the stack tells the application.  A tcb pointer is valid until
+ * closed() was delivered and the application called qs_tcp_close (or had
+ * called it before): after that the stack frees it. */
+typedef struct qs_tcp_app_ops {
+    void (*accepted)(void *ctx, qs_tcb *t, int listener_port);
+    void (*connected)(void *ctx, qs_tcb *t);
+    void (*readable)(void *ctx, qs_tcb *t);
+    void (*writable)(void *ctx, qs_tcb *t);
+    void (*eof)(void *ctx, qs_tcb *t);
+    void (*closed)(void *ctx, qs_tcb *t, int err);
+} qs_tcp_app_ops;
+
+/* ------------------------------------------------------------ ARP */
+
+#define QS_ARP_SLOTS 256
+#define QS_ARP_QLEN 4
+
+typedef struct qs_arp_entry {
+    uint32_t ip;
+    uint8_t mac[6];
+    uint8_t state;            /* 0 free, 1 pending, 2 resolved */
+    uint8_t nq;
+    int64_t expires;          /* resolved: until; pending: next request */
+    qs_mbuf *q[QS_ARP_QLEN];  /* frames waiting for the answer */
+} qs_arp_entry;
+
+/* ------------------------------------------------------------ the stack */
+
+typedef struct qs_ustack {
+    qsu_config cfg;
+    qsu_stats st;
+    qs_mpool pool;
+    qs_netdrv *drv;
+    const qs_tcp_app_ops *app;
+    void *app_ctx;
+    uint32_t netmask;
+    uint16_t ip_id;
+    uint16_t next_port;
+
+    /* TCP */
+    qs_tcb **flows;
+    uint32_t flow_mask;
+    uint32_t nconns;
+    qs_listener listeners[QS_MAX_LISTEN];
+    qs_tcb *wheel[QS_WHEEL_SLOTS];
+    uint32_t wheel_tick;                /* last tick processed */
+    int wheel_started;
+    int64_t wheel_last_ns;              /* the time wheel_tick was taken from */
+    qs_tcb *reap;                       /* dead tcbs, freed at depth 0 */
+    int depth;                          /* nesting of entry points */
+    uint64_t sip_k0, sip_k1;
+
+    qs_arp_entry arp[QS_ARP_SLOTS];
+} qs_ustack;
+
+static inline uint32_t qs_tick(int64_t now) { return (uint32_t)(now / 1000000); }
+static inline int qs_tick_le(uint32_t a, uint32_t b) { return (int32_t)(a - b) <= 0; }
+
+/* stack.c */
+int qs_ustack_init(qs_ustack *s, const qsu_config *cfg, qs_netdrv *drv,
+                   const qs_tcp_app_ops *app, void *app_ctx);
+void qs_ustack_destroy(qs_ustack *s);
+int qs_ustack_input(qs_ustack *s, qs_mbuf *m, int64_t now);   /* takes m */
+int qs_ustack_poll(qs_ustack *s, int64_t now);                /* rx burst + timers */
+int64_t qs_ustack_next_event(qs_ustack *s);                   /* INT64_MAX if none */
+void qs_ustack_enter(qs_ustack *s);
+void qs_ustack_leave(qs_ustack *s);
+int qs_config_check(const qsu_config *c);
+
+/* checksums */
+uint32_t qs_csum_add(uint32_t sum, const void *p, size_t len);
+uint16_t qs_csum_fold(uint32_t sum);
+
+/* eth_in.c / eth_out.c */
+int qs_eth_input(qs_ustack *s, qs_mbuf *m, int64_t now);
+int qs_eth_output(qs_ustack *s, qs_mbuf *m, const uint8_t *dst, uint16_t type, int64_t now);
+extern const uint8_t qs_eth_bcast[6];
+
+/* arp.c */
+int qs_arp_input(qs_ustack *s, qs_mbuf *m, int64_t now);
+int qs_arp_resolve_output(qs_ustack *s, qs_mbuf *m, uint32_t nexthop, int64_t now);
+void qs_arp_add_static(qs_ustack *s, uint32_t ip, const uint8_t *mac);
+void qs_arp_destroy(qs_ustack *s);
+
+/* ip_in.c / ip_out.c / icmp.c */
+int qs_ip_input(qs_ustack *s, qs_mbuf *m, int64_t now);
+int qs_ip_output(qs_ustack *s, qs_mbuf *m, uint32_t src, uint32_t dst, uint8_t proto, int64_t now);
+int qs_icmp_input(qs_ustack *s, qs_mbuf *m, uint32_t src, uint32_t dst, int64_t now);
+
+/* tcp_in.c / tcp_sync.c */
+int qs_tcp_input(qs_ustack *s, qs_mbuf *m, uint32_t src, uint32_t dst, int64_t now);
+
+typedef struct qs_tcp_seg {   /* a parsed segment */
+    qs_seq seq, ack;
+    uint32_t wnd;             /* raw 16-bit window field */
+    uint32_t len;             /* payload bytes */
+    uint8_t flags;
+    uint8_t has_mss, has_ws, ws;
+    uint16_t mss;
+    uint32_t src, dst;
+    uint16_t sport, dport;
+} qs_tcp_seg;
+
+void qs_tcp_sync_input(qs_ustack *s, qs_tcb *t, qs_tcp_seg *g, qs_mbuf *m, int64_t now);
+
+/* tcp_flow.c */
+int qs_tcp_flow_init(qs_ustack *s);
+void qs_tcp_flow_destroy(qs_ustack *s);
+qs_tcb *qs_tcp_lookup(qs_ustack *s, uint32_t laddr, uint16_t lport, uint32_t raddr, uint16_t rport);
+qs_tcb *qs_tcp_tcb_new(qs_ustack *s, uint32_t laddr, uint16_t lport, uint32_t raddr, uint16_t rport);
+void qs_tcp_set_state(qs_ustack *s, qs_tcb *t, int state);
+/* the connection is over: tell the app (once), unhook, reap when allowed */
+void qs_tcp_drop(qs_ustack *s, qs_tcb *t, int err);
+void qs_tcp_reap(qs_ustack *s);
+void qs_tcp_report_closed(qs_ustack *s, qs_tcb *t, int err);
+qs_listener *qs_tcp_listener(qs_ustack *s, uint16_t port);
+
+/* tcp_cookie.c */
+uint64_t qs_siphash(uint64_t k0, uint64_t k1, const uint8_t *m, size_t len);
+qs_seq qs_tcp_iss(qs_ustack *s, uint32_t laddr, uint16_t lport, uint32_t raddr, uint16_t rport, int64_t now);
+qs_seq qs_tcp_cookie_make(qs_ustack *s, const qs_tcp_seg *g, uint16_t *mss, int64_t now);
+int qs_tcp_cookie_check(qs_ustack *s, const qs_tcp_seg *g, uint16_t *mss, int64_t now);
+
+/* tcp_out.c */
+int qs_tcp_output(qs_ustack *s, qs_tcb *t, int64_t now);      /* send what windows allow */
+int qs_tcp_send_ctl(qs_ustack *s, qs_tcb *t, uint8_t flags, qs_seq seq, int64_t now);
+int qs_tcp_send_ack(qs_ustack *s, qs_tcb *t, int64_t now);
+int qs_tcp_send_seg(qs_ustack *s, qs_tcb *t, qs_seq seq, uint32_t len, int fin, int64_t now);
+int qs_tcp_send_rst_for(qs_ustack *s, const qs_tcp_seg *g, int64_t now);
+int qs_tcp_send_synack_stateless(qs_ustack *s, const qs_tcp_seg *g, qs_seq iss, uint16_t mss, int64_t now);
+uint32_t qs_tcp_rcv_window(const qs_tcb *t);                  /* free receive space */
+void qs_tcp_ack_soon(qs_ustack *s, qs_tcb *t, int64_t now);    /* delayed ACK rules */
+uint16_t qs_tcp_our_mss(const qs_ustack *s);
+
+/* tcp_cc.c */
+void qs_tcp_rtt_sample(qs_ustack *s, qs_tcb *t, uint32_t rtt_ms);
+void qs_tcp_cc_init(qs_ustack *s, qs_tcb *t);
+void qs_tcp_cc_ack(qs_ustack *s, qs_tcb *t, uint32_t acked, int64_t now);
+void qs_tcp_cc_dupack(qs_ustack *s, qs_tcb *t, int64_t now);
+void qs_tcp_cc_rto(qs_ustack *s, qs_tcb *t);
+uint32_t qs_tcp_flight(const qs_tcb *t);
+
+/* tcp_timer.c */
+void qs_tcp_timer_set(qs_ustack *s, qs_tcb *t, int which, uint32_t ms, int64_t now);
+void qs_tcp_timer_clear(qs_tcb *t, int which);
+void qs_tcp_timer_unfile(qs_ustack *s, qs_tcb *t);
+int qs_tcp_timer_advance(qs_ustack *s, int64_t now);
+int64_t qs_tcp_timer_next(qs_ustack *s);
+void qs_tcp_rexmit_arm(qs_ustack *s, qs_tcb *t, int64_t now);   /* RTO, restarted */
+void qs_tcp_keep_touch(qs_ustack *s, qs_tcb *t, int64_t now);
+
+/* tcp_api.c */
+int qs_tcp_listen(qs_ustack *s, uint16_t port, uint32_t backlog);
+int qs_tcp_unlisten(qs_ustack *s, uint16_t port);
+qs_tcb *qs_tcp_connect(qs_ustack *s, uint32_t raddr, uint16_t rport, uint16_t lport,
+                       uint64_t user, int64_t now, int *err);
+int qs_tcp_send(qs_ustack *s, qs_tcb *t, const uint8_t *data, uint32_t len, int64_t now);
+int qs_tcp_recv(qs_ustack *s, qs_tcb *t, uint8_t *out, uint32_t max, int64_t now);
+int qs_tcp_close(qs_ustack *s, qs_tcb *t, int64_t now);
+int qs_tcp_abort(qs_ustack *s, qs_tcb *t, int64_t now);
+uint32_t qs_tcp_send_space(const qs_ustack *s, const qs_tcb *t);
+void qs_tcp_set_keepalive(qs_ustack *s, qs_tcb *t, int on, int64_t now);
+void qs_tcp_set_rcvbuf(qs_ustack *s, qs_tcb *t, uint32_t bytes, int64_t now);
+
+/* wire.c / fault.c */
+int qs_wire_new(qs_mpool *pa, qs_mpool *pb, int64_t latency_ns, uint32_t qmax,
+                qs_netdrv **a, qs_netdrv **b);
+int qs_wire_inflight(qs_netdrv *d);
+qs_netdrv *qs_fault_wrap(qs_netdrv *inner, const qsu_fault *f, int *err);
+qs_netdrv *qs_fault_inner(qs_netdrv *d);   /* NULL if d is not a fault wrapper */
+
+/* sha256.c */
+typedef struct qs_sha256 {
+    uint32_t h[8];
+    uint64_t n;
+    uint8_t buf[64];
+} qs_sha256;
+void qs_sha256_init(qs_sha256 *c);
+void qs_sha256_update(qs_sha256 *c, const uint8_t *p, size_t len);
+void qs_sha256_final(qs_sha256 *c, uint8_t out[32]);
+
+/* byte order helpers (the headers are big-endian) */
+static inline uint16_t qs_get16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
+static inline uint32_t qs_get32(const uint8_t *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+static inline void qs_put16(uint8_t *p, uint16_t v) { p[0] = v >> 8; p[1] = (uint8_t)v; }
+static inline void qs_put32(uint8_t *p, uint32_t v)
+{
+    p[0] = v >> 24; p[1] = (uint8_t)(v >> 16); p[2] = (uint8_t)(v >> 8); p[3] = (uint8_t)v;
+}
+
+#endif
