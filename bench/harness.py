@@ -249,12 +249,15 @@ def _flat(doc):
 
 
 def run_client(client, port, cpu, *, conns, size, warmup, duration, rate=0.0,
-               drain=2.0, on_mark=None, extra=()):
+               drain=2.0, on_mark=None, extra=(), keep_doc=False):
     """Run `qstack load` (argv prefix `client`, see load_command) pinned to cpu:
     closed loop, or open loop at `rate` req/s.  on_mark("start"|"end") is
-    called as the measured window opens and closes.
+    called as the measured window opens and closes.  `extra` flags come
+    last, so they override the defaults here (e.g. "-r", "0.05").
 
-    Returns a flat dict of the figures (see _flat), or a dict with "error".
+    Returns a flat dict of the figures (see _flat), or a dict with "error";
+    with keep_doc, the whole `qstack load --json` document is in "doc"
+    (per-priority latency, histograms).
     """
     argv = pin_prefix(cpu) + list(client) + [
         "--dest", "%s:%d" % (LOOPBACK, port), "-c", str(conns), "-l", str(size),
@@ -282,9 +285,12 @@ def run_client(client, port, cpu, *, conns, size, warmup, duration, rate=0.0,
     finally:
         watchdog.cancel()
     try:
-        result = _flat(json.loads("".join(body)))
+        doc = json.loads("".join(body))
+        result = _flat(doc)
     except (ValueError, KeyError):
         return {"error": "qstack load exit %s: %s" % (proc.returncode, err.strip()[-300:])}
+    if keep_doc:
+        result["doc"] = doc
     if err.strip():
         result["stderr"] = err.strip()[-300:]
     return result

@@ -90,7 +90,7 @@ def snapshot(core_index, hub):
     cpu_stack = st.stack_cpu_ns / 1e9
     # Inline, the stack's steps run in this thread: its CPU is counted apart.
     cpu_hub = time.thread_time() - (cpu_stack if hub.core.inline else 0.0)
-    queued = [len(q) for q in hub._queues]
+    queued = hub.queued()
     levels = []
     for lv in range(hub.core.levels):
         levels.append({

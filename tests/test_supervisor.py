@@ -269,11 +269,14 @@ def ask_pid(sock):
     return int(data)
 
 
-def pids_by_connecting(port, want, timeout=20):
+def pids_by_connecting(port, want, timeout=20, sup=None):
     """Connect afresh until the pids seen satisfy ``want(pids)``."""
     seen = set()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if sup is not None and sup.p.poll() is not None:
+            pytest.fail(f"the supervisor exited with {sup.p.returncode}: "
+                        f"{sup.p.stderr.read()[-2000:]}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
                 seen.add(ask_pid(s))
@@ -291,7 +294,7 @@ def test_two_cores_serve_restart_and_stop():
     sup = Proc([sys.executable, "-m", "qstack", "serve", "tests.apps.pidecho:handle",
                 "--cores", "2", "--port", str(port), "--grace", "2"])
     try:
-        pids = pids_by_connecting(port, lambda s: len(s) >= 2)
+        pids = pids_by_connecting(port, lambda s: len(s) >= 2, sup=sup)
         assert len(pids) == 2
         assert all(parent_of(p) == sup.p.pid for p in pids)
 
@@ -305,7 +308,7 @@ def test_two_cores_serve_restart_and_stop():
         new = set()
         while not new and time.monotonic() < deadline:
             assert ask_pid(keep) == survivor
-            new = pids_by_connecting(port, lambda s: bool(s - pids), timeout=20) - pids
+            new = pids_by_connecting(port, lambda s: bool(s - pids), timeout=20, sup=sup) - pids
         assert new and all(parent_of(p) == sup.p.pid for p in new)
         assert ask_pid(keep) == survivor
         keep.close()

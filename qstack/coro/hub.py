@@ -72,7 +72,8 @@ _pack_cmd = Struct("8q").pack
 
 
 class Hub:
-    """Runs one core's handlers.  Call :meth:`run` in the main greenlet."""
+    """Runs one core's handlers: start() puts the workers on gevent's loop,
+    drain() finishes the work in hand and stops the native core."""
 
     def __init__(self, core, handler, *, workers=64, low_share=0.0,
                  classifier=None, batch=128, make_request, make_connection,
@@ -112,7 +113,6 @@ class Hub:
         self._sleeper = None            # the leader, while it sleeps in _wait_events
         self._armed = False
         self._flush_scheduled = False
-        self._stopping = False
         self._native_gone = False
         self.errors = 0
 
@@ -177,6 +177,10 @@ class Hub:
             if top == self._levels or lib.qs_core_pending_above(self._c, top):
                 self._refill()
         return self._rq.pop()
+
+    def queued(self):
+        """Requests taken from the rings and waiting for a worker, per level."""
+        return [len(q) for q in self._queues]
 
     def pending(self):
         return len(self._rq) + lib.qs_core_pending_above(self._c, self._levels)
@@ -427,7 +431,6 @@ class Hub:
 
         Returns True if everything finished within ``grace`` seconds.
         """
-        self._stopping = True
         self.post(lib.QS_CMD_STOP_ACCEPT, 0, 0)
         self._stop_reading()
         self._flush()

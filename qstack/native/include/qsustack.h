@@ -64,6 +64,7 @@ typedef struct qsu_config {
     uint32_t keepalive_intvl_ms;
     uint32_t keepalive_cnt;
     uint64_t secret;          /* seeds ISS and SYN cookies (RFC 6528) */
+    uint32_t iss_debug;       /* tests only: non-zero = every ISS (wraparound tests) */
 } qsu_config;
 
 typedef struct qsu_stats {
@@ -92,6 +93,7 @@ typedef struct qsu_fault {
     int64_t delay_ns;         /* added to every frame */
     int64_t reorder_ns;       /* a reordered frame is held up to this much longer */
     uint64_t seed;
+    int32_t rx;               /* 1: loss and corruption also hit received frames */
 } qsu_fault;
 
 typedef struct qsu_conn_info {
@@ -104,6 +106,8 @@ typedef struct qsu_conn_info {
     int32_t snd_wscale, rcv_wscale;
     uint32_t sndq, rcvq;      /* bytes queued */
     uint32_t nrexmit;
+    uint32_t timers;          /* bit 0 retransmit/persist/2MSL, 1 delayed ACK, 2 keepalive */
+    int32_t rexmit_in_ms;     /* until the retransmission timer fires, if armed */
 } qsu_conn_info;
 
 typedef struct qsu_bulk_result {
@@ -142,7 +146,8 @@ int qsu_connect(qsu_net *n, int side, uint16_t lport, uint16_t rport);  /* lport
 int qsu_accepted(qsu_net *n, int side, int32_t *out, int max);
 int qsu_send(qsu_net *n, int side, int h, const uint8_t *data, int len);  /* bytes queued */
 int qsu_recv(qsu_net *n, int side, int h, uint8_t *out, int max);        /* bytes read */
-int qsu_close(qsu_net *n, int side, int h);     /* graceful: FIN after queued data */
+int qsu_close(qsu_net *n, int side, int h);     /* graceful: FIN after queued data, handle gone */
+int qsu_shutdown(qsu_net *n, int side, int h);  /* FIN after queued data, keep reading */
 int qsu_abort(qsu_net *n, int side, int h);     /* RST, at once */
 int qsu_keepalive(qsu_net *n, int side, int h, int on);
 int qsu_info(qsu_net *n, int side, int h, qsu_conn_info *out);
@@ -155,6 +160,7 @@ int qsu_inject(qsu_net *n, int side, const uint8_t *frame, int len);
 /* Copy the frames a side transmitted since the last call (the capture ring
  * keeps the last 64) as [u16 length][frame]...; returns bytes written. */
 int qsu_capture(qsu_net *n, int side, uint8_t *out, int max);
+int qsu_capture_enable(qsu_net *n, int side, int on);
 /* Fuzz: `count` frames derived from captured or synthetic TCP/IP frames by
  * random mutation (seeded), injected into `side`.  Returns frames injected. */
 int qsu_fuzz(qsu_net *n, int side, uint64_t seed, int count);
@@ -171,3 +177,33 @@ int qsu_bulk(qsu_net *n, int ha, int hb, uint64_t bytes_ab, uint64_t bytes_ba,
 int qsu_open_many(qsu_net *n, uint16_t port, int count);
 
 void qsu_sha256(const uint8_t *data, uint64_t len, uint8_t *out);
+
+/* ---------------------------------------------------------------- TAP
+ * One stack on a Linux TAP device (IFF_TAP | IFF_NO_PI), with small
+ * built-in applications, run on the real clock.  qsu_tap_open creates the
+ * device (-EPERM without CAP_NET_ADMIN, -ENOENT without /dev/net/tun); the
+ * caller moves it where it wants (a network namespace) and configures the
+ * kernel side.  qsu_tap_run blocks its caller (cffi releases the GIL) until
+ * the duration passed or qsu_tap_stop was called from another thread. */
+typedef struct qsu_tap qsu_tap;
+
+typedef struct qsu_tap_client {
+    uint64_t sent, recvd;
+    uint8_t sha_sent[32], sha_recv[32];
+    int32_t err;              /* how the connection ended: 0 = closed cleanly */
+    int32_t done;
+    int64_t wall_ns;
+} qsu_tap_client;
+
+qsu_tap *qsu_tap_open(const char *ifname, const qsu_config *cfg, int *err);
+void qsu_tap_close(qsu_tap *t);
+int qsu_tap_fault(qsu_tap *t, const qsu_fault *f);     /* NULL: none */
+int qsu_tap_echo(qsu_tap *t, uint16_t port);           /* echo every byte back */
+int qsu_tap_run(qsu_tap *t, int64_t duration_ns);      /* returns frames handled */
+void qsu_tap_stop(qsu_tap *t);
+int qsu_tap_stats(qsu_tap *t, qsu_stats *out);
+/* Connect to ip:port (host order), send `bytes` of a seeded stream, read
+ * everything the peer sends back until it closes, then close; runs the
+ * stack until done or timeout_ns.  Returns 0, -ETIMEDOUT or -errno. */
+int qsu_tap_client_run(qsu_tap *t, uint32_t ip, uint16_t port, uint64_t bytes, uint64_t seed,
+                       int64_t timeout_ns, qsu_tap_client *out);

@@ -158,6 +158,7 @@ int qs_arp_resolve_output(qs_ustack *s, qs_mbuf *m, uint32_t nh, int64_t now)
     if (e->state != ST_PENDING) {
         e->state = ST_PENDING;
         e->expires = 0;
+        e->born = now;
     }
     if (e->nq == QS_ARP_QLEN) {             /* drop the oldest */
         qs_mbuf_free(&s->pool, e->q[0]);
@@ -173,4 +174,28 @@ int qs_arp_resolve_output(qs_ustack *s, qs_mbuf *m, uint32_t nh, int64_t now)
         send_arp(s, 1, zero, nh, qs_eth_bcast, now);
     }
     return 0;
+}
+
+/* Once a second: a next hop that has not answered for QS_ARP_GIVEUP_NS is
+ * given up (its waiting frames dropped, as Linux fails a neighbour entry),
+ * expired answers are forgotten. */
+void qs_arp_age(qs_ustack *s, int64_t now)
+{
+    if (now < s->arp_age_at)
+        return;
+    s->arp_age_at = now + ARP_RETRY_NS;
+    for (int i = 0; i < QS_ARP_SLOTS; i++) {
+        qs_arp_entry *e = &s->arp[i];
+        if ((e->state == ST_PENDING && now - e->born >= QS_ARP_GIVEUP_NS) ||
+            (e->state == ST_OK && e->expires <= now))
+            entry_clear(s, e);
+    }
+}
+
+int64_t qs_arp_next(qs_ustack *s)
+{
+    for (int i = 0; i < QS_ARP_SLOTS; i++)
+        if (s->arp[i].state == ST_PENDING)
+            return s->arp_age_at;
+    return INT64_MAX;
 }

@@ -68,6 +68,8 @@ static uint64_t tuple_hash(qs_ustack *s, uint32_t laddr, uint16_t lport, uint32_
 qs_seq qs_tcp_iss(qs_ustack *s, uint32_t laddr, uint16_t lport, uint32_t raddr, uint16_t rport,
                   int64_t now)
 {
+    if (s->cfg.iss_debug)
+        return qs_seq_of(s->cfg.iss_debug);
     uint32_t m = (uint32_t)(now / 4000);
     return qs_seq_of(m + (uint32_t)tuple_hash(s, laddr, lport, raddr, rport, 0, 0));
 }

@@ -50,7 +50,12 @@ static uint16_t window_field(qs_tcb *t)
         t->rcv_adv = qs_seq_max(edge, t->rcv_adv);
     uint32_t w = (uint32_t)qs_seq_diff(t->rcv_adv, t->rcv_nxt);
     uint32_t f = (w + (1u << t->rcv_wscale) - 1) >> t->rcv_wscale;
-    return (uint16_t)(f > 65535 ? 65535 : f);
+    if (f > 65535)
+        f = 65535;
+    /* rounding up may offer up to 2^wscale - 1 bytes past the buffer: accept
+     * them, so that what the peer sees is exactly what we take */
+    t->rcv_adv = qs_seq_max(t->rcv_adv, qs_seq_add(t->rcv_nxt, f << t->rcv_wscale));
+    return (uint16_t)f;
 }
 
 /* Copy len bytes starting at stream offset `at` (from snd_una) of sndq. */
@@ -159,7 +164,10 @@ int qs_tcp_send_ctl(qs_ustack *s, qs_tcb *t, uint8_t flags, qs_seq seq, int64_t 
 
 int qs_tcp_send_ack(qs_ustack *s, qs_tcb *t, int64_t now)
 {
-    return qs_tcp_send_ctl(s, t, QS_TH_ACK, t->snd_nxt, now);
+    /* snd_max, not snd_nxt: after a timeout snd_nxt is rewound to the hole
+     * (go-back-N), and an ACK numbered there is old to the peer, whose
+     * acceptability test would then throw away the acknowledgment it carries */
+    return qs_tcp_send_ctl(s, t, QS_TH_ACK, t->snd_max, now);
 }
 
 /* One segment [seq, seq+len) of the send queue, plus FIN if asked. */
@@ -252,11 +260,12 @@ int qs_tcp_output(qs_ustack *s, qs_tcb *t, int64_t now)
             if (fin)
                 break;
         }
-        if (sent && !(t->timers & (1u << QS_TM_REXMIT)))
-            qs_tcp_rexmit_arm(s, t, now);                     /* RFC 6298 5.1 */
-        /* persist: data waits behind a zero window and nothing is in flight
-         * that an ACK could come back for */
-        if (t->snd_wnd == 0 && qs_seq_eq(t->snd_nxt, t->snd_una) &&
+        /* RFC 6298 5.1: a timer runs whenever data is outstanding */
+        if ((sent || !qs_seq_eq(t->snd_max, t->snd_una)) && !(t->timers & (1u << QS_TM_REXMIT)))
+            qs_tcp_rexmit_arm(s, t, now);
+        /* persist: data waits behind a zero (or, SWS, too small) window and
+         * nothing is in flight that an ACK could come back for */
+        if (qs_seq_eq(t->snd_max, t->snd_una) &&
             (t->sndq_len || (t->flags & QT_FIN_QUEUED)) && !(t->timers & (1u << QS_TM_REXMIT)))
             qs_tcp_rexmit_arm(s, t, now);
     }

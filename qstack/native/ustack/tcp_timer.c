@@ -125,11 +125,17 @@ static void rexmit_expired(qs_ustack *s, qs_tcb *t, int64_t now)
     int fin_out = (t->flags & QT_FIN_QUEUED) != 0;
     if (qs_seq_eq(t->snd_una, t->snd_max) && !end_data && !fin_out)
         return;                       /* nothing outstanding: a stale timer */
-    if (t->snd_wnd == 0 && qs_seq_diff(t->snd_max, t->snd_una) <= 1 && end_data) {
+    if (t->snd_wnd == 0 && end_data) {
         /* RFC 9293 3.8.6.1: persist.  Probe with one byte beyond the
          * closed window; the peer answers with its window.  Backed off
-         * like the RTO, but never counts towards giving up while the peer
-         * keeps answering. */
+         * like the RTO; an answer resets the count (tcp_sync.c), so a live
+         * receiver that keeps its window shut is probed for ever, a dead
+         * one is given up after max_retries. */
+        if (t->nrexmit >= s->cfg.max_retries) {
+            qs_tcp_drop(s, t, -ETIMEDOUT);
+            return;
+        }
+        t->nrexmit++;
         s->st.tcp_zwp++;
         if (qs_seq_eq(t->snd_nxt, t->snd_una)) {
             t->snd_nxt = qs_seq_add(t->snd_una, 1);
@@ -137,6 +143,22 @@ static void rexmit_expired(qs_ustack *s, qs_tcb *t, int64_t now)
         }
         qs_tcp_send_seg(s, t, t->snd_una, 1, 0, now);
         t->rto_ms = t->rto_ms * 2 > s->cfg.max_rto_ms ? s->cfg.max_rto_ms : t->rto_ms * 2;
+        qs_tcp_rexmit_arm(s, t, now);
+        return;
+    }
+    if (qs_seq_eq(t->snd_una, t->snd_max) && end_data) {
+        /* RFC 9293 3.8.6.2.1: the override timeout of sender SWS avoidance.
+         * Nothing is in flight, the window is open but smaller than we like
+         * to fill: send what it allows rather than wait for an update that a
+         * receiver which is not reading will never send. */
+        uint32_t len = t->snd_wnd < t->mss ? t->snd_wnd : t->mss;
+        if (len > end_data)
+            len = end_data;
+        int fin = (t->flags & QT_FIN_QUEUED) && len == end_data;
+        qs_tcp_send_seg(s, t, t->snd_una, len, fin, now);
+        t->snd_nxt = t->snd_max = qs_seq_add(t->snd_una, len + (fin ? 1 : 0));
+        if (fin)
+            t->flags |= QT_FIN_SENT;
         qs_tcp_rexmit_arm(s, t, now);
         return;
     }
@@ -166,10 +188,11 @@ static void keep_expired(qs_ustack *s, qs_tcb *t, int64_t now)
         qs_tcp_drop(s, t, -ETIMEDOUT);
         return;
     }
-    /* RFC 9293 3.8.4: a segment with SEG.SEQ = SND.NXT-1 and no data draws an ACK */
+    /* RFC 9293 3.8.4: a segment with an old sequence number (SND.UNA-1) and
+     * no data draws an ACK from a live peer */
     t->nkeep++;
     s->st.tcp_keepalives++;
-    qs_tcp_send_ctl(s, t, QS_TH_ACK, qs_seq_sub(t->snd_nxt, 1), now);
+    qs_tcp_send_ctl(s, t, QS_TH_ACK, qs_seq_sub(t->snd_una, 1), now);
     qs_tcp_timer_set(s, t, QS_TM_KEEP, s->cfg.keepalive_intvl_ms, now);
 }
 
@@ -189,7 +212,7 @@ static void fire(qs_ustack *s, qs_tcb *t, uint32_t tick, int64_t now)
         } else
             keep_expired(s, t, now);
     }
-    uint32_t next;
+    uint32_t next = 0;
     if (!(t->flags & (QT_DEAD | QT_FILED_MASK)) && t->state != QS_TCP_CLOSED && earliest(t, &next))
         file(s, t, (int32_t)(next - tick) > 0 ? next : tick + 1);
 }

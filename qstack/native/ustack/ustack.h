@@ -195,7 +195,8 @@ typedef struct qs_tcp_app_ops {
 /* ------------------------------------------------------------ ARP */
 
 #define QS_ARP_SLOTS 256
-#define QS_ARP_QLEN 4
+#define QS_ARP_QLEN 16
+#define QS_ARP_GIVEUP_NS 3000000000LL
 
 typedef struct qs_arp_entry {
     uint32_t ip;
@@ -203,6 +204,7 @@ typedef struct qs_arp_entry {
     uint8_t state;            /* 0 free, 1 pending, 2 resolved */
     uint8_t nq;
     int64_t expires;          /* resolved: until; pending: next request */
+    int64_t born;             /* pending: first request; given up after QS_ARP_GIVEUP_NS */
     qs_mbuf *q[QS_ARP_QLEN];  /* frames waiting for the answer */
 } qs_arp_entry;
 
@@ -231,8 +233,11 @@ typedef struct qs_ustack {
     qs_tcb *reap;                       /* dead tcbs, freed at depth 0 */
     int depth;                          /* nesting of entry points */
     uint64_t sip_k0, sip_k1;
+    int64_t chal_sec;                   /* challenge ACK rate limit (RFC 5961 7) */
+    uint32_t chal_count;
 
     qs_arp_entry arp[QS_ARP_SLOTS];
+    int64_t arp_age_at;                 /* next qs_arp_age run */
 } qs_ustack;
 
 static inline uint32_t qs_tick(int64_t now) { return (uint32_t)(now / 1000000); }
@@ -263,6 +268,8 @@ int qs_arp_input(qs_ustack *s, qs_mbuf *m, int64_t now);
 int qs_arp_resolve_output(qs_ustack *s, qs_mbuf *m, uint32_t nexthop, int64_t now);
 void qs_arp_add_static(qs_ustack *s, uint32_t ip, const uint8_t *mac);
 void qs_arp_destroy(qs_ustack *s);
+void qs_arp_age(qs_ustack *s, int64_t now);
+int64_t qs_arp_next(qs_ustack *s);          /* when qs_arp_age has work, INT64_MAX if never */
 
 /* ip_in.c / ip_out.c / icmp.c */
 int qs_ip_input(qs_ustack *s, qs_mbuf *m, int64_t now);
@@ -283,6 +290,7 @@ typedef struct qs_tcp_seg {   /* a parsed segment */
     uint16_t sport, dport;
 } qs_tcp_seg;
 
+void qs_tcp_handshake_done(qs_ustack *s, qs_tcb *t, int64_t now);
 void qs_tcp_sync_input(qs_ustack *s, qs_tcb *t, qs_tcp_seg *g, qs_mbuf *m, int64_t now);
 
 /* tcp_flow.c */
@@ -339,6 +347,7 @@ qs_tcb *qs_tcp_connect(qs_ustack *s, uint32_t raddr, uint16_t rport, uint16_t lp
 int qs_tcp_send(qs_ustack *s, qs_tcb *t, const uint8_t *data, uint32_t len, int64_t now);
 int qs_tcp_recv(qs_ustack *s, qs_tcb *t, uint8_t *out, uint32_t max, int64_t now);
 int qs_tcp_close(qs_ustack *s, qs_tcb *t, int64_t now);
+int qs_tcp_shutdown(qs_ustack *s, qs_tcb *t, int64_t now);
 int qs_tcp_abort(qs_ustack *s, qs_tcb *t, int64_t now);
 uint32_t qs_tcp_send_space(const qs_ustack *s, const qs_tcb *t);
 void qs_tcp_set_keepalive(qs_ustack *s, qs_tcb *t, int on, int64_t now);
@@ -350,6 +359,11 @@ int qs_wire_new(qs_mpool *pa, qs_mpool *pb, int64_t latency_ns, uint32_t qmax,
 int qs_wire_inflight(qs_netdrv *d);
 qs_netdrv *qs_fault_wrap(qs_netdrv *inner, const qsu_fault *f, int *err);
 qs_netdrv *qs_fault_inner(qs_netdrv *d);   /* NULL if d is not a fault wrapper */
+qs_netdrv *qs_fault_unwrap(qs_netdrv *d);  /* free the wrapper, return the inner driver */
+
+/* tap.c */
+qs_netdrv *qs_tap_open(const char *ifname, int *err);
+int qs_tap_fd(qs_netdrv *d);                /* the fd to poll, -EINVAL if not a TAP */
 
 /* sha256.c */
 typedef struct qs_sha256 {

@@ -1,0 +1,131 @@
+/*
+ * stack.c -- the stack object: configuration, the input entry point, the
+ * poll loop, and the entry/leave bracket that makes deferred frees safe.
+ *
+ * qs_ustack_poll is one iteration of a driver loop: a burst of received
+ * frames through the layers, then the timer wheel up to `now`.  It reads no
+ * clock: the caller passes the time, which is how the tests run two stacks
+ * on a fake clock and how the backend will stamp a whole burst with one
+ * clock read.
+ */
+#include "ustack.h"
+
+#define RX_BURST 64
+
+int qs_config_check(const qsu_config *c)
+{
+    if (!c->ip || c->prefix_len < 1 || c->prefix_len > 32)
+        return -EINVAL;
+    if ((c->mac[0] & 1) || !(c->mac[0] | c->mac[1] | c->mac[2] | c->mac[3] | c->mac[4] | c->mac[5]))
+        return -EINVAL;                       /* multicast or zero MAC */
+    if (c->buf_size < 1600 || c->buf_size > 65535 || c->buf_count < 16)
+        return -EINVAL;
+    if (c->mss < 536 || c->mss > 1460 || c->wscale < -1 || c->wscale > 14)
+        return -EINVAL;
+    if (!c->max_conns || !c->syn_backlog || c->syncookies < 0 || c->syncookies > 2)
+        return -EINVAL;
+    if (c->snd_buf < 1 || c->rcv_buf < 1 || c->rcv_buf > (1u << 30))
+        return -EINVAL;
+    if (!c->init_rto_ms || !c->min_rto_ms || c->max_rto_ms < c->min_rto_ms ||
+        !c->delack_ms || c->delack_ms > 500 || !c->msl_ms || !c->max_retries || !c->syn_retries)
+        return -EINVAL;
+    if (c->keepalive_idle_ms && (!c->keepalive_intvl_ms || !c->keepalive_cnt))
+        return -EINVAL;
+    return 0;
+}
+
+static uint64_t splitmix(uint64_t *x)
+{
+    uint64_t z = (*x += 0x9e3779b97f4a7c15ULL);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+int qs_ustack_init(qs_ustack *s, const qsu_config *cfg, qs_netdrv *drv,
+                   const qs_tcp_app_ops *app, void *app_ctx)
+{
+    memset(s, 0, sizeof(*s));
+    int rc = qs_config_check(cfg);
+    if (rc < 0)
+        return rc;
+    s->cfg = *cfg;
+    s->netmask = cfg->prefix_len == 32 ? 0xffffffffu : ~(0xffffffffu >> cfg->prefix_len);
+    s->drv = drv;
+    s->app = app;
+    s->app_ctx = app_ctx;
+    uint64_t x = cfg->secret;
+    s->sip_k0 = splitmix(&x);
+    s->sip_k1 = splitmix(&x);
+    s->next_port = (uint16_t)splitmix(&x);
+    s->ip_id = (uint16_t)splitmix(&x);
+    if ((rc = qs_mpool_init(&s->pool, cfg->buf_size, cfg->buf_count)) < 0)
+        return rc;
+    if ((rc = qs_tcp_flow_init(s)) < 0) {
+        qs_mpool_destroy(&s->pool);
+        return rc;
+    }
+    if (drv) {
+        drv->pool = &s->pool;
+        drv->drops = &s->st.drv_drop;
+    }
+    return 0;
+}
+
+/* Frees every control block and buffer the stack holds; the driver (which
+ * may hold frames of this pool) must be destroyed before. */
+void qs_ustack_destroy(qs_ustack *s)
+{
+    qs_arp_destroy(s);
+    qs_tcp_flow_destroy(s);
+    qs_mpool_destroy(&s->pool);
+}
+
+void qs_ustack_enter(qs_ustack *s)
+{
+    s->depth++;
+}
+
+void qs_ustack_leave(qs_ustack *s)
+{
+    if (--s->depth == 0 && s->reap)
+        qs_tcp_reap(s);
+}
+
+int qs_ustack_input(qs_ustack *s, qs_mbuf *m, int64_t now)
+{
+    qs_ustack_enter(s);
+    s->st.rx_frames++;
+    s->st.rx_bytes += m->len;
+    int rc = qs_eth_input(s, m, now);
+    qs_ustack_leave(s);
+    return rc;
+}
+
+int qs_ustack_poll(qs_ustack *s, int64_t now)
+{
+    qs_mbuf *burst[RX_BURST];
+    int work = 0;
+    qs_ustack_enter(s);
+    if (s->drv) {
+        int n = s->drv->ops->rx(s->drv, burst, RX_BURST, now);
+        for (int i = 0; i < n; i++) {
+            s->st.rx_frames++;
+            s->st.rx_bytes += burst[i]->len;
+            qs_eth_input(s, burst[i], now);
+        }
+        work += n > 0 ? n : 0;
+    }
+    work += qs_tcp_timer_advance(s, now);
+    qs_arp_age(s, now);
+    qs_ustack_leave(s);
+    return work;
+}
+
+int64_t qs_ustack_next_event(qs_ustack *s)
+{
+    int64_t a = s->drv ? s->drv->ops->next_due(s->drv) : INT64_MAX;
+    int64_t b = qs_tcp_timer_next(s), c = qs_arp_next(s);
+    a = a < b ? a : b;
+    return a < c ? a : c;
+}

@@ -1,0 +1,404 @@
+/*
+ * tcp_sync.c -- segment arrival in the synchronized states (RFC 9293
+ * 3.10.7.4): SYN-RECEIVED, ESTABLISHED, FIN-WAIT-1/2, CLOSE-WAIT, CLOSING,
+ * LAST-ACK, TIME-WAIT.  The steps run in the RFC's order:
+ *
+ *   1. sequence acceptability (the four cases of 3.10.7.4), else ACK and drop;
+ *   2. RST: RFC 5961 3.2 -- reset only if SEG.SEQ == RCV.NXT exactly; any
+ *      other in-window RST draws a challenge ACK, so a blind attacker must
+ *      hit one sequence number in 2^32 instead of one window in 2^32;
+ *   3. SYN: RFC 5961 4 -- never a reset, always a challenge ACK (except a
+ *      retransmitted SYN in SYN-RECEIVED, which gets our SYN-ACK again);
+ *      a RST in TIME-WAIT is ignored (RFC 1337), so a stray or forged RST
+ *      cannot cut the 2 MSL that protects the next incarnation;
+ *   4. ACK: RFC 5961 5.2 -- acceptable only within
+ *      [SND.UNA - MAX.SND.WND, SND.NXT]; new ACKs free send buffers, feed
+ *      RTT and congestion control, move FIN states; duplicates feed fast
+ *      retransmit; the window update follows the SND.WL1/WL2 rule;
+ *   5. text: in-order data joins the receive queue (the arriving buffer
+ *      itself, or copied into the tail buffer when it fits, so that many
+ *      tiny segments do not pin many buffers), out-of-order data waits in
+ *      a sorted queue until the hole fills;
+ *   6. FIN: once everything before it has arrived, even if the FIN itself
+ *      came early.
+ * Challenge ACKs are rate-limited per stack (RFC 5961 7).
+ */
+#include "ustack.h"
+
+#define CHALLENGE_PER_SEC 1000
+
+static uint32_t adv_window(const qs_tcb *t)
+{
+    int32_t d = qs_seq_diff(t->rcv_adv, t->rcv_nxt);
+    return d > 0 ? (uint32_t)d : 0;
+}
+
+static int acceptable(const qs_tcb *t, const qs_tcp_seg *g, uint32_t seglen)
+{
+    uint32_t w = adv_window(t);
+    qs_seq hi = qs_seq_add(t->rcv_nxt, w);
+    if (seglen == 0)
+        return w == 0 ? qs_seq_eq(g->seq, t->rcv_nxt) : qs_seq_in(g->seq, t->rcv_nxt, hi);
+    if (w == 0)
+        return 0;
+    return qs_seq_in(g->seq, t->rcv_nxt, hi) ||
+           qs_seq_in(qs_seq_add(g->seq, seglen - 1), t->rcv_nxt, hi);
+}
+
+static void challenge_ack(qs_ustack *s, qs_tcb *t, int64_t now)
+{
+    int64_t sec = now / 1000000000;
+    if (sec != s->chal_sec) {
+        s->chal_sec = sec;
+        s->chal_count = 0;
+    }
+    s->st.tcp_challenge_acks++;
+    if (s->chal_count++ < CHALLENGE_PER_SEC)
+        qs_tcp_send_ack(s, t, now);
+}
+
+static void enter_time_wait(qs_ustack *s, qs_tcb *t, int64_t now)
+{
+    qs_tcp_set_state(s, t, QS_TCP_TIME_WAIT);
+    t->timers = 0;
+    s->st.tcp_time_wait++;
+    if (t->flags & QT_APP_CLOSED) {
+        qs_mq_free(&s->pool, &t->rcvq);
+        t->rcvq_len = 0;
+    }
+    qs_tcp_timer_set(s, t, QS_TM_REXMIT, 2 * s->cfg.msl_ms, now);
+}
+
+static void trim_sndq(qs_ustack *s, qs_tcb *t, uint32_t n)
+{
+    t->sndq_len -= n;
+    while (n) {
+        qs_mbuf *c = t->sndq.head;
+        if (c->len <= n) {
+            n -= c->len;
+            qs_mbuf_free(&s->pool, qs_mq_pop(&t->sndq));
+        } else {
+            c->off += (uint16_t)n;
+            c->len -= (uint16_t)n;
+            n = 0;
+        }
+    }
+}
+
+/* SND.UNA < SEG.ACK <= SND.MAX */
+static void new_ack(qs_ustack *s, qs_tcb *t, const qs_tcp_seg *g, int64_t now)
+{
+    uint32_t acked = (uint32_t)qs_seq_diff(g->ack, t->snd_una);
+    uint32_t data = acked < t->sndq_len ? acked : t->sndq_len;
+    int fin_acked = (t->flags & QT_FIN_SENT) && acked > t->sndq_len;
+    trim_sndq(s, t, data);
+    t->snd_una = g->ack;
+    if (qs_seq_lt(t->snd_nxt, t->snd_una))
+        t->snd_nxt = t->snd_una;
+    if ((t->flags & QT_TIMING) && qs_seq_gt(g->ack, t->rtt_seq)) {
+        qs_tcp_rtt_sample(s, t, qs_tick(now) - t->rtt_t0);
+        t->flags &= (uint16_t)~QT_TIMING;
+    }
+    t->nrexmit = 0;
+    qs_tcp_cc_ack(s, t, acked, now);
+    if (qs_seq_eq(t->snd_una, t->snd_max))
+        qs_tcp_timer_clear(t, QS_TM_REXMIT);      /* RFC 6298 5.2 */
+    else
+        qs_tcp_rexmit_arm(s, t, now);             /* 5.3 */
+    if (data && s->app && s->app->writable && !(t->flags & QT_APP_CLOSED))
+        s->app->writable(s->app_ctx, t);
+    if (!fin_acked || (t->flags & QT_DEAD))
+        return;
+    switch (t->state) {
+    case QS_TCP_FIN_WAIT_1:
+        qs_tcp_set_state(s, t, QS_TCP_FIN_WAIT_2);
+        if (t->flags & QT_APP_CLOSED)             /* orphan: do not wait forever */
+            qs_tcp_timer_set(s, t, QS_TM_REXMIT, 2 * s->cfg.msl_ms, now);
+        break;
+    case QS_TCP_CLOSING:
+        enter_time_wait(s, t, now);
+        break;
+    case QS_TCP_LAST_ACK:
+        qs_tcp_drop(s, t, 0);
+        break;
+    default:
+        break;
+    }
+}
+
+static void append_rcvq(qs_ustack *s, qs_tcb *t, qs_mbuf *m)
+{
+    qs_mbuf *tail = t->rcvq.tail;
+    t->rcvq_len += m->len;
+    if (tail && (uint32_t)tail->off + tail->len + m->len <= tail->cap) {
+        memcpy(tail->data + tail->off + tail->len, qs_mbuf_ptr(m), m->len);
+        tail->len += m->len;
+        qs_mbuf_free(&s->pool, m);
+    } else {
+        qs_mq_push(&t->rcvq, m);
+    }
+}
+
+static void ooo_insert(qs_ustack *s, qs_tcb *t, qs_mbuf *m)
+{
+    qs_mbuf **pp = &t->oooq.head, *prev = NULL;
+    uint32_t count = 0, limit = 16 + t->rcv_buf / 256;
+    for (; *pp && qs_seq_le((*pp)->seq, m->seq); prev = *pp, pp = &(*pp)->next, count++)
+        if (qs_seq_le(qs_seq_add(m->seq, m->len), qs_seq_add((*pp)->seq, (*pp)->len))) {
+            s->st.tcp_dup_data++;                 /* already have all of it */
+            qs_mbuf_free(&s->pool, m);
+            return;
+        }
+    for (qs_mbuf *c = *pp; c; c = c->next)
+        count++;
+    if (count >= limit) {
+        s->st.tcp_no_mem++;
+        qs_mbuf_free(&s->pool, m);
+        return;
+    }
+    m->next = *pp;
+    *pp = m;
+    if (!m->next)
+        t->oooq.tail = m;
+    (void)prev;
+}
+
+/* Move the out-of-order segments that now continue the stream. */
+static void pull_ooo(qs_ustack *s, qs_tcb *t)
+{
+    qs_mbuf *h;
+    while ((h = t->oooq.head) && qs_seq_le(h->seq, t->rcv_nxt)) {
+        qs_mq_pop(&t->oooq);
+        qs_seq end = qs_seq_add(h->seq, h->len);
+        if (qs_seq_le(end, t->rcv_nxt)) {
+            qs_mbuf_free(&s->pool, h);
+            continue;
+        }
+        uint32_t d = (uint32_t)qs_seq_diff(t->rcv_nxt, h->seq);
+        h->off += (uint16_t)d;
+        h->len -= (uint16_t)d;
+        h->seq = t->rcv_nxt;
+        t->rcv_nxt = end;
+        append_rcvq(s, t, h);
+    }
+}
+
+/* Step 5.  Takes m.  *fin_ok is cleared if the FIN was cut off the segment. */
+static void data_in(qs_ustack *s, qs_tcb *t, const qs_tcp_seg *g, qs_mbuf *m, int *fin_ok,
+                    int64_t now)
+{
+    qs_seq seq = g->seq;
+    uint32_t len = g->len;
+    if (qs_seq_lt(seq, t->rcv_nxt)) {
+        uint32_t d = (uint32_t)qs_seq_diff(t->rcv_nxt, seq);
+        if (d >= len) {
+            s->st.tcp_dup_data++;
+            t->flags |= QT_ACK_NOW;
+            qs_mbuf_free(&s->pool, m);
+            return;
+        }
+        m->off += (uint16_t)d;
+        len -= d;
+        seq = t->rcv_nxt;
+    }
+    int32_t room = qs_seq_diff(t->rcv_adv, seq);   /* beyond what we offered: cut */
+    if (room <= 0) {
+        *fin_ok = 0;
+        t->flags |= QT_ACK_NOW;
+        qs_mbuf_free(&s->pool, m);
+        return;
+    }
+    if (len > (uint32_t)room) {
+        len = (uint32_t)room;
+        *fin_ok = 0;
+    }
+    m->len = (uint16_t)len;
+    m->seq = seq;
+    if (t->flags & QT_APP_CLOSED) {
+        /* nobody will read it: acknowledge in-order data and let it go */
+        if (qs_seq_eq(seq, t->rcv_nxt))
+            t->rcv_nxt = qs_seq_add(seq, len);
+        t->flags |= QT_ACK_NOW;
+        qs_mbuf_free(&s->pool, m);
+        return;
+    }
+    if (!qs_seq_eq(seq, t->rcv_nxt)) {
+        s->st.tcp_ooo++;
+        ooo_insert(s, t, m);
+        t->flags |= QT_ACK_NOW;                   /* RFC 5681 4.2: a duplicate ACK now */
+        return;
+    }
+    t->rcv_nxt = qs_seq_add(seq, len);
+    append_rcvq(s, t, m);
+    if (t->oooq.head) {
+        pull_ooo(s, t);
+        t->flags |= QT_ACK_NOW;                   /* filled (part of) a hole */
+    } else {
+        qs_tcp_ack_soon(s, t, now);
+    }
+    if (s->app && s->app->readable)
+        s->app->readable(s->app_ctx, t);
+}
+
+static void fin_in(qs_ustack *s, qs_tcb *t, int64_t now)
+{
+    t->rcv_nxt = qs_seq_add(t->rcv_nxt, 1);
+    t->flags |= QT_RCV_SHUT | QT_ACK_NOW;
+    t->flags &= (uint16_t)~QT_FIN_OOO;
+    switch (t->state) {
+    case QS_TCP_ESTABLISHED:
+        qs_tcp_set_state(s, t, QS_TCP_CLOSE_WAIT);
+        break;
+    case QS_TCP_FIN_WAIT_1:                       /* simultaneous close */
+        qs_tcp_set_state(s, t, QS_TCP_CLOSING);
+        break;
+    case QS_TCP_FIN_WAIT_2:
+        enter_time_wait(s, t, now);
+        break;
+    default:
+        return;
+    }
+    if (s->app && s->app->eof && !(t->flags & QT_APP_CLOSED))
+        s->app->eof(s->app_ctx, t);
+}
+
+void qs_tcp_sync_input(qs_ustack *s, qs_tcb *t, qs_tcp_seg *g, qs_mbuf *m, int64_t now)
+{
+    uint32_t seglen = g->len + ((g->flags & QS_TH_SYN) ? 1 : 0) + ((g->flags & QS_TH_FIN) ? 1 : 0);
+    /* 1. sequence number */
+    if (!acceptable(t, g, seglen)) {
+        if (g->len && qs_seq_le(qs_seq_add(g->seq, seglen), t->rcv_nxt))
+            s->st.tcp_dup_data++;                 /* an old duplicate, all of it */
+        else
+            s->st.tcp_out_of_window++;
+        if (g->flags & QS_TH_RST) {
+            s->st.tcp_rst_ignored++;
+            goto drop;
+        }
+        if (t->state == QS_TCP_TIME_WAIT && (g->flags & QS_TH_FIN))   /* FIN again: our ACK was lost */
+            qs_tcp_timer_set(s, t, QS_TM_REXMIT, 2 * s->cfg.msl_ms, now);
+        qs_tcp_send_ack(s, t, now);
+        goto drop;
+    }
+    qs_tcp_keep_touch(s, t, now);
+    /* 2. RST */
+    if (g->flags & QS_TH_RST) {
+        s->st.tcp_rst_rx++;
+        if (!qs_seq_eq(g->seq, t->rcv_nxt)) {
+            challenge_ack(s, t, now);
+            goto drop;
+        }
+        switch (t->state) {
+        case QS_TCP_TIME_WAIT:                    /* RFC 1337: no TIME-WAIT assassination */
+            s->st.tcp_rst_ignored++;
+            break;
+        case QS_TCP_SYN_RECEIVED:
+            qs_tcp_drop(s, t, (t->flags & QT_PASSIVE) ? 0 : -ECONNREFUSED);
+            break;
+        case QS_TCP_CLOSING:
+        case QS_TCP_LAST_ACK:
+            qs_tcp_drop(s, t, 0);
+            break;
+        default:
+            qs_tcp_drop(s, t, -ECONNRESET);
+        }
+        goto drop;
+    }
+    /* 3. SYN */
+    if (g->flags & QS_TH_SYN) {
+        if (t->state == QS_TCP_SYN_RECEIVED && qs_seq_eq(g->seq, t->irs) && !(g->flags & QS_TH_ACK))
+            qs_tcp_send_ctl(s, t, QS_TH_SYN | QS_TH_ACK, t->iss, now);
+        else
+            challenge_ack(s, t, now);
+        goto drop;
+    }
+    /* 4. ACK */
+    if (!(g->flags & QS_TH_ACK))
+        goto drop;
+    if (t->state == QS_TCP_SYN_RECEIVED) {
+        if (!qs_seq_gt(g->ack, t->snd_una) || qs_seq_gt(g->ack, t->snd_max)) {
+            qs_tcp_send_rst_for(s, g, now);
+            goto drop;
+        }
+        qs_tcp_set_state(s, t, QS_TCP_ESTABLISHED);
+        t->snd_wnd = g->wnd << t->snd_wscale;
+        t->max_snd_wnd = t->snd_wnd > t->max_snd_wnd ? t->snd_wnd : t->max_snd_wnd;
+        t->snd_wl1 = g->seq;
+        t->snd_wl2 = g->ack;
+        qs_tcp_handshake_done(s, t, now);
+        t->flags |= QT_ACCEPTED;
+        if (t->flags & QT_PASSIVE) {
+            if (s->app && s->app->accepted)
+                s->app->accepted(s->app_ctx, t, t->lport);
+        } else if (s->app && s->app->connected && !(t->flags & QT_APP_CLOSED)) {
+            s->app->connected(s->app_ctx, t);
+        }
+        if (t->flags & QT_DEAD)
+            goto drop;
+    }
+    qs_seq lo = qs_seq_sub(t->snd_una, t->max_snd_wnd > 1 ? t->max_snd_wnd : 1);
+    if (qs_seq_gt(g->ack, t->snd_max) || qs_seq_lt(g->ack, lo)) {
+        challenge_ack(s, t, now);                 /* RFC 5961 5.2 */
+        goto drop;
+    }
+    uint32_t wnd = g->wnd << t->snd_wscale;
+    if (qs_seq_gt(g->ack, t->snd_una)) {
+        new_ack(s, t, g, now);
+        if (t->flags & QT_DEAD)
+            goto drop;
+    } else if (qs_seq_eq(g->ack, t->snd_una) && g->len == 0 && !(g->flags & QS_TH_FIN) &&
+               wnd == t->snd_wnd && !qs_seq_eq(t->snd_max, t->snd_una)) {
+        t->dupacks++;
+        qs_tcp_cc_dupack(s, t, now);
+        if (t->flags & QT_DEAD)
+            goto drop;
+    }
+    if (qs_seq_lt(t->snd_wl1, g->seq) ||
+        (qs_seq_eq(t->snd_wl1, g->seq) && qs_seq_le(t->snd_wl2, g->ack))) {
+        int opened = t->snd_wnd == 0 && wnd > 0;
+        t->snd_wnd = wnd;
+        t->snd_wl1 = g->seq;
+        t->snd_wl2 = g->ack;
+        if (wnd > t->max_snd_wnd)
+            t->max_snd_wnd = wnd;
+        if (opened) {
+            /* persist is over: its backed-off timer goes, output restarts
+             * the RTO; a probe byte the closed window refused is sent again
+             * in order rather than left as a one-byte hole */
+            qs_tcp_timer_clear(t, QS_TM_REXMIT);
+            t->rto_ms = t->rto_ms > s->cfg.init_rto_ms ? s->cfg.init_rto_ms : t->rto_ms;
+            if (qs_seq_diff(t->snd_nxt, t->snd_una) <= 1)
+                t->snd_nxt = t->snd_una;
+        }
+    }
+    if (t->snd_wnd == 0)
+        t->nrexmit = 0;                           /* the receiver answers: keep probing */
+    /* 5. text, 6. FIN */
+    int fin_ok = (g->flags & QS_TH_FIN) != 0;
+    qs_seq fin_at = qs_seq_add(g->seq, g->len);
+    int may_recv = t->state == QS_TCP_ESTABLISHED || t->state == QS_TCP_FIN_WAIT_1 ||
+                   t->state == QS_TCP_FIN_WAIT_2;
+    if (g->len) {
+        if (may_recv) {
+            data_in(s, t, g, m, &fin_ok, now);
+            m = NULL;
+            if (t->flags & QT_DEAD)
+                return;
+        } else {
+            t->flags |= QT_ACK_NOW;               /* after their FIN: acknowledge, ignore */
+        }
+    }
+    if (fin_ok && may_recv && qs_seq_ge(fin_at, t->rcv_nxt)) {
+        t->flags |= QT_FIN_OOO;                   /* in order now, or once the hole fills */
+        t->fin_seq = fin_at;
+    } else if (fin_ok) {
+        t->flags |= QT_ACK_NOW;                   /* a FIN we already have */
+    }
+    if (may_recv && (t->flags & QT_FIN_OOO) && qs_seq_eq(t->fin_seq, t->rcv_nxt))
+        fin_in(s, t, now);
+    if (!(t->flags & QT_DEAD))
+        qs_tcp_output(s, t, now);
+drop:
+    if (m)
+        qs_mbuf_free(&s->pool, m);
+}

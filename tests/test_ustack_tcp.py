@@ -1,0 +1,1038 @@
+"""The user-space TCP/IP stack (qstack/native/ustack) through its test ABI.
+
+Two complete stacks (Ethernet, ARP, IPv4, ICMP, TCP) in this process, joined
+by an in-memory wire, on a fake clock (include/qsustack.h): every test is
+deterministic and replays from its seeds, and a 60 s TIME-WAIT costs no wall
+time.  Frames that tests inject are built here in Python, independently of
+the C code (its own checksums), so the two implementations check each other.
+
+Every net is torn down through `net()`: after all connections are closed
+and the wire settled past TIME-WAIT, both pools must be back to zero buffers
+in use -- the leak check.
+"""
+
+import glob
+import hashlib
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NATIVE = os.path.join(ROOT, "qstack", "native")
+
+
+def _stale():
+    so = glob.glob(os.path.join(ROOT, "qstack", "_ustack_test*.so"))
+    if not so:
+        return True
+    built = os.path.getmtime(so[0])
+    srcs = glob.glob(os.path.join(NATIVE, "ustack", "*")) + [
+        os.path.join(NATIVE, "include", "qsustack.h"), os.path.join(NATIVE, "build_ustack.py")]
+    return any(os.path.getmtime(p) > built for p in srcs)
+
+
+if _stale() and not os.environ.get("QSTACK_NO_BUILD"):
+    subprocess.check_call([sys.executable, os.path.join(NATIVE, "build_ustack.py")], cwd=ROOT)
+
+from qstack._ustack_test import ffi, lib  # noqa: E402
+
+MS = 1_000_000
+SEC = 1000 * MS
+A, B = 0, 1
+ST = {getattr(lib, "QSU_" + k): k for k in (
+    "CLOSED LISTEN SYN_SENT SYN_RECEIVED ESTABLISHED FIN_WAIT_1 FIN_WAIT_2 "
+    "CLOSE_WAIT CLOSING LAST_ACK TIME_WAIT").split()}
+
+
+def config(side, **kw):
+    c = ffi.new("qsu_config *")
+    lib.qsu_config_default(c, side)
+    for k, v in kw.items():
+        setattr(c, k, v)
+    return c
+
+
+class Net:
+    """Two stacks over the wire; thin Python over the qsu_* calls."""
+
+    def __init__(self, latency=50_000, a=None, b=None):
+        err = ffi.new("int *")
+        self.ca, self.cb = config(A, **(a or {})), config(B, **(b or {}))
+        self.n = lib.qsu_net_new(self.ca, self.cb, latency, err)
+        assert self.n != ffi.NULL, err[0]
+
+    def cfg(self, side):
+        return self.ca if side == A else self.cb
+
+    def run(self, ns=10 * MS):
+        return lib.qsu_net_run(self.n, ns)
+
+    def settle(self, idle=1 * SEC, limit=600 * SEC):
+        r = lib.qsu_net_settle(self.n, idle, limit)
+        assert r >= 0, r
+        return r
+
+    def now(self):
+        return lib.qsu_net_now(self.n)
+
+    def fault(self, side, **kw):
+        if not kw:
+            assert lib.qsu_net_fault(self.n, side, ffi.NULL) == 0
+            return
+        f = ffi.new("qsu_fault *")
+        for k, v in kw.items():
+            setattr(f, k, v)
+        assert lib.qsu_net_fault(self.n, side, f) == 0
+
+    def stats(self, side):
+        s = ffi.new("qsu_stats *")
+        assert lib.qsu_stats_get(self.n, side, s) == 0
+        return s
+
+    def listen(self, side, port, backlog=0):
+        assert lib.qsu_listen(self.n, side, port, backlog) >= 0
+
+    def connect(self, side, rport, lport=0):
+        h = lib.qsu_connect(self.n, side, lport, rport)
+        assert h > 0, h
+        return h
+
+    def accepted(self, side):
+        out = ffi.new("int32_t[256]")
+        k = lib.qsu_accepted(self.n, side, out, 256)
+        return list(out[0:k])
+
+    def pair(self, port=80):
+        """A connection A -> B's listening `port`, established; returns (ha, hb)."""
+        h = self.connect(A, port)
+        self.run(20 * MS)
+        acc = self.accepted(B)
+        assert len(acc) == 1, acc
+        assert self.info(A, h).state == lib.QSU_ESTABLISHED
+        return h, acc[0]
+
+    def info(self, side, h):
+        i = ffi.new("qsu_conn_info *")
+        assert lib.qsu_info(self.n, side, h, i) == 0
+        return i
+
+    def state(self, side, h):
+        return ST[self.info(side, h).state]
+
+    def send(self, side, h, data):
+        return lib.qsu_send(self.n, side, h, data, len(data))
+
+    def recv(self, side, h, n=1 << 20):
+        buf = ffi.new("uint8_t[]", n)
+        r = lib.qsu_recv(self.n, side, h, buf, n)
+        return bytes(buf[0:r]) if r > 0 else r
+
+    def recv_all(self, side, h):
+        out = b""
+        for _ in range(10000):
+            r = self.recv(side, h)
+            if not isinstance(r, bytes):
+                return out
+            out += r
+        raise AssertionError("recv_all did not end")
+
+    def close(self, side, h):
+        return lib.qsu_close(self.n, side, h)
+
+    def abort(self, side, h):
+        return lib.qsu_abort(self.n, side, h)
+
+    def inject(self, side, frame):
+        return lib.qsu_inject(self.n, side, frame, len(frame))
+
+    def capture_on(self, side):
+        assert lib.qsu_capture_enable(self.n, side, 1) == 0
+
+    def captured(self, side):
+        buf = ffi.new("uint8_t[]", 1 << 18)
+        k = lib.qsu_capture(self.n, side, buf, 1 << 18)
+        raw, out, i = bytes(buf[0:k]), [], 0
+        while i < len(raw):
+            (ln,) = struct.unpack_from("!H", raw, i)
+            out.append(raw[i + 2:i + 2 + ln])
+            i += 2 + ln
+        return out
+
+    def bulk(self, ha, hb, ab, ba, seed=1, limit=600 * SEC):
+        r = ffi.new("qsu_bulk_result *")
+        rc = lib.qsu_bulk(self.n, ha, hb, ab, ba, seed, limit, r)
+        return rc, r
+
+    def free(self):
+        if self.n != ffi.NULL:
+            lib.qsu_net_free(self.n)
+            self.n = ffi.NULL
+
+
+def intact(r):
+    """Both directions of a qsu_bulk arrived whole: SHA-256 sent == received."""
+    return (r.recv_ab == r.sent_ab and r.recv_ba == r.sent_ba
+            and bytes(r.sha_sent_ab) == bytes(r.sha_recv_ab)
+            and bytes(r.sha_sent_ba) == bytes(r.sha_recv_ba))
+
+
+def leak_free(n):
+    """Close every handle still open on both sides, settle, and check pools."""
+    n.settle(idle=200 * SEC, limit=3600 * SEC)
+    for side in (A, B):
+        s = n.stats(side)
+        assert s.tcp_conns == 0, (side, s.tcp_conns)
+        assert s.pool_in_use == 0, (side, s.pool_in_use)
+
+
+# ---------------------------------------------------------------- frames
+
+def csum(data):
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+    while s >> 16:
+        s = (s & 0xffff) + (s >> 16)
+    return ~s & 0xffff
+
+
+def ip4(a):
+    return struct.pack("!I", a)
+
+
+def eth(dst, src, etype, payload):
+    return bytes(dst) + bytes(src) + struct.pack("!H", etype) + payload
+
+
+def ipv4(src, dst, proto, payload, ttl=64, flags_frag=0x4000, fix=True, ihl=5):
+    hdr = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, 20 + len(payload), 1, flags_frag, ttl,
+                      proto, 0, ip4(src), ip4(dst))
+    if fix:
+        hdr = hdr[:10] + struct.pack("!H", csum(hdr)) + hdr[12:]
+    return hdr + payload
+
+
+def tcp(src, dst, sport, dport, seq, ack, flags, wnd=65535, opts=b"", payload=b"", fix=True):
+    off = (20 + len(opts)) // 4
+    hdr = struct.pack("!HHIIBBHHH", sport, dport, seq & 0xffffffff, ack & 0xffffffff, off << 4,
+                      flags, wnd, 0, 0) + opts
+    seg = hdr + payload
+    if fix:
+        ph = ip4(src) + ip4(dst) + struct.pack("!BBH", 0, 6, len(seg))
+        c = csum(ph + seg)
+        seg = seg[:16] + struct.pack("!H", c) + seg[18:]
+    return seg
+
+
+FIN, SYN, RST, PSH, ACK = 1, 2, 4, 8, 16
+
+
+def frame_to(n, side, l4, proto=6, **ipkw):
+    """A frame from the other side's addresses to `side`."""
+    me, peer = n.cfg(side), n.cfg(1 - side)
+    return eth(me.mac, peer.mac, 0x0800, ipv4(peer.ip, me.ip, proto, l4, **ipkw))
+
+
+def tcp_to(n, side, h, flags, seq_off=0, ack_off=0, payload=b"", **kw):
+    """A segment on connection h (as seen from `side`), from its peer."""
+    i = n.info(side, h)
+    me, peer = n.cfg(side), n.cfg(1 - side)
+    seg = tcp(peer.ip, me.ip, i.rport, i.lport, i.rcv_nxt + seq_off, i.snd_nxt + ack_off, flags,
+              payload=payload, **kw)
+    return frame_to(n, side, seg)
+
+
+def parse_tcp(frame):
+    """(flags, seq, ack, wnd, payload) of a captured IPv4/TCP frame, else None."""
+    if len(frame) < 54 or frame[12:14] != b"\x08\x00" or frame[23] != 6:
+        return None
+    ihl = (frame[14] & 15) * 4
+    t = frame[14 + ihl:]
+    sport, dport, seq, ack, off, flags, wnd = struct.unpack_from("!HHIIBBH", t)
+    return flags, seq, ack, wnd, t[(off >> 4) * 4:]
+
+
+# ---------------------------------------------------------------- basics
+
+def test_sha256_matches_hashlib():
+    out = ffi.new("uint8_t[32]")
+    for data in (b"", b"abc", b"x" * 55, b"y" * 56, b"z" * 64, os.urandom(1000)):
+        lib.qsu_sha256(data, len(data), out)
+        assert bytes(out) == hashlib.sha256(data).digest()
+
+
+def test_bad_config_rejected():
+    err = ffi.new("int *")
+    for bad in ({"mss": 100}, {"prefix_len": 0}, {"ip": 0}, {"buf_size": 100}, {"wscale": 15},
+                {"delack_ms": 600}, {"syncookies": 3}):
+        n = lib.qsu_net_new(config(A, **bad), config(B), 0, err)
+        assert n == ffi.NULL and err[0] == -22, bad
+
+
+def test_handshake_options_and_events():
+    n = Net()
+    try:
+        n.listen(B, 80)
+        h = n.connect(A, 80)
+        assert n.state(A, h) == "SYN_SENT"
+        n.run(20 * MS)
+        (hb,) = n.accepted(B)
+        ia, ib = n.info(A, h), n.info(B, hb)
+        assert (n.state(A, h), n.state(B, hb)) == ("ESTABLISHED", "ESTABLISHED")
+        assert ia.events & lib.QSU_EV_CONNECTED and ib.events & lib.QSU_EV_ACCEPTED
+        assert ia.mss == ib.mss == 1460
+        assert ia.snd_wscale == ib.rcv_wscale == 7 and ib.snd_wscale == ia.rcv_wscale == 7
+        assert ia.iss + 1 == ib.rcv_nxt and ib.iss + 1 == ia.rcv_nxt
+        assert ia.iss != ib.iss
+        assert ia.srtt_us > 0                       # the SYN was timed (RFC 6298)
+        assert ia.rport == 80 and 32768 <= ia.lport <= 60999
+        s = n.stats(B)
+        assert s.tcp_passive_opens == 1 and n.stats(A).tcp_active_opens == 1
+        assert n.stats(A).arp_tx >= 1 and s.arp_tx >= 1       # A asked, B answered
+        n.close(A, h), n.close(B, hb)
+        leak_free(n)
+    finally:
+        n.free()
+
+
+def test_window_scale_needs_both_sides_and_mss_is_the_minimum():
+    n = Net(a={"wscale": -1, "mss": 1000})
+    try:
+        n.listen(B, 80)
+        h, hb = n.pair()
+        ia, ib = n.info(A, h), n.info(B, hb)
+        assert ia.snd_wscale == ia.rcv_wscale == ib.snd_wscale == ib.rcv_wscale == -1
+        assert ia.mss == 1000 and ib.mss == 1000
+        # unscaled: at most 65535 bytes in flight, still the transfer works
+        rc, r = n.bulk(h, hb, 1_000_000, 1_000_000)
+        assert rc == 0 and intact(r)
+        n.close(A, h), n.close(B, hb)
+        leak_free(n)
+    finally:
+        n.free()
+
+
+def test_connect_to_closed_port_is_refused():
+    n = Net()
+    try:
+        h = n.connect(A, 81)
+        n.run(20 * MS)
+        i = n.info(A, h)
+        assert i.events & lib.QSU_EV_CLOSED and i.err == -111     # ECONNREFUSED
+        assert n.stats(B).tcp_rst_tx == 1
+        n.close(A, h)
+        leak_free(n)
+    finally:
+        n.free()
+
+
+def test_simultaneous_open():
+    n = Net()
+    try:
+        ha = n.connect(A, 6000, lport=5000)
+        hb = n.connect(B, 5000, lport=6000)
+        n.run(50 * MS)
+        assert n.state(A, ha) == n.state(B, hb) == "ESTABLISHED"
+        assert n.info(A, ha).events & lib.QSU_EV_CONNECTED
+        assert n.info(B, hb).events & lib.QSU_EV_CONNECTED
+        assert n.send(A, ha, b"ping") == 4
+        n.run()
+        assert n.recv(B, hb) == b"ping"
+        n.close(A, ha), n.close(B, hb)
+        leak_free(n)
+    finally:
+        n.free()
+
+
+def test_syn_retransmitted_then_timeout():
+    n = Net(a={"syn_retries": 3})
+    try:
+        n.fault(A, loss=1.0, seed=1)              # nothing A sends arrives
+        h = n.connect(A, 80)
+        n.run(60 * SEC)
+        i = n.info(A, h)
+        assert i.events & lib.QSU_EV_CLOSED and i.err == -110   # ETIMEDOUT
+        # 1 + 2 + 4 + 8 s of backoff, 3 retransmissions
+        assert n.stats(A).tcp_rexmit == 3 and n.stats(A).tcp_timeouts == 1
+        n.close(A, h)
+        n.fault(A)
+        leak_free(n)
+    finally:
+        n.free()
+
+
+# ---------------------------------------------------------------- data
+
+def test_transfer_both_ways_and_echo():
+    n = Net()
+    try:
+        n.listen(B, 80)
+        h, hb = n.pair()
+        msgs = [os.urandom(k) for k in (1, 100, 1460, 1461, 5000, 100_000)]
+        for m in msgs:
+            assert n.send(A, h, m) == len(m)
+            n.run()
+            got = n.recv_all(B, hb)
+            assert got == m
+            assert n.send(B, hb, got) == len(got)
+            n.run()
+            assert n.recv_all(A, h) == m
+        assert n.info(B, hb).events & lib.QSU_EV_READABLE
+        n.close(A, h), n.close(B, hb)
+        leak_free(n)
+    finally:
+        n.free()
+
+
+def test_send_buffer_limit_and_writable():
+    n = Net(a={"snd_buf": 10_000})
+    try:
+        n.listen(B, 80)
+        h, hb = n.pair()
+        assert n.send(A, h, b"x" * 50_000) == 10_000      # only what fits
+        assert n.send(A, h, b"y") == 0
+        n.run(100 * MS)                    # an odd segment's ACK is delayed 40 ms
+        assert n.info(A, h).events & lib.QSU_EV_WRITABLE
+        assert n.info(A, h).sndq == 0
+        assert len(n.recv_all(B, hb)) == 10_000
+        n.close(A, h), n.close(B, hb)
+        leak_free(n)
+    finally:
+        n.free()
+
+
+def test_delayed_ack():
+    n = Net()
+    try:
+        n.listen(B, 80)
+        h, hb = n.pair()
+        n.capture_on(B)
+        n.send(A, h, b"one")
+        n.run(10 * MS)                     # less than delack_ms = 40
+        assert [f for f in n.captured(B) if parse_tcp(f)] == []
+        n.run(40 * MS)
+        acks = [parse_tcp(f) for f in n.captured(B)]
+        assert len(acks) == 1 and acks[0][0] == ACK
+        assert n.stats(B).tcp_delacks == 1
+        # two full segments: acknowledged at once (RFC 5681 4.2)
+        n.send(A, h, b"z" * 2920)
+        n.run(1 * MS)
+        assert len([f for f in n.captured(B) if parse_tcp(f)]) == 1
+        n.close(A, h), n.close(B, hb)
+        leak_free(n)
+    finally:
+        n.free()
+
+
+def test_sequence_wraparound():
+    n = Net(a={"iss_debug": 0xffffffff - 100_000}, b={"iss_debug": 0xfffffff0})
+    try:
+        n.listen(B, 80)
+        h, hb = n.pair()
+        rc, r = n.bulk(h, hb, 5_000_000, 5_000_000)
+        assert rc == 0
+        assert intact(r)
+        assert n.info(A, h).snd_una < 0x10000000         # crossed 2^32
+        n.close(A, h), n.close(B, hb)
+        leak_free(n)
+    finally:
+        n.free()
+
+
+def test_100mb_each_way_sha256():
+    n = Net()
+    try:
+        n.listen(B, 80)
+        h, hb = n.pair()
+        rc, r = n.bulk(h, hb, 100_000_000, 100_000_000, seed=42)
+        assert rc == 0, rc
+        assert r.recv_ab == r.recv_ba == 100_000_000
+        assert bytes(r.sha_sent_ab) == bytes(r.sha_recv_ab)
+        assert bytes(r.sha_sent_ba) == bytes(r.sha_recv_ba)
+        print(f"\n200 MB over the in-memory wire: {r.wall_ns / 1e9:.2f} s wall, "
+              f"{200e3 / (r.wall_ns / 1e6):.0f} MB/s (SHA-256 of every byte on both ends included)")
+        n.close(A, h), n.close(B, hb)
+        leak_free(n)
+    finally:
+        n.free()
+
+
+# ---------------------------------------------------------------- closing
+
+def opened(**kw):
+    n = Net(**kw)
+    n.listen(B, 80)
+    h, hb = n.pair()
+    return n, h, hb
+
+
+def test_active_close_full_sequence():
+    n, h, hb = opened()
+    try:
+        assert lib.qsu_shutdown(n.n, A, h) == 0      # A: FIN, keeps its handle to look
+        assert n.state(A, h) == "FIN_WAIT_1"
+        n.run(1 * MS)
+        assert n.state(A, h) == "FIN_WAIT_2" and n.state(B, hb) == "CLOSE_WAIT"
+        assert n.info(B, hb).events & lib.QSU_EV_EOF
+        assert n.recv(B, hb) == 0                     # end of stream
+        n.close(B, hb)
+        assert n.info(B, hb).state == lib.QSU_LAST_ACK or n.info(B, hb).events & lib.QSU_EV_CLOSED
+        n.run(1 * MS)
+        assert n.state(A, h) == "TIME_WAIT"
+        assert n.stats(B).tcp_conns == 0              # LAST_ACK -> CLOSED on A's ACK
+        n.run(59 * SEC)
+        assert n.state(A, h) == "TIME_WAIT"           # 2 MSL = 60 s
+        n.run(2 * SEC)
+        i = n.info(A, h)
+        assert i.events & lib.QSU_EV_CLOSED and i.err == 0 and n.stats(A).tcp_conns == 0
+        n.close(A, h)
+        leak_free(n)
+    finally:
+        n.free()
+
+
+def test_passive_close_server_first():
+    n, h, hb = opened()
+    try:
+        n.send(B, hb, b"bye")
+        n.close(B, hb)                                # server: reply, then close
+        n.run(5 * MS)
+        assert n.recv(A, h) == b"bye"
+        assert n.state(A, h) == "CLOSE_WAIT" and n.info(A, h).events & lib.QSU_EV_EOF
+        n.close(A, h)
+        n.run(5 * MS)
+        assert n.stats(A).tcp_conns == 0              # LAST_ACK done
+        assert n.stats(B).tcp_time_wait == 1
+        leak_free(n)
+    finally:
+        n.free()
+
+
+def test_simultaneous_close():
+    n, h, hb = opened()
+    try:
+        lib.qsu_shutdown(n.n, A, h)
+        lib.qsu_shutdown(n.n, B, hb)                  # both FINs cross on the wire
+        n.run(60 * 1000)                              # FINs arrived, ACKs not yet
+        assert n.state(A, h) == n.state(B, hb) == "CLOSING"
+        n.run(5 * MS)
+        assert n.state(A, h) == n.state(B, hb) == "TIME_WAIT"
+        n.close(A, h), n.close(B, hb)
+        leak_free(n)
+        assert n.stats(A).tcp_time_wait == n.stats(B).tcp_time_wait == 1
+    finally:
+        n.free()
+
+
+def test_half_close_keeps_the_other_direction():
+    n, h, hb = opened()
+    try:
+        lib.qsu_shutdown(n.n, A, h)
+        n.run()
+        assert n.send(A, h, b"late") < 0               # EPIPE: A's side is shut
+        big = os.urandom(300_000)
+        sent = 0
+        got = b""
+        for _ in range(100):
+            if sent < len(big):
+                sent += max(0, n.send(B, hb, big[sent:]))
+            n.run(5 * MS)
+            got += n.recv_all(A, h)
+            if len(got) == len(big):
+                break
+        assert got == big
+        n.close(B, hb)
+        n.run(5 * MS)
+        assert n.recv(A, h) == 0 and n.state(A, h) == "TIME_WAIT"
+        n.close(A, h)
+        leak_free(n)
+    finally:
+        n.free()
+
+
+def test_close_with_data_in_flight_delivers_everything():
+    n, h, hb = opened()
+    try:
+        data = os.urandom(200_000)
+        assert n.send(A, h, data) == len(data)
+        n.close(A, h)                                  # FIN goes after the data
+        got = b""
+        for _ in range(200):
+            n.run(5 * MS)
+            got += n.recv_all(B, hb)
+            if n.info(B, hb).events & lib.QSU_EV_EOF:
+                break
+        got += n.recv_all(B, hb)
+        assert got == data and n.state(B, hb) == "CLOSE_WAIT"
+        n.close(B, hb)
+        leak_free(n)
+    finally:
+        n.free()
+
+
+def test_close_during_syn_sent_and_unread_data():
+    n = Net()
+    try:
+        n.listen(B, 80)
+        h = n.connect(A, 80)
+        assert n.close(A, h) == 0                      # before the SYN-ACK came back
+        n.run(10 * MS)                                 # B's half-open is reset by A's RST
+        assert n.stats(A).tcp_rst_tx >= 1
+        h, hb = n.pair()
+        n.send(A, h, b"never read")
+        n.run()
+        n.close(B, hb)                                 # unread data is dropped, no leak
+        n.close(A, h)
+        leak_free(n)
+    finally:
+        n.free()
+
+
+def test_time_wait_reacks_a_retransmitted_fin():
+    n, h, hb = opened()
+    try:
+        lib.qsu_shutdown(n.n, A, h)
+        n.run()
+        n.close(B, hb)
+        n.run()
+        assert n.state(A, h) == "TIME_WAIT"
+        n.run(30 * SEC)
+        n.capture_on(A)
+        # B's FIN again (its seq is rcv_nxt - 1 now): A must ACK and restart 2 MSL
+        assert n.inject(A, tcp_to(n, A, h, FIN | ACK, seq_off=-1)) == 0
+        acks = [parse_tcp(f) for f in n.captured(A) if parse_tcp(f)]
+        assert acks and acks[0][0] == ACK and acks[0][2] == n.info(A, h).rcv_nxt
+        n.run(50 * SEC)                                # 80 s after the first, 50 after the last
+        assert n.state(A, h) == "TIME_WAIT"
+        n.run(20 * SEC)
+        assert n.info(A, h).events & lib.QSU_EV_CLOSED
+        n.close(A, h)
+        leak_free(n)
+    finally:
+        n.free()
+
+
+def test_orphan_fin_wait_2_times_out():
+    n, h, hb = opened()
+    try:
+        n.close(A, h)                                  # B never closes
+        n.run()
+        assert n.stats(A).tcp_conns == 1
+        n.run(61 * SEC)
+        assert n.stats(A).tcp_conns == 0               # no FIN-WAIT-2 forever
+        n.close(B, hb)
+        leak_free(n)
+    finally:
+        n.free()
+
+
+# ---------------------------------------------------------------- loss & faults
+
+@pytest.mark.parametrize("what", ["loss", "dup", "reorder", "all"])
+def test_recovery_at_5_percent(what):
+    n, h, hb = opened()
+    try:
+        rates = {"loss": 0.0, "dup": 0.0, "reorder": 0.0}
+        for k in (rates if what == "all" else [what]):
+            rates[k] = 0.05
+        n.fault(A, seed=11, reorder_ns=300_000, **rates)
+        n.fault(B, seed=12, reorder_ns=300_000, **rates)
+        rc, r = n.bulk(h, hb, 3_000_000, 3_000_000, seed=3)
+        assert rc == 0 and intact(r)
+        sa, sb = n.stats(A), n.stats(B)
+        if what in ("loss", "all"):
+            assert sa.tcp_rexmit and sb.tcp_rexmit
+            assert sa.tcp_fast_rexmit + sb.tcp_fast_rexmit > 0
+            assert sa.tcp_rto + sb.tcp_rto > 0
+        if what in ("reorder", "all", "loss"):
+            assert sa.tcp_ooo + sb.tcp_ooo > 0
+        if what in ("dup", "all"):
+            assert sa.tcp_dup_data + sb.tcp_dup_data > 0
+        n.fault(A), n.fault(B)
+        n.close(A, h), n.close(B, hb)
+        leak_free(n)
+    finally:
+        n.free()
+
+
+def test_newreno_partial_acks_under_burst_loss():
+    n, h, hb = opened()
+    try:
+        n.fault(A, seed=5, loss=0.1)
+        rc, r = n.bulk(h, hb, 3_000_000, 0, seed=9)
+        assert rc == 0 and intact(r)
+        s = n.stats(A)
+        assert s.tcp_fast_rexmit > 0 and s.tcp_partial_acks > 0
+        n.fault(A)
+        n.close(A, h), n.close(B, hb)
+        leak_free(n)
+    finally:
+        n.free()
+
+
+def test_corruption_is_caught_and_counted():
+    n, h, hb = opened()
+    try:
+        n.fault(A, seed=21, corrupt=0.05)
+        n.fault(B, seed=22, corrupt=0.05)
+        rc, r = n.bulk(h, hb, 2_000_000, 2_000_000)
+        assert rc == 0 and intact(r)
+        bad = 0
+        for side in (A, B):
+            s = n.stats(side)
+            bad += s.tcp_bad_csum + s.ip_bad_csum + s.eth_bad_dst + s.eth_bad_type + s.ip_bad_hdr
+        assert bad > 0
+        n.fault(A), n.fault(B)
+        n.close(A, h), n.close(B, hb)
+        leak_free(n)
+    finally:
+        n.free()
+
+
+def test_rto_backoff_and_give_up():
+    n, h, hb = opened(a={"max_retries": 5})
+    try:
+        n.fault(A, loss=1.0, seed=1)
+        n.send(A, h, b"x" * 1000)
+        n.run(1 * MS)
+        rtos = []
+        for _ in range(6):
+            n.run(1 * SEC)
+            rtos.append(n.info(A, h).rto_ms)
+        assert rtos[0] < rtos[-1]                        # doubled (RFC 6298 5.5)
+        n.run(120 * SEC)
+        i = n.info(A, h)
+        assert i.events & lib.QSU_EV_CLOSED and i.err == -110
+        assert n.stats(A).tcp_rto == 5
+        n.close(A, h)
+        n.fault(A)
+        n.abort(B, hb)
+        leak_free(n)
+    finally:
+        n.free()
+
+
+def test_zero_window_probe_and_reopen():
+    n, h, hb = opened(b={"rcv_buf": 8192})
+    try:
+        data = os.urandom(100_000)
+        sent = n.send(A, h, data)
+        n.run(2 * SEC)                                   # incl. the SWS override timeout
+        i = n.info(A, h)
+        assert i.snd_wnd == 0 and i.sndq > 0            # B is full and not reading
+        # full, give or take the rounding of windows to the scale unit (2^7)
+        assert 8192 - 1460 <= n.info(B, hb).rcvq <= 8192 + 4 * 128
+        n.run(30 * SEC)
+        s = n.stats(A)
+        assert s.tcp_zwp >= 3                            # persist probes, backed off
+        assert n.stats(A).tcp_timeouts == 0 and n.state(A, h) == "ESTABLISHED"
+        got = b""
+        for _ in range(400):
+            got += n.recv_all(B, hb)
+            if sent < len(data):
+                sent += max(0, n.send(A, h, data[sent:]))
+            if len(got) == len(data):
+                break
+            n.run(5 * MS)
+        assert got == data
+        n.close(A, h), n.close(B, hb)
+        leak_free(n)
+    finally:
+        n.free()
+
+
+def test_keepalive_probes_then_times_out():
+    ka = {"keepalive_idle_ms": 10_000, "keepalive_intvl_ms": 1000, "keepalive_cnt": 3}
+    n, h, hb = opened(a=ka)
+    try:
+        assert lib.qsu_keepalive(n.n, A, h, 1) == 0
+        n.run(35 * SEC)                                  # peer alive: answered probes
+        assert n.stats(A).tcp_keepalives >= 3 and n.state(A, h) == "ESTABLISHED"
+        n.fault(B, loss=1.0, seed=2)                     # peer goes silent
+        n.run(20 * SEC)
+        i = n.info(A, h)
+        assert i.events & lib.QSU_EV_CLOSED and i.err == -110
+        n.close(A, h)
+        n.fault(B)
+        n.abort(B, hb)
+        leak_free(n)
+    finally:
+        n.free()
+
+
+# ---------------------------------------------------------------- RST & RFC 5961
+
+def test_abort_resets_the_peer():
+    n, h, hb = opened()
+    try:
+        n.abort(A, h)
+        n.run()
+        i = n.info(B, hb)
+        assert i.events & lib.QSU_EV_CLOSED and i.err == -104       # ECONNRESET
+        n.close(B, hb)
+        leak_free(n)
+    finally:
+        n.free()
+
+
+def test_rst_validation_rfc5961():
+    n, h, hb = opened()
+    try:
+        n.capture_on(B)
+        s0 = n.stats(B)
+        base_ign, base_ch = s0.tcp_rst_ignored, s0.tcp_challenge_acks
+        # out of window: ignored silently
+        assert n.inject(B, tcp_to(n, B, hb, RST, seq_off=10_000_000)) == 0
+        assert n.stats(B).tcp_rst_ignored == base_ign + 1 and n.state(B, hb) == "ESTABLISHED"
+        # in window but not RCV.NXT: a challenge ACK, no reset
+        assert n.inject(B, tcp_to(n, B, hb, RST, seq_off=100)) == 0
+        assert n.stats(B).tcp_challenge_acks == base_ch + 1 and n.state(B, hb) == "ESTABLISHED"
+        ch = [parse_tcp(f) for f in n.captured(B) if parse_tcp(f)]
+        assert ch and ch[-1][0] == ACK and ch[-1][2] == n.info(B, hb).rcv_nxt
+        # SYN on an established connection: challenge ACK (RFC 5961 4)
+        assert n.inject(B, tcp_to(n, B, hb, SYN)) == 0
+        assert n.stats(B).tcp_challenge_acks == base_ch + 2 and n.state(B, hb) == "ESTABLISHED"
+        # ACK for data never sent: challenge ACK (RFC 5961 5)
+        assert n.inject(B, tcp_to(n, B, hb, ACK, ack_off=1_000_000)) == 0
+        assert n.stats(B).tcp_challenge_acks == base_ch + 3 and n.state(B, hb) == "ESTABLISHED"
+        # the connection still works
+        n.send(A, h, b"still here")
+        n.run()
+        assert n.recv(B, hb) == b"still here"
+        # exactly RCV.NXT: reset
+        assert n.inject(B, tcp_to(n, B, hb, RST)) == 0
+        i = n.info(B, hb)
+        assert i.events & lib.QSU_EV_CLOSED and i.err == -104
+        n.close(B, hb)
+        n.abort(A, h)
+        leak_free(n)
+    finally:
+        n.free()
+
+
+def test_segment_for_no_connection_gets_rst():
+    n = Net()
+    try:
+        n.capture_on(B)
+        me, peer = n.cfg(B), n.cfg(A)
+        seg = tcp(peer.ip, me.ip, 4000, 9999, 1000, 5000, ACK, payload=b"hi")
+        n.inject(B, frame_to(n, B, seg))
+        n.run()                                          # B asks A's MAC first
+        rst = [parse_tcp(f) for f in n.captured(B) if parse_tcp(f)]
+        assert rst and rst[0][0] == RST and rst[0][1] == 5000        # seq = their ACK
+        seg = tcp(peer.ip, me.ip, 4000, 9999, 1000, 0, SYN)
+        n.inject(B, frame_to(n, B, seg))
+        n.run()
+        rst = [parse_tcp(f) for f in n.captured(B) if parse_tcp(f)]
+        assert rst[-1][0] == RST | ACK and rst[-1][2] == 1001
+        seg = tcp(peer.ip, me.ip, 4000, 9999, 1000, 0, RST)         # never RST a RST
+        n.inject(B, frame_to(n, B, seg))
+        n.run()
+        assert not [f for f in n.captured(B) if parse_tcp(f)]
+        leak_free(n)
+    finally:
+        n.free()
+
+
+# ---------------------------------------------------------------- SYN floods
+
+def syn_flood(n, side, count, port=80, seed=1):
+    me, peer = n.cfg(side), n.cfg(1 - side)
+    for i in range(count):
+        seg = tcp(peer.ip, me.ip, 1024 + i, port, seed * 7919 + i * 104729, 0, SYN,
+                  opts=b"\x02\x04\x05\xb4")
+        assert n.inject(side, frame_to(n, side, seg)) == 0
+
+
+def test_syn_flood_answered_with_cookies_real_client_gets_in():
+    n = Net(b={"syn_backlog": 8})
+    try:
+        n.listen(B, 80)
+        syn_flood(n, B, 500)
+        s = n.stats(B)
+        assert s.tcp_syn_rx == 500 and s.tcp_cookies_sent == 492
+        assert s.tcp_conns == 8                          # the backlog, no more state
+        h = n.connect(A, 80)                             # a real client during the flood
+        n.run(20 * MS)
+        (hb,) = n.accepted(B)
+        assert n.stats(B).tcp_cookies_ok == 1
+        assert n.state(A, h) == n.state(B, hb) == "ESTABLISHED"
+        rc, r = n.bulk(h, hb, 500_000, 500_000)
+        assert rc == 0 and intact(r)
+        n.close(A, h), n.close(B, hb)
+        leak_free(n)        # the flood's half-open entries were reset by A's RSTs
+    finally:
+        n.free()
+
+
+def test_syn_flood_without_cookies_is_dropped_and_bounded():
+    n = Net(b={"syn_backlog": 8, "syncookies": 0})
+    try:
+        n.listen(B, 80)
+        syn_flood(n, B, 200)
+        s = n.stats(B)
+        assert s.tcp_syn_drop == 192 and s.tcp_conns == 8 and s.tcp_cookies_sent == 0
+        leak_free(n)
+    finally:
+        n.free()
+
+
+def test_cookie_handshake_always():
+    n = Net(b={"syncookies": 2})
+    try:
+        n.listen(B, 80)
+        h, hb = n.pair()
+        assert n.stats(B).tcp_cookies_ok == 1
+        i = n.info(A, h)
+        assert i.snd_wscale == -1                        # no scaling without state
+        rc, r = n.bulk(h, hb, 1_000_000, 1_000_000)
+        assert rc == 0 and intact(r)
+        # a forged cookie ACK is refused
+        me, peer = n.cfg(B), n.cfg(A)
+        seg = tcp(peer.ip, me.ip, 5555, 80, 12345, 0xdeadbeef, ACK)
+        n.inject(B, frame_to(n, B, seg))
+        assert n.stats(B).tcp_cookies_bad == 1 and n.stats(B).tcp_conns == 1
+        n.close(A, h), n.close(B, hb)
+        leak_free(n)
+    finally:
+        n.free()
+
+
+# ---------------------------------------------------------------- L2 / L3
+
+def test_icmp_echo_reply():
+    n = Net()
+    try:
+        n.capture_on(B)
+        me, peer = n.cfg(B), n.cfg(A)
+        body = struct.pack("!BBHHH", 8, 0, 0, 0x1234, 1) + b"payload!"
+        body = body[:2] + struct.pack("!H", csum(body)) + body[4:]
+        n.inject(B, frame_to(n, B, body, proto=1))
+        n.run()                                          # after B resolved A's MAC
+        (rep,) = [f for f in n.captured(B) if f[12:14] == b"\x08\x00"]
+        assert rep[0:6] == bytes(peer.mac) and rep[23] == 1
+        icmp = rep[34:]
+        assert icmp[0] == 0 and icmp[4:] == body[4:] and csum(icmp) == 0
+        assert csum(rep[14:34]) == 0
+        assert n.stats(B).icmp_echo_replies == 1
+        bad = body[:2] + b"\0\0" + body[4:]                # bad ICMP checksum
+        n.inject(B, frame_to(n, B, bad, proto=1))
+        assert n.stats(B).icmp_bad == 1
+        leak_free(n)
+    finally:
+        n.free()
+
+
+def test_ip_and_ethernet_checks_count_and_drop():
+    n = Net()
+    try:
+        me, peer = n.cfg(B), n.cfg(A)
+        seg = tcp(peer.ip, me.ip, 4000, 80, 1, 0, SYN)
+        cases = {
+            "ip_bad_csum": eth(me.mac, peer.mac, 0x0800, ipv4(peer.ip, me.ip, 6, seg, fix=False)),
+            "ip_frag_drop": frame_to(n, B, seg, flags_frag=0x2000),        # MF
+            "ip_ttl_drop": frame_to(n, B, seg, ttl=0),
+            "ip_not_mine": eth(me.mac, peer.mac, 0x0800, ipv4(peer.ip, me.ip + 5, 6, seg)),
+            "ip_bad_proto": frame_to(n, B, seg, proto=17),
+            "eth_bad_dst": eth(b"\x02\x99\x99\x99\x99\x99", peer.mac, 0x0800,
+                               ipv4(peer.ip, me.ip, 6, seg)),
+            "eth_bad_type": eth(me.mac, peer.mac, 0x86dd, b"\x60" + bytes(60)),
+            "eth_short": b"\x01\x02\x03",
+            "tcp_bad_csum": frame_to(n, B, seg[:16] + b"\x12\x34" + seg[18:]),
+            "tcp_bad_hdr": frame_to(n, B, seg[:12] + bytes([0x30]) + seg[13:]),
+            "tcp_bad_opts": frame_to(n, B, tcp(peer.ip, me.ip, 4000, 80, 1, 0, SYN,
+                                               opts=b"\x02\x08\x05\xb4")),
+        }
+        for counter, frame in cases.items():
+            before = getattr(n.stats(B), counter)
+            n.inject(B, frame)
+            assert getattr(n.stats(B), counter) == before + 1, counter
+        # broadcast IPv4 is not for us (broadcast ARP is: test_arp_request_reply_and_cache)
+        before = n.stats(B).eth_bad_dst
+        n.inject(B, eth(b"\xff" * 6, peer.mac, 0x0800, ipv4(peer.ip, me.ip, 6, seg)))
+        assert n.stats(B).eth_bad_dst == before + 1
+        assert n.stats(B).tcp_rx == 3          # only the last three reached TCP
+        leak_free(n)
+    finally:
+        n.free()
+
+
+def test_arp_request_reply_and_cache():
+    n = Net()
+    try:
+        n.capture_on(B)
+        me, peer = n.cfg(B), n.cfg(A)
+        req = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, bytes(peer.mac), ip4(peer.ip),
+                          bytes(6), ip4(me.ip))
+        n.inject(B, eth(b"\xff" * 6, peer.mac, 0x0806, req))
+        (rep,) = n.captured(B)
+        assert rep[12:14] == b"\x08\x06"
+        op, sha, spa, tha, tpa = struct.unpack_from("!6xH6s4s6s4s", rep, 14)
+        assert op == 2 and sha == bytes(me.mac) and spa == ip4(me.ip) and tpa == ip4(peer.ip)
+        # the requester is now cached: B's first SYN to A needs no ARP request
+        arp_tx = n.stats(B).arp_tx
+        n.listen(A, 90)
+        h = n.connect(B, 90)
+        n.run()
+        assert n.stats(B).arp_tx == arp_tx and n.state(B, h) == "ESTABLISHED"
+        # an ARP request for someone else is not answered
+        other = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, bytes(peer.mac), ip4(peer.ip),
+                            bytes(6), ip4(me.ip + 7))
+        n.inject(B, eth(b"\xff" * 6, peer.mac, 0x0806, other))
+        assert not [f for f in n.captured(B) if f[12:14] == b"\x08\x06"]
+        n.inject(B, eth(b"\xff" * 6, peer.mac, 0x0806, req[:20]))      # truncated
+        assert n.stats(B).arp_bad == 1
+        n.close(B, h)
+        for hh in n.accepted(A):
+            n.close(A, hh)
+        leak_free(n)
+    finally:
+        n.free()
+
+
+def test_fuzzed_frames_never_crash_or_leak():
+    n, h, hb = opened()
+    try:
+        n.listen(B, 81)
+        for seed in range(1, 6):
+            assert lib.qsu_fuzz(n.n, B, seed, 4000) == 4000
+            assert lib.qsu_fuzz(n.n, A, seed + 100, 2000) == 2000
+            n.run(50 * MS)
+        s = n.stats(B)
+        counted = (s.eth_bad_dst + s.eth_bad_type + s.eth_short + s.ip_bad_hdr + s.ip_bad_csum
+                   + s.tcp_bad_csum + s.tcp_bad_hdr + s.tcp_bad_opts + s.arp_bad + s.icmp_bad
+                   + s.tcp_out_of_window + s.tcp_rst_ignored)
+        assert counted > 5000
+        assert s.icmp_echo_replies > 0 and s.tcp_challenge_acks > 0
+        for hh in n.accepted(B):
+            n.close(B, hh)
+        for side, hh in ((A, h), (B, hb)):
+            if n.info(side, hh).events & lib.QSU_EV_CLOSED or n.state(side, hh) != "CLOSED":
+                n.close(side, hh)
+        lib.qsu_unlisten(n.n, B, 80)
+        lib.qsu_unlisten(n.n, B, 81)
+        leak_free(n)
+    finally:
+        n.free()
+
+
+# ---------------------------------------------------------------- memory
+
+def test_idle_connections_hold_no_buffers():
+    count = 20_000
+    n = Net(a={"max_conns": count + 16}, b={"max_conns": count + 16, "syn_backlog": 1024})
+    try:
+        assert lib.qsu_open_many(n.n, 80, count) == count
+        n.run(1 * SEC)
+        sa, sb = n.stats(A), n.stats(B)
+        assert sa.tcp_conns == sb.tcp_conns == count
+        assert sa.pool_in_use == 0 and sb.pool_in_use == 0   # an idle connection: no buffer
+        per_conn = sb.tcb_bytes + 16 + sb.flow_bytes / count   # + malloc header
+        assert per_conn <= 1024
+        print(f"\nidle established connection: {sb.tcb_bytes} B control block "
+              f"+ 16 B allocator + {sb.flow_bytes / count:.1f} B flow table = {per_conn:.0f} B")
+    finally:
+        n.free()
