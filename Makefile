@@ -22,6 +22,7 @@ $(STAMP): $(BIN)/python setup.py setup.cfg pyproject.toml $(NATIVE)
 	$(BIN)/python -m pip install -q -e '.[test,bench,plot]'
 	$(BIN)/python qstack/native/build.py
 	$(BIN)/python qstack/native/build_loadgen.py
+	$(BIN)/python qstack/native/build_ustack.py
 	touch $@
 
 build: $(STAMP)

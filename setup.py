@@ -4,4 +4,5 @@
 from setuptools import setup
 
 setup(cffi_modules=["qstack/native/build.py:ffibuilder",
-                    "qstack/native/build_loadgen.py:ffibuilder"])
+                    "qstack/native/build_loadgen.py:ffibuilder",
+                    "qstack/native/build_ustack.py:ffibuilder"])

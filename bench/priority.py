@@ -97,7 +97,16 @@ def serve_with_stats(stats_path, argv):
         return orig(cfg, handler, core_index=core_index, stats_fd=fd)
 
     server.serve = serve
+    if os.environ.get("QSTACK_BENCH_NOGC"):     # experiment: no cyclic GC pauses
+        import gc
+        gc.disable()
     return cli.main(["serve", *argv])
+
+
+def nice(cfg):
+    """argv prefix giving the server and the generator a higher CPU weight than
+    other processes on a shared machine (the same for every server)."""
+    return ["nice", "-n", str(cfg.nice)] if cfg.nice else []
 
 
 def python():
@@ -180,7 +189,7 @@ def run_one(cfg, name, *, kind, rate=0.0, grain="connection", tag=""):
     port = h.free_port()
     os.makedirs(os.path.join(RESULTS, "logs"), exist_ok=True)
     stats_path = os.path.join(cfg.tmp, "stats-%s-%s-%d.jsonl" % (name, kind, port))
-    argv = server_argv(name, port, cfg.conf, stats_path)
+    argv = nice(cfg) + server_argv(name, port, cfg.conf, stats_path)
     rec = {"server": name, "kind": kind, "rate": rate, "grain": grain}
     srv = h.Server(name, argv, cfg.server_cpu,
                    log_path=os.path.join(RESULTS, "logs", "priority-%s.log" % name))
@@ -200,7 +209,7 @@ def run_one(cfg, name, *, kind, rate=0.0, grain="connection", tag=""):
         # echoes byte chunks (gevent, uvloop) then moves several messages
         # per system call in both runs, so "2x capacity" is 2x for everyone.
         extra = ["-r", str(cfg.ratio), "--grain", grain, "--window", str(cfg.window)]
-        res = h.run_client(h.load_command(), port, cfg.client_cpu, conns=cfg.conns,
+        res = h.run_client(nice(cfg) + h.load_command(), port, cfg.client_cpu, conns=cfg.conns,
                            size=SIZE, warmup=cfg.warmup,
                            duration=cfg.cap_duration if kind == "capacity" else cfg.duration,
                            rate=rate, drain=cfg.drain, on_mark=on_mark, extra=extra,
@@ -295,8 +304,34 @@ def plan(cfg):
     return out
 
 
+def machine_busy(seconds=1.0):
+    """Share of all CPUs busy over `seconds` (nothing of ours runs meanwhile)."""
+    a = h.cpu_busy_jiffies()
+    time.sleep(seconds)
+    b = h.cpu_busy_jiffies()
+    busy = sum(b[c][0] - a[c][0] for c in b if c in a)
+    total = sum(b[c][1] - a[c][1] for c in b if c in a)
+    return busy / total if total else 0.0
+
+
+def wait_quiet(cfg):
+    """Before a run: wait (bounded) until other processes leave the CPUs idle."""
+    deadline = time.monotonic() + cfg.quiet_wait
+    waited = False
+    while True:
+        busy = machine_busy()
+        if busy <= cfg.quiet_limit or time.monotonic() >= deadline:
+            if waited:
+                print("%13s(waited for a quiet machine: now %.0f%% busy)" % ("", 100 * busy),
+                      flush=True)
+            return busy
+        waited = True
+        time.sleep(2.0)
+
+
 def run_checked(cfg, name, **kw):
     """run_one, again (bounded) while others disturbed it: keep the quietest."""
+    wait_quiet(cfg)
     rec = run_one(cfg, name, **kw)
     tries = 0
     while ("failed" not in rec and rec["other"] > cfg.noise_limit
@@ -306,6 +341,7 @@ def run_checked(cfg, name, **kw):
         print("%13s^ disturbed: others used %.0f%% of a CPU; running it again" % (
             "", 100 * rec["other"]), flush=True)
         time.sleep(cfg.noise_pause)
+        wait_quiet(cfg)
         again = run_one(cfg, name, **kw)
         if "failed" not in again and again["other"] < rec["other"]:
             rec = again
@@ -519,7 +555,7 @@ def parse_args(argv=None):
     ap.add_argument("--ratio", type=float, default=0.05, help="high-priority share")
     ap.add_argument("--half", type=float, default=0.5, help="the low load, x capacity")
     ap.add_argument("--overload", type=float, default=2.0, help="the overload, x capacity")
-    ap.add_argument("--window", type=int, default=8,
+    ap.add_argument("--window", type=int, default=1,
                     help="qstack load --window: messages in flight per connection")
     ap.add_argument("--duration", type=float, default=None,
                     help="measured seconds of each open-loop run (default 8, --quick 3)")
@@ -539,8 +575,17 @@ def parse_args(argv=None):
     ap.add_argument("--noise-retries", type=int, default=2,
                     help="run a disturbed run again up to this many times, keeping the "
                          "quietest (default 2; at most 12 repeats in all)")
-    ap.add_argument("--noise-pause", type=float, default=5.0,
+    ap.add_argument("--noise-pause", type=float, default=3.0,
                     help="seconds to wait before repeating a disturbed run")
+    ap.add_argument("--quiet-limit", type=float, default=0.05,
+                    help="before each run, wait until the machine is at most this busy "
+                         "(share of all CPUs over 1 s; default 0.05) ...")
+    ap.add_argument("--quiet-wait", type=float, default=90.0,
+                    help="... but at most this many seconds (default 90)")
+    ap.add_argument("--nice", type=int, default=0,
+                    help="run the servers and the generator at this niceness (e.g. -10 "
+                         "as root, so that other processes on a shared machine disturb "
+                         "them less; the same for every server; default 0)")
     ap.add_argument("--server-cpu", type=int, default=0)
     ap.add_argument("--client-cpu", type=int, default=1)
     ap.add_argument("--json", metavar="FILE", default=os.path.join(RESULTS, "priority.json"))

@@ -4,6 +4,7 @@ measure what each one costs.
     .venv/bin/python bench/scale.py [--connections 100000] [--cores 7] [--smp 7]
         [--ips 8] [--setup 40] [--wait 10] [--epoch 10] [--burst 1000]
         [--duration 30] [--json FILE] [--quick]
+    .venv/bin/python bench/scale.py --report bench/results/scale.json
 
 What it does, end to end:
 
@@ -319,11 +320,23 @@ def report(res, args):
         slab0, slab1 = base["slab"], held["slab"]
         deltas = sorted(((k, slab1.get(k, 0) - slab0.get(k, 0)) for k in set(slab0) | set(slab1)),
                         key=lambda kv: -kv[1])
-        top = [(k, d) for k, d in deltas if d > 0][:10]
+        top = [(k, d) for k, d in deltas if d > 0][:12]
         if top:
             lines.append("")
-            lines.append("largest slab caches grown (bytes per connection, both ends): " +
+            lines.append("slab caches grown (bytes per connection, both ends): " +
                          ", ".join("%s %s" % (k, "{:,.0f}".format(d / n)) for k, d in top))
+        procfs = slab1.get("proc_inode_cache", 0) - slab0.get("proc_inode_cache", 0)
+        if procfs > 0:
+            lines.append("of which proc_inode_cache %s B per connection: procfs inodes of "
+                         "/proc/PID/fd entries, made when something lists the processes' open "
+                         "files (a monitor on this machine does, every few seconds: about one "
+                         "696-byte inode per fd); not the connection's own state" % (
+                             "{:,.0f}".format(procfs / n)))
+            lines.append("kernel slab per connection without them: %s B (both ends, so about "
+                         "%s B per socket)" % ("{:,.0f}".format((held["Slab"] - base["Slab"]
+                                                                  - procfs) / n),
+                                               "{:,.0f}".format((held["Slab"] - base["Slab"]
+                                                                  - procfs) / n / 2)))
     if doc:
         lat = doc.get("latency_ms", {}).get("all", {})
         win = doc.get("window", {})
@@ -386,6 +399,12 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--report"]:          # print the report of a saved run again
+        with open(argv[1]) as f:
+            res = json.load(f)
+        report(res, argparse.Namespace(**res["args"]))
+        return
     args = parse_args(argv)
     started = time.monotonic()
     print("scale: %s connections, server --cores %d on CPU %d, load --smp %d --ips %d on "

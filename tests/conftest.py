@@ -35,9 +35,9 @@ def wait_port(port, proc, timeout=15.0):
 class Server:
     """A running `qstack serve`; stop() checks it exits 0 with no buffer leaked."""
 
-    def __init__(self, app, *args, env=None, cwd=ROOT):
+    def __init__(self, app, *args, env=None, cwd=ROOT, wrap=()):
         self.port = free_port()
-        self.args = [sys.executable, "-m", "qstack", "serve", app,
+        self.args = [*wrap, sys.executable, "-m", "qstack", "serve", app,
                      "--host", "127.0.0.1", "--port", str(self.port), *args]
         self.proc = subprocess.Popen(self.args, cwd=cwd, env={**os.environ, **(env or {})},
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -316,3 +316,21 @@ def test_stats_lines_report_traffic_per_level(serve):
     lines = [ln for ln in server.stdout.splitlines() if ln.startswith("core 0")]
     assert lines, server.stdout
     assert "L0" in lines[0] and "L1" in lines[0] and "bufs" in lines[0]
+
+
+@pytest.mark.parametrize("pin", ["none", "shared", "split"])
+def test_threads_stay_in_the_cpu_set_started_with(serve, pin):
+    """`taskset -c 0 qstack serve ...` keeps every thread on CPU 0, whatever
+    the layout asks for."""
+    if 0 not in os.sched_getaffinity(0):
+        pytest.skip("CPU 0 is not available to this test")
+    server = serve("apps.echo:handle", "--pin", pin, wrap=["taskset", "-c", "0"])
+    echo_ok(server)
+    tasks = f"/proc/{server.proc.pid}/task"
+    allowed = set()
+    for tid in os.listdir(tasks):
+        with open(f"{tasks}/{tid}/status") as f:
+            for line in f:
+                if line.startswith("Cpus_allowed_list:"):
+                    allowed.add(line.split()[1])
+    assert allowed == {"0"}, allowed

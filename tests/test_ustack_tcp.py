@@ -47,11 +47,16 @@ ST = {getattr(lib, "QSU_" + k): k for k in (
     "CLOSE_WAIT CLOSING LAST_ACK TIME_WAIT").split()}
 
 
-def config(side, **kw):
+def config(side, rules=(), **kw):
+    """A side's default config with overrides; rules: (offset, mask, value, level)."""
     c = ffi.new("qsu_config *")
     lib.qsu_config_default(c, side)
     for k, v in kw.items():
         setattr(c, k, v)
+    for i, (off, mask, value, level) in enumerate(rules):
+        r = c.rules[i]
+        r.offset, r.mask, r.value, r.level = off, mask, value, level
+    c.nrules = max(c.nrules, len(rules))
     return c
 
 
@@ -1036,3 +1041,71 @@ def test_idle_connections_hold_no_buffers():
               f"+ 16 B allocator + {sb.flow_bytes / count:.1f} B flow table = {per_conn:.0f} B")
     finally:
         n.free()
+
+
+# ---------------------------------------------------------------- priority
+
+def prio_net(levels=2):
+    """B classifies: payload starting with 'H' is level 0, the rest level 1."""
+    b = {}
+    if levels > 1:
+        b = {"levels": 2, "default_level": 1, "rules": [(0, 0xff, ord("H"), 0)]}
+    n = Net(b=b)
+    n.listen(B, 80)
+    low, low_b = n.pair()
+    high, high_b = n.pair()
+    return n, (low, low_b), (high, high_b)
+
+
+def readable_log(n, side):
+    out = ffi.new("int32_t[256]")
+    k = lib.qsu_readable_log(n.n, side, out, 256)
+    return list(out[0:k])
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+def test_high_priority_data_is_processed_and_delivered_first(levels):
+    n, (low, low_b), (high, high_b) = prio_net(levels)
+    try:
+        for rnd in range(3):
+            readable_log(n, B)
+            # the low request leaves first; both arrive in the same burst
+            assert n.send(A, low, b"L" * 100) == 100
+            assert n.send(A, high, b"H" * 100) == 100
+            n.run(5 * MS)
+            order = readable_log(n, B)
+            assert order == ([high_b, low_b] if levels > 1 else [low_b, high_b]), rnd
+            assert n.recv(B, low_b) == b"L" * 100 and n.recv(B, high_b) == b"H" * 100
+        for h, hb in ((low, low_b), (high, high_b)):
+            n.close(A, h), n.close(B, hb)
+        leak_free(n)
+    finally:
+        n.free()
+
+
+def test_high_priority_sends_leave_first():
+    n, (low, low_b), (high, high_b) = prio_net(2)
+    try:
+        n.capture_on(B)
+        # two full segments on each: B acknowledges each connection at once,
+        # both ACKs produced while processing one burst
+        assert n.send(A, low, b"L" * 2920) == 2920
+        assert n.send(A, high, b"H" * 2920) == 2920
+        n.run(5 * MS)
+        # B's segments, by destination port: the high connection's come first
+        dports = [struct.unpack_from("!H", f, 36)[0] for f in n.captured(B) if parse_tcp(f)]
+        assert dports and dports[0] == n.info(A, high).lport, dports
+        assert n.info(A, low).lport in dports
+        for h, hb in ((low, low_b), (high, high_b)):
+            n.close(A, h), n.close(B, hb)
+        leak_free(n)
+    finally:
+        n.free()
+
+
+def test_bad_priority_config_rejected():
+    err = ffi.new("int *")
+    for bad in ({"levels": 0}, {"levels": 9}, {"levels": 2, "default_level": 2},
+                {"levels": 2, "nrules": 9}):
+        assert lib.qsu_net_new(config(A), config(B, **bad), 0, err) == ffi.NULL
+        assert err[0] == -22, bad

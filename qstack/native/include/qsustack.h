@@ -39,6 +39,18 @@
 #define QSU_EV_EOF 16
 #define QSU_EV_CLOSED 32
 
+#define QSU_MAX_LEVELS 8
+
+/* A native priority rule (as qs_rule in qstack.h, QStack's -i filter): the
+ * TCP payload byte at `offset`, masked with `mask`, equal to `value` ->
+ * `level`.  First match wins. */
+typedef struct qsu_rule {
+    int32_t offset;
+    uint8_t mask;
+    uint8_t value;
+    int32_t level;
+} qsu_rule;
+
 typedef struct qsu_config {
     uint8_t mac[6];
     uint32_t ip;              /* host byte order */
@@ -65,6 +77,10 @@ typedef struct qsu_config {
     uint32_t keepalive_cnt;
     uint64_t secret;          /* seeds ISS and SYN cookies (RFC 6528) */
     uint32_t iss_debug;       /* tests only: non-zero = every ISS (wraparound tests) */
+    int32_t levels;           /* priority levels 1..QSU_MAX_LEVELS, 0 = highest */
+    int32_t nrules;
+    qsu_rule rules[8];        /* QSU_MAX_LEVELS */
+    int32_t default_level;    /* a payload no rule matches */
 } qsu_config;
 
 typedef struct qsu_stats {
@@ -175,6 +191,10 @@ int qsu_bulk(qsu_net *n, int ha, int hb, uint64_t bytes_ab, uint64_t bytes_ba,
 /* Open `count` connections from side 0 to side 1's `port` and leave them
  * idle; returns how many reached ESTABLISHED on both sides. */
 int qsu_open_many(qsu_net *n, uint16_t port, int count);
+
+/* Handles whose data a side delivered (readable events), in delivery order,
+ * since the last call (the last 256 are kept). */
+int qsu_readable_log(qsu_net *n, int side, int32_t *out, int max);
 
 void qsu_sha256(const uint8_t *data, uint64_t len, uint8_t *out);
 

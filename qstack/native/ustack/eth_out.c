@@ -1,5 +1,6 @@
 /*
- * eth_out.c -- Ethernet II transmit: prepend the header, hand to the driver.
+ * eth_out.c -- Ethernet II transmit: prepend the header, queue the frame by
+ * priority level; prio.c hands the queues to the driver, highest first.
  */
 #include "ustack.h"
 
@@ -17,5 +18,9 @@ int qs_eth_output(qs_ustack *s, qs_mbuf *m, const uint8_t *dst, uint16_t type, i
     qs_put16(p + 12, type);
     s->st.tx_frames++;
     s->st.tx_bytes += m->len;
-    return s->drv->ops->tx(s->drv, m, now);
+    if (s->depth == 0)                /* not inside an entry point: nothing to order */
+        return s->drv->ops->tx(s->drv, m, now);
+    s->tx_now = now;
+    qs_mq_push(&s->txq[m->prio < QSU_MAX_LEVELS ? m->prio : QSU_MAX_LEVELS - 1], m);
+    return 0;
 }

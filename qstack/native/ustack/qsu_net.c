@@ -49,6 +49,8 @@ struct side {
     uint32_t cap_head, cap_count;
     uint16_t cap_len[CAP_N];
     uint8_t (*cap_data)[CAP_SZ];
+    int32_t rlog[256];                /* readable events, in order */
+    uint32_t nrlog;
 };
 
 struct qsu_net {
@@ -153,7 +155,18 @@ static void on_accepted(void *ctx, qs_tcb *t, int port)
             c->events |= bit;                                     \
     }
 EVENT_CB(on_connected, QSU_EV_CONNECTED)
-EVENT_CB(on_readable, QSU_EV_READABLE)
+
+static void on_readable(void *ctx, qs_tcb *t)
+{
+    side *sd = ctx;
+    hconn *c = H(sd, (int)t->user);
+    if (!c)
+        return;
+    c->events |= QSU_EV_READABLE;
+    if (sd->nrlog < 256)
+        sd->rlog[sd->nrlog++] = (int32_t)t->user;
+}
+
 EVENT_CB(on_writable, QSU_EV_WRITABLE)
 EVENT_CB(on_eof, QSU_EV_EOF)
 
@@ -202,6 +215,8 @@ void qsu_config_default(qsu_config *c, int side)
     c->keepalive_intvl_ms = 75000;
     c->keepalive_cnt = 9;
     c->secret = 0x5eed0000u + (uint64_t)side;
+    c->levels = 1;
+    c->default_level = 0;
 }
 
 void qsu_net_free(qsu_net *n)
@@ -551,6 +566,17 @@ int qsu_capture(qsu_net *n, int side_, uint8_t *out, int max)
         sd->cap_count--;
     }
     return w;
+}
+
+int qsu_readable_log(qsu_net *n, int side_, int32_t *out, int max)
+{
+    side *sd = SD(n, side_);
+    if (!sd || max < 0)
+        return -EINVAL;
+    int k = (int)sd->nrlog < max ? (int)sd->nrlog : max;
+    memcpy(out, sd->rlog, (size_t)k * sizeof(*out));
+    sd->nrlog = 0;
+    return k;
 }
 
 void qsu_sha256(const uint8_t *data, uint64_t len, uint8_t *out)

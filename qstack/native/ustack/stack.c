@@ -31,6 +31,12 @@ int qs_config_check(const qsu_config *c)
         return -EINVAL;
     if (c->keepalive_idle_ms && (!c->keepalive_intvl_ms || !c->keepalive_cnt))
         return -EINVAL;
+    if (c->levels < 1 || c->levels > QSU_MAX_LEVELS || c->nrules < 0 ||
+        c->nrules > QSU_MAX_LEVELS || c->default_level < 0 || c->default_level >= c->levels)
+        return -EINVAL;
+    for (int i = 0; i < c->nrules; i++)
+        if (c->rules[i].offset < 0 || c->rules[i].level < 0 || c->rules[i].level >= c->levels)
+            return -EINVAL;
     return 0;
 }
 
@@ -76,6 +82,8 @@ int qs_ustack_init(qs_ustack *s, const qsu_config *cfg, qs_netdrv *drv,
  * may hold frames of this pool) must be destroyed before. */
 void qs_ustack_destroy(qs_ustack *s)
 {
+    for (int l = 0; l < QSU_MAX_LEVELS; l++)
+        qs_mq_free(&s->pool, &s->txq[l]);
     qs_arp_destroy(s);
     qs_tcp_flow_destroy(s);
     qs_mpool_destroy(&s->pool);
@@ -88,6 +96,8 @@ void qs_ustack_enter(qs_ustack *s)
 
 void qs_ustack_leave(qs_ustack *s)
 {
+    if (s->depth == 1)
+        qs_prio_flush(s);           /* frames leave highest level first */
     if (--s->depth == 0 && s->reap)
         qs_tcp_reap(s);
 }
@@ -109,6 +119,20 @@ int qs_ustack_poll(qs_ustack *s, int64_t now)
     qs_ustack_enter(s);
     if (s->drv) {
         int n = s->drv->ops->rx(s->drv, burst, RX_BURST, now);
+        if (s->cfg.levels > 1 && n > 1) {
+            /* a stable counting sort of the burst by level: level 0 first */
+            qs_mbuf *sorted[RX_BURST];
+            int count[QSU_MAX_LEVELS + 1] = {0};
+            for (int i = 0; i < n; i++) {
+                burst[i]->prio = (uint8_t)qs_prio_classify(s, burst[i]);
+                count[burst[i]->prio + 1]++;
+            }
+            for (int l = 1; l <= QSU_MAX_LEVELS; l++)
+                count[l] += count[l - 1];
+            for (int i = 0; i < n; i++)
+                sorted[count[burst[i]->prio]++] = burst[i];
+            memcpy(burst, sorted, sizeof(burst[0]) * (size_t)n);
+        }
         for (int i = 0; i < n; i++) {
             s->st.rx_frames++;
             s->st.rx_bytes += burst[i]->len;

@@ -9,6 +9,8 @@
  * (default 200 ms, the Linux value) because the floor exists for clocks far
  * coarser than ours.
  *
+ * Limited transmit (RFC 3042) on the first two duplicate ACKs.
+ *
  * Congestion control (RFC 5681): slow start below ssthresh (cwnd grows by
  * the bytes acked, at most one SMSS per ACK), congestion avoidance above
  * (about one SMSS per RTT), IW from RFC 5681 3.1.  Fast retransmit on the
@@ -108,6 +110,16 @@ void qs_tcp_cc_dupack(qs_ustack *s, qs_tcb *t, int64_t now)
     if (t->flags & QT_RECOVERY) {
         t->cwnd += t->mss;                        /* inflate: one segment left the network */
         qs_tcp_output(s, t, now);
+        return;
+    }
+    if (t->dupacks < 3) {
+        /* RFC 3042 limited transmit: one new segment per early duplicate,
+         * up to cwnd + 2 SMSS in flight, to keep the ACK clock going when
+         * the flight is too small to produce three duplicates */
+        uint32_t save = t->cwnd;
+        t->cwnd += (uint32_t)t->dupacks * t->mss;
+        qs_tcp_output(s, t, now);
+        t->cwnd = save;
         return;
     }
     if (t->dupacks != 3)

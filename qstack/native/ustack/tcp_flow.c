@@ -90,6 +90,7 @@ qs_tcb *qs_tcp_tcb_new(qs_ustack *s, uint32_t laddr, uint16_t lport, uint32_t ra
     t->raddr = raddr;
     t->rport = rport;
     t->rcv_buf = s->cfg.rcv_buf;
+    t->prio = (uint8_t)s->cfg.default_level;
     t->rto_ms = s->cfg.init_rto_ms;
     t->mss = 536;                    /* RFC 9293 3.7.1 default until the option says more */
     uint32_t h = flow_hash(s, laddr, lport, raddr, rport);

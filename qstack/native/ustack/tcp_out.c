@@ -79,13 +79,15 @@ static void copy_out(const qs_tcb *t, uint32_t at, uint8_t *dst, uint32_t len)
 /* Build and send one segment.  opts/optlen: raw option bytes (multiple of 4). */
 static int emit(qs_ustack *s, uint32_t laddr, uint16_t lport, uint32_t raddr, uint16_t rport,
                 qs_seq seq, qs_seq ack, uint8_t flags, uint16_t wnd, const uint8_t *opts,
-                uint32_t optlen, const qs_tcb *from, uint32_t at, uint32_t len, int64_t now)
+                uint32_t optlen, const qs_tcb *from, uint32_t at, uint32_t len, uint8_t prio,
+                int64_t now)
 {
     qs_mbuf *m = qs_mbuf_alloc(&s->pool);
     if (!m) {
         s->st.tcp_no_mem++;
         return -ENOBUFS;
     }
+    m->prio = prio;
     uint32_t hl = 20 + optlen;
     if (QS_HEADROOM + hl + len > m->cap) {
         qs_mbuf_free(&s->pool, m);
@@ -159,7 +161,7 @@ int qs_tcp_send_ctl(qs_ustack *s, qs_tcb *t, uint8_t flags, qs_seq seq, int64_t 
     if (flags & QS_TH_ACK)
         acked_now(t);
     return emit(s, t->laddr, t->lport, t->raddr, t->rport, seq, t->rcv_nxt, flags, wnd, opts,
-                optlen, NULL, 0, 0, now);
+                optlen, NULL, 0, 0, t->prio, now);
 }
 
 int qs_tcp_send_ack(qs_ustack *s, qs_tcb *t, int64_t now)
@@ -187,7 +189,7 @@ int qs_tcp_send_seg(qs_ustack *s, qs_tcb *t, qs_seq seq, uint32_t len, int fin, 
         s->st.tcp_rexmit++;
     acked_now(t);
     return emit(s, t->laddr, t->lport, t->raddr, t->rport, seq, t->rcv_nxt, flags, window_field(t),
-                NULL, 0, t, at, len, now);
+                NULL, 0, t, at, len, t->prio, now);
 }
 
 uint32_t qs_tcp_flight(const qs_tcb *t)
@@ -291,10 +293,10 @@ int qs_tcp_send_rst_for(qs_ustack *s, const qs_tcp_seg *g, int64_t now)
         return 0;
     if (g->flags & QS_TH_ACK)
         return emit(s, g->dst, g->dport, g->src, g->sport, g->ack, qs_seq_of(0), QS_TH_RST, 0,
-                    NULL, 0, NULL, 0, 0, now);
+                    NULL, 0, NULL, 0, 0, 0, now);
     uint32_t l = g->len + ((g->flags & QS_TH_SYN) ? 1 : 0) + ((g->flags & QS_TH_FIN) ? 1 : 0);
     return emit(s, g->dst, g->dport, g->src, g->sport, qs_seq_of(0), qs_seq_add(g->seq, l),
-                QS_TH_RST | QS_TH_ACK, 0, NULL, 0, NULL, 0, 0, now);
+                QS_TH_RST | QS_TH_ACK, 0, NULL, 0, NULL, 0, 0, 0, now);
 }
 
 /* SYN cookie answer: no control block behind it, no window scaling */
@@ -306,5 +308,5 @@ int qs_tcp_send_synack_stateless(qs_ustack *s, const qs_tcp_seg *g, qs_seq iss, 
     (void)mss;
     uint32_t w = s->cfg.rcv_buf > 65535 ? 65535 : s->cfg.rcv_buf;
     return emit(s, g->dst, g->dport, g->src, g->sport, iss, qs_seq_add(g->seq, 1),
-                QS_TH_SYN | QS_TH_ACK, (uint16_t)w, o, 4, NULL, 0, 0, now);
+                QS_TH_SYN | QS_TH_ACK, (uint16_t)w, o, 4, NULL, 0, 0, 0, now);
 }

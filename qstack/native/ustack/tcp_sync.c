@@ -189,6 +189,7 @@ static void data_in(qs_ustack *s, qs_tcb *t, const qs_tcp_seg *g, qs_mbuf *m, in
 {
     qs_seq seq = g->seq;
     uint32_t len = g->len;
+    qs_prio_note(s, t, m);                        /* the connection takes its data's level */
     if (qs_seq_lt(seq, t->rcv_nxt)) {
         uint32_t d = (uint32_t)qs_seq_diff(t->rcv_nxt, seq);
         if (d >= len) {
@@ -347,7 +348,11 @@ void qs_tcp_sync_input(qs_ustack *s, qs_tcb *t, qs_tcp_seg *g, qs_mbuf *m, int64
         if (t->flags & QT_DEAD)
             goto drop;
     } else if (qs_seq_eq(g->ack, t->snd_una) && g->len == 0 && !(g->flags & QS_TH_FIN) &&
-               wnd == t->snd_wnd && !qs_seq_eq(t->snd_max, t->snd_una)) {
+               wnd >= t->snd_wnd && wnd && !qs_seq_eq(t->snd_max, t->snd_una)) {
+        /* RFC 5681 2 wants the window unchanged; a receiver that autotunes
+         * its buffer (Linux) grows it in nearly every ACK, and the strict
+         * rule then hides its duplicate ACKs and leaves loss to the RTO.
+         * A window that grew still means "segment left the network". */
         t->dupacks++;
         qs_tcp_cc_dupack(s, t, now);
         if (t->flags & QT_DEAD)

@@ -14,6 +14,7 @@
  *   tcp_cookie.c  SipHash, ISS (RFC 6528) and SYN cookies
  *   ip_in.c ip_out.c icmp.c arp.c eth_in.c eth_out.c
  *   mbuf.c        the buffer pool every packet and stream byte lives in
+ *   prio.c        packet-level priority: classify on receive, send by level
  *   stack.c       the stack object, its input entry and poll loop
  *   wire.c fault.c tap.c   drivers behind qs_netdrv_ops
  *
@@ -238,6 +239,11 @@ typedef struct qs_ustack {
 
     qs_arp_entry arp[QS_ARP_SLOTS];
     int64_t arp_age_at;                 /* next qs_arp_age run */
+
+    /* priority: frames wait here per level until the outermost entry
+     * point returns (prio.c) */
+    qs_mq txq[QSU_MAX_LEVELS];
+    int64_t tx_now;
 } qs_ustack;
 
 static inline uint32_t qs_tick(int64_t now) { return (uint32_t)(now / 1000000); }
@@ -360,6 +366,11 @@ int qs_wire_inflight(qs_netdrv *d);
 qs_netdrv *qs_fault_wrap(qs_netdrv *inner, const qsu_fault *f, int *err);
 qs_netdrv *qs_fault_inner(qs_netdrv *d);   /* NULL if d is not a fault wrapper */
 qs_netdrv *qs_fault_unwrap(qs_netdrv *d);  /* free the wrapper, return the inner driver */
+
+/* prio.c */
+int qs_prio_classify(qs_ustack *s, const qs_mbuf *m);     /* level of a received frame */
+void qs_prio_note(qs_ustack *s, qs_tcb *t, const qs_mbuf *m);   /* m: payload */
+void qs_prio_flush(qs_ustack *s);
 
 /* tap.c */
 qs_netdrv *qs_tap_open(const char *ifname, int *err);
