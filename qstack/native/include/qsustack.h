@@ -65,6 +65,7 @@ typedef struct qsu_config {
     uint32_t rcv_buf;         /* receive window per connection, bytes */
     uint32_t mss;             /* our MSS: 536..1460 */
     int32_t wscale;           /* window scale we offer, 0..14; -1 = do not offer */
+    int32_t sack;             /* 1: offer SACK-permitted and report holes (RFC 2018) */
     uint32_t init_rto_ms;     /* RFC 6298 2.1: 1000 */
     uint32_t min_rto_ms;
     uint32_t max_rto_ms;
@@ -120,6 +121,7 @@ typedef struct qsu_conn_info {
     uint32_t snd_una, snd_nxt, snd_max, rcv_nxt, iss, irs;   /* raw sequence numbers */
     uint32_t snd_wnd, rcv_wnd, cwnd, ssthresh, mss, rto_ms, srtt_us;
     int32_t snd_wscale, rcv_wscale;
+    int32_t sack;             /* SACK in use on this connection */
     uint32_t sndq, rcvq;      /* bytes queued */
     uint32_t nrexmit;
     uint32_t timers;          /* bit 0 retransmit/persist/2MSL, 1 delayed ACK, 2 keepalive */

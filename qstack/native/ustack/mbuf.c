@@ -123,5 +123,5 @@ uint16_t qs_csum_fold(uint32_t sum)
 {
     while (sum >> 16)
         sum = (sum & 0xffff) + (sum >> 16);
-    return (uint16_t)~sum;
+    return (uint32_t)~sum;
 }

@@ -204,6 +204,7 @@ void qsu_config_default(qsu_config *c, int side)
     c->rcv_buf = 256 * 1024;
     c->mss = 1460;
     c->wscale = 7;
+    c->sack = 1;
     c->init_rto_ms = 1000;
     c->min_rto_ms = 200;
     c->max_rto_ms = 60000;
@@ -510,6 +511,7 @@ int qsu_info(qsu_net *n, int side_, int h, qsu_conn_info *o)
     o->srtt_us = t->srtt_us;
     o->snd_wscale = (t->flags & QT_WS) ? t->snd_wscale : -1;
     o->rcv_wscale = (t->flags & QT_WS) ? t->rcv_wscale : -1;
+    o->sack = (t->flags & QT_SACK) != 0;
     o->sndq = t->sndq_len;
     o->rcvq = t->rcvq_len;
     o->nrexmit = t->nrexmit;

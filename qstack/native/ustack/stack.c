@@ -20,7 +20,8 @@ int qs_config_check(const qsu_config *c)
         return -EINVAL;                       /* multicast or zero MAC */
     if (c->buf_size < 1600 || c->buf_size > 65535 || c->buf_count < 16)
         return -EINVAL;
-    if (c->mss < 536 || c->mss > 1460 || c->wscale < -1 || c->wscale > 14)
+    if (c->mss < 536 || c->mss > 1460 || c->wscale < -1 || c->wscale > 14 || c->sack < 0 ||
+        c->sack > 1)
         return -EINVAL;
     if (!c->max_conns || !c->syn_backlog || c->syncookies < 0 || c->syncookies > 2)
         return -EINVAL;

@@ -264,7 +264,7 @@ void qs_tcp_set_keepalive(qs_ustack *s, qs_tcb *t, int on, int64_t now)
         t->flags |= QT_KEEPALIVE;
         qs_tcp_keep_touch(s, t, now);
     } else {
-        t->flags &= (uint16_t)~QT_KEEPALIVE;
+        t->flags &= (uint32_t)~QT_KEEPALIVE;
         qs_tcp_timer_clear(t, QS_TM_KEEP);
     }
 }

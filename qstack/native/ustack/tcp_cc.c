@@ -56,7 +56,7 @@ void qs_tcp_rtt_sample(qs_ustack *s, qs_tcb *t, uint32_t rtt_ms)
     if (rto > s->cfg.max_rto_ms)
         rto = s->cfg.max_rto_ms;
     t->rto_ms = rto;
-    t->flags &= (uint16_t)~QT_RTO_BACKOFF;
+    t->flags &= (uint32_t)~QT_RTO_BACKOFF;
 }
 
 static uint32_t half_flight(const qs_tcb *t)
@@ -72,7 +72,7 @@ void qs_tcp_cc_ack(qs_ustack *s, qs_tcb *t, uint32_t acked, int64_t now)
         if (qs_seq_ge(t->snd_una, t->recover)) {  /* full ACK: RFC 6582 3.2 step 3 */
             uint32_t f = qs_tcp_flight(t) + t->mss;
             t->cwnd = f < t->ssthresh ? f : t->ssthresh;
-            t->flags &= (uint16_t)~QT_RECOVERY;
+            t->flags &= (uint32_t)~QT_RECOVERY;
             t->dupacks = 0;
             return;
         }
@@ -129,7 +129,7 @@ void qs_tcp_cc_dupack(qs_ustack *s, qs_tcb *t, int64_t now)
     t->ssthresh = half_flight(t);
     t->recover = t->snd_max;
     t->flags |= QT_RECOVERY;
-    t->flags &= (uint16_t)~QT_TIMING;
+    t->flags &= (uint32_t)~QT_TIMING;
     s->st.tcp_fast_rexmit++;
     uint32_t len = t->sndq_len < t->mss ? t->sndq_len : t->mss;
     int fin = (t->flags & QT_FIN_SENT) && len == t->sndq_len;
@@ -146,6 +146,6 @@ void qs_tcp_cc_rto(qs_ustack *s, qs_tcb *t)
         t->ssthresh = half_flight(t);
     t->cwnd = t->mss;
     t->recover = t->snd_max;
-    t->flags &= (uint16_t)~(QT_RECOVERY | QT_TIMING);
+    t->flags &= (uint32_t)~(QT_RECOVERY | QT_TIMING);
     t->dupacks = 0;
 }

@@ -40,7 +40,11 @@ static int parse_options(const uint8_t *o, uint32_t n, qs_tcp_seg *g)
                 return -EINVAL;
             g->has_ws = 1;
             g->ws = o[i + 2] > 14 ? 14 : o[i + 2];   /* RFC 7323 2.3 */
-        }
+        } else if (kind == 4) {
+            if (len != 2)
+                return -EINVAL;
+            g->has_sackok = 1;                        /* RFC 2018 2 */
+        }   /* SACK blocks (5) and the rest: skipped, we do not use them as a sender yet */
         i += len;
     }
     return 0;
@@ -113,6 +117,8 @@ static void listen_input(qs_ustack *s, qs_listener *l, qs_tcp_seg *g, qs_mbuf *m
         t->snd_wscale = g->ws;
         t->rcv_wscale = (uint8_t)s->cfg.wscale;
     }
+    if (g->has_sackok && s->cfg.sack)
+        t->flags |= QT_SACK;
     t->snd_wnd = t->max_snd_wnd = g->wnd;      /* a SYN's window is never scaled */
     t->snd_wl1 = g->seq;
     t->snd_wl2 = t->iss;
@@ -170,6 +176,8 @@ static void syn_sent_input(qs_ustack *s, qs_tcb *t, qs_tcp_seg *g, qs_mbuf *m, i
     } else {
         t->snd_wscale = t->rcv_wscale = 0;
     }
+    if (g->has_sackok && s->cfg.sack)
+        t->flags |= QT_SACK;
     t->snd_wnd = t->max_snd_wnd = g->wnd;
     t->snd_wl1 = g->seq;
     t->snd_wl2 = g->ack;
@@ -178,7 +186,7 @@ static void syn_sent_input(qs_ustack *s, qs_tcb *t, qs_tcp_seg *g, qs_mbuf *m, i
         t->snd_una = g->ack;
         if ((t->flags & QT_TIMING) && !t->nrexmit)
             qs_tcp_rtt_sample(s, t, qs_tick(now) - t->rtt_t0);
-        t->flags &= (uint16_t)~QT_TIMING;
+        t->flags &= (uint32_t)~QT_TIMING;
         qs_tcp_set_state(s, t, QS_TCP_ESTABLISHED);
         established_from_handshake(s, t, now);
         t->flags |= QT_ACCEPTED | QT_ACK_NOW;
@@ -189,7 +197,7 @@ static void syn_sent_input(qs_ustack *s, qs_tcb *t, qs_tcp_seg *g, qs_mbuf *m, i
     } else {
         /* simultaneous open (RFC 9293 3.5, figure 7): SYN-ACK with our ISS */
         qs_tcp_set_state(s, t, QS_TCP_SYN_RECEIVED);
-        t->flags &= (uint16_t)~QT_TIMING;
+        t->flags &= (uint32_t)~QT_TIMING;
         qs_tcp_send_ctl(s, t, QS_TH_SYN | QS_TH_ACK, t->iss, now);
         qs_tcp_rexmit_arm(s, t, now);
     }

@@ -123,7 +123,7 @@ static int emit(qs_ustack *s, uint32_t laddr, uint16_t lport, uint32_t raddr, ui
 static void acked_now(qs_tcb *t)
 {
     t->segs_unacked = 0;
-    t->flags &= (uint16_t)~QT_ACK_NOW;
+    t->flags &= (uint32_t)~QT_ACK_NOW;
     qs_tcp_timer_clear(t, QS_TM_DELACK);
 }
 

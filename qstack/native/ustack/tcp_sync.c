@@ -97,7 +97,7 @@ static void new_ack(qs_ustack *s, qs_tcb *t, const qs_tcp_seg *g, int64_t now)
         t->snd_nxt = t->snd_una;
     if ((t->flags & QT_TIMING) && qs_seq_gt(g->ack, t->rtt_seq)) {
         qs_tcp_rtt_sample(s, t, qs_tick(now) - t->rtt_t0);
-        t->flags &= (uint16_t)~QT_TIMING;
+        t->flags &= (uint32_t)~QT_TIMING;
     }
     t->nrexmit = 0;
     qs_tcp_cc_ack(s, t, acked, now);
@@ -160,6 +160,7 @@ static void ooo_insert(qs_ustack *s, qs_tcb *t, qs_mbuf *m)
     *pp = m;
     if (!m->next)
         t->oooq.tail = m;
+    t->sack_recent = m->seq;
     (void)prev;
 }
 
@@ -245,7 +246,7 @@ static void fin_in(qs_ustack *s, qs_tcb *t, int64_t now)
 {
     t->rcv_nxt = qs_seq_add(t->rcv_nxt, 1);
     t->flags |= QT_RCV_SHUT | QT_ACK_NOW;
-    t->flags &= (uint16_t)~QT_FIN_OOO;
+    t->flags &= (uint32_t)~QT_FIN_OOO;
     switch (t->state) {
     case QS_TCP_ESTABLISHED:
         qs_tcp_set_state(s, t, QS_TCP_CLOSE_WAIT);

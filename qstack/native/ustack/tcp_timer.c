@@ -42,7 +42,7 @@ void qs_tcp_timer_unfile(qs_ustack *s, qs_tcb *t)
     if (t->tnext)
         t->tnext->tprev = t->tprev;
     t->tprev = t->tnext = NULL;
-    t->flags &= (uint16_t)~QT_FILED_MASK;
+    t->flags &= (uint32_t)~QT_FILED_MASK;
 }
 
 static int earliest(const qs_tcb *t, uint32_t *tick)
@@ -113,7 +113,7 @@ static void rexmit_expired(qs_ustack *s, qs_tcb *t, int64_t now)
         t->nrexmit++;
         s->st.tcp_rexmit++;
         t->rto_ms = t->rto_ms * 2 > s->cfg.max_rto_ms ? s->cfg.max_rto_ms : t->rto_ms * 2;
-        t->flags &= (uint16_t)~QT_TIMING;
+        t->flags &= (uint32_t)~QT_TIMING;
         qs_tcp_send_ctl(s, t, t->state == QS_TCP_SYN_SENT ? QS_TH_SYN : QS_TH_SYN | QS_TH_ACK,
                         t->iss, now);
         qs_tcp_rexmit_arm(s, t, now);
@@ -238,7 +238,7 @@ int qs_tcp_timer_advance(qs_ustack *s, int64_t now)
         s->wheel[slot] = NULL;
         while (t) {
             qs_tcb *next = t->tnext;
-            t->flags &= (uint16_t)~QT_FILED_MASK;
+            t->flags &= (uint32_t)~QT_FILED_MASK;
             t->tprev = t->tnext = NULL;
             if ((int32_t)(t->t_at - nt) <= 0) {
                 fired++;

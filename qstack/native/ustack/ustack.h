@@ -134,6 +134,8 @@ enum {
 #define QT_ACCEPTED    0x1000   /* accepted() / connected() was delivered */
 #define QT_RCV_SHUT    0x2000   /* FIN received and in order */
 #define QT_RTO_BACKOFF 0x4000   /* RTO was backed off: no new estimate yet (6298 5.5) */
+/* 0x8000: tcp_timer.c's "filed in the wheel" */
+#define QT_SACK       0x10000   /* both offered SACK: we report holes (RFC 2018) */
 
 /* timers, qs_tcb.timers bits (deadlines in ms ticks) */
 enum { QS_TM_REXMIT, QS_TM_DELACK, QS_TM_KEEP, QS_TM_NTIMERS };
@@ -151,7 +153,7 @@ typedef struct qs_tcb {
     uint16_t lport, rport;
     uint8_t state, timers;              /* timers: bit per QS_TM_* armed */
     uint8_t snd_wscale, rcv_wscale;
-    uint16_t flags;
+    uint32_t flags;
     uint16_t mss;                       /* send MSS (peer's option, capped by ours) */
     uint8_t dupacks, nrexmit, nkeep, prio;
     uint8_t segs_unacked;               /* full segments received since our last ACK */
@@ -161,6 +163,7 @@ typedef struct qs_tcb {
     qs_seq snd_wl1, snd_wl2, recover, rtt_seq;
     qs_seq rcv_nxt, rcv_adv;            /* rcv_adv: right edge we advertised */
     qs_seq fin_seq;                     /* QT_FIN_OOO */
+    qs_seq sack_recent;                 /* the last out-of-order segment (first SACK block) */
     uint32_t snd_wnd, max_snd_wnd;
     uint32_t cwnd, ssthresh;
     uint32_t srtt_us, rttvar_us, rto_ms;
@@ -290,7 +293,7 @@ typedef struct qs_tcp_seg {   /* a parsed segment */
     uint32_t wnd;             /* raw 16-bit window field */
     uint32_t len;             /* payload bytes */
     uint8_t flags;
-    uint8_t has_mss, has_ws, ws;
+    uint8_t has_mss, has_ws, ws, has_sackok;
     uint16_t mss;
     uint32_t src, dst;
     uint16_t sport, dport;
