@@ -184,13 +184,16 @@ def classify(comm):
     return "stack" if comm == STACK_THREAD else "rest"
 
 
-def run_one(cfg, name, *, kind, rate=0.0, grain="connection", tag=""):
+def run_one(cfg, name, *, kind, rate=0.0, grain="connection", conns=None, ratio=None):
     """Start the server, drive it, stop it. Returns a record (or "failed")."""
+    conns = conns or cfg.conns
+    ratio = cfg.ratio if ratio is None else ratio
     port = h.free_port()
     os.makedirs(os.path.join(RESULTS, "logs"), exist_ok=True)
     stats_path = os.path.join(cfg.tmp, "stats-%s-%s-%d.jsonl" % (name, kind, port))
     argv = nice(cfg) + server_argv(name, port, cfg.conf, stats_path)
-    rec = {"server": name, "kind": kind, "rate": rate, "grain": grain}
+    rec = {"server": name, "kind": kind, "rate": rate, "grain": grain, "conns": conns,
+           "ratio": ratio}
     srv = h.Server(name, argv, cfg.server_cpu,
                    log_path=os.path.join(RESULTS, "logs", "priority-%s.log" % name))
     marks = {}
@@ -202,14 +205,14 @@ def run_one(cfg, name, *, kind, rate=0.0, grain="connection", tag=""):
             return dict(rec, failed=why + ((": " + tail.replace("\n", " | ")) if tail else ""))
 
         def on_mark(what):
-            marks[what] = (time.monotonic(), h.thread_times(srv.pid), h.cpu_busy_jiffies())
+            marks[what] = (time.monotonic(), h.thread_times(srv.pid), cpu_jiffies())
 
         # The capacity run keeps --window messages in flight per connection,
         # as the generator does under overload: a server that reads and
         # echoes byte chunks (gevent, uvloop) then moves several messages
         # per system call in both runs, so "2x capacity" is 2x for everyone.
-        extra = ["-r", str(cfg.ratio), "--grain", grain, "--window", str(cfg.window)]
-        res = h.run_client(nice(cfg) + h.load_command(), port, cfg.client_cpu, conns=cfg.conns,
+        extra = ["-r", str(ratio), "--grain", grain, "--window", str(cfg.window)]
+        res = h.run_client(nice(cfg) + h.load_command(), port, cfg.client_cpu, conns=conns,
                            size=SIZE, warmup=cfg.warmup,
                            duration=cfg.cap_duration if kind == "capacity" else cfg.duration,
                            rate=rate, drain=cfg.drain, on_mark=on_mark, extra=extra,
@@ -228,15 +231,21 @@ def run_one(cfg, name, *, kind, rate=0.0, grain="connection", tag=""):
     by_class, _, _, allowed = h.cpu_delta(th0, th1, classify)
     rec["util"] = sum(by_class.values()) / window
     rec["pinned"] = all(a == str(cfg.server_cpu) for a in allowed)
-    busy = {}
+    # Others: task time (user+system) on our two CPUs that was not the
+    # server's or the client's, plus time the hypervisor stole.  Interrupt
+    # and softirq time is left out: the kernel accounts it apart from every
+    # task, and on loopback most of it is our own traffic.
+    share = {}
     for cpu in (cfg.server_cpu, cfg.client_cpu):
         if cpu in cpu0 and cpu in cpu1:
-            d_busy = cpu1[cpu][0] - cpu0[cpu][0]
-            d_total = cpu1[cpu][1] - cpu0[cpu][1]
-            busy[cpu] = d_busy / d_total if d_total else None
-    b0, b1 = busy.get(cfg.server_cpu), busy.get(cfg.client_cpu)
-    rec["other"] = max(max(0.0, b0 - rec["util"]) if b0 is not None else 0.0,
-                       max(0.0, b1 - res["client_cpu"]) if b1 is not None else 0.0)
+            d = [b - a for a, b in zip(cpu0[cpu], cpu1[cpu])]
+            total = sum(d) or 1
+            share[cpu] = {"task": (d[0] + d[1] + d[2]) / total, "steal": d[7] / total,
+                          "softirq": (d[5] + d[6]) / total}
+    s0, s1 = share.get(cfg.server_cpu), share.get(cfg.client_cpu)
+    rec["softirq"] = s0["softirq"] if s0 else None
+    rec["other"] = max(max(0.0, s0["task"] - rec["util"]) + s0["steal"] if s0 else 0.0,
+                       max(0.0, s1["task"] - res["client_cpu"]) + s1["steal"] if s1 else 0.0)
     lat = doc["latency_ms"]
     us = lambda v: None if v is None else v * 1e3    # noqa: E731
     win, msg = doc["window"], doc["messages"]
@@ -301,6 +310,17 @@ def plan(cfg):
     for name in cfg.servers:
         grains = cfg.grains if name in PRIORITY_SERVERS else [cfg.grains[0]]
         out += [(name, g) for g in grains]
+    return out
+
+
+def cpu_jiffies():
+    """{cpu: [user, nice, system, idle, iowait, irq, softirq, steal]} from /proc/stat."""
+    out = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("cpu") and line[3:4].isdigit():
+                name, *vals = line.split()
+                out[int(name[3:])] = [int(v) for v in vals[:8]]
     return out
 
 
@@ -373,6 +393,19 @@ def run_all(cfg):
                     print("%s %-8s %-10s @%s/s (%.1fx) %s" % (
                         label, kind, grain, "{:,.0f}".format(rate), factor, describe(rec)),
                         flush=True)
+        qcap = [r["rps"] for r in runs if r["server"] == "qstack" and r["kind"] == "capacity"
+                and r.get("round") == rnd + 1 and "failed" not in r]
+        if cfg.floor and qcap:
+            # The machine's floor for the high-priority traffic alone: the C
+            # epoll server echoing just the high connections of qstack's
+            # overload run (their count and rate), nothing else running.
+            n = max(1, round(cfg.conns * cfg.ratio))
+            rate = cfg.ratio * cfg.overload * qcap[0]
+            rec = run_checked(cfg, "c-epoll", kind="floor", rate=rate, conns=n, ratio=1.0)
+            rec.update(round=rnd + 1, capacity=None, factor=None)
+            runs.append(rec)
+            print("[round %d] %-10s floor: %d high conns alone @%s/s %s" % (
+                rnd + 1, "c-epoll", n, "{:,.0f}".format(rate), describe(rec)), flush=True)
     return runs
 
 
@@ -419,7 +452,17 @@ def summarize(runs, cfg):
     return out
 
 
-def print_tables(summary, cfg):
+def floor_summary(runs):
+    rs = [r for r in runs if r["kind"] == "floor" and "failed" not in r]
+    if not rs:
+        return None
+    return {"rounds": len(rs), "rate": median([r["rate"] for r in rs]),
+            "conns": rs[0]["conns"], "p50": median([r["high_p50"] for r in rs]),
+            "p99": median([r["high_p99"] for r in rs]),
+            "p999": median([r["high_p999"] for r in rs])}
+
+
+def print_tables(summary, cfg, floor=None):
     lines = []
     for grain in cfg.grains:
         rows = [r for (n, g), r in summary.items() if g == grain]
@@ -454,6 +497,13 @@ def print_tables(summary, cfg):
                     "{:,.0f}".format(d["rate"]), "{:,.0f}".format(d["rps"]),
                     fmt_us(d["high_p50"]), fmt_us(d["high_p99"]), fmt_us(d["low_p50"]),
                     fmt_us(d["low_p99"]), sh, sl, 100 * (d["util"] or 0)))
+    if floor:
+        lines.append("")
+        lines.append("Floor of this machine: the C epoll server echoing only the %d high-priority "
+                     "connections' traffic (%s msg/s, nothing else): p50 %s, p99 %s, p99.9 %s us "
+                     "(median of %d)." % (floor["conns"], "{:,.0f}".format(floor["rate"]),
+                                          fmt_us(floor["p50"]), fmt_us(floor["p99"]),
+                                          fmt_us(floor["p999"]), floor["rounds"]))
     lines.append("")
     lines.append("(~): the median includes a run that others disturbed (they used more than "
                  "%.0f%% of the server's or the client's CPU) even after repeats." % (
@@ -586,6 +636,8 @@ def parse_args(argv=None):
                     help="run the servers and the generator at this niceness (e.g. -10 "
                          "as root, so that other processes on a shared machine disturb "
                          "them less; the same for every server; default 0)")
+    ap.add_argument("--no-floor", dest="floor", action="store_false",
+                    help="skip the floor run (C epoll server, high connections alone)")
     ap.add_argument("--server-cpu", type=int, default=0)
     ap.add_argument("--client-cpu", type=int, default=1)
     ap.add_argument("--json", metavar="FILE", default=os.path.join(RESULTS, "priority.json"))
@@ -635,7 +687,8 @@ def main(argv=None):
         write_qstack_config(cfg.conf, cfg)
         runs = run_all(cfg)
     summary = summarize(runs, cfg)
-    table = print_tables(summary, cfg)
+    floor = floor_summary(runs)
+    table = print_tables(summary, cfg, floor)
     targets = check_targets(summary, cfg)
     elapsed = time.monotonic() - started
     print("\ntotal time %.0f s; load average now %.2f" % (elapsed, os.getloadavg()[0]))
@@ -651,6 +704,7 @@ def main(argv=None):
                                    if k not in ("json", "tmp", "conf")}},
                "table": table, "targets": targets,
                "summary": [dict(v, key=list(k)) for k, v in summary.items()],
+               "floor": floor,
                "runs": runs}
         with open(cfg.json, "w") as f:
             json.dump(doc, f, indent=1)

@@ -1109,3 +1109,64 @@ def test_bad_priority_config_rejected():
                 {"levels": 2, "nrules": 9}):
         assert lib.qsu_net_new(config(A), config(B, **bad), 0, err) == ffi.NULL
         assert err[0] == -22, bad
+
+
+# ---------------------------------------------------------------- SACK (receiver side)
+
+def tcp_options(frame):
+    """The option bytes of a captured IPv4/TCP frame."""
+    ihl = (frame[14] & 15) * 4
+    t = frame[14 + ihl:]
+    return t[20:(t[12] >> 4) * 4]
+
+
+def sack_blocks(opts):
+    i, out = 0, None
+    while i < len(opts):
+        if opts[i] == 0:
+            break
+        if opts[i] == 1:
+            i += 1
+            continue
+        if opts[i] == 5:
+            out = [struct.unpack_from("!II", opts, j) for j in range(i + 2, i + opts[i + 1], 8)]
+        i += opts[i + 1]
+    return out
+
+
+def test_sack_negotiation():
+    n, h, hb = opened()
+    try:
+        assert n.info(A, h).sack == n.info(B, hb).sack == 1
+    finally:
+        n.free()
+    n, h, hb = opened(a={"sack": 0})
+    try:
+        assert n.info(A, h).sack == n.info(B, hb).sack == 0
+    finally:
+        n.free()
+
+
+def test_sack_blocks_report_holes_most_recent_first():
+    n, h, hb = opened()
+    try:
+        n.capture_on(B)
+        base = n.info(B, hb).rcv_nxt
+        n.inject(B, tcp_to(n, B, hb, ACK, seq_off=1000, payload=b"a" * 100))
+        n.inject(B, tcp_to(n, B, hb, ACK, seq_off=3000, payload=b"b" * 200))
+        acks = [f for f in n.captured(B) if parse_tcp(f)]
+        assert len(acks) == 2                                  # a duplicate ACK for each
+        assert sack_blocks(tcp_options(acks[0])) == [(base + 1000, base + 1100)]
+        assert sack_blocks(tcp_options(acks[1])) == [(base + 3000, base + 3200),
+                                                     (base + 1000, base + 1100)]
+        assert all(parse_tcp(f)[2] == base for f in acks)      # cumulative ACK unchanged
+        # filling the first hole merges the ranges; then only [3000, 3200) is left
+        n.inject(B, tcp_to(n, B, hb, ACK, seq_off=0, payload=b"c" * 1000))
+        (ack,) = [f for f in n.captured(B) if parse_tcp(f)]
+        assert parse_tcp(ack)[2] == base + 1100
+        assert sack_blocks(tcp_options(ack)) == [(base + 3000, base + 3200)]
+        assert n.recv(B, hb) == b"c" * 1000 + b"a" * 100
+        n.close(A, h), n.abort(B, hb)
+        leak_free(n)
+    finally:
+        n.free()

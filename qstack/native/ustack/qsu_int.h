@@ -1,8 +1,52 @@
-/* qsu_int.h -- what the harness files share (qsu_net.c owns the state). */
+/* qsu_int.h -- what the harness files share: qsu_net.c (the nets, the clock,
+ * callbacks), qsu_sock.c (handles, raw frames), qsu_bulk.c (workloads). */
 #ifndef QS_QSU_INT_H
 #define QS_QSU_INT_H
 #include "ustack.h"
 
+#define QSU_CAP_N 64
+#define QSU_CAP_SZ 2048
+
+typedef struct hconn {
+    qs_tcb *t;
+    int32_t events, err;
+    int32_t app_closed;
+} hconn;
+
+typedef struct side side;
+
+typedef struct capdrv {
+    qs_netdrv d;
+    qs_netdrv *inner;
+    side *sd;
+} capdrv;
+
+struct side {
+    qsu_net *n;
+    int idx;
+    qs_ustack s;
+    capdrv cap;
+    qs_netdrv *wire;
+    hconn *h;
+    uint32_t nh, caph;
+    int32_t *acc;
+    uint32_t nacc, capacc;
+    int cap_on;
+    uint32_t cap_head, cap_count;
+    uint16_t cap_len[QSU_CAP_N];
+    uint8_t (*cap_data)[QSU_CAP_SZ];
+    int32_t rlog[256];                /* readable events, in order */
+    uint32_t nrlog;
+};
+
+struct qsu_net {
+    side sd[2];
+    int64_t now;
+    int inited[2];
+};
+
+hconn *qsu_h(side *sd, int h);                 /* NULL if not a handle of sd */
+int qsu_new_handle(side *sd, qs_tcb *t);
 qs_ustack *qsu_stack(qsu_net *n, int side);
 qs_tcb *qsu_tcb(qsu_net *n, int side, int h);
 int64_t *qsu_clock(qsu_net *n);

@@ -44,7 +44,16 @@ static int parse_options(const uint8_t *o, uint32_t n, qs_tcp_seg *g)
             if (len != 2)
                 return -EINVAL;
             g->has_sackok = 1;                        /* RFC 2018 2 */
-        }   /* SACK blocks (5) and the rest: skipped, we do not use them as a sender yet */
+        } else if (kind == 5) {
+            if ((len - 2) % 8 || len < 10)
+                return -EINVAL;
+            for (uint32_t b = i + 2; b < i + len; b += 8) {   /* keep the highest right edge */
+                qs_seq r = qs_seq_of(qs_get32(o + b + 4));
+                if (!g->has_sack || qs_seq_gt(r, g->sack_hi))
+                    g->sack_hi = r;
+                g->has_sack = 1;
+            }
+        }
         i += len;
     }
     return 0;

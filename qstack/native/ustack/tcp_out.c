@@ -142,12 +142,60 @@ static uint32_t syn_options(const qs_ustack *s, const qs_tcb *t, int synack, uin
         o[n++] = 3;
         o[n++] = synack ? t->rcv_wscale : (uint8_t)s->cfg.wscale;
     }
+    if (s->cfg.sack && (!synack || (t->flags & QT_SACK))) {
+        o[n++] = 1;                     /* NOP NOP SACK-permitted (RFC 2018 2) */
+        o[n++] = 1;
+        o[n++] = 4;
+        o[n++] = 2;
+    }
     return n;
+}
+
+/* SACK blocks (RFC 2018 3-4) for the out-of-order queue: contiguous
+ * ranges, the one holding the most recent arrival first, then the others
+ * in sequence order, at most 4 (no timestamps here to share the 40 bytes). */
+static uint32_t sack_options(const qs_tcb *t, uint8_t *o)
+{
+    if (!(t->flags & QT_SACK) || !t->oooq.head)
+        return 0;
+    qs_seq lo[8], hi[8];
+    int n = 0, first = -1;
+    for (const qs_mbuf *m = t->oooq.head; m; m = m->next) {
+        qs_seq a = m->seq, b = qs_seq_add(m->seq, m->len);
+        if (n && qs_seq_le(a, hi[n - 1])) {
+            hi[n - 1] = qs_seq_max(hi[n - 1], b);
+        } else if (n < 8) {
+            lo[n] = a;
+            hi[n] = b;
+            n++;
+        } else {
+            break;
+        }
+    }
+    for (int i = 0; i < n; i++)
+        if (qs_seq_le(lo[i], t->sack_recent) && qs_seq_lt(t->sack_recent, hi[i]))
+            first = i;
+    uint32_t k = 0, blocks = 0;
+    o[k++] = 1;
+    o[k++] = 1;
+    o[k++] = 5;
+    o[k++] = 2;
+    for (int pass = 0; pass < 2; pass++)
+        for (int i = 0; i < n && blocks < 4; i++) {
+            if ((pass == 0) != (i == first))
+                continue;
+            qs_put32(o + k, lo[i].v);
+            qs_put32(o + k + 4, hi[i].v);
+            k += 8;
+            blocks++;
+        }
+    o[3] = (uint8_t)(2 + 8 * blocks);
+    return k;
 }
 
 int qs_tcp_send_ctl(qs_ustack *s, qs_tcb *t, uint8_t flags, qs_seq seq, int64_t now)
 {
-    uint8_t opts[8];
+    uint8_t opts[40];
     uint32_t optlen = 0;
     uint16_t wnd;
     if (flags & QS_TH_SYN) {
@@ -157,6 +205,8 @@ int qs_tcp_send_ctl(qs_ustack *s, qs_tcb *t, uint8_t flags, qs_seq seq, int64_t 
         t->rcv_adv = qs_seq_add(t->rcv_nxt, wnd);
     } else {
         wnd = window_field(t);
+        if (!(flags & QS_TH_RST))
+            optlen = sack_options(t, opts);
     }
     if (flags & QS_TH_ACK)
         acked_now(t);
@@ -172,7 +222,10 @@ int qs_tcp_send_ack(qs_ustack *s, qs_tcb *t, int64_t now)
     return qs_tcp_send_ctl(s, t, QS_TH_ACK, t->snd_max, now);
 }
 
-/* One segment [seq, seq+len) of the send queue, plus FIN if asked. */
+/* One segment [seq, seq+len) of the send queue, plus FIN if asked.  SACK
+ * blocks take room from the payload (RFC 6691: MSS counts data only, the
+ * frame must still fit), so the segment may come out shorter.  Returns
+ * the sequence space sent (payload, + 1 for a FIN), or -errno. */
 int qs_tcp_send_seg(qs_ustack *s, qs_tcb *t, qs_seq seq, uint32_t len, int fin, int64_t now)
 {
     uint32_t at = (uint32_t)qs_seq_diff(seq, t->snd_una);
@@ -180,6 +233,12 @@ int qs_tcp_send_seg(qs_ustack *s, qs_tcb *t, qs_seq seq, uint32_t len, int fin, 
         at = t->sndq_len;
     if (len > t->sndq_len - at)
         len = t->sndq_len - at;
+    uint8_t opts[40];
+    uint32_t optlen = sack_options(t, opts);
+    if (optlen && len + optlen > t->mss && t->mss > optlen) {
+        len = t->mss - optlen;
+        fin = 0;                          /* the FIN goes with the last byte, later */
+    }
     uint8_t flags = QS_TH_ACK;
     if (fin)
         flags |= QS_TH_FIN;
@@ -188,8 +247,9 @@ int qs_tcp_send_seg(qs_ustack *s, qs_tcb *t, qs_seq seq, uint32_t len, int fin, 
     if (qs_seq_lt(seq, t->snd_max))
         s->st.tcp_rexmit++;
     acked_now(t);
-    return emit(s, t->laddr, t->lport, t->raddr, t->rport, seq, t->rcv_nxt, flags, window_field(t),
-                NULL, 0, t, at, len, t->prio, now);
+    int rc = emit(s, t->laddr, t->lport, t->raddr, t->rport, seq, t->rcv_nxt, flags,
+                  window_field(t), opts, optlen, t, at, len, t->prio, now);
+    return rc < 0 ? rc : (int)(len + (fin ? 1 : 0));
 }
 
 uint32_t qs_tcp_flight(const qs_tcb *t)
@@ -247,8 +307,11 @@ int qs_tcp_output(qs_ustack *s, qs_tcb *t, int64_t now)
                 break;
             int fin = fin_due && len == (uint32_t)unsent && usable > len;
             int timing = !(t->flags & QT_TIMING) && qs_seq_eq(t->snd_nxt, t->snd_max);
-            if (qs_tcp_send_seg(s, t, t->snd_nxt, len, fin, now) < 0 && !sent)
-                break;
+            int used = qs_tcp_send_seg(s, t, t->snd_nxt, len, fin, now);
+            if (used <= 0)
+                break;                    /* out of buffers: the timer retries */
+            fin = fin && (uint32_t)used == len + 1;
+            len = (uint32_t)used - (fin ? 1 : 0);
             if (timing) {                 /* Karn: time only new data */
                 t->flags |= QT_TIMING;
                 t->rtt_seq = t->snd_nxt;

@@ -264,6 +264,18 @@ static void fin_in(qs_ustack *s, qs_tcb *t, int64_t now)
         s->app->eof(s->app_ctx, t);
 }
 
+/* RFC 6675 2, DupAck: the ACK SACKs octets beyond any SACKed before */
+static int new_sack(qs_tcb *t, const qs_tcp_seg *g)
+{
+    if (!g->has_sack || !(t->flags & QT_SACK) || !qs_seq_gt(g->sack_hi, t->snd_una) ||
+        qs_seq_gt(g->sack_hi, t->snd_max))
+        return 0;
+    if (qs_seq_gt(t->sacked_hi, t->snd_una) && !qs_seq_gt(g->sack_hi, t->sacked_hi))
+        return 0;
+    t->sacked_hi = g->sack_hi;
+    return 1;
+}
+
 void qs_tcp_sync_input(qs_ustack *s, qs_tcb *t, qs_tcp_seg *g, qs_mbuf *m, int64_t now)
 {
     uint32_t seglen = g->len + ((g->flags & QS_TH_SYN) ? 1 : 0) + ((g->flags & QS_TH_FIN) ? 1 : 0);
@@ -348,12 +360,15 @@ void qs_tcp_sync_input(qs_ustack *s, qs_tcb *t, qs_tcp_seg *g, qs_mbuf *m, int64
         new_ack(s, t, g, now);
         if (t->flags & QT_DEAD)
             goto drop;
-    } else if (qs_seq_eq(g->ack, t->snd_una) && g->len == 0 && !(g->flags & QS_TH_FIN) &&
-               wnd >= t->snd_wnd && wnd && !qs_seq_eq(t->snd_max, t->snd_una)) {
+    } else if (qs_seq_eq(g->ack, t->snd_una) && !qs_seq_eq(t->snd_max, t->snd_una) &&
+               (new_sack(t, g) || (g->len == 0 && !(g->flags & QS_TH_FIN) &&
+                                   wnd >= t->snd_wnd && wnd))) {
         /* RFC 5681 2 wants the window unchanged; a receiver that autotunes
          * its buffer (Linux) grows it in nearly every ACK, and the strict
          * rule then hides its duplicate ACKs and leaves loss to the RTO.
-         * A window that grew still means "segment left the network". */
+         * A window that grew still means "segment left the network".  With
+         * SACK, RFC 6675 2 counts any ACK that SACKs new data, even one
+         * riding on a data segment: in two-way traffic most ACKs do. */
         t->dupacks++;
         qs_tcp_cc_dupack(s, t, now);
         if (t->flags & QT_DEAD)

@@ -155,10 +155,13 @@ static void rexmit_expired(qs_ustack *s, qs_tcb *t, int64_t now)
         if (len > end_data)
             len = end_data;
         int fin = (t->flags & QT_FIN_QUEUED) && len == end_data;
-        qs_tcp_send_seg(s, t, t->snd_una, len, fin, now);
-        t->snd_nxt = t->snd_max = qs_seq_add(t->snd_una, len + (fin ? 1 : 0));
-        if (fin)
-            t->flags |= QT_FIN_SENT;
+        int used = qs_tcp_send_seg(s, t, t->snd_una, len, fin, now);
+        if (used > 0) {
+            fin = fin && (uint32_t)used == len + 1;
+            t->snd_nxt = t->snd_max = qs_seq_add(t->snd_una, (uint32_t)used);
+            if (fin)
+                t->flags |= QT_FIN_SENT;
+        }
         qs_tcp_rexmit_arm(s, t, now);
         return;
     }

@@ -164,6 +164,7 @@ typedef struct qs_tcb {
     qs_seq rcv_nxt, rcv_adv;            /* rcv_adv: right edge we advertised */
     qs_seq fin_seq;                     /* QT_FIN_OOO */
     qs_seq sack_recent;                 /* the last out-of-order segment (first SACK block) */
+    qs_seq sacked_hi;                   /* highest octet the peer SACKed (RFC 6675 DupAck) */
     uint32_t snd_wnd, max_snd_wnd;
     uint32_t cwnd, ssthresh;
     uint32_t srtt_us, rttvar_us, rto_ms;
@@ -294,6 +295,8 @@ typedef struct qs_tcp_seg {   /* a parsed segment */
     uint32_t len;             /* payload bytes */
     uint8_t flags;
     uint8_t has_mss, has_ws, ws, has_sackok;
+    qs_seq sack_hi;           /* highest right edge of the SACK blocks, if has_sack */
+    uint8_t has_sack;
     uint16_t mss;
     uint32_t src, dst;
     uint16_t sport, dport;
