@@ -260,7 +260,11 @@ def test_stack_client_to_kernel_server(tapnet, size, loss):
         assert json.loads(p.stdout.readline()) == "listening"
         r = ffi.new("qsu_tap_client *")
         rc = lib.qsu_tap_client_run(tapnet.tap, ip_of(KERNEL_IP), 9000, size, 3, 240 * SEC, r)
-        assert rc == 0, (rc, r.sent, r.recvd)
+        i = r.info
+        assert rc == 0, dict(rc=rc, sent=r.sent, recvd=r.recvd, state=i.state,
+                             flight=i.snd_max - i.snd_una, snd_wnd=i.snd_wnd, rcv_wnd=i.rcv_wnd,
+                             cwnd=i.cwnd, rto=i.rto_ms, nrexmit=i.nrexmit, timers=i.timers,
+                             rexmit_in_ms=i.rexmit_in_ms, sndq=i.sndq, rcvq=i.rcvq)
         assert r.sent == r.recvd == size
         assert bytes(r.sha_sent) == bytes(r.sha_recv)
         assert json.loads(p.stdout.readline()) == size

@@ -215,6 +215,7 @@ typedef struct qsu_tap_client {
     int32_t err;              /* how the connection ended: 0 = closed cleanly */
     int32_t done;
     int64_t wall_ns;
+    qsu_conn_info info;       /* the connection when the run ended (state 0 if gone) */
 } qsu_tap_client;
 
 qsu_tap *qsu_tap_open(const char *ifname, const qsu_config *cfg, int *err);

@@ -274,6 +274,25 @@ int qsu_tap_client_run(qsu_tap *x, uint32_t ip, uint16_t port, uint64_t bytes, u
     atomic_store(&x->stop, 0);
     loop(x, t0 + timeout_ns, 1);
     int rc = out->done ? out->err : -ETIMEDOUT;
+    if (x->ct) {
+        qs_tcb *t = x->ct;
+        qsu_conn_info *o = &out->info;
+        o->state = t->state;
+        o->snd_una = t->snd_una.v;
+        o->snd_nxt = t->snd_nxt.v;
+        o->snd_max = t->snd_max.v;
+        o->rcv_nxt = t->rcv_nxt.v;
+        o->snd_wnd = t->snd_wnd;
+        o->rcv_wnd = qs_tcp_rcv_window(t);
+        o->cwnd = t->cwnd;
+        o->ssthresh = t->ssthresh;
+        o->rto_ms = t->rto_ms;
+        o->sndq = t->sndq_len;
+        o->rcvq = t->rcvq_len;
+        o->nrexmit = t->nrexmit;
+        o->timers = t->timers;
+        o->rexmit_in_ms = (int32_t)(t->tm[QS_TM_REXMIT] - qs_tick(x->now));
+    }
     if (x->ct) {                               /* timed out: give up the connection */
         qs_tcp_abort(&x->s, x->ct, x->now);
         x->ct = NULL;

@@ -18,6 +18,7 @@
 #include "ustack.h"
 
 #define QT_FILED_MASK 0x8000   /* qs_tcb.flags: linked in the wheel */
+#define QS_PERSIST_MAX_MS 5000 /* longest interval between zero-window probes */
 
 static void file(qs_ustack *s, qs_tcb *t, uint32_t tick)
 {
@@ -142,7 +143,11 @@ static void rexmit_expired(qs_ustack *s, qs_tcb *t, int64_t now)
             t->snd_max = qs_seq_max(t->snd_max, t->snd_nxt);
         }
         qs_tcp_send_seg(s, t, t->snd_una, 1, 0, now);
-        t->rto_ms = t->rto_ms * 2 > s->cfg.max_rto_ms ? s->cfg.max_rto_ms : t->rto_ms * 2;
+        /* exponential, but capped well below max_rto: the window update
+         * that ends a zero window can be lost, and then only our next
+         * probe finds out; a minute of silence is too long to wait for it */
+        uint32_t cap = s->cfg.max_rto_ms < QS_PERSIST_MAX_MS ? s->cfg.max_rto_ms : QS_PERSIST_MAX_MS;
+        t->rto_ms = t->rto_ms * 2 > cap ? (cap > t->rto_ms ? cap : t->rto_ms) : t->rto_ms * 2;
         qs_tcp_rexmit_arm(s, t, now);
         return;
     }
