@@ -3,8 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.qstack-installed
-NATIVE := $(wildcard qstack/native/include/*.h qstack/native/src/*.c qstack/native/src/*.h qstack/native/loadgen/*.c qstack/native/loadgen/*.h) \
-          qstack/native/build.py qstack/native/build_loadgen.py
+NATIVE := $(wildcard qstack/native/include/*.h qstack/native/*.py \
+            qstack/native/src/*.[ch] qstack/native/loadgen/*.[ch] qstack/native/ustack/*.[ch])
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
@@ -47,4 +47,4 @@ bench: build
 
 clean:
 	rm -rf build dist *.egg-info qstack/_native*.so qstack/_native.c qstack/_native.o \
-	  qstack/_loadgen*.so qstack/_loadgen.c qstack/_loadgen.o bench/bin
+	  qstack/_loadgen*.so qstack/_loadgen.c qstack/_loadgen.o qstack/_ustack_test*.so bench/bin
