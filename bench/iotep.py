@@ -65,12 +65,16 @@ def check_load_available():
                  "checkout does not have yet")
 
 
-def write_config(path, redis_dir, redis_count, workers):
+def write_config(path, redis_dir, redis_count, workers, batch=0, stack=None):
     with open(CONF) as f:
         cfg = yaml.safe_load(f)
     cfg["app"]["settings"].update(redis_dir=redis_dir, redis_count=redis_count)
     if workers:
         cfg["server"]["workers"] = workers
+    if batch:
+        cfg.setdefault("native", {})["batch"] = batch
+    if stack:
+        cfg.setdefault("layout", {})["stack"] = stack
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f)
 
@@ -185,6 +189,11 @@ def main():
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--cores", type=int, default=2, help="server cores")
     ap.add_argument("--workers", type=int, default=0, help="per core (0: the config's)")
+    ap.add_argument("--batch", type=int, default=0,
+                    help="native.batch: events the hub takes from a ring at a time "
+                         "(0: the config's, 128)")
+    ap.add_argument("--stack", choices=("auto", "inline", "thread"), default=None,
+                    help="layout.stack (default: the config's, auto)")
     ap.add_argument("--smp", type=int, default=2, help="load processes")
     ap.add_argument("--ips", type=int, default=4, help="client source addresses")
     ap.add_argument("--redis", type=int, default=4, help="redis-servers")
@@ -204,7 +213,7 @@ def main():
 
     redis_dir = tempfile.mkdtemp(prefix="qsr-bench-", dir="/tmp")
     conf = os.path.join(redis_dir, "iotep.yaml")
-    write_config(conf, redis_dir, args.redis, args.workers)
+    write_config(conf, redis_dir, args.redis, args.workers, args.batch, args.stack)
     subprocess.run(qstack_cmd() + ["redis", "up", str(args.redis), "--dir", redis_dir],
                    cwd=h.REPO, check=True)
     runs = {mode: [] for mode, _ in MODES}
@@ -226,7 +235,9 @@ def main():
     print()
     print(f"iotepserver, {args.connections:,} connections, {args.ratio:.0%} requests, "
           f"one 200-byte message per connection every {args.epoch:g} s in bursts of "
-          f"{args.burst:,}; {args.cores} server cores, {args.redis} redis-servers, "
+          f"{args.burst:,}; {args.cores} server cores "
+          f"(workers {args.workers or 'as configured'}, batch {args.batch or 'as configured'}, "
+          f"stack {args.stack or 'as configured'}), {args.redis} redis-servers, "
           f"{args.smp} load processes; median of {args.rounds} round(s):")
     print()
     print(table(rows))
