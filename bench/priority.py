@@ -10,7 +10,7 @@ fixed:64 framing and the native rule "byte 5 == 0x01 is level 0").  For each
 server, in a fresh process pinned to CPU 0 with the load generator
 (`qstack load`, docs/LOAD.md) pinned to CPU 1:
 
-1. capacity: a closed loop over --conns connections, --window (8) messages
+1. capacity: a closed loop over --conns connections, --window (1) messages
    in flight on each, as under overload; capacity = replies/s.
 2. half load: open loop (--rate) at --half x that server's own capacity,
    a share --ratio (5%) of the messages high priority (byte 5 = 0x01).
@@ -21,8 +21,15 @@ server that falls behind is charged for the whole backlog (no coordinated
 omission).  At 2x capacity the backlog grows without bound for as long as
 the window lasts; nothing is dropped.  It builds up wherever the flow stops:
 in the server's queues, in TCP buffers (a server that stops reading), and in
-the generator, which keeps at most --window (8) messages in flight per
+the generator, which keeps at most --window (1) messages in flight per
 connection and holds the rest back ("deferred") with their intended time.
+Why 1: the generator's CPU must not be the limit at 2x.  With a deeper
+window the echo servers that read byte chunks (gevent, uvloop) move several
+messages per system call, their capacity doubles, and twice that is more
+than one client CPU can offer; with one message in flight per connection
+the capacity run and the overload run see the same regime, and the
+generator does about a closed loop's work at 2x (deferred sends cost no
+system call).
 
 Servers: qstack (priority on), qstack-off (``--levels 1``: one FIFO),
 gevent (bench/peers/gevent_echo.py: StreamServer, a greenlet per
@@ -103,9 +110,6 @@ def serve_with_stats(stats_path, argv):
         return orig(cfg, handler, core_index=core_index, stats_fd=fd)
 
     server.serve = serve
-    if os.environ.get("QSTACK_BENCH_NOGC"):     # experiment: no cyclic GC pauses
-        import gc
-        gc.disable()
     return cli.main(["serve", *argv])
 
 
@@ -215,9 +219,9 @@ def run_one(cfg, name, *, kind, rate=0.0, grain="connection", conns=None, ratio=
             marks[what] = (time.monotonic(), h.thread_times(srv.pid), cpu_jiffies())
 
         # The capacity run keeps --window messages in flight per connection,
-        # as the generator does under overload: a server that reads and
-        # echoes byte chunks (gevent, uvloop) then moves several messages
-        # per system call in both runs, so "2x capacity" is 2x for everyone.
+        # as the generator does under overload, so both runs see the same
+        # regime (with a deeper window, servers that echo byte chunks move
+        # several messages per system call) and "2x capacity" is 2x for all.
         extra = ["-r", str(ratio), "--grain", grain, "--window", str(cfg.window),
                  "--log-duration", "1"]
         res = h.run_client(nice(cfg) + h.load_command(), port, cfg.client_cpu, conns=conns,
