@@ -89,7 +89,9 @@ def snapshot(core_index, hub):
     st = hub.core.stats()
     cpu_stack = st.stack_cpu_ns / 1e9
     # Inline, the stack's steps run in this thread: its CPU is counted apart.
-    cpu_hub = time.thread_time() - (cpu_stack if hub.core.inline else 0.0)
+    # (A step is charged its wall time, which can include preemption and
+    # softirq work thread CPU time leaves out: clamp, never report < 0.)
+    cpu_hub = max(time.thread_time() - (cpu_stack if hub.core.inline else 0.0), 0.0)
     queued = hub.queued()
     levels = []
     for lv in range(hub.core.levels):
