@@ -10,6 +10,20 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NATIVE = os.path.join(ROOT, "qstack", "native")
+
+
+def ensure_built(module, builder, src_dir, header):
+    """Rebuild qstack.<module> in place if it is missing or older than its
+    sources (unless QSTACK_NO_BUILD is set, e.g. for a sanitized build)."""
+    import glob
+    built = [os.path.getmtime(p) for p in glob.glob(os.path.join(ROOT, "qstack", module + "*.so"))]
+    srcs = glob.glob(os.path.join(NATIVE, src_dir, "*")) + [
+        os.path.join(NATIVE, "include", header), os.path.join(NATIVE, builder),
+        os.path.join(NATIVE, "cffibuild.py")]
+    stale = not built or any(os.path.getmtime(p) > max(built) for p in srcs)
+    if stale and not os.environ.get("QSTACK_NO_BUILD"):
+        subprocess.check_call([sys.executable, os.path.join(NATIVE, builder)], cwd=ROOT)
 
 
 def free_port():

@@ -19,30 +19,14 @@ import random
 import select
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NATIVE = os.path.join(ROOT, "qstack", "native")
+from conftest import ensure_built  # noqa: E402
 
-
-def _stale():
-    import glob
-    so = glob.glob(os.path.join(ROOT, "qstack", "_native*.so"))
-    if not so:
-        return True
-    built = os.path.getmtime(so[0])
-    srcs = glob.glob(os.path.join(NATIVE, "src", "*")) + [
-        os.path.join(NATIVE, "include", "qstack.h"), os.path.join(NATIVE, "build.py")]
-    return any(os.path.getmtime(p) > built for p in srcs)
-
-
-if _stale() and not os.environ.get("QSTACK_NO_BUILD"):
-    subprocess.check_call([sys.executable, os.path.join(NATIVE, "build.py")], cwd=ROOT)
+ensure_built("_native", "build.py", "src", "qstack.h")
 
 from qstack._native import ffi, lib  # noqa: E402
 

@@ -11,31 +11,15 @@ and the wire settled past TIME-WAIT, both pools must be back to zero buffers
 in use -- the leak check.
 """
 
-import glob
 import hashlib
 import os
 import struct
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NATIVE = os.path.join(ROOT, "qstack", "native")
+from conftest import ensure_built  # noqa: E402
 
-
-def _stale():
-    so = glob.glob(os.path.join(ROOT, "qstack", "_ustack_test*.so"))
-    if not so:
-        return True
-    built = os.path.getmtime(so[0])
-    srcs = glob.glob(os.path.join(NATIVE, "ustack", "*")) + [
-        os.path.join(NATIVE, "include", "qsustack.h"), os.path.join(NATIVE, "build_ustack.py")]
-    return any(os.path.getmtime(p) > built for p in srcs)
-
-
-if _stale() and not os.environ.get("QSTACK_NO_BUILD"):
-    subprocess.check_call([sys.executable, os.path.join(NATIVE, "build_ustack.py")], cwd=ROOT)
+ensure_built("_ustack_test", "build_ustack.py", "ustack", "qsustack.h")
 
 from qstack._ustack_test import ffi, lib  # noqa: E402
 
