@@ -41,7 +41,6 @@ the layouts match, such an event tuple *is* its own command.
 import logging
 import os
 import time
-from time import monotonic as _monotonic
 from itertools import starmap
 from struct import Struct
 
@@ -69,8 +68,6 @@ assert EV_DATA == SEND_BUF
 
 YIELD_EVERY = 64
 HOT_BATCH = 4       # inline: a refill this big means more is coming; poll at once
-POLL_BEFORE_LOW = 100e-6   # inline: poll the sockets at least this often (s)
-                           # while running lower-level requests
 _pack_cmd = Struct("8q").pack
 
 
@@ -107,7 +104,6 @@ class Hub:
         self._loop = self._ghub.loop
         self._inline = core.inline
         self._hot = False
-        self._polled_at = 0.0
         self._wake = self._loop.io(core.wake_fd, 1)
         self._nworkers = workers
         self._workers = set()
@@ -130,7 +126,7 @@ class Hub:
             # leave that to gevent's epoll_wait (see _wait_events).
             self._flush()
             if self._hot:
-                self._poll_sockets()
+                lib.qs_core_step(c, 0)
         moved = 0
         for level, q in self._polled:
             n = lib.qs_core_poll(c, level, buf, batch)
@@ -178,18 +174,9 @@ class Hub:
             top = 1
             while top < self._levels and not queues[top]:
                 top += 1
-            if top < self._levels and self._inline and \
-                    _monotonic() - self._polled_at > POLL_BEFORE_LOW:
-                # Inline, a high message still in its socket reaches the
-                # rings only in a step: look before running a lower one.
-                self._poll_sockets()
             if top == self._levels or lib.qs_core_pending_above(self._c, top):
                 self._refill()
         return self._rq.pop()
-
-    def _poll_sockets(self):
-        self._polled_at = _monotonic()
-        lib.qs_core_step(self._c, 0)
 
     def queued(self):
         """Requests taken from the rings and waiting for a worker, per level."""
@@ -293,7 +280,6 @@ class Hub:
                     self._sleeper = None
                     self._wake.stop()
                 if self._inline:
-                    self._polled_at = _monotonic()
                     self._step(0)
                 else:
                     try:
