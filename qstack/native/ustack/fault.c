@@ -177,3 +177,17 @@ qs_netdrv *qs_fault_unwrap(qs_netdrv *d)
     free(x);
     return inner;
 }
+
+int qs_fault_rewrap(qs_netdrv **slot, const qsu_fault *f)
+{
+    qs_netdrv *inner = qs_fault_unwrap(*slot);
+    *slot = inner;
+    if (!f)
+        return 0;
+    int err;
+    qs_netdrv *w = qs_fault_wrap(inner, f, &err);
+    if (!w)
+        return err;
+    *slot = w;
+    return 0;
+}

@@ -245,17 +245,7 @@ int qsu_net_fault(qsu_net *n, int side_, const qsu_fault *f)
 {
     if (side_ < 0 || side_ > 1)
         return -EINVAL;
-    side *sd = &n->sd[side_];
-    qs_netdrv *inner = qs_fault_unwrap(sd->cap.inner);
-    sd->cap.inner = inner;
-    if (!f)
-        return 0;
-    int err;
-    qs_netdrv *w = qs_fault_wrap(inner, f, &err);
-    if (!w)
-        return err;
-    sd->cap.inner = w;
-    return 0;
+    return qs_fault_rewrap(&n->sd[side_].cap.inner, f);
 }
 
 int64_t qsu_net_now(qsu_net *n)

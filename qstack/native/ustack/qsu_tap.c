@@ -187,16 +187,7 @@ void qsu_tap_close(qsu_tap *x)
 
 int qsu_tap_fault(qsu_tap *x, const qsu_fault *f)
 {
-    qs_netdrv *inner = qs_fault_unwrap(x->s.drv);
-    x->s.drv = inner;
-    if (!f)
-        return 0;
-    int err;
-    qs_netdrv *w = qs_fault_wrap(inner, f, &err);
-    if (!w)
-        return err;
-    x->s.drv = w;
-    return 0;
+    return qs_fault_rewrap(&x->s.drv, f);
 }
 
 int qsu_tap_echo(qsu_tap *x, uint16_t port)

@@ -372,6 +372,8 @@ int qs_wire_inflight(qs_netdrv *d);
 qs_netdrv *qs_fault_wrap(qs_netdrv *inner, const qsu_fault *f, int *err);
 qs_netdrv *qs_fault_inner(qs_netdrv *d);   /* NULL if d is not a fault wrapper */
 qs_netdrv *qs_fault_unwrap(qs_netdrv *d);  /* free the wrapper, return the inner driver */
+/* Replace whatever fault injector wraps *slot by one with f (none if f is NULL). */
+int qs_fault_rewrap(qs_netdrv **slot, const qsu_fault *f);
 
 /* prio.c */
 int qs_prio_classify(qs_ustack *s, const qs_mbuf *m);     /* level of a received frame */
