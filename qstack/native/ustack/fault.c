@@ -133,8 +133,19 @@ static void f_destroy(qs_netdrv *d)
     free(x);
 }
 
+static int f_fd(qs_netdrv *d)
+{
+    return qs_netdrv_fd(((fault *)d)->inner);
+}
+
+static int f_mac(qs_netdrv *d, uint8_t mac[6])
+{
+    return qs_netdrv_mac(((fault *)d)->inner, mac);
+}
+
 static const qs_netdrv_ops fault_ops = {
     .name = "fault", .tx = f_tx, .rx = f_rx, .next_due = f_next_due, .destroy = f_destroy,
+    .fd = f_fd, .mac = f_mac,
 };
 
 qs_netdrv *qs_fault_wrap(qs_netdrv *inner, const qsu_fault *f, int *err)

@@ -68,8 +68,14 @@ static void t_destroy(qs_netdrv *d)
     free(t);
 }
 
+static int t_fd(qs_netdrv *d)
+{
+    return ((tap *)d)->fd;
+}
+
 static const qs_netdrv_ops tap_ops = {
     .name = "tap", .tx = t_tx, .rx = t_rx, .next_due = t_next_due, .destroy = t_destroy,
+    .fd = t_fd,
 };
 
 qs_netdrv *qs_tap_open(const char *ifname, int *err)

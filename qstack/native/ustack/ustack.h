@@ -87,14 +87,27 @@ typedef struct qs_netdrv qs_netdrv;
 /* A network device.  tx always takes the frame (sent, queued or dropped);
  * rx fills out[] with frames in buffers of the driver's pool (the stack's).
  * next_due: earliest time a frame the driver holds becomes deliverable to
- * this side (INT64_MAX if none), so a fake clock can jump there. */
+ * this side (INT64_MAX if none), so a fake clock can jump there.
+ * fd (optional): an fd that is readable when rx has frames (TAP), or -1
+ * for a poll-mode device (DPDK): the backend then polls instead of sleeping.
+ * mac (optional): the device's own Ethernet address, for a NIC that has
+ * one; -ENOTSUP (or no op) when the stack picks its address itself. */
 typedef struct qs_netdrv_ops {
     const char *name;
     int (*tx)(qs_netdrv *d, qs_mbuf *m, int64_t now);
     int (*rx)(qs_netdrv *d, qs_mbuf **out, int max, int64_t now);
     int64_t (*next_due)(qs_netdrv *d);
     void (*destroy)(qs_netdrv *d);
+    int (*fd)(qs_netdrv *d);
+    int (*mac)(qs_netdrv *d, uint8_t mac[6]);
 } qs_netdrv_ops;
+
+/* The optional ops, with their defaults. */
+static inline int qs_netdrv_fd(qs_netdrv *d) { return d->ops->fd ? d->ops->fd(d) : -1; }
+static inline int qs_netdrv_mac(qs_netdrv *d, uint8_t mac[6])
+{
+    return d->ops->mac ? d->ops->mac(d, mac) : -ENOTSUP;
+}
 
 struct qs_netdrv {
     const qs_netdrv_ops *ops;
