@@ -102,18 +102,19 @@ typedef struct qs_netdrv_ops {
     int (*mac)(qs_netdrv *d, uint8_t mac[6]);
 } qs_netdrv_ops;
 
-/* The optional ops, with their defaults. */
-static inline int qs_netdrv_fd(qs_netdrv *d) { return d->ops->fd ? d->ops->fd(d) : -1; }
-static inline int qs_netdrv_mac(qs_netdrv *d, uint8_t mac[6])
-{
-    return d->ops->mac ? d->ops->mac(d, mac) : -ENOTSUP;
-}
 
 struct qs_netdrv {
     const qs_netdrv_ops *ops;
     qs_mpool *pool;           /* the owning stack's pool */
     uint64_t *drops;          /* the owning stack's drv_drop counter */
 };
+
+/* The optional ops, with their defaults. */
+static inline int qs_netdrv_fd(qs_netdrv *d) { return d->ops->fd ? d->ops->fd(d) : -1; }
+static inline int qs_netdrv_mac(qs_netdrv *d, uint8_t mac[6])
+{
+    return d->ops->mac ? d->ops->mac(d, mac) : -ENOTSUP;
+}
 
 /* ------------------------------------------------------------ TCP */
 
