@@ -80,6 +80,7 @@ struct qs_conn {
     uint32_t mask;                 /* QS_WANT_* last told to the backend */
     int8_t blk_on;                 /* blocked list index, -1 if none */
     int8_t notify_level;
+    int32_t sock_err;              /* ustack: -errno the connection ended with */
     qs_buf *rbuf;                  /* receive buffer, only while a message is partial */
     uint64_t rstart, rend;         /* unscanned bytes in rbuf */
     int64_t inflight;              /* DATA events the hub has not answered */

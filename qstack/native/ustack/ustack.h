@@ -398,6 +398,9 @@ void qs_prio_flush(qs_ustack *s);
 qs_netdrv *qs_tap_open(const char *ifname, int *err);
 int qs_tap_fd(qs_netdrv *d);                /* the fd to poll, -EINVAL if not a TAP */
 
+/* dpdk_load.c: the DPDK driver from its own module; -ENOTSUP without it */
+qs_netdrv *qs_dpdk_open(const char *lib_path, const char *eal_args, int *err);
+
 /* sha256.c */
 typedef struct qs_sha256 {
     uint32_t h[8];
