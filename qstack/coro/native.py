@@ -76,6 +76,9 @@ class NativeCore:
         self.slab = memoryview(ffi.buffer(base, size[0]))
         self.inline = bool(inline)
         self.stream = bool(stream_mode)
+        # The user-space stack does TCP itself (handshakes, ACKs, timers):
+        # inline, it needs steps even while every worker is busy.
+        self.needs_service = backend == "ustack"
         # What the hub's loop watches while idle: the stack's epoll fd when the
         # stack runs inline (qs_core_step), else the eventfd the thread writes.
         self.wake_fd = lib.qs_core_poll_fd(c) if inline else lib.qs_core_wake_fd(c)
