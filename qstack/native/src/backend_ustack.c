@@ -263,20 +263,18 @@ static int open_driver(const qs_net_config *g, qs_netdrv **out)
         *out = qs_dpdk_open(g->dpdk_lib, g->eal, &err);
     else
         return -EINVAL;
-    if (!*out)
-        return err ? err : -ENODEV;
-    if (g->loss > 0 || g->dup > 0 || g->reorder > 0 || g->corrupt > 0) {
-        qsu_fault f = {.loss = g->loss, .dup = g->dup, .reorder = g->reorder,
-                       .corrupt = g->corrupt, .reorder_ns = 2000000, .seed = g->fault_seed,
-                       .rx = 1};
-        qs_netdrv *w = qs_fault_wrap(*out, &f, &err);
-        if (!w) {
-            (*out)->ops->destroy(*out);
-            return err;
-        }
-        *out = w;
-    }
-    return 0;
+    return *out ? 0 : err ? err : -ENODEV;
+}
+
+/* The fault injector around the stack's driver (after qs_ustack_init: it
+ * takes the pool the stack gave the driver). */
+static int inject_faults(qs_ustack *s, const qs_net_config *g)
+{
+    if (!(g->loss > 0 || g->dup > 0 || g->reorder > 0 || g->corrupt > 0))
+        return 0;
+    qsu_fault f = {.loss = g->loss, .dup = g->dup, .reorder = g->reorder, .corrupt = g->corrupt,
+                   .reorder_ns = 2000000, .seed = g->fault_seed, .rx = 1};
+    return qs_fault_rewrap(&s->drv, &f);
 }
 
 static void stack_config(const qs_config *cfg, qs_netdrv *drv, qsu_config *q)
@@ -353,8 +351,10 @@ static int u_init(qs_core *core)
             memset(&u->s, 0, sizeof(u->s));
         }
     }
+    if (rc == 0)
+        rc = inject_faults(&u->s, &core->cfg.net);
     if (rc == 0) {
-        u->drv_fd = qs_netdrv_fd(drv);
+        u->drv_fd = qs_netdrv_fd(u->s.drv);
         u->ep = epoll_create1(EPOLL_CLOEXEC);
         u->timer_fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
         if (u->ep < 0 || u->timer_fd < 0)
