@@ -13,6 +13,7 @@ qstack/__init__.py).  Only gcc and the Python headers are needed.
 QSTACK_SANITIZE=1 builds with AddressSanitizer and UBSan.
 """
 
+import fnmatch
 import glob
 import os
 import shutil
@@ -40,14 +41,23 @@ def _path(path, direct):
     return path if rel.startswith("..") else rel
 
 
-def builder(module, header, src_dir, *, direct, libraries=(), extra_sources=()):
-    """An FFI for qstack.<module> from include/<header> and <src_dir>/*.c."""
+# Sources built into plain shared objects of their own, never into a cffi
+# module: ustack/dpdk.c needs libdpdk (build_dpdk.py -> qstack/_qsdpdk.so).
+NOT_CFFI = ("dpdk.c",)
+
+
+def builder(module, header, src_dir, *, direct, libraries=(), extra_sources=(),
+            exclude=NOT_CFFI):
+    """An FFI for qstack.<module> from include/<header> and <src_dir>/*.c,
+    less the file names matching a pattern in `exclude`."""
     src = os.path.join(HERE, src_dir)
     with open(os.path.join(INCLUDE, header)) as f:
         cdef = f.read()
     ffi = FFI()
     ffi.cdef(cdef)
-    sources = sorted(glob.glob(os.path.join(src, "*.c"))) + list(extra_sources)
+    sources = sorted(p for p in glob.glob(os.path.join(src, "*.c"))
+                     if not any(fnmatch.fnmatch(os.path.basename(p), x) for x in exclude))
+    sources += list(extra_sources)
     ffi.set_source(
         f"qstack.{module}",
         f'#include <stdint.h>\n#include "{header}"\n',
