@@ -43,7 +43,7 @@ def _ensure_dpdk_built():
         return
     if subprocess.run(["pkg-config", "--exists", "libdpdk"]).returncode:
         return
-    srcs = [os.path.join(NATIVE, "ustack", f) for f in ("dpdk.c", "ustack.h")] + [
+    srcs = [os.path.join(NATIVE, "ustack", f) for f in ("dpdk.c", "ustack.h", "tcp_seq.h")] + [
         os.path.join(NATIVE, "build_dpdk.py"), os.path.join(NATIVE, "include", "qsustack.h")]
     if not os.path.exists(LIB) or any(os.path.getmtime(p) > os.path.getmtime(LIB) for p in srcs):
         subprocess.check_call([sys.executable, os.path.join(NATIVE, "build_dpdk.py")], cwd=ROOT)
