@@ -13,7 +13,6 @@ qstack/__init__.py).  Only gcc and the Python headers are needed.
 QSTACK_SANITIZE=1 builds with AddressSanitizer and UBSan.
 """
 
-import fnmatch
 import glob
 import os
 import shutil
@@ -46,23 +45,28 @@ def _path(path, direct):
 NOT_CFFI = ("dpdk.c",)
 
 
+def sources(src_dir, exclude=()):
+    """<src_dir>/*.c, less the files whose names start with a prefix in exclude
+    (and always less NOT_CFFI)."""
+    skip = tuple(exclude) + NOT_CFFI
+    return [p for p in sorted(glob.glob(os.path.join(HERE, src_dir, "*.c")))
+            if not os.path.basename(p).startswith(skip)]
+
+
 def builder(module, header, src_dir, *, direct, libraries=(), extra_sources=(),
-            exclude=NOT_CFFI):
-    """An FFI for qstack.<module> from include/<header> and <src_dir>/*.c,
-    less the file names matching a pattern in `exclude`."""
+            extra_include=()):
+    """An FFI for qstack.<module> from include/<header> and <src_dir>/*.c."""
     src = os.path.join(HERE, src_dir)
     with open(os.path.join(INCLUDE, header)) as f:
         cdef = f.read()
     ffi = FFI()
     ffi.cdef(cdef)
-    sources = sorted(p for p in glob.glob(os.path.join(src, "*.c"))
-                     if not any(fnmatch.fnmatch(os.path.basename(p), x) for x in exclude))
-    sources += list(extra_sources)
+    srcs = sources(src_dir) + list(extra_sources)
     ffi.set_source(
         f"qstack.{module}",
         f'#include <stdint.h>\n#include "{header}"\n',
-        sources=[_path(p, direct) for p in sources],
-        include_dirs=[_path(INCLUDE, direct), _path(src, direct)],
+        sources=[_path(p, direct) for p in srcs],
+        include_dirs=[_path(p, direct) for p in (INCLUDE, src, *extra_include)],
         extra_compile_args=CFLAGS,
         extra_link_args=LDFLAGS,
         libraries=list(libraries),

@@ -173,7 +173,12 @@ static qsu_tap *open_on(qs_netdrv *(*open_drv)(const char *, const char *, int *
         free(x);
         return NULL;
     }
-    if ((rc = qs_ustack_init(&x->s, cfg, drv, &tap_app, x)) < 0) {
+    qsu_config c = *cfg;                /* a NIC's own address wins over the config's */
+    uint8_t mac[6];
+    if (qs_netdrv_mac(drv, mac) == 0 && !(mac[0] & 1) &&
+        (mac[0] | mac[1] | mac[2] | mac[3] | mac[4] | mac[5]))
+        memcpy(c.mac, mac, 6);
+    if ((rc = qs_ustack_init(&x->s, &c, drv, &tap_app, x)) < 0) {
         drv->ops->destroy(drv);
         free(x);
         *err = rc;

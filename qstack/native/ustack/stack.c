@@ -57,10 +57,6 @@ int qs_ustack_init(qs_ustack *s, const qsu_config *cfg, qs_netdrv *drv,
     if (rc < 0)
         return rc;
     s->cfg = *cfg;
-    uint8_t mac[6];                   /* a NIC's own address wins over the config's */
-    if (drv && qs_netdrv_mac(drv, mac) == 0 && !(mac[0] & 1) &&
-        (mac[0] | mac[1] | mac[2] | mac[3] | mac[4] | mac[5]))
-        memcpy(s->cfg.mac, mac, 6);
     s->netmask = cfg->prefix_len == 32 ? 0xffffffffu : ~(0xffffffffu >> cfg->prefix_len);
     s->drv = drv;
     s->app = app;

@@ -93,7 +93,8 @@ typedef struct qs_netdrv qs_netdrv;
  * for a poll-mode device (DPDK): the backend then polls instead of sleeping.
  * mac (optional): the device's own Ethernet address, for a NIC that has
  * one; -ENOTSUP (or no op) when the stack picks its address itself.
- * qs_ustack_init then uses it in place of the config's.
+ * The caller puts it in the config (qs_ustack_init takes cfg->mac as is):
+ * the harness always does, the backend when no MAC was configured.
  * flush (optional): send whatever tx has queued.  A driver may hold frames
  * in tx to send them in one burst (DPDK); the stack calls flush after each
  * batch of tx (qs_prio_flush, the end of every entry point), so a queued

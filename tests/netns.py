@@ -1,0 +1,86 @@
+"""A private network for a test: a namespace with a TAP device in it.
+
+The kernel's side of the device is 198.18.0.1/24 (the benchmarking range);
+qstack's user-space stack, attached to the device, answers as 198.18.0.2.
+Nothing ever leaves the namespace.
+
+``with net.entered():`` moves the calling thread into the namespace (setns
+acts per thread), so processes it starts and sockets it opens live there;
+leaving moves it back.  A test that serves on the user-space stack runs its
+server and its kernel clients inside, exactly as on loopback elsewhere.
+"""
+
+import contextlib
+import ctypes
+import itertools
+import os
+import shutil
+import subprocess
+
+KERNEL_IP, STACK_IP = "198.18.0.1", "198.18.0.2"
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+_seq = itertools.count()
+
+
+def why_not():
+    """Why this machine cannot run namespaced TAP tests, or None."""
+    if os.geteuid() != 0:
+        return "needs root (CAP_NET_ADMIN) to create a TAP device and a network namespace"
+    if not os.path.exists("/dev/net/tun"):
+        return "/dev/net/tun is missing (no TUN/TAP support in this kernel or container)"
+    if not shutil.which("ip"):
+        return "the `ip` tool (iproute2) is not installed"
+    return None
+
+
+def _setns(fd):
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"setns: {os.strerror(e)}")
+
+
+class TapNetns:
+    """A namespace with a persistent TAP device whose kernel side is up."""
+
+    def __init__(self, dev="qs0"):
+        k = next(_seq)
+        self.name = f"qst-{os.getpid()}-{k}"
+        self.dev = dev
+        try:
+            self._sh("ip", "netns", "add", self.name)
+            self.run("ip", "link", "set", "lo", "up")
+            self.run("ip", "tuntap", "add", "dev", dev, "mode", "tap")
+            self.run("sysctl", "-qw", f"net.ipv6.conf.{dev}.disable_ipv6=1", check=False)
+            self.run("ip", "addr", "add", KERNEL_IP + "/24", "dev", dev)
+            self.run("ip", "link", "set", dev, "up")
+        except Exception:
+            self.close()
+            raise
+
+    @staticmethod
+    def _sh(*args, check=True):
+        return subprocess.run(args, check=check, capture_output=True, timeout=20)
+
+    def run(self, *args, check=True):
+        """Run a command inside the namespace."""
+        return self._sh("ip", "netns", "exec", self.name, *args, check=check)
+
+    @contextlib.contextmanager
+    def entered(self):
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        there = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
+        try:
+            _setns(there)
+            try:
+                yield self
+            finally:
+                _setns(home)
+        finally:
+            os.close(there)
+            os.close(home)
+
+    def close(self):
+        # the device first: a TAP device would outlive its namespace in the root one
+        self.run("ip", "tuntap", "del", "dev", self.dev, "mode", "tap", check=False)
+        self._sh("ip", "netns", "del", self.name, check=False)
