@@ -22,6 +22,7 @@ import json
 import os
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -374,4 +375,36 @@ def test_dpdk_memif_two_stacks_echo(tmp_path):
         for s in (client, server):
             if s:
                 s.close()
+        ns.close()
+
+
+def test_dpdk_qstack_serve_echo():
+    """The whole server on this driver: `qstack serve --backend ustack
+    --driver dpdk` in a namespace, a Linux client echoed through it."""
+    ns = Namespace()
+    iface = f"qsd{os.getpid() % 100000}s{next(_seq)}"[:15]
+    p = subprocess.Popen(
+        ["ip", "netns", "exec", ns.name, sys.executable, "-m", "qstack", "serve",
+         "apps.echo:handle", "--backend", "ustack", "--driver", "dpdk",
+         "--eal", EAL.format(iface=iface), "--ip", STACK_IP + "/24", "--port", "7"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while ns.nsh("ip", "link", "show", "dev", iface, check=False).returncode:
+            assert p.poll() is None, p.stderr.read().decode(errors="replace")
+            assert time.monotonic() < deadline, "net_tap never created its device"
+            time.sleep(0.1)
+        ns.nsh("ip", "addr", "add", KERNEL_IP + "/24", "dev", iface)
+        ns.nsh("ip", "link", "set", iface, "up")
+        r = ns.py(ECHO_CLIENT % (5_000_000, STACK_IP, 7), timeout=120)
+        assert r["got"] == 5_000_000 and r["same"], r
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=30)
+        err = err.decode(errors="replace")
+        assert p.returncode == 0, err
+        assert "on ustack/dpdk" in err and "buffers in use 0" in err, err
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
         ns.close()
