@@ -144,7 +144,16 @@ def snapshot(core_index, hub):
             "accepted": st.conns_accepted, "bufs_in_use": st.bufs_in_use,
             "bufs_total": st.bufs_total, "cpu_stack": cpu_stack,
             "cpu_hub": cpu_hub, "errors": hub.errors,
-            "levels": levels, **_app_counters()}
+            "levels": levels, **_net_gauges(st), **_app_counters()}
+
+
+def _net_gauges(st):
+    if not st.net_bufs_total:       # the kernel backend
+        return {}
+    return {"net": {"tcbs": st.net_conns, "bufs_in_use": st.net_bufs_in_use,
+                    "bufs_total": st.net_bufs_total, "rx_frames": st.net_rx_frames,
+                    "tx_frames": st.net_tx_frames, "drops": st.net_drops,
+                    "rexmit": st.net_rexmit}}
 
 
 def _app_counters():
@@ -252,6 +261,11 @@ def serve(cfg, handler, core_index=0, stats_fd=None):
              sum(lv["requests"] for lv in final["levels"]), hub.errors,
              final["bufs_in_use"], final["cpu_stack"],
              final["cpu_hub"])
+    if final.get("net"):
+        net = final["net"]
+        log.info("core %d ustack: %d frames in, %d out, %d dropped, %d retransmitted, "
+                 "packet buffers in use %d", core_index, net["rx_frames"], net["tx_frames"],
+                 net["drops"], net["rexmit"], net["bufs_in_use"])
     if final.get("counters"):
         from .stats import format_counters
         log.info("core %d counters: %s", core_index,

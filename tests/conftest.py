@@ -108,6 +108,8 @@ def serve():
             if not already:
                 assert code == 0, f"exit {code}: {s.stderr[-2000:]}"
                 assert "buffers in use 0" in s.stderr, s.stderr[-2000:]
+                if "ustack" in s.args:
+                    assert "packet buffers in use 0" in s.stderr, s.stderr[-2000:]
 
     start.stop_all = stop_all
     yield start
