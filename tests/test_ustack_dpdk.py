@@ -403,6 +403,7 @@ def test_dpdk_qstack_serve_echo():
         err = err.decode(errors="replace")
         assert p.returncode == 0, err
         assert "on ustack/dpdk" in err and "buffers in use 0" in err, err
+        assert "packet buffers in use 0" in err, err
     finally:
         if p.poll() is None:
             p.kill()
