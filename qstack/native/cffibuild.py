@@ -40,10 +40,17 @@ def _path(path, direct):
     return path if rel.startswith("..") else rel
 
 
+# Sources built into plain shared objects of their own, never into a cffi
+# module: ustack/dpdk.c needs libdpdk (build_dpdk.py -> qstack/_qsdpdk.so).
+NOT_CFFI = ("dpdk.c",)
+
+
 def sources(src_dir, exclude=()):
-    """<src_dir>/*.c, less the files whose names start with a prefix in exclude."""
+    """<src_dir>/*.c, less the files whose names start with a prefix in exclude
+    (and always less NOT_CFFI)."""
+    skip = tuple(exclude) + NOT_CFFI
     return [p for p in sorted(glob.glob(os.path.join(HERE, src_dir, "*.c")))
-            if not os.path.basename(p).startswith(tuple(exclude))]
+            if not os.path.basename(p).startswith(skip)]
 
 
 def builder(module, header, src_dir, *, direct, libraries=(), extra_sources=(),

@@ -230,3 +230,18 @@ int qsu_tap_stats(qsu_tap *t, qsu_stats *out);
  * stack until done or timeout_ns.  Returns 0, -ETIMEDOUT or -errno. */
 int qsu_tap_client_run(qsu_tap *t, uint32_t ip, uint16_t port, uint64_t bytes, uint64_t seed,
                        int64_t timeout_ns, qsu_tap_client *out);
+/* The Ethernet address the stack answers to (6 bytes): the config's, or
+ * the device's own when the driver has one (DPDK). */
+int qsu_tap_mac(qsu_tap *t, uint8_t *out);
+
+/* ---------------------------------------------------------------- DPDK
+ * The same harness on a DPDK port: the driver in the shared object at
+ * lib_path (qstack/_qsdpdk.so), EAL started from eal_args (split on
+ * whitespace; e.g. "--no-huge -m 256 --no-pci --vdev=net_tap0,iface=NAME"),
+ * the first port EAL finds.  One per process; everything above applies
+ * (close with qsu_tap_close).  The stack takes the port's MAC.  Errors:
+ * -ENOTSUP when the library or DPDK is missing, -EBUSY / -EALREADY for a
+ * second open in a process, else EAL's; qsu_dpdk_error() says why. */
+qsu_tap *qsu_dpdk_open(const char *lib_path, const char *eal_args, const qsu_config *cfg,
+                       int *err);
+const char *qsu_dpdk_error(void);
