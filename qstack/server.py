@@ -118,6 +118,7 @@ def _ustack_error(cfg, exc):
                       if us.driver == "tap" else "no DPDK port found (check --eal)",
         errno.EBUSY: f"{dev} is busy (another process has it open)",
         errno.ENOTSUP: "DPDK is not available in this build",
+        errno.ENODEV: "DPDK found no port (check the --eal arguments)",
         errno.ENOMEM: "not enough memory for ustack.buffers / ustack.max_concurrency",
     }.get(exc.errno)
     return ConfigError(f"ustack: {why or exc.strerror or exc}")

@@ -53,20 +53,22 @@ class Server:
     user-space stack (``ustack=`` the TAP device) at netns.STACK_IP, port 8000,
     from inside the namespace the caller entered."""
 
-    def __init__(self, app, *args, env=None, cwd=ROOT, wrap=(), ustack=None):
+    def __init__(self, app, *args, env=None, cwd=ROOT, wrap=(), ustack=None, net=None):
         if ustack is None:
             self.host, self.port = "127.0.0.1", free_port()
             where = ["--host", self.host, "--port", str(self.port)]
         else:
             from netns import STACK_IP
             self.host, self.port = STACK_IP, 8000
-            where = ["--port", str(self.port), "--backend", "ustack", "--tap", ustack,
+            where = ["--port", str(self.port), "--backend", "ustack", *ustack,
                      "--ip", STACK_IP + "/24"]
         self.addr = (self.host, self.port)
         self.args = [*wrap, sys.executable, "-m", "qstack", "serve", app, *where, *args]
         self.proc = subprocess.Popen(self.args, cwd=cwd, env={**os.environ, **(env or {})},
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.stderr = ""
+        if net is not None and not net.persistent:
+            net.bring_up(self.proc)      # the server made the device (DPDK net_tap)
         wait_port(self.port, self.proc, host=self.host)
 
     def connect(self, timeout=10.0):
@@ -117,14 +119,22 @@ def serve():
 
 
 BACKENDS = [("kernel", "thread"), ("kernel", "inline"), ("ustack", "thread"),
-            ("ustack", "inline")]
+            ("ustack", "inline"), ("dpdk", "thread")]
+DPDK_EAL = "--no-huge -m 256 --no-pci --vdev=net_tap0,iface={iface}"
+
+
+def dpdk_missing():
+    """Why `--driver dpdk` cannot run here, or None."""
+    from qstack.server import dpdk_library
+    return None if dpdk_library() else "this build has no DPDK driver (no libdpdk found)"
 
 
 @pytest.fixture(params=BACKENDS, ids=["-".join(p) for p in BACKENDS])
 def serve_any(request, serve):
     """serve() on every backend and stack layout: kernel sockets on 127.0.0.1,
-    and the user-space stack on a TAP device in a namespace of the test's own
-    (entered for the whole test: the server and the clients live there)."""
+    and the user-space stack on a TAP device (or DPDK's net_tap) in a
+    namespace of the test's own (entered for the whole test: the server and
+    the clients live there)."""
     backend, stack = request.param
 
     def start(app, *args, **kw):
@@ -134,12 +144,14 @@ def serve_any(request, serve):
         yield start
         return
     from netns import TapNetns, why_not
-    if why_not():
-        pytest.skip(why_not())
-    net = TapNetns()
+    if why_not() or (backend == "dpdk" and dpdk_missing()):
+        pytest.skip(why_not() or dpdk_missing())
+    net = TapNetns(create=backend == "ustack")
+    flags = (["--tap", net.dev] if backend == "ustack" else
+             ["--driver", "dpdk", "--eal", DPDK_EAL.format(iface=net.dev)])
     try:
         with net.entered():
-            yield lambda app, *args, **kw: start(app, *args, ustack=net.dev, **kw)
+            yield lambda app, *args, **kw: start(app, *args, ustack=flags, net=net, **kw)
             serve.stop_all()
     finally:
         net.close()

@@ -16,6 +16,7 @@ import itertools
 import os
 import shutil
 import subprocess
+import time
 
 KERNEL_IP, STACK_IP = "198.18.0.1", "198.18.0.2"
 CLONE_NEWNET = 0x40000000
@@ -41,22 +42,39 @@ def _setns(fd):
 
 
 class TapNetns:
-    """A namespace with a persistent TAP device whose kernel side is up."""
+    """A namespace with a persistent TAP device whose kernel side is up.
 
-    def __init__(self, dev="qs0"):
+    With create=False the device is left to the server: DPDK's net_tap
+    creates its own (it cannot attach to a persistent one); bring_up()
+    then gives it the kernel side's address once it exists."""
+
+    def __init__(self, dev="qs0", create=True):
         k = next(_seq)
         self.name = f"qst-{os.getpid()}-{k}"
         self.dev = dev
+        self.persistent = create
         try:
             self._sh("ip", "netns", "add", self.name)
             self.run("ip", "link", "set", "lo", "up")
-            self.run("ip", "tuntap", "add", "dev", dev, "mode", "tap")
-            self.run("sysctl", "-qw", f"net.ipv6.conf.{dev}.disable_ipv6=1", check=False)
-            self.run("ip", "addr", "add", KERNEL_IP + "/24", "dev", dev)
-            self.run("ip", "link", "set", dev, "up")
+            if create:
+                self.run("ip", "tuntap", "add", "dev", dev, "mode", "tap")
+                self.bring_up()
         except Exception:
             self.close()
             raise
+
+    def bring_up(self, proc=None, timeout=60.0):
+        """Address the kernel side (waiting for the device if a server makes it)."""
+        deadline = time.monotonic() + timeout
+        while self.run("ip", "link", "show", "dev", self.dev, check=False).returncode:
+            if proc is not None and proc.poll() is not None:
+                return                   # the server died: its caller reports why
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"device {self.dev} never appeared")
+            time.sleep(0.05)
+        self.run("sysctl", "-qw", f"net.ipv6.conf.{self.dev}.disable_ipv6=1", check=False)
+        self.run("ip", "addr", "add", KERNEL_IP + "/24", "dev", self.dev)
+        self.run("ip", "link", "set", self.dev, "up")
 
     @staticmethod
     def _sh(*args, check=True):
@@ -82,5 +100,6 @@ class TapNetns:
 
     def close(self):
         # the device first: a TAP device would outlive its namespace in the root one
-        self.run("ip", "tuntap", "del", "dev", self.dev, "mode", "tap", check=False)
+        if self.persistent:
+            self.run("ip", "tuntap", "del", "dev", self.dev, "mode", "tap", check=False)
         self._sh("ip", "netns", "del", self.name, check=False)

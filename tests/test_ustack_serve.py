@@ -30,7 +30,8 @@ def ustack(serve):
     net = TapNetns()
     try:
         with net.entered():
-            yield net, lambda app, *args, **kw: serve(app, *args, ustack=net.dev, **kw)
+            yield net, lambda app, *args, **kw: serve(app, *args, ustack=["--tap", net.dev],
+                                                      **kw)
             serve.stop_all()
     finally:
         net.close()
