@@ -7,6 +7,7 @@ server and the kernel clients run inside it, and nothing leaves it.
 """
 
 import hashlib
+import shutil
 import os
 import random
 import socket
@@ -207,3 +208,29 @@ def test_more_connections_than_a_process_may_hold_files(ustack):
             if line.startswith("core 0")]
     assert max(held) == n, (held, out[-1500:])
     assert peak_fds < 100, peak_fds
+
+
+# --- start-up errors -----------------------------------------------------------------------
+
+def test_without_cap_net_admin_the_tap_error_says_so(tmp_path):
+    if not shutil.which("setpriv"):
+        pytest.skip("needs setpriv (util-linux) to drop root")
+    run = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+         "-m", "qstack", "serve", "apps.echo:handle", "--backend", "ustack",
+         "--tap", "qsperm0", "--ip", STACK_IP + "/24"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        "qstack: error: ustack: opening TAP device qsperm0 needs root (CAP_NET_ADMIN)"]
+
+
+def test_dpdk_missing_from_the_build_is_one_plain_line(monkeypatch):
+    from qstack import server
+    from qstack.config import load_config
+    from qstack.errors import ConfigError
+    cfg = load_config(None, {"server.backend": "ustack", "ustack.driver": "dpdk",
+                             "ustack.eal": "--no-huge", "ustack.ip": "198.18.0.2/24"})
+    monkeypatch.setattr(server, "dpdk_library", lambda: None)
+    with pytest.raises(ConfigError, match="DPDK is not available in this build"):
+        server._net_options(cfg)
