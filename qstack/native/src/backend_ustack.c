@@ -424,7 +424,8 @@ static int poll_stack(qs_ubackend *u)
 }
 
 /* Arm the timerfd for the stack's next deadline (or the poll interval of a
- * driver without an fd).  Re-arming also clears an expiry already read. */
+ * driver without an fd).  Re-arming (or disarming) also clears an expiry,
+ * so a fired timer never keeps the epoll set readable. */
 static void arm_timer(qs_ubackend *u, int busy)
 {
     int64_t at = qs_ustack_next_event(&u->s);
@@ -435,7 +436,11 @@ static void arm_timer(qs_ubackend *u, int busy)
     }
     if (at == INT64_MAX)
         at = 0;
-    if (at == u->timer_at && (at == 0 || at > u->net.now))
+    /* armed for sooner and not fired yet: leave it (waking early is harmless,
+     * and every ACK pushing an RTO back would otherwise cost a syscall) */
+    if (u->timer_at > u->net.now && (at == 0 || u->timer_at <= at))
+        return;
+    if (!at && !u->timer_at)
         return;
     if (at && at <= u->net.now)
         at = u->net.now + 1;
