@@ -167,11 +167,29 @@ def _children(pid):
     return out + [g for c in out for g in _children(int(c))]
 
 
+def server_conns(log_path, cores):
+    """Connections the server holds, from its last --stats line(s)."""
+    try:
+        with open(log_path, errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return 0
+    label = "total" if cores > 1 else "core 0"
+    for line in reversed(lines):
+        if line.startswith(label) and " conns " in line:
+            return int(line.split(" conns ")[1].split()[0])
+    return 0
+
+
 def hold(args, backend):
     cores = 1 if backend != "kernel" else math.ceil(args.hold / 15000)
+    log_path = os.path.join(h.BENCH, "results", "logs", f"ustack-hold-{backend}.log")
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
     with Place(backend) as place:
         extra = ["--cores", str(cores)] if cores > 1 else []
-        server = place.start(*extra, "--framing", "fixed:64", cpu=0)
+        server = place.start(*extra, "--framing", "fixed:64", "--stats", cpu=0,
+                             log_path=log_path)
+        proc = None
         try:
             time.sleep(1.5)
             slab0 = slab_bytes()
@@ -186,26 +204,28 @@ def hold(args, backend):
             load = h.pin_prefix(1) + h.load_command() + [
                 "--dest", f"{place.host}:{PORT}", "-c", str(args.hold), "--smp", str(args.smp),
                 "--ips", str(ips), *src, "-s", str(args.setup), "-w", "600", "-e", "600",
-                "-d", "1", "--connect-inflight", "512", "--quiet", "--log-duration", "1"]
-            proc = subprocess.Popen(load, cwd=h.REPO, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True,
-                                    start_new_session=True)
+                "-d", "1", "--connect-inflight", "512", "--quiet", "--log-duration", "0"]
+            proc = subprocess.Popen(load, cwd=h.REPO, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, start_new_session=True)
             best = None
             deadline = time.monotonic() + args.setup + 60
-            for line in proc.stdout:          # "[ Ns] connected N ..." every second
-                if "connected" in line and line.startswith("["):
-                    n = int(line.split("connected")[1].split()[0].replace(",", ""))
-                    if n >= args.hold:
-                        time.sleep(2)          # settled: every handshake done
-                        rss, fds = tree_rss_fds(server.pid)
-                        best = {"conns": n, "rss": rss - rss0, "fds": fds, "fds_idle": fds0,
-                                "slab": slab_bytes() - slab0, "cores": cores}
-                        break
-                if time.monotonic() > deadline:
+            while time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.5)
+                n = server_conns(log_path, cores)
+                if n >= args.hold:
+                    time.sleep(2)                    # settled: every handshake done
+                    rss, fds = tree_rss_fds(server.pid)
+                    best = {"conns": server_conns(log_path, cores), "rss": rss - rss0,
+                            "fds": fds, "fds_idle": fds0, "slab": slab_bytes() - slab0,
+                            "cores": cores}
                     break
-            os.killpg(proc.pid, 9)
-            proc.wait()
+            if best is None:
+                print(f"  {backend}: only {server_conns(log_path, cores):,} connections "
+                      f"held", flush=True)
         finally:
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, 9)
+                proc.wait()
             server.stop(timeout=20)
     return best
 
