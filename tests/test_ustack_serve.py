@@ -234,3 +234,29 @@ def test_dpdk_missing_from_the_build_is_one_plain_line(monkeypatch):
     monkeypatch.setattr(server, "dpdk_library", lambda: None)
     with pytest.raises(ConfigError, match="DPDK is not available in this build"):
         server._net_options(cfg)
+
+
+# --- routing ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("gateway", [True, False], ids=["gateway", "no-gateway"])
+def test_a_client_off_the_subnet_is_reached_through_the_gateway(ustack, gateway):
+    """A client at 198.18.1.1 (off the stack's /24): with --gateway the replies
+    go to Linux's side of the link, which routes them; without one they have
+    no route (dropped and counted), so the connection never opens."""
+    net, start = ustack
+    net.run("ip", "addr", "add", "198.18.1.1/32", "dev", "lo")
+    args = ["--gateway", KERNEL_IP] if gateway else []
+    server = start("apps.echo:handle", *args)
+    s = socket.socket()
+    s.bind(("198.18.1.1", 0))
+    s.settimeout(3 if gateway else 1.5)
+    try:
+        if gateway:
+            s.connect(server.addr)
+            s.sendall(b"routed")
+            assert recv_exact(s, 6) == b"routed"
+        else:
+            with pytest.raises(OSError):
+                s.connect(server.addr)
+    finally:
+        s.close()
