@@ -22,13 +22,9 @@ int qs_mpool_init(qs_mpool *p, uint32_t buf_size, uint32_t count)
         return -ENOMEM;
     p->buf_size = buf_size;
     p->count = count;
-    /* thread the free list back to front so buffers come out in address order */
-    for (uint32_t i = count; i-- > 0;) {
-        qs_mbuf *m = (qs_mbuf *)(p->slab + (size_t)i * buf_size);
-        m->cap = (uint16_t)(buf_size - offsetof(qs_mbuf, data));
-        m->next = p->free;
-        p->free = m;
-    }
+    /* No free list threaded through the slab up front: that would touch every
+     * buffer, and 64k buffers are 128 MiB resident before the first packet.
+     * Buffers are carved in address order on first use instead. */
     return 0;
 }
 
@@ -42,11 +38,15 @@ void qs_mpool_destroy(qs_mpool *p)
 qs_mbuf *qs_mbuf_alloc(qs_mpool *p)
 {
     qs_mbuf *m = p->free;
-    if (QS_UNLIKELY(!m)) {
+    if (m) {
+        p->free = m->next;
+    } else if (p->carved < p->count) {
+        m = (qs_mbuf *)(p->slab + (size_t)p->carved++ * p->buf_size);
+        m->cap = (uint16_t)(p->buf_size - offsetof(qs_mbuf, data));
+    } else {
         p->fails++;
         return NULL;
     }
-    p->free = m->next;
     m->next = NULL;
     m->off = QS_HEADROOM;
     m->len = 0;

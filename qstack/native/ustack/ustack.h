@@ -69,6 +69,8 @@ typedef struct qs_mpool {
     uint8_t *slab;
     qs_mbuf *free;
     uint32_t buf_size, count;
+    uint32_t carved;          /* buffers taken from the slab so far (lazily: an
+                                 untouched buffer costs no resident memory) */
     uint64_t in_use, peak, fails;
 } qs_mpool;
 
