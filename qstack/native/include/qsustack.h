@@ -230,3 +230,12 @@ int qsu_tap_stats(qsu_tap *t, qsu_stats *out);
  * stack until done or timeout_ns.  Returns 0, -ETIMEDOUT or -errno. */
 int qsu_tap_client_run(qsu_tap *t, uint32_t ip, uint16_t port, uint64_t bytes, uint64_t seed,
                        int64_t timeout_ns, qsu_tap_client *out);
+
+/* ---------------------------------------------------------------- debugging
+ * A ring of a stack's last `events` TCP events (segments in and out, timer
+ * expiries, congestion events, each with the sender's state); 0 turns it
+ * off.  The dump is text, oldest event first; returns bytes written. */
+int qsu_trace(qsu_net *n, int side, int events);
+int qsu_trace_dump(qsu_net *n, int side, char *out, int max);
+int qsu_tap_trace(qsu_tap *t, int events);
+int qsu_tap_trace_dump(qsu_tap *t, char *out, int max);

@@ -210,6 +210,7 @@ int qs_tcp_send_ctl(qs_ustack *s, qs_tcb *t, uint8_t flags, qs_seq seq, int64_t 
     }
     if (flags & QS_TH_ACK)
         acked_now(t);
+    QS_TRACE(s, t, now, QS_TR_OUT, seq.v, 0, flags, wnd);
     return emit(s, t->laddr, t->lport, t->raddr, t->rport, seq, t->rcv_nxt, flags, wnd, opts,
                 optlen, NULL, 0, 0, t->prio, now);
 }
@@ -247,8 +248,10 @@ int qs_tcp_send_seg(qs_ustack *s, qs_tcb *t, qs_seq seq, uint32_t len, int fin, 
     if (qs_seq_lt(seq, t->snd_max))
         s->st.tcp_rexmit++;
     acked_now(t);
-    int rc = emit(s, t->laddr, t->lport, t->raddr, t->rport, seq, t->rcv_nxt, flags,
-                  window_field(t), opts, optlen, t, at, len, t->prio, now);
+    uint16_t wnd = window_field(t);
+    QS_TRACE(s, t, now, QS_TR_OUT, seq.v, len, flags, wnd);
+    int rc = emit(s, t->laddr, t->lport, t->raddr, t->rport, seq, t->rcv_nxt, flags, wnd, opts,
+                  optlen, t, at, len, t->prio, now);
     return rc < 0 ? rc : (int)(len + (fin ? 1 : 0));
 }
 

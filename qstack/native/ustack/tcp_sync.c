@@ -279,6 +279,8 @@ static int new_sack(qs_tcb *t, const qs_tcp_seg *g)
 void qs_tcp_sync_input(qs_ustack *s, qs_tcb *t, qs_tcp_seg *g, qs_mbuf *m, int64_t now)
 {
     uint32_t seglen = g->len + ((g->flags & QS_TH_SYN) ? 1 : 0) + ((g->flags & QS_TH_FIN) ? 1 : 0);
+    QS_TRACE(s, t, now, QS_TR_IN, g->seq.v, g->ack.v, g->wnd << t->snd_wscale,
+             g->len | (uint32_t)g->flags << 24);
     /* 1. sequence number */
     if (!acceptable(t, g, seglen)) {
         if (g->len && qs_seq_le(qs_seq_add(g->seq, seglen), t->rcv_nxt))
@@ -383,6 +385,7 @@ void qs_tcp_sync_input(qs_ustack *s, qs_tcb *t, qs_tcp_seg *g, qs_mbuf *m, int64
         if (wnd > t->max_snd_wnd)
             t->max_snd_wnd = wnd;
         if (opened) {
+            QS_TRACE(s, t, now, QS_TR_WND, wnd, 0, 0, 0);
             /* persist is over: its backed-off timer goes, output restarts
              * the RTO; a probe byte the closed window refused is sent again
              * in order rather than left as a one-byte hole */

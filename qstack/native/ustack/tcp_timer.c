@@ -138,6 +138,7 @@ static void rexmit_expired(qs_ustack *s, qs_tcb *t, int64_t now)
         }
         t->nrexmit++;
         s->st.tcp_zwp++;
+        QS_TRACE(s, t, now, QS_TR_PERSIST, 0, 0, 0, 0);
         if (qs_seq_eq(t->snd_nxt, t->snd_una)) {
             t->snd_nxt = qs_seq_add(t->snd_una, 1);
             t->snd_max = qs_seq_max(t->snd_max, t->snd_nxt);
@@ -159,6 +160,7 @@ static void rexmit_expired(qs_ustack *s, qs_tcb *t, int64_t now)
         uint32_t len = t->snd_wnd < t->mss ? t->snd_wnd : t->mss;
         if (len > end_data)
             len = end_data;
+        QS_TRACE(s, t, now, QS_TR_SWS, len, 0, 0, 0);
         int fin = (t->flags & QT_FIN_QUEUED) && len == end_data;
         int used = qs_tcp_send_seg(s, t, t->snd_una, len, fin, now);
         if (used > 0) {
@@ -178,6 +180,7 @@ static void rexmit_expired(qs_ustack *s, qs_tcb *t, int64_t now)
     }
     t->nrexmit++;
     s->st.tcp_rto++;
+    QS_TRACE(s, t, now, QS_TR_RTO, 0, 0, 0, 0);
     qs_tcp_cc_rto(s, t);
     t->rto_ms = t->rto_ms * 2 > s->cfg.max_rto_ms ? s->cfg.max_rto_ms : t->rto_ms * 2;
     t->flags |= QT_RTO_BACKOFF;
