@@ -93,6 +93,41 @@ void qs_tcp_keep_touch(qs_ustack *s, qs_tcb *t, int64_t now)
         qs_tcp_timer_set(s, t, QS_TM_KEEP, s->cfg.keepalive_idle_ms, now);
 }
 
+/* The invariant that rules out a silent stall: whenever the connection
+ * waits for something that only a timer can bring (a retransmission, a
+ * window probe, the SWS override, the end of a handshake or of TIME-WAIT),
+ * the REXMIT timer is armed.  In particular: data or a FIN in flight means
+ * a retransmission timer (RFC 6298 5.1); data or a FIN waiting to be sent
+ * with nothing in flight means a persist or override timer, since no ACK
+ * is coming back to clock it out. */
+const char *qs_tcp_timer_check(const qs_tcb *t)
+{
+    int rexmit = (t->timers & (1u << QS_TM_REXMIT)) != 0;
+    if (t->flags & QT_DEAD)
+        return NULL;
+    switch (t->state) {
+    case QS_TCP_SYN_SENT:
+    case QS_TCP_SYN_RECEIVED:
+        return rexmit ? NULL : "handshake without a SYN timer";
+    case QS_TCP_TIME_WAIT:
+        return rexmit ? NULL : "TIME-WAIT without a 2MSL timer";
+    case QS_TCP_FIN_WAIT_2:
+        return rexmit || !(t->flags & QT_APP_CLOSED) ? NULL : "orphan FIN-WAIT-2 without a timer";
+    case QS_TCP_ESTABLISHED:
+    case QS_TCP_CLOSE_WAIT:
+    case QS_TCP_FIN_WAIT_1:
+    case QS_TCP_CLOSING:
+    case QS_TCP_LAST_ACK:
+        if (!qs_seq_eq(t->snd_max, t->snd_una))
+            return rexmit ? NULL : "data in flight without a retransmission timer";
+        if (t->sndq_len || ((t->flags & QT_FIN_QUEUED) && !(t->flags & QT_FIN_SENT)))
+            return rexmit ? NULL : "data waiting, nothing in flight, no persist timer";
+        return NULL;
+    default:
+        return NULL;
+    }
+}
+
 /* ---------------------------------------------------------------- handlers */
 
 static void rexmit_expired(qs_ustack *s, qs_tcb *t, int64_t now)

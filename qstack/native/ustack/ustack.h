@@ -368,6 +368,9 @@ int qs_tcp_timer_advance(qs_ustack *s, int64_t now);
 int64_t qs_tcp_timer_next(qs_ustack *s);
 void qs_tcp_rexmit_arm(qs_ustack *s, qs_tcb *t, int64_t now);   /* RTO, restarted */
 void qs_tcp_keep_touch(qs_ustack *s, qs_tcb *t, int64_t now);
+/* NULL if the timers are consistent with the state, else what is wrong
+ * (the "no stall" invariant; the test harness checks it after every step) */
+const char *qs_tcp_timer_check(const qs_tcb *t);
 
 /* tcp_trace.c: recent TCP events of a stack, for debugging (off by default) */
 enum { QS_TR_IN, QS_TR_OUT, QS_TR_RTO, QS_TR_PERSIST, QS_TR_SWS, QS_TR_FAST, QS_TR_PARTIAL,
