@@ -168,9 +168,18 @@ def intact(r):
             and bytes(r.sha_sent_ba) == bytes(r.sha_recv_ba))
 
 
+def check_timers(n):
+    """No violation of the timer invariant so far (qsu_net_check: whatever
+    waits on a timer -- a retransmission, a window probe, the SWS override --
+    has one armed), checked by the harness after every step."""
+    msg = ffi.new("char[256]")
+    assert lib.qsu_net_check(n.n, msg, 256) == 0, ffi.string(msg).decode()
+
+
 def leak_free(n):
     """Close every handle still open on both sides, settle, and check pools."""
     n.settle(idle=200 * SEC, limit=3600 * SEC)
+    check_timers(n)
     for side in (A, B):
         s = n.stats(side)
         assert s.tcp_conns == 0, (side, s.tcp_conns)
@@ -732,6 +741,32 @@ def test_zero_window_probe_and_reopen():
     finally:
         n.free()
 
+
+def test_rto_resends_a_lost_runt_into_a_small_window():
+    """The TAP stall, reduced: B (not reading) leaves A a window smaller than
+    sender SWS avoidance likes; A fills it with a runt (the SWS override), the
+    runt is lost.  Every RTO must then resend it: routing the retransmission
+    through the SWS check sent nothing, and the backed-off timer fired for
+    ever with nothing to show (8 silent RTOs in 60 s before the fix)."""
+    n, h, hb = opened(b={"rcv_buf": 8192})
+    try:
+        assert n.send(A, h, bytes(20_000)) == 20_000
+        n.run(100 * MS)                                  # B's ACK of 7300: window 1152
+        i = n.info(A, h)
+        assert i.snd_una - i.iss - 1 == 7300 and i.snd_max == i.snd_una and 0 < i.snd_wnd < 1460
+        n.fault(A, loss=1.0, seed=1)                     # the override's runt is lost
+        n.run((i.rexmit_in_ms + 2) * MS)
+        assert n.info(A, h).snd_max - i.snd_una == i.snd_wnd
+        n.fault(A)
+        n.run(2 * SEC)
+        assert n.info(B, hb).rcvq == 7300 + i.snd_wnd   # the RTO resent it
+        s = n.stats(A)
+        assert s.tcp_rto == 1 and s.tcp_rexmit >= 1
+        check_timers(n)
+        n.close(A, h), n.close(B, hb)
+        leak_free(n)
+    finally:
+        n.free()
 
 def test_keepalive_probes_then_times_out():
     ka = {"keepalive_idle_ms": 10_000, "keepalive_intvl_ms": 1000, "keepalive_cnt": 3}

@@ -220,6 +220,25 @@ static void rexmit_expired(qs_ustack *s, qs_tcb *t, int64_t now)
     t->rto_ms = t->rto_ms * 2 > s->cfg.max_rto_ms ? s->cfg.max_rto_ms : t->rto_ms * 2;
     t->flags |= QT_RTO_BACKOFF;
     t->snd_nxt = t->snd_una;          /* go back N: resend from the hole */
+    /* The earliest segment goes out now, whatever sender SWS avoidance
+     * would say (qs_tcp_output refuses a runt while more data waits): a
+     * window smaller than that rule likes -- say the space left after a
+     * lost runt -- would otherwise turn every expiry into a silent
+     * backoff that sends nothing, and the connection would wait for a
+     * window update that may have been lost or may never come.  Within
+     * the window as last offered: it is not zero here (that is persist). */
+    uint32_t len = end_data < t->mss ? end_data : t->mss;
+    if (len > t->snd_wnd)
+        len = t->snd_wnd;
+    int fin = fin_out && len == end_data;
+    int used = len || fin ? qs_tcp_send_seg(s, t, t->snd_una, len, fin, now) : 0;
+    if (used > 0) {
+        fin = fin && (uint32_t)used == len + 1;
+        t->snd_nxt = qs_seq_add(t->snd_una, (uint32_t)used);
+        t->snd_max = qs_seq_max(t->snd_max, t->snd_nxt);
+        if (fin)
+            t->flags |= QT_FIN_SENT;
+    }
     qs_tcp_rexmit_arm(s, t, now);
     qs_tcp_output(s, t, now);
 }
