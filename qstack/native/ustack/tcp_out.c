@@ -215,12 +215,29 @@ int qs_tcp_send_ctl(qs_ustack *s, qs_tcb *t, uint8_t flags, qs_seq seq, int64_t 
                 optlen, NULL, 0, 0, t->prio, now);
 }
 
+/* The sequence number of a segment without data (an ACK, our RST).  RFC
+ * 9293 says SND.NXT; here snd_max, because after a timeout snd_nxt is
+ * rewound to the hole (go-back-N), and an ACK numbered there is old to the
+ * peer, whose acceptability test would then throw away the acknowledgment
+ * it carries.  But never beyond the right edge of the window the peer last
+ * offered: a zero-window probe byte, or data sent before a window update
+ * was seen, can put snd_max there, and a segment beyond the window is
+ * dropped unread, its ACK field with it (RFC 9293 3.10.7.4; Linux's
+ * tcp_sequence).  Our ACKs of the peer's data were then all lost until the
+ * next window probe -- every 5 s at worst -- while the peer, unable to
+ * free its send buffer, kept its own window shut: the TAP stall.  Linux
+ * picks the same number (tcp_acceptable_seq). */
+qs_seq qs_tcp_ack_seq(const qs_tcb *t)
+{
+    if (t->state < QS_TCP_ESTABLISHED)
+        return t->snd_max;                    /* our SYN is not acknowledged yet */
+    qs_seq edge = qs_seq_add(t->snd_una, t->snd_wnd);
+    return qs_seq_lt(edge, t->snd_max) ? edge : t->snd_max;
+}
+
 int qs_tcp_send_ack(qs_ustack *s, qs_tcb *t, int64_t now)
 {
-    /* snd_max, not snd_nxt: after a timeout snd_nxt is rewound to the hole
-     * (go-back-N), and an ACK numbered there is old to the peer, whose
-     * acceptability test would then throw away the acknowledgment it carries */
-    return qs_tcp_send_ctl(s, t, QS_TH_ACK, t->snd_max, now);
+    return qs_tcp_send_ctl(s, t, QS_TH_ACK, qs_tcp_ack_seq(t), now);
 }
 
 /* One segment [seq, seq+len) of the send queue, plus FIN if asked.  SACK

@@ -345,6 +345,7 @@ int qs_tcp_cookie_check(qs_ustack *s, const qs_tcp_seg *g, uint16_t *mss, int64_
 int qs_tcp_output(qs_ustack *s, qs_tcb *t, int64_t now);      /* send what windows allow */
 int qs_tcp_send_ctl(qs_ustack *s, qs_tcb *t, uint8_t flags, qs_seq seq, int64_t now);
 int qs_tcp_send_ack(qs_ustack *s, qs_tcb *t, int64_t now);
+qs_seq qs_tcp_ack_seq(const qs_tcb *t);                       /* seq of an ACK or RST */
 int qs_tcp_send_seg(qs_ustack *s, qs_tcb *t, qs_seq seq, uint32_t len, int fin, int64_t now);
 int qs_tcp_send_rst_for(qs_ustack *s, const qs_tcp_seg *g, int64_t now);
 int qs_tcp_send_synack_stateless(qs_ustack *s, const qs_tcp_seg *g, qs_seq iss, uint16_t mss, int64_t now);
