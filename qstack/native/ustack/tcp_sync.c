@@ -33,14 +33,19 @@ static uint32_t adv_window(const qs_tcb *t)
     return d > 0 ? (uint32_t)d : 0;
 }
 
+/* RFC 9293 3.10.7.4, the four cases, with the allowance the RFC asks for:
+ * "if the RCV.WND is zero, no segments will be acceptable, but special
+ * allowance should be made to accept valid ACKs, URGs, and RSTs".  A
+ * segment at RCV.NXT with data in a zero window is the peer's window probe:
+ * its ACK and window are processed, its data is cut (data_in).  Dropping
+ * it whole, as we did, threw away the only ACKs a peer with a shut window
+ * of its own could still get through. */
 static int acceptable(const qs_tcb *t, const qs_tcp_seg *g, uint32_t seglen)
 {
     uint32_t w = adv_window(t);
     qs_seq hi = qs_seq_add(t->rcv_nxt, w);
-    if (seglen == 0)
+    if (seglen == 0 || w == 0)
         return w == 0 ? qs_seq_eq(g->seq, t->rcv_nxt) : qs_seq_in(g->seq, t->rcv_nxt, hi);
-    if (w == 0)
-        return 0;
     return qs_seq_in(g->seq, t->rcv_nxt, hi) ||
            qs_seq_in(qs_seq_add(g->seq, seglen - 1), t->rcv_nxt, hi);
 }
