@@ -90,8 +90,11 @@ static void trim_sndq(qs_ustack *s, qs_tcb *t, uint32_t n)
     }
 }
 
-/* SND.UNA < SEG.ACK <= SND.MAX */
-static void new_ack(qs_ustack *s, qs_tcb *t, const qs_tcp_seg *g, int64_t now)
+/* SND.UNA < SEG.ACK <= SND.MAX.  Returns the bytes of data it freed; the
+ * caller tells the application (writable) only after the window update of
+ * the same segment, so that what the application sends from its callback
+ * goes out against the window this ACK offers, not the one before it. */
+static uint32_t new_ack(qs_ustack *s, qs_tcb *t, const qs_tcp_seg *g, int64_t now)
 {
     uint32_t acked = (uint32_t)qs_seq_diff(g->ack, t->snd_una);
     uint32_t data = acked < t->sndq_len ? acked : t->sndq_len;
@@ -110,10 +113,8 @@ static void new_ack(qs_ustack *s, qs_tcb *t, const qs_tcp_seg *g, int64_t now)
         qs_tcp_timer_clear(t, QS_TM_REXMIT);      /* RFC 6298 5.2 */
     else
         qs_tcp_rexmit_arm(s, t, now);             /* 5.3 */
-    if (data && s->app && s->app->writable && !(t->flags & QT_APP_CLOSED))
-        s->app->writable(s->app_ctx, t);
     if (!fin_acked || (t->flags & QT_DEAD))
-        return;
+        return data;
     switch (t->state) {
     case QS_TCP_FIN_WAIT_1:
         qs_tcp_set_state(s, t, QS_TCP_FIN_WAIT_2);
@@ -129,6 +130,7 @@ static void new_ack(qs_ustack *s, qs_tcb *t, const qs_tcp_seg *g, int64_t now)
     default:
         break;
     }
+    return data;
 }
 
 static void append_rcvq(qs_ustack *s, qs_tcb *t, qs_mbuf *m)
@@ -362,9 +364,9 @@ void qs_tcp_sync_input(qs_ustack *s, qs_tcb *t, qs_tcp_seg *g, qs_mbuf *m, int64
         challenge_ack(s, t, now);                 /* RFC 5961 5.2 */
         goto drop;
     }
-    uint32_t wnd = g->wnd << t->snd_wscale;
+    uint32_t wnd = g->wnd << t->snd_wscale, freed = 0;
     if (qs_seq_gt(g->ack, t->snd_una)) {
-        new_ack(s, t, g, now);
+        freed = new_ack(s, t, g, now);
         if (t->flags & QT_DEAD)
             goto drop;
     } else if (qs_seq_eq(g->ack, t->snd_una) && !qs_seq_eq(t->snd_max, t->snd_una) &&
@@ -402,6 +404,11 @@ void qs_tcp_sync_input(qs_ustack *s, qs_tcb *t, qs_tcp_seg *g, qs_mbuf *m, int64
     }
     if (t->snd_wnd == 0)
         t->nrexmit = 0;                           /* the receiver answers: keep probing */
+    if (freed && s->app && s->app->writable && !(t->flags & QT_APP_CLOSED)) {
+        s->app->writable(s->app_ctx, t);
+        if (t->flags & QT_DEAD)
+            goto drop;
+    }
     /* 5. text, 6. FIN */
     int fin_ok = (g->flags & QS_TH_FIN) != 0;
     qs_seq fin_at = qs_seq_add(g->seq, g->len);
