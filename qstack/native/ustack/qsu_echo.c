@@ -131,8 +131,8 @@ int qsu_echo(qsu_net *n, int hc, int hs, uint64_t bytes, uint64_t seed, int64_t 
     e->hc = hc;
     e->hs = hs;
     e->total = bytes;
-    e->rng = seed | 1;
-    e->prng = (seed ^ 0x5bd1e9955bd1e995ULL) | 1;
+    e->rng = seed * 2 + 1;                     /* odd, and a different stream per seed */
+    e->prng = (seed ^ 0x5bd1e9955bd1e995ULL) * 2 + 1;
     qs_sha256_init(&e->hsent);
     qs_sha256_init(&e->hrecv);
     side *sd = &n->sd[0];
