@@ -23,6 +23,8 @@ $(STAMP): $(BIN)/python setup.py setup.cfg pyproject.toml $(NATIVE)
 	$(BIN)/python qstack/native/build.py
 	$(BIN)/python qstack/native/build_loadgen.py
 	$(BIN)/python qstack/native/build_ustack.py
+	@if pkg-config --exists libdpdk 2>/dev/null; then $(BIN)/python qstack/native/build_dpdk.py; \
+	else echo "DPDK not found (pkg-config libdpdk): qstack/_qsdpdk.so not built, no DPDK driver"; fi
 	touch $@
 
 build: $(STAMP)
@@ -31,7 +33,7 @@ serve: build
 	$(BIN)/qstack serve apps.echo:handle --host $(HOST) --port $(PORT)
 
 # System packages the suite needs, installed only when missing (and only as root).
-SYSDEPS := redis-server
+SYSDEPS := redis-server libdpdk-dev pkg-config
 sysdeps:
 	@missing=""; for p in $(SYSDEPS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -47,4 +49,5 @@ bench: build
 
 clean:
 	rm -rf build dist *.egg-info qstack/_native*.so qstack/_native.c qstack/_native.o \
-	  qstack/_loadgen*.so qstack/_loadgen.c qstack/_loadgen.o qstack/_ustack_test*.so bench/bin
+	  qstack/_loadgen*.so qstack/_loadgen.c qstack/_loadgen.o qstack/_ustack_test*.so \
+	  qstack/_ustack_test.c qstack/_ustack_test.o qstack/_qsdpdk.so bench/bin

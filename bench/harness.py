@@ -86,14 +86,14 @@ class Server:
     def alive(self):
         return self.proc.poll() is None
 
-    def wait_port(self, port, timeout=15.0):
+    def wait_port(self, port, timeout=15.0, host=LOOPBACK):
         """None once something accepts on the port, else why not (a string)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.alive():
                 return "exited with code %s before listening" % self.proc.returncode
             try:
-                with socket.create_connection((LOOPBACK, port), timeout=0.25):
+                with socket.create_connection((host, port), timeout=0.25):
                     return None
             except OSError:
                 time.sleep(0.02)
@@ -249,7 +249,7 @@ def _flat(doc):
 
 
 def run_client(client, port, cpu, *, conns, size, warmup, duration, rate=0.0,
-               drain=2.0, on_mark=None, extra=(), keep_doc=False):
+               drain=2.0, on_mark=None, extra=(), keep_doc=False, host=LOOPBACK):
     """Run `qstack load` (argv prefix `client`, see load_command) pinned to cpu:
     closed loop, or open loop at `rate` req/s.  on_mark("start"|"end") is
     called as the measured window opens and closes.  `extra` flags come
@@ -260,11 +260,12 @@ def run_client(client, port, cpu, *, conns, size, warmup, duration, rate=0.0,
     (per-priority latency, histograms).
     """
     argv = pin_prefix(cpu) + list(client) + [
-        "--dest", "%s:%d" % (LOOPBACK, port), "-c", str(conns), "-l", str(size),
+        "--dest", "%s:%d" % (host, port), "-c", str(conns), "-l", str(size),
         "-s", "0", "-w", "0.5", "--connect-inflight", "64", "-r", "0",
         "--warmup", str(warmup), "-d", str(duration), "--drain", str(drain),
         "--spin", "0.002", "--log-duration", "0", "--marks", "--quiet", "--json", "-"]
     argv += ["--rate", "%.1f" % rate] if rate > 0 else ["--closed"]
+    argv += [] if host == LOOPBACK else ["--allow-remote"]
     argv += list(extra)
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=REPO)

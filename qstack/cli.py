@@ -42,12 +42,18 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         ("--port", "server.port", int, "TCP port (0 = any free port)"),
         ("--cores", "server.cores", int, "worker processes, one per core"),
         ("--workers", "server.workers", int, "greenlets per core"),
-        ("--backend", "server.backend", str, "network stack: kernel"),
+        ("--backend", "server.backend", str, "network stack: kernel | ustack"),
         ("--grace", "server.shutdown_grace", float, "seconds to finish requests on stop"),
         ("--framing", "app.framing", str, "raw | line | fixed:N | length:N"),
         ("--levels", "priority.levels", int, "number of priority levels"),
         ("--pin", "layout.pin", str, "thread layout: none | shared | split"),
         ("--stack", "layout.stack", str, "where the stack runs: auto | thread | inline"),
+        ("--driver", "ustack.driver", str, "ustack device driver: tap | dpdk"),
+        ("--tap", "ustack.tap", str, "ustack TAP device name"),
+        ("--eal", "ustack.eal", str, "ustack DPDK EAL arguments"),
+        ("--ip", "ustack.ip", str, "ustack address/prefix, e.g. 198.18.0.2/24"),
+        ("--gateway", "ustack.gateway", str, "ustack default gateway"),
+        ("--mac", "ustack.mac", str, "ustack MAC address"),
     ]
     for flag, key, typ, text in flags:
         p.add_argument(flag, dest=key, type=typ, default=None, metavar=key.split(".")[1].upper(),
@@ -93,9 +99,10 @@ def _serve(args: argparse.Namespace) -> int:
     handler = load_callable(cfg.app.handler, "handler")
 
     from qstack import server
-    port = server.check_port(cfg.server.host, cfg.server.port)
-    if port != cfg.server.port:  # port 0: every core must bind the same one
-        cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, port=port))
+    if cfg.server.backend == "kernel":
+        port = server.check_port(cfg.server.host, cfg.server.port)
+        if port != cfg.server.port:  # port 0: every core must bind the same one
+            cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, port=port))
     if cfg.server.cores == 1:
         return server.serve(cfg, handler, core_index=0, stats_fd=None)
     from qstack.supervisor import Supervisor

@@ -29,6 +29,9 @@ MAX_FIXED = 16777216
 LENGTH_SIZES = (1, 2, 4, 8)
 PINS = ("none", "shared", "split")
 STACKS = ("auto", "thread", "inline")
+BACKENDS = ("kernel", "ustack")
+DRIVERS = ("tap", "dpdk")
+IFNAMSIZ = 16           # Linux interface names: at most 15 characters
 
 
 @dataclass(frozen=True)
@@ -109,12 +112,44 @@ class NativeConfig:
 
 
 @dataclass(frozen=True)
+class IPv4Net:
+    """An interface address: ``198.18.0.2/24``."""
+    address: str
+    prefix: int
+
+    def __str__(self) -> str:
+        return f"{self.address}/{self.prefix}"
+
+
+@dataclass(frozen=True)
+class UstackConfig:
+    """The user-space TCP/IP stack (server.backend: ustack)."""
+    driver: str = "tap"
+    tap: str = "qs0"
+    eal: str | None = None
+    ip: IPv4Net | None = None
+    gateway: str | None = None
+    mac: str | None = None
+    max_concurrency: int = 1048576
+    buffers: int = 65536
+    snd_buf: int = 262144
+    rcv_buf: int = 262144
+    syn_backlog: int = 4096
+    loss: float = 0.0
+    dup: float = 0.0
+    reorder: float = 0.0
+    corrupt: float = 0.0
+    fault_seed: int = 1
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     app: AppConfig = field(default_factory=AppConfig)
     priority: PriorityConfig = field(default_factory=PriorityConfig)
     layout: LayoutConfig = field(default_factory=LayoutConfig)
     native: NativeConfig = field(default_factory=NativeConfig)
+    ustack: UstackConfig = field(default_factory=UstackConfig)
 
 
 # --- value checks -----------------------------------------------------------
@@ -197,14 +232,48 @@ def _choice(*allowed: str) -> Validator:
     return check
 
 
-def _backend(value, key, source):
-    if value == "kernel":
-        return value
-    if value == "ustack":
-        raise ConfigError(f"{key}: the user-space stack 'ustack' is not available "
-                          "yet; only 'kernel' is supported for now")
-    raise ConfigError(f"{key}: expected 'kernel' (the user-space stack comes "
-                      f"later), got {_show(value)}")
+def _ipv4(value, key, source):
+    import ipaddress
+    try:
+        if not isinstance(value, str):
+            raise ValueError
+        return str(ipaddress.IPv4Address(value))
+    except ValueError:
+        raise ConfigError(f"{key}: expected an IPv4 address such as 198.18.0.1, "
+                          f"got {_show(value)}") from None
+
+
+def _ipv4_net(value, key, source):
+    """address/prefix, e.g. 198.18.0.2/24: the stack's own address."""
+    if isinstance(value, IPv4Net):
+        value = str(value)
+    addr, sep, prefix = value.partition("/") if isinstance(value, str) else ("", "", "")
+    if not sep or not prefix.isdigit() or not 1 <= int(prefix) <= 32:
+        raise ConfigError(f"{key}: expected address/prefix such as 198.18.0.2/24, "
+                          f"got {_show(value)}")
+    return IPv4Net(_ipv4(addr, key, source), int(prefix))
+
+
+def _mac(value, key, source):
+    parts = value.split(":") if isinstance(value, str) else []
+    try:
+        octets = [int(p, 16) for p in parts if len(p) == 2]
+    except ValueError:
+        octets = []
+    if len(octets) != 6 or len(parts) != 6:
+        raise ConfigError(f"{key}: expected a MAC address such as 02:00:5e:10:00:02, "
+                          f"got {_show(value)}")
+    if octets[0] & 1 or not any(octets):
+        raise ConfigError(f"{key}: {value} is not a unicast address")
+    return value.lower()
+
+
+def _ifname(value, key, source):
+    if (not isinstance(value, str) or not value or len(value) >= IFNAMSIZ
+            or any(c in value for c in "/: \t\n")):
+        raise ConfigError(f"{key}: expected a network interface name of 1..15 characters "
+                          f"without '/', ':' or spaces, got {_show(value)}")
+    return value
 
 
 def _optional(inner: Validator) -> Validator:
@@ -289,7 +358,7 @@ _SCHEMA: dict[str, dict[str, Validator]] = {
     "server": {
         "host": _str,
         "port": _int(0, 65535),
-        "backend": _backend,
+        "backend": _choice(*BACKENDS),
         "cores": _int(1, 64),
         "workers": _int(1, 100000),
         "backlog": _int(1, 65535),
@@ -323,10 +392,28 @@ _SCHEMA: dict[str, dict[str, Validator]] = {
         "out_high_water": _int(1024),
         "batch": _int(1, 65536),
     },
+    "ustack": {
+        "driver": _choice(*DRIVERS),
+        "tap": _ifname,
+        "eal": _optional(_str),
+        "ip": _optional(_ipv4_net),
+        "gateway": _optional(_ipv4),
+        "mac": _optional(_mac),
+        "max_concurrency": _int(1, 1 << 24),
+        "buffers": _int(1024, 1 << 24),
+        "snd_buf": _int(2048, 1 << 30),
+        "rcv_buf": _int(2048, 1 << 30),
+        "syn_backlog": _int(1, 1 << 20),
+        "loss": _float(0, 1, hi_open=True),
+        "dup": _float(0, 1, hi_open=True),
+        "reorder": _float(0, 1, hi_open=True),
+        "corrupt": _float(0, 1, hi_open=True),
+        "fault_seed": _int(0, (1 << 63) - 1),
+    },
 }
 
 _CLASSES = {"server": ServerConfig, "app": AppConfig, "priority": PriorityConfig,
-            "layout": LayoutConfig, "native": NativeConfig}
+            "layout": LayoutConfig, "native": NativeConfig, "ustack": UstackConfig}
 
 ALL_KEYS = tuple(f"{s}.{k}" for s, keys in _SCHEMA.items() for k in keys)
 
@@ -486,7 +573,29 @@ def _check_together(cfg: Config) -> None:
     if pr.rules and pr.classifier is not None:
         raise ConfigError("priority.rules and priority.classifier are mutually "
                           "exclusive: use native rules or a Python classifier")
+    if cfg.server.backend == "ustack":
+        _check_ustack(cfg)
     fr = cfg.app.framing
     if fr.kind == "fixed" and fr.arg > cfg.app.max_message:
         raise ConfigError(f"app.framing: fixed size {fr.arg} exceeds "
                           f"app.max_message ({cfg.app.max_message})")
+
+
+def _check_ustack(cfg: Config) -> None:
+    us = cfg.ustack
+    if us.ip is None:
+        raise ConfigError("ustack.ip: the user-space stack needs its own address "
+                          "(--ip 198.18.0.2/24, or ustack.ip in the config)")
+    if us.driver == "dpdk" and not us.eal:
+        raise ConfigError("ustack.eal: the dpdk driver needs EAL arguments, e.g. "
+                          "--eal '--no-huge -m 256 --no-pci --vdev=net_tap0,iface=qs0'")
+    if cfg.server.port == 0:
+        raise ConfigError("server.port: the user-space stack needs a fixed port (not 0)")
+    if cfg.server.cores != 1:
+        raise ConfigError(f"server.cores: the user-space stack serves one device from "
+                          f"one core for now, got {cfg.server.cores}")
+    if us.gateway is not None:
+        import ipaddress
+        here = ipaddress.IPv4Network(str(us.ip), strict=False)
+        if ipaddress.IPv4Address(us.gateway) not in here:
+            raise ConfigError(f"ustack.gateway: {us.gateway} is not in {here}")

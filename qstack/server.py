@@ -84,6 +84,46 @@ def _native_options(cfg, stream, stack_cpu, inline):
         stream_mode=stream, stack_cpu=stack_cpu, inline=inline)
 
 
+def dpdk_library():
+    """Path of the DPDK driver module, or None if this build has none."""
+    import glob
+    found = glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_qsdpdk*.so"))
+    return found[0] if found else None
+
+
+def _net_options(cfg):
+    """The user-space stack's settings as qstack.coro.native takes them."""
+    us = cfg.ustack
+    lib_path = None
+    if us.driver == "dpdk":
+        lib_path = dpdk_library()
+        if lib_path is None:
+            raise ConfigError("ustack.driver: DPDK is not available in this build "
+                              "(install libdpdk-dev and pkg-config, then rebuild with make)")
+    return dict(driver=us.driver, tap=us.tap, eal=us.eal, dpdk_lib=lib_path, mac=us.mac,
+                ip=us.ip.address, prefix=us.ip.prefix, gateway=us.gateway,
+                max_conns=us.max_concurrency, buffers=us.buffers, snd_buf=us.snd_buf,
+                rcv_buf=us.rcv_buf, syn_backlog=us.syn_backlog, loss=us.loss, dup=us.dup,
+                reorder=us.reorder, corrupt=us.corrupt, fault_seed=us.fault_seed)
+
+
+def _ustack_error(cfg, exc):
+    """The one line that says why the user-space stack could not start."""
+    us = cfg.ustack
+    dev = f"TAP device {us.tap}" if us.driver == "tap" else "the DPDK port"
+    why = {
+        errno.EPERM: f"opening {dev} needs root (CAP_NET_ADMIN)",
+        errno.EACCES: f"opening {dev} needs root (CAP_NET_ADMIN)",
+        errno.ENOENT: "/dev/net/tun is missing (no TUN/TAP support here)"
+                      if us.driver == "tap" else "no DPDK port found (check --eal)",
+        errno.EBUSY: f"{dev} is busy (another process has it open)",
+        errno.ENOTSUP: "DPDK is not available in this build",
+        errno.ENODEV: "DPDK found no port (check the --eal arguments)",
+        errno.ENOMEM: "not enough memory for ustack.buffers / ustack.max_concurrency",
+    }.get(exc.errno)
+    return ConfigError(f"ustack: {why or exc.strerror or exc}")
+
+
 def snapshot(core_index, hub):
     """This core's counters in the shape qstack.stats expects."""
     st = hub.core.stats()
@@ -105,7 +145,16 @@ def snapshot(core_index, hub):
             "accepted": st.conns_accepted, "bufs_in_use": st.bufs_in_use,
             "bufs_total": st.bufs_total, "cpu_stack": cpu_stack,
             "cpu_hub": cpu_hub, "errors": hub.errors,
-            "levels": levels, **_app_counters()}
+            "levels": levels, **_net_gauges(st), **_app_counters()}
+
+
+def _net_gauges(st):
+    if not st.net_bufs_total:       # the kernel backend
+        return {}
+    return {"net": {"tcbs": st.net_conns, "bufs_in_use": st.net_bufs_in_use,
+                    "bufs_total": st.net_bufs_total, "rx_frames": st.net_rx_frames,
+                    "tx_frames": st.net_tx_frames, "drops": st.net_drops,
+                    "rexmit": st.net_rexmit}}
 
 
 def _app_counters():
@@ -153,13 +202,19 @@ def serve(cfg, handler, core_index=0, stats_fd=None):
     if hub_cpu is not None:
         os.sched_setaffinity(0, {hub_cpu})      # this thread only
     _app_init(cfg.app, load_callable)
-    sock = open_listener(srv.host, srv.port, srv.backlog)
-    try:
-        core = NativeCore(**_native_options(cfg, stream, stack_cpu, inline))
-    except (OSError, ValueError) as exc:
-        sock.close()
-        raise ConfigError(f"cannot create the native core: {exc}") from None
-    core.listen(sock.detach())
+    options = _native_options(cfg, stream, stack_cpu, inline)
+    if srv.backend == "ustack":
+        core = _ustack_core(cfg, options, NativeCore)
+        where = f"{cfg.ustack.ip.address}:{srv.port} on ustack/{cfg.ustack.driver}"
+    else:
+        sock = open_listener(srv.host, srv.port, srv.backlog)
+        try:
+            core = NativeCore(**options)
+        except (OSError, ValueError) as exc:
+            sock.close()
+            raise ConfigError(f"cannot create the native core: {exc}") from None
+        core.listen(sock.detach())
+        where = f"{srv.host}:{srv.port}"
     hub_type = StreamHub if stream else Hub
     hub = hub_type(core, handler, workers=srv.workers,
                    low_share=cfg.priority.low_share, classifier=classifier,
@@ -167,8 +222,8 @@ def serve(cfg, handler, core_index=0, stats_fd=None):
                    make_connection=Connection)
     core.start()
     hub.start()
-    log.info("core %d serving %s:%d (%s handler, %d workers, %s stack, pid %d)",
-             core_index, srv.host, srv.port, "stream" if stream else "message",
+    log.info("core %d serving %s (%s handler, %d workers, %s stack, pid %d)",
+             core_index, where, "stream" if stream else "message",
              srv.workers, "inline" if inline else "threaded", os.getpid())
 
     done = Event()
@@ -207,6 +262,11 @@ def serve(cfg, handler, core_index=0, stats_fd=None):
              sum(lv["requests"] for lv in final["levels"]), hub.errors,
              final["bufs_in_use"], final["cpu_stack"],
              final["cpu_hub"])
+    if final.get("net"):
+        net = final["net"]
+        log.info("core %d ustack: %d frames in, %d out, %d dropped, %d retransmitted, "
+                 "packet buffers in use %d", core_index, net["rx_frames"], net["tx_frames"],
+                 net["drops"], net["rexmit"], net["bufs_in_use"])
     if final.get("counters"):
         from .stats import format_counters
         log.info("core %d counters: %s", core_index,
@@ -214,6 +274,22 @@ def serve(cfg, handler, core_index=0, stats_fd=None):
     if final["bufs_in_use"] == 0:
         core.free()
     return 0
+
+
+def _ustack_core(cfg, options, native_core):
+    try:
+        core = native_core(**options, backend="ustack", net=_net_options(cfg))
+    except ValueError as exc:
+        raise ConfigError(f"ustack: {exc}") from None
+    except OSError as exc:
+        raise _ustack_error(cfg, exc) from None
+    try:
+        core.listen_port(cfg.server.port)
+    except OSError as exc:
+        core.free()
+        raise ConfigError(f"ustack: cannot listen on port {cfg.server.port}: "
+                          f"{exc.strerror or exc}") from None
+    return core
 
 
 def _write_line(fd, snap):

@@ -114,6 +114,7 @@ class _Interval:
         self.queued = [0] * nlevels
         self.lat = [[0] * QS_LAT_BUCKETS for _ in range(nlevels)]
         self.counters: dict[str, list[int]] = {}
+        self.net: dict[str, int] | None = None   # the user-space stack's gauges
 
     def add(self, other: "_Interval") -> None:
         """Sum another core into this one (rates add, histograms merge)."""
@@ -129,6 +130,8 @@ class _Interval:
             self.byte_rate[lv] = plus(self.byte_rate[lv], other.byte_rate[lv])
             self.queued[lv] += other.queued[lv]
             self.lat[lv] = [a + b for a, b in zip(self.lat[lv], other.lat[lv])]
+        if other.net is not None:
+            self.net = {k: (self.net or {}).get(k, 0) + v for k, v in other.net.items()}
         for name, values in other.counters.items():
             mine = self.counters.setdefault(name, [])
             mine.extend([0] * (len(values) - len(mine)))
@@ -148,7 +151,15 @@ class _Interval:
         return (f"{label:<6}  conns {self.conns}  " + " | ".join(parts) +
                 f"  bufs {self.bufs_in_use}/{self.bufs_total}"
                 f"  cpu stack {_pct(self.cpu_stack)} hub {_pct(self.cpu_hub)}" +
-                format_counters(self.counters, len(self.queued)))
+                format_net(self.net) + format_counters(self.counters, len(self.queued)))
+
+
+def format_net(net: dict | None) -> str:
+    """The user-space stack's part of a stats line (empty on the kernel backend)."""
+    if not net:
+        return ""
+    return (f"  ustack tcbs {net['tcbs']} pkt bufs {net['bufs_in_use']}/{net['bufs_total']}"
+            f" drops {net['drops']} rexmit {net['rexmit']}")
 
 
 def format_counters(counters: dict, nlevels: int) -> str:
@@ -179,6 +190,7 @@ def _interval(prev: dict | None, cur: dict) -> _Interval:
     iv.bufs_total = cur["bufs_total"]
     iv.queued = [lv["queued"] for lv in levels]
     iv.counters = {name: list(v) for name, v in cur.get("counters", {}).items()}
+    iv.net = cur.get("net")
     if prev is None or _went_back(prev, cur):
         return iv  # no baseline: gauges only
     dt = cur["t"] - prev["t"]

@@ -32,14 +32,14 @@ def free_port():
         return s.getsockname()[1]
 
 
-def wait_port(port, proc, timeout=15.0):
+def wait_port(port, proc, timeout=15.0, host="127.0.0.1"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited early with {proc.returncode}: "
                                f"{proc.stderr.read().decode(errors='replace')}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            with socket.create_connection((host, port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.05)
@@ -47,19 +47,32 @@ def wait_port(port, proc, timeout=15.0):
 
 
 class Server:
-    """A running `qstack serve`; stop() checks it exits 0 with no buffer leaked."""
+    """A running `qstack serve`; stop() checks it exits 0 with no buffer leaked.
 
-    def __init__(self, app, *args, env=None, cwd=ROOT, wrap=()):
-        self.port = free_port()
-        self.args = [*wrap, sys.executable, "-m", "qstack", "serve", app,
-                     "--host", "127.0.0.1", "--port", str(self.port), *args]
+    On the kernel backend it listens on 127.0.0.1 and a free port; on the
+    user-space stack (``ustack=`` the TAP device) at netns.STACK_IP, port 8000,
+    from inside the namespace the caller entered."""
+
+    def __init__(self, app, *args, env=None, cwd=ROOT, wrap=(), ustack=None, net=None):
+        if ustack is None:
+            self.host, self.port = "127.0.0.1", free_port()
+            where = ["--host", self.host, "--port", str(self.port)]
+        else:
+            from netns import STACK_IP
+            self.host, self.port = STACK_IP, 8000
+            where = ["--port", str(self.port), "--backend", "ustack", *ustack,
+                     "--ip", STACK_IP + "/24"]
+        self.addr = (self.host, self.port)
+        self.args = [*wrap, sys.executable, "-m", "qstack", "serve", app, *where, *args]
         self.proc = subprocess.Popen(self.args, cwd=cwd, env={**os.environ, **(env or {})},
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.stderr = ""
-        wait_port(self.port, self.proc)
+        if net is not None and not net.persistent:
+            net.bring_up(self.proc)      # the server made the device (DPDK net_tap)
+        wait_port(self.port, self.proc, host=self.host)
 
     def connect(self, timeout=10.0):
-        s = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+        s = socket.create_connection(self.addr, timeout=timeout)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return s
 
@@ -80,7 +93,8 @@ class Server:
 @pytest.fixture
 def serve():
     """serve(app, *args) starts a server; at teardown it must stop cleanly:
-    exit 0 on SIGTERM and every pool buffer back ("buffers in use 0")."""
+    exit 0 on SIGTERM and every pool buffer back ("buffers in use 0").
+    serve.stop_all() does that teardown early (before leaving a namespace)."""
     servers = []
 
     def start(app, *args, **kw):
@@ -88,13 +102,59 @@ def serve():
         servers.append(s)
         return s
 
+    def stop_all():
+        while servers:
+            s = servers.pop(0)
+            already = s.proc.poll() is not None
+            code = s.stop()
+            if not already:
+                assert code == 0, f"exit {code}: {s.stderr[-2000:]}"
+                assert "buffers in use 0" in s.stderr, s.stderr[-2000:]
+                if "ustack" in s.args:
+                    assert "packet buffers in use 0" in s.stderr, s.stderr[-2000:]
+
+    start.stop_all = stop_all
     yield start
-    for s in servers:
-        already = s.proc.poll() is not None
-        code = s.stop()
-        if not already:
-            assert code == 0, f"exit {code}: {s.stderr[-2000:]}"
-            assert "buffers in use 0" in s.stderr, s.stderr[-2000:]
+    stop_all()
+
+
+BACKENDS = [("kernel", "thread"), ("kernel", "inline"), ("ustack", "thread"),
+            ("ustack", "inline"), ("dpdk", "thread")]
+DPDK_EAL = "--no-huge -m 256 --no-pci --vdev=net_tap0,iface={iface}"
+
+
+def dpdk_missing():
+    """Why `--driver dpdk` cannot run here, or None."""
+    from qstack.server import dpdk_library
+    return None if dpdk_library() else "this build has no DPDK driver (no libdpdk found)"
+
+
+@pytest.fixture(params=BACKENDS, ids=["-".join(p) for p in BACKENDS])
+def serve_any(request, serve):
+    """serve() on every backend and stack layout: kernel sockets on 127.0.0.1,
+    and the user-space stack on a TAP device (or DPDK's net_tap) in a
+    namespace of the test's own (entered for the whole test: the server and
+    the clients live there)."""
+    backend, stack = request.param
+
+    def start(app, *args, **kw):
+        return serve(app, *args, "--stack", stack, **kw)
+
+    if backend == "kernel":
+        yield start
+        return
+    from netns import TapNetns, why_not
+    if why_not() or (backend == "dpdk" and dpdk_missing()):
+        pytest.skip(why_not() or dpdk_missing())
+    net = TapNetns(create=backend == "ustack")
+    flags = (["--tap", net.dev] if backend == "ustack" else
+             ["--driver", "dpdk", "--eal", DPDK_EAL.format(iface=net.dev)])
+    try:
+        with net.entered():
+            yield lambda app, *args, **kw: start(app, *args, ustack=flags, net=net, **kw)
+            serve.stop_all()
+    finally:
+        net.close()
 
 
 def recv_exact(sock, n):

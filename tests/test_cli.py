@@ -72,7 +72,14 @@ def test_out_of_range_in_file_and_flag(tmp_path):
                      "server.port", "70000")
     assert_one_error(qstack("serve", "apps.echo:handle", "--cores", "0"), "server.cores")
     assert_one_error(qstack("serve", "apps.echo:handle", "--backend", "ustack"),
-                     "server.backend", "not available yet")
+                     "ustack.ip: the user-space stack needs its own address")
+    assert_one_error(qstack("serve", "apps.echo:handle", "--backend", "ustack",
+                            "--ip", "198.18.0.2/24", "--cores", "2"), "server.cores")
+    assert_one_error(qstack("serve", "apps.echo:handle", "--backend", "ustack",
+                            "--ip", "198.18.0.2/24", "--driver", "dpdk"), "ustack.eal")
+    assert_one_error(qstack("serve", "apps.echo:handle", "--backend", "ustack",
+                            "--ip", "198.18.0.2/24", "--gateway", "10.0.0.1"),
+                     "ustack.gateway: 10.0.0.1 is not in 198.18.0.0/24")
 
 
 def test_bad_yaml(tmp_path):

@@ -4,7 +4,9 @@ Every test that needs Redis starts its own servers with `qstack redis up` in
 a fresh directory and stops them at teardown (`qstack redis down`, then a
 SIGKILL of whatever pid file is left), so no redis-server outlives a test,
 even a failing one.  Servers run through the `serve` fixture, which checks
-exit 0 and "buffers in use 0" when they stop.  Every wait is bounded.
+exit 0 and "buffers in use 0" when they stop; the app's main cases also run
+on the user-space stack (`serve_any`: a TAP device in a namespace, Linux's
+TCP as the client).  Every wait is bounded.
 """
 
 import os
@@ -134,7 +136,8 @@ def one_key(redises, server=0):
 # --- the app ---------------------------------------------------------------------
 
 @needs_redis
-def test_keys_and_byte_exact_replies_for_both_kinds(redises, serve, tmp_path):
+def test_keys_and_byte_exact_replies_for_both_kinds(redises, serve_any, tmp_path):
+    serve = serve_any                   # both backends, both stack layouts
     redises.up(1)
     # One worker: messages are handled one after the other, so every update
     # of the key is seen by the next (with several, two messages of one
@@ -185,7 +188,8 @@ def test_heartbeats_update_redis_without_replies(redises, serve, tmp_path):
 
 
 @needs_redis
-def test_priority_off_still_replies_to_requests_only(redises, serve, tmp_path):
+def test_priority_off_still_replies_to_requests_only(redises, serve_any, tmp_path):
+    serve = serve_any                   # both backends, both stack layouts
     redises.up(1)
     server = serve("apps.iotepserver:handle", "--config", redises.config(tmp_path),
                    "--levels", "1")

@@ -1,4 +1,7 @@
-"""The runtime end to end: `qstack serve` on 127.0.0.1, real client sockets.
+"""The runtime end to end: `qstack serve`, real client sockets, one suite
+run on both backends (kernel sockets on 127.0.0.1, and qstack's user-space
+TCP/IP stack on a TAP device, reached by Linux's own TCP) and both stack
+layouts.
 
 Every test's server must stop with exit 0 and all pool buffers returned
 (checked by the `serve` fixture at teardown).
@@ -17,13 +20,11 @@ from gevent import socket as gsocket
 from conftest import recv_exact, recv_line
 
 
-@pytest.fixture(params=["thread", "inline"])
-def serve(request, serve):
-    """Every test here runs twice: with a stack thread, and with the stack
-    inline in the hub's thread (layout.stack)."""
-    def start(app, *args, **kw):
-        return serve(app, *args, "--stack", request.param, **kw)
-    return start
+@pytest.fixture
+def serve(serve_any):
+    """Every test here runs four times: kernel and ustack backends, each with
+    a stack thread and with the stack inline in the hub's thread."""
+    return serve_any
 
 
 def echo_ok(server, payload=b"still serving\n"):
@@ -38,7 +39,7 @@ def test_thousand_connections_hundred_messages_each(serve):
     errors = []
 
     def client(i):
-        s = gsocket.create_connection(("127.0.0.1", server.port), timeout=60)
+        s = gsocket.create_connection(server.addr, timeout=60)
         try:
             for j in range(nmsg):
                 msg = b"%06d:%03d:" % (i, j) + bytes([i % 251]) * (j % 50)
@@ -68,7 +69,7 @@ def test_thousand_connections_hundred_messages_each(serve):
 def test_four_mib_message_intact(serve):
     server = serve("apps.echo:handle")
     payload = os.urandom(4 << 20)
-    s = gsocket.create_connection(("127.0.0.1", server.port), timeout=60)
+    s = gsocket.create_connection(server.addr, timeout=60)
     sender = gevent.spawn(s.sendall, payload)
     got = bytearray()
     while len(got) < len(payload):
@@ -84,7 +85,7 @@ def test_four_mib_message_intact(serve):
 def test_four_mib_length_framed_message_intact(serve):
     server = serve("apps.echo:handle", "--framing", "length:4")
     payload = os.urandom(4 << 20)
-    s = gsocket.create_connection(("127.0.0.1", server.port), timeout=60)
+    s = gsocket.create_connection(server.addr, timeout=60)
     sender = gevent.spawn(s.sendall, struct.pack(">I", len(payload)) + payload)
     head = recv_exact(s, 4)
     assert struct.unpack(">I", head)[0] == len(payload)
@@ -282,7 +283,7 @@ def test_stream_handlers_many_connections(serve):
     errors = []
 
     def client(i):
-        s = gsocket.create_connection(("127.0.0.1", server.port), timeout=60)
+        s = gsocket.create_connection(server.addr, timeout=60)
         try:
             for j in range(50):
                 msg = b"%04d-%02d|" % (i, j) * (1 + j % 7)

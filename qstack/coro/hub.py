@@ -105,6 +105,11 @@ class Hub:
         self._inline = core.inline
         self._hot = False
         self._wake = self._loop.io(core.wake_fd, 1)
+        # Inline user-space stack: whoever else sleeps, the stack must run
+        # (a SYN, an ACK, a timer) -- also while every worker is blocked in
+        # a handler and no leader waits on the fd.
+        self._service = (self._loop.io(core.wake_fd, 1)
+                         if core.inline and core.needs_service else None)
         self._nworkers = workers
         self._workers = set()
         self._idle = []
@@ -289,6 +294,10 @@ class Hub:
         finally:
             self._parked = False
 
+    def _serve_stack(self):
+        if self._sleeper is None and not self._native_gone:
+            self._step(0)
+
     def _kick(self):
         """Resume the sleeping leader, once, from the watcher or a step."""
         g = self._sleeper
@@ -425,6 +434,8 @@ class Hub:
             g = greenlet(self._worker, parent=self._ghub)
             self._workers.add(g)
             self._loop.run_callback(g.switch)
+        if self._service is not None:
+            self._service.start(self._serve_stack)
 
     def drain(self, grace):
         """Stop taking new work, finish what is queued, stop the stack thread.
@@ -443,6 +454,8 @@ class Hub:
             self.wake()
             gevent.sleep(0.005)
         self._flush()
+        if self._service is not None:
+            self._service.stop()
         self.core.shutdown(max(deadline - time.monotonic(), 0.05))
         self._native_gone = True
         self._release_leftovers()

@@ -38,7 +38,7 @@ class NativeCore:
                  frame_arg=0, max_message=1 << 24, ring_size=65536,
                  cmd_ring_size=65536, buf_size=16384, buf_count=8192,
                  out_high_water=4 << 20, stream_mode=False, stack_cpu=-1,
-                 inline=False):
+                 inline=False, backend="kernel", net=None):
         cfg = ffi.new("qs_config *")
         cfg.levels = levels
         if len(rules) > lib.QS_MAX_RULES:
@@ -61,6 +61,9 @@ class NativeCore:
         cfg.stream_mode = 1 if stream_mode else 0
         cfg.stack_cpu = stack_cpu
         cfg.inline_stack = 1 if inline else 0
+        if backend == "ustack":
+            cfg.backend = lib.QS_BACKEND_USTACK
+            _net_config(cfg.net, net or {})
         err = ffi.new("int *")
         c = lib.qs_core_new(cfg, err)
         if c == ffi.NULL:
@@ -73,6 +76,9 @@ class NativeCore:
         self.slab = memoryview(ffi.buffer(base, size[0]))
         self.inline = bool(inline)
         self.stream = bool(stream_mode)
+        # The user-space stack does TCP itself (handshakes, ACKs, timers):
+        # inline, it needs steps even while every worker is busy.
+        self.needs_service = backend == "ustack"
         # What the hub's loop watches while idle: the stack's epoll fd when the
         # stack runs inline (qs_core_step), else the eventfd the thread writes.
         self.wake_fd = lib.qs_core_poll_fd(c) if inline else lib.qs_core_wake_fd(c)
@@ -81,6 +87,10 @@ class NativeCore:
 
     def listen(self, fd):
         _check(lib.qs_core_listen(self.ptr, fd), "qs_core_listen")
+
+    def listen_port(self, port):
+        """Listen on a port of the user-space stack (backend ustack)."""
+        _check(lib.qs_core_listen_port(self.ptr, port), "qs_core_listen_port")
 
     def start(self):
         _check(lib.qs_core_start(self.ptr), "qs_core_start")
@@ -104,6 +114,29 @@ class NativeCore:
             self.slab.release()
             lib.qs_core_free(self.ptr)
             self.ptr = None
+
+
+def _ip(text):
+    a, b, c, d = (int(x) for x in text.split("."))
+    return a << 24 | b << 16 | c << 8 | d
+
+
+def _net_config(n, net):
+    """Fill a qs_net_config from a plain dict (see qstack.server)."""
+    n.driver = {"tap": lib.QS_DRIVER_TAP, "dpdk": lib.QS_DRIVER_DPDK}[net["driver"]]
+    for name in ("tap", "eal", "dpdk_lib"):
+        value = (net[name] or "").encode()
+        if len(value) >= ffi.sizeof(getattr(n, name)):
+            raise ValueError(f"ustack {name} is too long")
+        setattr(n, name, value)
+    if net["mac"]:
+        n.mac = [int(x, 16) for x in net["mac"].split(":")]
+    n.ip = _ip(net["ip"])
+    n.prefix_len = net["prefix"]
+    n.gateway = _ip(net["gateway"]) if net["gateway"] else 0
+    for name in ("max_conns", "buffers", "snd_buf", "rcv_buf", "syn_backlog",
+                 "loss", "dup", "reorder", "corrupt", "fault_seed"):
+        setattr(n, name, net[name])
 
 
 def jumbo_view(address, length):

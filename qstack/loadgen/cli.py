@@ -67,6 +67,9 @@ def add_load_parser(sub: argparse._SubParsersAction) -> None:
     a("--smp", type=int, metavar="P", help="load processes, each with its share (default 1)")
     a("--ips", type=int, metavar="K",
       help="bind to K source addresses 127.0.0.2... (more than one address's ports)")
+    a("--src", metavar="ADDR",
+      help="with --ips: the first source address (default 127.0.0.2; with a "
+           "non-loopback --dest, an address of this host in its subnet)")
     a("--warmup", type=float, metavar="S",
       help="seconds of sending before the measured window (default 0)")
     a("--drain", type=float, metavar="S",
@@ -93,6 +96,7 @@ def add_load_parser(sub: argparse._SubParsersAction) -> None:
 
 FIELDS = ("connections", "setup", "wait", "epoch", "burst", "length", "ratio", "duration",
           "protocol", "reply_len", "rate", "closed", "window", "grain", "seed", "smp", "ips",
+          "src",
           "warmup", "drain", "retry_delay", "connect_timeout", "connect_inflight",
           "log_duration", "cdf", "json", "plot", "quiet", "marks", "spin")
 

@@ -52,7 +52,7 @@ class Engine:
         cfg.total_conns = o.connections
         if o.ips:
             from qstack.loadgen.options import source_addresses
-            addrs = [int(ipaddress.IPv4Address(a)) for a in source_addresses(o.ips)]
+            addrs = [int(ipaddress.IPv4Address(a)) for a in source_addresses(o.ips, o.src)]
             sources = ffi.new("uint32_t[]", addrs)     # copied by qsl_engine_new
             cfg.nsources = len(addrs)
             cfg.sources = sources

@@ -50,6 +50,7 @@ class LoadOptions:
     seed: int = 1
     smp: int = 1
     ips: int = 0
+    src: str | None = None    # --ips: first source address (None: 127.0.0.2)
     warmup: float = 0.0
     drain: float = 2.0
     retry_delay: float = 1.0
@@ -150,8 +151,17 @@ def validate(**kw) -> LoadOptions:
     _need(o.smp <= o.connections, f"--smp {o.smp} is more processes than connections "
                                   f"({o.connections})")
     _need(0 <= o.ips <= 60_000, f"--ips must be 0..60000, got {o.ips}")
-    _need(not o.ips or ipaddress.IPv4Address(o.host).is_loopback,
-          "--ips binds source addresses in 127.0.0.0/8, so --dest must be a loopback address")
+    if o.src is not None:
+        try:
+            src = ipaddress.IPv4Address(o.src)
+        except ValueError:
+            raise ConfigError(f"--src: expected an IPv4 address, got {o.src!r}") from None
+        _need(o.ips > 0, "--src names the first of the --ips source addresses: give --ips K")
+        _need(src.is_loopback == ipaddress.IPv4Address(o.host).is_loopback,
+              f"--src {o.src} and --dest {o.host} must both be loopback addresses or neither")
+    _need(not o.ips or o.src or ipaddress.IPv4Address(o.host).is_loopback,
+          "--ips binds source addresses in 127.0.0.0/8, so --dest must be a loopback address "
+          "(or give --src, the first of this host's addresses to use)")
     _need(o.connect_inflight >= 1, f"--connect-inflight must be at least 1, got "
                                    f"{o.connect_inflight}")
     if o.plot and not o.plot.lower().endswith(".png"):
@@ -159,16 +169,19 @@ def validate(**kw) -> LoadOptions:
     return o
 
 
-def source_addresses(k: int) -> list[str]:
-    """K source addresses in 127.0.0.0/8 from 127.0.0.2 on (never .0 or .255
-    in the last octet), loopback only by construction."""
-    out, n = [], int(ipaddress.IPv4Address("127.0.0.2"))
+def source_addresses(k: int, first: str | None = None) -> list[str]:
+    """K source addresses from `first` on (default 127.0.0.2, loopback only
+    by construction), never .0 or .255 in the last octet."""
+    start = ipaddress.IPv4Address(first or "127.0.0.2")
+    out, n = [], int(start)
     while len(out) < k:
         a = ipaddress.IPv4Address(n)
         if n & 0xFF not in (0, 255):
             out.append(str(a))
         n += 1
-    assert all(ipaddress.IPv4Address(a) in ipaddress.IPv4Network("127.0.0.0/8") for a in out)
+    if first is None:
+        assert all(ipaddress.IPv4Address(a) in ipaddress.IPv4Network("127.0.0.0/8")
+                   for a in out)
     return out
 
 

@@ -18,10 +18,16 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cffibuild import builder, compile_in_place  # noqa: E402
+from cffibuild import HERE, builder, compile_in_place, sources  # noqa: E402
+
+# The user-space TCP/IP stack is part of the core (backend "ustack"); its
+# test harness (qsu_*) and the DPDK driver module (dpdk.c, built on its own
+# where DPDK exists) are not.
+USTACK = sources("ustack", exclude=("qsu_", "sha256", "dpdk.c"))
 
 ffibuilder = builder("_native", "qstack.h", "src", direct=__name__ == "__main__",
-                     libraries=["pthread"])
+                     libraries=["pthread", "dl"], extra_sources=USTACK,
+                     extra_include=[os.path.join(HERE, "ustack")])
 
 if __name__ == "__main__":
     compile_in_place(ffibuilder, "_native")

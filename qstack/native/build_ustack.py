@@ -16,7 +16,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cffibuild import builder, compile_in_place  # noqa: E402
 
-ffibuilder = builder("_ustack_test", "qsustack.h", "ustack", direct=__name__ == "__main__")
+# dl: dpdk_load.c dlopens the DPDK driver; dpdk.c itself is never compiled
+# here (cffibuild.NOT_CFFI; it is build_dpdk.py's).
+ffibuilder = builder("_ustack_test", "qsustack.h", "ustack", direct=__name__ == "__main__",
+                     libraries=["dl", "pthread"])
 
 if __name__ == "__main__":
     compile_in_place(ffibuilder, "_ustack_test")

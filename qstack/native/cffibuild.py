@@ -40,19 +40,33 @@ def _path(path, direct):
     return path if rel.startswith("..") else rel
 
 
-def builder(module, header, src_dir, *, direct, libraries=(), extra_sources=()):
+# Sources built into plain shared objects of their own, never into a cffi
+# module: ustack/dpdk.c needs libdpdk (build_dpdk.py -> qstack/_qsdpdk.so).
+NOT_CFFI = ("dpdk.c",)
+
+
+def sources(src_dir, exclude=()):
+    """<src_dir>/*.c, less the files whose names start with a prefix in exclude
+    (and always less NOT_CFFI)."""
+    skip = tuple(exclude) + NOT_CFFI
+    return [p for p in sorted(glob.glob(os.path.join(HERE, src_dir, "*.c")))
+            if not os.path.basename(p).startswith(skip)]
+
+
+def builder(module, header, src_dir, *, direct, libraries=(), extra_sources=(),
+            extra_include=()):
     """An FFI for qstack.<module> from include/<header> and <src_dir>/*.c."""
     src = os.path.join(HERE, src_dir)
     with open(os.path.join(INCLUDE, header)) as f:
         cdef = f.read()
     ffi = FFI()
     ffi.cdef(cdef)
-    sources = sorted(glob.glob(os.path.join(src, "*.c"))) + list(extra_sources)
+    srcs = sources(src_dir) + list(extra_sources)
     ffi.set_source(
         f"qstack.{module}",
         f'#include <stdint.h>\n#include "{header}"\n',
-        sources=[_path(p, direct) for p in sources],
-        include_dirs=[_path(INCLUDE, direct), _path(src, direct)],
+        sources=[_path(p, direct) for p in srcs],
+        include_dirs=[_path(p, direct) for p in (INCLUDE, src, *extra_include)],
         extra_compile_args=CFLAGS,
         extra_link_args=LDFLAGS,
         libraries=list(libraries),

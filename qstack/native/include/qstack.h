@@ -58,6 +58,12 @@
 #define QS_CMD_STOP_ACCEPT 8  /* close every listening socket (conn ignored) */
 #define QS_CMD_STOP_READ 9    /* stop reading every connection (graceful shutdown) */
 
+/* backends (qs_config.backend) and ustack drivers (qs_net_config.driver) */
+#define QS_BACKEND_KERNEL 0 /* kernel sockets, epoll */
+#define QS_BACKEND_USTACK 1 /* qstack's own TCP/IP over a driver */
+#define QS_DRIVER_TAP 1     /* Linux TAP device (/dev/net/tun) */
+#define QS_DRIVER_DPDK 2    /* a DPDK poll-mode driver (qstack/_qsdpdk.so) */
+
 /* command flags */
 #define QS_F_NOTIFY 1       /* emit QS_EV_WRITABLE once this conn has nothing left to send */
 #define QS_F_ABORT 2        /* with QS_CMD_CLOSE: discard queued sends, reset */
@@ -103,6 +109,25 @@ typedef struct qs_framer {
     uint64_t max_message; /* a larger message is a protocol error */
 } qs_framer;
 
+/* The user-space stack's settings (backend QS_BACKEND_USTACK). */
+typedef struct qs_net_config {
+    int32_t driver;           /* QS_DRIVER_* */
+    char tap[16];             /* TAP device name (created if missing) */
+    char eal[1024];           /* DPDK EAL arguments, whitespace-separated */
+    char dpdk_lib[512];       /* path of the DPDK driver module */
+    uint8_t mac[6];           /* all zero: the device's own (DPDK) or a random local one */
+    uint32_t ip;              /* host byte order */
+    int32_t prefix_len;       /* 1..32 */
+    uint32_t gateway;         /* 0 = none */
+    uint32_t max_conns;       /* control blocks at most (flow table size) */
+    uint32_t buffers;         /* packet buffers of the stack's pool */
+    uint32_t snd_buf;         /* bytes queued for sending per connection */
+    uint32_t rcv_buf;         /* receive window per connection */
+    uint32_t syn_backlog;     /* half-open connections per listener */
+    double loss, dup, reorder, corrupt;   /* injected faults, both ways (0: none) */
+    uint64_t fault_seed;
+} qs_net_config;
+
 typedef struct qs_config {
     int32_t levels;           /* 1..QS_MAX_LEVELS */
     int32_t nrules;
@@ -118,6 +143,8 @@ typedef struct qs_config {
     int32_t stack_cpu;        /* pin the stack thread to this CPU, -1 = leave it */
     int32_t inline_stack;     /* 1: no stack thread; the hub drives the stack
                                  with qs_core_step() in its own thread */
+    int32_t backend;          /* QS_BACKEND_* */
+    qs_net_config net;        /* QS_BACKEND_USTACK only */
 } qs_config;
 
 typedef struct qs_stats {
@@ -136,6 +163,11 @@ typedef struct qs_stats {
     uint64_t tx_bytes[8];
     uint64_t ring_depth[8];             /* events waiting in each level ring */
     uint64_t lat[8][328];               /* rx -> reply written, see qs_lat_bucket */
+    /* ustack only (zero on the kernel backend) */
+    uint64_t net_conns;                 /* control blocks in use (TIME-WAIT included) */
+    uint64_t net_bufs_in_use, net_bufs_total;   /* the stack's packet pool */
+    uint64_t net_rx_frames, net_tx_frames, net_drops;   /* drops: driver + bad frames */
+    uint64_t net_rexmit, net_bytes_per_conn;    /* retransmitted segments; memory per conn */
 } qs_stats;
 
 typedef struct qs_core qs_core;
@@ -161,7 +193,8 @@ uint64_t qs_lat_bucket_upper(int32_t bucket);
 
 /* Core lifecycle.  qs_core_new validates cfg (-EINVAL) and allocates. */
 qs_core *qs_core_new(const qs_config *cfg, int *err);
-int qs_core_listen(qs_core *c, int fd);   /* adopt a bound, listening socket; before start */
+int qs_core_listen(qs_core *c, int fd);   /* kernel: adopt a bound, listening socket; before start */
+int qs_core_listen_port(qs_core *c, int port);  /* ustack: listen on a TCP port; before start */
 int qs_core_start(qs_core *c);            /* spawn the stack thread */
 /* Stop the stack thread: flush unsent bytes for at most grace_ns, close every
  * socket, join.  Buffers still held by the hub stay valid and countable. */

@@ -243,14 +243,30 @@ int qsu_tap_stats(qsu_tap *t, qsu_stats *out);
 int qsu_tap_client_run(qsu_tap *t, uint32_t ip, uint16_t port, uint64_t bytes, uint64_t seed,
                        int64_t timeout_ns, qsu_tap_client *out);
 
+/* The Ethernet address the stack answers to (6 bytes): the config's, or
+ * the device's own when the driver has one (DPDK). */
+int qsu_tap_mac(qsu_tap *t, uint8_t *out);
+
+/* ---------------------------------------------------------------- DPDK
+ * The same harness on a DPDK port: the driver in the shared object at
+ * lib_path (qstack/_qsdpdk.so), EAL started from eal_args (split on
+ * whitespace; e.g. "--no-huge -m 256 --no-pci --vdev=net_tap0,iface=NAME"),
+ * the first port EAL finds.  One per process; everything above applies
+ * (close with qsu_tap_close).  The stack takes the port's MAC.  Errors:
+ * -ENOTSUP when the library or DPDK is missing, -EBUSY / -EALREADY for a
+ * second open in a process, else EAL's; qsu_dpdk_error() says why. */
+qsu_tap *qsu_dpdk_open(const char *lib_path, const char *eal_args, const qsu_config *cfg,
+                       int *err);
+const char *qsu_dpdk_error(void);
+
 /* ---------------------------------------------------------------- debugging
  * A ring of a stack's last `events` TCP events (segments in and out, timer
  * expiries, congestion events, each with the sender's state); 0 turns it
  * off.  The dump is text, oldest event first; returns bytes written. */
 int qsu_trace(qsu_net *n, int side, int events);
-/* Violations of the timer invariant (qs_tcp_timer_check: whatever waits on
- * a timer has one armed) seen after any step of this net; out: the first. */
-int qsu_net_check(qsu_net *n, char *out, int max);
 int qsu_trace_dump(qsu_net *n, int side, char *out, int max);
 int qsu_tap_trace(qsu_tap *t, int events);
 int qsu_tap_trace_dump(qsu_tap *t, char *out, int max);
+/* Violations of the timer invariant (qs_tcp_timer_check: whatever waits on
+ * a timer has one armed) seen after any step of this net; out: the first. */
+int qsu_net_check(qsu_net *n, char *out, int max);

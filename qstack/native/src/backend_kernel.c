@@ -21,7 +21,7 @@
  * caller's timeout (0 if events already wait), publish.  No eventfd is
  * written: the hub is the only thread, it watches the epoll fd itself.
  *
- * Clock: k->now is read once per iteration (again after a wait that may
+ * Clock: net.now is read once per iteration (again after a wait that may
  * have slept) and stamps every read (t_rx) and every command (latency).
  *
  * Accept: at most QS_ACCEPT_BATCH per wakeup so a connection storm cannot
@@ -36,7 +36,7 @@
  * grace deadline passes (waiting in epoll_wait for EPOLLOUT), then close
  * every socket and release every buffer it holds.
  */
-#include "kernel.h"
+#include "net.h"
 #include <stdlib.h>
 #include <string.h>
 #include <errno.h>
@@ -44,19 +44,143 @@
 #include <unistd.h>
 #include <sys/epoll.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/timerfd.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+
+#define QS_MAX_LISTEN 16
+#define QS_ACCEPT_BATCH 64
+#define QS_ACCEPT_BACKOFF_NS 100000000LL   /* EMFILE/ENFILE: 100 ms without accepting */
+#define QS_EPOLL_BATCH 256
+
+/* epoll data tags: conn ids are < 2^56 */
+#define QS_TAG_TIMER (1ULL << 61)    /* inline: accept backoff over */
+#define QS_TAG_LISTEN (1ULL << 62)
+#define QS_TAG_WAKE (1ULL << 63)
+
+typedef struct qs_kernel {
+    qs_net net;                    /* first: the conn layer's net is the backend */
+    int ep;
+    int listeners[QS_MAX_LISTEN];
+    int nlisten;
+    int accept_off;                /* listeners removed from epoll after EMFILE */
+    int64_t accept_resume;
+    int timer_fd;                  /* inline: timerfd for the accept backoff, -1 if none */
+} qs_kernel;
+
+/* ---------------------------------------------------------------- sockets */
+
+static int64_t ks_read(qs_net *net, qs_conn *c, uint8_t *p, uint64_t len)
+{
+    ssize_t n = read(c->slot, p, len);
+    if (n >= 0)
+        return n;
+    return errno == EINTR || errno == EWOULDBLOCK ? -EAGAIN : -errno;
+}
+
+static int64_t ks_writev(qs_net *net, qs_conn *c, const struct iovec *iov, int n)
+{
+    for (;;) {
+        ssize_t w;
+        if (n == 1) {                  /* the usual lone reply: send() skips the iovec import */
+            w = send(c->slot, iov[0].iov_base, iov[0].iov_len, MSG_NOSIGNAL | MSG_DONTWAIT);
+        } else {
+            struct msghdr m = {.msg_iov = (struct iovec *)iov, .msg_iovlen = (size_t)n};
+            w = sendmsg(c->slot, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
+        }
+        if (w >= 0)
+            return w;
+        if (errno != EINTR)
+            return errno == EWOULDBLOCK ? -EAGAIN : -errno;
+    }
+}
+
+static void ks_want(qs_net *net, qs_conn *c, uint32_t want)
+{
+    qs_kernel *k = (qs_kernel *)net;
+    /* not reading and nothing to send: leave epoll altogether, so a
+     * level-triggered HUP/ERR cannot spin the loop */
+    uint32_t ev = (want & QS_WANT_IN ? EPOLLIN : 0) | (want & QS_WANT_OUT ? EPOLLOUT : 0);
+    struct epoll_event e = {.events = ev, .data.u64 = (uint64_t)c->id};
+    int op = !want ? EPOLL_CTL_DEL : !c->mask ? EPOLL_CTL_ADD : EPOLL_CTL_MOD;
+    epoll_ctl(k->ep, op, c->slot, &e);
+}
+
+static void ks_close(qs_net *net, qs_conn *c, int abort)
+{
+    if (abort) {
+        struct linger lg = {.l_onoff = 1, .l_linger = 0};
+        setsockopt(c->slot, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+    }
+    close(c->slot);                    /* also leaves epoll */
+}
+
+static void close_listeners(qs_kernel *k)
+{
+    for (int i = 0; i < k->nlisten; i++)
+        close(k->listeners[i]);
+    k->nlisten = 0;
+    k->accept_off = 0;
+}
+
+static void ks_stop_accept(qs_net *net)
+{
+    close_listeners((qs_kernel *)net);
+}
+
+static const qs_conn_io kernel_io = {
+    .read = ks_read, .writev = ks_writev, .want = ks_want, .close = ks_close,
+    .stop_accept = ks_stop_accept,
+};
+
+/* Accept up to QS_ACCEPT_BATCH conns.  Returns -EMFILE/-ENFILE (and the
+ * like) when the caller should stop polling listeners for a while. */
+static int accept_some(qs_kernel *k, int lfd)
+{
+    qs_core *core = k->net.core;
+    for (int i = 0; i < QS_ACCEPT_BATCH; i++) {
+        int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            int e = errno;
+            if (e == EAGAIN || e == EWOULDBLOCK)
+                return 0;
+            if (e == EINTR || e == ECONNABORTED)
+                continue;
+            QS_ADD(core->st.accept_errors, 1);
+            if (e == EMFILE || e == ENFILE || e == ENOBUFS || e == ENOMEM)
+                return -e;
+            continue;
+        }
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+        if (!qs_conn_new(&k->net, fd, NULL))
+            close(fd);
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- the loop */
 
 static int k_init(qs_core *core)
 {
     qs_kernel *k = calloc(1, sizeof(*k));
     if (!k)
         return -ENOMEM;
-    k->core = core;
-    for (int i = 0; i <= QS_POOL_WAIT; i++)
-        k->blk[i].blk_next = k->blk[i].blk_prev = &k->blk[i];
+    /* size the fd table for the usual limit up front */
+    struct rlimit rl;
+    uint32_t n = 1024;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
+        rl.rlim_cur > n && rl.rlim_cur <= (1u << 20))
+        n = (uint32_t)rl.rlim_cur;
+    if (qs_net_init(&k->net, core, &kernel_io, n) < 0) {
+        free(k);
+        return -ENOMEM;
+    }
     k->ep = epoll_create1(EPOLL_CLOEXEC);
     if (k->ep < 0) {
         int e = -errno;
+        qs_net_destroy(&k->net);
         free(k);
         return e;
     }
@@ -66,22 +190,10 @@ static int k_init(qs_core *core)
     if (!core->cfg.inline_stack && epoll_ctl(k->ep, EPOLL_CTL_ADD, core->stack_efd, &e) < 0) {
         int rc = -errno;
         close(k->ep);
+        qs_net_destroy(&k->net);
         free(k);
         return rc;
     }
-    /* size the fd table for the usual limit up front: no realloc while busy */
-    struct rlimit rl;
-    uint32_t n = 1024;
-    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
-        rl.rlim_cur > n && rl.rlim_cur <= (1u << 20))
-        n = (uint32_t)rl.rlim_cur;
-    k->conns = calloc(n, sizeof(*k->conns));
-    if (!k->conns) {
-        close(k->ep);
-        free(k);
-        return -ENOMEM;
-    }
-    k->nconns = n;
     if (core->cfg.inline_stack) {
         struct epoll_event te = {.events = EPOLLIN, .data.u64 = QS_TAG_TIMER};
         k->timer_fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
@@ -89,8 +201,8 @@ static int k_init(qs_core *core)
             int rc = -errno;
             if (k->timer_fd >= 0)
                 close(k->timer_fd);
-            free(k->conns);
             close(k->ep);
+            qs_net_destroy(&k->net);
             free(k);
             return rc;
         }
@@ -115,56 +227,12 @@ static int k_listen(qs_core *core, int fd)
     return 0;
 }
 
-void qs_kernel_close_listeners(qs_kernel *k)
-{
-    for (int i = 0; i < k->nlisten; i++)
-        close(k->listeners[i]);
-    k->nlisten = 0;
-    k->accept_off = 0;
-}
-
 static void listeners_epoll(qs_kernel *k, int op)
 {
     for (int i = 0; i < k->nlisten; i++) {
         struct epoll_event e = {.events = EPOLLIN, .data.u64 = QS_TAG_LISTEN | (uint64_t)i};
         epoll_ctl(k->ep, op, k->listeners[i], &e);
     }
-}
-
-static int cmds_waiting(qs_core *core)
-{
-    for (int l = 0; l < core->cfg.levels; l++)
-        if (qs_ring_count(&core->cmd[l]))
-            return 1;
-    return 0;
-}
-
-/* Publish put() events in level order (see qs_core_poll); returns how many. */
-static int publish(qs_kernel *k)
-{
-    unsigned t = k->touched;
-    if (!t)
-        return 0;
-    uint64_t n = 0;
-    for (int l = 0; l < k->core->cfg.levels; l++)
-        if (t & (1u << l)) {
-            qs_ring *r = &k->core->ev[l];
-            n += r->ptail - atomic_load_explicit(&r->tail, memory_order_relaxed);
-            qs_ring_publish(r);
-        }
-    k->touched = 0;
-    return n > INT32_MAX ? INT32_MAX : (int)n;
-}
-
-/* WRITABLE events wait for room in some ring */
-static int owed_ready(qs_kernel *k)
-{
-    for (int i = 0; i < k->nowed; i++) {
-        qs_conn *c = qs_conn_lookup(k, k->owed[i]);
-        if (!c || qs_ring_space(&k->core->ev[c->notify_level]) > 0)
-            return 1;
-    }
-    return 0;
 }
 
 static int ms_until(int64_t now, int64_t when)
@@ -178,7 +246,7 @@ static int ms_until(int64_t now, int64_t when)
 
 static void listeners_resume(qs_kernel *k)
 {
-    if (k->accept_off && k->now >= k->accept_resume) {
+    if (k->accept_off && k->net.now >= k->accept_resume) {
         k->accept_off = 0;
         listeners_epoll(k, EPOLL_CTL_ADD);
     }
@@ -192,7 +260,7 @@ static void listeners_rest(qs_kernel *k)
 {
     listeners_epoll(k, EPOLL_CTL_DEL);
     k->accept_off = 1;
-    k->accept_resume = k->now + QS_ACCEPT_BACKOFF_NS;
+    k->accept_resume = k->net.now + QS_ACCEPT_BACKOFF_NS;
     if (k->timer_fd >= 0) {
         struct itimerspec its = {.it_value = {.tv_sec = k->accept_resume / 1000000000,
                                               .tv_nsec = k->accept_resume % 1000000000}};
@@ -202,7 +270,7 @@ static void listeners_rest(qs_kernel *k)
 
 static void on_event(qs_kernel *k, const struct epoll_event *ev)
 {
-    qs_core *core = k->core;
+    qs_core *core = k->net.core;
     uint64_t tag = ev->data.u64;
     if (QS_UNLIKELY(tag & (QS_TAG_WAKE | QS_TAG_TIMER))) {
         uint64_t v;
@@ -216,41 +284,26 @@ static void on_event(qs_kernel *k, const struct epoll_event *ev)
     }
     if (QS_UNLIKELY(tag & QS_TAG_LISTEN)) {
         int i = (int)(tag & 0xffff);
-        if (i < k->nlisten && !k->accept_off && qs_conn_accept(k, k->listeners[i]) < 0)
+        if (i < k->nlisten && !k->accept_off && accept_some(k, k->listeners[i]) < 0)
             listeners_rest(k);
         return;
     }
-    qs_conn *c = qs_conn_lookup(k, (int64_t)tag);
+    qs_conn *c = qs_conn_lookup(&k->net, (int64_t)tag);
     if (!c)
         return;
     uint32_t e = ev->events;
     if ((e & EPOLLIN) && (c->mask & EPOLLIN)) {
-        qs_conn_readable(k, c);
-        c = qs_conn_lookup(k, (int64_t)tag);
+        qs_conn_readable(&k->net, c);
+        c = qs_conn_lookup(&k->net, (int64_t)tag);
     } else if (e & (EPOLLERR | EPOLLHUP)) {
-        qs_conn_close(k, c, 0);        /* reset while not reading */
+        qs_conn_close(&k->net, c, 0);        /* reset while not reading */
         return;
     }
     if (c && (e & (EPOLLOUT | EPOLLERR | EPOLLHUP)) && (c->flags & QC_WANT_OUT))
-        qs_conn_writable(k, c);
+        qs_conn_writable(&k->net, c);
 }
 
-/* Shared by both layouts: run the commands (level 0 first), then resume
- * conns blocked on ring space or buffers and deliver owed WRITABLEs.
- * Returns how many commands ran. */
-static int k_work(qs_kernel *k)
-{
-    qs_core *core = k->core;
-    int ncmd = qs_conn_run_commands(k);
-    if (ncmd)
-        QS_ADD(core->cmd_gen, 1);
-    qs_conn_retry_blocked(k);
-    if (k->nowed)
-        qs_conn_retry_owed(k);
-    return ncmd;
-}
-
-/* Shared by both layouts: one epoll_wait and its events.  k->now is the
+/* Shared by both layouts: one epoll_wait and its events.  k->net.now is the
  * time of the reads (t_rx): refreshed only if the wait may have slept or
  * the caller's clock is stale (one clock read per step is enough).  The
  * time slept is added to core->step_idle_ns (stack_cpu_ns, inline). */
@@ -261,10 +314,10 @@ static int k_poll(qs_kernel *k, struct epoll_event *evs, int timeout, int stale)
         t0 = qs_now_ns();
     int n = epoll_wait(k->ep, evs, QS_EPOLL_BATCH, timeout);
     if (timeout != 0) {
-        k->now = qs_now_ns();
-        k->core->step_idle_ns += k->now - t0;
+        k->net.now = qs_now_ns();
+        k->net.core->step_idle_ns += k->net.now - t0;
     } else if (n > 0 && stale) {
-        k->now = qs_now_ns();
+        k->net.now = qs_now_ns();
     }
     if (n <= 0)
         return n < 0 && errno != EINTR ? -errno : 0;
@@ -279,29 +332,29 @@ static int k_poll(qs_kernel *k, struct epoll_event *evs, int timeout, int stale)
  * close every socket and release every buffer held. */
 static void k_quit(qs_kernel *k)
 {
-    qs_core *core = k->core;
+    qs_core *core = k->net.core;
     struct epoll_event evs[QS_EPOLL_BATCH];
-    k->now = qs_now_ns();
-    int64_t deadline = k->now + core->grace_ns;
-    k->quitting = 1;
-    qs_kernel_close_listeners(k);
-    qs_kernel_stop_reading(k);
+    k->net.now = qs_now_ns();
+    int64_t deadline = k->net.now + core->grace_ns;
+    k->net.quitting = 1;
+    close_listeners(k);
+    qs_net_stop_reading(&k->net);
     for (;;) {
-        k_work(k);
-        publish(k);
-        if (!cmds_waiting(core) && k->nqueued == 0)
+        qs_net_work(&k->net);
+        qs_net_publish(&k->net);
+        if (!qs_net_cmds_waiting(&k->net) && k->net.nqueued == 0)
             break;
-        k->now = qs_now_ns();
-        if (k->now >= deadline)
+        k->net.now = qs_now_ns();
+        if (k->net.now >= deadline)
             break;
-        if (cmds_waiting(core))
+        if (qs_net_cmds_waiting(&k->net))
             continue;
-        if (k_poll(k, evs, ms_until(k->now, deadline), 0) < 0)
+        if (k_poll(k, evs, ms_until(k->net.now, deadline), 0) < 0)
             break;
     }
-    qs_conn_drop_all(k);
-    qs_kernel_close_listeners(k);
-    publish(k);
+    qs_conn_drop_all(&k->net);
+    close_listeners(k);
+    qs_net_publish(&k->net);
     if (!core->cfg.inline_stack)
         qs_core_wake_hub(core);
 }
@@ -317,33 +370,33 @@ static void k_run(qs_core *core)
     while (!atomic_load_explicit(&core->quit, memory_order_acquire)) {
         int n = epoll_wait(k->ep, evs, QS_EPOLL_BATCH, timeout);
         atomic_store_explicit(&core->stack_sleeping, 0, memory_order_relaxed);
-        k->now = qs_now_ns();
+        k->net.now = qs_now_ns();
         for (int i = 0; i < n; i++)
             on_event(k, &evs[i]);
-        if (publish(k))                /* let the hub start while we run commands */
+        if (qs_net_publish(&k->net))                /* let the hub start while we run commands */
             qs_core_wake_hub(core);
         if (n > 0)
-            k->now = qs_now_ns();      /* the reads took a while: latency stamps */
-        int ncmd = k_work(k);
-        int pushed = publish(k);
+            k->net.now = qs_now_ns();      /* the reads took a while: latency stamps */
+        int ncmd = qs_net_work(&k->net);
+        int pushed = qs_net_publish(&k->net);
         if (pushed || (ncmd && atomic_load_explicit(&core->hub_want_space, memory_order_relaxed)))
             qs_core_wake_hub(core);
         listeners_resume(k);
-        if (cmds_waiting(core) || qs_conn_blocked_ready(k) || owed_ready(k)) {
+        if (qs_net_cmds_waiting(&k->net) || qs_conn_blocked_ready(&k->net) || qs_net_owed_ready(&k->net)) {
             timeout = 0;
             continue;
         }
-        atomic_store_explicit(&core->stack_want_space, k->nblocked_ev > 0 || k->nowed > 0,
+        atomic_store_explicit(&core->stack_want_space, k->net.nblocked_ev > 0 || k->net.nowed > 0,
                               memory_order_relaxed);
         atomic_store_explicit(&core->stack_sleeping, 1, memory_order_relaxed);
         atomic_thread_fence(memory_order_seq_cst);
-        if (cmds_waiting(core) || qs_conn_blocked_ready(k) || owed_ready(k) ||
+        if (qs_net_cmds_waiting(&k->net) || qs_conn_blocked_ready(&k->net) || qs_net_owed_ready(&k->net) ||
             atomic_load_explicit(&core->quit, memory_order_relaxed)) {
             atomic_exchange(&core->stack_sleeping, 0);
             timeout = 0;
             continue;
         }
-        timeout = k->accept_off ? ms_until(k->now, k->accept_resume) : -1;
+        timeout = k->accept_off ? ms_until(k->net.now, k->accept_resume) : -1;
     }
     k_quit(k);
 }
@@ -358,16 +411,16 @@ static int k_step(qs_core *core, int timeout)
 {
     qs_kernel *k = core->be_state;
     struct epoll_event evs[QS_EPOLL_BATCH];
-    k->now = qs_now_ns();
-    int ncmd = k_work(k);
+    k->net.now = qs_now_ns();
+    int ncmd = qs_net_work(&k->net);
     listeners_resume(k);
     int rc = 0;
     if (timeout != QS_STEP_NO_POLL) {
-        if (k->touched)
+        if (k->net.touched)
             timeout = 0;               /* events wait already: just look */
         rc = k_poll(k, evs, timeout, ncmd > 0);
     }
-    int pushed = publish(k);
+    int pushed = qs_net_publish(&k->net);
     return rc < 0 && !pushed ? rc : pushed;
 }
 
@@ -376,15 +429,13 @@ static void k_destroy(qs_core *core)
     qs_kernel *k = core->be_state;
     if (!k)
         return;
-    qs_conn_drop_all(k);
-    qs_kernel_close_listeners(k);
-    qs_conn_out_cache_free(k);
+    qs_conn_drop_all(&k->net);
+    close_listeners(k);
     if (k->timer_fd >= 0)
         close(k->timer_fd);
     close(k->ep);
     core->poll_fd = -1;
-    free(k->conns);
-    free(k->owed);
+    qs_net_destroy(&k->net);
     free(k);
     core->be_state = NULL;
 }

@@ -80,6 +80,8 @@ static int config_check(const qs_config *g)
         return -EINVAL;
     if (g->inline_stack != 0 && g->inline_stack != 1)
         return -EINVAL;
+    if (g->backend != QS_BACKEND_KERNEL && g->backend != QS_BACKEND_USTACK)
+        return -EINVAL;
     return 0;
 }
 
@@ -97,7 +99,7 @@ qs_core *qs_core_new(const qs_config *cfg, int *err)
     memset(c, 0, sizeof(*c));
     c->cfg = *cfg;
     c->hdr_len = qs_frame_header_len(&cfg->framer);
-    c->be = &qs_backend_kernel;
+    c->be = cfg->backend == QS_BACKEND_USTACK ? &qs_backend_ustack : &qs_backend_kernel;
     c->hub_efd = c->stack_efd = c->poll_fd = -1;
     rc = qs_pool_init(&c->pool, cfg->buf_size, cfg->buf_count);
     for (int l = 0; rc == 0 && l < cfg->levels; l++) {
@@ -131,6 +133,13 @@ int qs_core_listen(qs_core *c, int fd)
     if (c->started || c->joined)
         return -EBUSY;
     return c->be->listen(c, fd);
+}
+
+int qs_core_listen_port(qs_core *c, int port)
+{
+    if (c->started || c->joined)
+        return -EBUSY;
+    return c->be->listen_port ? c->be->listen_port(c, port) : -ENOTSUP;
 }
 
 static void *stack_main(void *arg)
@@ -434,6 +443,8 @@ int qs_core_stats(qs_core *c, qs_stats *o)
         for (int b = 0; b < QS_LAT_BUCKETS; b++)
             o->lat[l][b] = QS_GET(s->lat[l][b]);
     }
+    if (c->be->stats)
+        c->be->stats(c, o);
     return 0;
 }
 

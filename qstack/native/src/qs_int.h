@@ -64,7 +64,8 @@ struct qs_core;
 /* A network stack behind the core.  The core owns the rings, the pool, the
  * wakeup protocol and the thread; a backend owns sockets (or a user-space
  * TCP/IP stack) and runs the stack loop.  One implementation today:
- * qs_backend_kernel (epoll over kernel sockets).
+ * qs_backend_kernel (epoll over kernel sockets) and qs_backend_ustack
+ * (qstack's own TCP/IP over TAP or DPDK).
  *
  * Two layouts drive the same backend:
  *   threaded  run() is the stack thread's body: iterations plus the sleep
@@ -80,14 +81,17 @@ typedef struct qs_backend {
     const char *name;
     int (*init)(struct qs_core *c);            /* allocate backend state */
     int (*listen)(struct qs_core *c, int fd);  /* adopt a listening socket */
+    int (*listen_port)(struct qs_core *c, int port);  /* listen on a port of our own stack */
     void (*run)(struct qs_core *c);            /* loop until quit, then the quit sequence */
     int (*step)(struct qs_core *c, int timeout_ms);  /* inline: one iteration; events
                                                         published, or -errno; adds the
                                                         time it slept to step_idle_ns */
     void (*destroy)(struct qs_core *c);        /* after run() returned (or never ran) */
+    void (*stats)(struct qs_core *c, qs_stats *out);   /* optional: the backend's own */
 } qs_backend;
 
 extern const qs_backend qs_backend_kernel;
+extern const qs_backend qs_backend_ustack;
 
 /* Internal command flag: SEND_COPY payload is a malloc'ed block at `off`
  * (too big for the byte ring); the stack frees it. */

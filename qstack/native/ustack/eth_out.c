@@ -18,8 +18,11 @@ int qs_eth_output(qs_ustack *s, qs_mbuf *m, const uint8_t *dst, uint16_t type, i
     qs_put16(p + 12, type);
     s->st.tx_frames++;
     s->st.tx_bytes += m->len;
-    if (s->depth == 0)                /* not inside an entry point: nothing to order */
-        return s->drv->ops->tx(s->drv, m, now);
+    if (s->depth == 0) {              /* not inside an entry point: nothing to order */
+        int rc = s->drv->ops->tx(s->drv, m, now);
+        qs_netdrv_flush(s->drv, now);
+        return rc;
+    }
     s->tx_now = now;
     qs_mq_push(&s->txq[m->prio < QSU_MAX_LEVELS ? m->prio : QSU_MAX_LEVELS - 1], m);
     return 0;

@@ -143,9 +143,14 @@ static int f_mac(qs_netdrv *d, uint8_t mac[6])
     return qs_netdrv_mac(((fault *)d)->inner, mac);
 }
 
+static void f_flush(qs_netdrv *d, int64_t now)
+{
+    qs_netdrv_flush(((fault *)d)->inner, now);
+}
+
 static const qs_netdrv_ops fault_ops = {
     .name = "fault", .tx = f_tx, .rx = f_rx, .next_due = f_next_due, .destroy = f_destroy,
-    .fd = f_fd, .mac = f_mac,
+    .fd = f_fd, .mac = f_mac, .flush = f_flush,
 };
 
 qs_netdrv *qs_fault_wrap(qs_netdrv *inner, const qsu_fault *f, int *err)

@@ -67,4 +67,5 @@ void qs_prio_flush(qs_ustack *s)
         while ((m = qs_mq_pop(&s->txq[l])))
             s->drv->ops->tx(s->drv, m, s->tx_now);
     }
+    qs_netdrv_flush(s->drv, s->tx_now);   /* a bursting driver sends them now */
 }

@@ -17,6 +17,7 @@
  *   prio.c        packet-level priority: classify on receive, send by level
  *   stack.c       the stack object, its input entry and poll loop
  *   wire.c fault.c tap.c   drivers behind qs_netdrv_ops
+ *   dpdk_load.c   loads the DPDK driver (dpdk.c, its own shared object)
  *
  * Time: nothing here reads a clock.  Every entry point takes `now` (ns, any
  * monotonic origin) and the TCP timers run on the millisecond ticks derived
@@ -91,7 +92,13 @@ typedef struct qs_netdrv qs_netdrv;
  * fd (optional): an fd that is readable when rx has frames (TAP), or -1
  * for a poll-mode device (DPDK): the backend then polls instead of sleeping.
  * mac (optional): the device's own Ethernet address, for a NIC that has
- * one; -ENOTSUP (or no op) when the stack picks its address itself. */
+ * one; -ENOTSUP (or no op) when the stack picks its address itself.
+ * The caller puts it in the config (qs_ustack_init takes cfg->mac as is):
+ * the harness always does, the backend when no MAC was configured.
+ * flush (optional): send whatever tx has queued.  A driver may hold frames
+ * in tx to send them in one burst (DPDK); the stack calls flush after each
+ * batch of tx (qs_prio_flush, the end of every entry point), so a queued
+ * frame never waits for the next poll. */
 typedef struct qs_netdrv_ops {
     const char *name;
     int (*tx)(qs_netdrv *d, qs_mbuf *m, int64_t now);
@@ -100,6 +107,7 @@ typedef struct qs_netdrv_ops {
     void (*destroy)(qs_netdrv *d);
     int (*fd)(qs_netdrv *d);
     int (*mac)(qs_netdrv *d, uint8_t mac[6]);
+    void (*flush)(qs_netdrv *d, int64_t now);
 } qs_netdrv_ops;
 
 
@@ -114,6 +122,11 @@ static inline int qs_netdrv_fd(qs_netdrv *d) { return d->ops->fd ? d->ops->fd(d)
 static inline int qs_netdrv_mac(qs_netdrv *d, uint8_t mac[6])
 {
     return d->ops->mac ? d->ops->mac(d, mac) : -ENOTSUP;
+}
+static inline void qs_netdrv_flush(qs_netdrv *d, int64_t now)
+{
+    if (d->ops->flush)
+        d->ops->flush(d, now);
 }
 
 /* ------------------------------------------------------------ TCP */
@@ -418,6 +431,40 @@ void qs_prio_flush(qs_ustack *s);
 /* tap.c */
 qs_netdrv *qs_tap_open(const char *ifname, int *err);
 int qs_tap_fd(qs_netdrv *d);                /* the fd to poll, -EINVAL if not a TAP */
+
+/* dpdk_load.c -- the DPDK poll-mode driver is a plain shared object of
+ * its own (qstack/_qsdpdk.so, from dpdk.c, built only where libdpdk is), so
+ * nothing else links DPDK.  qs_dpdk_open dlopens it (RTLD_LOCAL, never
+ * closed: EAL cannot be unloaded) and opens the first ethdev port that the
+ * EAL arguments (split on whitespace) give it.  -ENOTSUP: the library or
+ * its DPDK libraries are missing; -EBUSY: this process already has a port
+ * open; -EALREADY: EAL was initialised and cleaned up in this process
+ * before (DPDK cannot initialise it twice); else EAL's or ethdev's -errno.
+ * qs_dpdk_error() says why the last open failed, for a person.
+ *
+ * The driver must not call into the module that loaded it (Python loads
+ * extension modules RTLD_LOCAL, their symbols are invisible to it), so the
+ * pool's alloc and free travel in qs_dpdk_env, with a check that both were
+ * compiled from the same structures. */
+typedef struct qs_dpdk_env {
+    uint32_t abi;                               /* qs_dpdk_abi() */
+    qs_mbuf *(*alloc)(qs_mpool *p);
+    void (*free)(qs_mpool *p, qs_mbuf *m);
+    char *why;                                  /* room for a message ... */
+    size_t why_len;                             /* ... of this many bytes */
+} qs_dpdk_env;
+
+#define QS_DPDK_OPEN_SYM "qs_dpdk_port_open"
+typedef qs_netdrv *(*qs_dpdk_open_fn)(const char *eal_args, const qs_dpdk_env *env, int *err);
+
+static inline uint32_t qs_dpdk_abi(void)
+{
+    return 1u << 28 ^ (uint32_t)sizeof(qs_mbuf) << 20 ^ (uint32_t)sizeof(qs_netdrv_ops) << 12 ^
+           (uint32_t)sizeof(qs_netdrv) << 8 ^ (uint32_t)sizeof(qs_dpdk_env) << 4 ^ QS_HEADROOM;
+}
+
+qs_netdrv *qs_dpdk_open(const char *lib_path, const char *eal_args, int *err);
+const char *qs_dpdk_error(void);
 
 /* sha256.c */
 typedef struct qs_sha256 {

@@ -1,11 +1,11 @@
 /*
- * kernel_cmd.c -- commands from the hub and the out queues.
+ * conn_cmd.c -- commands from the hub and the out queues (either backend).
  *
  * Commands run in batches, level 0 first, so high-priority replies reach
  * the socket first.  Sends are not written one by one: each is appended to
  * its conn's out queue and the conn goes on the batch's dirty list; at the
- * end of the batch every dirty conn is flushed with one sendmsg() of up to
- * QS_IOV_MAX iovecs (send() when there is only one).  A pipelining client thus costs one syscall per batch,
+ * end of the batch every dirty conn is flushed with one writev of up to
+ * QS_IOV_MAX iovecs through the backend (kernel: send() or sendmsg()).  A pipelining client thus costs one syscall per batch,
  * not one per reply, and a lone reply still goes out at once.
  *
  * Out queue nodes own their bytes in one of three ways (qs_out): a buffer
@@ -17,58 +17,54 @@
  * nothing and allocates nothing.
  *
  * Latency is recorded when a command is executed, i.e. in the batch whose
- * flush hands its bytes to the kernel (microseconds apart): k->now - t_rx,
- * with k->now read once per loop iteration, not per command.
+ * flush hands its bytes to the kernel (microseconds apart): net->now - t_rx,
+ * with net->now read once per loop iteration, not per command.
  */
-#include "kernel.h"
+#include "net.h"
 #include <stdlib.h>
 #include <string.h>
 #include <errno.h>
-#include <unistd.h>
-#include <sys/epoll.h>
-#include <sys/socket.h>
-#include <sys/uio.h>
 
 #define QS_OUT_CACHE 4096
 
-static qs_out *node_get(qs_kernel *k)
+static qs_out *node_get(qs_net *net)
 {
-    qs_out *o = k->out_free;
+    qs_out *o = net->out_free;
     if (o) {
-        k->out_free = o->next;
-        k->nout_free--;
+        net->out_free = o->next;
+        net->nout_free--;
         return o;
     }
     return malloc(sizeof(qs_out));
 }
 
-static void node_release(qs_kernel *k, qs_out *o)
+static void node_release(qs_net *net, qs_out *o)
 {
     if (o->buf)
-        qs_pool_unref(&k->core->pool, o->buf);
+        qs_pool_unref(&net->core->pool, o->buf);
     free(o->heap);
-    if (k->nout_free < QS_OUT_CACHE) {
-        o->next = k->out_free;
-        k->out_free = o;
-        k->nout_free++;
+    if (net->nout_free < QS_OUT_CACHE) {
+        o->next = net->out_free;
+        net->out_free = o;
+        net->nout_free++;
     } else {
         free(o);
     }
 }
 
-void qs_conn_out_cache_free(qs_kernel *k)
+void qs_conn_out_cache_free(qs_net *net)
 {
-    while (k->out_free) {
-        qs_out *o = k->out_free;
-        k->out_free = o->next;
+    while (net->out_free) {
+        qs_out *o = net->out_free;
+        net->out_free = o->next;
         free(o);
     }
-    k->nout_free = 0;
+    net->nout_free = 0;
 }
 
-static int out_append(qs_kernel *k, qs_conn *c, uint8_t *p, uint64_t len, qs_buf *buf, void *heap)
+static int out_append(qs_net *net, qs_conn *c, uint8_t *p, uint64_t len, qs_buf *buf, void *heap)
 {
-    qs_out *o = node_get(k);
+    qs_out *o = node_get(net);
     if (!o)
         return -ENOMEM;
     o->next = NULL;
@@ -80,7 +76,7 @@ static int out_append(qs_kernel *k, qs_conn *c, uint8_t *p, uint64_t len, qs_buf
         c->oq_tail->next = o;
     else {
         c->oq_head = o;
-        k->nqueued++;
+        net->nqueued++;
     }
     c->oq_tail = o;
     if (!buf && !heap && !c->oq_borrow)
@@ -89,23 +85,23 @@ static int out_append(qs_kernel *k, qs_conn *c, uint8_t *p, uint64_t len, qs_buf
     return 0;
 }
 
-void qs_conn_out_clear(qs_kernel *k, qs_conn *c)
+void qs_conn_out_clear(qs_net *net, qs_conn *c)
 {
     if (!c->oq_head)
         return;
     while (c->oq_head) {
         qs_out *o = c->oq_head;
         c->oq_head = o->next;
-        node_release(k, o);
+        node_release(net, o);
     }
     c->oq_tail = c->oq_borrow = NULL;
     c->out_bytes = 0;
-    k->nqueued--;
+    net->nqueued--;
 }
 
 /* Write as much of the out queue as the socket takes.
  * Returns 0, or -1 if the conn was closed on a write error. */
-static int out_flush(qs_kernel *k, qs_conn *c)
+static int out_flush(qs_net *net, qs_conn *c)
 {
     while (c->oq_head) {
         struct iovec iov[QS_IOV_MAX];
@@ -116,21 +112,13 @@ static int out_flush(qs_kernel *k, qs_conn *c)
             iov[n].iov_len = o->len;
             total += o->len;
         }
-        ssize_t w;
-        if (n == 1) {                  /* the usual lone reply: send() skips the iovec import */
-            w = send(c->fd, iov[0].iov_base, iov[0].iov_len, MSG_NOSIGNAL | MSG_DONTWAIT);
-        } else {
-            struct msghdr m = {.msg_iov = iov, .msg_iovlen = (size_t)n};
-            w = sendmsg(c->fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
-        }
+        int64_t w = net->io->writev(net, c, iov, n);
         if (w < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            if (w == -EAGAIN) {
                 c->flags |= QC_WANT_OUT;
                 return 0;
             }
-            qs_conn_close(k, c, 0);    /* EPIPE, ECONNRESET: nobody to send to */
+            qs_conn_close(net, c, 0);    /* EPIPE, ECONNRESET: nobody to send to */
             return -1;
         }
         uint64_t left = (uint64_t)w;
@@ -146,7 +134,7 @@ static int out_flush(qs_kernel *k, qs_conn *c)
             c->oq_head = o->next;
             if (c->oq_borrow == o)
                 c->oq_borrow = o->next;
-            node_release(k, o);
+            node_release(net, o);
         }
         if ((uint64_t)w < total) {
             c->flags |= QC_WANT_OUT;
@@ -156,19 +144,19 @@ static int out_flush(qs_kernel *k, qs_conn *c)
     c->oq_tail = NULL;
     c->oq_borrow = NULL;
     c->flags &= ~QC_WANT_OUT;
-    k->nqueued--;
+    net->nqueued--;
     return 0;
 }
 
 /* Copy bytes still borrowed from the byte ring before it moves on. */
-static int unborrow(qs_kernel *k, qs_conn *c)
+static int unborrow(qs_net *net, qs_conn *c)
 {
     for (qs_out *o = c->oq_borrow; o; o = o->next) {
         if (o->buf || o->heap)
             continue;
         void *h = malloc(o->len ? o->len : 1);
         if (!h) {
-            qs_conn_close(k, c, 1);    /* cannot keep the bytes: lose the conn, not memory */
+            qs_conn_close(net, c, 1);    /* cannot keep the bytes: lose the conn, not memory */
             return -1;
         }
         memcpy(h, o->p, o->len);
@@ -179,55 +167,55 @@ static int unborrow(qs_kernel *k, qs_conn *c)
     return 0;
 }
 
-static void emit_writable(qs_kernel *k, qs_conn *c)
+static void emit_writable(qs_net *net, qs_conn *c)
 {
     qs_event ev = {.kind = QS_EV_WRITABLE, .level = c->notify_level, .conn = c->id};
     c->flags &= ~QC_NOTIFY;
-    if (qs_conn_emit(k, &ev) == 0)
+    if (qs_conn_emit(net, &ev) == 0)
         return;
-    if (k->nowed == k->owed_cap) {
-        int cap = k->owed_cap ? k->owed_cap * 2 : 64;
-        int64_t *o = realloc(k->owed, (size_t)cap * sizeof(*o));
+    if (net->nowed == net->owed_cap) {
+        int cap = net->owed_cap ? net->owed_cap * 2 : 64;
+        int64_t *o = realloc(net->owed, (size_t)cap * sizeof(*o));
         if (!o)
             return;                    /* out of memory: the notification is lost */
-        k->owed = o;
-        k->owed_cap = cap;
+        net->owed = o;
+        net->owed_cap = cap;
     }
-    k->owed[k->nowed++] = c->id;
+    net->owed[net->nowed++] = c->id;
 }
 
-void qs_conn_retry_owed(qs_kernel *k)
+void qs_conn_retry_owed(qs_net *net)
 {
     int i = 0, j = 0;
-    for (; i < k->nowed; i++) {
-        qs_conn *c = qs_conn_lookup(k, k->owed[i]);
+    for (; i < net->nowed; i++) {
+        qs_conn *c = qs_conn_lookup(net, net->owed[i]);
         if (!c)
             continue;
         qs_event ev = {.kind = QS_EV_WRITABLE, .level = c->notify_level, .conn = c->id};
-        if (qs_conn_emit(k, &ev) < 0)
-            k->owed[j++] = k->owed[i];
+        if (qs_conn_emit(net, &ev) < 0)
+            net->owed[j++] = net->owed[i];
     }
-    k->nowed = j;
+    net->nowed = j;
 }
 
 /* After the out queue changed: high water, WRITABLE, reading, closing. */
-static void after_out(qs_kernel *k, qs_conn *c)
+static void after_out(qs_net *net, qs_conn *c)
 {
-    uint64_t hw = k->core->cfg.out_high_water;
+    uint64_t hw = net->core->cfg.out_high_water;
     if (c->out_bytes > hw)
         c->flags |= QC_HIGHWATER;
     else if ((c->flags & QC_HIGHWATER) && c->out_bytes <= hw / 2)
         c->flags &= ~QC_HIGHWATER;
     if (!c->oq_head && (c->flags & QC_NOTIFY))
-        emit_writable(k, c);
-    qs_conn_update(k, c);
-    qs_conn_finish(k, c);
+        emit_writable(net, c);
+    qs_conn_update(net, c);
+    qs_conn_finish(net, c);
 }
 
-void qs_conn_writable(qs_kernel *k, qs_conn *c)
+void qs_conn_writable(qs_net *net, qs_conn *c)
 {
-    if (out_flush(k, c) == 0)
-        after_out(k, c);
+    if (out_flush(net, c) == 0)
+        after_out(net, c);
 }
 
 static void put_header(uint8_t *p, int h, uint64_t len)
@@ -236,26 +224,26 @@ static void put_header(uint8_t *p, int h, uint64_t len)
         p[i] = (uint8_t)len;
 }
 
-static void stop_read_all(qs_kernel *k)
+static void stop_read_all(qs_net *net)
 {
-    k->stop_read = 1;
-    for (uint32_t fd = 0; fd < k->nconns; fd++) {
-        qs_conn *c = k->conns[fd];
+    net->stop_read = 1;
+    for (uint32_t i = 0; i < net->nconns; i++) {
+        qs_conn *c = net->conns[i];
         if (c) {
             c->flags |= QC_STOPREAD;
-            qs_conn_update(k, c);
+            qs_conn_update(net, c);
         }
     }
 }
 
-void qs_kernel_stop_reading(qs_kernel *k)
+void qs_net_stop_reading(qs_net *net)
 {
-    stop_read_all(k);
+    stop_read_all(net);
 }
 
-static void exec_cmd(qs_kernel *k, const qs_cmd *cmd, int l, int64_t now, int64_t *bend)
+static void exec_cmd(qs_net *net, const qs_cmd *cmd, int l, int64_t now, int64_t *bend)
 {
-    qs_core *core = k->core;
+    qs_core *core = net->core;
     qs_buf *b = cmd->buf ? qs_pool_lookup(&core->pool, cmd->buf) : NULL;
     int64_t op = cmd->op;
     uint8_t *cp = NULL;
@@ -271,15 +259,15 @@ static void exec_cmd(qs_kernel *k, const qs_cmd *cmd, int l, int64_t now, int64_
     qs_conn *c = NULL;
     switch (op) {
     case QS_CMD_STOP_ACCEPT:
-        qs_kernel_close_listeners(k);
+        net->io->stop_accept(net);
         goto drop;
     case QS_CMD_STOP_READ:
-        stop_read_all(k);
+        stop_read_all(net);
         goto drop;
     case QS_CMD_RELEASE:
         goto drop;
     }
-    c = qs_conn_lookup(k, cmd->conn);
+    c = qs_conn_lookup(net, cmd->conn);
     if (!c)
         goto drop;                     /* stale: the conn is gone */
     if (b && (op == QS_CMD_SEND_BUF || op == QS_CMD_SEND_COPY || op == QS_CMD_DONE))
@@ -298,7 +286,7 @@ static void exec_cmd(qs_kernel *k, const qs_cmd *cmd, int l, int64_t now, int64_
         uint8_t *p = b->data + (a - lo);
         if (h)                         /* the payload may have shrunk in place */
             put_header(p - h, h, (uint64_t)cmd->len);
-        if (out_append(k, c, p - h, (uint64_t)cmd->len + h, b, NULL) == 0) {
+        if (out_append(net, c, p - h, (uint64_t)cmd->len + h, b, NULL) == 0) {
             b = NULL;                  /* the reference moved to the out queue */
             sent = cmd->len + h;
         }
@@ -306,14 +294,14 @@ static void exec_cmd(qs_kernel *k, const qs_cmd *cmd, int l, int64_t now, int64_
     }
     case QS_CMD_SEND_COPY:
         if (cmd->len > 0 && !(c->flags & QC_CLOSING) &&
-            out_append(k, c, cp, (uint64_t)cmd->len, NULL, heap) == 0) {
+            out_append(net, c, cp, (uint64_t)cmd->len, NULL, heap) == 0) {
             heap = NULL;
             sent = cmd->len;
         }
         break;
     case QS_CMD_CLOSE:
         if (cmd->flags & QS_F_ABORT) {
-            qs_conn_close(k, c, 1);
+            qs_conn_close(net, c, 1);
             goto drop;
         }
         c->flags |= QC_CLOSING;
@@ -341,7 +329,7 @@ static void exec_cmd(qs_kernel *k, const qs_cmd *cmd, int l, int64_t now, int64_
         c->flags |= QC_CLOSING;
     if (!(c->flags & QC_DIRTY)) {
         c->flags |= QC_DIRTY;
-        k->dirty[k->ndirty++] = c->id;
+        net->dirty[net->ndirty++] = c->id;
     }
 drop:
     free(heap);
@@ -349,26 +337,26 @@ drop:
         qs_pool_unref(&core->pool, b);
 }
 
-static void flush_dirty(qs_kernel *k)
+static void flush_dirty(qs_net *net)
 {
-    for (int i = 0; i < k->ndirty; i++) {
-        qs_conn *c = qs_conn_lookup(k, k->dirty[i]);
+    for (int i = 0; i < net->ndirty; i++) {
+        qs_conn *c = qs_conn_lookup(net, net->dirty[i]);
         if (!c)
             continue;
         c->flags &= ~QC_DIRTY;
-        if (c->oq_head && !(c->flags & QC_WANT_OUT) && out_flush(k, c) < 0)
+        if (c->oq_head && !(c->flags & QC_WANT_OUT) && out_flush(net, c) < 0)
             continue;
-        if (c->oq_borrow && unborrow(k, c) < 0)
+        if (c->oq_borrow && unborrow(net, c) < 0)
             continue;
-        after_out(k, c);
+        after_out(net, c);
     }
-    k->ndirty = 0;
+    net->ndirty = 0;
 }
 
 /* Run the waiting commands, level 0 first.  Returns how many ran. */
-int qs_conn_run_commands(qs_kernel *k)
+int qs_conn_run_commands(qs_net *net)
 {
-    qs_core *core = k->core;
+    qs_core *core = net->core;
     qs_cmd cmds[QS_CMD_BATCH];
     uint64_t snap[QS_MAX_LEVELS];
     int total = 0;
@@ -387,8 +375,8 @@ int qs_conn_run_commands(qs_kernel *k)
                 break;
             int64_t bend = -1;
             for (int i = 0; i < n; i++)
-                exec_cmd(k, &cmds[i], l, k->now, &bend);
-            flush_dirty(k);
+                exec_cmd(net, &cmds[i], l, net->now, &bend);
+            flush_dirty(net);
             if (bend >= 0)
                 qs_bring_release(&core->bring[l], (uint64_t)bend);
             total += n;

@@ -1,6 +1,6 @@
 /*
- * kernel_conn.c -- connections of the kernel backend: accept, receive,
- * backpressure, close.
+ * conn.c -- connections of either backend: receive, framing, backpressure,
+ * close (see net.h for how the backends plug in).
  *
  * Receive buffers.  A conn holds a pool buffer only while it has a partial
  * message (an idle conn costs its control block and nothing else).  A read
@@ -13,46 +13,42 @@
  *
  * Backpressure.  Nothing is dropped.  When a message's event ring is full
  * (or the pool is empty) the event waits in conn->pending, the conn stops
- * reading (EPOLLIN off, so TCP flow control pushes back on the peer) and it
+ * reading (QS_WANT_IN off, so TCP flow control pushes back on the peer) and it
  * joins the FIFO blocked list of that level (or of the pool).  Each loop
  * iteration resumes blocked conns in order while there is room.  New events
  * of a level whose list is non-empty also queue behind it (fairness).
  *
- * Conn ids.  (32-bit generation << 24) | fd: the table is indexed by fd and
- * a command for a closed conn (whose fd may be reused) fails the id check.
+ * Conn ids.  (32-bit generation << 24) | slot: the table is indexed by slot
+ * (the kernel backend's slot is the fd) and a command for a closed conn
+ * (whose slot may be reused) fails the id check.
  * Stream mode reports ACCEPTED/EOF/CLOSED in the lowest-priority ring: the
  * hub drains higher rings first, so a conn's data comes before its EOF.  A
  * CLOSED that finds its ring full keeps the control block alive as a
  * "zombie" (off the fd table) on the blocked list until it is delivered.
  */
-#include "kernel.h"
+#include "net.h"
 #include <stdlib.h>
 #include <string.h>
 #include <errno.h>
-#include <unistd.h>
-#include <sys/epoll.h>
-#include <sys/socket.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
 
-qs_conn *qs_conn_lookup(qs_kernel *k, int64_t id)
+qs_conn *qs_conn_lookup(qs_net *net, int64_t id)
 {
     if (id <= 0)
         return NULL;
-    uint32_t fd = (uint32_t)(id & 0xffffff);
-    if (fd >= k->nconns)
+    uint32_t slot = (uint32_t)(id & 0xffffff);
+    if (slot >= net->nconns)
         return NULL;
-    qs_conn *c = k->conns[fd];
+    qs_conn *c = net->conns[slot];
     return c && c->id == id ? c : NULL;
 }
 
-int qs_conn_emit(qs_kernel *k, const qs_event *ev)
+int qs_conn_emit(qs_net *net, const qs_event *ev)
 {
-    qs_core *core = k->core;
+    qs_core *core = net->core;
     int l = (int)ev->level;
     if (qs_ring_put(&core->ev[l], ev))
         return -ENOBUFS;
-    k->touched |= 1u << l;
+    net->touched |= 1u << l;
     if (ev->kind == QS_EV_DATA || ev->kind == QS_EV_BIGDATA) {
         QS_ADD(core->st.rx_msgs[l], 1);
         QS_ADD(core->st.rx_bytes[l], ev->len);
@@ -61,44 +57,40 @@ int qs_conn_emit(qs_kernel *k, const qs_event *ev)
 }
 
 /* emit unless conns already wait for this ring (they go first) */
-static int emit_fair(qs_kernel *k, const qs_event *ev)
+static int emit_fair(qs_net *net, const qs_event *ev)
 {
-    qs_conn *h = &k->blk[ev->level];
+    qs_conn *h = &net->blk[ev->level];
     if (h->blk_next != h)
         return -ENOBUFS;
-    return qs_conn_emit(k, ev);
+    return qs_conn_emit(net, ev);
 }
 
-void qs_conn_update(qs_kernel *k, qs_conn *c)
+void qs_conn_update(qs_net *net, qs_conn *c)
 {
     if (c->flags & QC_ZOMBIE)
         return;
     uint32_t want = 0;
     if (!(c->flags & QC_NOREAD))
-        want |= EPOLLIN;
+        want |= QS_WANT_IN;
     if (c->flags & QC_WANT_OUT)
-        want |= EPOLLOUT;
+        want |= QS_WANT_OUT;
     if (want != c->mask) {
-        /* not reading and nothing to send: leave epoll altogether, so a
-         * level-triggered HUP/ERR cannot spin the loop */
-        struct epoll_event e = {.events = want, .data.u64 = (uint64_t)c->id};
-        int op = !want ? EPOLL_CTL_DEL : !c->mask ? EPOLL_CTL_ADD : EPOLL_CTL_MOD;
-        epoll_ctl(k->ep, op, c->fd, &e);
+        net->io->want(net, c, want);
         c->mask = want;
     }
     int paused = !!(c->flags & QC_PAUSEISH);
     if (paused != !!(c->flags & QC_COUNTED)) {
         c->flags ^= QC_COUNTED;
         if (paused)
-            QS_ADD(k->core->st.paused_conns, 1);
+            QS_ADD(net->core->st.paused_conns, 1);
         else
-            QS_SUB(k->core->st.paused_conns, 1);
+            QS_SUB(net->core->st.paused_conns, 1);
     }
 }
 
-static void blk_link(qs_kernel *k, qs_conn *c, int on)
+static void blk_link(qs_net *net, qs_conn *c, int on)
 {
-    qs_conn *h = &k->blk[on];
+    qs_conn *h = &net->blk[on];
     c->blk_on = (int8_t)on;
     c->blk_prev = h->blk_prev;
     c->blk_next = h;
@@ -106,40 +98,40 @@ static void blk_link(qs_kernel *k, qs_conn *c, int on)
     h->blk_prev = c;
     c->flags |= QC_BLOCKED;
     if (on < QS_POOL_WAIT)
-        k->nblocked_ev++;
+        net->nblocked_ev++;
 }
 
-static void blk_unlink(qs_kernel *k, qs_conn *c)
+static void blk_unlink(qs_net *net, qs_conn *c)
 {
     if (c->blk_on < 0)
         return;
     c->blk_prev->blk_next = c->blk_next;
     c->blk_next->blk_prev = c->blk_prev;
     if (c->blk_on < QS_POOL_WAIT)
-        k->nblocked_ev--;
+        net->nblocked_ev--;
     c->blk_on = -1;
     c->flags &= ~QC_BLOCKED;
 }
 
-static void block(qs_kernel *k, qs_conn *c, int on)
+static void block(qs_net *net, qs_conn *c, int on)
 {
-    blk_link(k, c, on);
-    qs_conn_update(k, c);
+    blk_link(net, c, on);
+    qs_conn_update(net, c);
 }
 
 /* Hold ev in the conn until its ring has room. */
-static void hold(qs_kernel *k, qs_conn *c, const qs_event *ev)
+static void hold(qs_net *net, qs_conn *c, const qs_event *ev)
 {
     c->pending = *ev;
     c->flags |= QC_PENDING;
-    block(k, c, (int)ev->level);
+    block(net, c, (int)ev->level);
 }
 
 /* Turn complete messages into events, then make room for the next read.
  * Returns 0 if the conn may read on, 1 if it blocked, -1 if it was closed. */
-static int rx_scan(qs_kernel *k, qs_conn *c, int fair)
+static int rx_scan(qs_net *net, qs_conn *c, int fair)
 {
-    qs_core *core = k->core;
+    qs_core *core = net->core;
     const qs_config *g = &core->cfg;
     qs_buf *b = c->rbuf;
     uint64_t need = 0;
@@ -152,7 +144,7 @@ static int rx_scan(qs_kernel *k, qs_conn *c, int fair)
         int64_t r = qs_frame_scan(&g->framer, p, c->rend - c->rstart, &mo, &ml, &need);
         if (QS_UNLIKELY(r < 0)) {
             QS_ADD(core->st.protocol_errors, 1);
-            qs_conn_close(k, c, 1);
+            qs_conn_close(net, c, 1);
             return -1;
         }
         if (r == 0)
@@ -169,8 +161,8 @@ static int rx_scan(qs_kernel *k, qs_conn *c, int fair)
         qs_pool_ref(b);
         c->inflight++;
         c->rstart += (uint64_t)r;
-        if ((fair ? emit_fair(k, &ev) : qs_conn_emit(k, &ev)) < 0) {
-            hold(k, c, &ev);
+        if ((fair ? emit_fair(net, &ev) : qs_conn_emit(net, &ev)) < 0) {
+            hold(net, c, &ev);
             return 1;
         }
     }
@@ -197,7 +189,7 @@ static int rx_scan(qs_kernel *k, qs_conn *c, int fair)
     if (want <= g->buf_size) {
         nb = qs_pool_get(&core->pool);
         if (!nb) {
-            block(k, c, QS_POOL_WAIT);
+            block(net, c, QS_POOL_WAIT);
             return 1;
         }
     } else {
@@ -210,7 +202,7 @@ static int rx_scan(qs_kernel *k, qs_conn *c, int fair)
         nb = qs_pool_get_jumbo(&core->pool, cap);
         if (!nb) {
             QS_ADD(core->st.protocol_errors, 1);
-            qs_conn_close(k, c, 1);
+            qs_conn_close(net, c, 1);
             return -1;
         }
     }
@@ -222,9 +214,9 @@ static int rx_scan(qs_kernel *k, qs_conn *c, int fair)
     return 0;
 }
 
-static void on_eof(qs_kernel *k, qs_conn *c)
+static void on_eof(qs_net *net, qs_conn *c)
 {
-    qs_core *core = k->core;
+    qs_core *core = net->core;
     c->flags |= QC_EOF;
     if (c->rbuf) {                     /* a partial message can never complete */
         qs_pool_unref(&core->pool, c->rbuf);
@@ -233,147 +225,125 @@ static void on_eof(qs_kernel *k, qs_conn *c)
     }
     if (core->cfg.stream_mode) {
         qs_event ev = {.kind = QS_EV_EOF, .level = core->cfg.levels - 1, .conn = c->id};
-        if (emit_fair(k, &ev) < 0) {
-            hold(k, c, &ev);
+        if (emit_fair(net, &ev) < 0) {
+            hold(net, c, &ev);
             return;
         }
     }
-    /* finish first: a conn closed right away needs no epoll_ctl */
+    /* finish first: a conn closed right away needs no want() */
     int64_t id = c->id;
-    qs_conn_finish(k, c);
-    if (qs_conn_lookup(k, id) == c)
-        qs_conn_update(k, c);
+    qs_conn_finish(net, c);
+    if (qs_conn_lookup(net, id) == c)
+        qs_conn_update(net, c);
 }
 
-void qs_conn_readable(qs_kernel *k, qs_conn *c)
+void qs_conn_readable(qs_net *net, qs_conn *c)
 {
-    qs_core *core = k->core;
+    qs_core *core = net->core;
     if (c->flags & QC_NOREAD)
         return;
     if (!c->rbuf) {
         c->rbuf = qs_pool_get(&core->pool);
         if (!c->rbuf) {
-            block(k, c, QS_POOL_WAIT);
+            block(net, c, QS_POOL_WAIT);
             return;
         }
         c->rstart = c->rend = 0;
     }
     qs_buf *b = c->rbuf;
-    ssize_t n = read(c->fd, b->data + c->rend, b->cap - c->rend);
+    int64_t n = net->io->read(net, c, b->data + c->rend, b->cap - c->rend);
     if (n > 0) {
         c->rend += (uint64_t)n;
-        c->t_read = k->now;           /* one clock read per iteration */
-        rx_scan(k, c, 1);
+        c->t_read = net->now;           /* one clock read per iteration */
+        rx_scan(net, c, 1);
         return;
     }
     if (n == 0) {
-        on_eof(k, c);
+        on_eof(net, c);
         return;
     }
-    if (errno == EAGAIN || errno == EINTR) {
+    if (n == -EAGAIN) {
         if (c->rend == 0) {
             qs_pool_unref(&core->pool, b);
             c->rbuf = NULL;
         }
         return;
     }
-    qs_conn_close(k, c, 0);            /* ECONNRESET and friends */
+    qs_conn_close(net, c, 0);            /* ECONNRESET and friends */
 }
 
 /* Message mode closes a conn the peer half-closed once every request has
  * been answered; any mode closes after a graceful CLOSE once flushed. */
-void qs_conn_finish(qs_kernel *k, qs_conn *c)
+void qs_conn_finish(qs_net *net, qs_conn *c)
 {
     if (c->oq_head || (c->flags & QC_ZOMBIE))
         return;
     if ((c->flags & QC_CLOSING) ||
-        (!k->core->cfg.stream_mode && (c->flags & QC_EOF) && c->inflight <= 0 &&
+        (!net->core->cfg.stream_mode && (c->flags & QC_EOF) && c->inflight <= 0 &&
          !(c->flags & QC_PENDING)))
-        qs_conn_close(k, c, 0);
+        qs_conn_close(net, c, 0);
 }
 
-static int table_fit(qs_kernel *k, int fd)
+static int table_fit(qs_net *net, int slot)
 {
-    if ((uint32_t)fd < k->nconns)
+    if ((uint32_t)slot < net->nconns)
         return 0;
-    uint32_t n = k->nconns ? k->nconns : 1024;
-    while (n <= (uint32_t)fd)
+    uint32_t n = net->nconns ? net->nconns : 1024;
+    while (n <= (uint32_t)slot)
         n *= 2;
-    qs_conn **t = realloc(k->conns, n * sizeof(*t));
+    qs_conn **t = realloc(net->conns, n * sizeof(*t));
     if (!t)
         return -ENOMEM;
-    memset(t + k->nconns, 0, (n - k->nconns) * sizeof(*t));
-    k->conns = t;
-    k->nconns = n;
+    memset(t + net->nconns, 0, (n - net->nconns) * sizeof(*t));
+    net->conns = t;
+    net->nconns = n;
     return 0;
 }
 
-/* Accept up to QS_ACCEPT_BATCH conns.  Returns -EMFILE/-ENFILE (and the
- * like) when the caller should stop polling listeners for a while. */
-int qs_conn_accept(qs_kernel *k, int lfd)
+qs_conn *qs_conn_new(qs_net *net, int slot, void *sock)
 {
-    qs_core *core = k->core;
-    for (int i = 0; i < QS_ACCEPT_BATCH; i++) {
-        int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-        if (fd < 0) {
-            int e = errno;
-            if (e == EAGAIN || e == EWOULDBLOCK)
-                return 0;
-            if (e == EINTR || e == ECONNABORTED)
-                continue;
-            QS_ADD(core->st.accept_errors, 1);
-            if (e == EMFILE || e == ENFILE || e == ENOBUFS || e == ENOMEM)
-                return -e;
-            continue;
-        }
-        qs_conn *c = NULL;
-        if (fd >= (1 << 24) || table_fit(k, fd) || !(c = calloc(1, sizeof(*c)))) {
-            close(fd);
-            QS_ADD(core->st.accept_errors, 1);
-            continue;
-        }
-        int one = 1;
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-        k->gen++;
-        c->id = ((int64_t)k->gen << 24) | fd;
-        c->fd = fd;
-        c->blk_on = -1;
-        if (k->stop_read)
-            c->flags |= QC_STOPREAD;
-        k->conns[fd] = c;
-        QS_ADD(core->st.conns_accepted, 1);
-        QS_ADD(core->st.conns_open, 1);
-        if (core->cfg.stream_mode) {
-            qs_event ev = {.kind = QS_EV_ACCEPTED, .level = core->cfg.levels - 1, .conn = c->id};
-            if (emit_fair(k, &ev) < 0) {
-                hold(k, c, &ev);
-                continue;
-            }
-        }
-        qs_conn_update(k, c);
+    qs_core *core = net->core;
+    qs_conn *c = NULL;
+    if (slot < 0 || slot >= (1 << 24) || table_fit(net, slot) || !(c = calloc(1, sizeof(*c)))) {
+        QS_ADD(core->st.accept_errors, 1);
+        return NULL;
     }
-    return 0;
+    net->gen++;
+    c->id = ((int64_t)net->gen << 24) | slot;
+    c->slot = slot;
+    c->sock = sock;
+    c->blk_on = -1;
+    if (net->stop_read)
+        c->flags |= QC_STOPREAD;
+    net->conns[slot] = c;
+    QS_ADD(core->st.conns_accepted, 1);
+    QS_ADD(core->st.conns_open, 1);
+    if (core->cfg.stream_mode) {
+        qs_event ev = {.kind = QS_EV_ACCEPTED, .level = core->cfg.levels - 1, .conn = c->id};
+        if (emit_fair(net, &ev) < 0) {
+            hold(net, c, &ev);
+            return c;
+        }
+    }
+    qs_conn_update(net, c);
+    return c;
 }
 
-void qs_conn_close(qs_kernel *k, qs_conn *c, int abort)
+void qs_conn_close(qs_net *net, qs_conn *c, int abort)
 {
-    qs_core *core = k->core;
+    qs_core *core = net->core;
     if (c->flags & QC_ZOMBIE)
         return;
-    if (abort) {
-        struct linger lg = {.l_onoff = 1, .l_linger = 0};
-        setsockopt(c->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
-    }
-    close(c->fd);                      /* also leaves epoll */
-    k->conns[c->fd] = NULL;
+    net->io->close(net, c, abort);     /* also stops every report on it */
+    net->conns[c->slot] = NULL;
     if (c->rbuf)
         qs_pool_unref(&core->pool, c->rbuf);
     c->rbuf = NULL;
     if ((c->flags & QC_PENDING) && c->pending.buf)
         qs_pool_unref(&core->pool, (qs_buf *)(uintptr_t)c->pending.buf);
     c->flags &= ~QC_PENDING;
-    qs_conn_out_clear(k, c);
-    blk_unlink(k, c);
+    qs_conn_out_clear(net, c);
+    blk_unlink(net, c);
     if (c->flags & QC_COUNTED)
         QS_SUB(core->st.paused_conns, 1);
     QS_SUB(core->st.conns_open, 1);
@@ -381,10 +351,10 @@ void qs_conn_close(qs_kernel *k, qs_conn *c, int abort)
     if (core->cfg.stream_mode) {
         qs_event ev = {.kind = QS_EV_CLOSED, .level = core->cfg.levels - 1, .conn = c->id};
         c->flags = QC_ZOMBIE;
-        if (emit_fair(k, &ev) < 0) {
+        if (emit_fair(net, &ev) < 0) {
             c->pending = ev;
             c->flags |= QC_PENDING;
-            blk_link(k, c, (int)ev.level);
+            blk_link(net, c, (int)ev.level);
             return;
         }
     }
@@ -392,11 +362,11 @@ void qs_conn_close(qs_kernel *k, qs_conn *c, int abort)
 }
 
 /* Deliver the held event and carry on where the conn stopped. */
-static void resume(qs_kernel *k, qs_conn *c)
+static void resume(qs_net *net, qs_conn *c)
 {
     if (c->flags & QC_PENDING) {
-        if (qs_conn_emit(k, &c->pending) < 0) {
-            blk_link(k, c, (int)c->pending.level);
+        if (qs_conn_emit(net, &c->pending) < 0) {
+            blk_link(net, c, (int)c->pending.level);
             return;
         }
         c->flags &= ~QC_PENDING;
@@ -405,60 +375,130 @@ static void resume(qs_kernel *k, qs_conn *c)
         free(c);
         return;
     }
-    if (rx_scan(k, c, 0) == 0) {
-        qs_conn_update(k, c);
-        qs_conn_finish(k, c);
+    if (rx_scan(net, c, 0) == 0) {
+        qs_conn_update(net, c);
+        qs_conn_finish(net, c);
     }
 }
 
-void qs_conn_retry_blocked(qs_kernel *k)
+void qs_conn_retry_blocked(qs_net *net)
 {
-    qs_core *core = k->core;
+    qs_core *core = net->core;
     for (int l = 0; l < core->cfg.levels; l++) {
-        qs_conn *h = &k->blk[l];
+        qs_conn *h = &net->blk[l];
         while (h->blk_next != h && qs_ring_space(&core->ev[l]) > 0) {
             qs_conn *c = h->blk_next;
-            blk_unlink(k, c);
-            resume(k, c);
+            blk_unlink(net, c);
+            resume(net, c);
         }
     }
-    qs_conn *h = &k->blk[QS_POOL_WAIT];
+    qs_conn *h = &net->blk[QS_POOL_WAIT];
     while (h->blk_next != h && !qs_pool_empty(&core->pool)) {
         qs_conn *c = h->blk_next;
-        blk_unlink(k, c);
+        blk_unlink(net, c);
         if (!c->rbuf) {                /* it blocked before a read: reserve one */
             c->rbuf = qs_pool_get(&core->pool);
             c->rstart = c->rend = 0;
         }
-        resume(k, c);
+        resume(net, c);
     }
 }
 
-int qs_conn_blocked_ready(qs_kernel *k)
+int qs_conn_blocked_ready(qs_net *net)
 {
-    qs_core *core = k->core;
+    qs_core *core = net->core;
     for (int l = 0; l < core->cfg.levels; l++)
-        if (k->blk[l].blk_next != &k->blk[l] && qs_ring_space(&core->ev[l]) > 0)
+        if (net->blk[l].blk_next != &net->blk[l] && qs_ring_space(&core->ev[l]) > 0)
             return 1;
-    return k->blk[QS_POOL_WAIT].blk_next != &k->blk[QS_POOL_WAIT] && !qs_pool_empty(&core->pool);
+    return net->blk[QS_POOL_WAIT].blk_next != &net->blk[QS_POOL_WAIT] && !qs_pool_empty(&core->pool);
 }
 
 /* Shutdown: close every conn and forget every held event, releasing the
  * buffers they hold.  CLOSED events go out only where a ring has room. */
-void qs_conn_drop_all(qs_kernel *k)
+void qs_conn_drop_all(qs_net *net)
 {
-    qs_core *core = k->core;
-    for (uint32_t fd = 0; fd < k->nconns; fd++)
-        if (k->conns[fd])
-            qs_conn_close(k, k->conns[fd], 0);
+    qs_core *core = net->core;
+    for (uint32_t i = 0; i < net->nconns; i++)
+        if (net->conns[i])
+            qs_conn_close(net, net->conns[i], 0);
     for (int l = 0; l <= QS_POOL_WAIT; l++) {
-        qs_conn *h = &k->blk[l];
+        qs_conn *h = &net->blk[l];
         while (h->blk_next != h) {
             qs_conn *c = h->blk_next;
-            blk_unlink(k, c);
+            blk_unlink(net, c);
             if ((c->flags & QC_PENDING) && c->pending.buf)
                 qs_pool_unref(&core->pool, (qs_buf *)(uintptr_t)c->pending.buf);
             free(c);   /* only zombies are left on the lists now */
         }
     }
+}
+
+int qs_net_init(qs_net *net, qs_core *core, const qs_conn_io *io, uint32_t slots)
+{
+    memset(net, 0, sizeof(*net));
+    net->core = core;
+    net->io = io;
+    for (int i = 0; i <= QS_POOL_WAIT; i++)
+        net->blk[i].blk_next = net->blk[i].blk_prev = &net->blk[i];
+    /* sized up front for the usual number of conns: no realloc while busy */
+    net->conns = calloc(slots, sizeof(*net->conns));
+    if (!net->conns)
+        return -ENOMEM;
+    net->nconns = slots;
+    return 0;
+}
+
+void qs_net_destroy(qs_net *net)
+{
+    qs_conn_out_cache_free(net);
+    free(net->conns);
+    free(net->owed);
+    net->conns = NULL;
+    net->owed = NULL;
+}
+
+int qs_net_publish(qs_net *net)
+{
+    unsigned t = net->touched;
+    if (!t)
+        return 0;
+    uint64_t n = 0;
+    for (int l = 0; l < net->core->cfg.levels; l++)
+        if (t & (1u << l)) {
+            qs_ring *r = &net->core->ev[l];
+            n += r->ptail - atomic_load_explicit(&r->tail, memory_order_relaxed);
+            qs_ring_publish(r);
+        }
+    net->touched = 0;
+    return n > INT32_MAX ? INT32_MAX : (int)n;
+}
+
+int qs_net_owed_ready(qs_net *net)
+{
+    for (int i = 0; i < net->nowed; i++) {
+        qs_conn *c = qs_conn_lookup(net, net->owed[i]);
+        if (!c || qs_ring_space(&net->core->ev[c->notify_level]) > 0)
+            return 1;
+    }
+    return 0;
+}
+
+int qs_net_cmds_waiting(qs_net *net)
+{
+    for (int l = 0; l < net->core->cfg.levels; l++)
+        if (qs_ring_count(&net->core->cmd[l]))
+            return 1;
+    return 0;
+}
+
+int qs_net_work(qs_net *net)
+{
+    qs_core *core = net->core;
+    int ncmd = qs_conn_run_commands(net);
+    if (ncmd)
+        QS_ADD(core->cmd_gen, 1);
+    qs_conn_retry_blocked(net);
+    if (net->nowed)
+        qs_conn_retry_owed(net);
+    return ncmd;
 }

@@ -1,0 +1,657 @@
+/*
+ * backend_ustack.c -- the user-space backend: qstack's own TCP/IP stack
+ * (qstack/native/ustack/) over a TAP or DPDK driver, under the same
+ * connection layer as the kernel backend (net.h).
+ *
+ * A conn's socket is a TCP control block; it costs no file descriptor, so
+ * the number of connections is bounded by memory, not by RLIMIT_NOFILE.
+ *
+ * Readiness.  The stack reports readable/writable/eof/closed from inside
+ * its entry points (a frame arriving, a timer, a send).  Those callbacks
+ * only put the conn on the ready list; the loop walks the list after the
+ * stack returned, so the conn layer never runs inside the stack, and the
+ * stack never inside the conn layer.  The list is level-triggered: a conn
+ * that still has bytes to read after its read goes back on it for the next
+ * iteration, as a level-triggered epoll would report it again.
+ *
+ * The loop, both layouts (as backend_kernel.c): read the clock once, poll
+ * the stack (bursts of frames, then its timers), walk the ready list
+ * (reads become events), publish, run the hub's commands (sends go into
+ * the control blocks' send queues and out as frames), walk the list again
+ * (writables), publish.  Sleeping: an epoll set holds the driver's fd
+ * (TAP), a timerfd armed for the stack's next timer (or, for a poll-mode
+ * driver with no fd, a short poll interval) and, threaded, the stack
+ * eventfd.  Inline, the same epoll fd is what the hub's loop watches.
+ *
+ * Priority.  The stack classifies each frame with the same native rules
+ * and processes a burst level 0 first (ustack/prio.c), so the readable
+ * callbacks, hence the ready list, hence the events, come in level order.
+ *
+ * Shutdown: stop accepting and reading, run the hub's last commands until
+ * every reply is in a send queue, close every conn (FIN after its data),
+ * keep the stack running until the peers acknowledged, all within the
+ * grace period; what is still open then is reset, so no peer hangs.
+ */
+#include "net.h"
+#include "ustack.h"
+#include <stdlib.h>
+#include <string.h>
+#include <errno.h>
+#include <unistd.h>
+#include <sys/epoll.h>
+#include <sys/random.h>
+#include <sys/timerfd.h>
+
+#define U_POLL_ROUNDS 16             /* stack polls per iteration at most */
+#define U_POLL_MODE_NS 50000LL       /* poll-mode driver: look again after 50 us idle */
+#define U_TAG_DRV 1
+#define U_TAG_TIMER 2
+#define U_TAG_WAKE 3
+#define QC_READY QC_IO_A             /* on the ready list */
+#define QC_DOWN QC_IO_B              /* the stack reported the connection closed */
+
+typedef struct qs_ubackend {
+    qs_net net;                      /* first: the conn layer's net is the backend */
+    qs_ustack s;
+    int ep, timer_fd, drv_fd;
+    int64_t timer_at;                /* what timer_fd is armed for, 0 if disarmed */
+    uint16_t ports[QS_MAX_LISTEN];
+    int nports;
+    int64_t *ready;                  /* conn ids with socket work */
+    uint32_t nready, ready_cap;
+    int32_t *free_slots;             /* slots of closed conns, reused first */
+    uint32_t nfree, free_cap, next_slot;
+    qs_au64 snap_conns, snap_bufs, snap_rx, snap_tx, snap_drops, snap_rexmit;
+} qs_ubackend;
+
+/* ---------------------------------------------------------------- ready list */
+
+static void ready_add(qs_ubackend *u, qs_conn *c)
+{
+    if (c->flags & QC_READY)
+        return;
+    if (u->nready == u->ready_cap) {
+        uint32_t cap = u->ready_cap ? u->ready_cap * 2 : 1024;
+        int64_t *r = realloc(u->ready, cap * sizeof(*r));
+        if (!r)
+            return;                  /* out of memory: the next report retries */
+        u->ready = r;
+        u->ready_cap = cap;
+    }
+    c->flags |= QC_READY;
+    u->ready[u->nready++] = c->id;
+}
+
+static qs_conn *conn_of(qs_ubackend *u, qs_tcb *t)
+{
+    return t->user ? qs_conn_lookup(&u->net, (int64_t)t->user) : NULL;
+}
+
+static int has_input(const qs_conn *c)
+{
+    const qs_tcb *t = c->sock;
+    return t->rcvq_len || (t->flags & QT_RCV_SHUT) || (c->flags & QC_DOWN);
+}
+
+/* What a level-triggered poll would report for one conn. */
+static void on_sock(qs_ubackend *u, qs_conn *c)
+{
+    qs_net *net = &u->net;
+    int64_t id = c->id;
+    if ((c->mask & QS_WANT_IN) && has_input(c)) {
+        qs_conn_readable(net, c);
+        if (!(c = qs_conn_lookup(net, id)))
+            return;
+        if ((c->mask & QS_WANT_IN) && has_input(c))
+            ready_add(u, c);         /* more than one read's worth: again next time */
+    } else if ((c->flags & QC_DOWN) && c->sock_err && !(c->mask & QS_WANT_OUT)) {
+        qs_conn_close(net, c, 0);    /* reset while not reading */
+        return;
+    }
+    if ((c->mask & QS_WANT_OUT) && (c->flags & QC_WANT_OUT) &&
+        ((c->flags & QC_DOWN) || qs_tcp_send_space(&u->s, c->sock) > 0))
+        qs_conn_writable(net, c);
+}
+
+/* Walk the conns ready now; reports made meanwhile wait for the next walk. */
+static void run_ready(qs_ubackend *u)
+{
+    uint32_t n0 = u->nready;
+    for (uint32_t i = 0; i < n0; i++) {
+        qs_conn *c = qs_conn_lookup(&u->net, u->ready[i]);
+        if (!c)
+            continue;
+        c->flags &= ~QC_READY;
+        on_sock(u, c);
+    }
+    memmove(u->ready, u->ready + n0, (u->nready - n0) * sizeof(*u->ready));
+    u->nready -= n0;
+}
+
+/* ---------------------------------------------------------------- sockets */
+
+static int64_t us_read(qs_net *net, qs_conn *c, uint8_t *p, uint64_t len)
+{
+    qs_ubackend *u = (qs_ubackend *)net;
+    uint32_t n = len > (1u << 30) ? 1u << 30 : (uint32_t)len;
+    int r = qs_tcp_recv(&u->s, c->sock, p, n, net->now);
+    if (r > 0)
+        return r;
+    if (c->flags & QC_DOWN)
+        return c->sock_err;          /* 0: the end of the stream */
+    return r;                        /* 0 (FIN) or -EAGAIN */
+}
+
+static int64_t us_writev(qs_net *net, qs_conn *c, const struct iovec *iov, int n)
+{
+    qs_ubackend *u = (qs_ubackend *)net;
+    int64_t total = 0;
+    for (int i = 0; i < n; i++) {
+        uint32_t len = iov[i].iov_len > (1u << 30) ? 1u << 30 : (uint32_t)iov[i].iov_len;
+        int r = qs_tcp_send(&u->s, c->sock, iov[i].iov_base, len, net->now);
+        if (r < 0) {
+            if (total)
+                return total;
+            return r == -ENOBUFS ? -EAGAIN : r;
+        }
+        total += r;
+        if ((uint32_t)r < len)
+            break;
+    }
+    return total ? total : -EAGAIN;
+}
+
+static void us_want(qs_net *net, qs_conn *c, uint32_t want)
+{
+    qs_ubackend *u = (qs_ubackend *)net;
+    if (((want & QS_WANT_IN) && has_input(c)) ||
+        ((want & QS_WANT_OUT) && qs_tcp_send_space(&u->s, c->sock) > 0))
+        ready_add(u, c);
+}
+
+static void slot_put(qs_ubackend *u, int slot)
+{
+    if (u->nfree == u->free_cap) {
+        uint32_t cap = u->free_cap ? u->free_cap * 2 : 1024;
+        int32_t *f = realloc(u->free_slots, cap * sizeof(*f));
+        if (!f)
+            return;                  /* the slot is lost, not reused */
+        u->free_slots = f;
+        u->free_cap = cap;
+    }
+    u->free_slots[u->nfree++] = slot;
+}
+
+static void us_close(qs_net *net, qs_conn *c, int abort)
+{
+    qs_ubackend *u = (qs_ubackend *)net;
+    qs_tcb *t = c->sock;
+    t->user = 0;                     /* no more reports for this conn */
+    if (abort)
+        qs_tcp_abort(&u->s, t, net->now);
+    else
+        qs_tcp_close(&u->s, t, net->now);   /* FIN after the queued bytes */
+    slot_put(u, c->slot);
+}
+
+static void us_stop_accept(qs_net *net)
+{
+    qs_ubackend *u = (qs_ubackend *)net;
+    for (int i = 0; i < u->nports; i++)
+        qs_tcp_unlisten(&u->s, u->ports[i]);
+    u->nports = 0;
+}
+
+static const qs_conn_io ustack_io = {
+    .read = us_read, .writev = us_writev, .want = us_want, .close = us_close,
+    .stop_accept = us_stop_accept,
+};
+
+/* ---------------------------------------------------------------- stack reports */
+
+static void on_accepted(void *ctx, qs_tcb *t, int port)
+{
+    qs_ubackend *u = ctx;
+    int slot = u->nfree ? u->free_slots[--u->nfree] : (int)u->next_slot++;
+    qs_conn *c = qs_conn_new(&u->net, slot, t);
+    if (!c) {
+        slot_put(u, slot);
+        qs_tcp_abort(&u->s, t, u->net.now);
+        return;
+    }
+    t->user = (uint64_t)c->id;
+}
+
+static void on_ready(void *ctx, qs_tcb *t)
+{
+    qs_ubackend *u = ctx;
+    qs_conn *c = conn_of(u, t);
+    if (c)
+        ready_add(u, c);
+}
+
+static void on_closed(void *ctx, qs_tcb *t, int err)
+{
+    qs_ubackend *u = ctx;
+    qs_conn *c = conn_of(u, t);
+    if (!c)
+        return;
+    c->flags |= QC_DOWN;
+    c->sock_err = err;
+    ready_add(u, c);
+}
+
+static void on_connected(void *ctx, qs_tcb *t)
+{
+    (void)ctx;
+    (void)t;                         /* the server side opens no connections */
+}
+
+static const qs_tcp_app_ops app_ops = {
+    .accepted = on_accepted, .connected = on_connected, .readable = on_ready,
+    .writable = on_ready, .eof = on_ready, .closed = on_closed,
+};
+
+/* ---------------------------------------------------------------- set-up */
+
+static int open_driver(const qs_net_config *g, qs_netdrv **out)
+{
+    int err = 0;
+    if (g->driver == QS_DRIVER_TAP)
+        *out = qs_tap_open(g->tap, &err);
+    else if (g->driver == QS_DRIVER_DPDK)
+        *out = qs_dpdk_open(g->dpdk_lib, g->eal, &err);
+    else
+        return -EINVAL;
+    return *out ? 0 : err ? err : -ENODEV;
+}
+
+/* The fault injector around the stack's driver (after qs_ustack_init: it
+ * takes the pool the stack gave the driver). */
+static int inject_faults(qs_ustack *s, const qs_net_config *g)
+{
+    if (!(g->loss > 0 || g->dup > 0 || g->reorder > 0 || g->corrupt > 0))
+        return 0;
+    qsu_fault f = {.loss = g->loss, .dup = g->dup, .reorder = g->reorder, .corrupt = g->corrupt,
+                   .reorder_ns = 2000000, .seed = g->fault_seed, .rx = 1};
+    return qs_fault_rewrap(&s->drv, &f);
+}
+
+static void stack_config(const qs_config *cfg, qs_netdrv *drv, qsu_config *q)
+{
+    const qs_net_config *g = &cfg->net;
+    memset(q, 0, sizeof(*q));
+    static const uint8_t zero[6];
+    if (memcmp(g->mac, zero, 6))
+        memcpy(q->mac, g->mac, 6);
+    else if (qs_netdrv_mac(drv, q->mac) < 0) {
+        /* a random locally administered unicast address */
+        if (getrandom(q->mac, 6, 0) != 6)
+            memcpy(q->mac, (uint8_t[6]){0, 0x5e, 0x10, 0x51, 0x7a, 0xc1}, 6);
+        q->mac[0] = (uint8_t)((q->mac[0] & 0xfe) | 0x02);
+    }
+    q->ip = g->ip;
+    q->prefix_len = g->prefix_len;
+    q->gateway = g->gateway;
+    q->buf_size = 2048;
+    q->buf_count = g->buffers;
+    q->max_conns = g->max_conns;
+    q->syn_backlog = g->syn_backlog;
+    q->syncookies = 1;
+    q->snd_buf = g->snd_buf;
+    q->rcv_buf = g->rcv_buf;
+    q->mss = 1460;
+    q->wscale = 7;
+    q->sack = 0;                     /* until the sender uses SACK (docs/USTACK.md) */
+    q->init_rto_ms = 1000;
+    q->min_rto_ms = 200;
+    q->max_rto_ms = 60000;
+    q->delack_ms = 40;
+    q->msl_ms = 30000;
+    q->max_retries = 15;
+    q->syn_retries = 6;
+    if (getrandom(&q->secret, sizeof(q->secret), 0) != sizeof(q->secret))
+        q->secret = (uint64_t)qs_now_ns();
+    q->levels = cfg->levels;
+    q->nrules = cfg->nrules;
+    for (int i = 0; i < cfg->nrules; i++) {
+        q->rules[i].offset = cfg->rules[i].offset;
+        q->rules[i].mask = cfg->rules[i].mask;
+        q->rules[i].value = cfg->rules[i].value;
+        q->rules[i].level = cfg->rules[i].level;
+    }
+    q->default_level = cfg->default_level;
+}
+
+static int ep_add(int ep, int fd, uint64_t tag)
+{
+    struct epoll_event e = {.events = EPOLLIN, .data.u64 = tag};
+    return epoll_ctl(ep, EPOLL_CTL_ADD, fd, &e) < 0 ? -errno : 0;
+}
+
+static void u_destroy(qs_core *core);
+
+static int u_init(qs_core *core)
+{
+    qs_ubackend *u = calloc(1, sizeof(*u));
+    if (!u)
+        return -ENOMEM;
+    u->ep = u->timer_fd = u->drv_fd = -1;
+    core->be_state = u;
+    int rc = qs_net_init(&u->net, core, &ustack_io, 1024);
+    qs_netdrv *drv = NULL;
+    if (rc == 0)
+        rc = open_driver(&core->cfg.net, &drv);
+    if (rc == 0) {
+        qsu_config q;
+        stack_config(&core->cfg, drv, &q);
+        rc = qs_ustack_init(&u->s, &q, drv, &app_ops, u);
+        if (rc < 0) {
+            drv->ops->destroy(drv);
+            memset(&u->s, 0, sizeof(u->s));
+        }
+    }
+    if (rc == 0)
+        rc = inject_faults(&u->s, &core->cfg.net);
+    if (rc == 0) {
+        u->drv_fd = qs_netdrv_fd(u->s.drv);
+        u->ep = epoll_create1(EPOLL_CLOEXEC);
+        u->timer_fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+        if (u->ep < 0 || u->timer_fd < 0)
+            rc = -errno;
+    }
+    if (rc == 0)
+        rc = ep_add(u->ep, u->timer_fd, U_TAG_TIMER);
+    if (rc == 0 && u->drv_fd >= 0)
+        rc = ep_add(u->ep, u->drv_fd, U_TAG_DRV);
+    if (rc == 0 && !core->cfg.inline_stack)
+        rc = ep_add(u->ep, core->stack_efd, U_TAG_WAKE);
+    if (rc < 0) {
+        u_destroy(core);
+        return rc;
+    }
+    core->poll_fd = u->ep;
+    return 0;
+}
+
+static int u_listen(qs_core *core, int fd)
+{
+    (void)core;
+    (void)fd;
+    return -ENOTSUP;                 /* no kernel sockets here: qs_core_listen_port */
+}
+
+static int u_listen_port(qs_core *core, int port)
+{
+    qs_ubackend *u = core->be_state;
+    if (port < 1 || port > 65535)
+        return -EINVAL;
+    if (u->nports == QS_MAX_LISTEN)
+        return -ENOSPC;
+    int rc = qs_tcp_listen(&u->s, (uint16_t)port, 0);
+    if (rc < 0)
+        return rc;
+    u->ports[u->nports++] = (uint16_t)port;
+    return 0;
+}
+
+/* ---------------------------------------------------------------- the loop */
+
+static void snapshot(qs_ubackend *u)
+{
+    const qsu_stats *st = &u->s.st;
+    QS_SET(u->snap_conns, u->s.nconns);
+    QS_SET(u->snap_bufs, u->s.pool.in_use);
+    QS_SET(u->snap_rx, st->rx_frames);
+    QS_SET(u->snap_tx, st->tx_frames);
+    QS_SET(u->snap_drops, st->drv_drop + st->eth_short + st->eth_bad_dst + st->ip_bad_hdr +
+                              st->ip_bad_csum + st->tcp_bad_hdr + st->tcp_bad_csum +
+                              st->tcp_bad_opts);
+    QS_SET(u->snap_rexmit, st->tcp_rexmit);
+}
+
+/* Frames and timers: bursts until the driver has no more (bounded). */
+static int poll_stack(qs_ubackend *u)
+{
+    int work = 0;
+    for (int i = 0; i < U_POLL_ROUNDS; i++) {
+        int n = qs_ustack_poll(&u->s, u->net.now);
+        if (n <= 0)
+            break;
+        work += n;
+    }
+    return work;
+}
+
+/* Arm the timerfd for the stack's next deadline (or the poll interval of a
+ * driver without an fd).  Re-arming (or disarming) also clears an expiry,
+ * so a fired timer never keeps the epoll set readable. */
+static void arm_timer(qs_ubackend *u, int busy)
+{
+    int64_t at = qs_ustack_next_event(&u->s);
+    if (u->drv_fd < 0 || busy) {
+        int64_t soon = u->net.now + (busy ? 1 : U_POLL_MODE_NS);
+        if (soon < at)
+            at = soon;
+    }
+    if (at == INT64_MAX)
+        at = 0;
+    /* armed for sooner and not fired yet: leave it (waking early is harmless,
+     * and every ACK pushing an RTO back would otherwise cost a syscall) */
+    if (u->timer_at > u->net.now && (at == 0 || u->timer_at <= at))
+        return;
+    if (!at && !u->timer_at)
+        return;
+    if (at && at <= u->net.now)
+        at = u->net.now + 1;
+    struct itimerspec its = {.it_value = {.tv_sec = at / 1000000000, .tv_nsec = at % 1000000000}};
+    timerfd_settime(u->timer_fd, TFD_TIMER_ABSTIME, &its, NULL);
+    u->timer_at = at;
+}
+
+/* One round of socket work: the stack, then the conns it made ready. */
+static int u_net_round(qs_ubackend *u)
+{
+    int work = poll_stack(u);
+    if (u->nready) {
+        run_ready(u);
+        work++;
+    }
+    return work;
+}
+
+/* Sleep on the epoll set (the driver fd, the timer, the wake eventfd) for
+ * at most timeout_ms (-1: until something happens). */
+static void u_wait(qs_ubackend *u, int timeout_ms)
+{
+    struct epoll_event evs[4];
+    int64_t t0 = qs_now_ns();
+    int n = epoll_wait(u->ep, evs, 4, timeout_ms);
+    u->net.now = qs_now_ns();
+    if (u->net.core->cfg.inline_stack)
+        u->net.core->step_idle_ns += u->net.now - t0;
+    for (int i = 0; i < n; i++)
+        if (evs[i].data.u64 == U_TAG_WAKE) {
+            uint64_t v;
+            if (read(u->net.core->stack_efd, &v, 8) < 0) { /* drained by someone else */ }
+        }
+}
+
+static int tcbs_busy(qs_ubackend *u)
+{
+    for (uint32_t i = 0; i <= u->s.flow_mask; i++)
+        for (qs_tcb *t = u->s.flows[i]; t; t = t->hnext)
+            if (t->state != QS_TCP_TIME_WAIT && t->state != QS_TCP_FIN_WAIT_2 &&
+                t->state != QS_TCP_CLOSED)
+                return 1;
+    return 0;
+}
+
+static void reset_all(qs_ubackend *u)
+{
+    qs_ustack_enter(&u->s);
+    for (uint32_t i = 0; i <= u->s.flow_mask; i++)
+        for (qs_tcb *t = u->s.flows[i], *n; t; t = n) {
+            n = t->hnext;
+            if (t->state != QS_TCP_TIME_WAIT && t->state != QS_TCP_SYN_RECEIVED)
+                qs_tcp_send_ctl(&u->s, t, QS_TH_RST, t->snd_max, u->net.now);
+        }
+    qs_ustack_leave(&u->s);          /* the RSTs leave here */
+}
+
+static void u_quit(qs_ubackend *u)
+{
+    qs_net *net = &u->net;
+    qs_core *core = net->core;
+    net->now = qs_now_ns();
+    int64_t deadline = net->now + core->grace_ns;
+    net->quitting = 1;
+    us_stop_accept(net);
+    qs_net_stop_reading(net);
+    /* the hub's last replies: into the send queues */
+    for (;;) {
+        qs_net_work(net);
+        u_net_round(u);
+        qs_net_publish(net);
+        if (!qs_net_cmds_waiting(net) && net->nqueued == 0)
+            break;
+        net->now = qs_now_ns();
+        if (net->now >= deadline)
+            break;
+        if (qs_net_cmds_waiting(net))
+            continue;
+        arm_timer(u, 0);
+        u_wait(u, 1);
+    }
+    qs_conn_drop_all(net);           /* FIN after each conn's data */
+    qs_net_publish(net);
+    /* ... acknowledged by the peers, within the grace period */
+    while (tcbs_busy(u) && (net->now = qs_now_ns()) < deadline) {
+        u_net_round(u);
+        arm_timer(u, 0);
+        u_wait(u, 1);
+    }
+    reset_all(u);
+    snapshot(u);
+    if (!core->cfg.inline_stack)
+        qs_core_wake_hub(core);
+}
+
+static int work_waiting(qs_ubackend *u)
+{
+    return qs_net_cmds_waiting(&u->net) || qs_conn_blocked_ready(&u->net) ||
+           qs_net_owed_ready(&u->net) || u->nready;
+}
+
+/* Threaded layout: the stack thread's body (see backend_kernel.c's k_run
+ * for the sleep handshake). */
+static void u_run(qs_core *core)
+{
+    qs_ubackend *u = core->be_state;
+    qs_net *net = &u->net;
+    int sleep = 0;
+    while (!atomic_load_explicit(&core->quit, memory_order_acquire)) {
+        if (sleep)
+            u_wait(u, -1);
+        atomic_store_explicit(&core->stack_sleeping, 0, memory_order_relaxed);
+        net->now = qs_now_ns();
+        int work = u_net_round(u);
+        if (qs_net_publish(net))
+            qs_core_wake_hub(core);
+        int ncmd = qs_net_work(net);
+        if (u->nready)
+            run_ready(u);
+        int pushed = qs_net_publish(net);
+        if (pushed || (ncmd && atomic_load_explicit(&core->hub_want_space, memory_order_relaxed)))
+            qs_core_wake_hub(core);
+        if ((sleep = !(work || ncmd || work_waiting(u))) == 0)
+            continue;
+        snapshot(u);
+        arm_timer(u, 0);
+        atomic_store_explicit(&core->stack_want_space, net->nblocked_ev > 0 || net->nowed > 0,
+                              memory_order_relaxed);
+        atomic_store_explicit(&core->stack_sleeping, 1, memory_order_relaxed);
+        atomic_thread_fence(memory_order_seq_cst);
+        if (work_waiting(u) || atomic_load_explicit(&core->quit, memory_order_relaxed)) {
+            atomic_exchange(&core->stack_sleeping, 0);
+            sleep = 0;
+        }
+    }
+    u_quit(u);
+}
+
+/* Inline layout: one iteration in the hub's thread (see k_step). */
+static int u_step(qs_core *core, int timeout)
+{
+    qs_ubackend *u = core->be_state;
+    qs_net *net = &u->net;
+    net->now = qs_now_ns();
+    qs_net_work(net);
+    if (u->nready)
+        run_ready(u);
+    if (timeout != QS_STEP_NO_POLL) {
+        if (net->touched || u->nready)
+            timeout = 0;
+        if (timeout != 0) {
+            arm_timer(u, 0);
+            u_wait(u, timeout);
+        }
+        u_net_round(u);
+    }
+    snapshot(u);
+    arm_timer(u, u->nready > 0);     /* conns still ready: wake the hub again at once */
+    return qs_net_publish(net);
+}
+
+static void u_destroy(qs_core *core)
+{
+    qs_ubackend *u = core->be_state;
+    if (!u)
+        return;
+    if (u->net.conns)
+        qs_conn_drop_all(&u->net);
+    if (u->s.drv) {
+        u->s.drv->ops->destroy(u->s.drv);   /* the driver holds frames of the pool */
+        u->s.drv = NULL;
+    }
+    if (u->s.pool.slab)
+        qs_ustack_destroy(&u->s);
+    if (u->ep >= 0)
+        close(u->ep);
+    if (u->timer_fd >= 0)
+        close(u->timer_fd);
+    core->poll_fd = -1;
+    qs_net_destroy(&u->net);
+    free(u->ready);
+    free(u->free_slots);
+    free(u);
+    core->be_state = NULL;
+}
+
+static void u_stats(qs_core *core, qs_stats *o)
+{
+    qs_ubackend *u = core->be_state;
+    if (!u)
+        return;
+    o->net_conns = QS_GET(u->snap_conns);
+    o->net_bufs_in_use = QS_GET(u->snap_bufs);
+    o->net_bufs_total = u->s.pool.count;
+    o->net_rx_frames = QS_GET(u->snap_rx);
+    o->net_tx_frames = QS_GET(u->snap_tx);
+    o->net_drops = QS_GET(u->snap_drops);
+    o->net_rexmit = QS_GET(u->snap_rexmit);
+    /* control block + its flow table slot + the conn layer's record */
+    o->net_bytes_per_conn = sizeof(qs_tcb) + 16 + sizeof(qs_tcb *) + sizeof(qs_conn) + 16 +
+                            sizeof(qs_conn *);
+}
+
+const qs_backend qs_backend_ustack = {
+    .name = "ustack",
+    .init = u_init,
+    .listen = u_listen,
+    .listen_port = u_listen_port,
+    .run = u_run,
+    .step = u_step,
+    .destroy = u_destroy,
+    .stats = u_stats,
+};

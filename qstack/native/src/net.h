@@ -1,0 +1,152 @@
+/*
+ * net.h -- the connection layer both backends share: framing into events,
+ * backpressure, commands and out queues, close (conn.c, conn_cmd.c).
+ *
+ * One application side over two network stacks (as Seastar has one API over
+ * its posix and native stacks): a backend owns the sockets and tells this
+ * layer what happened (a conn was accepted, is readable, is writable); this
+ * layer moves bytes through the small socket table a backend provides,
+ * qs_conn_io.  The kernel backend (backend_kernel.c) implements it with
+ * read/sendmsg/epoll_ctl on fds; the user-space backend (backend_ustack.c)
+ * with qstack's own TCP, where a conn's socket is a control block.
+ *
+ * Everything here is touched by the stack thread only (or the hub's thread
+ * in the inline layout).
+ */
+#ifndef QS_NET_H
+#define QS_NET_H
+
+#include <sys/uio.h>
+#include "qs_int.h"
+
+#define QS_CMD_BATCH 256
+#define QS_IOV_MAX 64
+#define QS_POOL_WAIT QS_MAX_LEVELS         /* blocked-list index: waiting for a buffer */
+
+/* what a conn wants from its socket (qs_conn.mask) */
+#define QS_WANT_IN 1u
+#define QS_WANT_OUT 4u
+
+typedef struct qs_net qs_net;
+typedef struct qs_conn qs_conn;
+
+/* The socket operations of a backend.  Each returns -errno on failure;
+ * -EAGAIN means "not now" (the backend reports the conn again when it can
+ * go on: readable, or writable while it wants QS_WANT_OUT). */
+typedef struct qs_conn_io {
+    /* > 0 bytes read, 0 end of stream, -EAGAIN, other -errno: conn lost */
+    int64_t (*read)(qs_net *net, qs_conn *c, uint8_t *p, uint64_t len);
+    /* bytes taken (may be short), -EAGAIN, other -errno: conn lost */
+    int64_t (*writev)(qs_net *net, qs_conn *c, const struct iovec *iov, int n);
+    /* the conn's wants changed (QS_WANT_*; 0: neither) */
+    void (*want)(qs_net *net, qs_conn *c, uint32_t want);
+    /* let go of the socket: gracefully, or with a reset if abort */
+    void (*close)(qs_net *net, qs_conn *c, int abort);
+    /* close every listener (QS_CMD_STOP_ACCEPT, shutdown) */
+    void (*stop_accept)(qs_net *net);
+} qs_conn_io;
+
+/* conn flags */
+#define QC_PAUSED    0x001u   /* PAUSE command */
+#define QC_BLOCKED   0x002u   /* on a blocked list (event ring full or pool empty) */
+#define QC_HIGHWATER 0x004u   /* too many unsent bytes */
+#define QC_EOF       0x008u   /* peer shut down its sending side */
+#define QC_STOPREAD  0x010u   /* STOP_READ / shutdown */
+#define QC_CLOSING   0x020u   /* graceful close once the out queue is empty */
+#define QC_ZOMBIE    0x040u   /* socket closed; only a CLOSED event left to emit */
+#define QC_WANT_OUT  0x080u   /* socket buffer full: waiting for EPOLLOUT */
+#define QC_PENDING   0x100u   /* `pending` holds an event to emit first */
+#define QC_NOTIFY    0x200u   /* emit WRITABLE when the out queue empties */
+#define QC_DIRTY     0x400u   /* on the dirty list of the current command batch */
+#define QC_COUNTED   0x800u   /* counted in paused_conns */
+#define QC_NOREAD (QC_PAUSED | QC_BLOCKED | QC_HIGHWATER | QC_EOF | QC_STOPREAD | QC_CLOSING | QC_ZOMBIE)
+#define QC_PAUSEISH (QC_PAUSED | QC_BLOCKED | QC_HIGHWATER)
+
+/* One queued send.  Exactly one owner of the bytes: a buffer reference
+ * (buf), a malloc'ed copy (heap), or neither: borrowed from a byte ring,
+ * valid only until the end of the command batch that queued it. */
+typedef struct qs_out {
+    struct qs_out *next;
+    uint8_t *p;
+    uint64_t len;
+    qs_buf *buf;
+    void *heap;
+} qs_out;
+
+struct qs_conn {
+    int64_t id;
+    int slot;                      /* index in net->conns (kernel: the fd) */
+    uint32_t flags;
+    uint32_t mask;                 /* QS_WANT_* last told to the backend */
+    int8_t blk_on;                 /* blocked list index, -1 if none */
+    int8_t notify_level;
+    int32_t sock_err;              /* ustack: -errno the connection ended with */
+    qs_buf *rbuf;                  /* receive buffer, only while a message is partial */
+    uint64_t rstart, rend;         /* unscanned bytes in rbuf */
+    int64_t inflight;              /* DATA events the hub has not answered */
+    qs_out *oq_head, *oq_tail;
+    qs_out *oq_borrow;             /* first node borrowing the byte ring (this batch) */
+    uint64_t out_bytes;
+    int64_t t_read;                /* CLOCK_MONOTONIC of the last read: t_rx of its messages */
+    struct qs_conn *blk_prev, *blk_next;
+    void *sock;                    /* ustack: the control block */
+    qs_event pending;
+};
+
+/* conn flags a backend may use for its own bookkeeping */
+#define QC_IO_A 0x1000u
+#define QC_IO_B 0x2000u
+
+struct qs_net {
+    qs_core *core;
+    const qs_conn_io *io;
+    qs_conn **conns;               /* indexed by slot */
+    uint32_t nconns;
+    uint32_t gen;
+    qs_conn blk[QS_MAX_LEVELS + 1];   /* blocked-list sentinels; [QS_POOL_WAIT] = pool */
+    uint32_t nblocked_ev;          /* conns blocked on an event ring */
+    int64_t dirty[QS_CMD_BATCH];   /* conns touched by the current command batch */
+    int ndirty;
+    int64_t *owed;                 /* conns owed a WRITABLE the ring had no room for */
+    int nowed, owed_cap;
+    qs_out *out_free;              /* node cache: no malloc per queued send */
+    int nout_free;
+    uint64_t nqueued;              /* conns with unsent bytes */
+    unsigned touched;              /* event rings with unpublished events */
+    int stop_read, quitting;
+    int64_t now;                   /* CLOCK_MONOTONIC of the current iteration: the only
+                                      clock read on the data path (t_rx, latency) */
+};
+
+/* conn.c */
+int qs_net_init(qs_net *net, qs_core *core, const qs_conn_io *io, uint32_t slots);
+void qs_net_destroy(qs_net *net);      /* after qs_conn_drop_all */
+qs_conn *qs_conn_lookup(qs_net *net, int64_t id);
+/* A new connection in `slot` (free in the table); its socket is `sock`
+ * (kernel: slot is the fd).  Returns the conn or NULL (no memory, slot out
+ * of range): the caller then closes the socket itself. */
+qs_conn *qs_conn_new(qs_net *net, int slot, void *sock);
+void qs_conn_readable(qs_net *net, qs_conn *c);
+void qs_conn_close(qs_net *net, qs_conn *c, int abort);
+void qs_conn_update(qs_net *net, qs_conn *c);
+int qs_conn_emit(qs_net *net, const qs_event *ev);
+void qs_conn_retry_blocked(qs_net *net);
+int qs_conn_blocked_ready(qs_net *net);
+void qs_conn_finish(qs_net *net, qs_conn *c);
+void qs_conn_drop_all(qs_net *net);
+
+/* conn_cmd.c */
+int qs_conn_run_commands(qs_net *net);
+void qs_conn_writable(qs_net *net, qs_conn *c);
+void qs_conn_out_clear(qs_net *net, qs_conn *c);
+void qs_conn_retry_owed(qs_net *net);
+void qs_conn_out_cache_free(qs_net *net);
+void qs_net_stop_reading(qs_net *net);
+
+/* Shared pieces of a backend's loop (conn.c). */
+int qs_net_publish(qs_net *net);       /* publish put() events in level order; how many */
+int qs_net_owed_ready(qs_net *net);    /* a WRITABLE owed has ring room now */
+int qs_net_cmds_waiting(qs_net *net);
+int qs_net_work(qs_net *net);          /* commands, blocked conns, owed WRITABLEs */
+
+#endif
