@@ -168,9 +168,18 @@ def intact(r):
             and bytes(r.sha_sent_ba) == bytes(r.sha_recv_ba))
 
 
+def check_timers(n):
+    """No violation of the timer invariant so far (qsu_net_check: whatever
+    waits on a timer -- a retransmission, a window probe, the SWS override --
+    has one armed), checked by the harness after every step."""
+    msg = ffi.new("char[256]")
+    assert lib.qsu_net_check(n.n, msg, 256) == 0, ffi.string(msg).decode()
+
+
 def leak_free(n):
     """Close every handle still open on both sides, settle, and check pools."""
     n.settle(idle=200 * SEC, limit=3600 * SEC)
+    check_timers(n)
     for side in (A, B):
         s = n.stats(side)
         assert s.tcp_conns == 0, (side, s.tcp_conns)
@@ -732,6 +741,145 @@ def test_zero_window_probe_and_reopen():
     finally:
         n.free()
 
+
+def test_rto_resends_a_lost_runt_into_a_small_window():
+    """The TAP stall, reduced: B (not reading) leaves A a window smaller than
+    sender SWS avoidance likes; A fills it with a runt (the SWS override), the
+    runt is lost.  Every RTO must then resend it: routing the retransmission
+    through the SWS check sent nothing, and the backed-off timer fired for
+    ever with nothing to show (8 silent RTOs in 60 s before the fix)."""
+    n, h, hb = opened(b={"rcv_buf": 8192})
+    try:
+        assert n.send(A, h, bytes(20_000)) == 20_000
+        n.run(100 * MS)                                  # B's ACK of 7300: window 1152
+        i = n.info(A, h)
+        assert i.snd_una - i.iss - 1 == 7300 and i.snd_max == i.snd_una and 0 < i.snd_wnd < 1460
+        n.fault(A, loss=1.0, seed=1)                     # the override's runt is lost
+        n.run((i.rexmit_in_ms + 2) * MS)
+        assert n.info(A, h).snd_max - i.snd_una == i.snd_wnd
+        n.fault(A)
+        n.run(2 * SEC)
+        assert n.info(B, hb).rcvq == 7300 + i.snd_wnd   # the RTO resent it
+        s = n.stats(A)
+        assert s.tcp_rto == 1 and s.tcp_rexmit >= 1
+        check_timers(n)
+        n.close(A, h), n.close(B, hb)
+        leak_free(n)
+    finally:
+        n.free()
+
+def test_acks_are_never_numbered_beyond_a_shut_window():
+    """A probes B's zero window, so A's snd_max is one past B's right edge.
+    A's ACKs of B's own data must still carry a sequence number B accepts
+    (the window's edge, as Linux's tcp_acceptable_seq): numbered snd_max
+    they were out of window, dropped unread with their ACK field, and B's
+    data went unacknowledged until A's next probe -- Linux, the peer in the
+    TAP test, then could not free its send buffer and kept its window shut."""
+    n, h, hb = opened(b={"rcv_buf": 8192})
+    try:
+        n.send(A, h, bytes(20_000))                       # B does not read: A probes
+        n.run(1 * SEC)
+        i = n.info(A, h)
+        assert i.snd_wnd == 0 and i.snd_max == i.snd_una + 1 and n.stats(A).tcp_zwp >= 1
+        oow = n.stats(B).tcp_out_of_window
+        n.capture_on(A)
+        assert n.send(B, hb, b"r" * 1000) == 1000
+        n.run(60 * MS)                                    # A's delayed ACK, not its next probe
+        acks = [parse_tcp(f) for f in n.captured(A) if parse_tcp(f)]
+        assert acks and all(a[1] == i.snd_una for a in acks), (acks, i.snd_una)
+        ib = n.info(B, hb)
+        assert ib.snd_una == ib.snd_max                   # B took the ACK
+        assert n.stats(B).tcp_out_of_window == oow
+        n.close(A, h), n.close(B, hb)
+        leak_free(n)
+    finally:
+        n.free()
+
+
+def test_a_zero_window_probe_delivers_its_ack():
+    """RFC 9293 3.10.7.4: with RCV.WND zero no segment is acceptable, "but
+    special allowance should be made to accept valid ACKs".  A window probe
+    (one byte at RCV.NXT) carries the prober's ACK: B must take the ACK and
+    window and drop only the byte.  Dropping the whole segment left two of
+    our stacks with both windows shut deadlocked for good (qsu_echo)."""
+    n, h, hb = opened(b={"rcv_buf": 8192})
+    try:
+        n.send(A, h, bytes(20_000))
+        n.run(1 * SEC)                                    # B's window is shut
+        assert n.info(A, h).snd_wnd == 0
+        n.fault(A, loss=1.0, seed=3)                      # A's ACKs of what B sends are lost
+        assert n.send(B, hb, b"q" * 1000) == 1000
+        n.run(10 * MS)
+        n.fault(A)
+        ib = n.info(B, hb)
+        assert ib.snd_max == ib.snd_una + 1000 and ib.rcv_wnd == 0
+        rcvq, oow = ib.rcvq, n.stats(B).tcp_out_of_window
+        assert n.inject(B, tcp_to(n, B, hb, ACK, payload=b"x")) == 0   # the probe
+        ib = n.info(B, hb)
+        assert ib.snd_una == ib.snd_max                   # its ACK counted
+        assert ib.rcvq == rcvq and n.stats(B).tcp_out_of_window == oow   # its byte did not
+        n.close(A, h), n.close(B, hb)
+        leak_free(n)
+    finally:
+        n.free()
+
+
+def echo_net(seed, loss, **fault):
+    """The TAP test's shape on the fake clock (qsu_echo): SACK off as against
+    Linux, 200 us each way, the echo server pausing for up to 300 ms about
+    every 50 ms, `loss` both ways."""
+    n = Net(latency=200_000, a={"sack": 0}, b={"sack": 0})
+    n.listen(B, 80)
+    h, hb = n.pair()
+    if loss or fault:
+        n.fault(A, seed=seed, loss=loss, **fault)
+        n.fault(B, seed=seed + 1000, loss=loss, **fault)
+    return n, h, hb
+
+
+def echo(n, h, hb, size, seed, every=50 * MS, pause=300 * MS, limit=300 * SEC):
+    r = ffi.new("qsu_bulk_result *")
+    rc = lib.qsu_echo(n.n, h, hb, size, seed, every, pause, limit, r)
+    return rc, r
+
+
+def test_writable_callback_sends_against_the_new_window():
+    """An application that writes from its writable callback (the TAP client)
+    must see the window of the ACK that freed the space: with the callback
+    run before the window update, it sent against the previous window and
+    past the right edge of a slow reader (about 60 dropped segments per run
+    here), data the receiver threw away and the sender later had to time out."""
+    for seed in range(5):
+        n, h, hb = echo_net(seed, 0.0)
+        try:
+            rc, r = echo(n, h, hb, 5_000_000, seed, every=5 * MS, pause=20 * MS)
+            assert rc == 0 and intact(r), seed
+            assert n.stats(B).tcp_out_of_window == 0, seed
+            assert n.stats(A).tcp_rto == 0, seed
+            n.close(A, h), n.close(B, hb)
+            leak_free(n)
+        finally:
+            n.free()
+
+
+@pytest.mark.parametrize("loss,seeds", [(0.01, range(40)), (0.02, range(20))])
+def test_echo_with_a_pausing_server_under_loss(loss, seeds):
+    """The TAP stall (docs/USTACK.md), reproduced on the fake clock: an echo
+    whose server stops now and then, at 1-2% loss both ways.  Before the
+    fixes runs stalled for the whole 300 s limit, both windows shut and
+    every ACK of one side dropped as out of window: 6 of these 40 seeds at
+    1% (9, 18, 23, 25, 31, 33) and 8 of these 20 at 2%."""
+    for seed in seeds:
+        n, h, hb = echo_net(seed, loss)
+        try:
+            rc, r = echo(n, h, hb, 2_000_000, seed)
+            assert rc == 0 and intact(r), (seed, rc, r.recv_ba)
+            assert r.sim_ns < 30 * SEC, (seed, r.sim_ns)
+            n.fault(A), n.fault(B)
+            n.close(A, h), n.close(B, hb)
+            leak_free(n)
+        finally:
+            n.free()
 
 def test_keepalive_probes_then_times_out():
     ka = {"keepalive_idle_ms": 10_000, "keepalive_intvl_ms": 1000, "keepalive_cnt": 3}

@@ -190,6 +190,18 @@ int qsu_fuzz(qsu_net *n, int side, uint64_t seed, int count);
 int qsu_bulk(qsu_net *n, int ha, int hb, uint64_t bytes_ab, uint64_t bytes_ba,
              uint64_t seed, int64_t max_ns, qsu_bulk_result *out);
 
+/* An echo, shaped like the TAP test against a Linux echo server: handle hc
+ * (side 0) writes `bytes` of a seeded stream from inside its callbacks, as
+ * an application does, shuts down, and reads everything back; handle hs
+ * (side 1) echoes what its send queue can take, and pauses (on average
+ * every pause_every_ns, for up to pause_ns; 0: never), as a server on a
+ * loaded machine does.  out: sent_ab = bytes the client sent, recv_ab =
+ * sent_ba = bytes echoed, recv_ba = bytes back; sha_sent_ab (= sha_recv_ab
+ * = sha_sent_ba) of what was sent, sha_recv_ba of what came back.  Returns
+ * 0 once the echo's end arrived, -ETIMEDOUT after max_ns of fake time. */
+int qsu_echo(qsu_net *n, int hc, int hs, uint64_t bytes, uint64_t seed,
+             int64_t pause_every_ns, int64_t pause_ns, int64_t max_ns, qsu_bulk_result *out);
+
 /* Open `count` connections from side 0 to side 1's `port` and leave them
  * idle; returns how many reached ESTABLISHED on both sides. */
 int qsu_open_many(qsu_net *n, uint16_t port, int count);
@@ -230,6 +242,7 @@ int qsu_tap_stats(qsu_tap *t, qsu_stats *out);
  * stack until done or timeout_ns.  Returns 0, -ETIMEDOUT or -errno. */
 int qsu_tap_client_run(qsu_tap *t, uint32_t ip, uint16_t port, uint64_t bytes, uint64_t seed,
                        int64_t timeout_ns, qsu_tap_client *out);
+
 /* The Ethernet address the stack answers to (6 bytes): the config's, or
  * the device's own when the driver has one (DPDK). */
 int qsu_tap_mac(qsu_tap *t, uint8_t *out);
@@ -245,3 +258,15 @@ int qsu_tap_mac(qsu_tap *t, uint8_t *out);
 qsu_tap *qsu_dpdk_open(const char *lib_path, const char *eal_args, const qsu_config *cfg,
                        int *err);
 const char *qsu_dpdk_error(void);
+
+/* ---------------------------------------------------------------- debugging
+ * A ring of a stack's last `events` TCP events (segments in and out, timer
+ * expiries, congestion events, each with the sender's state); 0 turns it
+ * off.  The dump is text, oldest event first; returns bytes written. */
+int qsu_trace(qsu_net *n, int side, int events);
+int qsu_trace_dump(qsu_net *n, int side, char *out, int max);
+int qsu_tap_trace(qsu_tap *t, int events);
+int qsu_tap_trace_dump(qsu_tap *t, char *out, int max);
+/* Violations of the timer invariant (qs_tcp_timer_check: whatever waits on
+ * a timer has one armed) seen after any step of this net; out: the first. */
+int qsu_net_check(qsu_net *n, char *out, int max);

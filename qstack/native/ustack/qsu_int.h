@@ -37,12 +37,19 @@ struct side {
     uint8_t (*cap_data)[QSU_CAP_SZ];
     int32_t rlog[256];                /* readable events, in order */
     uint32_t nrlog;
+    /* a workload that runs inside the stack's callbacks, as a real
+     * application does (qsu_echo.c's client): called after every event of
+     * this side, with the event's tcb */
+    void (*hook)(void *arg, qs_tcb *t);
+    void *hook_arg;
 };
 
 struct qsu_net {
     side sd[2];
     int64_t now;
     int inited[2];
+    uint64_t violations;              /* qs_tcp_timer_check failures seen */
+    char violation[256];              /* the first one */
 };
 
 hconn *qsu_h(side *sd, int h);                 /* NULL if not a handle of sd */

@@ -14,6 +14,7 @@
  * TIME-WAIT costs no wall time.
  */
 #include "qsu_int.h"
+#include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
 
@@ -108,12 +109,19 @@ static void on_accepted(void *ctx, qs_tcb *t, int port)
     sd->acc[sd->nacc++] = h;
 }
 
+static void run_hook(side *sd, qs_tcb *t)
+{
+    if (sd->hook)
+        sd->hook(sd->hook_arg, t);
+}
+
 #define EVENT_CB(name, bit)                                       \
     static void name(void *ctx, qs_tcb *t)                        \
     {                                                             \
-        hconn *c = qsu_h(ctx, (int)t->user);                          \
+        hconn *c = qsu_h(ctx, (int)t->user);                      \
         if (c)                                                    \
             c->events |= bit;                                     \
+        run_hook(ctx, t);                                         \
     }
 EVENT_CB(on_connected, QSU_EV_CONNECTED)
 
@@ -126,6 +134,7 @@ static void on_readable(void *ctx, qs_tcb *t)
     c->events |= QSU_EV_READABLE;
     if (sd->nrlog < 256)
         sd->rlog[sd->nrlog++] = (int32_t)t->user;
+    run_hook(sd, t);
 }
 
 EVENT_CB(on_writable, QSU_EV_WRITABLE)
@@ -258,6 +267,25 @@ int qsu_net_inflight(qsu_net *n)
     return qs_wire_inflight(n->sd[0].wire);
 }
 
+/* Every connection of both stacks against the timer invariant
+ * (qs_tcp_timer_check), at a point where neither stack has work left. */
+static void check(qsu_net *n)
+{
+    for (int i = 0; i < 2; i++) {
+        qs_ustack *s = &n->sd[i].s;
+        for (uint32_t b = 0; b <= s->flow_mask; b++)
+            for (qs_tcb *t = s->flows[b]; t; t = t->hnext) {
+                const char *why = qs_tcp_timer_check(t);
+                if (why && !n->violations++)
+                    snprintf(n->violation, sizeof(n->violation),
+                             "side %d port %u state %u at %lld ms: %s (una %u nxt %u max %u "
+                             "wnd %u sndq %u flags %x timers %x)", i, t->lport, t->state,
+                             (long long)(n->now / 1000000), why, t->snd_una.v, t->snd_nxt.v,
+                             t->snd_max.v, t->snd_wnd, t->sndq_len, t->flags, t->timers);
+            }
+    }
+}
+
 static int64_t pump(qsu_net *n)
 {
     int64_t total = 0;
@@ -267,7 +295,15 @@ static int64_t pump(qsu_net *n)
         if (!k)
             break;
     }
+    check(n);
     return total;
+}
+
+int qsu_net_check(qsu_net *n, char *out, int max)
+{
+    if (max > 0)
+        snprintf(out, (size_t)max, "%s", n->violation);
+    return n->violations > 0x7fffffff ? 0x7fffffff : (int)n->violations;
 }
 
 static int64_t next_event(qsu_net *n)

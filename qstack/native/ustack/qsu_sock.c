@@ -221,3 +221,17 @@ void qsu_sha256(const uint8_t *data, uint64_t len, uint8_t *out)
 }
 
 /* exported for qsu_bulk.c / qsu_fuzz.c */
+
+/* ------------------------------------------------------------ tracing */
+
+int qsu_trace(qsu_net *n, int side_, int events)
+{
+    side *sd = SD(n, side_);
+    return sd && events >= 0 ? qs_trace_enable(&sd->s, (uint32_t)events) : -EINVAL;
+}
+
+int qsu_trace_dump(qsu_net *n, int side_, char *out, int max)
+{
+    side *sd = SD(n, side_);
+    return sd ? qs_trace_format(&sd->s, out, max) : -EINVAL;
+}

@@ -338,3 +338,13 @@ int qsu_tap_client_run(qsu_tap *x, uint32_t ip, uint16_t port, uint64_t bytes, u
     x->res = NULL;
     return rc;
 }
+
+int qsu_tap_trace(qsu_tap *x, int events)
+{
+    return events >= 0 ? qs_trace_enable(&x->s, (uint32_t)events) : -EINVAL;
+}
+
+int qsu_tap_trace_dump(qsu_tap *x, char *out, int max)
+{
+    return qs_trace_format(&x->s, out, max);
+}

@@ -248,7 +248,7 @@ int qs_tcp_abort(qs_ustack *s, qs_tcb *t, int64_t now)
     case QS_TCP_FIN_WAIT_1:
     case QS_TCP_FIN_WAIT_2:
     case QS_TCP_CLOSE_WAIT:
-        qs_tcp_send_ctl(s, t, QS_TH_RST, t->snd_max, now);
+        qs_tcp_send_ctl(s, t, QS_TH_RST, qs_tcp_ack_seq(t), now);
         break;
     default:
         break;

@@ -74,11 +74,13 @@ void qs_tcp_cc_ack(qs_ustack *s, qs_tcb *t, uint32_t acked, int64_t now)
             t->cwnd = f < t->ssthresh ? f : t->ssthresh;
             t->flags &= (uint32_t)~QT_RECOVERY;
             t->dupacks = 0;
+            QS_TRACE(s, t, now, QS_TR_FULL, acked, 0, 0, 0);
             return;
         }
         /* partial ACK (step 4): retransmit the first unacknowledged
          * segment, deflate by what was acked, add back one SMSS */
         s->st.tcp_partial_acks++;
+        QS_TRACE(s, t, now, QS_TR_PARTIAL, acked, 0, 0, 0);
         uint32_t len = t->sndq_len < t->mss ? t->sndq_len : t->mss;
         int fin = (t->flags & QT_FIN_SENT) && len == t->sndq_len;
         qs_tcp_send_seg(s, t, t->snd_una, len, fin, now);
@@ -131,6 +133,7 @@ void qs_tcp_cc_dupack(qs_ustack *s, qs_tcb *t, int64_t now)
     t->flags |= QT_RECOVERY;
     t->flags &= (uint32_t)~QT_TIMING;
     s->st.tcp_fast_rexmit++;
+    QS_TRACE(s, t, now, QS_TR_FAST, 0, 0, 0, 0);
     uint32_t len = t->sndq_len < t->mss ? t->sndq_len : t->mss;
     int fin = (t->flags & QT_FIN_SENT) && len == t->sndq_len;
     qs_tcp_send_seg(s, t, t->snd_una, len, fin, now);

@@ -52,6 +52,7 @@ void qs_tcp_flow_destroy(qs_ustack *s)
             }
     free(s->flows);
     s->flows = NULL;
+    qs_trace_enable(s, 0);
 }
 
 static uint32_t flow_hash(const qs_ustack *s, uint32_t laddr, uint16_t lport, uint32_t raddr,
@@ -154,6 +155,7 @@ void qs_tcp_drop(qs_ustack *s, qs_tcb *t, int err)
 {
     if (t->flags & QT_DEAD)
         return;
+    QS_TRACE(s, t, s->wheel_last_ns, QS_TR_DROP, (uint32_t)-err, 0, 0, 0);
     if (t->state != QS_TCP_CLOSED) {
         qs_tcp_set_state(s, t, QS_TCP_CLOSED);
         unhash(s, t);

@@ -210,16 +210,34 @@ int qs_tcp_send_ctl(qs_ustack *s, qs_tcb *t, uint8_t flags, qs_seq seq, int64_t 
     }
     if (flags & QS_TH_ACK)
         acked_now(t);
+    QS_TRACE(s, t, now, QS_TR_OUT, seq.v, 0, flags, wnd);
     return emit(s, t->laddr, t->lport, t->raddr, t->rport, seq, t->rcv_nxt, flags, wnd, opts,
                 optlen, NULL, 0, 0, t->prio, now);
 }
 
+/* The sequence number of a segment without data (an ACK, our RST).  RFC
+ * 9293 says SND.NXT; here snd_max, because after a timeout snd_nxt is
+ * rewound to the hole (go-back-N), and an ACK numbered there is old to the
+ * peer, whose acceptability test would then throw away the acknowledgment
+ * it carries.  But never beyond the right edge of the window the peer last
+ * offered: a zero-window probe byte, or data sent before a window update
+ * was seen, can put snd_max there, and a segment beyond the window is
+ * dropped unread, its ACK field with it (RFC 9293 3.10.7.4; Linux's
+ * tcp_sequence).  Our ACKs of the peer's data were then all lost until the
+ * next window probe -- every 5 s at worst -- while the peer, unable to
+ * free its send buffer, kept its own window shut: the TAP stall.  Linux
+ * picks the same number (tcp_acceptable_seq). */
+qs_seq qs_tcp_ack_seq(const qs_tcb *t)
+{
+    if (t->state < QS_TCP_ESTABLISHED)
+        return t->snd_max;                    /* our SYN is not acknowledged yet */
+    qs_seq edge = qs_seq_add(t->snd_una, t->snd_wnd);
+    return qs_seq_lt(edge, t->snd_max) ? edge : t->snd_max;
+}
+
 int qs_tcp_send_ack(qs_ustack *s, qs_tcb *t, int64_t now)
 {
-    /* snd_max, not snd_nxt: after a timeout snd_nxt is rewound to the hole
-     * (go-back-N), and an ACK numbered there is old to the peer, whose
-     * acceptability test would then throw away the acknowledgment it carries */
-    return qs_tcp_send_ctl(s, t, QS_TH_ACK, t->snd_max, now);
+    return qs_tcp_send_ctl(s, t, QS_TH_ACK, qs_tcp_ack_seq(t), now);
 }
 
 /* One segment [seq, seq+len) of the send queue, plus FIN if asked.  SACK
@@ -247,8 +265,10 @@ int qs_tcp_send_seg(qs_ustack *s, qs_tcb *t, qs_seq seq, uint32_t len, int fin, 
     if (qs_seq_lt(seq, t->snd_max))
         s->st.tcp_rexmit++;
     acked_now(t);
-    int rc = emit(s, t->laddr, t->lport, t->raddr, t->rport, seq, t->rcv_nxt, flags,
-                  window_field(t), opts, optlen, t, at, len, t->prio, now);
+    uint16_t wnd = window_field(t);
+    QS_TRACE(s, t, now, QS_TR_OUT, seq.v, len, flags, wnd);
+    int rc = emit(s, t->laddr, t->lport, t->raddr, t->rport, seq, t->rcv_nxt, flags, wnd, opts,
+                  optlen, t, at, len, t->prio, now);
     return rc < 0 ? rc : (int)(len + (fin ? 1 : 0));
 }
 

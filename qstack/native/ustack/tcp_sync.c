@@ -33,14 +33,19 @@ static uint32_t adv_window(const qs_tcb *t)
     return d > 0 ? (uint32_t)d : 0;
 }
 
+/* RFC 9293 3.10.7.4, the four cases, with the allowance the RFC asks for:
+ * "if the RCV.WND is zero, no segments will be acceptable, but special
+ * allowance should be made to accept valid ACKs, URGs, and RSTs".  A
+ * segment at RCV.NXT with data in a zero window is the peer's window probe:
+ * its ACK and window are processed, its data is cut (data_in).  Dropping
+ * it whole, as we did, threw away the only ACKs a peer with a shut window
+ * of its own could still get through. */
 static int acceptable(const qs_tcb *t, const qs_tcp_seg *g, uint32_t seglen)
 {
     uint32_t w = adv_window(t);
     qs_seq hi = qs_seq_add(t->rcv_nxt, w);
-    if (seglen == 0)
+    if (seglen == 0 || w == 0)
         return w == 0 ? qs_seq_eq(g->seq, t->rcv_nxt) : qs_seq_in(g->seq, t->rcv_nxt, hi);
-    if (w == 0)
-        return 0;
     return qs_seq_in(g->seq, t->rcv_nxt, hi) ||
            qs_seq_in(qs_seq_add(g->seq, seglen - 1), t->rcv_nxt, hi);
 }
@@ -85,8 +90,11 @@ static void trim_sndq(qs_ustack *s, qs_tcb *t, uint32_t n)
     }
 }
 
-/* SND.UNA < SEG.ACK <= SND.MAX */
-static void new_ack(qs_ustack *s, qs_tcb *t, const qs_tcp_seg *g, int64_t now)
+/* SND.UNA < SEG.ACK <= SND.MAX.  Returns the bytes of data it freed; the
+ * caller tells the application (writable) only after the window update of
+ * the same segment, so that what the application sends from its callback
+ * goes out against the window this ACK offers, not the one before it. */
+static uint32_t new_ack(qs_ustack *s, qs_tcb *t, const qs_tcp_seg *g, int64_t now)
 {
     uint32_t acked = (uint32_t)qs_seq_diff(g->ack, t->snd_una);
     uint32_t data = acked < t->sndq_len ? acked : t->sndq_len;
@@ -105,10 +113,8 @@ static void new_ack(qs_ustack *s, qs_tcb *t, const qs_tcp_seg *g, int64_t now)
         qs_tcp_timer_clear(t, QS_TM_REXMIT);      /* RFC 6298 5.2 */
     else
         qs_tcp_rexmit_arm(s, t, now);             /* 5.3 */
-    if (data && s->app && s->app->writable && !(t->flags & QT_APP_CLOSED))
-        s->app->writable(s->app_ctx, t);
     if (!fin_acked || (t->flags & QT_DEAD))
-        return;
+        return data;
     switch (t->state) {
     case QS_TCP_FIN_WAIT_1:
         qs_tcp_set_state(s, t, QS_TCP_FIN_WAIT_2);
@@ -124,6 +130,7 @@ static void new_ack(qs_ustack *s, qs_tcb *t, const qs_tcp_seg *g, int64_t now)
     default:
         break;
     }
+    return data;
 }
 
 static void append_rcvq(qs_ustack *s, qs_tcb *t, qs_mbuf *m)
@@ -279,6 +286,8 @@ static int new_sack(qs_tcb *t, const qs_tcp_seg *g)
 void qs_tcp_sync_input(qs_ustack *s, qs_tcb *t, qs_tcp_seg *g, qs_mbuf *m, int64_t now)
 {
     uint32_t seglen = g->len + ((g->flags & QS_TH_SYN) ? 1 : 0) + ((g->flags & QS_TH_FIN) ? 1 : 0);
+    QS_TRACE(s, t, now, QS_TR_IN, g->seq.v, g->ack.v, g->wnd << t->snd_wscale,
+             g->len | (uint32_t)g->flags << 24);
     /* 1. sequence number */
     if (!acceptable(t, g, seglen)) {
         if (g->len && qs_seq_le(qs_seq_add(g->seq, seglen), t->rcv_nxt))
@@ -355,9 +364,9 @@ void qs_tcp_sync_input(qs_ustack *s, qs_tcb *t, qs_tcp_seg *g, qs_mbuf *m, int64
         challenge_ack(s, t, now);                 /* RFC 5961 5.2 */
         goto drop;
     }
-    uint32_t wnd = g->wnd << t->snd_wscale;
+    uint32_t wnd = g->wnd << t->snd_wscale, freed = 0;
     if (qs_seq_gt(g->ack, t->snd_una)) {
-        new_ack(s, t, g, now);
+        freed = new_ack(s, t, g, now);
         if (t->flags & QT_DEAD)
             goto drop;
     } else if (qs_seq_eq(g->ack, t->snd_una) && !qs_seq_eq(t->snd_max, t->snd_una) &&
@@ -383,6 +392,7 @@ void qs_tcp_sync_input(qs_ustack *s, qs_tcb *t, qs_tcp_seg *g, qs_mbuf *m, int64
         if (wnd > t->max_snd_wnd)
             t->max_snd_wnd = wnd;
         if (opened) {
+            QS_TRACE(s, t, now, QS_TR_WND, wnd, 0, 0, 0);
             /* persist is over: its backed-off timer goes, output restarts
              * the RTO; a probe byte the closed window refused is sent again
              * in order rather than left as a one-byte hole */
@@ -394,6 +404,11 @@ void qs_tcp_sync_input(qs_ustack *s, qs_tcb *t, qs_tcp_seg *g, qs_mbuf *m, int64
     }
     if (t->snd_wnd == 0)
         t->nrexmit = 0;                           /* the receiver answers: keep probing */
+    if (freed && s->app && s->app->writable && !(t->flags & QT_APP_CLOSED)) {
+        s->app->writable(s->app_ctx, t);
+        if (t->flags & QT_DEAD)
+            goto drop;
+    }
     /* 5. text, 6. FIN */
     int fin_ok = (g->flags & QS_TH_FIN) != 0;
     qs_seq fin_at = qs_seq_add(g->seq, g->len);

@@ -93,6 +93,41 @@ void qs_tcp_keep_touch(qs_ustack *s, qs_tcb *t, int64_t now)
         qs_tcp_timer_set(s, t, QS_TM_KEEP, s->cfg.keepalive_idle_ms, now);
 }
 
+/* The invariant that rules out a silent stall: whenever the connection
+ * waits for something that only a timer can bring (a retransmission, a
+ * window probe, the SWS override, the end of a handshake or of TIME-WAIT),
+ * the REXMIT timer is armed.  In particular: data or a FIN in flight means
+ * a retransmission timer (RFC 6298 5.1); data or a FIN waiting to be sent
+ * with nothing in flight means a persist or override timer, since no ACK
+ * is coming back to clock it out. */
+const char *qs_tcp_timer_check(const qs_tcb *t)
+{
+    int rexmit = (t->timers & (1u << QS_TM_REXMIT)) != 0;
+    if (t->flags & QT_DEAD)
+        return NULL;
+    switch (t->state) {
+    case QS_TCP_SYN_SENT:
+    case QS_TCP_SYN_RECEIVED:
+        return rexmit ? NULL : "handshake without a SYN timer";
+    case QS_TCP_TIME_WAIT:
+        return rexmit ? NULL : "TIME-WAIT without a 2MSL timer";
+    case QS_TCP_FIN_WAIT_2:
+        return rexmit || !(t->flags & QT_APP_CLOSED) ? NULL : "orphan FIN-WAIT-2 without a timer";
+    case QS_TCP_ESTABLISHED:
+    case QS_TCP_CLOSE_WAIT:
+    case QS_TCP_FIN_WAIT_1:
+    case QS_TCP_CLOSING:
+    case QS_TCP_LAST_ACK:
+        if (!qs_seq_eq(t->snd_max, t->snd_una))
+            return rexmit ? NULL : "data in flight without a retransmission timer";
+        if (t->sndq_len || ((t->flags & QT_FIN_QUEUED) && !(t->flags & QT_FIN_SENT)))
+            return rexmit ? NULL : "data waiting, nothing in flight, no persist timer";
+        return NULL;
+    default:
+        return NULL;
+    }
+}
+
 /* ---------------------------------------------------------------- handlers */
 
 static void rexmit_expired(qs_ustack *s, qs_tcb *t, int64_t now)
@@ -138,6 +173,7 @@ static void rexmit_expired(qs_ustack *s, qs_tcb *t, int64_t now)
         }
         t->nrexmit++;
         s->st.tcp_zwp++;
+        QS_TRACE(s, t, now, QS_TR_PERSIST, 0, 0, 0, 0);
         if (qs_seq_eq(t->snd_nxt, t->snd_una)) {
             t->snd_nxt = qs_seq_add(t->snd_una, 1);
             t->snd_max = qs_seq_max(t->snd_max, t->snd_nxt);
@@ -159,6 +195,7 @@ static void rexmit_expired(qs_ustack *s, qs_tcb *t, int64_t now)
         uint32_t len = t->snd_wnd < t->mss ? t->snd_wnd : t->mss;
         if (len > end_data)
             len = end_data;
+        QS_TRACE(s, t, now, QS_TR_SWS, len, 0, 0, 0);
         int fin = (t->flags & QT_FIN_QUEUED) && len == end_data;
         int used = qs_tcp_send_seg(s, t, t->snd_una, len, fin, now);
         if (used > 0) {
@@ -178,10 +215,30 @@ static void rexmit_expired(qs_ustack *s, qs_tcb *t, int64_t now)
     }
     t->nrexmit++;
     s->st.tcp_rto++;
+    QS_TRACE(s, t, now, QS_TR_RTO, 0, 0, 0, 0);
     qs_tcp_cc_rto(s, t);
     t->rto_ms = t->rto_ms * 2 > s->cfg.max_rto_ms ? s->cfg.max_rto_ms : t->rto_ms * 2;
     t->flags |= QT_RTO_BACKOFF;
     t->snd_nxt = t->snd_una;          /* go back N: resend from the hole */
+    /* The earliest segment goes out now, whatever sender SWS avoidance
+     * would say (qs_tcp_output refuses a runt while more data waits): a
+     * window smaller than that rule likes -- say the space left after a
+     * lost runt -- would otherwise turn every expiry into a silent
+     * backoff that sends nothing, and the connection would wait for a
+     * window update that may have been lost or may never come.  Within
+     * the window as last offered: it is not zero here (that is persist). */
+    uint32_t len = end_data < t->mss ? end_data : t->mss;
+    if (len > t->snd_wnd)
+        len = t->snd_wnd;
+    int fin = fin_out && len == end_data;
+    int used = len || fin ? qs_tcp_send_seg(s, t, t->snd_una, len, fin, now) : 0;
+    if (used > 0) {
+        fin = fin && (uint32_t)used == len + 1;
+        t->snd_nxt = qs_seq_add(t->snd_una, (uint32_t)used);
+        t->snd_max = qs_seq_max(t->snd_max, t->snd_nxt);
+        if (fin)
+            t->flags |= QT_FIN_SENT;
+    }
     qs_tcp_rexmit_arm(s, t, now);
     qs_tcp_output(s, t, now);
 }

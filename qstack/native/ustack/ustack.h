@@ -244,6 +244,8 @@ typedef struct qs_arp_entry {
 
 /* ------------------------------------------------------------ the stack */
 
+typedef struct qs_trace qs_trace;     /* tcp_trace.c: a debugging ring, NULL = off */
+
 typedef struct qs_ustack {
     qsu_config cfg;
     qsu_stats st;
@@ -277,6 +279,8 @@ typedef struct qs_ustack {
      * point returns (prio.c) */
     qs_mq txq[QSU_MAX_LEVELS];
     int64_t tx_now;
+
+    qs_trace *trace;
 } qs_ustack;
 
 static inline uint32_t qs_tick(int64_t now) { return (uint32_t)(now / 1000000); }
@@ -356,6 +360,7 @@ int qs_tcp_cookie_check(qs_ustack *s, const qs_tcp_seg *g, uint16_t *mss, int64_
 int qs_tcp_output(qs_ustack *s, qs_tcb *t, int64_t now);      /* send what windows allow */
 int qs_tcp_send_ctl(qs_ustack *s, qs_tcb *t, uint8_t flags, qs_seq seq, int64_t now);
 int qs_tcp_send_ack(qs_ustack *s, qs_tcb *t, int64_t now);
+qs_seq qs_tcp_ack_seq(const qs_tcb *t);                       /* seq of an ACK or RST */
 int qs_tcp_send_seg(qs_ustack *s, qs_tcb *t, qs_seq seq, uint32_t len, int fin, int64_t now);
 int qs_tcp_send_rst_for(qs_ustack *s, const qs_tcp_seg *g, int64_t now);
 int qs_tcp_send_synack_stateless(qs_ustack *s, const qs_tcp_seg *g, qs_seq iss, uint16_t mss, int64_t now);
@@ -379,6 +384,22 @@ int qs_tcp_timer_advance(qs_ustack *s, int64_t now);
 int64_t qs_tcp_timer_next(qs_ustack *s);
 void qs_tcp_rexmit_arm(qs_ustack *s, qs_tcb *t, int64_t now);   /* RTO, restarted */
 void qs_tcp_keep_touch(qs_ustack *s, qs_tcb *t, int64_t now);
+/* NULL if the timers are consistent with the state, else what is wrong
+ * (the "no stall" invariant; the test harness checks it after every step) */
+const char *qs_tcp_timer_check(const qs_tcb *t);
+
+/* tcp_trace.c: recent TCP events of a stack, for debugging (off by default) */
+enum { QS_TR_IN, QS_TR_OUT, QS_TR_RTO, QS_TR_PERSIST, QS_TR_SWS, QS_TR_FAST, QS_TR_PARTIAL,
+       QS_TR_FULL, QS_TR_WND, QS_TR_DROP, QS_TR_NEVENTS };
+int qs_trace_enable(qs_ustack *s, uint32_t events);            /* 0: off */
+void qs_trace_note(qs_ustack *s, const qs_tcb *t, int64_t now, int ev, uint32_t a, uint32_t b,
+                   uint32_t c, uint32_t d);
+int qs_trace_format(const qs_ustack *s, char *out, int max);  /* oldest first; bytes written */
+#define QS_TRACE(s, t, now, ev, a, b, c, d)                                   \
+    do {                                                                      \
+        if (QS_UNLIKELY((s)->trace))                                          \
+            qs_trace_note((s), (t), (now), (ev), (a), (b), (c), (d));         \
+    } while (0)
 
 /* tcp_api.c */
 int qs_tcp_listen(qs_ustack *s, uint16_t port, uint32_t backlog);
