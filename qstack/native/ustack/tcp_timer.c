@@ -23,6 +23,10 @@
 static void file(qs_ustack *s, qs_tcb *t, uint32_t tick)
 {
     qs_tcb **head = &s->wheel[tick & (QS_WHEEL_SLOTS - 1)];
+    if (s->tm_none || (int32_t)(tick - s->tm_hint) < 0) {   /* keep the hint a lower bound */
+        s->tm_hint = tick;
+        s->tm_none = 0;
+    }
     t->t_at = tick;
     t->tprev = NULL;
     t->tnext = *head;
@@ -319,11 +323,26 @@ int qs_tcp_timer_advance(qs_ustack *s, int64_t now)
     return fired;
 }
 
-/* Earliest time (ns) a filed connection comes due, INT64_MAX if none. */
+/* Earliest time (ns) a filed connection comes due, INT64_MAX if none.
+ *
+ * Asked after every loop iteration, so the scan's answer is kept
+ * (tm_hint): file() lowers it when something earlier is filed, and a
+ * deadline that moved later or went away leaves it early, which only
+ * makes the caller wake before it must.  It is scanned again once the
+ * wheel reached it.  Without that, 20,000 connections in TIME-WAIT (60 s
+ * away: beyond a revolution, so in the slots the scan walks) cost a walk
+ * of all of them per iteration. */
 int64_t qs_tcp_timer_next(qs_ustack *s)
 {
     if (!s->wheel_started)
         return INT64_MAX;
+    if (s->tm_hint_ok) {
+        if (s->tm_none)
+            return INT64_MAX;
+        if ((int32_t)(s->tm_hint - s->wheel_tick) > 0)
+            return (s->wheel_last_ns / 1000000 + (int32_t)(s->tm_hint - s->wheel_tick)) *
+                   1000000;
+    }
     uint32_t best = 0;
     int any = 0;
     for (uint32_t i = 1; i <= QS_WHEEL_SLOTS; i++) {
@@ -334,6 +353,9 @@ int64_t qs_tcp_timer_next(qs_ustack *s)
         if (any && (int32_t)(best - tick) <= 0)
             break;                    /* nothing later in the scan can be earlier */
     }
+    s->tm_hint_ok = 1;
+    s->tm_none = !any;
+    s->tm_hint = best;
     if (!any)
         return INT64_MAX;
     /* ticks are now/1e6 truncated to 32 bits: rebuild the 64-bit time */

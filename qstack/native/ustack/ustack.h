@@ -266,6 +266,8 @@ typedef struct qs_ustack {
     uint32_t wheel_tick;                /* last tick processed */
     int wheel_started;
     int64_t wheel_last_ns;              /* the time wheel_tick was taken from */
+    uint32_t tm_hint;                   /* qs_tcp_timer_next's answer, a lower bound on */
+    uint8_t tm_hint_ok, tm_none;        /* every filed deadline (tcp_timer.c) */
     qs_tcb *reap;                       /* dead tcbs, freed at depth 0 */
     int depth;                          /* nesting of entry points */
     uint64_t sip_k0, sip_k1;
