@@ -31,6 +31,7 @@ import time
 import pytest
 
 from conftest import ROOT, NATIVE
+from netns import why_not
 from test_ustack_tap import ECHO_CLIENT, ECHO_SERVER, KERNEL_IP, PING, STACK_IP, ip_of
 
 LIB = os.path.join(ROOT, "qstack", "_qsdpdk.so")
@@ -51,12 +52,8 @@ def _ensure_dpdk_built():
 
 
 def _why_skip():
-    if os.geteuid() != 0:
-        return "needs root (CAP_NET_ADMIN) for a network namespace and DPDK's net_tap"
-    if not os.path.exists("/dev/net/tun"):
-        return "/dev/net/tun is missing (no TUN/TAP support in this kernel or container)"
-    if not shutil.which("ip"):
-        return "the `ip` tool (iproute2) is not installed"
+    if why_not():
+        return why_not()
     _ensure_dpdk_built()
     if not os.path.exists(LIB):
         return ("qstack/_qsdpdk.so is not built: install libdpdk-dev and pkg-config, "

@@ -15,7 +15,6 @@ import hashlib
 import itertools
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -23,22 +22,10 @@ import threading
 
 import pytest
 
+from netns import KERNEL_IP, STACK_IP, why_not
 from test_ustack_tcp import ffi, lib, config, SEC
 
-KERNEL_IP, STACK_IP = "198.18.0.1", "198.18.0.2"
-
-
-def _why_skip():
-    if os.geteuid() != 0:
-        return "needs root (CAP_NET_ADMIN) to create a TAP device and a network namespace"
-    if not os.path.exists("/dev/net/tun"):
-        return "/dev/net/tun is missing (no TUN/TAP support in this kernel or container)"
-    if not shutil.which("ip"):
-        return "the `ip` tool (iproute2) is not installed"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_why_skip() is not None, reason=str(_why_skip()))
+pytestmark = pytest.mark.skipif(why_not() is not None, reason=str(why_not()))
 _seq = itertools.count()
 
 

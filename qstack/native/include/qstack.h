@@ -167,7 +167,7 @@ typedef struct qs_stats {
     uint64_t net_conns;                 /* control blocks in use (TIME-WAIT included) */
     uint64_t net_bufs_in_use, net_bufs_total;   /* the stack's packet pool */
     uint64_t net_rx_frames, net_tx_frames, net_drops;   /* drops: driver + bad frames */
-    uint64_t net_rexmit, net_bytes_per_conn;    /* retransmitted segments; memory per conn */
+    uint64_t net_rexmit;                /* segments retransmitted */
 } qs_stats;
 
 typedef struct qs_core qs_core;

@@ -640,9 +640,6 @@ static void u_stats(qs_core *core, qs_stats *o)
     o->net_tx_frames = QS_GET(u->snap_tx);
     o->net_drops = QS_GET(u->snap_drops);
     o->net_rexmit = QS_GET(u->snap_rexmit);
-    /* control block + its flow table slot + the conn layer's record */
-    o->net_bytes_per_conn = sizeof(qs_tcb) + 16 + sizeof(qs_tcb *) + sizeof(qs_conn) + 16 +
-                            sizeof(qs_conn *);
 }
 
 const qs_backend qs_backend_ustack = {

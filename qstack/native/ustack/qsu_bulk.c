@@ -18,20 +18,6 @@ typedef struct dir {
     qs_sha256 hsent, hrecv;
 } dir;
 
-static uint64_t xs(uint64_t *x)        /* xorshift64* */
-{
-    *x ^= *x >> 12;
-    *x ^= *x << 25;
-    *x ^= *x >> 27;
-    return *x * 0x2545f4914f6cdd1dULL;
-}
-
-static int64_t wall_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
 
 /* push as much as the send queue takes; returns bytes queued */
 static uint64_t feed(qsu_net *n, dir *d)
@@ -46,7 +32,7 @@ static uint64_t feed(qsu_net *n, dir *d)
                 break;
             uint64_t k = d->total - d->generated < CHUNK ? d->total - d->generated : CHUNK;
             for (uint64_t i = 0; i < k; i += 8) {
-                uint64_t r = xs(&d->rng);
+                uint64_t r = qsu_xs(&d->rng);
                 memcpy(d->pend + i, &r, 8);
             }
             d->generated += k;
@@ -102,7 +88,7 @@ int qsu_bulk(qsu_net *n, int ha, int hb, uint64_t bytes_ab, uint64_t bytes_ba, u
         qs_sha256_init(&d[i].hsent);
         qs_sha256_init(&d[i].hrecv);
     }
-    int64_t *now = qsu_clock(n), start = *now, w0 = wall_ns();
+    int64_t *now = qsu_clock(n), start = *now, w0 = qsu_wall_ns();
     int rc = 0;
     uint64_t rounds = 0;
     for (;; rounds++) {
@@ -137,7 +123,7 @@ int qsu_bulk(qsu_net *n, int ha, int hb, uint64_t bytes_ab, uint64_t bytes_ba, u
     qs_sha256_final(&d[1].hsent, out->sha_sent_ba);
     qs_sha256_final(&d[1].hrecv, out->sha_recv_ba);
     out->sim_ns = *now - start;
-    out->wall_ns = wall_ns() - w0;
+    out->wall_ns = qsu_wall_ns() - w0;
     out->rounds = rounds;
     free(mem);
     return rc;
@@ -235,7 +221,7 @@ static void fix_sums(uint8_t *f, uint32_t len)
 static uint32_t base_frame(uint8_t *f, uint64_t *r, qsu_net *n, int side, const qsu_config *from,
                            const qsu_config *to)
 {
-    uint64_t x = xs(r);
+    uint64_t x = qsu_xs(r);
     switch (x % 5) {
     case 0: {                               /* ARP request */
         memcpy(f, qs_eth_bcast, 6);
@@ -259,24 +245,24 @@ static uint32_t base_frame(uint8_t *f, uint64_t *r, qsu_net *n, int side, const 
         ic[0] = 8;
         ic[1] = 0;
         for (int i = 4; i < 40; i++)
-            ic[i] = (uint8_t)xs(r);
+            ic[i] = (uint8_t)qsu_xs(r);
         return len;
     }
     default: {                              /* TCP */
-        uint32_t optlen = 4 * (uint32_t)(xs(r) % 4), plen = (uint32_t)(xs(r) % 64);
+        uint32_t optlen = 4 * (uint32_t)(qsu_xs(r) % 4), plen = (uint32_t)(qsu_xs(r) % 64);
         uint32_t len = put_frame(f, from, to, 6, 20 + optlen + plen);
         uint8_t *t = f + 34;
         qs_ustack *s = qsu_stack(n, side);
         qs_tcb *tc = NULL;
         for (uint32_t i = 0; i <= s->flow_mask && !tc; i++)
             tc = s->flows[(i + (uint32_t)x) & s->flow_mask];
-        uint32_t seq = (uint32_t)xs(r), ack = (uint32_t)xs(r);
-        uint16_t sport = (uint16_t)xs(r), dport = (uint16_t)xs(r);
+        uint32_t seq = (uint32_t)qsu_xs(r), ack = (uint32_t)qsu_xs(r);
+        uint16_t sport = (uint16_t)qsu_xs(r), dport = (uint16_t)qsu_xs(r);
         if (tc && (x & 8)) {
             sport = tc->rport;
             dport = tc->lport;
-            seq = tc->rcv_nxt.v + (uint32_t)(xs(r) % 3 ? xs(r) % 2048 : xs(r));
-            ack = tc->snd_una.v + (uint32_t)(xs(r) % 2048);
+            seq = tc->rcv_nxt.v + (uint32_t)(qsu_xs(r) % 3 ? qsu_xs(r) % 2048 : qsu_xs(r));
+            ack = tc->snd_una.v + (uint32_t)(qsu_xs(r) % 2048);
         } else if (s->listeners[0].active && (x & 16)) {
             dport = s->listeners[0].port;
         }
@@ -285,14 +271,14 @@ static uint32_t base_frame(uint8_t *f, uint64_t *r, qsu_net *n, int side, const 
         qs_put32(t + 4, seq);
         qs_put32(t + 8, ack);
         t[12] = (uint8_t)((5 + optlen / 4) << 4);
-        t[13] = (uint8_t)xs(r) & 0x3f;
-        qs_put16(t + 14, (uint16_t)xs(r));
+        t[13] = (uint8_t)qsu_xs(r) & 0x3f;
+        qs_put16(t + 14, (uint16_t)qsu_xs(r));
         qs_put32(t + 16, 0);
         for (uint32_t i = 0; i < optlen + plen; i++)
-            t[20 + i] = (uint8_t)xs(r);
+            t[20 + i] = (uint8_t)qsu_xs(r);
         if (optlen && (x & 32)) {          /* a real option, possibly truncated */
-            t[20] = (uint8_t)(2 + xs(r) % 2);
-            t[21] = (uint8_t)(xs(r) % 6);
+            t[20] = (uint8_t)(2 + qsu_xs(r) % 2);
+            t[21] = (uint8_t)(qsu_xs(r) % 6);
         }
         return len;
     }
@@ -310,14 +296,14 @@ int qsu_fuzz(qsu_net *n, int side, uint64_t seed, int count)
     for (int i = 0; i < count; i++) {
         uint32_t len = base_frame(f, &r, n, side, from, to);
         fix_sums(f, len);
-        uint64_t how = xs(&r);
+        uint64_t how = qsu_xs(&r);
         int flips = (int)(how % 4);
         for (int k = 0; k < flips; k++) {     /* flip bytes, mostly in the headers */
-            uint32_t at = (uint32_t)(xs(&r) % (len < 80 ? len : 80));
-            f[at] ^= (uint8_t)(1 + xs(&r) % 255);
+            uint32_t at = (uint32_t)(qsu_xs(&r) % (len < 80 ? len : 80));
+            f[at] ^= (uint8_t)(1 + qsu_xs(&r) % 255);
         }
         if (how & 16)
-            len = (uint32_t)(xs(&r) % (len + 1));   /* truncate */
+            len = (uint32_t)(qsu_xs(&r) % (len + 1));   /* truncate */
         if (how & 32)
             fix_sums(f, len);                  /* let the damage reach the parsers */
         if (qsu_inject(n, side, f, (int)len) != -ENOBUFS)

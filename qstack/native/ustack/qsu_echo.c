@@ -28,20 +28,6 @@ typedef struct echo_run {
     uint8_t pend[CHUNK], buf[CHUNK];
 } echo_run;
 
-static uint64_t xs(uint64_t *x)        /* xorshift64* */
-{
-    *x ^= *x >> 12;
-    *x ^= *x << 25;
-    *x ^= *x >> 27;
-    return *x * 0x2545f4914f6cdd1dULL;
-}
-
-static int64_t wall_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
 
 /* The client, as in qsu_tap.c: called from side 0's callbacks and the loop. */
 static void client(void *arg, qs_tcb *unused)
@@ -59,7 +45,7 @@ static void client(void *arg, qs_tcb *unused)
                 break;
             uint64_t k = e->total - e->generated < CHUNK ? e->total - e->generated : CHUNK;
             for (uint64_t i = 0; i < k; i += 8) {
-                uint64_t r = xs(&e->rng);
+                uint64_t r = qsu_xs(&e->rng);
                 memcpy(e->pend + i, &r, 8);
             }
             e->generated += k;
@@ -138,10 +124,10 @@ int qsu_echo(qsu_net *n, int hc, int hs, uint64_t bytes, uint64_t seed, int64_t 
     side *sd = &n->sd[0];
     sd->hook = client;
     sd->hook_arg = e;
-    int64_t *now = qsu_clock(n), start = *now, w0 = wall_ns();
+    int64_t *now = qsu_clock(n), start = *now, w0 = qsu_wall_ns();
     int64_t pause_at = INT64_MAX;
     if (pause_every_ns && pause_ns)
-        pause_at = start + (int64_t)(xs(&e->prng) % (uint64_t)(2 * pause_every_ns));
+        pause_at = start + (int64_t)(qsu_xs(&e->prng) % (uint64_t)(2 * pause_every_ns));
     int64_t resume_at = 0;
     int rc = 0;
     uint64_t rounds = 0;
@@ -149,8 +135,8 @@ int qsu_echo(qsu_net *n, int hc, int hs, uint64_t bytes, uint64_t seed, int64_t 
         client(e, NULL);
         int64_t moved = 0;
         if (*now >= pause_at) {                      /* the server stops for a while */
-            resume_at = *now + (pause_ns ? 1 + (int64_t)(xs(&e->prng) % (uint64_t)pause_ns) : 0);
-            pause_at = resume_at + 1 + (int64_t)(xs(&e->prng) % (uint64_t)(2 * pause_every_ns));
+            resume_at = *now + (pause_ns ? 1 + (int64_t)(qsu_xs(&e->prng) % (uint64_t)pause_ns) : 0);
+            pause_at = resume_at + 1 + (int64_t)(qsu_xs(&e->prng) % (uint64_t)(2 * pause_every_ns));
         }
         if (*now >= resume_at)
             moved = server(e);
@@ -191,7 +177,7 @@ int qsu_echo(qsu_net *n, int hc, int hs, uint64_t bytes, uint64_t seed, int64_t 
     memcpy(out->sha_recv_ab, out->sha_sent_ab, 32);   /* the echo is checked end to end */
     memcpy(out->sha_sent_ba, out->sha_sent_ab, 32);
     out->sim_ns = *now - start;
-    out->wall_ns = wall_ns() - w0;
+    out->wall_ns = qsu_wall_ns() - w0;
     out->rounds = rounds;
     free(e);
     return rc;

@@ -3,6 +3,23 @@
 #ifndef QS_QSU_INT_H
 #define QS_QSU_INT_H
 #include "ustack.h"
+#include <time.h>
+
+/* The workloads' byte generator (xorshift64*) and the real clock. */
+static inline uint64_t qsu_xs(uint64_t *x)
+{
+    *x ^= *x >> 12;
+    *x ^= *x << 25;
+    *x ^= *x >> 27;
+    return *x * 0x2545f4914f6cdd1dULL;
+}
+
+static inline int64_t qsu_wall_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
 
 #define QSU_CAP_N 64
 #define QSU_CAP_SZ 2048

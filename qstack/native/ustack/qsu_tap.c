@@ -17,7 +17,7 @@
  * its own: it reads only as many bytes as the send queue can take, so a
  * slow reader on the far side closes our receive window, as it should.
  */
-#include "ustack.h"
+#include "qsu_int.h"
 #include <poll.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -44,12 +44,6 @@ struct qsu_tap {
     uint8_t buf[CHUNK];
 };
 
-static int64_t mono_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
 
 static void echo_pump(qsu_tap *x, qs_tcb *t)
 {
@@ -80,10 +74,7 @@ static void client_pump(qsu_tap *x)
                 break;
             uint64_t k = x->total - x->generated < CHUNK ? x->total - x->generated : CHUNK;
             for (uint64_t i = 0; i < k; i += 8) {
-                x->rng ^= x->rng >> 12;
-                x->rng ^= x->rng << 25;
-                x->rng ^= x->rng >> 27;
-                uint64_t r = x->rng * 0x2545f4914f6cdd1dULL;
+                uint64_t r = qsu_xs(&x->rng);
                 memcpy(x->pend + i, &r, 8);
             }
             x->generated += k;
@@ -184,7 +175,7 @@ static qsu_tap *open_on(qs_netdrv *(*open_drv)(const char *, const char *, int *
         *err = rc;
         return NULL;
     }
-    x->now = mono_ns();
+    x->now = qsu_wall_ns();
     *err = 0;
     return x;
 }
@@ -243,7 +234,7 @@ static int64_t loop(qsu_tap *x, int64_t end, int until_client_done)
 {
     int fd = qs_netdrv_fd(x->s.drv);    /* through the fault wrapper, if any */
     int64_t total = 0;
-    x->now = mono_ns();
+    x->now = qsu_wall_ns();
     while (!atomic_load(&x->stop) && x->now < end) {
         int k = qs_ustack_poll(&x->s, x->now);
         total += k;
@@ -259,7 +250,7 @@ static int64_t loop(qsu_tap *x, int64_t end, int until_client_done)
             struct timespec ts = {0, IDLE_NS};
             nanosleep(&ts, NULL);
         }
-        x->now = mono_ns();
+        x->now = qsu_wall_ns();
     }
     return total;
 }
@@ -267,7 +258,7 @@ static int64_t loop(qsu_tap *x, int64_t end, int until_client_done)
 int qsu_tap_run(qsu_tap *x, int64_t duration_ns)
 {
     atomic_store(&x->stop, 0);
-    int64_t n = loop(x, mono_ns() + duration_ns, 0);
+    int64_t n = loop(x, qsu_wall_ns() + duration_ns, 0);
     return n > 0x7fffffff ? 0x7fffffff : (int)n;
 }
 
@@ -292,7 +283,7 @@ int qsu_tap_client_run(qsu_tap *x, uint32_t ip, uint16_t port, uint64_t bytes, u
                        int64_t timeout_ns, qsu_tap_client *out)
 {
     memset(out, 0, sizeof(*out));
-    int64_t t0 = mono_ns();
+    int64_t t0 = qsu_wall_ns();
     x->now = t0;
     x->res = out;
     x->total = bytes;
@@ -334,7 +325,7 @@ int qsu_tap_client_run(qsu_tap *x, uint32_t ip, uint16_t port, uint64_t bytes, u
     }
     qs_sha256_final(&x->hs, out->sha_sent);
     qs_sha256_final(&x->hr, out->sha_recv);
-    out->wall_ns = mono_ns() - t0;
+    out->wall_ns = qsu_wall_ns() - t0;
     x->res = NULL;
     return rc;
 }
