@@ -525,11 +525,12 @@ static void u_quit(qs_ubackend *u)
     }
     qs_conn_drop_all(net);           /* FIN after each conn's data */
     qs_net_publish(net);
-    /* ... acknowledged by the peers, within the grace period */
-    while (tcbs_busy(u) && (net->now = qs_now_ns()) < deadline) {
+    /* ... acknowledged by the peers, within the grace period (a frame or a
+     * timer ends each wait early; the flow table is walked once per wait) */
+    while (u->s.nconns && tcbs_busy(u) && (net->now = qs_now_ns()) < deadline) {
         u_net_round(u);
         arm_timer(u, 0);
-        u_wait(u, 1);
+        u_wait(u, 10);
     }
     reset_all(u);
     snapshot(u);
