@@ -302,7 +302,7 @@ static void stack_config(const qs_config *cfg, qs_netdrv *drv, qsu_config *q)
     q->rcv_buf = g->rcv_buf;
     q->mss = 1460;
     q->wscale = 7;
-    q->sack = 0;                     /* until the sender uses SACK (docs/USTACK.md) */
+    q->sack = 1;                     /* both directions (RFC 2018, RFC 6675) */
     q->init_rto_ms = 1000;
     q->min_rto_ms = 200;
     q->max_rto_ms = 60000;

@@ -65,6 +65,30 @@ static uint32_t half_flight(const qs_tcb *t)
     return f > floor ? f : floor;                 /* RFC 5681 equation (4) */
 }
 
+/* Fast retransmit: enter recovery, NewReno's or, with a scoreboard,
+ * RFC 6675's (tcp_sack.c), whose cwnd is ssthresh without inflation. */
+static void enter_recovery(qs_ustack *s, qs_tcb *t, int64_t now)
+{
+    t->ssthresh = half_flight(t);
+    t->recover = t->snd_max;
+    t->flags |= QT_RECOVERY;
+    t->flags &= (uint32_t)~QT_TIMING;
+    s->st.tcp_fast_rexmit++;
+    if ((t->flags & QT_SACK) && t->sb) {
+        QS_TRACE(s, t, now, QS_TR_FAST, 1, qs_sack_pipe(t), 0, 0);
+        t->flags |= QT_SACK_RCVRY;
+        t->cwnd = t->ssthresh;
+        qs_sack_recover(s, t, now);
+        return;
+    }
+    QS_TRACE(s, t, now, QS_TR_FAST, 0, 0, 0, 0);
+    uint32_t len = t->sndq_len < t->mss ? t->sndq_len : t->mss;
+    int fin = (t->flags & QT_FIN_SENT) && len == t->sndq_len;
+    qs_tcp_send_seg(s, t, t->snd_una, len, fin, now);
+    t->cwnd = t->ssthresh + 3u * t->mss;
+    qs_tcp_output(s, t, now);
+}
+
 /* A new cumulative ACK covering `acked` bytes (snd_una already moved). */
 void qs_tcp_cc_ack(qs_ustack *s, qs_tcb *t, uint32_t acked, int64_t now)
 {
@@ -72,9 +96,16 @@ void qs_tcp_cc_ack(qs_ustack *s, qs_tcb *t, uint32_t acked, int64_t now)
         if (qs_seq_ge(t->snd_una, t->recover)) {  /* full ACK: RFC 6582 3.2 step 3 */
             uint32_t f = qs_tcp_flight(t) + t->mss;
             t->cwnd = f < t->ssthresh ? f : t->ssthresh;
-            t->flags &= (uint32_t)~QT_RECOVERY;
+            t->flags &= (uint32_t)~(QT_RECOVERY | QT_SACK_RCVRY);
             t->dupacks = 0;
+            qs_sack_trim(t);
             QS_TRACE(s, t, now, QS_TR_FULL, acked, 0, 0, 0);
+            return;
+        }
+        if (t->flags & QT_SACK_RCVRY) {           /* RFC 6675: no deflation, pipe decides */
+            s->st.tcp_partial_acks++;
+            QS_TRACE(s, t, now, QS_TR_PARTIAL, acked, qs_sack_pipe(t), 1, 0);
+            qs_sack_send(s, t, now);
             return;
         }
         /* partial ACK (step 4): retransmit the first unacknowledged
@@ -103,18 +134,26 @@ void qs_tcp_cc_ack(qs_ustack *s, qs_tcb *t, uint32_t acked, int64_t now)
         t->cwnd += (uint32_t)((uint64_t)t->mss * t->mss / t->cwnd) ? : 1;   /* avoidance */
     if (t->cwnd > CWND_MAX)
         t->cwnd = CWND_MAX;
+    /* RFC 6675 5: IsLost(HighACK + 1) starts recovery too, on any ACK */
+    if ((t->flags & QT_SACK) && qs_sack_lost_una(t) && qs_seq_gt(t->snd_una, t->recover))
+        enter_recovery(s, t, now);
 }
 
 /* A duplicate ACK (RFC 5681 2, definition (e)): t->dupacks already counted. */
 void qs_tcp_cc_dupack(qs_ustack *s, qs_tcb *t, int64_t now)
 {
     s->st.tcp_dupacks++;
+    if (t->flags & QT_SACK_RCVRY) {
+        qs_sack_send(s, t, now);
+        return;
+    }
     if (t->flags & QT_RECOVERY) {
         t->cwnd += t->mss;                        /* inflate: one segment left the network */
         qs_tcp_output(s, t, now);
         return;
     }
-    if (t->dupacks < 3) {
+    int lost = (t->flags & QT_SACK) && qs_sack_lost_una(t);
+    if (t->dupacks < 3 && !(lost && qs_seq_gt(t->snd_una, t->recover))) {
         /* RFC 3042 limited transmit: one new segment per early duplicate,
          * up to cwnd + 2 SMSS in flight, to keep the ACK clock going when
          * the flight is too small to produce three duplicates */
@@ -124,21 +163,11 @@ void qs_tcp_cc_dupack(qs_ustack *s, qs_tcb *t, int64_t now)
         t->cwnd = save;
         return;
     }
-    if (t->dupacks != 3)
+    if (t->dupacks != 3 && !lost)
         return;
     if (!qs_seq_gt(t->snd_una, t->recover))
         return;                                   /* RFC 6582 3.2 step 2: no second reduction */
-    t->ssthresh = half_flight(t);
-    t->recover = t->snd_max;
-    t->flags |= QT_RECOVERY;
-    t->flags &= (uint32_t)~QT_TIMING;
-    s->st.tcp_fast_rexmit++;
-    QS_TRACE(s, t, now, QS_TR_FAST, 0, 0, 0, 0);
-    uint32_t len = t->sndq_len < t->mss ? t->sndq_len : t->mss;
-    int fin = (t->flags & QT_FIN_SENT) && len == t->sndq_len;
-    qs_tcp_send_seg(s, t, t->snd_una, len, fin, now);
-    t->cwnd = t->ssthresh + 3u * t->mss;
-    qs_tcp_output(s, t, now);
+    enter_recovery(s, t, now);
 }
 
 /* The retransmission timer expired (RFC 5681 3.1 equation (4), LW = 1 SMSS). */
@@ -149,6 +178,7 @@ void qs_tcp_cc_rto(qs_ustack *s, qs_tcb *t)
         t->ssthresh = half_flight(t);
     t->cwnd = t->mss;
     t->recover = t->snd_max;
-    t->flags &= (uint32_t)~(QT_RECOVERY | QT_TIMING);
+    t->flags &= (uint32_t)~(QT_RECOVERY | QT_SACK_RCVRY | QT_TIMING);
     t->dupacks = 0;
+    qs_sack_clear(t);                             /* RFC 2018 8: the receiver may have reneged */
 }

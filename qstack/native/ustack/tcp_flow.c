@@ -37,6 +37,7 @@ static void tcb_free(qs_ustack *s, qs_tcb *t)
     qs_mq_free(&s->pool, &t->sndq);
     qs_mq_free(&s->pool, &t->rcvq);
     qs_mq_free(&s->pool, &t->oooq);
+    qs_sack_clear(t);
     free(t);
 }
 
@@ -163,6 +164,7 @@ void qs_tcp_drop(qs_ustack *s, qs_tcb *t, int err)
         t->timers = 0;
         qs_mq_free(&s->pool, &t->sndq);
         qs_mq_free(&s->pool, &t->oooq);
+        qs_sack_clear(t);
         t->sndq_len = 0;
         if (err)                    /* a reset discards what was not read (RFC 9293 3.10.7.4) */
             qs_mq_free(&s->pool, &t->rcvq), t->rcvq_len = 0;

@@ -52,6 +52,10 @@ static int parse_options(const uint8_t *o, uint32_t n, qs_tcp_seg *g)
                 if (!g->has_sack || qs_seq_gt(r, g->sack_hi))
                     g->sack_hi = r;
                 g->has_sack = 1;
+                if (g->nsack < 4) {
+                    g->sack_l[g->nsack] = qs_seq_of(qs_get32(o + b));
+                    g->sack_r[g->nsack++] = r;
+                }
             }
         }
         i += len;

@@ -231,7 +231,7 @@ qs_seq qs_tcp_ack_seq(const qs_tcb *t)
 {
     if (t->state < QS_TCP_ESTABLISHED)
         return t->snd_max;                    /* our SYN is not acknowledged yet */
-    qs_seq edge = qs_seq_add(t->snd_una, t->snd_wnd);
+    qs_seq edge = qs_seq_add(t->snd_una, qs_tcp_snd_space(t));
     return qs_seq_lt(edge, t->snd_max) ? edge : t->snd_max;
 }
 
@@ -272,6 +272,18 @@ int qs_tcp_send_seg(qs_ustack *s, qs_tcb *t, qs_seq seq, uint32_t len, int fin, 
     return rc < 0 ? rc : (int)(len + (fin ? 1 : 0));
 }
 
+/* The send window left above SND.UNA.  The right edge is SND.WL2 +
+ * SND.WND, where the last window update put it, not SND.UNA + SND.WND: an
+ * ACK can move SND.UNA before (or without) updating the window -- inside
+ * its own processing, for what the application or recovery sends from
+ * there, or when it is a reordered older segment -- and the window it
+ * offered was measured from its own acknowledgment. */
+uint32_t qs_tcp_snd_space(const qs_tcb *t)
+{
+    int32_t d = qs_seq_diff(qs_seq_add(t->snd_wl2, t->snd_wnd), t->snd_una);
+    return d > 0 ? (uint32_t)d : 0;
+}
+
 uint32_t qs_tcp_flight(const qs_tcb *t)
 {
     return (uint32_t)qs_seq_diff(t->snd_max, t->snd_una);
@@ -296,7 +308,8 @@ int qs_tcp_output(qs_ustack *s, qs_tcb *t, int64_t now)
     int sent = 0;
     if (can_send_data(t)) {
         qs_seq end = qs_seq_add(t->snd_una, t->sndq_len);   /* where our FIN goes */
-        uint32_t wnd = t->snd_wnd < t->cwnd ? t->snd_wnd : t->cwnd;
+        uint32_t space = qs_tcp_snd_space(t);
+        uint32_t wnd = space < t->cwnd ? space : t->cwnd;
         for (int guard = 0; guard < 1024; guard++) {
             int32_t unsent = qs_seq_diff(end, t->snd_nxt);
             uint32_t inflight = (uint32_t)qs_seq_diff(t->snd_nxt, t->snd_una);
@@ -306,7 +319,7 @@ int qs_tcp_output(qs_ustack *s, qs_tcb *t, int64_t now)
                 if (!fin_due || unsent < 0)
                     break;
                 /* a bare FIN: needs the peer's window open, as any octet */
-                if (t->snd_wnd <= inflight && inflight > 0)
+                if (space <= inflight && inflight > 0)
                     break;
                 qs_tcp_send_seg(s, t, t->snd_nxt, 0, 1, now);
                 t->flags |= QT_FIN_SENT;

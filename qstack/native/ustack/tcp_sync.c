@@ -101,6 +101,7 @@ static uint32_t new_ack(qs_ustack *s, qs_tcb *t, const qs_tcp_seg *g, int64_t no
     int fin_acked = (t->flags & QT_FIN_SENT) && acked > t->sndq_len;
     trim_sndq(s, t, data);
     t->snd_una = g->ack;
+    qs_sack_trim(t);
     if (qs_seq_lt(t->snd_nxt, t->snd_una))
         t->snd_nxt = t->snd_una;
     if ((t->flags & QT_TIMING) && qs_seq_gt(g->ack, t->rtt_seq)) {
@@ -271,18 +272,6 @@ static void fin_in(qs_ustack *s, qs_tcb *t, int64_t now)
         s->app->eof(s->app_ctx, t);
 }
 
-/* RFC 6675 2, DupAck: the ACK SACKs octets beyond any SACKed before */
-static int new_sack(qs_tcb *t, const qs_tcp_seg *g)
-{
-    if (!g->has_sack || !(t->flags & QT_SACK) || !qs_seq_gt(g->sack_hi, t->snd_una) ||
-        qs_seq_gt(g->sack_hi, t->snd_max))
-        return 0;
-    if (qs_seq_gt(t->sacked_hi, t->snd_una) && !qs_seq_gt(g->sack_hi, t->sacked_hi))
-        return 0;
-    t->sacked_hi = g->sack_hi;
-    return 1;
-}
-
 void qs_tcp_sync_input(qs_ustack *s, qs_tcb *t, qs_tcp_seg *g, qs_mbuf *m, int64_t now)
 {
     uint32_t seglen = g->len + ((g->flags & QS_TH_SYN) ? 1 : 0) + ((g->flags & QS_TH_FIN) ? 1 : 0);
@@ -365,13 +354,16 @@ void qs_tcp_sync_input(qs_ustack *s, qs_tcb *t, qs_tcp_seg *g, qs_mbuf *m, int64
         goto drop;
     }
     uint32_t wnd = g->wnd << t->snd_wscale, freed = 0;
+    /* the scoreboard first (tcp_sack.c): what this ACK SACKs for the first
+     * time makes it a duplicate in RFC 6675's sense, and recovery reads it */
+    uint32_t sacked = g->nsack ? qs_sack_update(t, g) : 0;
     if (qs_seq_gt(g->ack, t->snd_una)) {
         freed = new_ack(s, t, g, now);
         if (t->flags & QT_DEAD)
             goto drop;
     } else if (qs_seq_eq(g->ack, t->snd_una) && !qs_seq_eq(t->snd_max, t->snd_una) &&
-               (new_sack(t, g) || (g->len == 0 && !(g->flags & QS_TH_FIN) &&
-                                   wnd >= t->snd_wnd && wnd))) {
+               (sacked || (g->len == 0 && !(g->flags & QS_TH_FIN) &&
+                           wnd >= t->snd_wnd && wnd))) {
         /* RFC 5681 2 wants the window unchanged; a receiver that autotunes
          * its buffer (Linux) grows it in nearly every ACK, and the strict
          * rule then hides its duplicate ACKs and leaves loss to the RTO.

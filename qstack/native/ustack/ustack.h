@@ -165,6 +165,7 @@ enum {
 #define QT_RTO_BACKOFF 0x4000   /* RTO was backed off: no new estimate yet (6298 5.5) */
 /* 0x8000: tcp_timer.c's "filed in the wheel" */
 #define QT_SACK       0x10000   /* both offered SACK: we report holes (RFC 2018) */
+#define QT_SACK_RCVRY 0x20000   /* QT_RECOVERY is RFC 6675's, clocked by pipe (tcp_sack.c) */
 
 /* timers, qs_tcb.timers bits (deadlines in ms ticks) */
 enum { QS_TM_REXMIT, QS_TM_DELACK, QS_TM_KEEP, QS_TM_NTIMERS };
@@ -174,6 +175,8 @@ enum { QS_TM_REXMIT, QS_TM_DELACK, QS_TM_KEEP, QS_TM_NTIMERS };
 /* The control block: everything a connection costs while idle (see
  * docs/USTACK.md for the sum).  Queues hold pool buffers only while they
  * hold bytes. */
+typedef struct qs_sackboard qs_sackboard;   /* tcp_sack.c */
+
 typedef struct qs_tcb {
     struct qs_tcb *hnext;               /* flow table chain */
     struct qs_tcb *tprev, *tnext;       /* timer wheel slot, or the reap list */
@@ -193,7 +196,7 @@ typedef struct qs_tcb {
     qs_seq rcv_nxt, rcv_adv;            /* rcv_adv: right edge we advertised */
     qs_seq fin_seq;                     /* QT_FIN_OOO */
     qs_seq sack_recent;                 /* the last out-of-order segment (first SACK block) */
-    qs_seq sacked_hi;                   /* highest octet the peer SACKed (RFC 6675 DupAck) */
+    qs_sackboard *sb;                   /* what the peer SACKed, while it matters; else NULL */
     uint32_t snd_wnd, max_snd_wnd;
     uint32_t cwnd, ssthresh;
     uint32_t srtt_us, rttvar_us, rto_ms;
@@ -331,7 +334,8 @@ typedef struct qs_tcp_seg {   /* a parsed segment */
     uint8_t flags;
     uint8_t has_mss, has_ws, ws, has_sackok;
     qs_seq sack_hi;           /* highest right edge of the SACK blocks, if has_sack */
-    uint8_t has_sack;
+    uint8_t has_sack, nsack;
+    qs_seq sack_l[4], sack_r[4];   /* the first nsack blocks, as sent */
     uint16_t mss;
     uint32_t src, dst;
     uint16_t sport, dport;
@@ -377,6 +381,16 @@ void qs_tcp_cc_ack(qs_ustack *s, qs_tcb *t, uint32_t acked, int64_t now);
 void qs_tcp_cc_dupack(qs_ustack *s, qs_tcb *t, int64_t now);
 void qs_tcp_cc_rto(qs_ustack *s, qs_tcb *t);
 uint32_t qs_tcp_flight(const qs_tcb *t);
+uint32_t qs_tcp_snd_space(const qs_tcb *t);   /* window left above SND.UNA (tcp_out.c) */
+
+/* tcp_sack.c: the SACK sender (RFC 6675) */
+uint32_t qs_sack_update(qs_tcb *t, const qs_tcp_seg *g);      /* bytes newly SACKed */
+void qs_sack_trim(qs_tcb *t);                                 /* after SND.UNA moved */
+void qs_sack_clear(qs_tcb *t);
+int qs_sack_lost_una(const qs_tcb *t);                        /* IsLost(SND.UNA) */
+uint32_t qs_sack_pipe(const qs_tcb *t);
+void qs_sack_send(qs_ustack *s, qs_tcb *t, int64_t now);      /* while cwnd - pipe >= SMSS */
+void qs_sack_recover(qs_ustack *s, qs_tcb *t, int64_t now);   /* resend the first hole, go on */
 
 /* tcp_timer.c */
 void qs_tcp_timer_set(qs_ustack *s, qs_tcb *t, int which, uint32_t ms, int64_t now);
