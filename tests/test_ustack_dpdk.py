@@ -128,7 +128,6 @@ class DpdkStack:
     """A stack on a DPDK port, in a child process in namespace `ns`."""
 
     def __init__(self, ns, eal, **cfg):
-        cfg.setdefault("sack", 0)       # as test_ustack_tap: no SACK against Linux yet
         self.buf = b""
         self.err = tempfile.TemporaryFile()     # EAL's log; a pipe could fill and block it
         self.p = subprocess.Popen(
