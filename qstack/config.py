@@ -591,9 +591,9 @@ def _check_ustack(cfg: Config) -> None:
                           "--eal '--no-huge -m 256 --no-pci --vdev=net_tap0,iface=qs0'")
     if cfg.server.port == 0:
         raise ConfigError("server.port: the user-space stack needs a fixed port (not 0)")
-    if cfg.server.cores != 1:
-        raise ConfigError(f"server.cores: the user-space stack serves one device from "
-                          f"one core for now, got {cfg.server.cores}")
+    if cfg.server.cores != 1 and us.driver != "tap":
+        raise ConfigError(f"server.cores: the dpdk driver serves one port from one core "
+                          f"for now, got {cfg.server.cores}")
     if us.gateway is not None:
         import ipaddress
         here = ipaddress.IPv4Network(str(us.ip), strict=False)

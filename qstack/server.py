@@ -100,7 +100,8 @@ def _net_options(cfg):
         if lib_path is None:
             raise ConfigError("ustack.driver: DPDK is not available in this build "
                               "(install libdpdk-dev and pkg-config, then rebuild with make)")
-    return dict(driver=us.driver, tap=us.tap, eal=us.eal, dpdk_lib=lib_path, mac=us.mac,
+    return dict(driver=us.driver, tap=us.tap, multiqueue=cfg.server.cores > 1,
+                eal=us.eal, dpdk_lib=lib_path, mac=us.mac,
                 ip=us.ip.address, prefix=us.ip.prefix, gateway=us.gateway,
                 max_conns=us.max_concurrency, buffers=us.buffers, snd_buf=us.snd_buf,
                 rcv_buf=us.rcv_buf, syn_backlog=us.syn_backlog, loss=us.loss, dup=us.dup,
@@ -117,6 +118,9 @@ def _ustack_error(cfg, exc):
         errno.ENOENT: "/dev/net/tun is missing (no TUN/TAP support here)"
                       if us.driver == "tap" else "no DPDK port found (check --eal)",
         errno.EBUSY: f"{dev} is busy (another process has it open)",
+        errno.EINVAL: f"{dev} is not a multi-queue device, which --cores "
+                      f"{cfg.server.cores} needs (ip tuntap add dev {us.tap} mode tap multi_queue)"
+                      if cfg.server.cores > 1 and us.driver == "tap" else None,
         errno.ENOTSUP: "DPDK is not available in this build",
         errno.ENODEV: "DPDK found no port (check the --eal arguments)",
         errno.ENOMEM: "not enough memory for ustack.buffers / ustack.max_concurrency",

@@ -48,7 +48,7 @@ class TapNetns:
     creates its own (it cannot attach to a persistent one); bring_up()
     then gives it the kernel side's address once it exists."""
 
-    def __init__(self, dev="qs0", create=True):
+    def __init__(self, dev="qs0", create=True, multi_queue=False):
         k = next(_seq)
         self.name = f"qst-{os.getpid()}-{k}"
         self.dev = dev
@@ -57,7 +57,8 @@ class TapNetns:
             self._sh("ip", "netns", "add", self.name)
             self.run("ip", "link", "set", "lo", "up")
             if create:
-                self.run("ip", "tuntap", "add", "dev", dev, "mode", "tap")
+                self.run("ip", "tuntap", "add", "dev", dev, "mode", "tap",
+                         *(["multi_queue"] if multi_queue else []))
                 self.bring_up()
         except Exception:
             self.close()

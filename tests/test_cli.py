@@ -74,7 +74,8 @@ def test_out_of_range_in_file_and_flag(tmp_path):
     assert_one_error(qstack("serve", "apps.echo:handle", "--backend", "ustack"),
                      "ustack.ip: the user-space stack needs its own address")
     assert_one_error(qstack("serve", "apps.echo:handle", "--backend", "ustack",
-                            "--ip", "198.18.0.2/24", "--cores", "2"), "server.cores")
+                            "--ip", "198.18.0.2/24", "--driver", "dpdk", "--eal=--no-huge",
+                            "--cores", "2"), "server.cores: the dpdk driver serves one port")
     assert_one_error(qstack("serve", "apps.echo:handle", "--backend", "ustack",
                             "--ip", "198.18.0.2/24", "--driver", "dpdk"), "ustack.eal")
     assert_one_error(qstack("serve", "apps.echo:handle", "--backend", "ustack",

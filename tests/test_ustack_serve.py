@@ -260,3 +260,37 @@ def test_a_client_off_the_subnet_is_reached_through_the_gateway(ustack, gateway)
                 s.connect(server.addr)
     finally:
         s.close()
+
+
+# --- one stack per core ----------------------------------------------------------------------
+
+def test_two_cores_share_one_multi_queue_tap(serve):
+    """--cores 2: each core process attaches a queue of one multi-queue TAP
+    device and runs its own stack on the same address; the kernel steers
+    each connection to one queue, so both cores serve some, and every
+    connection is served whole by one of them."""
+    net = TapNetns(multi_queue=True)
+    try:
+        with net.entered():
+            server = serve("apps.echo:handle", "--cores", "2", "--stats", "--framing", "line",
+                           ustack=["--tap", net.dev], net=net)
+            socks = [socket.create_connection(server.addr, timeout=10) for _ in range(200)]
+            for rnd in range(10):
+                for i, s in enumerate(socks):
+                    s.sendall(b"%d:%d\n" % (i, rnd))
+                for i, s in enumerate(socks):
+                    assert recv_exact(s, len(b"%d:%d\n" % (i, rnd))) == b"%d:%d\n" % (i, rnd)
+            time.sleep(1.5)                      # a stats line with every connection up
+            for s in socks:
+                s.close()
+            serve.stop_all()
+    finally:
+        net.close()
+    held = {}
+    for line in server.stdout.splitlines():
+        if line.startswith("core "):
+            core, conns = line.split()[1], int(line.split(" conns ")[1].split()[0])
+            held[core] = max(held.get(core, 0), conns)
+    assert set(held) == {"0", "1"} and all(held.values()), held
+    assert sum(held.values()) == 200, held
+    assert server.stderr.count("packet buffers in use 0") == 2, server.stderr[-2000:]

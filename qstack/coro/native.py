@@ -124,6 +124,7 @@ def _ip(text):
 def _net_config(n, net):
     """Fill a qs_net_config from a plain dict (see qstack.server)."""
     n.driver = {"tap": lib.QS_DRIVER_TAP, "dpdk": lib.QS_DRIVER_DPDK}[net["driver"]]
+    n.multiqueue = 1 if net["multiqueue"] else 0
     for name in ("tap", "eal", "dpdk_lib"):
         value = (net[name] or "").encode()
         if len(value) >= ffi.sizeof(getattr(n, name)):

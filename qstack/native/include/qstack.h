@@ -113,9 +113,10 @@ typedef struct qs_framer {
 typedef struct qs_net_config {
     int32_t driver;           /* QS_DRIVER_* */
     char tap[16];             /* TAP device name (created if missing) */
+    int32_t multiqueue;       /* 1: attach one queue of a multi-queue TAP device */
     char eal[1024];           /* DPDK EAL arguments, whitespace-separated */
     char dpdk_lib[512];       /* path of the DPDK driver module */
-    uint8_t mac[6];           /* all zero: the device's own (DPDK) or a random local one */
+    uint8_t mac[6];           /* all zero: the device's own (DPDK), else 02:00 + the IP */
     uint32_t ip;              /* host byte order */
     int32_t prefix_len;       /* 1..32 */
     uint32_t gateway;         /* 0 = none */

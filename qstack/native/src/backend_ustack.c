@@ -258,7 +258,7 @@ static int open_driver(const qs_net_config *g, qs_netdrv **out)
 {
     int err = 0;
     if (g->driver == QS_DRIVER_TAP)
-        *out = qs_tap_open(g->tap, &err);
+        *out = qs_tap_open(g->tap, g->multiqueue ? QS_TAP_MULTIQUEUE : 0, &err);
     else if (g->driver == QS_DRIVER_DPDK)
         *out = qs_dpdk_open(g->dpdk_lib, g->eal, &err);
     else
@@ -285,10 +285,12 @@ static void stack_config(const qs_config *cfg, qs_netdrv *drv, qsu_config *q)
     if (memcmp(g->mac, zero, 6))
         memcpy(q->mac, g->mac, 6);
     else if (qs_netdrv_mac(drv, q->mac) < 0) {
-        /* a random locally administered unicast address */
-        if (getrandom(q->mac, 6, 0) != 6)
-            memcpy(q->mac, (uint8_t[6]){0, 0x5e, 0x10, 0x51, 0x7a, 0xc1}, 6);
-        q->mac[0] = (uint8_t)((q->mac[0] & 0xfe) | 0x02);
+        /* locally administered 02:00 + the address: the same in every core
+         * process on one device and across restarts, so neighbours' caches
+         * stay right */
+        uint8_t mac[6] = {0x02, 0x00, (uint8_t)(g->ip >> 24), (uint8_t)(g->ip >> 16),
+                          (uint8_t)(g->ip >> 8), (uint8_t)g->ip};
+        memcpy(q->mac, mac, 6);
     }
     q->ip = g->ip;
     q->prefix_len = g->prefix_len;

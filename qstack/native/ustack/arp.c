@@ -78,6 +78,29 @@ void qs_arp_add_static(qs_ustack *s, uint32_t ip, const uint8_t *mac)
     e->expires = INT64_MAX;
 }
 
+/* An IPv4 packet for us from an on-link sender: its Ethernet source is the
+ * sender's address (RFC 1122 2.3.2.1 allows learning it so).  Needed with
+ * several stacks on the queues of one device: the answer to our request
+ * may be steered to another queue, while the sender's own packets come
+ * here.  Static entries stay as they are. */
+void qs_arp_glean(qs_ustack *s, uint32_t ip, const uint8_t *mac, int64_t now)
+{
+    if ((mac[0] & 1) || ip == s->cfg.ip)
+        return;
+    qs_arp_entry *e = find(s, ip);
+    if (e && (e->expires == INT64_MAX ||
+              (e->state == ST_OK && e->expires > now + ARP_TTL_NS / 2 && !memcmp(e->mac, mac, 6))))
+        return;                        /* static, or known and fresh */
+    if (!e) {
+        e = claim(s, ip, now);
+        e->ip = ip;
+    }
+    memcpy(e->mac, mac, 6);
+    e->state = ST_OK;
+    e->expires = now + ARP_TTL_NS;
+    flush_queue(s, e, now);
+}
+
 void qs_arp_destroy(qs_ustack *s)
 {
     for (int i = 0; i < QS_ARP_SLOTS; i++)

@@ -41,6 +41,8 @@ int qs_ip_input(qs_ustack *s, qs_mbuf *m, int64_t now)
         s->st.ip_not_mine++;
         goto drop;
     }
+    if (!((src ^ s->cfg.ip) & s->netmask) && m->off >= 14)
+        qs_arp_glean(s, src, p - 14 + 6, now);     /* the Ethernet source */
     uint8_t proto = p[9];
     m->off += ihl;
     m->len = (uint16_t)(tot - ihl);

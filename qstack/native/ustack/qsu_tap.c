@@ -183,7 +183,7 @@ static qsu_tap *open_on(qs_netdrv *(*open_drv)(const char *, const char *, int *
 static qs_netdrv *open_tap(const char *ifname, const char *unused, int *err)
 {
     (void)unused;
-    return qs_tap_open(ifname, err);
+    return qs_tap_open(ifname, 0, err);
 }
 
 qsu_tap *qsu_tap_open(const char *ifname, const qsu_config *cfg, int *err)

@@ -8,6 +8,12 @@
  * the caller gets -EPERM or -ENOENT (no /dev/net/tun) to say so plainly.
  * Time plays no part: frames are delivered when the kernel has them
  * (next_due is "never", the caller polls the fd).
+ *
+ * Multi-queue (QS_TAP_MULTIQUEUE): each open attaches one queue of the
+ * device, and the kernel steers every flow to one queue (by its hash, then
+ * by the queue that last wrote for it), so one stack per core process can
+ * share a device and an address, as a NIC's RSS queues do.  A device made
+ * without multi_queue refuses it with -EINVAL.
  */
 #include "ustack.h"
 #include <fcntl.h>
@@ -78,7 +84,7 @@ static const qs_netdrv_ops tap_ops = {
     .fd = t_fd,
 };
 
-qs_netdrv *qs_tap_open(const char *ifname, int *err)
+qs_netdrv *qs_tap_open(const char *ifname, int flags, int *err)
 {
     if (!ifname || !*ifname || strlen(ifname) >= IFNAMSIZ) {
         *err = -EINVAL;
@@ -91,7 +97,7 @@ qs_netdrv *qs_tap_open(const char *ifname, int *err)
     }
     struct ifreq ifr;
     memset(&ifr, 0, sizeof(ifr));
-    ifr.ifr_flags = IFF_TAP | IFF_NO_PI;
+    ifr.ifr_flags = IFF_TAP | IFF_NO_PI | (flags & QS_TAP_MULTIQUEUE ? IFF_MULTI_QUEUE : 0);
     memcpy(ifr.ifr_name, ifname, strlen(ifname));
     if (ioctl(fd, TUNSETIFF, &ifr) < 0) {
         *err = -errno;

@@ -315,6 +315,7 @@ extern const uint8_t qs_eth_bcast[6];
 int qs_arp_input(qs_ustack *s, qs_mbuf *m, int64_t now);
 int qs_arp_resolve_output(qs_ustack *s, qs_mbuf *m, uint32_t nexthop, int64_t now);
 void qs_arp_add_static(qs_ustack *s, uint32_t ip, const uint8_t *mac);
+void qs_arp_glean(qs_ustack *s, uint32_t ip, const uint8_t *mac, int64_t now);
 void qs_arp_destroy(qs_ustack *s);
 void qs_arp_age(qs_ustack *s, int64_t now);
 int64_t qs_arp_next(qs_ustack *s);          /* when qs_arp_age has work, INT64_MAX if never */
@@ -447,7 +448,8 @@ void qs_prio_note(qs_ustack *s, qs_tcb *t, const qs_mbuf *m);   /* m: payload */
 void qs_prio_flush(qs_ustack *s);
 
 /* tap.c */
-qs_netdrv *qs_tap_open(const char *ifname, int *err);
+#define QS_TAP_MULTIQUEUE 1     /* one queue of a multi-queue device (IFF_MULTI_QUEUE) */
+qs_netdrv *qs_tap_open(const char *ifname, int flags, int *err);
 int qs_tap_fd(qs_netdrv *d);                /* the fd to poll, -EINVAL if not a TAP */
 
 /* dpdk_load.c -- the DPDK poll-mode driver is a plain shared object of
