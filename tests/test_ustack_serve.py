@@ -294,3 +294,19 @@ def test_two_cores_share_one_multi_queue_tap(serve):
     assert set(held) == {"0", "1"} and all(held.values()), held
     assert sum(held.values()) == 200, held
     assert server.stderr.count("packet buffers in use 0") == 2, server.stderr[-2000:]
+
+
+def test_several_cores_on_a_single_queue_tap_is_one_plain_line():
+    net = TapNetns()                             # made without multi_queue
+    try:
+        with net.entered():
+            run = subprocess.run(
+                [sys.executable, "-m", "qstack", "serve", "apps.echo:handle", "--backend",
+                 "ustack", "--tap", net.dev, "--ip", STACK_IP + "/24", "--cores", "2"],
+                cwd=ROOT, capture_output=True, text=True, timeout=60)
+    finally:
+        net.close()
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        f"qstack: error: ustack: TAP device {net.dev} is not a multi-queue device, which "
+        f"--cores 2 needs (ip tuntap add dev {net.dev} mode tap multi_queue)"]
