@@ -59,6 +59,13 @@ static qs_arp_entry *claim(qs_ustack *s, uint32_t ip, int64_t now)
     return victim;
 }
 
+static void resolved(qs_arp_entry *e, const uint8_t *mac, int64_t now)
+{
+    memcpy(e->mac, mac, 6);
+    e->state = ST_OK;
+    e->expires = now + ARP_TTL_NS;
+}
+
 static void flush_queue(qs_ustack *s, qs_arp_entry *e, int64_t now)
 {
     int n = e->nq;
@@ -95,9 +102,7 @@ void qs_arp_glean(qs_ustack *s, uint32_t ip, const uint8_t *mac, int64_t now)
         e = claim(s, ip, now);
         e->ip = ip;
     }
-    memcpy(e->mac, mac, 6);
-    e->state = ST_OK;
-    e->expires = now + ARP_TTL_NS;
+    resolved(e, mac, now);
     flush_queue(s, e, now);
 }
 
@@ -147,19 +152,14 @@ int qs_arp_input(qs_ustack *s, qs_mbuf *m, int64_t now)
     if (spa == 0 || spa == s->cfg.ip)      /* probes and conflicts: never cache */
         return 0;
     qs_arp_entry *e = find(s, spa);
-    if (e && e->expires != INT64_MAX) {    /* merge (static entries stay) */
-        memcpy(e->mac, sha, 6);
-        e->state = ST_OK;
-        e->expires = now + ARP_TTL_NS;
-    }
+    if (e && e->expires != INT64_MAX)      /* merge (static entries stay) */
+        resolved(e, sha, now);
     if (tpa != s->cfg.ip)
         return 0;
     if (!e) {
         e = claim(s, spa, now);
         e->ip = spa;
-        memcpy(e->mac, sha, 6);
-        e->state = ST_OK;
-        e->expires = now + ARP_TTL_NS;
+        resolved(e, sha, now);
     }
     if (e->state == ST_OK)
         flush_queue(s, e, now);
