@@ -208,7 +208,7 @@ def serve(cfg, handler, core_index=0, stats_fd=None):
     _app_init(cfg.app, load_callable)
     options = _native_options(cfg, stream, stack_cpu, inline)
     if srv.backend == "ustack":
-        core = _ustack_core(cfg, options, NativeCore)
+        core = _ustack_core(cfg, options)
         where = f"{cfg.ustack.ip.address}:{srv.port} on ustack/{cfg.ustack.driver}"
     else:
         sock = open_listener(srv.host, srv.port, srv.backlog)
@@ -280,9 +280,10 @@ def serve(cfg, handler, core_index=0, stats_fd=None):
     return 0
 
 
-def _ustack_core(cfg, options, native_core):
+def _ustack_core(cfg, options):
+    from .coro.native import NativeCore
     try:
-        core = native_core(**options, backend="ustack", net=_net_options(cfg))
+        core = NativeCore(**options, backend="ustack", net=_net_options(cfg))
     except ValueError as exc:
         raise ConfigError(f"ustack: {exc}") from None
     except OSError as exc:

@@ -13,6 +13,7 @@ Who keeps what alive while C holds a pointer:
   thread is gone).
 """
 
+import ipaddress
 import struct
 
 from qstack._native import ffi, lib
@@ -63,7 +64,7 @@ class NativeCore:
         cfg.inline_stack = 1 if inline else 0
         if backend == "ustack":
             cfg.backend = lib.QS_BACKEND_USTACK
-            _net_config(cfg.net, net or {})
+            _net_config(cfg.net, net)
         err = ffi.new("int *")
         c = lib.qs_core_new(cfg, err)
         if c == ffi.NULL:
@@ -116,11 +117,6 @@ class NativeCore:
             self.ptr = None
 
 
-def _ip(text):
-    a, b, c, d = (int(x) for x in text.split("."))
-    return a << 24 | b << 16 | c << 8 | d
-
-
 def _net_config(n, net):
     """Fill a qs_net_config from a plain dict (see qstack.server)."""
     n.driver = {"tap": lib.QS_DRIVER_TAP, "dpdk": lib.QS_DRIVER_DPDK}[net["driver"]]
@@ -132,9 +128,9 @@ def _net_config(n, net):
         setattr(n, name, value)
     if net["mac"]:
         n.mac = [int(x, 16) for x in net["mac"].split(":")]
-    n.ip = _ip(net["ip"])
+    n.ip = int(ipaddress.IPv4Address(net["ip"]))
     n.prefix_len = net["prefix"]
-    n.gateway = _ip(net["gateway"]) if net["gateway"] else 0
+    n.gateway = int(ipaddress.IPv4Address(net["gateway"])) if net["gateway"] else 0
     for name in ("max_conns", "buffers", "snd_buf", "rcv_buf", "syn_backlog",
                  "loss", "dup", "reorder", "corrupt", "fault_seed"):
         setattr(n, name, net[name])

@@ -241,14 +241,9 @@ static void on_closed(void *ctx, qs_tcb *t, int err)
     ready_add(u, c);
 }
 
-static void on_connected(void *ctx, qs_tcb *t)
-{
-    (void)ctx;
-    (void)t;                         /* the server side opens no connections */
-}
-
+/* No connected(): the server side opens no connections. */
 static const qs_tcp_app_ops app_ops = {
-    .accepted = on_accepted, .connected = on_connected, .readable = on_ready,
+    .accepted = on_accepted, .readable = on_ready,
     .writable = on_ready, .eof = on_ready, .closed = on_closed,
 };
 
@@ -552,9 +547,9 @@ static void u_run(qs_core *core)
 {
     qs_ubackend *u = core->be_state;
     qs_net *net = &u->net;
-    int sleep = 0;
+    int idle = 0;
     while (!atomic_load_explicit(&core->quit, memory_order_acquire)) {
-        if (sleep)
+        if (idle)
             u_wait(u, -1);
         atomic_store_explicit(&core->stack_sleeping, 0, memory_order_relaxed);
         net->now = qs_now_ns();
@@ -567,7 +562,7 @@ static void u_run(qs_core *core)
         int pushed = qs_net_publish(net);
         if (pushed || (ncmd && atomic_load_explicit(&core->hub_want_space, memory_order_relaxed)))
             qs_core_wake_hub(core);
-        if ((sleep = !(work || ncmd || work_waiting(u))) == 0)
+        if (!(idle = !(work || ncmd || work_waiting(u))))
             continue;
         snapshot(u);
         arm_timer(u, 0);
@@ -577,7 +572,7 @@ static void u_run(qs_core *core)
         atomic_thread_fence(memory_order_seq_cst);
         if (work_waiting(u) || atomic_load_explicit(&core->quit, memory_order_relaxed)) {
             atomic_exchange(&core->stack_sleeping, 0);
-            sleep = 0;
+            idle = 0;
         }
     }
     u_quit(u);
