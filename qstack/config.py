@@ -88,6 +88,7 @@ class PriorityConfig:
     default_level: int | None = None
     classifier: str | None = None
     low_share: float = 0.0
+    reserve: tuple[int, ...] | None = None
 
     @property
     def effective_default_level(self) -> int:
@@ -317,6 +318,15 @@ def _framing(value, key, source):
         raise ConfigError(f"{key}: {e}") from None
 
 
+def _reserve(value, key, source):
+    """priority.reserve: N (workers for level 0 only) or [r0, r1, ...]."""
+    items = [value] if _is_int(value) else value
+    if not isinstance(items, (list, tuple)) or not all(_is_int(v) and v >= 0 for v in items):
+        raise ConfigError(f"{key}: expected an integer >= 0 or a list of them (workers "
+                          f"held back per level, level 0 first), got {_show(value)}")
+    return tuple(items)
+
+
 def _rules(value, key, source):
     if not isinstance(value, (list, tuple)):
         raise ConfigError(f"{key}: expected a list of rules, got {_show(value)}")
@@ -379,6 +389,7 @@ _SCHEMA: dict[str, dict[str, Validator]] = {
         "default_level": _optional(_int(0, MAX_LEVELS - 1)),
         "classifier": _optional(_spec),
         "low_share": _float(0, 1, hi_open=True),
+        "reserve": _optional(_reserve),
     },
     "layout": {
         "pin": _choice(*PINS),
@@ -570,6 +581,15 @@ def _check_together(cfg: Config) -> None:
     if pr.default_level is not None and pr.default_level >= pr.levels:
         raise ConfigError(f"priority.default_level: {pr.default_level} is not below "
                           f"priority.levels ({pr.levels})")
+    if pr.reserve is not None:
+        if len(pr.reserve) > pr.levels - 1:
+            raise ConfigError(f"priority.reserve: {len(pr.reserve)} entries, but only "
+                              f"the {pr.levels - 1} level(s) above the lowest can hold "
+                              f"workers back (priority.levels is {pr.levels})")
+        if sum(pr.reserve) >= cfg.server.workers:
+            raise ConfigError(f"priority.reserve: {sum(pr.reserve)} workers held back "
+                              f"leave none of server.workers ({cfg.server.workers}) "
+                              f"for the lowest level")
     if pr.rules and pr.classifier is not None:
         raise ConfigError("priority.rules and priority.classifier are mutually "
                           "exclusive: use native rules or a Python classifier")

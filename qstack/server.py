@@ -223,7 +223,7 @@ def serve(cfg, handler, core_index=0, stats_fd=None):
     hub = hub_type(core, handler, workers=srv.workers,
                    low_share=cfg.priority.low_share, classifier=classifier,
                    batch=cfg.native.batch, make_request=Request,
-                   make_connection=Connection)
+                   make_connection=Connection, reserve=cfg.priority.reserve)
     core.start()
     hub.start()
     log.info("core %d serving %s (%s handler, %d workers, %s stack, pid %d)",

@@ -12,18 +12,45 @@ cooperative socket): then a follower takes over the rings, so a blocked
 handler suspends only its own worker.
 
 Detecting "the leader blocked" costs nothing per request: whenever a worker
-becomes leader it arms one callback on gevent's loop (``_on_turn``).  gevent
-runs callbacks only when its hub greenlet gets control, which happens only if
-the leader switched away.  If the leader switched away on purpose (to wait
-for events or to give the loop a turn), ``_parked`` is set and the callback
-just lapses; otherwise the leader is blocked inside a handler and the callback
-promotes a follower.  A worker whose handler returns after it lost leadership
-becomes a follower again (or the leader, if nobody leads: all were blocked).
+becomes leader it schedules the scheduler (``_run``) as a callback on
+gevent's loop.  gevent runs callbacks only when its hub greenlet gets
+control, which happens only if the leader switched away.  If the leader
+switched away on purpose (to wait for work or to give the loop a turn),
+``_parked`` is set; otherwise the leader is blocked inside a handler and the
+scheduler gives the rings to a follower when there is work for it.  A worker
+whose handler returns after it lost leadership becomes a follower again (or
+the leader, if nobody leads: all were blocked).
 
 Priority.  Native rings are per level and polled highest first into a
 :class:`RunQueue`.  Before running a request of level L > 0 the leader checks
 (one cheap native call) whether anything of a higher level waits natively and
 refills first, so a high request never waits behind a queued low one.
+
+Priority while handlers block.  Dispatch order alone is lost as soon as
+handlers wait on something downstream; four things keep it:
+
+- *Reserved workers* (``reserve``, the DARC policy of Persephone, SOSP'21):
+  a request of level L may start only while fewer than ``limit[L]`` workers
+  are inside a handler, ``limit[L] = workers - sum(reserve[:L])``.  Lower
+  levels can never take the workers held back for higher ones, so a burst
+  of blocked low handlers cannot leave a high request without a worker.
+  Per request this is one list lookup (``_below[busy]``: how many levels may
+  start now) passed to the run queue's pop.
+- *Priority-ordered wake-ups* (qstack/coro/sched.py): a worker woken by
+  gevent while it serves a request is queued by its level instead of being
+  switched to at once, and :meth:`_run`, the scheduler, performs the queued
+  wake-ups highest level first.  The scheduler also decides when the rings
+  get a dispatcher (the parked leader, or a promoted follower): new work of
+  level L goes before woken workers of levels > L and after those of levels
+  <= L (older work of the same level first).  The leader checks the same
+  rule before each request it runs (one attribute test when nothing waits).
+- *Arrivals seen while low work is in flight*: the stack's fd (inline: its
+  epoll fd; threaded: the wake eventfd) is watched by gevent's loop for as
+  long as the hub serves, so whenever the loop runs -- which it does each
+  time a handler blocks -- a readable socket is read and classified at
+  once.  It costs nothing while no socket is readable.  While the scheduler
+  itself runs for longer than ``POLL_EVERY`` it reads the sockets again.
+- Downstream connections per level: qstack.LevelPool (app layer).
 
 Fairness with gevent.  While there is work the leader drains the rings
 without going through gevent's loop; every ``YIELD_EVERY`` requests it gives
@@ -41,6 +68,7 @@ the layouts match, such an event tuple *is* its own command.
 import logging
 import os
 import time
+from time import monotonic
 from itertools import starmap
 from struct import Struct
 
@@ -49,7 +77,8 @@ from gevent import get_hub
 from greenlet import getcurrent, greenlet
 
 from .native import EVENT_SIZE, iter_events, jumbo_view, lib, ffi
-from .runqueue import RunQueue
+from .runqueue import RunQueue, reserve_table
+from .sched import ReadyQueue, Worker
 
 __all__ = ["Hub"]
 
@@ -68,6 +97,7 @@ assert EV_DATA == SEND_BUF
 
 YIELD_EVERY = 64
 HOT_BATCH = 4       # inline: a refill this big means more is coming; poll at once
+POLL_EVERY = 0.0005 # s: while the scheduler runs this long, read the sockets again
 _pack_cmd = Struct("8q").pack
 
 
@@ -77,7 +107,7 @@ class Hub:
 
     def __init__(self, core, handler, *, workers=64, low_share=0.0,
                  classifier=None, batch=128, make_request, make_connection,
-                 send_level=None):
+                 send_level=None, reserve=None):
         self.core = core
         self._c = core.ptr
         self._slab = core.slab
@@ -105,32 +135,41 @@ class Hub:
         self._inline = core.inline
         self._hot = False
         self._wake = self._loop.io(core.wake_fd, 1)
-        # Inline user-space stack: whoever else sleeps, the stack must run
-        # (a SYN, an ACK, a timer) -- also while every worker is blocked in
-        # a handler and no leader waits on the fd.
-        self._service = (self._loop.io(core.wake_fd, 1)
-                         if core.inline and core.needs_service else None)
         self._nworkers = workers
         self._workers = set()
         self._idle = []
         self._leader = None
-        self._parked = False
-        self._sleeper = None            # the leader, while it sleeps in _wait_events
-        self._armed = False
+        self._parked = False            # the leader switched away outside a handler
+        self._waiting = False           # ... and waits for the scheduler to resume it
+        self._sleeper = None            # stream mode: the dispatcher asleep in _wait_events
         self._flush_scheduled = False
         self._native_gone = False
         self.errors = 0
+        # Priority while handlers block (see the module docstring).
+        self._busy = 0                  # workers inside a handler
+        self._below = reserve_table(workers, core.levels, reserve)
+        self._ready = ReadyQueue(core.levels)
+        self.ordered = core.levels > 1  # read by sched.Worker
+        self.hub_greenlet = self._ghub
+        self._run_scheduled = False
+        self._poll_due = False
+        self._stack_w = self._loop.io(core.wake_fd, 1)
 
     # -- rings ------------------------------------------------------------
 
-    def _refill(self):
-        """Move waiting events from the native rings into the run queue."""
+    def _refill(self, step=False):
+        """Move waiting events from the native rings into the run queue.
+
+        Inline, ``step`` (or a hot stack) also reads the sockets first.
+        """
         c, buf, view, batch = self._c, self._evbuf, self._evview, self._batch
         if self._inline:
             # Replies out; while busy also read the sockets right away, else
-            # leave that to gevent's epoll_wait (see _wait_events).
+            # leave that to gevent's epoll_wait (see _on_stack).
             self._flush()
-            if self._hot:
+            if step or self._hot:
+                self._poll_due = False
+                self._last_poll = monotonic()
                 lib.qs_core_step(c, 0)
         moved = 0
         for level, q in self._polled:
@@ -173,15 +212,32 @@ class Hub:
         return q.popleft()
 
     def _next(self):
-        """The next event by priority, refilling from the rings as needed."""
+        """The next event by priority that may take a worker now (see
+        reserve), refilling from the rings as needed; None if there is none."""
         queues = self._queues
-        if not queues[0]:
+        if self._poll_due:
+            self._refill(True)
+        elif not queues[0]:
             top = 1
             while top < self._levels and not queues[top]:
                 top += 1
             if top == self._levels or lib.qs_core_pending_above(self._c, top):
                 self._refill()
-        return self._rq.pop()
+        return self._rq.pop(self._below[self._busy])
+
+    def _work_top(self):
+        """The highest level with work that may take a worker now, or
+        ``levels`` if none (what the leader's next pop would find)."""
+        if self._poll_due:
+            self._refill(True)
+        below = self._below[self._busy]
+        if lib.qs_core_pending_above(self._c, below):
+            self._refill()
+        queues = self._queues
+        for level in range(below):
+            if queues[level]:
+                return level
+        return self._levels
 
     def queued(self):
         """Requests taken from the rings and waiting for a worker, per level."""
@@ -294,10 +350,6 @@ class Hub:
         finally:
             self._parked = False
 
-    def _serve_stack(self):
-        if self._sleeper is None and not self._native_gone:
-            self._step(0)
-
     def _kick(self):
         """Resume the sleeping leader, once, from the watcher or a step."""
         g = self._sleeper
@@ -319,24 +371,99 @@ class Hub:
         if not self._inline:
             os.eventfd_write(self.core.wake_fd, 1)
 
+    # -- the scheduler: who runs next ---------------------------------------
+
+    def defer(self, g, entry):
+        """sched.Worker: gevent woke ``g``; queue it by its request's level."""
+        self._ready.push(g.qstack_level, (g, entry))
+        if not self._run_scheduled:
+            self._run_scheduled = True
+            self._loop.run_callback(self._run)
+
+    def _schedule_run(self):
+        if not self._run_scheduled:
+            self._run_scheduled = True
+            self._loop.run_callback(self._run)
+
+    _arm = _schedule_run        # a new leader: if it blocks, _run promotes
+
+    def _on_stack(self):
+        """The stack's fd is readable: read it now, then dispatch by level."""
+        if self._inline:
+            self._poll_due = True
+        else:
+            try:
+                os.eventfd_read(self.core.wake_fd)
+            except BlockingIOError:
+                pass
+        self._schedule_run()
+
+    def _run(self):
+        """Run what is runnable, highest level first, from gevent's hub.
+
+        Each pass weighs the best woken worker (ReadyQueue.top) against the
+        best new work that may take a worker (_work_top): new work of a
+        strictly higher level gets a dispatcher first.  A dispatcher or a
+        woken worker returns here when it blocks or parks.  Before handing
+        control back to the loop, replies are flushed and (threaded) the
+        stack is told to write the eventfd when events come.
+        """
+        self._run_scheduled = False
+        ready, levels = self._ready, self._levels
+        inline = self._inline
+        t_poll = monotonic() + POLL_EVERY
+        while True:
+            rtop = ready.top()
+            if self._native_gone:
+                wtop = levels
+            else:
+                if inline and monotonic() >= t_poll:
+                    self._poll_due = True
+                    t_poll = monotonic() + POLL_EVERY
+                wtop = self._work_top()
+            if wtop < rtop and self._dispatch():
+                continue
+            if rtop < levels:
+                g, entry = ready.pop(rtop)
+                g.resume(entry)
+                if rtop < levels - 1 and self._cmds:
+                    self._flush()       # a high reply leaves at once
+                continue
+            if self._native_gone:
+                return
+            self._flush()
+            if inline or lib.qs_core_sleep_below(self._c, self._below[self._busy]) == 0:
+                return
+            # threaded: work we may start came in meanwhile, go round again
+
+    def _dispatch(self):
+        """Give the rings to a dispatcher now; False if none can run."""
+        leader = self._leader
+        if leader is not None:
+            if self._waiting:
+                leader.switch()     # not serving a request: switched at once
+                return True
+            if self._parked:
+                return False        # yielding to the loop; back by itself
+            self._leader = None     # blocked inside its handler: replace it
+        if not self._idle:
+            return False            # every worker is busy
+        g = self._idle.pop()
+        self._leader = g
+        g.switch()
+        return True
+
+    def _park(self):
+        """The leader waits for the scheduler (no work it may start, or
+        woken workers that go first)."""
+        self._parked = self._waiting = True
+        self._schedule_run()
+        try:
+            self._ghub.switch()
+        finally:
+            self._parked = self._waiting = False
+
     # -- message workers ----------------------------------------------------
-
-    def _arm(self):
-        if not self._armed:
-            self._armed = True
-            self._loop.run_callback(self._on_turn)
-
-    def _on_turn(self):
-        """gevent's hub got control: if the leader is blocked, promote."""
-        self._armed = False
-        if self._parked or self._leader is None:
-            return
-        self._flush()
-        self._leader = None
-        if self._idle:
-            g = self._idle.pop()
-            self._leader = g
-            g.switch()
 
     def _worker(self):
         me = getcurrent()
@@ -346,7 +473,7 @@ class Hub:
                 self._leader = me
             elif self._leader is not me:
                 self._idle.append(me)
-                self._ghub.switch()     # parked until _on_turn promotes us
+                self._ghub.switch()     # parked until _run promotes us
                 continue
             self._lead(me, req)
 
@@ -355,45 +482,56 @@ class Hub:
         uses per request is a local, and the handler runs in this frame."""
         self._arm()
         handler, slab, cmds, nxt = self._handler, self._slab, self._cmds, self._next
+        ready = self._ready
         handled = 0
         while not self._native_gone:
             ev = nxt()
             if ev is None:
-                self._wait_events()
+                self._park()
                 self._arm()
                 continue
-            kind, level, conn, buf, off, ln, t_rx, _ = ev
+            kind, level, conn, buf, off, ln, t_rx, seq = ev
+            if ready.count and ready.top() <= level:
+                # woken workers of this level or higher go first
+                self._queues[level].appendleft(ev)
+                self._park()
+                self._arm()
+                continue
             data = slab[off:off + ln] if kind == EV_DATA else jumbo_view(off, ln)
             req.data = data
             req.priority = level
             req.conn_id = conn
+            me.qstack_level = level
+            self._busy += 1
             try:
                 out = handler(req)
                 if out is data:
                     cmds.append(ev if kind == EV_DATA else
-                                (SEND_BUF, level, conn, buf, off, ln, t_rx, 0))
+                                (SEND_BUF, level, conn, buf, off, ln, t_rx, seq))
                 elif out is None:
-                    cmds.append((DONE, level, conn, buf, 0, 0, 0, 0))
+                    cmds.append((DONE, level, conn, buf, 0, 0, 0, seq))
                 else:
                     tx = self._tx
                     pos = len(tx)
                     tx += out
-                    cmds.append((SEND_COPY, level, conn, buf, pos, len(tx) - pos, t_rx, 0))
+                    cmds.append((SEND_COPY, level, conn, buf, pos, len(tx) - pos, t_rx, seq))
             except Exception as exc:
                 self._handler_failed(conn, exc)
-                cmds.append((DONE, level, conn, buf, 0, 0, 0, F_CLOSE))
+                cmds.append((DONE, level, conn, buf, 0, 0, 0, seq | F_CLOSE))
             except BaseException:
-                cmds.append((DONE, level, conn, buf, 0, 0, 0, F_CLOSE))
+                cmds.append((DONE, level, conn, buf, 0, 0, 0, seq | F_CLOSE))
                 raise
             finally:
+                me.qstack_level = None
+                self._busy -= 1
                 req.data = None
                 try:
                     data.release()
                 except BufferError:
                     pass                # the handler still exports it
             if self._leader is not me:
-                # We blocked and a follower took over; it may be asleep on
-                # the eventfd, so our reply must not wait for its next batch.
+                # We blocked and a follower took over; it may be parked, so
+                # our reply must not wait for its next batch.
                 self._schedule_flush()
                 return
             handled += 1
@@ -412,9 +550,24 @@ class Hub:
     # -- the Connection API (message mode) ----------------------------------
 
     def conn_send(self, conn, data, priority=None, wait=False):
-        level = self.send_level if priority is None else priority
+        if priority is None:
+            # a handler's extra replies go at its request's level
+            level = getattr(getcurrent(), "qstack_level", None)
+            if level is None:
+                level = self.send_level
+        else:
+            level = self.check_level(priority)
         self.post(SEND_COPY, level, conn, data=data)
         return len(data)
+
+    def check_level(self, priority):
+        """A send's priority, checked here: a bad one never reaches the rings."""
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise TypeError(f"priority must be an int level, got {type(priority).__name__}")
+        if not 0 <= priority < self._levels:
+            raise ValueError(f"priority {priority} is out of range: levels are "
+                             f"0..{self._levels - 1} (0 is highest)")
+        return priority
 
     def conn_close(self, conn):
         self.post(CLOSE, self.send_level, conn)
@@ -424,18 +577,16 @@ class Hub:
 
     def busy_workers(self):
         """Workers inside a handler (for graceful shutdown)."""
-        idle = len(self._idle) + (1 if self._leader is not None and self._parked else 0)
-        return len(self._workers) - idle
+        return self._busy
 
     # -- lifecycle ------------------------------------------------------------
 
     def start(self):
         for _ in range(self._nworkers):
-            g = greenlet(self._worker, parent=self._ghub)
+            g = Worker(self._worker, self._ghub, self)
             self._workers.add(g)
             self._loop.run_callback(g.switch)
-        if self._service is not None:
-            self._service.start(self._serve_stack)
+        self._stack_w.start(self._on_stack)
 
     def drain(self, grace):
         """Stop taking new work, finish what is queued, stop the stack thread.
@@ -452,10 +603,11 @@ class Hub:
                 clean = False
                 break
             self.wake()
+            if self._stack_w.active:
+                self._schedule_run()
             gevent.sleep(0.005)
         self._flush()
-        if self._service is not None:
-            self._service.stop()
+        self._stack_w.stop()
         self.core.shutdown(max(deadline - time.monotonic(), 0.05))
         self._native_gone = True
         self._release_leftovers()
@@ -470,6 +622,12 @@ class Hub:
         # End the workers the way gevent would (from its loop, so each dying
         # greenlet returns to the hub, not to us); blocked handlers see
         # GreenletExit and hand their buffer back through _lead's except.
+        # Wake-ups still queued for the scheduler are void: they die first.
+        self.ordered = False
+        ready = self._ready
+        while ready.count:
+            g, _ = ready.pop(ready.top())
+            g._queued = False
         me = getcurrent()
         for g in list(self._workers):
             if not g.dead and g is not me:

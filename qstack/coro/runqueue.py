@@ -14,7 +14,37 @@ counter resets, so the share never delays high work that has no competition.
 
 from collections import deque
 
-__all__ = ["RunQueue", "share_burst"]
+__all__ = ["RunQueue", "default_reserve", "reserve_table", "share_burst"]
+
+
+def default_reserve(workers, levels):
+    """Workers held back per level when the config names none: a quarter of
+    the pool, split evenly over the levels above the lowest."""
+    if levels < 2:
+        return ()
+    return ((workers // 4) // (levels - 1),) * (levels - 1)
+
+
+def reserve_table(workers, levels, reserve=None):
+    """``below[busy]``: how many levels (0..n-1) may start a request while
+    ``busy`` workers are inside a handler.
+
+    ``reserve[l]`` workers may only be used by levels <= l (the DARC policy:
+    capacity held back for the protected classes, not work-conserving), so
+    level L may start a request while ``busy < workers - sum(reserve[:L])``.
+    None means :func:`default_reserve`.
+    """
+    if reserve is None:
+        reserve = default_reserve(workers, levels)
+    reserve = tuple(reserve)
+    if len(reserve) > max(levels - 1, 0):
+        raise ValueError(f"reserve has {len(reserve)} entries; at most levels - 1 "
+                         f"= {levels - 1} (the lowest level reserves nothing)")
+    if any(r < 0 for r in reserve) or sum(reserve) >= workers:
+        raise ValueError(f"reserve {list(reserve)} must be >= 0 and leave the lowest "
+                         f"level at least one of the {workers} workers")
+    limits = [workers - sum(reserve[:level]) for level in range(levels)]
+    return [sum(busy < limit for limit in limits) for busy in range(workers + 1)]
 
 
 def share_burst(low_share):
@@ -46,9 +76,15 @@ class RunQueue:
     def __bool__(self):
         return any(self.queues)
 
-    def pop(self):
-        """The next item by priority, or None when every queue is empty."""
+    def pop(self, below=None):
+        """The next item by priority, or None when every queue is empty.
+
+        ``below`` limits the pop to levels < below (the levels that may take
+        a worker now, see the hub's reserve); None means every level.
+        """
         queues = self.queues
+        if below is not None and below < self.levels:
+            queues = queues[:below]
         for top, q in enumerate(queues):
             if q:
                 break

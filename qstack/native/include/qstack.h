@@ -213,6 +213,10 @@ int qs_core_pending_above(qs_core *c, int level);
 /* The hub is about to sleep on qs_core_wake_fd: returns 1 (and does not arm
  * the wakeup) if events are already waiting, else 0. */
 int qs_core_sleep(qs_core *c);
+/* The same, waking only for events at levels < below (and command-ring
+ * space): a hub whose lower levels may not start work now sleeps through
+ * their arrivals.  qs_core_sleep(c) is qs_core_sleep_below(c, levels). */
+int qs_core_sleep_below(qs_core *c, int below);
 int qs_core_wake_fd(qs_core *c);
 uint8_t *qs_core_slab(qs_core *c, uint64_t *size);
 int qs_core_stats(qs_core *c, qs_stats *out);

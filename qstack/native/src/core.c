@@ -4,8 +4,12 @@
  * Wakeups (Dekker style, no lost wakeup, no syscall while both run):
  *   sleeper:  flag = 1; seq_cst fence; re-check for work; if work, clear the
  *             flag and do not sleep;
- *   waker:    publish work; seq_cst fence; if flag is set, exchange it to 0
- *             and write the eventfd only if the exchange returned 1.
+ *   waker:    publish work; seq_cst fence; if flag is set (and there is
+ *             work the sleeper waits for), exchange it to 0 and write the
+ *             eventfd only if the exchange returned 1.
+ * The hub's flag says which work it waits for: hub_sleeping = below + 1
+ * wakes it for events at levels < below only (qs_core_sleep_below), so a
+ * hub whose lower levels may not take a worker now is not woken by them.
  * Either the sleeper's re-check sees the work or the waker sees the flag
  * (both fences are seq_cst, so they cannot both read the old values).  The
  * exchange makes exactly one side responsible for the eventfd write, so a
@@ -248,11 +252,23 @@ void qs_core_wake_stack(qs_core *c)
     }
 }
 
+/* Events or command space the hub would wake for, sleeping with
+ * hub_sleeping == below + 1: events at levels < below, or room in a command
+ * ring it failed to fill. */
+static int hub_has_work(qs_core *c, int below)
+{
+    for (int l = 0; l < below; l++)
+        if (qs_ring_count(&c->ev[l]))
+            return 1;
+    return atomic_load_explicit(&c->hub_want_space, memory_order_relaxed) &&
+           atomic_load_explicit(&c->cmd_gen, memory_order_relaxed) != c->gen_at_fail;
+}
+
 void qs_core_wake_hub(qs_core *c)
 {
     atomic_thread_fence(memory_order_seq_cst);
-    if (atomic_load_explicit(&c->hub_sleeping, memory_order_relaxed) &&
-        atomic_exchange(&c->hub_sleeping, 0)) {
+    int v = atomic_load_explicit(&c->hub_sleeping, memory_order_relaxed);
+    if (v && hub_has_work(c, v - 1) && atomic_exchange(&c->hub_sleeping, 0)) {
         uint64_t one = 1;
         if (write(c->hub_efd, &one, 8) < 0) { /* saturated: it will wake */ }
     }
@@ -378,22 +394,20 @@ int qs_core_pending_above(qs_core *c, int level)
 
 int qs_core_sleep(qs_core *c)
 {
-    if (c->cfg.inline_stack) {
-        /* nobody else runs: no handshake, no wakeup to arm, just report */
-        for (int l = 0; l < c->cfg.levels; l++)
-            if (qs_ring_count(&c->ev[l]))
-                return 1;
-        return atomic_load_explicit(&c->hub_want_space, memory_order_relaxed) &&
-               atomic_load_explicit(&c->cmd_gen, memory_order_relaxed) != c->gen_at_fail;
-    }
-    atomic_store_explicit(&c->hub_sleeping, 1, memory_order_relaxed);
+    return qs_core_sleep_below(c, c->cfg.levels);
+}
+
+int qs_core_sleep_below(qs_core *c, int below)
+{
+    if (below < 0)
+        below = 0;
+    if (below > c->cfg.levels)
+        below = c->cfg.levels;
+    if (c->cfg.inline_stack)
+        return hub_has_work(c, below);  /* nobody else runs: no handshake */
+    atomic_store_explicit(&c->hub_sleeping, below + 1, memory_order_relaxed);
     atomic_thread_fence(memory_order_seq_cst);
-    int ready = 0;
-    for (int l = 0; l < c->cfg.levels && !ready; l++)
-        ready = qs_ring_count(&c->ev[l]) != 0;
-    if (!ready && atomic_load_explicit(&c->hub_want_space, memory_order_relaxed))
-        ready = atomic_load_explicit(&c->cmd_gen, memory_order_relaxed) != c->gen_at_fail;
-    if (ready) {
+    if (hub_has_work(c, below)) {
         atomic_exchange(&c->hub_sleeping, 0);
         return 1;
     }
