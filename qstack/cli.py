@@ -30,6 +30,13 @@ from qstack.redisctl import add_redis_parser as _add_redis
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x, 0) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or N,N,... got {text!r}") from None
+
+
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a handler",
                        description="Serve MODULE:ATTR on every core.")
@@ -46,6 +53,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         ("--grace", "server.shutdown_grace", float, "seconds to finish requests on stop"),
         ("--framing", "app.framing", str, "raw | line | fixed:N | length:N"),
         ("--levels", "priority.levels", int, "number of priority levels"),
+        ("--reserve", "priority.reserve", _int_list,
+         "workers held back for higher levels: N or r0,r1,..."),
         ("--pin", "layout.pin", str, "thread layout: none | shared | split"),
         ("--stack", "layout.stack", str, "where the stack runs: auto | thread | inline"),
         ("--driver", "ustack.driver", str, "ustack device driver: tap | dpdk"),
