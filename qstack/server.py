@@ -216,6 +216,9 @@ def serve(cfg, handler, core_index=0, stats_fd=None, listen_fd=None):
     from .coro.native import NativeCore, lib
     from .layout import plan, stack_inline
 
+    # Until the handlers below are in place a SIGHUP would kill the core
+    # (its default action); a hang-up or reload request is never a crash.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     srv = cfg.server
     stream = bool(getattr(handler, "__qstack_stream__", False))
     classifier = (load_callable(cfg.priority.classifier, "priority classifier")
@@ -316,7 +319,6 @@ def serve(cfg, handler, core_index=0, stats_fd=None, listen_fd=None):
     gevent.signal_handler(signal.SIGTERM, on_signal, signal.SIGTERM)
     gevent.signal_handler(signal.SIGINT, on_signal, signal.SIGINT)
     if supervised:
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         gevent.spawn(watch_parent, os.getppid())
     else:
         gevent.signal_handler(signal.SIGHUP, on_signal, signal.SIGHUP)
