@@ -262,6 +262,8 @@ def test_single_core_logs_signals_and_ignores_sighup():
     proc, conn, _ = start("apps.echo:handle", "--grace", "2")
     try:
         with conn:
+            conn.sendall(b"first")              # served: the signal handlers are in place
+            assert recv_exactly(conn, 5) == b"first"
             proc.send_signal(signal.SIGHUP)
             time.sleep(0.3)
             conn.sendall(b"still")              # SIGHUP did not stop it
