@@ -99,13 +99,20 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
 def _serve(args: argparse.Namespace) -> int:
     # Imported here so a bad config never imports qstack.app (and below it
     # the hub, gevent and the native core) just to print an error.
-    from qstack.app.loader import load_callable
+    from qstack.app.loader import check_handler, load_callable, reload_callable
 
     cfg = load_config(args.config, _overrides(args))
     if cfg.app.handler is None:
         raise ConfigError("no handler given: pass MODULE:ATTR "
                           "(e.g. qstack serve apps.echo:handle) or set app.handler")
+    baseline = set(sys.modules)
     handler = load_callable(cfg.app.handler, "handler")
+    check_handler(handler, cfg.app.handler)
+
+    def reload_handler():
+        new = reload_callable(cfg.app.handler, "handler", baseline)
+        check_handler(new, cfg.app.handler)
+        return new
 
     from qstack import server
     if cfg.server.backend == "kernel":
@@ -115,7 +122,7 @@ def _serve(args: argparse.Namespace) -> int:
     if cfg.server.cores == 1:
         return server.serve(cfg, handler, core_index=0, stats_fd=None)
     from qstack.supervisor import Supervisor
-    return Supervisor(cfg, handler).run()
+    return Supervisor(cfg, handler, reload_handler=reload_handler).run()
 
 
 def _setup_logging(level: str) -> None:

@@ -18,13 +18,16 @@ what ``up`` started.
 
 Why the checks.  redis-server unlinks whatever file sits at its socket path
 before binding, so starting a second set over a running one would silently
-steal its sockets: ``up`` refuses a socket that accepts connections (and a
-live pid file), and removes a stale one.  A daemonized redis-server is not
+steal its sockets: ``up`` leaves alone a server of its own that still runs
+(a live redis-server in the pid file: reported, not restarted), refuses a
+socket that accepts connections without one, and removes a stale one.  So
+after one server died, ``up N`` starts just that one again; the healthy
+ones keep their data and their clients.  A daemonized redis-server is not
 our child, so stopping it means polling its pid; a zombie counts as gone
 (some init processes never reap), and a pid that no longer belongs to a
 redis-server is never signalled.  When one server of ``up`` fails, the ones
-it already started are stopped again, so a failed ``up`` leaves nothing
-running.
+it started are stopped again, so a failed ``up`` leaves running only what
+ran before.
 
 Errors are ConfigErrors: one ``qstack: error:`` line and exit status 2.
 This module uses only the standard library (PING is spoken by hand), so the
@@ -152,7 +155,11 @@ def _log_tail(directory: str, i: int) -> str:
 
 def up(count: int = DEFAULT_COUNT, directory: str = DEFAULT_DIR, debug: bool = False,
        out=print) -> int:
-    """Start ``count`` redis-servers in ``directory``; ConfigError on failure."""
+    """Make ``count`` redis-servers run in ``directory``: start the missing ones.
+
+    Servers 0..count-1 that already run (a live redis-server in their pid
+    file) are reported and left alone.  ConfigError on failure.
+    """
     exe = shutil.which("redis-server")
     if exe is None:
         raise ConfigError("redis-server is not installed (apt-get install redis-server, "
@@ -170,20 +177,30 @@ def up(count: int = DEFAULT_COUNT, directory: str = DEFAULT_DIR, debug: bool = F
         os.makedirs(directory, mode=0o700, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"cannot create {directory}: {exc.strerror}") from None
-    for i in range(count):
+    running = {i: pid for i in range(count)
+               if (pid := _redis_pid(_pid_path(directory, i))) is not None}
+    missing = [i for i in range(count) if i not in running]
+    for i in missing:
         _claim(directory, i)
     try:
-        for i in range(count):
+        for i in missing:
             _start(exe, directory, i, debug)
-        for i in range(count):
+        for i in missing:
             _wait_ready(directory, i)
     except BaseException:
         # Every socket was free when claimed: whatever runs there now is ours.
-        _stop_all(directory, range(count))
+        _stop_all(directory, missing)
         raise
-    last = f" .. redis-{count - 1}.sock" if count > 1 else ""
-    out(f"started {count} redis-server(s) in {directory}: redis-0.sock{last}"
-        f"{' (DEBUG commands allowed)' if debug else ''}")
+    for i, pid in running.items():
+        why = ping(socket_path(directory, i))
+        out(f"redis-{i}.sock already running (pid {pid})"
+            + (f", but it does not answer PING: {why}" if why else ""))
+    if missing:
+        names = ", ".join(f"redis-{i}.sock" for i in missing)
+        out(f"started {len(missing)} redis-server(s) in {directory}: {names}"
+            f"{' (DEBUG commands allowed)' if debug else ''}")
+    else:
+        out(f"all {count} redis-server(s) in {directory} were already running")
     return 0
 
 

@@ -3,9 +3,21 @@
 The frontend calls :func:`check_port` once before anything starts (so a busy
 port is a start-up error, exit 2, even with several cores) and then
 :func:`serve` in each core's process.  ``serve`` owns the process's signals:
-the first SIGINT/SIGTERM drains gracefully (stop accepting and reading, finish
+the first SIGINT/SIGTERM drains gracefully (stop accepting, serve what
+already arrived on accepted connections for a moment, stop reading, finish
 queued requests within ``server.shutdown_grace``, flush replies, close); a
-second SIGINT exits at once.
+second SIGINT exits at once.  Every signal is logged with its name.
+
+If the grace period runs out, the requests still queued or inside a handler
+are dropped, counted (the last stats line carries ``dropped``), logged, and
+serve() returns EXIT_DROPPED (3) instead of 0.
+
+Under the supervisor (``stats_fd`` given) a core ignores SIGHUP (the
+supervisor reloads), says ``ready`` on the stats pipe once it serves, and
+stops by itself if its parent goes away (a second guard besides the
+PR_SET_PDEATHSIG the supervisor set up).  Alone (one core, no supervisor)
+SIGHUP cannot reload -- there is nobody to start the new core -- so it is
+logged and ignored.
 """
 
 import errno
@@ -19,9 +31,13 @@ import time
 from .app import counters
 from .errors import ConfigError
 
-__all__ = ["check_port", "open_listener", "serve"]
+__all__ = ["EXIT_DROPPED", "check_port", "open_listener", "serve"]
 
 log = logging.getLogger("qstack")
+
+EXIT_DROPPED = 3        # the grace period ran out and requests were dropped
+ACCEPT_LINGER = 0.25    # seconds a stopping core still reads accepted connections
+PARENT_CHECK = 0.5      # seconds between getppid() checks under the supervisor
 
 
 def _addrinfo(host, port):
@@ -185,17 +201,24 @@ def _app_init(app, load_callable):
         raise ConfigError(f"app init {app.init} failed: {type(exc).__name__}: {text}") from None
 
 
-def serve(cfg, handler, core_index=0, stats_fd=None):
-    """Serve until a signal asks to stop; returns the exit code."""
+def serve(cfg, handler, core_index=0, stats_fd=None, listen_fd=None):
+    """Serve until a signal asks to stop; returns the exit code.
+
+    ``listen_fd`` is a listening socket the supervisor made and keeps (kernel
+    backend); without it this core binds its own.
+    """
     import gevent
     from gevent.event import Event
 
     from .app import Connection, Request
     from .app.loader import load_callable
     from .coro import Hub, StreamHub
-    from .coro.native import NativeCore
+    from .coro.native import NativeCore, lib
     from .layout import plan, stack_inline
 
+    # Until the handlers below are in place a SIGHUP would kill the core
+    # (its default action); a hang-up or reload request is never a crash.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     srv = cfg.server
     stream = bool(getattr(handler, "__qstack_stream__", False))
     classifier = (load_callable(cfg.priority.classifier, "priority classifier")
@@ -211,7 +234,10 @@ def serve(cfg, handler, core_index=0, stats_fd=None):
         core = _ustack_core(cfg, options)
         where = f"{cfg.ustack.ip.address}:{srv.port} on ustack/{cfg.ustack.driver}"
     else:
-        sock = open_listener(srv.host, srv.port, srv.backlog)
+        if listen_fd is not None:
+            sock = socket.socket(fileno=listen_fd)
+        else:
+            sock = open_listener(srv.host, srv.port, srv.backlog)
         try:
             core = NativeCore(**options)
         except (OSError, ValueError) as exc:
@@ -232,24 +258,70 @@ def serve(cfg, handler, core_index=0, stats_fd=None):
 
     done = Event()
     stopping = []
+    dropped = [0]
+    supervised = stats_fd is not None
+    if supervised:
+        _write_line(stats_fd, {"ready": os.getpid()})
+
+    def outstanding():
+        return hub.pending() + hub.busy_workers()
 
     def stop():
+        # Stop accepting first and keep reading a moment: a client that
+        # connected just before sends its request right after, and with a
+        # listener shared by the supervisor, what waits in the accept queue
+        # goes to the next core on it.
+        hub.post(lib.QS_CMD_STOP_ACCEPT, 0, 0)
+        gevent.sleep(min(ACCEPT_LINGER, srv.shutdown_grace / 2))
+        # Count what is left when the grace period runs out: drain() only
+        # says whether it was clean, so a watcher samples until then.
+        deadline = time.monotonic() + srv.shutdown_grace
+        last = [0]
+
+        def watch():
+            while time.monotonic() < deadline:
+                last[0] = outstanding()
+                gevent.sleep(0.002)
+        watcher = gevent.spawn(watch)
         clean = hub.drain(srv.shutdown_grace)
+        watcher.kill()
         if not clean:
-            log.warning("core %d: grace period of %.1fs ran out; closing the rest",
-                        core_index, srv.shutdown_grace)
+            dropped[0] = max(last[0], 1)
+            log.warning("core %d: grace period of %.1fs ran out; %d request(s) dropped",
+                        core_index, srv.shutdown_grace, dropped[0])
         done.set()
 
     def on_signal(signum):
+        name = signal.Signals(signum).name
+        if signum == signal.SIGHUP:
+            log.warning("core %d: SIGHUP: reloading needs the supervisor (--cores 2 or "
+                        "more); ignored, still serving", core_index)
+            return
         if stopping:
             if signum == signal.SIGINT:
+                log.warning("core %d: second SIGINT: exiting at once", core_index)
                 os._exit(1)
+            log.info("core %d: %s: already stopping", core_index, name)
             return
+        log.info("core %d: %s: stopping (grace %.1fs)", core_index, name, srv.shutdown_grace)
         stopping.append(signum)
         gevent.spawn(stop)
 
+    def watch_parent(parent):
+        while not stopping:
+            gevent.sleep(PARENT_CHECK)
+            if os.getppid() != parent and not stopping:
+                log.warning("core %d: the supervisor (pid %d) is gone: stopping",
+                            core_index, parent)
+                stopping.append(0)
+                gevent.spawn(stop)
+
     gevent.signal_handler(signal.SIGTERM, on_signal, signal.SIGTERM)
     gevent.signal_handler(signal.SIGINT, on_signal, signal.SIGINT)
+    if supervised:
+        gevent.spawn(watch_parent, os.getppid())
+    else:
+        gevent.signal_handler(signal.SIGHUP, on_signal, signal.SIGHUP)
 
     reporter = None
     if stats_fd is not None or srv.stats:
@@ -259,6 +331,7 @@ def serve(cfg, handler, core_index=0, stats_fd=None):
     if reporter is not None:
         reporter.kill()
     final = snapshot(core_index, hub)
+    final["dropped"] = dropped[0]
     if stats_fd is not None:
         _write_line(stats_fd, final)
     log.info("core %d stopped: %d requests, %d handler errors, buffers in use %d, "
@@ -277,7 +350,7 @@ def serve(cfg, handler, core_index=0, stats_fd=None):
                  format_counters(final["counters"], len(final["levels"])).strip())
     if final["bufs_in_use"] == 0:
         core.free()
-    return 0
+    return EXIT_DROPPED if dropped[0] else 0
 
 
 def _ustack_core(cfg, options):

@@ -19,14 +19,40 @@ Invariants and the reasons for them:
   failing 5 times within 10 s stops everything (exit 2) instead of spinning,
   and shutdown kills what has not exited within shutdown_grace + 2 s.
 
+* Cores die with the supervisor.  Each child asks the kernel for SIGTERM
+  when its parent dies (PR_SET_PDEATHSIG) and then checks that its parent
+  is still the pid that forked it, which covers a supervisor killed between
+  fork() and prctl(); serve() also watches getppid() while it runs.  So a
+  ``kill -9`` of the supervisor leaves no orphan holding the port.
+* On the kernel backend the supervisor binds one SO_REUSEPORT listener per
+  core index and keeps it; a core (and its replacement after a crash or a
+  reload) accepts from that socket.  Connections waiting in a listener's
+  accept queue therefore survive the core that stopped accepting them: the
+  next core on that socket takes them.  (Listeners bound per process would
+  reset their queue on close.)
+
+Reload (SIGHUP), as gunicorn: the supervisor re-imports the handler (a
+failed import is logged and the running cores keep serving), then starts a
+new generation of cores.  On the kernel backend old and new overlap: once
+every new core says it is ready, the old ones get SIGTERM -- they stop
+accepting, serve what is already on their connections for a moment, finish
+their in-flight requests within shutdown_grace and exit.  The user-space
+stack owns its TAP device or DPDK port and cannot run two generations at
+once, so there the cores are restarted in place, one at a time (the log
+says so).  A new core that fails before it is ready aborts the reload; the
+old generation stays.
+
 A child that exits with status 0 on its own has finished (someone stopped
-it); only non-zero exits and deaths by signal are restarted.  A ConfigError
+it); only non-zero exits and deaths by signal are restarted.  Status 3 means
+the grace period ran out and requests were dropped (the child reports how
+many in its last stats line); on stop the supervisor then exits 3 too.  A ConfigError
 raised inside serve() before serving travels up the child's pipe so that the
 user sees one ``qstack: error:`` line, not one per core, and nothing restarts.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -42,6 +68,25 @@ from qstack.stats import StatsView
 
 log = logging.getLogger("qstack.supervisor")
 
+EXIT_DROPPED = 3                 # the grace period ran out; requests were dropped
+PR_SET_PDEATHSIG = 1
+READY_TIMEOUT = 30.0             # a new generation not ready by then is abandoned
+
+
+def die_with_parent(parent: int) -> None:
+    """Get SIGTERM when ``parent`` dies; exit now if it already has.
+
+    Called in a freshly forked child.  The prctl only covers deaths after
+    it is made; the getppid() check covers the window since fork().
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass                      # not Linux: serve()'s getppid() watch remains
+    if os.getppid() != parent:
+        os._exit(0)
+
 
 @dataclass
 class _Child:
@@ -49,8 +94,12 @@ class _Child:
     pid: int
     fd: int                      # read end of the child's stats pipe
     started: float
+    gen: int = 0                 # the reload generation it belongs to
     buf: bytes = b""
     fatal: str | None = None     # ConfigError message the child reported
+    ready: bool = False          # said it serves (or sent stats)
+    retiring: bool = False       # asked to stop by a reload
+    dropped: int = 0             # requests dropped when its grace ran out
 
 
 @dataclass
@@ -77,11 +126,25 @@ class Supervisor:
     FAIL_WINDOW = 10.0
     KILL_AFTER = 2.0             # extra seconds past shutdown_grace
 
-    def __init__(self, cfg, handler, serve=None):
-        """``serve`` defaults to qstack.server.serve; tests pass a fake."""
+    def __init__(self, cfg, handler, serve=None, reload_handler=None):
+        """``serve`` defaults to qstack.server.serve; tests pass a fake.
+
+        ``reload_handler()`` returns the handler re-imported (or raises
+        ConfigError); without it a reload restarts the cores with the same
+        handler object.
+        """
         self.cfg = cfg
         self.handler = handler
         self._serve = serve
+        self._reload_handler = reload_handler
+        self._pid = os.getpid()
+        self._listeners: list[int] = []          # kernel backend: fd per core index
+        self._gen = 0                            # the generation that serves
+        self._next: int | None = None            # the generation being started
+        self._next_started = 0.0
+        self._roll: list[int] = []               # in-place reload: cores still to restart
+        self._dropped = 0
+        self._old_handler = handler
         self._children: dict[int, _Child] = {}   # by pid
         self._cores = [_Core() for _ in range(cfg.server.cores)]
         self._signals: list[int] = []
@@ -102,14 +165,17 @@ class Supervisor:
             os.set_blocking(fd, False)
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         old_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        old_handlers = {s: signal.signal(s, self._on_signal)
-                        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD)}
+        old_handlers = {s: signal.signal(s, self._on_signal) for s in _SIGNALS}
         try:
+            self._open_listeners()
             for core in range(len(self._cores)):
                 self._spawn(core)
             code = self._loop()
         finally:
             self._kill_all()          # only does something if we are unwinding
+            for fd in self._listeners:
+                os.close(fd)
+            self._listeners = []
             signal.set_wakeup_fd(old_wakeup)
             for s, h in old_handlers.items():
                 signal.signal(s, h)
@@ -122,7 +188,17 @@ class Supervisor:
 
     # --- children -----------------------------------------------------------
 
-    def _spawn(self, core: int) -> None:
+    def _open_listeners(self) -> None:
+        """One SO_REUSEPORT listener per core index, kept across restarts."""
+        srv = self.cfg.server
+        if self._serve is not None or srv.backend != "kernel":
+            return                    # a fake serve, or ustack: no kernel socket
+        from qstack.server import open_listener
+        for _ in self._cores:
+            self._listeners.append(open_listener(srv.host, srv.port, srv.backlog).detach())
+
+    def _spawn(self, core: int, gen: int | None = None) -> None:
+        gen = self._gen if gen is None else gen
         r, w = os.pipe()
         sys.stdout.flush()            # or buffered output is written twice
         sys.stderr.flush()
@@ -133,24 +209,33 @@ class Supervisor:
         os.close(w)
         os.set_blocking(r, False)
         self._sel.register(r, selectors.EVENT_READ, core)
-        self._children[pid] = _Child(core, pid, r, time.monotonic())
+        self._children[pid] = _Child(core, pid, r, time.monotonic(), gen)
         self._cores[core].restart_at = None
-        log.debug("core %d started as pid %d", core, pid)
+        log.debug("core %d started as pid %d (generation %d)", core, pid, gen)
 
     def _child_main(self, core: int, stats_fd: int) -> None:
         code = 1
         try:
+            die_with_parent(self._pid)
             # Undo the parent's signal plumbing; serve() installs its own.
+            # SIGHUP is the supervisor's business (a terminal hang-up reaches
+            # the whole process group): cores ignore it.
             signal.set_wakeup_fd(-1)
-            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
-                signal.signal(s, signal.SIG_DFL)
+            for s in _SIGNALS:
+                signal.signal(s, signal.SIG_IGN if s == signal.SIGHUP else signal.SIG_DFL)
             self._sel.close()
             for fd in [self._wake_r, self._wake_w] + [c.fd for c in self._children.values()]:
                 os.close(fd)
+            kwargs = {}
+            if self._listeners:
+                kwargs["listen_fd"] = self._listeners[core]
+                for i, fd in enumerate(self._listeners):
+                    if i != core:
+                        os.close(fd)
             serve = self._serve
             if serve is None:
                 from qstack.server import serve
-            code = serve(self.cfg, self.handler, core_index=core, stats_fd=stats_fd)
+            code = serve(self.cfg, self.handler, core_index=core, stats_fd=stats_fd, **kwargs)
             code = 0 if code is None else int(code)
         except ConfigError as e:
             line = json.dumps({"core": core, "fatal": str(e)}) + "\n"
@@ -201,7 +286,14 @@ class Supervisor:
             return
         if "fatal" in msg:
             child.fatal = str(msg["fatal"])
+        elif "ready" in msg:
+            child.ready = True
         elif "levels" in msg:
+            child.ready = True
+            if isinstance(msg.get("dropped"), int):
+                child.dropped = msg["dropped"]
+            if child.gen != self._gen:
+                return                # an old or a starting generation: not in the totals
             msg["core"] = child.core
             self._snapshots[child.core] = msg
 
@@ -242,12 +334,16 @@ class Supervisor:
                 for core, state in enumerate(self._cores):
                     if state.restart_at is not None and now >= state.restart_at:
                         self._spawn(core)
+                self._reload_step(now)
             if stats and self._snapshots and (
                     now >= last_print + patience or
                     all(c.core in self._snapshots for c in self._children.values())):
                 last_print = now
                 self._print_stats()
             if not self._children and all(c.restart_at is None for c in self._cores):
+                if self._code == EXIT_DROPPED:
+                    log.warning("grace period ran out: %d request(s) dropped; exit status %d",
+                                self._dropped, EXIT_DROPPED)
                 return self._code
             if self._stopping and now >= self._deadline:
                 log.warning("killing %d core(s) still running after %.1f s",
@@ -266,11 +362,97 @@ class Supervisor:
         """Returns True when the children must die at once (second SIGINT)."""
         if signum == signal.SIGCHLD:
             return False
+        if signum == signal.SIGHUP:
+            if not self._stopping:
+                self._start_reload()
+            return False
         if self._stopping:
             return signum == signal.SIGINT
         log.info("%s: stopping %d core(s)", signal.Signals(signum).name, len(self._children))
         self._stop(0)
         return False
+
+    # --- reload ---------------------------------------------------------------
+
+    def _start_reload(self) -> None:
+        if self._next is not None:
+            log.warning("SIGHUP: a reload is already under way (generation %d); ignored",
+                        self._next)
+            return
+        self._old_handler = self.handler
+        if self._reload_handler is not None:
+            try:
+                self.handler = self._reload_handler()
+            except ConfigError as e:
+                log.error("SIGHUP: reload failed, the running cores keep serving: %s", e)
+                return
+        self._next = self._gen + 1
+        self._next_started = time.monotonic()
+        if self.cfg.server.backend == "kernel":
+            log.info("SIGHUP: reloading: starting %d new core(s); the old ones stop "
+                     "once the new ones serve", len(self._cores))
+            for core in range(len(self._cores)):
+                self._spawn(core, self._next)
+        else:
+            log.info("SIGHUP: reloading in place: %s cannot run old and new cores at "
+                     "once, so each core is stopped and restarted in turn",
+                     self.cfg.server.backend)
+            self._roll = list(range(len(self._cores)))
+
+    def _reload_step(self, now: float) -> None:
+        """Advance a reload: retire the old generation or roll the next core."""
+        if self._next is None:
+            return
+        new = [c for c in self._children.values() if c.gen == self._next]
+        if self._roll:
+            if any(not c.ready for c in new) or any(c.retiring for c in self._children.values()):
+                pass                  # one core at a time
+            else:
+                core = self._roll.pop(0)
+                for c in self._children.values():
+                    if c.core == core and c.gen == self._gen:
+                        c.retiring = True
+                        _kill(c.pid, signal.SIGTERM)
+                        log.info("reload: stopping core %d (pid %d)", core, c.pid)
+                        break
+                else:
+                    self._spawn(core, self._next)
+            return
+        if any(c.retiring for c in self._children.values() if c.gen != self._next) \
+                and self.cfg.server.backend != "kernel":
+            return                    # the last in-place core has not exited yet
+        if len(new) == len(self._cores) and all(c.ready for c in new):
+            old = [c for c in self._children.values() if c.gen != self._next]
+            for c in old:
+                if not c.retiring:
+                    c.retiring = True
+                    _kill(c.pid, signal.SIGTERM)
+            self._gen, self._next = self._next, None
+            for state in self._cores:
+                state.failures.clear()
+            log.info("reload: generation %d serves (pids %s); %d old core(s) finishing",
+                     self._gen, " ".join(str(c.pid) for c in new), len(old))
+        elif now - self._next_started > READY_TIMEOUT:
+            self._abort_reload(f"new cores not ready within {READY_TIMEOUT:g} s")
+
+    def _abort_reload(self, why: str) -> None:
+        log.error("reload failed (%s); the old cores keep serving", why)
+        overlap = self.cfg.server.backend == "kernel"
+        for c in self._children.values():
+            if c.gen != self._next:
+                continue
+            if overlap or not c.ready:
+                c.retiring = True
+                _kill(c.pid, signal.SIGTERM)
+            else:
+                c.gen = self._gen     # in place, already serving: keep it
+        self.handler = self._old_handler
+        self._next = None
+        self._roll = []
+        for core in range(len(self._cores)):
+            if not any(c.core == core for c in self._children.values()) and \
+                    self._cores[core].restart_at is None:
+                self._spawn(core)
 
     def _stop(self, code: int) -> None:
         self._stopping = True
@@ -313,9 +495,29 @@ class Supervisor:
 
     def _exited(self, child: _Child, status: int) -> None:
         what = describe_status(status)
+        code = os.waitstatus_to_exitcode(status)
+        if code == EXIT_DROPPED:
+            self._dropped += child.dropped
+            log.warning("core %d (pid %d): grace period ran out, %d request(s) dropped",
+                        child.core, child.pid, child.dropped)
         if self._stopping:
             log.debug("core %d (pid %d) %s", child.core, child.pid, what)
+            if code == EXIT_DROPPED and self._code == 0:
+                self._code = EXIT_DROPPED
             return
+        if child.retiring:
+            log.info("old core %d (pid %d) %s", child.core, child.pid, what)
+            if not any(c.core == child.core for c in self._children.values()):
+                # In place: its successor.  After an aborted reload: its
+                # predecessor, which had to leave the device first.
+                self._spawn(child.core, self._gen if self._next is None else self._next)
+            return
+        if self._next is not None and child.gen == self._next:
+            self._abort_reload(f"new core {child.core} (pid {child.pid}) {what}"
+                               + (f": {child.fatal}" if child.fatal else ""))
+            return
+        if child.gen != self._gen and self._next is None:
+            return                    # left over from an aborted reload
         if child.fatal is not None:
             self._error = child.fatal
             self._stop(2)
@@ -336,6 +538,12 @@ class Supervisor:
             self._stop(2)
             return
         delay = min(self.RESTART_MIN * 2 ** (len(state.failures) - 1), self.RESTART_MAX)
+        if self._next is not None and child.gen == self._gen:
+            # Crashed while a reload starts its successor: nothing to restart
+            # on the kernel backend (the new core i takes over).
+            if self.cfg.server.backend == "kernel":
+                log.warning("core %d (pid %d) %s during a reload", child.core, child.pid, what)
+                return
         state.restart_at = now + delay
         self._view.forget(child.core)
         log.warning("core %d (pid %d) %s; restarting in %.1f s",
@@ -347,6 +555,9 @@ class Supervisor:
             for line in self._view.update(snaps):
                 print(line)
             sys.stdout.flush()
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP)
 
 
 def _kill(pid: int, sig: int) -> None:

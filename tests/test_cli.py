@@ -125,6 +125,21 @@ def test_missing_and_non_callable_handler():
     assert_one_error(qstack("serve", "no-colon"), "module:attr", "no-colon")
 
 
+def test_async_handlers_are_refused_at_start_up(tmp_path):
+    write(tmp_path, "asyncapp.py",
+          "async def handle(req):\n    return b'x'\n"
+          "async def agen(req):\n    yield b'x'\n"
+          "class Obj:\n    async def __call__(self, req):\n        return b'x'\n"
+          "obj = Obj()\n")
+    env = env_with_root_on_path()
+    res = qstack("serve", "asyncapp:handle", "--port", "0", cwd=tmp_path, env=env)
+    assert_one_error(res, "handler 'asyncapp:handle' is an async def function")
+    res = qstack("serve", "asyncapp:agen", "--port", "0", cwd=tmp_path, env=env)
+    assert_one_error(res, "handler 'asyncapp:agen' is an async generator function")
+    res = qstack("serve", "asyncapp:obj", "--port", "0", "--cores", "2", cwd=tmp_path, env=env)
+    assert_one_error(res, "handler 'asyncapp:obj' is an async def function")
+
+
 def test_no_handler():
     assert_one_error(qstack("serve"), "no handler given")
 
@@ -240,3 +255,41 @@ def test_second_sigint_exits_at_once():
             assert "Traceback" not in err
     finally:
         proc.kill()
+
+
+@needs_server
+def test_single_core_logs_signals_and_ignores_sighup():
+    proc, conn, _ = start("apps.echo:handle", "--grace", "2")
+    try:
+        with conn:
+            conn.sendall(b"first")              # served: the signal handlers are in place
+            assert recv_exactly(conn, 5) == b"first"
+            proc.send_signal(signal.SIGHUP)
+            time.sleep(0.3)
+            conn.sendall(b"still")              # SIGHUP did not stop it
+            assert recv_exactly(conn, 5) == b"still"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=2 + 3)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "core 0: SIGHUP: reloading needs the supervisor" in err
+    assert "core 0: SIGTERM: stopping (grace 2.0s)" in err
+
+
+@needs_server
+def test_grace_overrun_is_counted_and_exits_3():
+    proc, conn, _ = start("tests.apps.pidecho:handle", "--grace", "0.5")
+    try:
+        with conn:
+            conn.sendall(b"sleep")            # a request that lasts 30 s
+            time.sleep(0.5)
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=10)
+            assert time.monotonic() - t0 < 5
+    finally:
+        proc.kill()
+    assert proc.returncode == 3, err
+    assert "core 0: grace period of 0.5s ran out; 1 request(s) dropped" in err
+    assert "Traceback" not in err

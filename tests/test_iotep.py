@@ -333,10 +333,9 @@ def test_redis_up_status_down(redises):
     assert redises.client(0).config_get("port") == {"port": "0"}
 
     res = qstack("redis", "up", "2", "--dir", redises.dir)
-    assert res.returncode == 2
-    assert res.stderr.strip() == (
-        f"qstack: error: socket {redises.sock(0)} is already taken by redis-server "
-        f"pid {redises.pid(0)} (stop it with: qstack redis down --dir {redises.dir})")
+    assert res.returncode == 0, res.stderr
+    assert f"redis-0.sock already running (pid {redises.pid(0)})" in res.stdout
+    assert f"all 2 redis-server(s) in {redises.dir} were already running" in res.stdout
 
     os.kill(redises.pid(1), signal.SIGKILL)
     wait_for(lambda: qstack("redis", "status", "--dir", redises.dir).returncode == 1,
@@ -348,6 +347,42 @@ def test_redis_up_status_down(redises):
     res = qstack("redis", "down", "--dir", redises.dir)
     assert res.returncode == 0 and "no redis-server running" in res.stdout
     assert qstack("redis", "status", "--dir", redises.dir).returncode == 1
+
+
+@needs_redis
+def test_redis_up_restarts_only_the_dead_server(redises):
+    redises.up(3)
+    redises.client(0).set(b"keep", b"me")
+    pids = [redises.pid(i) for i in range(3)]
+    os.kill(pids[1], signal.SIGKILL)
+    wait_for(lambda: qstack("redis", "status", "--dir", redises.dir).returncode == 1,
+             what="status to see redis-1 gone")
+    res = qstack("redis", "up", "3", "--dir", redises.dir)
+    assert res.returncode == 0, res.stderr
+    assert f"redis-0.sock already running (pid {pids[0]})" in res.stdout
+    assert f"redis-2.sock already running (pid {pids[2]})" in res.stdout
+    assert f"started 1 redis-server(s) in {redises.dir}: redis-1.sock" in res.stdout
+    assert redises.pid(0) == pids[0] and redises.pid(2) == pids[2]
+    assert redises.pid(1) != pids[1] and redises.client(1).ping()
+    assert redises.client(0).get(b"keep") == b"me"      # the healthy ones kept their data
+    # more servers than before: the new ones start, the old ones are reported
+    res = qstack("redis", "up", "4", "--dir", redises.dir)
+    assert res.returncode == 0, res.stderr
+    assert f"started 1 redis-server(s) in {redises.dir}: redis-3.sock" in res.stdout
+    redises.count = 4
+
+
+@needs_redis
+def test_redis_up_refuses_a_socket_that_is_not_its_own(redises):
+    os.makedirs(redises.dir, exist_ok=True)
+    with socket.socket(socket.AF_UNIX) as other:
+        other.bind(redises.sock(0))
+        other.listen(1)
+        res = qstack("redis", "up", "1", "--dir", redises.dir)
+    assert res.returncode == 2
+    assert res.stderr.strip() == (
+        f"qstack: error: socket {redises.sock(0)} is already taken by a running server "
+        f"(stop it with: qstack redis down --dir {redises.dir})")
 
 
 def test_redis_up_without_redis_server_installed(tmp_path):

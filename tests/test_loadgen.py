@@ -325,3 +325,108 @@ def test_smp_and_ips_beyond_one_process_file_limit(serve, tmp_path):
     c, m = doc["connections"], doc["messages"]
     assert c["connected"] == conns and c["max_connected"] == conns
     assert m["sent"] == m["responses"] == conns and doc["window"]["incomplete"] == 0
+
+
+# --- unanswered requests ----------------------------------------------------------
+
+class ThreadServer:
+    """A plain socket server with a per-connection function, for behaviours no
+    qstack handler should have (never replying, dropping one reply)."""
+
+    def __init__(self, on_conn):
+        import threading
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.on_conn = on_conn
+        self.conns = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import threading
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(c)
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def _serve(self, c):
+        try:
+            self.on_conn(c)
+        except OSError:
+            pass
+
+    def close(self):
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+
+
+def read_forever(c):
+    while c.recv(65536):
+        pass
+
+
+def test_a_server_that_never_replies_fails_the_run_with_a_reason(tmp_path):
+    srv = ThreadServer(read_forever)
+    try:
+        res, doc = load_json(tmp_path, "--dest", f"127.0.0.1:{srv.port}", "-c", "4",
+                             "-s", "0.1", "-w", "0.1", "-e", "0.1", "-d", "1",
+                             "--drain", "0.3", "--log-duration", "0")
+    finally:
+        srv.close()
+    assert res.returncode == 1, res.stdout
+    assert doc["status"] == "failed"
+    assert "status ok" not in res.stdout and "--- qstack load: failed ---" in res.stdout
+    n = doc["messages"]["requests"]
+    assert n > 0 and doc["messages"]["unanswered"] == n
+    assert (f"error: {n} of {n} requests (100.00%) got no reply, more than --max-lost 0 "
+            "allows") in res.stdout
+    assert "the server never replied" in res.stdout
+
+
+def iotep_dropping_counter_3(c):
+    """iotep, 100-byte messages: requests get a 32-byte reply that starts with
+    their counter, except the request with counter 3 (its reply is lost)."""
+    buf = b""
+    while True:
+        chunk = c.recv(65536)
+        if not chunk:
+            return
+        buf += chunk
+        while len(buf) >= 100:
+            msg, buf = buf[:100], buf[100:]
+            if msg[5] == 1 and int.from_bytes(msg[:4], "little") != 3:
+                c.sendall(msg[:4] + b"R" * 28)
+
+
+def test_iotep_one_lost_reply_is_counted_not_charged_to_later_ones(tmp_path):
+    srv = ThreadServer(iotep_dropping_counter_3)
+    args = ("--dest", f"127.0.0.1:{srv.port}", "--protocol", "iotep", "-l", "100",
+            "--reply-len", "32", "-c", "1", "-r", "1", "-s", "0.1", "-w", "0.1", "-e", "0.05",
+            "-d", "1", "--drain", "0.5", "--reply-timeout", "0.3", "--log-duration", "0")
+    try:
+        res, doc = load_json(tmp_path, *args)
+        res2, doc2 = load_json(tmp_path, *args, "--max-lost", "0.1")
+    finally:
+        srv.close()
+    m = doc["messages"]
+    assert m["requests"] >= 15 and m["unanswered"] == 1, m
+    assert m["timed_out"] == 1 and m["responses"] == m["requests"] - 1
+    assert m["matched_by_counter"] == m["responses"]
+    assert m["unsolicited"] == 0 and m["bad_replies"] == 0
+    # the replies after the lost one are matched to their own requests: none is
+    # charged the 50 ms epochs the lost one waited
+    assert doc["latency_ms"]["high"]["max"] < 40, doc["latency_ms"]["high"]
+    assert res.returncode == 1 and "got no reply, more than --max-lost 0 allows" in res.stdout
+    assert "1 given up after --reply-timeout 0.3 s" in res.stdout
+    assert res2.returncode == 0, res2.stdout
+    assert doc2["status"] == "ok"
+
+
+def test_max_lost_is_a_share():
+    res = load("--dest", "127.0.0.1:9", "--max-lost", "1.5")
+    assert_one_error(res, "--max-lost is a share of requests, 0..1, got 1.5")

@@ -266,7 +266,7 @@ def ask_pid(sock):
         chunk = sock.recv(64)
         assert chunk, "connection closed"
         data += chunk
-    return int(data)
+    return int(data.split()[-1])
 
 
 def pids_by_connecting(port, want, timeout=20, sup=None):
@@ -321,3 +321,176 @@ def test_two_cores_serve_restart_and_stop():
     assert f"pid {victim}" in err and "SIGKILL" in err
     assert "Traceback" not in err
     assert not wait_dead(list(pids | new))
+
+
+# --- lifecycle: supervisor death, reload, grace overrun ---------------------------
+
+def port_is_free(port):
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))      # no SO_REUSEPORT: any holder blocks it
+        except OSError:
+            return False
+    return True
+
+
+@needs_server
+def test_kill_9_of_the_supervisor_takes_the_cores_and_frees_the_port():
+    port = free_port()
+    sup = Proc([sys.executable, "-m", "qstack", "serve", "tests.apps.pidecho:handle",
+                "--cores", "2", "--port", str(port), "--grace", "1"])
+    try:
+        pids = pids_by_connecting(port, lambda s: len(s) >= 2, sup=sup)
+        os.kill(sup.p.pid, signal.SIGKILL)
+        sup.p.wait(timeout=5)
+        # PR_SET_PDEATHSIG sends SIGTERM: a graceful stop within the grace period.
+        assert not wait_dead(list(pids), timeout=1 + 4), "cores outlived the supervisor"
+        assert port_is_free(port)
+        # and the next start on the same port works
+        again = Proc([sys.executable, "-m", "qstack", "serve", "tests.apps.pidecho:handle",
+                      "--cores", "2", "--port", str(port), "--grace", "1"])
+        try:
+            assert pids_by_connecting(port, lambda s: len(s) >= 1, sup=again)
+            again.p.send_signal(signal.SIGTERM)
+            rc, err, _ = again.finish(timeout=1 + 2 + 3)
+            assert rc == 0, err
+        finally:
+            again.kill()
+    finally:
+        sup.kill()
+        for pid in pids_alive_children(sup.p.pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def pids_alive_children(parent):
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if parent_of(int(name)) == parent:
+                    out.append(int(name))
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
+RELOAD_APP = '''
+import os
+VERSION = b"%s"
+def handle(req):
+    return VERSION + b" %%d\\n" %% os.getpid()
+'''
+
+
+class Client(threading.Thread):
+    """Sends continuously, one connection per request (as HTTP/1.0 clients do),
+    and records every reply and every failure."""
+
+    def __init__(self, port):
+        super().__init__(daemon=True)
+        self.port = port
+        self.replies = []
+        self.failures = []
+        self.stop = threading.Event()
+
+    def run(self):
+        while not self.stop.is_set():
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+                    s.sendall(b"q")
+                    data = b""
+                    while not data.endswith(b"\n"):
+                        chunk = s.recv(64)
+                        if not chunk:
+                            raise ConnectionError(f"closed after {data!r}")
+                        data += chunk
+                self.replies.append(data.split())
+            except OSError as e:
+                self.failures.append(repr(e))
+            time.sleep(0.002)
+
+
+@needs_server
+def test_sighup_reloads_the_handler_without_losing_a_request(tmp_path):
+    port = free_port()
+    app = tmp_path / "reloadapp.py"
+    app.write_text(RELOAD_APP % "one")
+    sup = Proc([sys.executable, "-m", "qstack", "serve", "reloadapp:handle", "--cores", "2",
+                "--port", str(port), "--grace", "2"], cwd=str(tmp_path))
+    client = Client(port)
+    try:
+        old = pids_by_connecting(port, lambda s: len(s) >= 1, sup=sup)
+        client.start()
+        time.sleep(0.5)
+        app.write_text(RELOAD_APP % "two-the-new-one")  # new size: no stale .pyc
+        sup.p.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if client.replies and client.replies[-1][0] == b"two-the-new-one":
+                break
+            time.sleep(0.05)
+        time.sleep(1.0)                   # and keep sending while the old cores stop
+        client.stop.set()
+        client.join(timeout=10)
+        assert not client.failures, client.failures[:5]
+        versions = [r[0] for r in client.replies]
+        assert versions[0] == b"one" and versions[-1] == b"two-the-new-one"
+        first_new = versions.index(b"two-the-new-one")
+        assert b"one" not in versions[first_new + 50:], "old cores kept accepting"
+        new_pids = {int(r[1]) for r in client.replies if r[0] == b"two-the-new-one"}
+        assert not new_pids & {int(p) for p in old}
+        assert not wait_dead([int(p) for p in old], timeout=2 + 3)
+        assert all(parent_of(p) == sup.p.pid for p in new_pids)
+        sup.p.send_signal(signal.SIGTERM)
+        rc, err, _ = sup.finish(timeout=2 + 2 + 3)
+    finally:
+        client.stop.set()
+        sup.kill()
+    assert rc == 0, err
+    assert "SIGHUP: reloading: starting 2 new core(s)" in err
+    assert "reload: generation 1 serves" in err
+    assert "Traceback" not in err
+
+
+@needs_server
+def test_sighup_with_a_broken_handler_keeps_the_old_cores(tmp_path):
+    port = free_port()
+    app = tmp_path / "reloadapp.py"
+    app.write_text(RELOAD_APP % "one")
+    sup = Proc([sys.executable, "-m", "qstack", "serve", "reloadapp:handle", "--cores", "2",
+                "--port", str(port), "--grace", "1"], cwd=str(tmp_path))
+    try:
+        old = pids_by_connecting(port, lambda s: len(s) >= 2, sup=sup)
+        app.write_text("this is not python\n")
+        sup.p.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        assert pids_by_connecting(port, lambda s: len(s) >= 2, sup=sup) == old
+        sup.p.send_signal(signal.SIGTERM)
+        rc, err, _ = sup.finish(timeout=1 + 2 + 3)
+    finally:
+        sup.kill()
+    assert rc == 0, err
+    assert "SIGHUP: reload failed, the running cores keep serving: cannot import handler" \
+        in err
+
+
+@needs_server
+def test_grace_overrun_on_several_cores_exits_3_with_the_count():
+    port = free_port()
+    sup = Proc([sys.executable, "-m", "qstack", "serve", "tests.apps.pidecho:handle",
+                "--cores", "2", "--port", str(port), "--grace", "0.5"])
+    try:
+        pids_by_connecting(port, lambda s: len(s) >= 1, sup=sup)
+        conns = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]
+        for c in conns:
+            c.sendall(b"sleep")            # each lasts 30 s
+        time.sleep(0.5)
+        sup.p.send_signal(signal.SIGTERM)
+        rc, err, took = sup.finish(timeout=0.5 + 2 + 5)
+        for c in conns:
+            c.close()
+    finally:
+        sup.kill()
+    assert rc == 3, err
+    assert "grace period ran out: 2 request(s) dropped; exit status 3" in err
+    assert "Traceback" not in err

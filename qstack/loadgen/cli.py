@@ -11,7 +11,8 @@ process, source ports per address) are checked up front the same way.
 Output streams: progress lines and the report go to stdout, unless
 ``--json -`` puts the JSON document there, in which case they go to stderr.
 Exit status: 0 when the run completed and every reply checked out, 1 when it
-failed (nothing connected, bad replies, a load process died), 2 for bad
+failed (nothing connected, bad replies, more requests unanswered than
+--max-lost allows, a load process died), 2 for bad
 input, 130 when interrupted (the report of what was measured still prints).
 """
 
@@ -80,6 +81,12 @@ def add_load_parser(sub: argparse._SubParsersAction) -> None:
       help="give up on one connect attempt after S s (default 5)")
     a("--connect-inflight", type=int, metavar="N",
       help="connects outstanding at once (default 256)")
+    a("--reply-timeout", type=float, metavar="S",
+      help="give up a request unanswered for S s: counted as lost, its slot freed "
+           "(default 5; 0: never)")
+    a("--max-lost", type=float, metavar="SHARE",
+      help="share of requests that may go unanswered, 0..1 (default 0: any "
+           "unanswered request fails the run)")
     a("--log-duration", type=float, metavar="S",
       help="print latency percentiles every S s of the window (default 10; 0: off)")
     a("--cdf", metavar="FILE", help="write HCMonitor's cdf.txt layout")
@@ -98,7 +105,7 @@ FIELDS = ("connections", "setup", "wait", "epoch", "burst", "length", "ratio", "
           "protocol", "reply_len", "rate", "closed", "window", "grain", "seed", "smp", "ips",
           "src",
           "warmup", "drain", "retry_delay", "connect_timeout", "connect_inflight",
-          "log_duration", "cdf", "json", "plot", "quiet", "marks", "spin")
+          "reply_timeout", "max_lost", "log_duration", "cdf", "json", "plot", "quiet", "marks", "spin")
 
 
 def options_from_args(args: argparse.Namespace):

@@ -77,6 +77,7 @@ class Engine:
         cfg.connect_timeout_ns = int(o.connect_timeout * NS)
         cfg.connect_inflight = o.connect_inflight
         cfg.spin_ns = int(o.spin * NS)
+        cfg.reply_timeout_ns = int(o.reply_timeout * NS)
         out = ffi.new("qsl_engine **")
         rc = lib.qsl_engine_new(cfg, out)
         if rc < 0:

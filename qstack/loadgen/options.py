@@ -56,6 +56,8 @@ class LoadOptions:
     retry_delay: float = 1.0
     connect_timeout: float = 5.0
     connect_inflight: int = 256
+    reply_timeout: float = 5.0   # give up a request unanswered this long (0: never)
+    max_lost: float = 0.0        # share of requests that may go unanswered and still pass
     log_duration: float = 10.0
     spin: float = 0.0
     cdf: str | None = None
@@ -134,6 +136,10 @@ def validate(**kw) -> LoadOptions:
     for flag, v in (("-d/--duration", o.duration), ("-e/--epoch", o.epoch),
                     ("--retry-delay", o.retry_delay), ("--connect-timeout", o.connect_timeout)):
         _need(math.isfinite(v) and v > 0, f"{flag} must be a number of seconds > 0, got {v}")
+    _need(math.isfinite(o.reply_timeout) and o.reply_timeout >= 0,
+          f"--reply-timeout must be a number of seconds >= 0, got {o.reply_timeout}")
+    _need(0.0 <= o.max_lost <= 1.0,
+          f"--max-lost is a share of requests, 0..1, got {o.max_lost}")
     _need(o.burst >= 1, f"-b/--burst must be at least 1, got {o.burst}")
     _need(0.0 <= o.ratio <= 1.0, f"-r/--ratio is a share of messages, 0..1, got {o.ratio}")
     minimum = ECHO_MIN if protocol == "echo" else IOTEP_MIN

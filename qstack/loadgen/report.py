@@ -146,7 +146,40 @@ def _problems(o, s: dict, incomplete: int) -> list[str]:
     if incomplete:
         out.append(f"{incomplete:,} requests of the window got no reply within --drain "
                    f"{o.drain:g} s")
+    if s.get("timed_out"):
+        out.append(f"{s['timed_out']:,} requests were given up after --reply-timeout "
+                   f"{o.reply_timeout:g} s without a reply (later replies were not charged "
+                   f"their wait)")
     return out
+
+
+def unanswered(s: dict) -> tuple[int, int]:
+    """(requests that never got a reply, requests): over the whole run.
+
+    Every request that expected a reply and did not get one by the end of
+    the drain counts: still outstanding, lost with its connection, or given
+    up after --reply-timeout.
+    """
+    requests = s.get("requests", 0)
+    return max(0, requests - s.get("responses", 0)), requests
+
+
+def _lost_reason(o, s: dict) -> str | None:
+    """Why the run fails for unanswered requests, or None if it does not."""
+    n, requests = unanswered(s)
+    if not n or n <= o.max_lost * requests:
+        return None
+    parts = []
+    if s.get("outstanding"):
+        parts.append(f"{s['outstanding']:,} still waiting after --drain {o.drain:g} s")
+    if s.get("lost"):
+        parts.append(f"{s['lost']:,} lost with their connection")
+    if s.get("timed_out"):
+        parts.append(f"{s['timed_out']:,} given up after --reply-timeout {o.reply_timeout:g} s")
+    if not s.get("responses"):
+        parts.append("the server never replied")
+    return (f"{n:,} of {requests:,} requests ({100 * n / requests:.2f}%) got no reply, more "
+            f"than --max-lost {o.max_lost:g} allows" + (": " + "; ".join(parts) if parts else ""))
 
 
 def build(o, stats: dict, hists: list[Histogram], cpu_s: float, intervals: list,
@@ -165,6 +198,9 @@ def build(o, stats: dict, hists: list[Histogram], cpu_s: float, intervals: list,
         cdf[name] = [_ms(v) for v in h.quantiles(CDF_QUANTILES)]
     busy = (cpu_s - s.get("idle_ns", 0) / 1e9) / window if window else None
     problems = _problems(o, s, incomplete) if s else []
+    lost_reason = _lost_reason(o, s) if s and complete else None
+    if lost_reason:
+        errors = list(errors) + [lost_reason]
     ok = (complete and not errors and s.get("established", 0) > 0 and
           not s.get("bad_replies") and not s.get("unsolicited"))
     return {
@@ -180,6 +216,7 @@ def build(o, stats: dict, hists: list[Histogram], cpu_s: float, intervals: list,
             "warmup_s": o.warmup, "drain_s": o.drain, "rate": o.rate or None,
             "window": o.window, "smp": o.smp, "ips": o.ips,
             "retry_delay_s": o.retry_delay, "connect_timeout_s": o.connect_timeout,
+            "reply_timeout_s": o.reply_timeout, "max_lost": o.max_lost,
             "log_duration_s": o.log_duration,
         },
         "connections": {
@@ -198,6 +235,9 @@ def build(o, stats: dict, hists: list[Histogram], cpu_s: float, intervals: list,
             "responses": s.get("responses", 0), "responses_high": s.get("responses_high", 0),
             "missed": s.get("missed", 0), "deferred": s.get("deferred", 0),
             "lost": s.get("lost", 0), "bad_replies": s.get("bad_replies", 0),
+            "timed_out": s.get("timed_out", 0),
+            "unanswered": unanswered(s)[0] if s else 0,
+            "matched_by_counter": s.get("by_seq", 0),
             "unsolicited": s.get("unsolicited", 0), "late_sends": s.get("late_sends", 0),
             "max_lag_ms": s.get("max_lag_ns", 0) / 1e6,
             "tx_bytes": s.get("tx_bytes", 0), "rx_bytes": s.get("rx_bytes", 0),

@@ -90,6 +90,8 @@ typedef struct qsl_config {
     int64_t connect_timeout_ns;   /* one connect attempt gives up after this */
     uint32_t connect_inflight;    /* connects outstanding at once */
     int64_t spin_ns;              /* poll without sleeping when the next send is this near */
+    int64_t reply_timeout_ns;     /* a request unanswered this long is given up (counted in
+                                     `timed_out`) and leaves the window; 0 = never */
 } qsl_config;
 
 /* Counters of one engine since it started; all cumulative. */
@@ -132,6 +134,8 @@ typedef struct qsl_stats {
     uint64_t idle_ns;             /* window time in polls that found nothing (--spin) */
     uint64_t outstanding;         /* requests awaiting a reply now */
     uint64_t unstarted;           /* connections still waiting for their first attempt */
+    uint64_t timed_out;           /* requests given up after reply_timeout_ns */
+    uint64_t by_seq;              /* iotep replies matched by the counter they carry */
 } qsl_stats;
 
 /* Summary of one histogram (values in ns). */

@@ -28,7 +28,14 @@
  * Replies: echo replies are matched by their sequence number (a server that
  * serves high priority first may reorder the replies of one connection) and
  * checked byte for byte (ql_msg_check); iotep replies are reply_len bytes
- * each and answer the oldest outstanding request.  A reply that fails its
+ * each.  An iotep reply whose bytes 0..3 carry the counter of an
+ * outstanding request (a server that echoes it) answers that request;
+ * any other answers the oldest outstanding one (QStack's iotepserver sends
+ * a fixed reply).  Either way a request unanswered for reply_timeout_ns is
+ * given up (timed_out) before a reply is matched or a send needs its slot,
+ * so one lost reply is counted as lost instead of shifting the matching of
+ * every later reply and charging them its wait; by counter, a later reply
+ * never matches it at all.  A reply that fails its
  * check, or that nobody asked for, drops the connection: the byte stream can
  * no longer be trusted.  Level-triggered epoll, one read per event, EPOLLOUT
  * armed only while a connection has unsent bytes.
@@ -231,16 +238,48 @@ static int send_one(struct qsl_engine *e, struct ql_conn *c, uint64_t k, int64_t
     return rc;
 }
 
-/* Window room: the ring holds dead entries behind a live head too. */
-static int has_room(const struct qsl_engine *e, const struct ql_conn *c)
+/* Pop answered entries off the head of c's ring. */
+static void pop_dead(const struct qsl_engine *e, struct ql_conn *c)
 {
+    while (c->out_count > 0 && !out_at(e, c, 0)->live) {
+        c->out_head = (c->out_head + 1) % e->cfg.window;
+        c->out_count--;
+    }
+}
+
+/* Give up requests older than reply_timeout_ns: the ring is in send order,
+ * so they are at its head. */
+static void expire_old(struct qsl_engine *e, struct ql_conn *c, int64_t now)
+{
+    int64_t limit = e->cfg.reply_timeout_ns;
+    if (limit <= 0)
+        return;
+    for (uint32_t k = 0; k < c->out_count; k++) {
+        struct ql_out *o = out_at(e, c, k);
+        if (!o->live)
+            continue;
+        if (now - o->t <= limit)
+            break;
+        o->live = 0;
+        c->out_live--;
+        e->st.outstanding--;
+        e->st.timed_out++;
+    }
+    pop_dead(e, c);
+}
+
+/* Window room: the ring holds dead entries behind a live head too. */
+static int has_room(struct qsl_engine *e, struct ql_conn *c, int64_t now)
+{
+    if (c->out_count >= e->cfg.window)
+        expire_old(e, c, now);
     return c->out_count < e->cfg.window;
 }
 
 /* epoch/rate: issue what fell due on c, as far as the window allows. */
 static void pump(struct qsl_engine *e, struct ql_conn *c, int64_t now)
 {
-    while (c->state == QL_UP && c->k_next < c->due && has_room(e, c)) {
+    while (c->state == QL_UP && c->k_next < c->due && has_room(e, c, now)) {
         uint64_t k = c->k_next++;
         if (send_one(e, c, k, intended_time(e, c, k), now) < 0)
             return;
@@ -250,7 +289,7 @@ static void pump(struct qsl_engine *e, struct ql_conn *c, int64_t now)
 /* closed: keep the window full until the window ends. */
 static void fill_closed(struct qsl_engine *e, struct ql_conn *c, int64_t now)
 {
-    while (c->state == QL_UP && has_room(e, c) && now >= e->cfg.t_send && now < e->cfg.t_end) {
+    while (c->state == QL_UP && has_room(e, c, now) && now >= e->cfg.t_send && now < e->cfg.t_end) {
         uint64_t k = c->k_next++;
         if (send_one(e, c, k, now, now) < 0)
             return;
@@ -349,6 +388,17 @@ static int on_reply(struct qsl_engine *e, struct ql_conn *c, const uint8_t *p, i
             return -EBADMSG;
         }
     } else {
+        expire_old(e, c, now);
+        if (cfg->reply_len >= 4) {
+            uint32_t tag = (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 |
+                           (uint32_t)p[3] << 24;
+            for (uint32_t k = 0; k < c->out_count && !o; k++) {
+                struct ql_out *x = out_at(e, c, k);
+                if (x->live && x->seq == tag)
+                    o = x;
+            }
+            e->st.by_seq += o != NULL;
+        }
         for (uint32_t k = 0; k < c->out_count && !o; k++)
             if (out_at(e, c, k)->live)
                 o = out_at(e, c, k);
@@ -361,10 +411,7 @@ static int on_reply(struct qsl_engine *e, struct ql_conn *c, const uint8_t *p, i
     o->live = 0;
     c->out_live--;
     e->st.outstanding--;
-    while (c->out_count > 0 && !out_at(e, c, 0)->live) {
-        c->out_head = (c->out_head + 1) % cfg->window;
-        c->out_count--;
-    }
+    pop_dead(e, c);
     return 0;
 }
 
