@@ -74,7 +74,7 @@ from struct import Struct
 
 import gevent
 from gevent import get_hub
-from greenlet import getcurrent, greenlet
+from greenlet import getcurrent
 
 from .native import EVENT_SIZE, iter_events, jumbo_view, lib, ffi
 from .runqueue import RunQueue, reserve_table
@@ -109,7 +109,11 @@ class Hub:
                  classifier=None, batch=128, make_request, make_connection,
                  send_level=None, reserve=None):
         self.core = core
-        self._c = core.ptr
+        self._poll = core.poll
+        self._submit = core.submit
+        self._pending_above = core.pending_above
+        self._sleep_below = core.sleep_below
+        self._core_step = core.step
         self._slab = core.slab
         self._handler = handler
         self._levels = core.levels
@@ -162,18 +166,17 @@ class Hub:
 
         Inline, ``step`` (or a hot stack) also reads the sockets first.
         """
-        c, buf, view, batch = self._c, self._evbuf, self._evview, self._batch
+        buf, view, batch = self._evbuf, self._evview, self._batch
         if self._inline:
             # Replies out; while busy also read the sockets right away, else
             # leave that to gevent's epoll_wait (see _on_stack).
             self._flush()
             if step or self._hot:
                 self._poll_due = False
-                self._last_poll = monotonic()
-                lib.qs_core_step(c, 0)
+                self._core_step(0)
         moved = 0
         for level, q in self._polled:
-            n = lib.qs_core_poll(c, level, buf, batch)
+            n = self._poll(level, buf, batch)
             if n:
                 moved += n
                 if self._classifier is None:
@@ -221,7 +224,7 @@ class Hub:
             top = 1
             while top < self._levels and not queues[top]:
                 top += 1
-            if top == self._levels or lib.qs_core_pending_above(self._c, top):
+            if top == self._levels or self._pending_above(top):
                 self._refill()
         return self._rq.pop(self._below[self._busy])
 
@@ -231,7 +234,7 @@ class Hub:
         if self._poll_due:
             self._refill(True)
         below = self._below[self._busy]
-        if lib.qs_core_pending_above(self._c, below):
+        if self._pending_above(below):
             self._refill()
         queues = self._queues
         for level in range(below):
@@ -244,7 +247,7 @@ class Hub:
         return [len(q) for q in self._queues]
 
     def pending(self):
-        return len(self._rq) + lib.qs_core_pending_above(self._c, self._levels)
+        return len(self._rq) + self._pending_above(self._levels)
 
     # -- commands ---------------------------------------------------------
 
@@ -261,9 +264,9 @@ class Hub:
         with ffi.from_buffer("qs_cmd[]", b"".join(starmap(_pack_cmd, cmds))) as p:
             if tx:
                 with ffi.from_buffer(tx) as s:
-                    done = lib.qs_core_submit(self._c, p, n, s)
+                    done = self._submit(p, n, s)
             else:
-                done = lib.qs_core_submit(self._c, p, n, ffi.NULL)
+                done = self._submit(p, n, ffi.NULL)
         if done == n:
             del cmds[:]
             del tx[:]
@@ -282,7 +285,7 @@ class Hub:
         A step may publish events (a read, or a connection that was waiting
         for ring space) while the leader sleeps on the epoll fd: wake it.
         """
-        if lib.qs_core_step(self._c, timeout) > 0 and self._sleeper is not None:
+        if self._core_step(timeout) > 0 and self._sleeper is not None:
             self._loop.run_callback(self._kick)
 
     def _flush_later(self, timer):
@@ -332,7 +335,7 @@ class Hub:
             self._step(NO_POLL)
         self._parked = True
         try:
-            if lib.qs_core_sleep(self._c) == 0:
+            if self._sleep_below(self._levels) == 0:
                 self._sleeper = getcurrent()
                 self._wake.start(self._kick)
                 try:
@@ -432,7 +435,7 @@ class Hub:
             if self._native_gone:
                 return
             self._flush()
-            if inline or lib.qs_core_sleep_below(self._c, self._below[self._busy]) == 0:
+            if inline or self._sleep_below(self._below[self._busy]) == 0:
                 return
             # threaded: work we may start came in meanwhile, go round again
 
@@ -639,7 +642,7 @@ class Hub:
             leftovers.extend(q)
             q.clear()
         while True:
-            n = lib.qs_core_poll(self._c, -1, self._evbuf, self._batch)
+            n = self._poll(-1, self._evbuf, self._batch)
             if n <= 0:
                 break
             leftovers.extend(iter_events(self._evview[:n * EVENT_SIZE]))

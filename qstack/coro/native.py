@@ -15,6 +15,7 @@ Who keeps what alive while C holds a pointer:
 
 import ipaddress
 import struct
+from functools import partial
 
 from qstack._native import ffi, lib
 
@@ -85,6 +86,14 @@ class NativeCore:
         self.wake_fd = lib.qs_core_poll_fd(c) if inline else lib.qs_core_wake_fd(c)
         self._stats = ffi.new("qs_stats *")
         self.running = False
+        # The hub's data path, bound to this core (partial is C: as cheap as
+        # calling lib with the pointer).  A fake core for tests offers the
+        # same five calls (tests/fakecore.py).
+        self.poll = partial(lib.qs_core_poll, c)
+        self.submit = partial(lib.qs_core_submit, c)
+        self.pending_above = partial(lib.qs_core_pending_above, c)
+        self.sleep_below = partial(lib.qs_core_sleep_below, c)
+        self.step = partial(lib.qs_core_step, c)
 
     def listen(self, fd):
         _check(lib.qs_core_listen(self.ptr, fd), "qs_core_listen")

@@ -76,7 +76,7 @@ class StreamHub(Hub):
         # One poll over every level: only that keeps a connection's data
         # ahead of its EOF/CLOSED (qs_core_poll reads the lower rings'
         # positions first).  Per-level polls could overtake.
-        n = lib.qs_core_poll(self._c, -1, self._evbuf, self._batch)
+        n = self._poll(-1, self._evbuf, self._batch)
         if n > 0:
             queues = self._queues
             for ev in iter_events(self._evview[:n * EVENT_SIZE]):

@@ -68,3 +68,20 @@ def stream_upper_then_close(conn):
     data = conn.recv(100)
     conn.sendall(data.upper())
     conn.close()
+
+
+_replied = itertools.count()
+
+
+def dial_order(req):
+    """Asks the local TCP server at port $QSTACK_TEST_DIAL (one cooperative
+    round trip per message, a new connection each), then replies
+    b"<n> <priority>" where n counts the replies in the order they are made."""
+    port = int(os.environ["QSTACK_TEST_DIAL"])
+    s = gsocket.create_connection(("127.0.0.1", port))
+    try:
+        s.sendall(bytes(req.data))
+        s.recv(64)
+    finally:
+        s.close()
+    return b"%d %d\n" % (next(_replied), req.priority)

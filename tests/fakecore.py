@@ -1,0 +1,128 @@
+"""A fake qs_core for in-process hub tests: the test says when messages
+arrive, and every command the hub submits is recorded.
+
+It offers what the hub uses of qstack.coro.native.NativeCore -- the five
+data-path calls (poll, submit, pending_above, sleep_below, step), the slab,
+the wake fd and the attributes the hub reads -- with the threaded stack's
+wake-up rule: ``sleep_below(n)`` arms an eventfd that the next arrival at a
+level below ``n`` writes.  Events and commands keep the ABI's shape (eight
+int64s), so the hub's packing and unpacking run as in production.
+"""
+
+import os
+import struct
+from collections import deque
+
+from qstack.coro.native import ffi, lib
+
+EVENT = struct.Struct("8q")
+SEQ_SHIFT = 8
+
+
+class Sent:
+    """One recorded command."""
+
+    __slots__ = ("op", "level", "conn", "buf", "data", "flags")
+
+    def __init__(self, op, level, conn, buf, data, flags):
+        self.op, self.level, self.conn, self.buf = op, level, conn, buf
+        self.data, self.flags = data, flags
+
+    @property
+    def seq(self):
+        return self.flags >> SEQ_SHIFT
+
+    def __repr__(self):
+        return f"<Sent op={self.op} level={self.level} conn={self.conn} {self.data!r}>"
+
+
+class FakeCore:
+    def __init__(self, levels=2, slot=256, slots=4096):
+        self.levels = levels
+        self.only_level = None
+        self.inline = False
+        self.stream = False
+        self.needs_service = False
+        self._mem = bytearray(slot * slots)
+        self.slab = memoryview(self._mem)
+        self._slot, self._slots, self._next = slot, slots, 0
+        self.rings = [deque() for _ in range(levels)]
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._armed = None              # sleep_below's level while armed
+        self._seq = {}
+        self.sent = []
+        self.bufs_out = set()           # buffer references the hub holds
+
+    # -- the test's side --------------------------------------------------
+
+    def arrive(self, conn, data, level):
+        """A message on ``conn`` classified at ``level``; returns its seq."""
+        if len(data) > self._slot:
+            raise ValueError("message larger than a fake pool slot")
+        buf = self._next % self._slots + 1
+        self._next += 1
+        off = (buf - 1) * self._slot
+        self._mem[off:off + len(data)] = data
+        seq = self._seq.get(conn, 0) + 1
+        self._seq[conn] = seq
+        self.bufs_out.add(buf)
+        self.rings[level].append((lib.QS_EV_DATA, level, conn, buf, off, len(data),
+                                  1, seq << SEQ_SHIFT))
+        if self._armed is not None and level < self._armed:
+            self._armed = None
+            os.eventfd_write(self.wake_fd, 1)
+        return seq
+
+    def replies(self, conn=None):
+        """Reply payloads in the order the hub submitted them."""
+        return [s.data for s in self.sent
+                if s.op in (lib.QS_CMD_SEND_BUF, lib.QS_CMD_SEND_COPY)
+                and (conn is None or s.conn == conn)]
+
+    # -- what the hub calls -----------------------------------------------
+
+    def poll(self, level, out, most):
+        view = ffi.buffer(out)
+        rings = self.rings if level < 0 else [self.rings[level]]
+        n = 0
+        for ring in rings:
+            while ring and n < most:
+                EVENT.pack_into(view, n * EVENT.size, *ring.popleft())
+                n += 1
+        return n
+
+    def submit(self, cmds, n, staging):
+        raw = bytes(ffi.buffer(cmds, n * EVENT.size))
+        stage = bytes(ffi.buffer(staging)) if staging != ffi.NULL else b""
+        for op, level, conn, buf, off, ln, _t_rx, flags in EVENT.iter_unpack(raw):
+            if op == lib.QS_CMD_SEND_BUF:
+                data = bytes(self._mem[off:off + ln])
+            elif op == lib.QS_CMD_SEND_COPY:
+                data = stage[off:off + ln]
+            else:
+                data = None
+            if buf:
+                self.bufs_out.discard(buf)
+            self.sent.append(Sent(op, level, conn, buf, data, flags))
+        return n
+
+    def pending_above(self, level):
+        return sum(len(r) for r in self.rings[:max(level, 0)])
+
+    def sleep_below(self, below):
+        if self.pending_above(below):
+            return 1
+        self._armed = below
+        return 0
+
+    def step(self, timeout):
+        return 0
+
+    def release_local(self, buf):
+        self.bufs_out.discard(buf)
+
+    def shutdown(self, grace_s):
+        pass
+
+    def close(self):
+        os.close(self.wake_fd)

@@ -1,0 +1,226 @@
+"""The hub in-process, on a fake core (tests/fakecore.py): dispatch order,
+reserved workers, priority-ordered wake-ups, and what the commands carry.
+
+Everything runs in this process on gevent's loop; the fake core delivers
+messages when the test says so, so each case is deterministic: it asserts
+order, never time.
+"""
+
+import gevent
+import gevent.event
+import pytest
+
+import qstack
+from fakecore import FakeCore
+from qstack.app import Connection, Request
+from qstack.coro.hub import Hub
+from qstack.coro.native import lib
+
+
+@pytest.fixture
+def hub():
+    """hub(core, handler, **kw) starts a Hub; teardown drains it and checks
+    every buffer reference came back."""
+    made = []
+
+    def start(core, handler, **kw):
+        h = Hub(core, handler, make_request=Request, make_connection=Connection, **kw)
+        h.start()
+        made.append((h, core))
+        gevent.sleep(0)
+        return h
+
+    yield start
+    for h, core in made:
+        assert h.drain(2.0)
+        assert not core.bufs_out, core.bufs_out
+        core.close()
+
+
+class Gated:
+    """A handler that blocks each message on its own gevent Event."""
+
+    def __init__(self):
+        self.gates = {}
+        self.log = []
+
+    def __call__(self, req):
+        name = bytes(req.data)
+        self.log.append(("start", name, qstack.current_level()))
+        self.gates[name] = gate = gevent.event.Event()
+        gate.wait()
+        self.log.append(("resume", name, qstack.current_level()))
+        return name
+
+    def started(self):
+        return [n for what, n, _ in self.log if what == "start"]
+
+    def resumed(self):
+        return [n for what, n, _ in self.log if what == "resume"]
+
+    def open(self, *names):
+        for n in names:
+            self.gates[n].set()
+
+
+def settle():
+    gevent.sleep(0.02)
+
+
+def test_woken_workers_resume_highest_level_first(hub):
+    core, h = FakeCore(), Gated()
+    hub(core, h, workers=16)
+    for i in range(4):
+        core.arrive(10 + i, b"low%d" % i, 1)
+    for i in range(2):
+        core.arrive(20 + i, b"high%d" % i, 0)
+    settle()
+    assert sorted(h.started()) == sorted([b"low0", b"low1", b"low2", b"low3", b"high0", b"high1"])
+    # all woken in one loop turn, lows first: highs resume first, FIFO within a level
+    h.open(b"low0", b"low1", b"high1", b"low2", b"high0", b"low3")
+    settle()
+    assert h.resumed() == [b"high1", b"high0", b"low0", b"low1", b"low2", b"low3"]
+    assert core.replies() == h.resumed()
+
+
+def test_one_level_keeps_gevents_own_order(hub):
+    core, h = FakeCore(levels=1), Gated()
+    hub(core, h, workers=8)
+    for i in range(3):
+        core.arrive(10 + i, b"m%d" % i, 0)
+    settle()
+    h.open(b"m2", b"m0", b"m1")
+    settle()
+    assert h.resumed() == [b"m2", b"m0", b"m1"]
+
+
+def test_handler_sees_its_level(hub):
+    core, h = FakeCore(levels=3), Gated()
+    hub(core, h, workers=8, reserve=[0, 0])
+    core.arrive(1, b"a", 2)
+    core.arrive(2, b"b", 1)
+    settle()
+    h.open(b"a", b"b")
+    settle()
+    levels = {(what, n): lv for what, n, lv in h.log}
+    assert levels == {("start", b"a"): 2, ("start", b"b"): 1,
+                      ("resume", b"a"): 2, ("resume", b"b"): 1}
+    assert qstack.current_level() is None
+
+
+def test_reserved_workers_are_never_taken_by_lower_levels(hub):
+    core, h = FakeCore(), Gated()
+    hub(core, h, workers=4, reserve=[2])
+    for i in range(5):
+        core.arrive(10 + i, b"low%d" % i, 1)
+    settle()
+    assert h.started() == [b"low0", b"low1"]      # 4 workers - 2 reserved
+    core.arrive(20, b"high0", 0)
+    core.arrive(21, b"high1", 0)
+    settle()
+    assert h.started() == [b"low0", b"low1", b"high0", b"high1"]
+    h.open(b"low0")
+    settle()
+    # a low starts only while 2 workers would stay free: 3 are busy
+    assert h.started() == [b"low0", b"low1", b"high0", b"high1"]
+    h.open(b"high0", b"high1")
+    settle()
+    assert h.started()[4:] == [b"low2"]          # busy: low1, low2
+    h.open(b"low1", b"low2")
+    settle()
+    assert h.started()[5:] == [b"low3", b"low4"]
+    h.open(b"low3", b"low4")
+    settle()
+    assert sorted(h.resumed()) == sorted(h.started())
+    assert len(core.replies()) == 7
+
+
+def test_without_a_reserve_blocked_lows_hold_every_worker(hub):
+    core, h = FakeCore(), Gated()
+    hub(core, h, workers=4, reserve=[0])
+    for i in range(4):
+        core.arrive(10 + i, b"low%d" % i, 1)
+    settle()
+    core.arrive(20, b"high0", 0)
+    settle()
+    assert h.started() == [b"low0", b"low1", b"low2", b"low3"]
+    h.open(b"low0")
+    settle()
+    assert h.started()[-1] == b"high0"
+    h.open(b"high0", b"low1", b"low2", b"low3")
+    settle()
+
+
+def test_new_high_work_goes_before_woken_low_workers(hub):
+    core, h = FakeCore(), Gated()
+    hub(core, h, workers=8, reserve=[1])
+    for i in range(3):
+        core.arrive(10 + i, b"low%d" % i, 1)
+    settle()
+    h.open(b"low0", b"low1", b"low2")       # woken, and in the same turn...
+    core.arrive(20, b"high0", 0)            # ...a high message arrives
+    settle()
+    order = [(what, n) for what, n, _ in h.log[3:]]
+    assert order[0] == ("start", b"high0"), order
+    h.open(b"high0")
+    settle()
+
+
+def test_new_low_work_waits_for_woken_workers_of_its_level(hub):
+    core, h = FakeCore(), Gated()
+    hub(core, h, workers=8, reserve=[0])
+    core.arrive(10, b"low0", 1)
+    settle()
+    h.open(b"low0")
+    core.arrive(11, b"low1", 1)
+    settle()
+    assert [(w, n) for w, n, _ in h.log[1:3]] == [("resume", b"low0"), ("start", b"low1")]
+    h.open(b"low1")
+    settle()
+
+
+def test_commands_carry_the_message_sequence(hub):
+    core = FakeCore()
+    replies = {b"a": b"A", b"none": None, b"same": "same", b"boom": "boom"}
+
+    def handler(req):
+        out = replies[bytes(req.data)]
+        if out == "same":
+            return req.data
+        if out == "boom":
+            raise RuntimeError("boom")
+        return out
+
+    hub(core, handler, workers=4)
+    seqs = {name: core.arrive(7, name, 1) for name in (b"a", b"none", b"same", b"boom")}
+    settle()
+    by_op = {}
+    for s in core.sent:
+        by_op.setdefault(s.op, []).append(s)
+    copy, = by_op[lib.QS_CMD_SEND_COPY]
+    assert (copy.data, copy.seq) == (b"A", seqs[b"a"])
+    zero_copy, = by_op[lib.QS_CMD_SEND_BUF]
+    assert (zero_copy.data, zero_copy.seq) == (b"same", seqs[b"same"])
+    done = {s.seq: s.flags & 0xff for s in by_op[lib.QS_CMD_DONE]}
+    assert done == {seqs[b"none"]: 0, seqs[b"boom"]: lib.QS_F_CLOSE}
+
+
+def test_bad_send_priority_raises_in_the_handler(hub):
+    core = FakeCore()
+    seen = []
+
+    def handler(req):
+        for bad in (99, -1, "0", 1.0, True):
+            try:
+                req.conn.send(b"x", priority=bad)
+            except (TypeError, ValueError) as exc:
+                seen.append(type(exc).__name__)
+        req.conn.send(b"extra")                 # default: the request's level
+        return b"ok"
+
+    hub(core, handler, workers=2)
+    core.arrive(5, b"m", 0)
+    settle()
+    assert seen == ["ValueError", "ValueError", "TypeError", "TypeError", "TypeError"]
+    sent = [(s.data, s.level) for s in core.sent if s.op == lib.QS_CMD_SEND_COPY]
+    assert sent == [(b"extra", 0), (b"ok", 0)]
