@@ -51,8 +51,6 @@ import logging
 import time
 
 import gevent
-from greenlet import getcurrent
-
 import qstack
 from qstack.errors import ConfigError
 from qstack.redisctl import DEFAULT_COUNT, DEFAULT_DIR, ping, socket_path
@@ -174,36 +172,61 @@ def _one_line(exc):
     return " ".join(str(exc).split()).rstrip(".") or type(exc).__name__
 
 
-class _Worker:
-    """One worker greenlet's Redis server and connection (made on first use)."""
+class _Link:
+    """One Redis connection of a level's pool, and the server it goes to."""
 
-    __slots__ = ("server", "redis", "_connect")
+    __slots__ = ("server", "conn")
 
-    def __init__(self, server, connect):
+    def __init__(self, server, conn):
         self.server = server
-        self.redis = None
-        self._connect = connect
+        self.conn = conn
 
-    def connect(self):
-        self.redis = self._connect(self.server.path)
-        return self.redis
+
+def _new_link():
+    """LevelPool factory: the level's next connection, to server i mod N.
+
+    It runs in the handler's greenlet, so current_level() is the level the
+    connection will serve.  Connecting waits for the first command, inside
+    the handler's try: a dead server is a counted error, not a crash."""
+    if not _servers:
+        raise RuntimeError("iotepserver is not initialised: set app.init to "
+                           "apps.iotepserver:init (see conf/iotepserver.yaml)")
+    level = qstack.current_level()
+    i = _made.get(level, 0)
+    _made[level] = i + 1
+    server = _servers[i % len(_servers)]
+    return _Link(server, _connect(server.path))
+
+
+def _close_link(link):
+    link.conn.disconnect()
 
 
 # --- per-process state, set by init() --------------------------------------------
 
-_workers = {}           # worker greenlet -> _Worker
+_pool = qstack.LevelPool(_new_link, close=_close_link)
+_made = {}              # level -> connections made so far (server i mod N)
 _servers = []
 _reply = b""
 _offset = 5
 _value = 0x01
 _nbytes = 6
 _redis_error = None     # redis.RedisError once init ran
+_connection_error = None
 _connect = None
+
+# The commands, packed by hand in Redis's protocol (RESP): the keys are
+# b"1\x08<id>" and b"2\x08<id>", 2 + len(id) bytes.  GET 1 and GET 2 go in
+# one round trip (independent: GET 2 reads a key nothing writes), the SET
+# in a second one, as it needs GET 1's answer.
+_GETS = b"*2\r\n$3\r\nGET\r\n$%d\r\n1\x08%b\r\n*2\r\n$3\r\nGET\r\n$%d\r\n2\x08%b\r\n"
+_SET = b"*3\r\n$3\r\nSET\r\n$%d\r\n1\x08%b\r\n$%d\r\n%b\r\n"
 
 
 def init(settings):
     """app.init: make redis-py cooperative, check every server answers."""
     global _servers, _reply, _offset, _value, _nbytes, _redis_error, _connect
+    global _connection_error
     s = parse_settings(settings)
     reply = reply_bytes(s["reply_size"], s["content_length"])
 
@@ -212,6 +235,7 @@ def init(settings):
     import redis
     from redis.backoff import NoBackoff
     from redis.retry import Retry
+    from redis.utils import HIREDIS_AVAILABLE
 
     timeout = s["redis_timeout"]
     servers = [_Server(socket_path(s["redis_dir"], i)) for i in range(s["redis_count"])]
@@ -223,62 +247,82 @@ def init(settings):
                               f"--dir {s['redis_dir']})")
 
     def connect(path):
-        # One connection, made now (a dead server raises here, inside the
-        # handler's try).  A connection Redis dropped is retried once at
-        # once: that is a restarted server being used again.  A timeout is
-        # not retried: the server is slow, waiting twice helps nobody.
-        return redis.Redis(
-            unix_socket_path=path, socket_timeout=timeout,
-            socket_connect_timeout=timeout, single_connection_client=True,
-            retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
-            lib_name=None, lib_version=None)
+        # redis-py's connection alone, not a client: it connects on first
+        # use, maps socket errors and timeouts to RedisErrors and
+        # disconnects on them, and parses replies with hiredis when it is
+        # installed.  _call() retries a dropped connection itself.
+        return redis.UnixDomainSocketConnection(
+            path=path, socket_timeout=timeout, socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0), lib_name=None, lib_version=None)
 
-    _workers.clear()
+    _pool.close()
+    _made.clear()
     _servers = servers
     _reply = reply
     _offset, _value, _nbytes = s["request_offset"], s["request_value"], s["value_bytes"]
     _redis_error = redis.RedisError
+    _connection_error = redis.ConnectionError
     _connect = connect
     log.info("iotepserver: %d redis server(s) in %s, reply %d bytes to messages "
-             "with byte %d = %#04x", len(servers), s["redis_dir"], len(reply),
-             _offset, _value)
+             "with byte %d = %#04x, %s", len(servers), s["redis_dir"], len(reply),
+             _offset, _value, "hiredis parser" if HIREDIS_AVAILABLE else
+             "redis-py's Python parser (pip install hiredis: less CPU per message)")
 
 
-def _new_worker(me):
-    if not _servers:
-        raise RuntimeError("iotepserver is not initialised: set app.init to "
-                           "apps.iotepserver:init (see conf/iotepserver.yaml)")
-    worker = _Worker(_servers[len(_workers) % len(_servers)], _connect)
-    _workers[me] = worker
-    return worker
+def _call(conn, packed, replies):
+    """Send packed commands in one write, read their replies; the first one.
+
+    A connection Redis dropped is retried once at once: that is a restarted
+    server being used again.  A timeout is not retried (the server is slow,
+    waiting twice helps nobody).  After any other error the connection is
+    dropped, so a reply left unread is never taken for the next one."""
+    try:
+        conn.send_packed_command((packed,), check_health=False)
+        first = conn.read_response()
+        if replies == 2:
+            conn.read_response()
+        return first
+    except _connection_error:
+        pass                        # redis-py disconnected it: reconnect once
+    except BaseException:
+        conn.disconnect()
+        raise
+    try:
+        conn.send_packed_command((packed,), check_health=False)
+        first = conn.read_response()
+        if replies == 2:
+            conn.read_response()
+        return first
+    except BaseException:
+        conn.disconnect()
+        raise
 
 
 def handle(req):
-    me = getcurrent()
-    worker = _workers.get(me) or _new_worker(me)
-    server = worker.server
     data = req.data
     cid = b"%d" % req.conn_id
-    key = b"1\x08" + cid
-    try:
-        r = worker.redis or worker.connect()
-        old = r.get(key)
-        if old is None:
-            r.set(key, bytes(data[:_nbytes]))
-        elif old:
-            r.set(key, bytes(((old[0] + 1) & 0xFF,)) + old[1:])
-        else:
-            r.set(key, old)
-        r.get(b"2\x08" + cid)
-    except _redis_error as exc:
-        server.failed(exc, req.priority)
-        # A dead server fails at once; without a rest its workers would take
-        # message after message (never blocking, they keep the lead) while
-        # the healthy servers' workers wait on their replies.
-        gevent.sleep(FAIL_PAUSE)
-        return None
-    if server.failing:
-        server.recovered()
+    n = len(cid) + 2
+    with _pool.connection() as link:
+        conn = link.conn
+        try:
+            old = _call(conn, _GETS % (n, cid, n, cid), 2)
+            if old is None:
+                value = bytes(data[:_nbytes])
+            elif old:
+                value = bytes(((old[0] + 1) & 0xFF,)) + old[1:]
+            else:
+                value = old
+            _call(conn, _SET % (n, cid, len(value), value), 1)
+        except _redis_error as exc:
+            link.server.failed(exc, req.priority)
+            # A dead server fails at once; without a rest its connection
+            # would take message after message (never blocking, its worker
+            # keeps the lead) while the healthy servers' ones wait on their
+            # replies.  It rests checked out: no other message takes it.
+            gevent.sleep(FAIL_PAUSE)
+            return None
+        if link.server.failing:
+            link.server.recovered()
     if len(data) > _offset and data[_offset] == _value:
         return _reply
     return None
