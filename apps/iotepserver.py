@@ -250,10 +250,11 @@ def init(settings):
         # redis-py's connection alone, not a client: it connects on first
         # use, maps socket errors and timeouts to RedisErrors and
         # disconnects on them, and parses replies with hiredis when it is
-        # installed.  _call() retries a dropped connection itself.
+        # installed.  _call() retries a dropped connection itself.  RESP2, as
+        # QStack's hiredis spoke: no HELLO round trip when connecting.
         return redis.UnixDomainSocketConnection(
             path=path, socket_timeout=timeout, socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0), lib_name=None, lib_version=None)
+            retry=Retry(NoBackoff(), 0), protocol=2, lib_name=None, lib_version=None)
 
     _pool.close()
     _made.clear()
