@@ -8,24 +8,47 @@ An IoT front-end for very many devices sending bursts of fixed-size messages
 is 0x01 is a *request* (high priority, by the native rule in the config);
 anything else is a *heartbeat* (low priority).  For every message the
 handler, written in plain blocking style, does what QStack's worker threads
-did against hiredis::
+did against hiredis, in two round trips::
 
-    GET 1\\b<conn id>            (\\b is the byte 0x08; conn id in decimal)
-    SET 1\\b<conn id> <the message's first 6 bytes>      if it was missing
+    GET 1\\b<conn id>  and  GET 2\\b<conn id>      (pipelined: one write, two replies)
+    SET 1\\b<conn id> <the message's first 6 bytes>      if key 1 was missing
     SET 1\\b<conn id> <the old value, first byte + 1>    otherwise
-    GET 2\\b<conn id>
+
+(\\b is the byte 0x08; conn id in decimal).  These are QStack's commands
+(GET 1, SET 1, GET 2) and values; GET 2 only moved ahead of the SET, which
+nothing can observe: it reads a key no command writes.
 
 A request then gets a 146-byte reply (an ``HTTP/1.1 200 OK`` header with
 keep-alive and ``Content-Length: 100``, NUL-padded to 146 bytes, byte 6 set
 to 0x03, as QStack sent it); a heartbeat gets none.
 
-Redis servers and workers.  The servers are ``redis-server``s on unix
-sockets ``<redis_dir>/redis-<i>.sock`` (``qstack redis up N`` starts them).
-Each worker greenlet talks to its own server over its own connection:
-worker i -> server i mod N, i counted in the order workers first handle a
-message in this core process (as QStack's worker i used Redis i).  A
-connection's messages are served by whichever worker is free, so its keys
-may live on several servers; that is the benchmark's design, not a bug.
+Redis servers and connections per level.  The servers are
+``redis-server``s on unix sockets ``<redis_dir>/redis-<i>.sock`` (``qstack
+redis up N`` starts them).  The connections live in a
+:class:`qstack.LevelPool`: each priority level has its own, so a request's
+commands never queue in a connection behind a heartbeat's.  A handler
+checks a connection of its level out for the message and puts it back; a
+level reuses its most recently returned connection and opens a new one
+only when all of its others are busy, so a core holds at most ``workers``
+connections per level.  QStack's worker i used Redis i; workers no longer
+own connections (a worker serves both levels), so the rule now holds per
+level: a level's connection i goes to server i mod N, i counted in the
+order the level opens them in this core process.  At c messages in flight
+on a level, its busy connections are spread over min(c, N) servers, as
+QStack's busy workers were.  A device connection's messages take whichever
+connection is free, so its keys may live on several servers, and two
+messages of one device may race on its key when several workers run: that
+is the benchmark's design, not a bug.
+
+CPU per message.  redis-py's client methods cost far more Python than the
+work they do (about 70-120 us of CPU per message for the three commands
+here, measured by bench/iotep_cpu.py).  The handler drives redis-py's
+connection objects directly: the commands are packed by hand in RESP2
+(a few bytes formatted with %), sent with ``send_packed_command`` and their
+replies read with ``read_response``, which parses with hiredis (a
+dependency of qstack) -- about 20 us per message.  The connection still
+does what matters from redis-py: connecting, timeouts, and turning socket
+errors into RedisErrors.
 
 Cooperation.  redis-py is a blocking library; :func:`init` runs
 ``gevent.monkey.patch_socket()`` in each core process (qstack calls it
@@ -41,10 +64,14 @@ Redis error (the server died, timed out after ``redis_timeout`` s) answers
 that message with nothing, counts it in ``redis_errors`` per priority level
 (``--stats`` and the exit log show them: nothing is lost silently), and is
 logged once per burst per server -- then a reminder every 10 s while it
-lasts, and one line when the server answers again.  Each worker reconnects
-on its next message, so a restarted Redis is used again without a restart
-of qstack.  A worker rests 50 ms after an error, so the workers of a dead
-server take few messages while those of the healthy servers serve the rest.
+lasts, and one line when the server answers again.  A connection Redis
+dropped reconnects at once, on its next use, so a restarted Redis is used
+again without a restart of qstack.  After an error the handler rests 50 ms
+still holding the failed connection, so a dead server's connections take
+few messages while those of the healthy servers serve the rest.  A
+connection that may have a reply unread (a timeout, an error reply to the
+first of two commands) is disconnected: its next message reconnects rather
+than read a stale reply.
 """
 
 import logging

@@ -1,7 +1,7 @@
 """CPU per message of the iotepserver handler, and of Redis client paths.
 
-    .venv/bin/python bench/iotep_cpu.py [--messages 20000] [--app apps.iotepserver]
-        [--paths] [--repeat 3]
+    .venv/bin/python bench/iotep_cpu.py [--messages 20000] [--app MODULE ...]
+        [--paths] [--no-hiredis] [--repeat 5]
 
 Starts one redis-server (``qstack redis up 1`` in a private directory),
 runs ``init`` of the app, then calls its ``handle`` ``--messages`` times in
@@ -12,6 +12,7 @@ the process CPU time per message (user + system: this process only, not
 redis-server's) and the wall time.  Redis waits are idle time, so the CPU
 figure is what one message costs a core.
 
+``--no-hiredis`` hides hiredis (redis-py then parses replies in Python).
 ``--app`` imports another module with the same ``init``/``handle`` (e.g. a
 copy of an older iotepserver, to compare).  ``--paths`` also times one
 GET/SET/GET per message through several client paths (redis-py's methods,
@@ -31,6 +32,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if "--no-hiredis" in sys.argv:      # before redis-py looks for it
+    sys.modules["hiredis"] = None
 
 from gevent import monkey  # noqa: E402
 
@@ -97,7 +100,6 @@ def bench_apps(apps, sock_dir, items, repeat):
 
 
 def bench_paths(sock, items, repeat):
-    import hiredis
     import redis
 
     r = redis.Redis(unix_socket_path=sock, single_connection_client=True)
@@ -136,7 +138,11 @@ def bench_paths(sock, items, repeat):
     import socket as stdsocket
     s = stdsocket.socket(stdsocket.AF_UNIX)
     s.connect(sock)
-    reader = hiredis.Reader()
+    try:
+        import hiredis
+        reader = hiredis.Reader()
+    except ImportError:
+        reader = None
 
     def packed(req):
         cid = b"%d" % req.conn_id
@@ -170,7 +176,8 @@ def bench_paths(sock, items, repeat):
                  ("pipeline(2 GET) + set", pipeline),
                  ("connection level, 2 round trips", connection),
                  ("connection level, packed by hand", packed),
-                 ("raw RESP + hiredis.Reader", rawpair)), items, repeat)
+                 *((("raw RESP + hiredis.Reader", rawpair),) if reader else ())),
+                items, repeat)
     s.close()
     r.close()
 
@@ -181,6 +188,8 @@ def main():
     ap.add_argument("--app", action="append", help="module (repeatable; default "
                     "apps.iotepserver)")
     ap.add_argument("--paths", action="store_true")
+    ap.add_argument("--no-hiredis", action="store_true",
+                    help="hide hiredis: redis-py parses replies in Python")
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
     directory = tempfile.mkdtemp(prefix="qsb-", dir="/tmp")
