@@ -41,12 +41,12 @@ messages of one device may race on its key when several workers run: that
 is the benchmark's design, not a bug.
 
 CPU per message.  redis-py's client methods cost far more Python than the
-work they do (about 70-120 us of CPU per message for the three commands
-here, measured by bench/iotep_cpu.py).  The handler drives redis-py's
-connection objects directly: the commands are packed by hand in RESP2
-(a few bytes formatted with %), sent with ``send_packed_command`` and their
-replies read with ``read_response``, which parses with hiredis (a
-dependency of qstack) -- about 20 us per message.  The connection still
+work they do (75-120 us of CPU per message for the three commands here,
+measured by bench/iotep_cpu.py).  The handler drives redis-py's connection
+objects directly: the commands are packed by hand in RESP2 (a few bytes
+formatted with %), sent with ``send_packed_command`` and their replies read
+with ``read_response``, which parses with hiredis (a dependency of qstack)
+-- about 20 us per message (docs/IOTEP.md has the figures).  The connection still
 does what matters from redis-py: connecting, timeouts, and turning socket
 errors into RedisErrors.
 
