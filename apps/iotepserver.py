@@ -8,24 +8,47 @@ An IoT front-end for very many devices sending bursts of fixed-size messages
 is 0x01 is a *request* (high priority, by the native rule in the config);
 anything else is a *heartbeat* (low priority).  For every message the
 handler, written in plain blocking style, does what QStack's worker threads
-did against hiredis::
+did against hiredis, in two round trips::
 
-    GET 1\\b<conn id>            (\\b is the byte 0x08; conn id in decimal)
-    SET 1\\b<conn id> <the message's first 6 bytes>      if it was missing
+    GET 1\\b<conn id>  and  GET 2\\b<conn id>      (pipelined: one write, two replies)
+    SET 1\\b<conn id> <the message's first 6 bytes>      if key 1 was missing
     SET 1\\b<conn id> <the old value, first byte + 1>    otherwise
-    GET 2\\b<conn id>
+
+(\\b is the byte 0x08; conn id in decimal).  These are QStack's commands
+(GET 1, SET 1, GET 2) and values; GET 2 only moved ahead of the SET, which
+nothing can observe: it reads a key no command writes.
 
 A request then gets a 146-byte reply (an ``HTTP/1.1 200 OK`` header with
 keep-alive and ``Content-Length: 100``, NUL-padded to 146 bytes, byte 6 set
 to 0x03, as QStack sent it); a heartbeat gets none.
 
-Redis servers and workers.  The servers are ``redis-server``s on unix
-sockets ``<redis_dir>/redis-<i>.sock`` (``qstack redis up N`` starts them).
-Each worker greenlet talks to its own server over its own connection:
-worker i -> server i mod N, i counted in the order workers first handle a
-message in this core process (as QStack's worker i used Redis i).  A
-connection's messages are served by whichever worker is free, so its keys
-may live on several servers; that is the benchmark's design, not a bug.
+Redis servers and connections per level.  The servers are
+``redis-server``s on unix sockets ``<redis_dir>/redis-<i>.sock`` (``qstack
+redis up N`` starts them).  The connections live in a
+:class:`qstack.LevelPool`: each priority level has its own, so a request's
+commands never queue in a connection behind a heartbeat's.  A handler
+checks a connection of its level out for the message and puts it back; a
+level reuses its most recently returned connection and opens a new one
+only when all of its others are busy, so a core holds at most ``workers``
+connections per level.  QStack's worker i used Redis i; workers no longer
+own connections (a worker serves both levels), so the rule now holds per
+level: a level's connection i goes to server i mod N, i counted in the
+order the level opens them in this core process.  At c messages in flight
+on a level, its busy connections are spread over min(c, N) servers, as
+QStack's busy workers were.  A device connection's messages take whichever
+connection is free, so its keys may live on several servers, and two
+messages of one device may race on its key when several workers run: that
+is the benchmark's design, not a bug.
+
+CPU per message.  redis-py's client methods cost far more Python than the
+work they do (75-120 us of CPU per message for the three commands here,
+measured by bench/iotep_cpu.py).  The handler drives redis-py's connection
+objects directly: the commands are packed by hand in RESP2 (a few bytes
+formatted with %), sent with ``send_packed_command`` and their replies read
+with ``read_response``, which parses with hiredis (a dependency of qstack)
+-- about 20 us per message (docs/IOTEP.md has the figures).  The connection still
+does what matters from redis-py: connecting, timeouts, and turning socket
+errors into RedisErrors.
 
 Cooperation.  redis-py is a blocking library; :func:`init` runs
 ``gevent.monkey.patch_socket()`` in each core process (qstack calls it
@@ -41,18 +64,20 @@ Redis error (the server died, timed out after ``redis_timeout`` s) answers
 that message with nothing, counts it in ``redis_errors`` per priority level
 (``--stats`` and the exit log show them: nothing is lost silently), and is
 logged once per burst per server -- then a reminder every 10 s while it
-lasts, and one line when the server answers again.  Each worker reconnects
-on its next message, so a restarted Redis is used again without a restart
-of qstack.  A worker rests 50 ms after an error, so the workers of a dead
-server take few messages while those of the healthy servers serve the rest.
+lasts, and one line when the server answers again.  A connection Redis
+dropped reconnects at once, on its next use, so a restarted Redis is used
+again without a restart of qstack.  After an error the handler rests 50 ms
+still holding the failed connection, so a dead server's connections take
+few messages while those of the healthy servers serve the rest.  A
+connection that may have a reply unread (a timeout, an error reply to the
+first of two commands) is disconnected: its next message reconnects rather
+than read a stale reply.
 """
 
 import logging
 import time
 
 import gevent
-from greenlet import getcurrent
-
 import qstack
 from qstack.errors import ConfigError
 from qstack.redisctl import DEFAULT_COUNT, DEFAULT_DIR, ping, socket_path
@@ -174,36 +199,61 @@ def _one_line(exc):
     return " ".join(str(exc).split()).rstrip(".") or type(exc).__name__
 
 
-class _Worker:
-    """One worker greenlet's Redis server and connection (made on first use)."""
+class _Link:
+    """One Redis connection of a level's pool, and the server it goes to."""
 
-    __slots__ = ("server", "redis", "_connect")
+    __slots__ = ("server", "conn")
 
-    def __init__(self, server, connect):
+    def __init__(self, server, conn):
         self.server = server
-        self.redis = None
-        self._connect = connect
+        self.conn = conn
 
-    def connect(self):
-        self.redis = self._connect(self.server.path)
-        return self.redis
+
+def _new_link():
+    """LevelPool factory: the level's next connection, to server i mod N.
+
+    It runs in the handler's greenlet, so current_level() is the level the
+    connection will serve.  Connecting waits for the first command, inside
+    the handler's try: a dead server is a counted error, not a crash."""
+    if not _servers:
+        raise RuntimeError("iotepserver is not initialised: set app.init to "
+                           "apps.iotepserver:init (see conf/iotepserver.yaml)")
+    level = qstack.current_level()
+    i = _made.get(level, 0)
+    _made[level] = i + 1
+    server = _servers[i % len(_servers)]
+    return _Link(server, _connect(server.path))
+
+
+def _close_link(link):
+    link.conn.disconnect()
 
 
 # --- per-process state, set by init() --------------------------------------------
 
-_workers = {}           # worker greenlet -> _Worker
+_pool = qstack.LevelPool(_new_link, close=_close_link)
+_made = {}              # level -> connections made so far (server i mod N)
 _servers = []
 _reply = b""
 _offset = 5
 _value = 0x01
 _nbytes = 6
 _redis_error = None     # redis.RedisError once init ran
+_connection_error = None
 _connect = None
+
+# The commands, packed by hand in Redis's protocol (RESP): the keys are
+# b"1\x08<id>" and b"2\x08<id>", 2 + len(id) bytes.  GET 1 and GET 2 go in
+# one round trip (independent: GET 2 reads a key nothing writes), the SET
+# in a second one, as it needs GET 1's answer.
+_GETS = b"*2\r\n$3\r\nGET\r\n$%d\r\n1\x08%b\r\n*2\r\n$3\r\nGET\r\n$%d\r\n2\x08%b\r\n"
+_SET = b"*3\r\n$3\r\nSET\r\n$%d\r\n1\x08%b\r\n$%d\r\n%b\r\n"
 
 
 def init(settings):
     """app.init: make redis-py cooperative, check every server answers."""
     global _servers, _reply, _offset, _value, _nbytes, _redis_error, _connect
+    global _connection_error
     s = parse_settings(settings)
     reply = reply_bytes(s["reply_size"], s["content_length"])
 
@@ -212,6 +262,7 @@ def init(settings):
     import redis
     from redis.backoff import NoBackoff
     from redis.retry import Retry
+    from redis.utils import HIREDIS_AVAILABLE
 
     timeout = s["redis_timeout"]
     servers = [_Server(socket_path(s["redis_dir"], i)) for i in range(s["redis_count"])]
@@ -223,62 +274,83 @@ def init(settings):
                               f"--dir {s['redis_dir']})")
 
     def connect(path):
-        # One connection, made now (a dead server raises here, inside the
-        # handler's try).  A connection Redis dropped is retried once at
-        # once: that is a restarted server being used again.  A timeout is
-        # not retried: the server is slow, waiting twice helps nobody.
-        return redis.Redis(
-            unix_socket_path=path, socket_timeout=timeout,
-            socket_connect_timeout=timeout, single_connection_client=True,
-            retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
-            lib_name=None, lib_version=None)
+        # redis-py's connection alone, not a client: it connects on first
+        # use, maps socket errors and timeouts to RedisErrors and
+        # disconnects on them, and parses replies with hiredis when it is
+        # installed.  _call() retries a dropped connection itself.  RESP2, as
+        # QStack's hiredis spoke: no HELLO round trip when connecting.
+        return redis.UnixDomainSocketConnection(
+            path=path, socket_timeout=timeout, socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0), protocol=2, lib_name=None, lib_version=None)
 
-    _workers.clear()
+    _pool.close()
+    _made.clear()
     _servers = servers
     _reply = reply
     _offset, _value, _nbytes = s["request_offset"], s["request_value"], s["value_bytes"]
     _redis_error = redis.RedisError
+    _connection_error = redis.ConnectionError
     _connect = connect
     log.info("iotepserver: %d redis server(s) in %s, reply %d bytes to messages "
-             "with byte %d = %#04x", len(servers), s["redis_dir"], len(reply),
-             _offset, _value)
+             "with byte %d = %#04x, %s", len(servers), s["redis_dir"], len(reply),
+             _offset, _value, "hiredis parser" if HIREDIS_AVAILABLE else
+             "redis-py's Python parser (pip install hiredis: less CPU per message)")
 
 
-def _new_worker(me):
-    if not _servers:
-        raise RuntimeError("iotepserver is not initialised: set app.init to "
-                           "apps.iotepserver:init (see conf/iotepserver.yaml)")
-    worker = _Worker(_servers[len(_workers) % len(_servers)], _connect)
-    _workers[me] = worker
-    return worker
+def _call(conn, packed, replies):
+    """Send packed commands in one write, read their replies; the first one.
+
+    A connection Redis dropped is retried once at once: that is a restarted
+    server being used again.  A timeout is not retried (the server is slow,
+    waiting twice helps nobody).  After any other error the connection is
+    dropped, so a reply left unread is never taken for the next one."""
+    try:
+        conn.send_packed_command((packed,), check_health=False)
+        first = conn.read_response()
+        if replies == 2:
+            conn.read_response()
+        return first
+    except _connection_error:
+        pass                        # redis-py disconnected it: reconnect once
+    except BaseException:
+        conn.disconnect()
+        raise
+    try:
+        conn.send_packed_command((packed,), check_health=False)
+        first = conn.read_response()
+        if replies == 2:
+            conn.read_response()
+        return first
+    except BaseException:
+        conn.disconnect()
+        raise
 
 
 def handle(req):
-    me = getcurrent()
-    worker = _workers.get(me) or _new_worker(me)
-    server = worker.server
     data = req.data
     cid = b"%d" % req.conn_id
-    key = b"1\x08" + cid
-    try:
-        r = worker.redis or worker.connect()
-        old = r.get(key)
-        if old is None:
-            r.set(key, bytes(data[:_nbytes]))
-        elif old:
-            r.set(key, bytes(((old[0] + 1) & 0xFF,)) + old[1:])
-        else:
-            r.set(key, old)
-        r.get(b"2\x08" + cid)
-    except _redis_error as exc:
-        server.failed(exc, req.priority)
-        # A dead server fails at once; without a rest its workers would take
-        # message after message (never blocking, they keep the lead) while
-        # the healthy servers' workers wait on their replies.
-        gevent.sleep(FAIL_PAUSE)
-        return None
-    if server.failing:
-        server.recovered()
+    n = len(cid) + 2
+    with _pool.connection() as link:
+        conn = link.conn
+        try:
+            old = _call(conn, _GETS % (n, cid, n, cid), 2)
+            if old is None:
+                value = bytes(data[:_nbytes])
+            elif old:
+                value = bytes(((old[0] + 1) & 0xFF,)) + old[1:]
+            else:
+                value = old
+            _call(conn, _SET % (n, cid, len(value), value), 1)
+        except _redis_error as exc:
+            link.server.failed(exc, req.priority)
+            # A dead server fails at once; without a rest its connection
+            # would take message after message (never blocking, its worker
+            # keeps the lead) while the healthy servers' ones wait on their
+            # replies.  It rests checked out: no other message takes it.
+            gevent.sleep(FAIL_PAUSE)
+            return None
+        if link.server.failing:
+            link.server.recovered()
     if len(data) > _offset and data[_offset] == _value:
         return _reply
     return None

@@ -7,6 +7,7 @@ __version__ = "0.1.0"
 
 from .app import Connection, Request, stream  # noqa: E402
 from .app.counters import count  # noqa: E402
-from .app.levels import current_level  # noqa: E402
+from .app.levels import LevelPool, PoolTimeout, current_level  # noqa: E402
 
-__all__ = ["Connection", "Request", "count", "current_level", "stream", "__version__"]
+__all__ = ["Connection", "LevelPool", "PoolTimeout", "Request", "count", "current_level",
+           "stream", "__version__"]

@@ -188,6 +188,37 @@ def test_heartbeats_update_redis_without_replies(redises, serve, tmp_path):
 
 
 @needs_redis
+def test_same_commands_as_qstack_two_round_trips_per_message(redises, serve, tmp_path):
+    # GET 1 and GET 2 are pipelined, then the SET: still exactly QStack's
+    # three commands per message, key 2 only read, on connections kept per
+    # level (at most workers x levels of them, each made once and reused).
+    # One worker: no two messages race on the key, every update counts.
+    redises.up(1)
+    admin = redises.client(0)
+    server = serve("apps.iotepserver:handle", "--config", redises.config(tmp_path),
+                   "--workers", "1")
+    admin.config_resetstat()
+    with server.connect() as s:
+        for i in range(10):
+            s.sendall(message(request=i % 2 == 0, first=0x20))
+        for _ in range(5):
+            assert recv_exact(s, 146) == REPLY
+        wait_for(lambda: admin.info("commandstats").get("cmdstat_set", {}).get("calls") == 10,
+                 what="ten SETs")
+    stats = admin.info("commandstats")
+    assert stats["cmdstat_get"]["calls"] == 20
+    ours = {name for name in stats if not name.startswith(("cmdstat_config", "cmdstat_info"))}
+    assert ours == {"cmdstat_get", "cmdstat_set"}        # nothing else, not even HELLO
+    key, value = one_key(redises)
+    assert value[0] == 0x20 + 9 and value[1:5] == bytes([0xA1, 0xA2, 0xA3, 0xA4])
+    assert redises.keys(0, b"2\x08*") == {}
+    clients = [c for c in admin.client_list() if c["cmd"] != "client|list"]
+    assert 1 <= len(clients) <= 1 * 2, clients
+    assert server.stop() == 0
+    assert "hiredis parser" in server.stderr        # installed with qstack
+
+
+@needs_redis
 def test_priority_off_still_replies_to_requests_only(redises, serve_any, tmp_path):
     serve = serve_any                   # both backends, both stack layouts
     redises.up(1)
