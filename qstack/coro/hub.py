@@ -362,28 +362,29 @@ class Hub:
                 self._wait_events()
                 self._arm()
                 continue
-            kind, level, conn, buf, off, ln, t_rx, _ = ev
+            kind, level, conn, buf, off, ln, t_rx, seq = ev
             data = slab[off:off + ln] if kind == EV_DATA else jumbo_view(off, ln)
             req.data = data
             req.priority = level
             req.conn_id = conn
+            req.seq = seq           # already << QS_SEQ_SHIFT: a flags word
             try:
                 out = handler(req)
                 if out is data:
                     cmds.append(ev if kind == EV_DATA else
-                                (SEND_BUF, level, conn, buf, off, ln, t_rx, 0))
+                                (SEND_BUF, level, conn, buf, off, ln, t_rx, seq))
                 elif out is None:
-                    cmds.append((DONE, level, conn, buf, 0, 0, 0, 0))
+                    cmds.append((DONE, level, conn, buf, 0, 0, 0, seq))
                 else:
                     tx = self._tx
                     pos = len(tx)
                     tx += out
-                    cmds.append((SEND_COPY, level, conn, buf, pos, len(tx) - pos, t_rx, 0))
+                    cmds.append((SEND_COPY, level, conn, buf, pos, len(tx) - pos, t_rx, seq))
             except Exception as exc:
                 self._handler_failed(conn, exc)
-                cmds.append((DONE, level, conn, buf, 0, 0, 0, F_CLOSE))
+                cmds.append((DONE, level, conn, buf, 0, 0, 0, seq | F_CLOSE))
             except BaseException:
-                cmds.append((DONE, level, conn, buf, 0, 0, 0, F_CLOSE))
+                cmds.append((DONE, level, conn, buf, 0, 0, 0, seq | F_CLOSE))
                 raise
             finally:
                 req.data = None
@@ -411,13 +412,23 @@ class Hub:
 
     # -- the Connection API (message mode) ----------------------------------
 
-    def conn_send(self, conn, data, priority=None, wait=False):
-        level = self.send_level if priority is None else priority
-        self.post(SEND_COPY, level, conn, data=data)
+    def conn_send(self, conn, data, priority=None, wait=False, slot=None):
+        """slot: (seq, level) of the request of this connection the caller
+        serves (Request.conn), or None: the bytes go out in that request's
+        place, at its level or higher, so they stay ahead of its reply."""
+        if slot is None:
+            level = self.send_level if priority is None else priority
+            self.post(SEND_COPY, level, conn, data=data)
+        else:
+            seq, level = slot
+            if priority is not None and priority < level:
+                level = priority
+            self.post(SEND_COPY, level, conn, data=data, flags=seq)
         return len(data)
 
-    def conn_close(self, conn):
-        self.post(CLOSE, self.send_level, conn)
+    def conn_close(self, conn, slot=None):
+        """slot as for conn_send: close right after that request's reply."""
+        self.post(CLOSE, self.send_level, conn, flags=slot[0] if slot else 0)
 
     def conn_recv(self, conn, bufsize):
         raise TypeError("recv() is for stream handlers (mark the handler with @qstack.stream)")

@@ -32,9 +32,11 @@
  * upper bits of flags: flags = (seq << QS_SEQ_SHIFT) | QS_F_*.
  *   - SEND_BUF, SEND_COPY or DONE with a non-zero buf *complete* message seq
  *     (a DONE, no reply, counts as a completion; so does DONE|QS_F_CLOSE);
- *   - SEND_BUF/SEND_COPY with buf 0 and a graceful CLOSE are written *in
- *     seq's slot*: after the replies to the messages before seq, before
- *     seq's own reply (a handler's conn.send() while it serves seq);
+ *   - SEND_BUF/SEND_COPY with buf 0 are written *in seq's slot*: after
+ *     the replies to the messages before seq, before seq's own reply (a
+ *     handler's conn.send() while it serves seq);
+ *   - a graceful CLOSE with seq closes right after seq's reply (a handler's
+ *     conn.close() while it serves seq);
  *   - seq 0 (or a seq already completed) is unsequenced: executed at once.
  * Bytes of a message whose predecessors are not all complete are parked in
  * the stack (a copy, or the buffer reference for SEND_BUF) and written as

@@ -275,20 +275,23 @@ void qs_conn_park_clear(qs_net *net, qs_conn *c)
     c->park_tail = NULL;
 }
 
-static void park_insert(qs_conn *c, qs_park *k)
+/* Sorted by seq; a node goes after those of its seq, or before them if
+ * first (a CLOSE due right after the previous message's reply). */
+static void park_insert(qs_conn *c, qs_park *k, int first)
 {
     k->next = NULL;
     if (!c->park_head) {
         c->park_head = c->park_tail = k;
         return;
     }
-    if (c->park_tail->seq <= k->seq) {     /* the usual case: append */
+    uint64_t s = k->seq + !first;          /* go before the first node >= s */
+    if (c->park_tail->seq < s) {           /* the usual case: append */
         c->park_tail->next = k;
         c->park_tail = k;
         return;
     }
     qs_park **pp = &c->park_head;
-    while ((*pp)->seq <= k->seq)
+    while ((*pp)->seq < s)
         pp = &(*pp)->next;
     k->next = *pp;
     *pp = k;
@@ -334,7 +337,8 @@ static void unpark(qs_net *net, qs_conn *c)
  * owned by buf or heap, or borrowed: then copied).  On no memory the conn
  * is reset: better than a reply stream with a hole in it. */
 static void park(qs_net *net, qs_conn *c, uint64_t seq, int completes, int close,
-                 uint8_t *p, uint64_t len, qs_buf *buf, void *heap, int l, int64_t t_rx)
+                 uint8_t *p, uint64_t len, qs_buf *buf, void *heap, int l, int64_t t_rx,
+                 int first)
 {
     qs_park *k = calloc(1, sizeof(*k));
     if (k && p && !buf && !heap) {
@@ -363,7 +367,7 @@ static void park(qs_net *net, qs_conn *c, uint64_t seq, int completes, int close
     k->level = (int8_t)l;
     k->completes = (uint8_t)completes;
     k->close = (uint8_t)close;
-    park_insert(c, k);
+    park_insert(c, k, first);
 }
 
 static void exec_cmd(qs_net *net, const qs_cmd *cmd, int l, int64_t now, int64_t *bend)
@@ -399,8 +403,7 @@ static void exec_cmd(qs_net *net, const qs_cmd *cmd, int l, int64_t now, int64_t
     if (completes)
         c->inflight--;
     uint64_t seq = ((uint64_t)cmd->flags >> QS_SEQ_SHIFT) & QS_SEQ_MASK;
-    int ahead = QS_UNLIKELY(seq > c->tx_seq) && seq <= c->rx_seq &&
-                (op <= QS_CMD_DONE || (op == QS_CMD_CLOSE && !(cmd->flags & QS_F_ABORT)));
+    int ahead = QS_UNLIKELY(seq > c->tx_seq) && seq <= c->rx_seq && op <= QS_CMD_DONE;
     uint8_t *p = NULL;                 /* bytes to write */
     uint64_t plen = 0;
     qs_buf *pbuf = NULL;               /* their owner, if not cp/heap */
@@ -430,10 +433,13 @@ static void exec_cmd(qs_net *net, const qs_cmd *cmd, int l, int64_t now, int64_t
         }
         break;
     case QS_CMD_CLOSE:
-        if (ahead)
-            break;
         if (cmd->flags & QS_F_ABORT) {
             qs_conn_close(net, c, 1);
+            goto drop;
+        }
+        if (QS_UNLIKELY(seq >= c->tx_seq) && seq <= c->rx_seq) {
+            /* a handler serving seq closes: right after seq's reply */
+            park(net, c, seq + 1, 0, 1, NULL, 0, NULL, NULL, l, 0, 1);
             goto drop;
         }
         c->flags |= QC_CLOSING;
@@ -450,12 +456,11 @@ static void exec_cmd(qs_net *net, const qs_cmd *cmd, int l, int64_t now, int64_t
         c->notify_level = (int8_t)l;
     }
     if (ahead) {
-        int close = op == QS_CMD_CLOSE || (cmd->flags & QS_F_CLOSE);
         void *own = p && p == cp ? heap : NULL;
         if (own)
             heap = NULL;
-        park(net, c, seq, completes, close, p, plen, pbuf, own, l,
-             op <= QS_CMD_DONE ? cmd->t_rx : 0);
+        park(net, c, seq, completes, !!(cmd->flags & QS_F_CLOSE), p, plen, pbuf, own, l,
+             cmd->t_rx, 0);
         goto drop;                     /* nothing to flush yet */
     }
     int64_t sent = -1;
