@@ -834,6 +834,26 @@ def test_reply_order_close_in_slot_and_reset(cores):
     wait_for(lambda: core.stats().bufs_in_use == 0, what="parked buffers freed")
 
 
+def test_reply_order_parked_bytes_count_toward_high_water(cores):
+    """A peer pipelining behind one slow request holds parked replies: they
+    count as unsent bytes, so the conn stops being read."""
+    core = cores(kind=lib.QS_FRAME_LINE, max_message=100, out_high_water=1024)
+    (s,) = connect(core)
+    s.sendall(b"1\n2\n")
+    e1, e2 = core.events(lambda g: len(g) >= 2)
+    big = b"x" * 3000
+    core.reply_copy(e2, big, flags=e2[7])
+    wait_for(lambda: core.stats().paused_conns == 1, what="paused by parked bytes")
+    core.echo(e1, flags=e1[7])
+    assert recv_exact(s, 3002) == b"1\n" + big
+    wait_for(lambda: core.stats().paused_conns == 0, what="reading again")
+    s.sendall(b"3\n")
+    (e3,) = core.events(lambda g: len(g) >= 1)
+    core.echo(e3, flags=e3[7])
+    assert recv_exact(s, 2) == b"3\n"
+    s.close()
+
+
 def test_reply_order_completion_and_stream_unnumbered(cores):
     core = cores(kind=lib.QS_FRAME_LINE, max_message=100, reply_order=lib.QS_ORDER_COMPLETION)
     (s,) = connect(core)

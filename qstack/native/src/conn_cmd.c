@@ -202,9 +202,11 @@ void qs_conn_retry_owed(qs_net *net)
 static void after_out(qs_net *net, qs_conn *c)
 {
     uint64_t hw = net->core->cfg.out_high_water;
-    if (c->out_bytes > hw)
+    uint64_t held = c->out_bytes + c->park_bytes;   /* a pipelining peer behind one
+                                                       slow request is a non-reader too */
+    if (held > hw)
         c->flags |= QC_HIGHWATER;
-    else if ((c->flags & QC_HIGHWATER) && c->out_bytes <= hw / 2)
+    else if ((c->flags & QC_HIGHWATER) && held <= hw / 2)
         c->flags &= ~QC_HIGHWATER;
     if (!c->oq_head && (c->flags & QC_NOTIFY))
         emit_writable(net, c);
@@ -273,6 +275,7 @@ void qs_conn_park_clear(qs_net *net, qs_conn *c)
         park_free(net, k);
     }
     c->park_tail = NULL;
+    c->park_bytes = 0;
 }
 
 /* Sorted by seq; a node goes after those of its seq, or before them if
@@ -317,6 +320,7 @@ static void unpark(qs_net *net, qs_conn *c)
         c->park_head = k->next;
         if (!c->park_head)
             c->park_tail = NULL;
+        c->park_bytes -= k->len;
         int64_t sent = -1;
         if (k->p && !(c->flags & QC_CLOSING) &&
             out_append(net, c, k->p, k->len, k->buf, k->heap) == 0) {
@@ -368,6 +372,7 @@ static void park(qs_net *net, qs_conn *c, uint64_t seq, int completes, int close
     k->completes = (uint8_t)completes;
     k->close = (uint8_t)close;
     park_insert(c, k, first);
+    c->park_bytes += len;
 }
 
 static void exec_cmd(qs_net *net, const qs_cmd *cmd, int l, int64_t now, int64_t *bend)
@@ -459,9 +464,12 @@ static void exec_cmd(qs_net *net, const qs_cmd *cmd, int l, int64_t now, int64_t
         void *own = p && p == cp ? heap : NULL;
         if (own)
             heap = NULL;
+        int64_t id = c->id;
         park(net, c, seq, completes, !!(cmd->flags & QS_F_CLOSE), p, plen, pbuf, own, l,
              cmd->t_rx, 0);
-        goto drop;                     /* nothing to flush yet */
+        if (!qs_conn_lookup(net, id))
+            goto drop;                 /* reset: no memory to park */
+        goto dirty;                    /* nothing to write yet; high water next */
     }
     int64_t sent = -1;
     if (p) {
@@ -483,6 +491,7 @@ static void exec_cmd(qs_net *net, const qs_cmd *cmd, int l, int64_t now, int64_t
         if (QS_UNLIKELY(c->park_head != NULL))
             unpark(net, c);
     }
+dirty:
     if (!(c->flags & QC_DIRTY)) {
         c->flags |= QC_DIRTY;
         net->dirty[net->ndirty++] = c->id;

@@ -107,6 +107,7 @@ struct qs_conn {
     uint64_t rx_seq;               /* seq of the last message framed (0: unordered) */
     uint64_t tx_seq;               /* seq whose reply is awaited: all before it are written */
     qs_park *park_head, *park_tail;   /* parked replies, by seq, FIFO within a seq */
+    uint64_t park_bytes;           /* their bytes: count toward out_high_water */
     struct qs_conn *blk_prev, *blk_next;
     void *sock;                    /* ustack: the control block */
     qs_event pending;
