@@ -18,6 +18,10 @@
  * iteration resumes blocked conns in order while there is room.  New events
  * of a level whose list is non-empty also queue behind it (fairness).
  *
+ * Reply order.  With reply_order arrival each message event carries its
+ * number on the conn (aux = seq << QS_SEQ_SHIFT, net->seq_step 1; 0 steps
+ * and aux 0 otherwise); conn_cmd.c writes the replies in that order.
+ *
  * Conn ids.  (32-bit generation << 24) | slot: the table is indexed by slot
  * (the kernel backend's slot is the fd) and a command for a closed conn
  * (whose slot may be reused) fails the id check.
