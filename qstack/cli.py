@@ -49,6 +49,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         ("--port", "server.port", int, "TCP port (0 = any free port)"),
         ("--cores", "server.cores", int, "worker processes, one per core"),
         ("--workers", "server.workers", int, "greenlets per core"),
+        ("--reply-order", "server.reply_order", str,
+         "replies on a connection: arrival | completion"),
         ("--backend", "server.backend", str, "network stack: kernel | ustack"),
         ("--grace", "server.shutdown_grace", float, "seconds to finish requests on stop"),
         ("--framing", "app.framing", str, "raw | line | fixed:N | length:N"),

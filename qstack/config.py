@@ -31,6 +31,7 @@ PINS = ("none", "shared", "split")
 STACKS = ("auto", "thread", "inline")
 BACKENDS = ("kernel", "ustack")
 DRIVERS = ("tap", "dpdk")
+REPLY_ORDERS = ("arrival", "completion")
 IFNAMSIZ = 16           # Linux interface names: at most 15 characters
 
 
@@ -64,6 +65,7 @@ class ServerConfig:
     backend: str = "kernel"
     cores: int = 1
     workers: int = 64
+    reply_order: str = "arrival"
     backlog: int = 1024
     shutdown_grace: float = 5.0
     stats: bool = False
@@ -371,6 +373,7 @@ _SCHEMA: dict[str, dict[str, Validator]] = {
         "backend": _choice(*BACKENDS),
         "cores": _int(1, 64),
         "workers": _int(1, 100000),
+        "reply_order": _choice(*REPLY_ORDERS),
         "backlog": _int(1, 65535),
         "shutdown_grace": _float(0, 3600),
         "stats": _bool,

@@ -97,7 +97,8 @@ def _native_options(cfg, stream, stack_cpu, inline):
         max_message=app.max_message, ring_size=native.ring_size,
         cmd_ring_size=native.cmd_ring_size, buf_size=native.buf_size,
         buf_count=native.buf_count, out_high_water=native.out_high_water,
-        stream_mode=stream, stack_cpu=stack_cpu, inline=inline)
+        stream_mode=stream, stack_cpu=stack_cpu, inline=inline,
+        reply_order=cfg.server.reply_order)
 
 
 def dpdk_library():

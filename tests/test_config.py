@@ -137,6 +137,8 @@ def test_unknown_keys_at_every_level(tmp_path):
     ("server.host", 127, "server.host: expected a non-empty string"),
     ("server.host", "", "server.host"),
     ("server.backend", "dpdk", "server.backend: expected one of kernel, ustack, got 'dpdk'"),
+    ("server.reply_order", "fifo",
+     "server.reply_order: expected one of arrival, completion, got 'fifo'"),
     ("ustack.driver", "pcap", "ustack.driver: expected one of tap, dpdk, got 'pcap'"),
     ("ustack.tap", "a" * 16, "ustack.tap: expected a network interface name"),
     ("ustack.tap", "a/b", "ustack.tap"),

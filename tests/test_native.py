@@ -192,7 +192,7 @@ def test_lat_buckets():
 def make_config(levels=2, rules_=(), default_level=None, kind=lib.QS_FRAME_RAW, arg=0,
                 max_message=1 << 24, ring_size=1024, cmd_ring_size=1024, buf_size=16384,
                 buf_count=1024, out_high_water=4 << 20, stream_mode=0, stack_cpu=-1,
-                inline_stack=0):
+                inline_stack=0, reply_order=lib.QS_ORDER_ARRIVAL):
     cfg = ffi.new("qs_config *")
     cfg.levels = levels
     cfg.nrules = len(rules_)
@@ -206,6 +206,7 @@ def make_config(levels=2, rules_=(), default_level=None, kind=lib.QS_FRAME_RAW, 
     cfg.out_high_water = out_high_water
     cfg.stream_mode, cfg.stack_cpu = stream_mode, stack_cpu
     cfg.inline_stack = inline_stack
+    cfg.reply_order = reply_order
     return cfg
 
 
@@ -764,6 +765,115 @@ def test_client_reset_mid_stream(cores):
     assert recv_exact(s2, 5) == b"four\n"
     s2.close()
     wait_for(lambda: core.stats().bufs_in_use == 0, what="buffers back")
+
+
+def nothing_arrives(s, wait=0.15):
+    """No byte reaches s within wait seconds (inline cores are stepped)."""
+    pump(wait)
+    s.settimeout(0)
+    try:
+        assert s.recv(100) == b"!", "bytes arrived early"
+    except BlockingIOError:
+        pass
+    finally:
+        s.settimeout(10)
+
+
+SEQ = lib.QS_SEQ_SHIFT
+
+
+def test_reply_order_arrival(cores):
+    """aux numbers a conn's messages; replies ahead of the awaited one park
+    (copy, zero copy, DONE, an in-slot send) and leave in arrival order."""
+    core = cores(kind=lib.QS_FRAME_LINE, max_message=100)
+    (s,) = connect(core)
+    s.sendall(b"a\nb\nc\nd\ne\n")
+    evs = core.events(lambda g: len(g) >= 5)
+    assert [e[7] for e in evs] == [i << SEQ for i in range(1, 6)]
+    a, b, c, d, e = evs
+    core.reply_copy(e, b"E", flags=e[7])
+    core.submit([(lib.QS_CMD_DONE, c[1], c[2], c[3], 0, 0, 0, c[7])])  # no reply
+    core.echo(d, flags=d[7])                   # zero copy, parked with its buffer
+    core.submit([(lib.QS_CMD_SEND_COPY, b[1], b[2], 0, 0, 4, 0, b[7])], staging=b"pre2")
+    core.reply_copy(b, b"B", flags=b[7])
+    nothing_arrives(s)
+    core.echo(a, flags=a[7])
+    assert recv_exact(s, 10) == b"a\npre2Bd\nE"
+    s.sendall(b"f\n")                          # the conn carries on in order
+    (f,) = core.events(lambda g: len(g) >= 1)
+    assert f[7] == 6 << SEQ
+    core.echo(f, flags=f[7])
+    assert recv_exact(s, 2) == b"f\n"
+    s.close()
+    wait_for(lambda: core.stats().bufs_in_use == 0, what="buffers back")
+
+
+def test_reply_order_close_in_slot_and_reset(cores):
+    core = cores(kind=lib.QS_FRAME_LINE, max_message=100)
+    x, y = connect(core, 2)
+    # an error close (DONE|F_CLOSE) parked behind an earlier reply
+    x.sendall(b"1\n2\n3\n")
+    e1, e2, e3 = core.events(lambda g: len(g) >= 3)
+    core.echo(e3, flags=e3[7])
+    core.submit([(lib.QS_CMD_DONE, e2[1], e2[2], e2[3], 0, 0, 0, e2[7] | lib.QS_F_CLOSE)])
+    nothing_arrives(x)
+    core.echo(e1, flags=e1[7])
+    assert recv_exact(x, 2) == b"1\n"
+    assert recv_some(x, 10) == b""             # closed right after, 3 never sent
+    # parked replies (zero copy and copies) on a conn that is reset
+    y.sendall(b"1\n2\n3\n4\n")
+    f1, f2, f3, f4 = core.events(lambda g: len(g) >= 4)
+    core.echo(f2, flags=f2[7])
+    core.reply_copy(f3, b"three", flags=f3[7])
+    core.submit([(lib.QS_CMD_SEND_COPY, f4[1], f4[2], 0, 0, 3, 0, f4[7])], staging=b"pre")
+    y.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    y.close()                                  # RST
+    wait_for(lambda: core.stats().conns_open == 0, what="reset conn closed")
+    core.echo(f1, flags=f1[7])                 # stale
+    core.done(f4)
+    wait_for(lambda: core.stats().bufs_in_use == 0, what="parked buffers freed")
+
+
+def test_reply_order_parked_bytes_count_toward_high_water(cores):
+    """A peer pipelining behind one slow request holds parked replies: they
+    count as unsent bytes, so the conn stops being read."""
+    core = cores(kind=lib.QS_FRAME_LINE, max_message=100, out_high_water=1024)
+    (s,) = connect(core)
+    s.sendall(b"1\n2\n")
+    e1, e2 = core.events(lambda g: len(g) >= 2)
+    big = b"x" * 3000
+    core.reply_copy(e2, big, flags=e2[7])
+    wait_for(lambda: core.stats().paused_conns == 1, what="paused by parked bytes")
+    core.echo(e1, flags=e1[7])
+    assert recv_exact(s, 3002) == b"1\n" + big
+    wait_for(lambda: core.stats().paused_conns == 0, what="reading again")
+    s.sendall(b"3\n")
+    (e3,) = core.events(lambda g: len(g) >= 1)
+    core.echo(e3, flags=e3[7])
+    assert recv_exact(s, 2) == b"3\n"
+    s.close()
+
+
+def test_reply_order_completion_and_stream_unnumbered(cores):
+    core = cores(kind=lib.QS_FRAME_LINE, max_message=100, reply_order=lib.QS_ORDER_COMPLETION)
+    (s,) = connect(core)
+    s.sendall(b"a\nb\n")
+    a, b = core.events(lambda g: len(g) >= 2)
+    assert a[7] == b[7] == 0
+    core.echo(b, flags=(9 << SEQ))             # a seq is ignored here
+    assert recv_exact(s, 2) == b"b\n"
+    core.echo(a)
+    assert recv_exact(s, 2) == b"a\n"
+    s.close()
+    st = cores(kind=lib.QS_FRAME_LINE, max_message=100, stream_mode=1)
+    (s,) = connect(st)
+    s.sendall(b"a\n")
+    evs = st.events(lambda g: any(e[0] == DATA for e in g))
+    assert all(e[7] == 0 for e in evs)
+    for e in evs:
+        if e[3]:
+            st.done(e, op=lib.QS_CMD_RELEASE)
+    s.close()
 
 
 def test_half_close_message_mode(cores):

@@ -21,18 +21,25 @@ __all__ = ["Request", "Connection", "stream"]
 class Request:
     """One framed message.  Attributes: data, priority (0 is highest), conn."""
 
-    __slots__ = ("data", "priority", "conn_id", "_hub")
+    __slots__ = ("data", "priority", "conn_id", "seq", "_hub")
 
     def __init__(self, hub):
         self._hub = hub
         self.data = None
         self.priority = 0
         self.conn_id = 0
+        self.seq = 0            # the message's place on its connection (hub's business)
 
     @property
     def conn(self):
-        """The connection this request came on (to send more, or close it)."""
-        return Connection(self._hub, self.conn_id)
+        """The connection this request came on (to send more, or close it).
+
+        With ``server.reply_order: arrival`` its sends go out in this
+        request's place among the connection's replies (after the replies to
+        earlier messages, before this request's own), and close() closes
+        right after this request's reply."""
+        return Connection(self._hub, self.conn_id,
+                          (self.seq, self.priority) if self.seq else None)
 
     def __repr__(self):
         n = len(self.data) if self.data is not None else 0
@@ -47,19 +54,25 @@ class Connection:
     ``req.conn.close()`` to close after the queued replies are written.
     """
 
-    __slots__ = ("_hub", "id")
+    __slots__ = ("_hub", "id", "_slot")
 
-    def __init__(self, hub, conn_id):
+    def __init__(self, hub, conn_id, slot=None):
         self._hub = hub
         self.id = conn_id
+        self._slot = slot       # (seq, level) of the request it came from, if ordered
 
     def send(self, data, priority=None):
         """Queue all of ``data`` for sending; returns len(data)."""
-        return self._hub.conn_send(self.id, data, priority)
+        if self._slot is None:
+            return self._hub.conn_send(self.id, data, priority)
+        return self._hub.conn_send(self.id, data, priority, slot=self._slot)
 
     def sendall(self, data, priority=None):
         """Queue ``data`` and wait while too much is unsent (flow control)."""
-        self._hub.conn_send(self.id, data, priority, wait=True)
+        if self._slot is None:
+            self._hub.conn_send(self.id, data, priority, wait=True)
+        else:
+            self._hub.conn_send(self.id, data, priority, wait=True, slot=self._slot)
 
     def recv(self, bufsize=65536):
         """Stream handlers: up to ``bufsize`` bytes; b"" once the peer closed."""
@@ -67,7 +80,10 @@ class Connection:
 
     def close(self):
         """Close after everything queued so far has been written."""
-        self._hub.conn_close(self.id)
+        if self._slot is None:
+            self._hub.conn_close(self.id)
+        else:
+            self._hub.conn_close(self.id, slot=self._slot)
 
     def __eq__(self, other):
         return isinstance(other, Connection) and other.id == self.id

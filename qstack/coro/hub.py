@@ -504,6 +504,7 @@ class Hub:
             req.data = data
             req.priority = level
             req.conn_id = conn
+            req.seq = seq           # already << QS_SEQ_SHIFT: a flags word
             me.qstack_level = level
             self._busy += 1
             try:
@@ -552,15 +553,26 @@ class Hub:
 
     # -- the Connection API (message mode) ----------------------------------
 
-    def conn_send(self, conn, data, priority=None, wait=False):
-        if priority is None:
-            # a handler's extra replies go at its request's level
-            level = getattr(getcurrent(), "qstack_level", None)
+    def conn_send(self, conn, data, priority=None, wait=False, slot=None):
+        """slot: (seq, level) of the request of this connection the caller
+        serves (Request.conn), or None: the bytes go out in that request's
+        place, at its level or higher, so they stay ahead of its reply.
+        Without a slot and a priority they go at the calling handler's
+        level (the lowest outside a handler)."""
+        if priority is not None:
+            priority = self.check_level(priority)
+        if slot is None:
+            level = priority
             if level is None:
-                level = self.send_level
+                level = getattr(getcurrent(), "qstack_level", None)
+                if level is None:
+                    level = self.send_level
+            self.post(SEND_COPY, level, conn, data=data)
         else:
-            level = self.check_level(priority)
-        self.post(SEND_COPY, level, conn, data=data)
+            seq, level = slot
+            if priority is not None and priority < level:
+                level = priority
+            self.post(SEND_COPY, level, conn, data=data, flags=seq)
         return len(data)
 
     def check_level(self, priority):
@@ -572,8 +584,9 @@ class Hub:
                              f"0..{self._levels - 1} (0 is highest)")
         return priority
 
-    def conn_close(self, conn):
-        self.post(CLOSE, self.send_level, conn)
+    def conn_close(self, conn, slot=None):
+        """slot as for conn_send: close right after that request's reply."""
+        self.post(CLOSE, self.send_level, conn, flags=slot[0] if slot else 0)
 
     def conn_recv(self, conn, bufsize):
         raise TypeError("recv() is for stream handlers (mark the handler with @qstack.stream)")

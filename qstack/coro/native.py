@@ -32,6 +32,11 @@ FRAMINGS = {
     "length": lib.QS_FRAME_LENGTH,
 }
 
+REPLY_ORDERS = {
+    "arrival": lib.QS_ORDER_ARRIVAL,
+    "completion": lib.QS_ORDER_COMPLETION,
+}
+
 
 class NativeCore:
     """One qs_core: its stack thread, rings, pool and wake fd."""
@@ -40,7 +45,7 @@ class NativeCore:
                  frame_arg=0, max_message=1 << 24, ring_size=65536,
                  cmd_ring_size=65536, buf_size=16384, buf_count=8192,
                  out_high_water=4 << 20, stream_mode=False, stack_cpu=-1,
-                 inline=False, backend="kernel", net=None):
+                 inline=False, backend="kernel", net=None, reply_order="arrival"):
         cfg = ffi.new("qs_config *")
         cfg.levels = levels
         if len(rules) > lib.QS_MAX_RULES:
@@ -61,6 +66,7 @@ class NativeCore:
         cfg.buf_count = buf_count
         cfg.out_high_water = out_high_water
         cfg.stream_mode = 1 if stream_mode else 0
+        cfg.reply_order = REPLY_ORDERS[reply_order]
         cfg.stack_cpu = stack_cpu
         cfg.inline_stack = 1 if inline else 0
         if backend == "ustack":

@@ -85,3 +85,23 @@ def dial_order(req):
     finally:
         s.close()
     return b"%d %d\n" % (next(_replied), req.priority)
+
+def ordered(req):
+    """Reply order: a line b"KIND MS TAG" sleeps MS milliseconds, then by KIND:
+    s (or H, which a rule can make level 0) replies b"TAG\\n"; e replies
+    with req.data itself (zero copy); n replies None; b raises; p sends
+    b"pre TAG\\n" through req.conn first; c closes through req.conn, then
+    replies."""
+    kind, ms, tag = bytes(req.data).split()
+    if kind == b"p":
+        req.conn.send(b"pre " + tag + b"\n")
+    gevent.sleep(int(ms) / 1000.0)
+    if kind == b"n":
+        return None
+    if kind == b"b":
+        raise RuntimeError("boom requested by the test")
+    if kind == b"e":
+        return req.data
+    if kind == b"c":
+        req.conn.close()
+    return tag + b"\n"

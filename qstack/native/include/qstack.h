@@ -25,6 +25,30 @@
  * through the command ring; no lock is needed.  Memory handed to Python
  * (the slab, jumbo buffers) stays valid until qs_core_free().
  *
+ * Reply order (cfg.reply_order).  With QS_ORDER_ARRIVAL (the default, 0) the
+ * stack numbers the messages of each connection 1, 2, 3, ... and puts the
+ * number in every data event as aux = seq << QS_SEQ_SHIFT (the low 8 bits
+ * are 0).  A command names the message it belongs to the same way, in the
+ * upper bits of flags: flags = (seq << QS_SEQ_SHIFT) | QS_F_*.
+ *   - SEND_BUF, SEND_COPY or DONE with a non-zero buf *complete* message seq
+ *     (a DONE, no reply, counts as a completion; so does DONE|QS_F_CLOSE);
+ *   - SEND_BUF/SEND_COPY with buf 0 are written *in seq's slot*: after
+ *     the replies to the messages before seq, before seq's own reply (a
+ *     handler's conn.send() while it serves seq);
+ *   - a graceful CLOSE with seq closes right after seq's reply (a handler's
+ *     conn.close() while it serves seq);
+ *   - seq 0 (or a seq already completed) is unsequenced: executed at once.
+ * Bytes of a message whose predecessors are not all complete are parked in
+ * the stack (a copy, or the buffer reference for SEND_BUF) and written as
+ * soon as they are; a QS_F_CLOSE or CLOSE takes effect in its slot, so the
+ * earlier replies are written first.  Processing order is the hub's (by
+ * priority); only the bytes on the wire follow arrival order.  Closing or
+ * resetting a connection frees whatever it had parked.  With
+ * QS_ORDER_COMPLETION, and always in stream mode, aux is 0 and the seq of
+ * a command is ignored: bytes leave in the order commands run (QStack's).
+ * A data event tuple is still its own SEND_BUF command (aux = seq << 8 is a
+ * valid flags word).  seq stays below 2^53.
+ *
  * Errors: functions return -errno (negative) on failure, >= 0 on success.
  */
 
@@ -68,6 +92,11 @@
 #define QS_F_NOTIFY 1       /* emit QS_EV_WRITABLE once this conn has nothing left to send */
 #define QS_F_ABORT 2        /* with QS_CMD_CLOSE: discard queued sends, reset */
 #define QS_F_CLOSE 4        /* with a send or DONE: close gracefully afterwards */
+#define QS_SEQ_SHIFT 8      /* event aux and command flags carry seq << QS_SEQ_SHIFT */
+
+/* reply order per connection (qs_config.reply_order) */
+#define QS_ORDER_ARRIVAL 0    /* replies leave in the order their messages came */
+#define QS_ORDER_COMPLETION 1 /* replies leave as they complete (unordered) */
 
 /* One event.  Eight int64 fields so Python can read a batch with
  * struct.iter_unpack("8q", ...) without touching cffi per field. */
@@ -79,7 +108,7 @@ typedef struct qs_event {
     int64_t off;        /* DATA: offset from qs_core_slab(); BIGDATA: address */
     int64_t len;        /* message bytes */
     int64_t t_rx;       /* CLOCK_MONOTONIC ns when the message was complete */
-    int64_t aux;        /* reserved, 0 */
+    int64_t aux;        /* DATA/BIGDATA: seq << QS_SEQ_SHIFT (0: unordered), else 0 */
 } qs_event;
 
 /* One command; the same eight-int64 shape. */
@@ -91,7 +120,7 @@ typedef struct qs_cmd {
     int64_t off;        /* see the ops above */
     int64_t len;
     int64_t t_rx;       /* if non-zero, latency t_send - t_rx is recorded at `level` */
-    int64_t flags;      /* QS_F_* */
+    int64_t flags;      /* (seq << QS_SEQ_SHIFT) | QS_F_*; seq 0: unsequenced */
 } qs_cmd;
 
 /* A native priority rule, QStack's -i filter: the message byte at `offset`,
@@ -141,6 +170,7 @@ typedef struct qs_config {
     uint32_t buf_count;       /* pool buffers, allocated up front in one slab */
     uint64_t out_high_water;  /* stop reading a conn with more unsent bytes than this */
     int32_t stream_mode;      /* report ACCEPTED/EOF/CLOSED; never auto-close */
+    int32_t reply_order;      /* QS_ORDER_*; message mode only */
     int32_t stack_cpu;        /* pin the stack thread to this CPU, -1 = leave it */
     int32_t inline_stack;     /* 1: no stack thread; the hub drives the stack
                                  with qs_core_step() in its own thread */

@@ -18,6 +18,10 @@
  * iteration resumes blocked conns in order while there is room.  New events
  * of a level whose list is non-empty also queue behind it (fairness).
  *
+ * Reply order.  With reply_order arrival each message event carries its
+ * number on the conn (aux = seq << QS_SEQ_SHIFT, net->seq_step 1; 0 steps
+ * and aux 0 otherwise); conn_cmd.c writes the replies in that order.
+ *
  * Conn ids.  (32-bit generation << 24) | slot: the table is indexed by slot
  * (the kernel backend's slot is the fd) and a command for a closed conn
  * (whose slot may be reused) fails the id check.
@@ -157,6 +161,7 @@ static int rx_scan(qs_net *net, qs_conn *c, int fair)
             .off = jumbo ? (int64_t)(uintptr_t)(p + mo) : (int64_t)(p + mo - core->pool.slab),
             .len = (int64_t)ml,
             .t_rx = c->t_read,
+            .aux = (int64_t)((c->rx_seq += net->seq_step) << QS_SEQ_SHIFT),
         };
         qs_pool_ref(b);
         c->inflight++;
@@ -313,6 +318,7 @@ qs_conn *qs_conn_new(qs_net *net, int slot, void *sock)
     c->slot = slot;
     c->sock = sock;
     c->blk_on = -1;
+    c->tx_seq = 1;
     if (net->stop_read)
         c->flags |= QC_STOPREAD;
     net->conns[slot] = c;
@@ -343,6 +349,7 @@ void qs_conn_close(qs_net *net, qs_conn *c, int abort)
         qs_pool_unref(&core->pool, (qs_buf *)(uintptr_t)c->pending.buf);
     c->flags &= ~QC_PENDING;
     qs_conn_out_clear(net, c);
+    qs_conn_park_clear(net, c);
     blk_unlink(net, c);
     if (c->flags & QC_COUNTED)
         QS_SUB(core->st.paused_conns, 1);
@@ -438,6 +445,7 @@ int qs_net_init(qs_net *net, qs_core *core, const qs_conn_io *io, uint32_t slots
     memset(net, 0, sizeof(*net));
     net->core = core;
     net->io = io;
+    net->seq_step = !core->cfg.stream_mode && core->cfg.reply_order == QS_ORDER_ARRIVAL;
     for (int i = 0; i <= QS_POOL_WAIT; i++)
         net->blk[i].blk_next = net->blk[i].blk_prev = &net->blk[i];
     /* sized up front for the usual number of conns: no realloc while busy */

@@ -202,9 +202,11 @@ void qs_conn_retry_owed(qs_net *net)
 static void after_out(qs_net *net, qs_conn *c)
 {
     uint64_t hw = net->core->cfg.out_high_water;
-    if (c->out_bytes > hw)
+    uint64_t held = c->out_bytes + c->park_bytes;   /* a pipelining peer behind one
+                                                       slow request is a non-reader too */
+    if (held > hw)
         c->flags |= QC_HIGHWATER;
-    else if ((c->flags & QC_HIGHWATER) && c->out_bytes <= hw / 2)
+    else if ((c->flags & QC_HIGHWATER) && held <= hw / 2)
         c->flags &= ~QC_HIGHWATER;
     if (!c->oq_head && (c->flags & QC_NOTIFY))
         emit_writable(net, c);
@@ -241,6 +243,138 @@ void qs_net_stop_reading(qs_net *net)
     stop_read_all(net);
 }
 
+/* -- reply order (reply_order arrival; the contract is in qstack.h) --------
+ *
+ * A conn numbers its messages (rx_seq, in conn.c) and writes replies in
+ * that order: tx_seq is the message whose reply is awaited next.  The
+ * common case costs a compare: a command whose seq is not ahead of tx_seq
+ * runs as always (seq 0 is never ahead, so unordered traffic, stream mode
+ * and reply_order completion take that path too).  A command ahead of
+ * tx_seq is parked on the conn, sorted by seq, FIFO within a seq (a
+ * handler's extra sends, then its reply); when the awaited reply completes,
+ * the parked nodes that are now due are released into the out queue in
+ * order.  Parked bytes are owned (a copy, never a borrow of the byte ring,
+ * or the request's buffer reference for zero copy), so they outlive the
+ * command batch; closing the conn frees them (qs_conn_park_clear).
+ * Latency of a parked reply is recorded when it is released, so it
+ * includes the wait for its predecessors. */
+
+static void park_free(qs_net *net, qs_park *k)
+{
+    if (k->buf)
+        qs_pool_unref(&net->core->pool, k->buf);
+    free(k->heap);
+    free(k);
+}
+
+void qs_conn_park_clear(qs_net *net, qs_conn *c)
+{
+    while (c->park_head) {
+        qs_park *k = c->park_head;
+        c->park_head = k->next;
+        park_free(net, k);
+    }
+    c->park_tail = NULL;
+    c->park_bytes = 0;
+}
+
+/* Sorted by seq; a node goes after those of its seq, or before them if
+ * first (a CLOSE due right after the previous message's reply). */
+static void park_insert(qs_conn *c, qs_park *k, int first)
+{
+    k->next = NULL;
+    if (!c->park_head) {
+        c->park_head = c->park_tail = k;
+        return;
+    }
+    uint64_t s = k->seq + !first;          /* go before the first node >= s */
+    if (c->park_tail->seq < s) {           /* the usual case: append */
+        c->park_tail->next = k;
+        c->park_tail = k;
+        return;
+    }
+    qs_park **pp = &c->park_head;
+    while ((*pp)->seq < s)
+        pp = &(*pp)->next;
+    k->next = *pp;
+    *pp = k;
+}
+
+static void record_tx(qs_core *core, int l, int64_t sent, int64_t t_rx, int64_t now)
+{
+    if (sent >= 0) {
+        QS_ADD(core->st.tx_msgs[l], 1);
+        QS_ADD(core->st.tx_bytes[l], sent);
+    }
+    if (t_rx) {
+        int64_t d = now - t_rx;
+        QS_ADD(core->st.lat[l][qs_lat_bucket(d > 0 ? (uint64_t)d : 0)], 1);
+    }
+}
+
+/* Release the parked nodes that are due now that tx_seq moved on. */
+static void unpark(qs_net *net, qs_conn *c)
+{
+    qs_park *k;
+    while ((k = c->park_head) && k->seq <= c->tx_seq) {
+        c->park_head = k->next;
+        if (!c->park_head)
+            c->park_tail = NULL;
+        c->park_bytes -= k->len;
+        int64_t sent = -1;
+        if (k->p && !(c->flags & QC_CLOSING) &&
+            out_append(net, c, k->p, k->len, k->buf, k->heap) == 0) {
+            k->buf = NULL;             /* the out queue owns the bytes now */
+            k->heap = NULL;
+            sent = (int64_t)k->len;
+        }
+        record_tx(net->core, k->level, sent, k->t_rx, net->now);
+        if (k->close)
+            c->flags |= QC_CLOSING;
+        if (k->completes)
+            c->tx_seq++;
+        park_free(net, k);
+    }
+}
+
+/* Park a command that is ahead of tx_seq.  Takes over the bytes (p, len
+ * owned by buf or heap, or borrowed: then copied).  On no memory the conn
+ * is reset: better than a reply stream with a hole in it. */
+static void park(qs_net *net, qs_conn *c, uint64_t seq, int completes, int close,
+                 uint8_t *p, uint64_t len, qs_buf *buf, void *heap, int l, int64_t t_rx,
+                 int first)
+{
+    qs_park *k = calloc(1, sizeof(*k));
+    if (k && p && !buf && !heap) {
+        heap = malloc(len ? len : 1);
+        if (heap) {
+            memcpy(heap, p, len);
+            p = heap;
+        } else {
+            free(k);
+            k = NULL;
+        }
+    }
+    if (!k) {
+        if (buf)
+            qs_pool_unref(&net->core->pool, buf);
+        free(heap);                    /* owned, or NULL: the copy failed */
+        qs_conn_close(net, c, 1);
+        return;
+    }
+    k->seq = seq;
+    k->p = p;
+    k->len = len;
+    k->buf = buf;
+    k->heap = heap;
+    k->t_rx = t_rx;
+    k->level = (int8_t)l;
+    k->completes = (uint8_t)completes;
+    k->close = (uint8_t)close;
+    park_insert(c, k, first);
+    c->park_bytes += len;
+}
+
 static void exec_cmd(qs_net *net, const qs_cmd *cmd, int l, int64_t now, int64_t *bend)
 {
     qs_core *core = net->core;
@@ -270,9 +404,14 @@ static void exec_cmd(qs_net *net, const qs_cmd *cmd, int l, int64_t now, int64_t
     c = qs_conn_lookup(net, cmd->conn);
     if (!c)
         goto drop;                     /* stale: the conn is gone */
-    if (b && (op == QS_CMD_SEND_BUF || op == QS_CMD_SEND_COPY || op == QS_CMD_DONE))
+    int completes = b && (op == QS_CMD_SEND_BUF || op == QS_CMD_SEND_COPY || op == QS_CMD_DONE);
+    if (completes)
         c->inflight--;
-    int64_t sent = -1;
+    uint64_t seq = ((uint64_t)cmd->flags >> QS_SEQ_SHIFT) & QS_SEQ_MASK;
+    int ahead = QS_UNLIKELY(seq > c->tx_seq) && seq <= c->rx_seq && op <= QS_CMD_DONE;
+    uint8_t *p = NULL;                 /* bytes to write */
+    uint64_t plen = 0;
+    qs_buf *pbuf = NULL;               /* their owner, if not cp/heap */
     switch (op) {
     case QS_CMD_SEND_BUF: {
         int h = core->hdr_len;
@@ -283,25 +422,29 @@ static void exec_cmd(qs_net *net, const qs_cmd *cmd, int l, int64_t now, int64_t
         uintptr_t lo = (uintptr_t)b->data;
         if (a < lo + (uintptr_t)h || a + (uintptr_t)cmd->len > lo + b->cap)
             break;                     /* not inside the named buffer: ignore */
-        uint8_t *p = b->data + (a - lo);
+        p = b->data + (a - lo);
         if (h)                         /* the payload may have shrunk in place */
             put_header(p - h, h, (uint64_t)cmd->len);
-        if (out_append(net, c, p - h, (uint64_t)cmd->len + h, b, NULL) == 0) {
-            b = NULL;                  /* the reference moved to the out queue */
-            sent = cmd->len + h;
-        }
+        p -= h;
+        plen = (uint64_t)cmd->len + h;
+        pbuf = b;
+        b = NULL;                      /* the reference goes with the bytes */
         break;
     }
     case QS_CMD_SEND_COPY:
-        if (cmd->len > 0 && !(c->flags & QC_CLOSING) &&
-            out_append(net, c, cp, (uint64_t)cmd->len, NULL, heap) == 0) {
-            heap = NULL;
-            sent = cmd->len;
+        if (cmd->len > 0 && !(c->flags & QC_CLOSING)) {
+            p = cp;
+            plen = (uint64_t)cmd->len;
         }
         break;
     case QS_CMD_CLOSE:
         if (cmd->flags & QS_F_ABORT) {
             qs_conn_close(net, c, 1);
+            goto drop;
+        }
+        if (QS_UNLIKELY(seq >= c->tx_seq) && seq <= c->rx_seq) {
+            /* a handler serving seq closes: right after seq's reply */
+            park(net, c, seq + 1, 0, 1, NULL, 0, NULL, NULL, l, 0, 1);
             goto drop;
         }
         c->flags |= QC_CLOSING;
@@ -313,20 +456,42 @@ static void exec_cmd(qs_net *net, const qs_cmd *cmd, int l, int64_t now, int64_t
         c->flags &= ~QC_PAUSED;
         break;
     }
-    if (sent >= 0) {
-        QS_ADD(core->st.tx_msgs[l], 1);
-        QS_ADD(core->st.tx_bytes[l], sent);
-    }
-    if (cmd->t_rx && op <= QS_CMD_DONE) {
-        int64_t d = now - cmd->t_rx;
-        QS_ADD(core->st.lat[l][qs_lat_bucket(d > 0 ? (uint64_t)d : 0)], 1);
-    }
     if (cmd->flags & QS_F_NOTIFY) {
         c->flags |= QC_NOTIFY;
         c->notify_level = (int8_t)l;
     }
+    if (ahead) {
+        void *own = p && p == cp ? heap : NULL;
+        if (own)
+            heap = NULL;
+        int64_t id = c->id;
+        park(net, c, seq, completes, !!(cmd->flags & QS_F_CLOSE), p, plen, pbuf, own, l,
+             cmd->t_rx, 0);
+        if (!qs_conn_lookup(net, id))
+            goto drop;                 /* reset: no memory to park */
+        goto dirty;                    /* nothing to write yet; high water next */
+    }
+    int64_t sent = -1;
+    if (p) {
+        void *own = p == cp ? heap : NULL;
+        if (out_append(net, c, p, plen, pbuf, own) == 0) {
+            pbuf = NULL;
+            if (own)
+                heap = NULL;
+            sent = (int64_t)plen;
+        }
+    }
+    if (pbuf)
+        qs_pool_unref(&core->pool, pbuf);
+    record_tx(core, l, sent, op <= QS_CMD_DONE ? cmd->t_rx : 0, now);
     if ((cmd->flags & QS_F_CLOSE) && op <= QS_CMD_DONE)
         c->flags |= QC_CLOSING;
+    if (completes && seq == c->tx_seq) {
+        c->tx_seq++;
+        if (QS_UNLIKELY(c->park_head != NULL))
+            unpark(net, c);
+    }
+dirty:
     if (!(c->flags & QC_DIRTY)) {
         c->flags |= QC_DIRTY;
         net->dirty[net->ndirty++] = c->id;

@@ -80,6 +80,8 @@ static int config_check(const qs_config *g)
         return -EINVAL;
     if (g->stream_mode != 0 && g->stream_mode != 1)
         return -EINVAL;
+    if (g->reply_order != QS_ORDER_ARRIVAL && g->reply_order != QS_ORDER_COMPLETION)
+        return -EINVAL;
     if (g->stack_cpu < -1 || g->stack_cpu >= CPU_SETSIZE)
         return -EINVAL;
     if (g->inline_stack != 0 && g->inline_stack != 1)
@@ -329,6 +331,7 @@ int qs_core_submit(qs_core *c, const qs_cmd *cmds, int n, const uint8_t *staging
     unsigned touched = 0;
     for (i = 0; i < n; i++) {
         qs_cmd cmd = cmds[i];
+        cmd.flags &= ~QS_FI_HEAP;      /* ours alone */
         if (cmd.level < 0 || cmd.level >= levels || cmd.len < 0 ||
             (cmd.op == QS_CMD_SEND_COPY && cmd.len > 0 && !staging)) {
             if (i == 0)

@@ -73,6 +73,22 @@ typedef struct qs_out {
     void *heap;
 } qs_out;
 
+/* A reply parked until the replies to the messages before it are written
+ * (reply_order arrival, see qstack.h).  Owns its bytes like a qs_out (a
+ * buffer reference or a malloc'ed copy, never a borrow). */
+typedef struct qs_park {
+    struct qs_park *next;
+    uint64_t seq;
+    uint8_t *p;
+    uint64_t len;                  /* 0: nothing to write (DONE, CLOSE) */
+    qs_buf *buf;
+    void *heap;
+    int64_t t_rx;                  /* latency recorded when it is released */
+    int8_t level;
+    uint8_t completes;             /* the message's reply: seq is done after it */
+    uint8_t close;                 /* QS_F_CLOSE or CLOSE: close in this slot */
+} qs_park;
+
 struct qs_conn {
     int64_t id;
     int slot;                      /* index in net->conns (kernel: the fd) */
@@ -88,6 +104,10 @@ struct qs_conn {
     qs_out *oq_borrow;             /* first node borrowing the byte ring (this batch) */
     uint64_t out_bytes;
     int64_t t_read;                /* CLOCK_MONOTONIC of the last read: t_rx of its messages */
+    uint64_t rx_seq;               /* seq of the last message framed (0: unordered) */
+    uint64_t tx_seq;               /* seq whose reply is awaited: all before it are written */
+    qs_park *park_head, *park_tail;   /* parked replies, by seq, FIFO within a seq */
+    uint64_t park_bytes;           /* their bytes: count toward out_high_water */
     struct qs_conn *blk_prev, *blk_next;
     void *sock;                    /* ustack: the control block */
     qs_event pending;
@@ -114,6 +134,7 @@ struct qs_net {
     uint64_t nqueued;              /* conns with unsent bytes */
     unsigned touched;              /* event rings with unpublished events */
     int stop_read, quitting;
+    uint64_t seq_step;             /* 1: number messages (reply_order arrival), 0: don't */
     int64_t now;                   /* CLOCK_MONOTONIC of the current iteration: the only
                                       clock read on the data path (t_rx, latency) */
 };
@@ -139,6 +160,7 @@ void qs_conn_drop_all(qs_net *net);
 int qs_conn_run_commands(qs_net *net);
 void qs_conn_writable(qs_net *net, qs_conn *c);
 void qs_conn_out_clear(qs_net *net, qs_conn *c);
+void qs_conn_park_clear(qs_net *net, qs_conn *c);
 void qs_conn_retry_owed(qs_net *net);
 void qs_conn_out_cache_free(qs_net *net);
 void qs_net_stop_reading(qs_net *net);

@@ -94,8 +94,10 @@ extern const qs_backend qs_backend_kernel;
 extern const qs_backend qs_backend_ustack;
 
 /* Internal command flag: SEND_COPY payload is a malloc'ed block at `off`
- * (too big for the byte ring); the stack frees it. */
-#define QS_FI_HEAP (1LL << 40)
+ * (too big for the byte ring); the stack frees it.  Above every seq
+ * (flags >> QS_SEQ_SHIFT, masked with QS_SEQ_MASK). */
+#define QS_FI_HEAP (1LL << 62)
+#define QS_SEQ_MASK ((1ULL << 53) - 1)
 
 struct qs_core {
     qs_config cfg;
