@@ -1,45 +1,90 @@
 """Priority-ordered wake-ups: a blocked handler resumes by its request's level.
 
-gevent resumes a waiting greenlet from its hub greenlet: a socket watcher, a
-timer, ``Event.set``, ``Queue.put``, a lock release or a kill all end in
-``waiting_greenlet.switch(value)`` or ``.throw(exc)`` called while the hub
-greenlet runs (through ``Waiter.switch``, ``getcurrent().switch`` links or
-``loop.run_callback``).  gevent runs those in the order the loop found them,
-so a high-priority handler whose Redis reply arrived waits behind every
-low-priority handler woken in the same loop turn.
+gevent resumes a waiting greenlet from its hub greenlet, in the order its
+loop finds the wake-ups: a high-priority handler whose Redis reply arrived
+waits behind every low-priority handler woken in the same loop turn.  Three
+mechanisms put the high one first, none of which changes what gevent does,
+only when:
 
-:class:`Worker` is the greenlet class of the hub's workers.  While it serves a
-request (``qstack_level`` is set) a switch or throw into it *from gevent's
-hub greenlet* is not performed there but queued in a :class:`ReadyQueue`, one
-FIFO per level; the hub's scheduler (``Hub._run``, a loop callback) then
-performs the queued wake-ups highest level first, FIFO within a level.  So
-any gevent-cooperative code -- redis-py over gevent sockets, ``gevent.sleep``,
-events, queues, locks -- resumes by priority with no change to handlers.
+1. **Watcher priorities.**  Every wait on a watcher -- a socket's readiness
+   (redis-py or any library over gevent sockets), ``gevent.sleep``, anything
+   that ends in ``Hub.wait`` -- starts the watcher at the libev priority of
+   the waiting worker's level (:func:`install_wait_priorities`).  libev
+   invokes the pending watchers of one loop iteration highest priority
+   first, so the level-0 handlers whose replies came in resume before any
+   level-1 handler of the same iteration.  The lowest level keeps libev's
+   default priority, the one every other watcher has.
+2. **Urgent work first.**  A wake-up of a worker serving level L passes
+   through :meth:`Worker.switch`; before performing it, the hub runs what is
+   more urgent (``Hub.before_resume``): new work of a level above L that
+   arrived meanwhile, and queued wake-ups of levels above L.  The wake-up
+   itself then happens as gevent asked, just later.
+3. **Deferred event wake-ups.**  ``Event.set`` and ``AsyncResult.set`` wake
+   every waiter from one callback; those wake-ups consume nothing, so they
+   are safe to reorder: they are queued in a :class:`ReadyQueue`, one FIFO
+   per level, which the hub's scheduler empties highest level first.
 
-Semantics kept.  A greenlet blocked in gevent can be resumed once per wait:
-the first wake-up wins, and gevent stops the other watchers of that wait
-(e.g. the timeout's timer once the socket answered) when the greenlet runs.
-Deferred, both may be collected in the same loop turn, so a second wake-up
-for a greenlet already queued is dropped -- what gevent itself would have
-done, since the first would have run and cancelled the second.  Switches
-from anything but the hub greenlet (a greenlet switching to another
-directly) are performed at once, as are switches into a worker that is not
-serving a request (the hub's own leader/follower hand-offs).
+Why not queue every wake-up?  Because gevent's semaphores, locks and queues
+hand their resource to a waiter by switching to it and then look at their
+state again: a wake-up that did not run at once would make a semaphore wake
+every waiter for one unit (gevent asserts) and a queue hand one item to
+every getter.  Reordering those would change *who* gets the resource, not
+just when it runs; they keep gevent's FIFO order.
 
-Cost.  Nothing per request: the override runs only on wake-ups from gevent,
-and the hub turns deferral off altogether with one level (priority off then
-means gevent's own FIFO).  Greenlets a handler spawns itself (``gevent.spawn``)
-are gevent's own class and resume in gevent's order.
+A greenlet blocked in gevent is resumed once per wait: if a queued event
+wake-up is waiting for it, any later wake-up (a timeout's timer, say) is
+dropped, as gevent itself would have cancelled it once the first had run.
+Wake-ups from anything but gevent's hub greenlet, and into a worker that is
+not serving a request (the hub's own leader/follower hand-offs), are
+performed at once.  With one level (priority off) none of this is active.
+Greenlets a handler spawns itself (``gevent.spawn``) are gevent's own class
+and resume in gevent's order.
 """
 
 from collections import deque
 
+from gevent.event import AsyncResult, Event
+from gevent.hub import Hub as _GeventHub
 from greenlet import getcurrent, greenlet
 
-__all__ = ["ReadyQueue", "Worker"]
+__all__ = ["ReadyQueue", "Worker", "install_wait_priorities", "libev_priority"]
 
 _switch = greenlet.switch
 _throw = greenlet.throw
+_DEFERRABLE = (Event, AsyncResult)
+EV_MAXPRI = 2
+EV_MINPRI = -2
+
+
+def libev_priority(level, levels):
+    """The libev priority of a watcher a level-``level`` handler waits on:
+    the lowest level gets libev's default (0), each level above one more,
+    and levels above the top priority share it."""
+    return max(EV_MINPRI, min(EV_MAXPRI, levels - 1 - level))
+
+
+_priorities = None      # level -> libev priority, once installed
+_gevent_wait = _GeventHub.wait
+
+
+def _wait(hub, watcher):
+    level = getattr(getcurrent(), "qstack_level", None)
+    watcher.priority = 0 if level is None else _priorities[level]
+    return _gevent_wait(hub, watcher)
+
+
+def install_wait_priorities(levels):
+    """Make every ``Hub.wait`` start its watcher at the waiting worker's
+    priority (process-wide; idempotent).  Needs gevent's libev loop, whose
+    watchers have priorities; on another loop it does nothing and says so
+    by returning False."""
+    global _priorities
+    from gevent import get_hub
+    if not hasattr(get_hub().loop.timer(0), "priority"):
+        return False
+    _priorities = [libev_priority(level, levels) for level in range(levels)]
+    _GeventHub.wait = _wait
+    return True
 
 
 class ReadyQueue:
@@ -73,31 +118,43 @@ class ReadyQueue:
 
 
 class Worker(greenlet):
-    """A hub worker greenlet whose wake-ups from gevent go through the
+    """A hub worker greenlet whose wake-ups from gevent pass the hub's
     scheduler while it serves a request (see the module docstring)."""
 
     def __init__(self, run, parent, sched):
         super().__init__(run, parent)
         self.qstack_level = None    # the level of the request in hand, or None
-        self._sched = sched         # has .ordered, .hub_greenlet and .defer()
+        self._sched = sched         # has .ordered, .hub_greenlet, .defer(), .before_resume()
         self._queued = False        # a wake-up is waiting in the ReadyQueue
 
     def switch(self, *args, **kwargs):
-        s = self._sched
-        if self.qstack_level is not None and s.ordered and getcurrent() is s.hub_greenlet:
-            if not self._queued:
-                self._queued = True
-                s.defer(self, (_switch, args, kwargs))
-            return None
+        level = self.qstack_level
+        if level is not None:
+            s = self._sched
+            if getcurrent() is s.hub_greenlet:
+                if self._queued:
+                    return None             # an earlier wake-up is queued
+                if s.ordered:
+                    if args and isinstance(args[0], _DEFERRABLE):
+                        self._queued = True
+                        s.defer(self, (_switch, args, kwargs))
+                        return None
+                    s.before_resume(level)
+                    if self._queued:        # woken meanwhile by a queued event
+                        return None
         return _switch(self, *args, **kwargs)
 
     def throw(self, *args):
-        s = self._sched
-        if self.qstack_level is not None and s.ordered and getcurrent() is s.hub_greenlet:
-            if not self._queued:
-                self._queued = True
-                s.defer(self, (_throw, args, {}))
-            return None
+        level = self.qstack_level
+        if level is not None:
+            s = self._sched
+            if getcurrent() is s.hub_greenlet:
+                if self._queued:
+                    return None
+                if s.ordered:
+                    s.before_resume(level)
+                    if self._queued:
+                        return None
         return _throw(self, *args)
 
     def resume(self, entry):
