@@ -87,6 +87,22 @@ class Downstream:
         self.sock.close()
 
 
+def stop(pid, timeout=10.0):
+    """SIGSTOP, and wait until every thread of the process has stopped (the
+    signal is delivered asynchronously)."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout
+    while True:
+        states = []
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/stat") as f:
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+        if all(st in "tT" for st in states):
+            return
+        assert time.monotonic() < deadline, f"process {pid} did not stop: {states}"
+        time.sleep(0.005)
+
+
 @pytest.fixture
 def downstream():
     d = Downstream()
@@ -104,14 +120,11 @@ def test_high_request_answered_before_blocked_lows(serve, downstream, stack):
         s.sendall(b"L\n")
         lows.append(s)
     # the default reserve holds 16 of 64 workers back for level 0
-    try:
-        downstream.wait_for(48)
-    except AssertionError:
-        server.stop(); print(server.stderr); raise
+    assert downstream.wait_for(48) == 48
     high = server.connect()
     high.sendall(b"H\n")
     assert downstream.wait_for(49) == 49
-    os.kill(server.proc.pid, signal.SIGSTOP)
+    stop(server.proc.pid)
     try:
         downstream.release()            # lows' answers first, then the high one
         time.sleep(0.3)

@@ -78,7 +78,7 @@ from greenlet import getcurrent
 
 from .native import EVENT_SIZE, iter_events, jumbo_view, lib, ffi
 from .runqueue import RunQueue, reserve_table
-from .sched import ReadyQueue, Worker
+from .sched import EV_MAXPRI, ReadyQueue, Worker, install_wait_priorities
 
 __all__ = ["Hub"]
 
@@ -158,6 +158,13 @@ class Hub:
         self._run_scheduled = False
         self._poll_due = False
         self._stack_w = self._loop.io(core.wake_fd, 1)
+        self._next_poll = 0.0
+        if self.ordered and not core.stream:
+            if install_wait_priorities(core.levels):
+                self._stack_w.priority = EV_MAXPRI     # arrivals before wake-ups
+            else:
+                log.warning("gevent's loop has no watcher priorities (not libev): "
+                            "blocked handlers resume in gevent's order")
 
     # -- rings ------------------------------------------------------------
 
@@ -173,6 +180,7 @@ class Hub:
             self._flush()
             if step or self._hot:
                 self._poll_due = False
+                self._next_poll = monotonic() + POLL_EVERY
                 self._core_step(0)
         moved = 0
         for level, q in self._polled:
@@ -391,7 +399,9 @@ class Hub:
     _arm = _schedule_run        # a new leader: if it blocks, _run promotes
 
     def _on_stack(self):
-        """The stack's fd is readable: read it now, then dispatch by level."""
+        """The stack's fd is readable (a watcher at libev's top priority, so
+        before this loop turn's wake-ups): read it, start level-0 work now,
+        leave the rest to _run after the wake-ups."""
         if self._inline:
             self._poll_due = True
         else:
@@ -399,7 +409,31 @@ class Hub:
                 os.eventfd_read(self.core.wake_fd)
             except BlockingIOError:
                 pass
+        if not self._native_gone:
+            while self._work_top() == 0 and self._dispatch():
+                pass
         self._schedule_run()
+
+    def before_resume(self, level):
+        """sched.Worker: gevent is about to resume a worker serving a
+        level-``level`` request; first run what is more urgent -- new work
+        and queued wake-ups of higher levels.  Reads the sockets again if
+        the last look is older than POLL_EVERY."""
+        if self._native_gone:
+            return
+        if self._inline and monotonic() >= self._next_poll:
+            self._poll_due = True
+        ready = self._ready
+        while True:
+            rtop = ready.top()
+            wtop = self._work_top() if level else self._levels
+            if wtop < level and wtop < rtop and self._dispatch():
+                continue
+            if rtop < level:
+                g, entry = ready.pop(rtop)
+                g.resume(entry)
+                continue
+            return
 
     def _run(self):
         """Run what is runnable, highest level first, from gevent's hub.
@@ -414,15 +448,13 @@ class Hub:
         self._run_scheduled = False
         ready, levels = self._ready, self._levels
         inline = self._inline
-        t_poll = monotonic() + POLL_EVERY
         while True:
             rtop = ready.top()
             if self._native_gone:
                 wtop = levels
             else:
-                if inline and monotonic() >= t_poll:
+                if inline and monotonic() >= self._next_poll:
                     self._poll_due = True
-                    t_poll = monotonic() + POLL_EVERY
                 wtop = self._work_top()
             if wtop < rtop and self._dispatch():
                 continue
