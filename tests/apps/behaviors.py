@@ -68,3 +68,18 @@ def stream_upper_then_close(conn):
     data = conn.recv(100)
     conn.sendall(data.upper())
     conn.close()
+
+
+def blocking(req):
+    """b"block" sleeps 1 s *without* yielding to gevent (the whole core
+    stops); the rest echo."""
+    if bytes(req.data).startswith(b"block"):
+        import time
+        time.sleep(1.0)
+        return b"unblocked\n"
+    return req.data
+
+
+def always_fails(req):
+    """Raises on every request."""
+    raise ValueError("this handler always fails")
