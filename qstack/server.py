@@ -426,9 +426,10 @@ class _NativeErrors:
         self.core_index = core_index
         self.watches = {
             "protocol_errors": CounterWatch(
-                "protocol errors (oversized or malformed messages; each connection "
-                "was reset; peer addresses are not reported by the native layer)"),
-            "accept_errors": CounterWatch("accept errors (e.g. out of file descriptors)"),
+                "protocol errors", "oversized or malformed messages, each connection "
+                "reset (the native layer does not report peer addresses)"),
+            "accept_errors": CounterWatch(
+                "accept errors", "accept() failed, e.g. out of file descriptors"),
         }
 
     def check(self, snap, now, force=False):

@@ -127,8 +127,9 @@ class HandlerErrors:
     def _say_held(self, now, force=False):
         held, seconds = self._limit.due(now, force)
         if held:
-            log.error("%d more %s errors in the last %.0f s (only the first %d of "
-                      "each %.0f s are logged in full)", held, self._what, seconds,
+            log.error("%d more %s errors in the last %s s (only the first %d of "
+                      "each %g s are logged in full)", held, self._what,
+                      f"{seconds:.0f}" if seconds >= 9.95 else f"{seconds:.1f}",
                       self._limit.burst, self._limit.interval)
 
     def flush(self):
@@ -152,8 +153,9 @@ class CounterWatch:
     """Turns the increase of a native counter into a log line, at most once
     per ``quiet`` seconds (the first increase is said at once)."""
 
-    def __init__(self, text, quiet=INTERVAL, start=0):
-        self.text = text            # "protocol errors (...)" : what one count is
+    def __init__(self, text, detail="", quiet=INTERVAL, start=0):
+        self.text = text            # what is counted: "protocol errors"
+        self.detail = detail        # what that means, after the counts
         self.quiet = quiet
         self._said = start          # the value the last line accounted for
         self._at = None             # when that line was said
@@ -166,4 +168,5 @@ class CounterWatch:
         if not force and self._at is not None and now - self._at < self.quiet:
             return None
         new, self._said, self._at = value - self._said, value, now
-        return f"{new} new {self.text} ({value} since start)"
+        detail = f": {self.detail}" if self.detail else ""
+        return f"{new} new {self.text} ({value} since the core started){detail}"
