@@ -36,9 +36,20 @@ def stack_after(stderr, marker):
 
 # -- the watchdog --------------------------------------------------------------
 
-@pytest.mark.parametrize("stack", ["thread", "inline"])
-def test_blocking_handler_logs_one_warning_with_its_stack(serve, stack):
-    server = serve("tests.apps.behaviors:blocking", "--framing", "line", "--stack", stack)
+BLOCKERS = {
+    "thread": ("tests.apps.behaviors:blocking", "in blocking", "time.sleep(1.0)"),
+    "inline": ("tests.apps.behaviors:blocking", "in blocking", "time.sleep(1.0)"),
+    # monkey.patch_all() makes logging's locks gevent's: written directly then
+    "patched": ("tests.apps.patched:blocking_patched", "in blocking_patched",
+                "_real_sleep(1.0)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BLOCKERS))
+def test_blocking_handler_logs_one_warning_with_its_stack(serve, case):
+    app, func, line = BLOCKERS[case]
+    stack = "inline" if case == "inline" else "thread"
+    server = serve(app, "--framing", "line", "--stack", stack)
     time.sleep(0.4)                         # an idle hub is not a blocked one
     with server.connect() as s:
         s.sendall(b"block\n")
@@ -51,7 +62,8 @@ def test_blocking_handler_logs_one_warning_with_its_stack(serve, stack):
     err = server.stderr
     assert err.count(BLOCKED) == 1, err
     stack = stack_after(err, BLOCKED)
-    assert "in blocking" in stack and "time.sleep(1.0)" in stack, err
+    assert func in stack and line in stack, err
+    assert re.search(r"\] WARNING core 0: the hub has not come back for [\d.]+ s", err)
     assert "1 hub blocks" in err
     assert re.search(r"INFO core 0: the hub is back after about (0\.9|1\.)\d* s", err), err
 
@@ -69,6 +81,28 @@ def test_cooperative_waits_and_turning_it_off_say_nothing(serve):
         assert server.stop() == 0
         assert BLOCKED not in server.stderr, server.stderr
         assert "0 hub blocks" in server.stderr
+
+
+def test_watchdog_in_process_idle_then_blocked_once(caplog):
+    from qstack.coro.watchdog import BlockWatchdog
+
+    def busy_here():
+        time.sleep(0.3)
+
+    gevent.sleep(0)                         # gevent's hub is running
+    with caplog.at_level(logging.INFO, logger="qstack"):
+        wd = BlockWatchdog(gevent.get_hub().loop, 0.05, "test").start()
+        try:
+            gevent.sleep(0.3)               # idle in the loop: not blocked
+            busy_here()
+            gevent.sleep(0.2)               # the loop turns again
+        finally:
+            wd.stop()
+    said = [r.getMessage() for r in caplog.records]
+    blocked = [m for m in said if BLOCKED in m]
+    assert len(blocked) == 1 and "in busy_here" in blocked[0], said
+    assert wd.blocks == 1
+    assert any("the hub is back after about 0.3" in m for m in said), said
 
 
 # -- handler errors --------------------------------------------------------------

@@ -107,7 +107,10 @@ class HandlerErrors:
         self._say_held(now)
         if not self._limit.hit(now):
             if self._timer is None:
-                self._timer = self._loop.timer(self._limit.ends_in(now) + 0.001)
+                # libev's clock is cached since its last poll: refresh it, or
+                # the timer fires early (the count is then said early: fine).
+                self._loop.update_now()
+                self._timer = self._loop.timer(self._limit.ends_in(now) + 0.01)
                 self._timer.start(self._on_timer)
             return
         rtype = reply_type(exc)
@@ -122,7 +125,7 @@ class HandlerErrors:
     def _on_timer(self):
         self._timer.close()
         self._timer = None
-        self._say_held(self._clock())
+        self._say_held(self._clock(), force=True)
 
     def _say_held(self, now, force=False):
         held, seconds = self._limit.due(now, force)

@@ -28,6 +28,12 @@ requests without switching greenlets:
   is never reported; one is reported at most ``threshold + threshold / 2``
   after it began.
 
+Logging from a thread is safe while logging's locks are real ones.  An app
+that calls ``gevent.monkey.patch_all()`` swaps them for gevent's, which a
+foreign thread must not wait on: then the lines are formatted by the
+handlers' own formatters and written to their streams' file descriptors
+directly, as gevent's own monitor writes to its stream.
+
 Limits.  The thread needs the GIL: a handler blocked in C code that holds
 it (a C extension that does not release it) cannot be reported until it
 returns.  Sampling takes the GIL from a busy hub about 40 times a second for
@@ -35,12 +41,13 @@ a few microseconds.  Blocking the *stack* thread is not watched here.
 """
 
 import logging
+import os
 import sys
 import time
 import traceback
 
 from gevent.hub import Hub as _GeventHub
-from gevent.monkey import get_original
+from gevent.monkey import get_original, is_module_patched
 
 __all__ = ["BlockWatchdog"]
 
@@ -97,8 +104,8 @@ class BlockWatchdog:
             now, turns = clock(), read()
             if turns != last:
                 if said is not None:
-                    log.info("%s: the hub is back after about %.2f s", self.label,
-                             now - said)
+                    _emit(logging.INFO, "%s: the hub is back after about %.2f s",
+                          self.label, now - said)
                 last, since, said = turns, now, None
                 continue
             if said is not None:
@@ -115,6 +122,28 @@ class BlockWatchdog:
 
     def _say(self, frame, seconds):
         stack = traceback.format_stack(frame)[-STACK_LIMIT:]
-        log.warning("%s: the hub has not come back for %.3f s (server.block_warning "
-                    "is %g s); blocked in:\n%s", self.label, seconds, self.threshold,
-                    "".join(stack).rstrip("\n"))
+        _emit(logging.WARNING, "%s: the hub has not come back for %.3f s "
+              "(server.block_warning is %g s); blocked in:\n%s", self.label, seconds,
+              self.threshold, "".join(stack).rstrip("\n"))
+
+
+def _emit(level, msg, *args):
+    """log.log(level, ...) from the watchdog's thread (see the module essay)."""
+    if not log.isEnabledFor(level):
+        return
+    if not is_module_patched("threading"):
+        log.log(level, msg, *args)
+        return
+    record = log.makeRecord(log.name, level, __file__, 0, msg, args, None)
+    logger = log
+    while logger is not None:
+        for h in logger.handlers:
+            stream = getattr(h, "stream", None)
+            if stream is None or level < h.level:
+                continue
+            try:
+                stream.flush()
+                os.write(stream.fileno(), (h.format(record) + "\n").encode(errors="replace"))
+            except (OSError, ValueError, AttributeError):
+                pass                    # not a file (a test's capture): skip it
+        logger = logger.parent if logger.propagate else None
