@@ -53,6 +53,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
          "replies on a connection: arrival | completion"),
         ("--backend", "server.backend", str, "network stack: kernel | ustack"),
         ("--grace", "server.shutdown_grace", float, "seconds to finish requests on stop"),
+        ("--block-warning", "server.block_warning", float,
+         "log a handler's stack when it blocks the hub this long (0 = off)"),
         ("--framing", "app.framing", str, "raw | line | fixed:N | length:N"),
         ("--levels", "priority.levels", int, "number of priority levels"),
         ("--reserve", "priority.reserve", _int_list,

@@ -70,6 +70,7 @@ class ServerConfig:
     shutdown_grace: float = 5.0
     stats: bool = False
     stats_interval: float = 1.0
+    block_warning: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -378,6 +379,7 @@ _SCHEMA: dict[str, dict[str, Validator]] = {
         "shutdown_grace": _float(0, 3600),
         "stats": _bool,
         "stats_interval": _float(0.1, 3600),
+        "block_warning": _float(0, 3600),
     },
     "app": {
         "handler": _optional(_spec),

@@ -145,7 +145,7 @@ def _ustack_error(cfg, exc):
     return ConfigError(f"ustack: {why or exc.strerror or exc}")
 
 
-def snapshot(core_index, hub):
+def snapshot(core_index, hub, watchdog=None):
     """This core's counters in the shape qstack.stats expects."""
     st = hub.core.stats()
     cpu_stack = st.stack_cpu_ns / 1e9
@@ -166,6 +166,9 @@ def snapshot(core_index, hub):
             "accepted": st.conns_accepted, "bufs_in_use": st.bufs_in_use,
             "bufs_total": st.bufs_total, "cpu_stack": cpu_stack,
             "cpu_hub": cpu_hub, "errors": hub.errors,
+            "protocol_errors": st.protocol_errors, "accept_errors": st.accept_errors,
+            "paused_conns": st.paused_conns,
+            "hub_blocks": watchdog.blocks if watchdog is not None else 0,
             "levels": levels, **_net_gauges(st), **_app_counters()}
 
 
@@ -215,6 +218,7 @@ def serve(cfg, handler, core_index=0, stats_fd=None, listen_fd=None):
     from .app.loader import load_callable
     from .coro import Hub, StreamHub
     from .coro.native import NativeCore, lib
+    from .coro.watchdog import BlockWatchdog
     from .layout import plan, stack_inline
 
     # Until the handlers below are in place a SIGHUP would kill the core
@@ -253,6 +257,12 @@ def serve(cfg, handler, core_index=0, stats_fd=None, listen_fd=None):
                    make_connection=Connection, reserve=cfg.priority.reserve)
     core.start()
     hub.start()
+    watchdog = None
+    if srv.block_warning > 0:
+        # The core flushing its last replies at stop waits on purpose.
+        watchdog = BlockWatchdog(gevent.get_hub().loop, srv.block_warning,
+                                 f"core {core_index}",
+                                 quiet=(NativeCore.shutdown.__code__,)).start()
     log.info("core %d serving %s (%s handler, %d workers, %s stack, pid %d)",
              core_index, where, "stream" if stream else "message",
              srv.workers, "inline" if inline else "threaded", os.getpid())
@@ -327,18 +337,28 @@ def serve(cfg, handler, core_index=0, stats_fd=None, listen_fd=None):
     reporter = None
     if stats_fd is not None or srv.stats:
         reporter = gevent.spawn(_report_stats, core_index, hub, stats_fd,
-                                srv.stats_interval)
+                                srv.stats_interval, watchdog)
+    native_errors = _NativeErrors(core_index)
+    teller = gevent.spawn(_tell_native_errors, hub, native_errors)
     done.wait()
+    teller.kill()
     if reporter is not None:
         reporter.kill()
-    final = snapshot(core_index, hub)
+    if watchdog is not None:
+        watchdog.stop()
+    if getattr(hub, "said", None) is not None:
+        hub.said.flush()            # handler errors not yet said in full
+    final = snapshot(core_index, hub, watchdog)
     final["dropped"] = dropped[0]
+    native_errors.check(final, time.monotonic(), force=True)
     if stats_fd is not None:
         _write_line(stats_fd, final)
-    log.info("core %d stopped: %d requests, %d handler errors, buffers in use %d, "
+    log.info("core %d stopped: %d requests, %d handler errors, %d protocol errors, "
+             "%d accept errors, %d paused connections, %d hub blocks, buffers in use %d, "
              "cpu stack %.3fs hub %.3fs", core_index,
              sum(lv["requests"] for lv in final["levels"]), hub.errors,
-             final["bufs_in_use"], final["cpu_stack"],
+             final["protocol_errors"], final["accept_errors"], final["paused_conns"],
+             final["hub_blocks"], final["bufs_in_use"], final["cpu_stack"],
              final["cpu_hub"])
     if final.get("net"):
         net = final["net"]
@@ -378,7 +398,7 @@ def _write_line(fd, snap):
         pass                          # the supervisor is gone; keep serving
 
 
-def _report_stats(core_index, hub, stats_fd, interval):
+def _report_stats(core_index, hub, stats_fd, interval, watchdog=None):
     import gevent
 
     from .stats import StatsView
@@ -386,9 +406,45 @@ def _report_stats(core_index, hub, stats_fd, interval):
     view = StatsView()
     while True:
         gevent.sleep(interval)
-        snap = snapshot(core_index, hub)
+        snap = snapshot(core_index, hub, watchdog)
         if stats_fd is not None:
             _write_line(stats_fd, snap)
         else:
             for line in view.update([snap]):
                 print(line, flush=True)
+
+
+NATIVE_ERRORS_EVERY = 1.0   # seconds between checks of the native error counters
+
+
+class _NativeErrors:
+    """Says, at warning level and rate-limited, the errors the native layer
+    only counts (it cannot log: no C thread takes the GIL).  The native layer
+    does not report the peer's address with them (yet), so neither can we."""
+
+    def __init__(self, core_index):
+        from .coro.errlog import CounterWatch
+        self.core_index = core_index
+        self.watches = {
+            "protocol_errors": CounterWatch(
+                "protocol errors", "oversized or malformed messages, each connection "
+                "reset (the native layer does not report peer addresses)"),
+            "accept_errors": CounterWatch(
+                "accept errors", "accept() failed, e.g. out of file descriptors"),
+        }
+
+    def check(self, snap, now, force=False):
+        for name, watch in self.watches.items():
+            line = watch.update(snap.get(name, 0), now, force)
+            if line:
+                log.warning("core %d: %s", self.core_index, line)
+
+
+def _tell_native_errors(hub, native_errors):
+    import gevent
+
+    while True:
+        gevent.sleep(NATIVE_ERRORS_EVERY)
+        st = hub.core.stats()
+        native_errors.check({"protocol_errors": st.protocol_errors,
+                             "accept_errors": st.accept_errors}, time.monotonic())

@@ -9,9 +9,19 @@ Snapshot (a plain dict, so it can travel as one JSON line over a pipe)::
 
     {"core": 0, "t": <monotonic s>, "conns": open, "accepted": cumulative,
      "bufs_in_use": n, "bufs_total": n, "cpu_stack": s, "cpu_hub": s,
+     "errors": handler errors, "protocol_errors", "accept_errors",
+     "hub_blocks": cumulative, "paused_conns": current,
      "levels": [{"requests", "bytes_in", "bytes_out", "replies": cumulative,
                  "queued": current depth, "lat": [328 cumulative counts]}],
      "counters": {name: [cumulative count per level]}}   # only if the app counted
+
+Errors are shown as totals since the core started, always (a zero is news
+too): ``paused 0  protocol_errors 2 accept_errors 0 handler_errors 5
+hub_blocks 1`` -- connections not read right now because their level's
+queue is full, frames the native layer refused (each reset its connection),
+failed accept() calls, handlers that raised or returned a bad reply, and
+times a handler kept the hub from running for longer than
+server.block_warning.
 
 App counters (qstack.count) are shown as totals since the core started, and
 only those with a non-zero level: ``redis_errors L0 3 L1 12``.
@@ -115,6 +125,7 @@ class _Interval:
         self.lat = [[0] * QS_LAT_BUCKETS for _ in range(nlevels)]
         self.counters: dict[str, list[int]] = {}
         self.net: dict[str, int] | None = None   # the user-space stack's gauges
+        self.faults = dict.fromkeys(FAULTS, 0)   # errors (totals) and paused conns
 
     def add(self, other: "_Interval") -> None:
         """Sum another core into this one (rates add, histograms merge)."""
@@ -125,6 +136,8 @@ class _Interval:
         self.bufs_total += other.bufs_total
         self.cpu_stack = plus(self.cpu_stack, other.cpu_stack)
         self.cpu_hub = plus(self.cpu_hub, other.cpu_hub)
+        for name in FAULTS:
+            self.faults[name] += other.faults[name]
         for lv in range(min(len(self.queued), len(other.queued))):
             self.req_rate[lv] = plus(self.req_rate[lv], other.req_rate[lv])
             self.byte_rate[lv] = plus(self.byte_rate[lv], other.byte_rate[lv])
@@ -151,7 +164,19 @@ class _Interval:
         return (f"{label:<6}  conns {self.conns}  " + " | ".join(parts) +
                 f"  bufs {self.bufs_in_use}/{self.bufs_total}"
                 f"  cpu stack {_pct(self.cpu_stack)} hub {_pct(self.cpu_hub)}" +
-                format_net(self.net) + format_counters(self.counters, len(self.queued)))
+                format_faults(self.faults) + format_net(self.net) + format_counters(self.counters, len(self.queued)))
+
+
+# snapshot key -> the name a stats line shows
+FAULTS = {"paused_conns": "paused", "protocol_errors": "protocol_errors",
+          "accept_errors": "accept_errors", "errors": "handler_errors",
+          "hub_blocks": "hub_blocks"}
+
+
+def format_faults(faults: dict) -> str:
+    """``"  paused 0  protocol_errors 0 accept_errors 0 handler_errors 0 hub_blocks 0"``."""
+    shown = [f"{FAULTS[k]} {faults.get(k, 0)}" for k in FAULTS]
+    return "  " + shown[0] + "  " + " ".join(shown[1:])
 
 
 def format_net(net: dict | None) -> str:
@@ -191,6 +216,7 @@ def _interval(prev: dict | None, cur: dict) -> _Interval:
     iv.queued = [lv["queued"] for lv in levels]
     iv.counters = {name: list(v) for name, v in cur.get("counters", {}).items()}
     iv.net = cur.get("net")
+    iv.faults = {name: cur.get(name, 0) for name in FAULTS}
     if prev is None or _went_back(prev, cur):
         return iv  # no baseline: gauges only
     dt = cur["t"] - prev["t"]

@@ -90,10 +90,14 @@ def snap(core, t, requests, lat_values, conns=10, queued=(0, 0), cpu=(0.0, 0.0),
             "cpu_hub": cpu[1], "levels": levels}
 
 
+NO_FAULTS = "  paused 0  protocol_errors 0 accept_errors 0 handler_errors 0 hub_blocks 0"
+
+
 def test_first_snapshot_shows_gauges_only():
     lines = StatsView().update([snap(0, 10.0, (5, 5), ([], []), queued=(3, 4))])
     assert lines == ["core 0  conns 10  L0 - req/s - MB/s q 3 p50 - p99 - | "
-                     "L1 - req/s - MB/s q 4 p50 - p99 -  bufs 12/8192  cpu stack - hub -"]
+                     "L1 - req/s - MB/s q 4 p50 - p99 -  bufs 12/8192  cpu stack - hub -"
+                     + NO_FAULTS]
 
 
 def test_interval_rates_and_latency():
@@ -103,7 +107,7 @@ def test_interval_rates_and_latency():
                               cpu=(0.76, 1.22), nbytes=3_300_000, conns=1000)])
     assert lines == ["core 0  conns 1000  L0 51.2k req/s 3.3 MB/s q 0 p50 45us p99 45us | "
                      "L1 5 req/s 3.3 MB/s q 0 p50 - p99 -  bufs 12/8192  "
-                     "cpu stack 38% hub 61%"]
+                     "cpu stack 38% hub 61%" + NO_FAULTS]
 
 
 def test_latency_is_over_the_interval_only():
@@ -148,3 +152,15 @@ def test_any_number_of_levels(levels):
     s["levels"] = [dict(s["levels"][0]) for _ in range(levels)]
     line = StatsView().update([s])[0]
     assert line.count(" req/s") == levels
+
+
+def test_errors_and_paused_conns_are_totals_summed_over_cores():
+    view = StatsView()
+    a = {**snap(0, 0.0, (0, 0), ([], [])), "protocol_errors": 2, "accept_errors": 1,
+         "errors": 7, "hub_blocks": 1, "paused_conns": 3}
+    b = {**snap(1, 0.0, (0, 0), ([], [])), "protocol_errors": 5, "paused_conns": 1}
+    lines = view.update([a, b])
+    assert lines[0].endswith("  paused 3  protocol_errors 2 accept_errors 1 "
+                             "handler_errors 7 hub_blocks 1")
+    assert lines[2].endswith("  paused 4  protocol_errors 7 accept_errors 1 "
+                             "handler_errors 7 hub_blocks 1")

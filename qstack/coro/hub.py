@@ -76,6 +76,7 @@ import gevent
 from gevent import get_hub
 from greenlet import getcurrent
 
+from .errlog import handler_failed
 from .native import EVENT_SIZE, iter_events, jumbo_view, lib, ffi
 from .runqueue import RunQueue, reserve_table
 from .sched import EV_MAXPRI, ReadyQueue, Worker, install_wait_priorities
@@ -578,10 +579,7 @@ class Hub:
 
     def _handler_failed(self, conn, exc):
         self.errors += 1
-        if isinstance(exc, TypeError) and "bytearray" in str(exc):
-            log.error("handler returned a non-bytes reply; closing connection %#x", conn)
-        else:
-            log.exception("handler raised; closing connection %#x", conn)
+        handler_failed(self, conn, exc)     # rate-limited; names a bad reply's type
 
     # -- the Connection API (message mode) ----------------------------------
 

@@ -17,6 +17,7 @@ from collections import deque
 
 from greenlet import getcurrent, greenlet
 
+from .errlog import handler_failed
 from .hub import CLOSE, EV_DATA, EV_BIGDATA, RELEASE, SEND_COPY, Hub
 from .native import EVENT_SIZE, iter_events, lib
 
@@ -125,9 +126,9 @@ class StreamHub(Hub):
     def _serve(self, st):
         try:
             self._handler(self._make_connection(self, st.id))
-        except Exception:
+        except Exception as exc:
             self.errors += 1
-            log.exception("stream handler raised; closing connection %#x", st.id)
+            handler_failed(self, st.id, exc, "stream handler")
         finally:
             self._workers.discard(getcurrent())
             self._streams.pop(st.id, None)

@@ -105,3 +105,18 @@ def ordered(req):
     if kind == b"c":
         req.conn.close()
     return tag + b"\n"
+
+
+def blocking(req):
+    """b"block" sleeps 1 s *without* yielding to gevent (the whole core
+    stops); the rest echo."""
+    if bytes(req.data).startswith(b"block"):
+        import time
+        time.sleep(1.0)
+        return b"unblocked\n"
+    return req.data
+
+
+def always_fails(req):
+    """Raises on every request."""
+    raise ValueError("this handler always fails")
