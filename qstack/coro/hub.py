@@ -447,6 +447,11 @@ class Hub:
         stack is told to write the eventfd when events come.
         """
         self._run_scheduled = False
+        if self._leader is not None and not self._parked:
+            # The leader blocked inside its handler: the rings need another
+            # dispatcher, now or as soon as work comes (it leads again, and
+            # re-arms, if nobody else does by the time its handler returns).
+            self._leader = None
         ready, levels = self._ready, self._levels
         inline = self._inline
         while True:
