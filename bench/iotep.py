@@ -181,6 +181,44 @@ def median_summary(runs):
     return out
 
 
+def plot(docs, args, path):
+    """Request latency CDFs of every round, on (red) against off (blue)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from qstack.loadgen.hist import Histogram
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = {"on": "tab:red", "off": "tab:blue"}
+    labelled = set()
+    for d in docs:
+        mode = d["mode"]
+        if mode not in colors:
+            continue
+        h = Histogram.from_json(d["doc"]["histograms"]["high"])
+        pts = h.cdf_points()
+        if not pts:
+            continue
+        label = None
+        if mode not in labelled:
+            labelled.add(mode)
+            label = "priority on" if mode == "on" else "priority off (--levels 1)"
+        ax.step([max(v, 1) / 1e6 for v, _ in pts], [f for _, f in pts], where="post",
+                color=colors[mode], alpha=0.8, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("request latency (ms, from intended send time)")
+    ax.set_ylabel("cumulative fraction")
+    ax.set_ylim(0, 1.01)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(f"iotepserver: {args.connections:,} connections, bursts of "
+                 f"{args.burst:,}, {args.ratio:.0%} requests; {args.rounds} round(s)",
+                 fontsize=10)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--connections", type=int, default=20000)
@@ -207,6 +245,12 @@ def main():
     ap.add_argument("--json", metavar="FILE", default=os.path.join(RESULTS, "iotep.json"))
     ap.add_argument("--quick", action="store_true",
                     help="a smoke run: 2,000 connections, 5 s window")
+    ap.add_argument("--plot", metavar="PNG",
+                    help="draw the request latency CDFs, on against off (all rounds)")
+    ap.add_argument("--floor", action="store_true",
+                    help="also measure the requests' own cost: requests only "
+                         "(1,000 connections, 200/s, priority on), in bursts of "
+                         "10 and of 100")
     args = ap.parse_args()
     if args.quick:
         args.connections, args.setup, args.wait, args.warmup, args.duration = \
@@ -225,7 +269,16 @@ def main():
                    cwd=h.REPO, check=True)
     runs = {mode: [] for mode, _ in MODES}
     docs = []
+    floors = []
     try:
+        if args.floor:
+            for burst in (10, 100):
+                fl = argparse.Namespace(**{**vars(args), "connections": 1000, "ratio": 1.0,
+                                           "burst": burst, "setup": 2.0})
+                doc = run_one(fl, f"floor-b{burst}", [], 0, conf, cpus)
+                docs.append({"mode": f"floor-b{burst}", "round": 0, "doc": doc})
+                floors.append((f"requests only, bursts of {burst}", summary(doc)))
+                print(f"[floor b{burst}] " + json.dumps(floors[-1][1]), flush=True)
         for rnd in range(args.rounds):
             order = MODES if rnd % 2 == 0 else MODES[::-1]
             for mode, extra in order:
@@ -251,6 +304,13 @@ def main():
     on, off = dict(rows)["on"]["p99"], dict(rows)["off"]["p99"]
     if on and off:
         print(f"\nrequest p99, priority off / on: {off / on:.1f}x")
+    if floors:
+        print("\nThe floor: the requests' own cost, no heartbeats (1,000 connections, "
+              "200 requests/s, priority on):\n")
+        print(table(floors))
+    if args.plot:
+        plot(docs, args, args.plot)
+        print(f"plot: {os.path.relpath(args.plot, h.REPO)}")
     with open(args.json, "w") as f:
         json.dump({"args": vars(args), "rows": dict(rows), "runs": docs}, f, indent=1)
     print(f"raw documents: {os.path.relpath(args.json, h.REPO)}")

@@ -224,3 +224,22 @@ def test_bad_send_priority_raises_in_the_handler(hub):
     assert seen == ["ValueError", "ValueError", "TypeError", "TypeError", "TypeError"]
     sent = [(s.data, s.level) for s in core.sent if s.op == lib.QS_CMD_SEND_COPY]
     assert sent == [(b"extra", 0), (b"ok", 0)]
+
+
+def test_a_worker_coming_free_lets_the_waiting_level_start(hub):
+    """Capacity freed by a handler that wakes from a timer (not an event the
+    scheduler queues) still starts the request waiting for it."""
+    core = FakeCore()
+    log = []
+
+    def handler(req):
+        log.append(bytes(req.data))
+        gevent.sleep(0.01)
+        return b"ok"
+
+    hub(core, handler, workers=3, reserve=[1])     # the third worker leads, parked
+    for i in range(3):
+        core.arrive(10 + i, b"low%d" % i, 1)
+    gevent.sleep(0.1)
+    assert log == [b"low0", b"low1", b"low2"]
+    assert len(core.replies()) == 3

@@ -572,9 +572,10 @@ class Hub:
                 except BufferError:
                     pass                # the handler still exports it
             if self._leader is not me:
-                # We blocked and a follower took over; it may be parked, so
-                # our reply must not wait for its next batch.
-                self._schedule_flush()
+                # We blocked and a follower took over; it may be parked (for
+                # work, or for the worker we just freed), so the scheduler
+                # runs: it flushes our reply and dispatches what now may start.
+                self._schedule_run()
                 return
             handled += 1
             if handled >= YIELD_EVERY:

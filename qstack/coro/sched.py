@@ -82,7 +82,8 @@ def install_wait_priorities(levels):
     from gevent import get_hub
     if not hasattr(get_hub().loop.timer(0), "priority"):
         return False
-    _priorities = [libev_priority(level, levels) for level in range(levels)]
+    # every level a greenlet may carry (one past the configured ones too)
+    _priorities = [libev_priority(min(level, levels - 1), levels) for level in range(64)]
     _GeventHub.wait = _wait
     return True
 
