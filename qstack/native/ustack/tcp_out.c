@@ -82,7 +82,9 @@ static int emit(qs_ustack *s, uint32_t laddr, uint16_t lport, uint32_t raddr, ui
                 uint32_t optlen, const qs_tcb *from, uint32_t at, uint32_t len, uint8_t prio,
                 int64_t now)
 {
-    qs_mbuf *m = qs_mbuf_alloc(&s->pool);
+    /* data frames leave half the reserve to received frames and to
+     * ACKs and RSTs (tcp_mem.c); the retransmission timer tries again */
+    qs_mbuf *m = !len || qs_mem_may_send_data(s) ? qs_mbuf_alloc(&s->pool) : NULL;
     if (!m) {
         s->st.tcp_no_mem++;
         return -ENOBUFS;
