@@ -31,10 +31,11 @@
  *   a full send buffer); a refused out-of-order segment is dropped (the
  *   peer sends it again).
  * - to keep in a receive queue (in-order data): bounded per connection by
- *   the window we offered, and refused only by rule 3.  Refusing it because
- *   the connection's send queue is big would deadlock two such peers, each
- *   waiting for the other's ACK.  A refused segment is dropped
- *   unacknowledged; the peer sends it again.
+ *   the window we offered; refused by rule 3, and by rule 2 counted on the
+ *   receive queue alone (conn_share segments of unread data), while the
+ *   window offered stops growing past that share.  Counting the send queue
+ *   here would deadlock two such peers, each waiting for the other's ACK.
+ *   A refused segment is dropped unacknowledged; the peer sends it again.
 
  * Out-of-order data is the one thing we may take back: it was never
  * acknowledged, only SACKed, and RFC 2018 (section 8) lets a receiver
@@ -103,14 +104,32 @@ int qs_mem_may_hold(qs_ustack *s, qs_tcb *t, int64_t now)
     return 0;
 }
 
-int qs_mem_may_receive(qs_ustack *s, int64_t now)
+static int rcv_allowed(const qs_ustack *s, const qs_tcb *t)
 {
-    if (QS_LIKELY(qs_mpool_avail(&s->pool) > s->mem_reserve))
+    uint32_t avail = qs_mpool_avail(&s->pool);
+    return avail > s->mem_reserve &&
+           (avail >= s->mem_tight || t->rcvq_len < s->mem_share * (uint32_t)s->cfg.mss);
+}
+
+int qs_mem_may_receive(qs_ustack *s, qs_tcb *t, int64_t now)
+{
+    if (QS_LIKELY(rcv_allowed(s, t)))
         return 1;
-    if (prune_once(s, now) && qs_mpool_avail(&s->pool) > s->mem_reserve)
+    if (prune_once(s, now) && rcv_allowed(s, t))
         return 1;
     s->st.mem_refused++;
     return 0;
+}
+
+/* While the pool is tight the window we offer stops growing past the
+ * share (the right edge never moves left: tcp_out.c), so a peer whose
+ * application does not read is told to wait instead of being dropped. */
+uint32_t qs_mem_rcv_room(const qs_ustack *s, const qs_tcb *t)
+{
+    if (qs_mpool_avail(&s->pool) >= s->mem_tight)
+        return UINT32_MAX;
+    uint32_t share = s->mem_share * (uint32_t)s->cfg.mss;
+    return share > t->rcvq_len ? share - t->rcvq_len : 0;
 }
 
 uint32_t qs_mem_room(const qs_ustack *s, const qs_tcb *t)

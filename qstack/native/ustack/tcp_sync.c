@@ -256,7 +256,7 @@ static void data_in(qs_ustack *s, qs_tcb *t, const qs_tcp_seg *g, qs_mbuf *m, in
         t->flags |= QT_ACK_NOW;                   /* RFC 5681 4.2: a duplicate ACK now */
         return;
     }
-    if (!fits_tail(t, m) && !qs_mem_may_receive(s, now)) {
+    if (!fits_tail(t, m) && !qs_mem_may_receive(s, t, now)) {
         /* the pool keeps its reserve (tcp_mem.c): drop it unacknowledged,
          * the peer sends it again */
         *fin_ok = 0;

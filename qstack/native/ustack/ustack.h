@@ -372,7 +372,8 @@ qs_listener *qs_tcp_listener(qs_ustack *s, uint16_t port);
 /* tcp_mem.c: who may keep pool buffers in its queues, and how many */
 void qs_mem_init(qs_ustack *s);
 int qs_mem_may_hold(qs_ustack *s, qs_tcb *t, int64_t now);    /* 1: t may keep one more */
-int qs_mem_may_receive(qs_ustack *s, int64_t now);            /* in-order data: 1 if it may stay */
+int qs_mem_may_receive(qs_ustack *s, qs_tcb *t, int64_t now); /* in-order data: 1 if it may stay */
+uint32_t qs_mem_rcv_room(const qs_ustack *s, const qs_tcb *t); /* bytes the window may still offer */
 uint32_t qs_mem_room(const qs_ustack *s, const qs_tcb *t);    /* buffers t may take now */
 static inline int qs_mem_may_send_data(const qs_ustack *s)   /* a data frame, not a control one */
 {
