@@ -198,6 +198,14 @@ static void syn_sent_input(qs_ustack *s, qs_tcb *t, qs_tcp_seg *g, qs_mbuf *m, i
         goto drop;
     t->irs = g->seq;
     t->rcv_nxt = qs_seq_add(g->seq, 1);
+    /* our SYN offered its window before RCV.NXT was known: the edge it
+     * set is relative to the peer's first byte, so place it now (left
+     * where it was, a random number, it let the peer overrun rcv_buf by
+     * up to 8 MB half of the time) */
+    {
+        uint32_t w = qs_tcp_rcv_window(t);
+        t->rcv_adv = qs_seq_add(t->rcv_nxt, w > 65535 ? 65535 : w);
+    }
     if (g->has_mss)
         t->mss = g->mss < qs_tcp_our_mss(s) ? g->mss : qs_tcp_our_mss(s);
     if (t->mss < 64)
