@@ -420,3 +420,39 @@ def test_linux_client_at_max_conns_is_never_told_it_is_connected():
         assert t.stats().tcp_conn_full >= 1
     finally:
         t.close()
+
+
+def arp_slot(ip):
+    """arp.c's home slot of an address (256 slots, 8 probed)."""
+    return ((ip * 2654435761) & 0xffffffff) >> 24
+
+
+def test_forged_sources_sharing_a_neighbours_slot_never_redirect_it():
+    """IPv4 packets from on-link addresses that hash where A's entry lives
+    (a /16, so that enough do), each with a forged MAC, and B's replies to
+    them: A's entry may be pushed out (the cache is 256 slots) and asked
+    for again, but every frame B sends A carries A's own address, and the
+    connection goes on."""
+    n = Net(a={"prefix_len": 16}, b={"prefix_len": 16})
+    try:
+        n.listen(B, 80)
+        h, hb = good_pair(n)
+        ca, cb = n.cfg(A), n.cfg(B)
+        base = ca.ip & 0xffff0000
+        forged = [base | k for k in range(3, 65535)
+                  if arp_slot(base | k) == arp_slot(ca.ip) and base | k not in (ca.ip, cb.ip)][:24]
+        assert len(forged) == 24
+        n.capture_on(B)
+        for k, ip in enumerate(forged):
+            mac = bytes([0x02, 0x77, 0, 0, 0, k])
+            n.inject(B, eth(cb.mac, mac, 0x0800, ipv4(ip, cb.ip, 1, icmp_echo(k, 1))))
+            if k % 4 == 3:
+                n.inject(B, eth(cb.mac, ca.mac, 0x0800, ipv4(ca.ip, cb.ip, 1, icmp_echo(3, k))))
+            n.run(1 * MS)
+            assert all(mac == bytes(ca.mac) for mac, _ in frames_to_ip(n.captured(B), ca.ip))
+        rc, r = n.bulk(h, hb, 100_000, 100_000)
+        assert rc == 0 and intact(r)
+        n.close(A, h), n.close(B, hb)
+        leak_free(n)
+    finally:
+        n.free()

@@ -73,6 +73,22 @@ static qs_arp_entry *claim(qs_ustack *s, uint32_t ip, int64_t now)
 static int send_arp(qs_ustack *s, int oper, const uint8_t *tha, uint32_t tpa, const uint8_t *dst,
                     int64_t now);
 
+/* a slot for ip that holds nothing alive (free, expired or pending), else
+ * NULL: what gleaning may take, so that IPv4 packets from many forged
+ * on-link sources cannot push a resolved neighbour out of the cache */
+static qs_arp_entry *claim_spare(qs_ustack *s, uint32_t ip, int64_t now)
+{
+    for (uint32_t i = 0; i < ARP_PROBE; i++) {
+        qs_arp_entry *e = &s->arp[(slot_of(ip) + i) % QS_ARP_SLOTS];
+        if (e->state == ST_FREE ||
+            (e->expires != INT64_MAX && e->state == ST_OK && e->expires <= now)) {
+            entry_clear(s, e);
+            return e;
+        }
+    }
+    return NULL;
+}
+
 static void resolved(qs_arp_entry *e, const uint8_t *mac, int64_t now)
 {
     memcpy(e->mac, mac, 6);
@@ -127,7 +143,8 @@ void qs_arp_glean(qs_ustack *s, uint32_t ip, const uint8_t *mac, int64_t now)
             return;                    /* known and fresh */
     }
     if (!e) {
-        e = claim(s, ip, now);
+        if (!(e = claim_spare(s, ip, now)))
+            return;                    /* never evicts a live entry */
         e->ip = ip;
     }
     resolved(e, mac, now);
