@@ -1387,3 +1387,29 @@ def test_sack_blocks_outside_the_flight_are_ignored():
         leak_free(n)
     finally:
         n.free()
+
+
+def test_active_open_offers_no_more_than_its_receive_buffer():
+    """The SYN's window was placed before RCV.NXT was known: half of all
+    client connections then offered 65535 << wscale (8 MB) and took that
+    much into a 4 KB buffer.  Every connection's first ACK must say 4 KB."""
+    n = Net(a={"rcv_buf": 4096})
+    try:
+        n.listen(B, 80)
+        n.capture_on(A)
+        hs = [n.connect(A, 80) for _ in range(16)]
+        n.run(50 * MS)
+        acks = [p for p in map(parse_tcp, n.captured(A)) if p and p[0] == ACK]
+        assert len(acks) == 16 and all(wnd << 7 <= 4096 + 127 for _, _, _, wnd, _ in acks)
+        hbs = n.accepted(B)
+        for hb in hbs:
+            n.send(B, hb, b"x" * 100_000)
+        n.run(1 * SEC)
+        assert all(n.info(A, h).rcvq <= 4096 + 127 for h in hs)
+        for h in hs:
+            n.close(A, h)
+        for hb in hbs:
+            n.close(B, hb)
+        leak_free(n)
+    finally:
+        n.free()

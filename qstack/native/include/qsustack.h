@@ -82,6 +82,14 @@ typedef struct qsu_config {
     int32_t nrules;
     qsu_rule rules[8];        /* QSU_MAX_LEVELS */
     int32_t default_level;    /* a payload no rule matches */
+    /* The pool's shares (tcp_mem.c, docs/USTACK.md "Hostile peers"); 0 = default. */
+    uint32_t pool_reserve;    /* buffers no queue may keep: received frames and the frames
+                                 we send always find one.  0: buf_count / 8, at least 128
+                                 (never more than half the pool) */
+    uint32_t conn_share;      /* buffers a connection may still keep when the pool is tight
+                                 (its queues together); 0: 16 */
+    uint32_t conn_max_bufs;   /* buffers one connection's queues keep at most;
+                                 0: (buf_count - reserve) / 32 */
 } qsu_config;
 
 typedef struct qsu_stats {
@@ -98,10 +106,18 @@ typedef struct qsu_stats {
     uint64_t tcp_ooo, tcp_dup_data, tcp_zwp, tcp_keepalives, tcp_delacks;
     uint64_t tcp_active_opens, tcp_passive_opens, tcp_conns, tcp_resets, tcp_timeouts;
     uint64_t tcp_time_wait, tcp_no_mem;
+    uint64_t tcp_conn_full;   /* SYNs dropped and cookie ACKs reset at max_conns */
     uint64_t pool_total, pool_in_use, pool_peak, pool_fail;
     uint64_t drv_drop;
     uint64_t tcb_bytes;       /* sizeof one control block */
     uint64_t flow_bytes;      /* flow table bytes per connection slot */
+    /* the pool's shares (tcp_mem.c) */
+    uint64_t mem_refused;     /* buffers a queue was refused (the pool tight, or the
+                                 connection at its cap) */
+    uint64_t mem_pruned;      /* out-of-order buffers given back (RFC 2018 reneging) */
+    uint64_t mem_prunes;      /* times the out-of-order queues were pruned */
+    uint64_t arp_glean_refused;   /* IPv4 packets whose Ethernet source disagreed with
+                                     a resolved entry (kept; an ARP request verifies) */
 } qsu_stats;
 
 /* Faults applied to every frame one side transmits.  Rates are in [0, 1]. */
@@ -123,6 +139,7 @@ typedef struct qsu_conn_info {
     int32_t snd_wscale, rcv_wscale;
     int32_t sack;             /* SACK in use on this connection */
     uint32_t sndq, rcvq;      /* bytes queued */
+    uint32_t bufs;            /* pool buffers its send and out-of-order queues keep */
     uint32_t nrexmit;
     uint32_t timers;          /* bit 0 retransmit/persist/2MSL, 1 delayed ACK, 2 keepalive */
     int32_t rexmit_in_ms;     /* until the retransmission timer fires, if armed */

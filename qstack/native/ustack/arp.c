@@ -8,6 +8,17 @@
  * "merge" rule, a packet from a sender we already know refreshes its entry
  * even if it is not for us; only packets for us create entries, so a
  * flood of foreign ARP traffic cannot evict our neighbours.
+ *
+ * Only ARP changes an address we know.  IPv4 packets (qs_arp_glean) may
+ * fill an empty or pending entry and refresh one with the same address,
+ * never replace it: any on-link host can put any source address on an IPv4
+ * packet, and one such packet would otherwise take over a neighbour's
+ * traffic (a client's, the gateway's) until the entry expired.  When the
+ * addresses disagree we send an ARP request instead (at most once a second
+ * per entry) and let the answer decide -- the verification.  A neighbour
+ * that really changed its card is learned from that answer, or, with
+ * several stacks on one device where the answer may reach another queue,
+ * when the entry expires and its next packet fills it again.
  */
 #include "ustack.h"
 
@@ -59,6 +70,25 @@ static qs_arp_entry *claim(qs_ustack *s, uint32_t ip, int64_t now)
     return victim;
 }
 
+static int send_arp(qs_ustack *s, int oper, const uint8_t *tha, uint32_t tpa, const uint8_t *dst,
+                    int64_t now);
+
+/* a slot for ip that holds nothing alive (free, expired or pending), else
+ * NULL: what gleaning may take, so that IPv4 packets from many forged
+ * on-link sources cannot push a resolved neighbour out of the cache */
+static qs_arp_entry *claim_spare(qs_ustack *s, uint32_t ip, int64_t now)
+{
+    for (uint32_t i = 0; i < ARP_PROBE; i++) {
+        qs_arp_entry *e = &s->arp[(slot_of(ip) + i) % QS_ARP_SLOTS];
+        if (e->state == ST_FREE ||
+            (e->expires != INT64_MAX && e->state == ST_OK && e->expires <= now)) {
+            entry_clear(s, e);
+            return e;
+        }
+    }
+    return NULL;
+}
+
 static void resolved(qs_arp_entry *e, const uint8_t *mac, int64_t now)
 {
     memcpy(e->mac, mac, 6);
@@ -89,17 +119,32 @@ void qs_arp_add_static(qs_ustack *s, uint32_t ip, const uint8_t *mac)
  * sender's address (RFC 1122 2.3.2.1 allows learning it so).  Needed with
  * several stacks on the queues of one device: the answer to our request
  * may be steered to another queue, while the sender's own packets come
- * here.  Static entries stay as they are. */
+ * here.  It fills an empty or pending entry and refreshes a matching one;
+ * a resolved entry with another address is only verified (see the top),
+ * static entries stay as they are. */
 void qs_arp_glean(qs_ustack *s, uint32_t ip, const uint8_t *mac, int64_t now)
 {
+    static const uint8_t zero[6];
     if ((mac[0] & 1) || ip == s->cfg.ip)
         return;
     qs_arp_entry *e = find(s, ip);
-    if (e && (e->expires == INT64_MAX ||
-              (e->state == ST_OK && e->expires > now + ARP_TTL_NS / 2 && !memcmp(e->mac, mac, 6))))
-        return;                        /* static, or known and fresh */
+    if (e && e->state == ST_OK) {
+        if (e->expires == INT64_MAX)
+            return;                    /* static */
+        if (memcmp(e->mac, mac, 6)) {
+            s->st.arp_glean_refused++;
+            if (now >= e->probe_at) {
+                e->probe_at = now + ARP_RETRY_NS;
+                send_arp(s, 1, zero, ip, qs_eth_bcast, now);
+            }
+            return;
+        }
+        if (e->expires > now + ARP_TTL_NS / 2)
+            return;                    /* known and fresh */
+    }
     if (!e) {
-        e = claim(s, ip, now);
+        if (!(e = claim_spare(s, ip, now)))
+            return;                    /* never evicts a live entry */
         e->ip = ip;
     }
     resolved(e, mac, now);
@@ -183,14 +228,20 @@ int qs_arp_resolve_output(qs_ustack *s, qs_mbuf *m, uint32_t nh, int64_t now)
         e->expires = 0;
         e->born = now;
     }
-    if (e->nq == QS_ARP_QLEN) {             /* drop the oldest */
+    if (qs_mpool_avail(&s->pool) <= s->mem_reserve) {
+        qs_mbuf_free(&s->pool, m);         /* parking keeps a buffer: not from the reserve */
+        m = NULL;
+        s->st.arp_drop++;
+    } else if (e->nq == QS_ARP_QLEN) {     /* drop the oldest */
         qs_mbuf_free(&s->pool, e->q[0]);
         memmove(e->q, e->q + 1, sizeof(e->q[0]) * (QS_ARP_QLEN - 1));
         e->nq--;
         s->st.arp_drop++;
     }
-    e->q[e->nq++] = m;
-    s->st.arp_queued++;
+    if (m) {
+        e->q[e->nq++] = m;
+        s->st.arp_queued++;
+    }
     if (now >= e->expires) {
         static const uint8_t zero[6];
         e->expires = now + ARP_RETRY_NS;

@@ -145,6 +145,7 @@ int qsu_info(qsu_net *n, int side_, int h, qsu_conn_info *o)
     o->sack = (t->flags & QT_SACK) != 0;
     o->sndq = t->sndq_len;
     o->rcvq = t->rcvq_len;
+    o->bufs = t->nbufs;
     o->nrexmit = t->nrexmit;
     o->timers = t->timers;
     o->rexmit_in_ms = (int32_t)(t->tm[QS_TM_REXMIT] - qs_tick(n->now));

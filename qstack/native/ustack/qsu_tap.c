@@ -315,6 +315,7 @@ int qsu_tap_client_run(qsu_tap *x, uint32_t ip, uint16_t port, uint64_t bytes, u
         o->rto_ms = t->rto_ms;
         o->sndq = t->sndq_len;
         o->rcvq = t->rcvq_len;
+        o->bufs = t->nbufs;
         o->nrexmit = t->nrexmit;
         o->timers = t->timers;
         o->rexmit_in_ms = (int32_t)(t->tm[QS_TM_REXMIT] - qs_tick(x->now));

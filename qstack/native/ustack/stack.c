@@ -27,6 +27,8 @@ int qs_config_check(const qsu_config *c)
         return -EINVAL;
     if (c->snd_buf < 1 || c->rcv_buf < 1 || c->rcv_buf > (1u << 30))
         return -EINVAL;
+    if (c->pool_reserve > c->buf_count / 2)
+        return -EINVAL;
     if (!c->init_rto_ms || !c->min_rto_ms || c->max_rto_ms < c->min_rto_ms ||
         !c->delack_ms || c->delack_ms > 500 || !c->msl_ms || !c->max_retries || !c->syn_retries)
         return -EINVAL;
@@ -68,6 +70,7 @@ int qs_ustack_init(qs_ustack *s, const qsu_config *cfg, qs_netdrv *drv,
     s->ip_id = (uint16_t)splitmix(&x);
     if ((rc = qs_mpool_init(&s->pool, cfg->buf_size, cfg->buf_count)) < 0)
         return rc;
+    qs_mem_init(s);
     if ((rc = qs_tcp_flow_init(s)) < 0) {
         qs_mpool_destroy(&s->pool);
         return rc;

@@ -93,9 +93,16 @@ qs_tcb *qs_tcp_connect(qs_ustack *s, uint32_t raddr, uint16_t rport, uint16_t lp
     return t;
 }
 
+/* What qs_tcp_send would take now: the send buffer's room, cut to what
+ * the tail buffer and the buffers the pool lets this connection keep can
+ * hold (tcp_mem.c). */
 uint32_t qs_tcp_send_space(const qs_ustack *s, const qs_tcb *t)
 {
-    return s->cfg.snd_buf > t->sndq_len ? s->cfg.snd_buf - t->sndq_len : 0;
+    uint32_t room = s->cfg.snd_buf > t->sndq_len ? s->cfg.snd_buf - t->sndq_len : 0;
+    const qs_mbuf *c = t->sndq.tail;
+    uint64_t fits = (c ? (uint32_t)(c->cap - c->off - c->len) : 0) +
+                    (uint64_t)qs_mem_room(s, t) * (s->pool.buf_size - offsetof(qs_mbuf, data));
+    return fits < room ? (uint32_t)fits : room;
 }
 
 /* Append to the send queue, filling the tail buffer before taking another. */
@@ -122,6 +129,8 @@ int qs_tcp_send(qs_ustack *s, qs_tcb *t, const uint8_t *data, uint32_t len, int6
         qs_mbuf *c = t->sndq.tail;
         uint32_t free = c ? c->cap - c->off - c->len : 0;
         if (!free) {
+            if (!qs_mem_may_hold(s, t, now))
+                break;
             c = qs_mbuf_alloc(&s->pool);
             if (!c) {
                 s->st.tcp_no_mem++;
@@ -129,6 +138,7 @@ int qs_tcp_send(qs_ustack *s, qs_tcb *t, const uint8_t *data, uint32_t len, int6
             }
             c->off = 0;
             qs_mq_push(&t->sndq, c);
+            t->nbufs++;
             free = c->cap;
         }
         uint32_t n = len - done < free ? len - done : free;
@@ -228,7 +238,7 @@ int qs_tcp_close(qs_ustack *s, qs_tcb *t, int64_t now)
         if (t->state == QS_TCP_FIN_WAIT_2 && !(t->flags & QT_DEAD))
             qs_tcp_timer_set(s, t, QS_TM_REXMIT, 2 * s->cfg.msl_ms, now);
         /* unread data will never be read now */
-        qs_mq_free(&s->pool, &t->rcvq);
+        qs_mem_qfree(s, t, &t->rcvq);
         t->rcvq_len = 0;
     }
     qs_ustack_leave(s);

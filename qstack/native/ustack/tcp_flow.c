@@ -34,9 +34,9 @@ int qs_tcp_flow_init(qs_ustack *s)
 
 static void tcb_free(qs_ustack *s, qs_tcb *t)
 {
-    qs_mq_free(&s->pool, &t->sndq);
-    qs_mq_free(&s->pool, &t->rcvq);
-    qs_mq_free(&s->pool, &t->oooq);
+    qs_mem_qfree(s, t, &t->sndq);
+    qs_mem_qfree(s, t, &t->rcvq);
+    qs_mem_qfree(s, t, &t->oooq);
     qs_sack_clear(t);
     free(t);
 }
@@ -162,12 +162,12 @@ void qs_tcp_drop(qs_ustack *s, qs_tcb *t, int err)
         unhash(s, t);
         qs_tcp_timer_unfile(s, t);
         t->timers = 0;
-        qs_mq_free(&s->pool, &t->sndq);
-        qs_mq_free(&s->pool, &t->oooq);
+        qs_mem_qfree(s, t, &t->sndq);
+        qs_mem_qfree(s, t, &t->oooq);
         qs_sack_clear(t);
         t->sndq_len = 0;
         if (err)                    /* a reset discards what was not read (RFC 9293 3.10.7.4) */
-            qs_mq_free(&s->pool, &t->rcvq), t->rcvq_len = 0;
+            qs_mem_qfree(s, t, &t->rcvq), t->rcvq_len = 0;
         if (err == -ECONNRESET || err == -ECONNREFUSED)
             s->st.tcp_resets++;
         else if (err == -ETIMEDOUT)

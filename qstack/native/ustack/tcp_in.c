@@ -13,6 +13,10 @@
  * cookie and keeps nothing (tcp_cookie.c); with cookies off it drops the
  * SYN (the peer retries).  A flood thus costs neither memory nor the
  * ability to accept real clients.
+ *
+ * A full table (max_conns) is not a flood: no SYN-ACK at all, cookie or
+ * not, and an RST for a cookie's ACK that finds the table filled since, so
+ * no client ever believes it is connected when we hold nothing for it.
  */
 #include "ustack.h"
 
@@ -77,8 +81,15 @@ static void listen_input(qs_ustack *s, qs_listener *l, qs_tcp_seg *g, qs_mbuf *m
             goto drop;
         }
         qs_tcb *t = qs_tcp_tcb_new(s, g->dst, g->dport, g->src, g->sport);
-        if (!t)
+        if (!t) {
+            /* at max_conns (the table filled since our SYN-ACK) or out of
+             * memory: the peer believes it is connected, so tell it it is
+             * not (Linux with tcp_abort_on_overflow); silence would leave a
+             * client that waits for the server to speak first hanging */
+            s->st.tcp_conn_full++;
+            qs_tcp_send_rst_for(s, g, now);
             goto drop;
+        }
         s->st.tcp_cookies_ok++;
         s->st.tcp_passive_opens++;
         t->flags |= QT_PASSIVE;
@@ -97,7 +108,16 @@ static void listen_input(qs_ustack *s, qs_listener *l, qs_tcp_seg *g, qs_mbuf *m
     if (!(g->flags & QS_TH_SYN) || (g->flags & QS_TH_ACK))
         goto drop;
     s->st.tcp_syn_rx++;
-    int full = l->half_open >= l->backlog || s->nconns >= s->cfg.max_conns;
+    if (s->nconns >= s->cfg.max_conns) {
+        /* no room for the connection, cookie or not: no SYN-ACK, as Linux
+         * drops a SYN when the accept queue is full.  The client retries
+         * (1 s, 3 s, 7 s ...) and gets in once a connection ends; it never
+         * believes it is connected to a server that has no room for it. */
+        s->st.tcp_conn_full++;
+        s->st.tcp_syn_drop++;
+        goto drop;
+    }
+    int full = l->half_open >= l->backlog;
     if (s->cfg.syncookies == 2 || (full && s->cfg.syncookies)) {
         uint16_t mss;
         qs_seq iss = qs_tcp_cookie_make(s, g, &mss, now);
@@ -178,6 +198,14 @@ static void syn_sent_input(qs_ustack *s, qs_tcb *t, qs_tcp_seg *g, qs_mbuf *m, i
         goto drop;
     t->irs = g->seq;
     t->rcv_nxt = qs_seq_add(g->seq, 1);
+    /* our SYN offered its window before RCV.NXT was known: the edge it
+     * set is relative to the peer's first byte, so place it now (left
+     * where it was, a random number, it let the peer overrun rcv_buf by
+     * up to 8 MB half of the time) */
+    {
+        uint32_t w = qs_tcp_rcv_window(t);
+        t->rcv_adv = qs_seq_add(t->rcv_nxt, w > 65535 ? 65535 : w);
+    }
     if (g->has_mss)
         t->mss = g->mss < qs_tcp_our_mss(s) ? g->mss : qs_tcp_our_mss(s);
     if (t->mss < 64)

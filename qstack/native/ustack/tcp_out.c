@@ -36,9 +36,11 @@ uint32_t qs_tcp_rcv_window(const qs_tcb *t)
 }
 
 /* the window field for a non-SYN segment; moves rcv_adv */
-static uint16_t window_field(qs_tcb *t)
+static uint16_t window_field(const qs_ustack *s, qs_tcb *t)
 {
-    uint32_t free = qs_tcp_rcv_window(t);
+    uint32_t free = qs_tcp_rcv_window(t), room = qs_mem_rcv_room(s, t);
+    if (free > room)
+        free = room;                        /* the pool is tight (tcp_mem.c) */
     uint32_t max = 65535u << t->rcv_wscale;
     if (free > max)
         free = max;
@@ -82,7 +84,9 @@ static int emit(qs_ustack *s, uint32_t laddr, uint16_t lport, uint32_t raddr, ui
                 uint32_t optlen, const qs_tcb *from, uint32_t at, uint32_t len, uint8_t prio,
                 int64_t now)
 {
-    qs_mbuf *m = qs_mbuf_alloc(&s->pool);
+    /* data frames leave half the reserve to received frames and to
+     * ACKs and RSTs (tcp_mem.c); the retransmission timer tries again */
+    qs_mbuf *m = !len || qs_mem_may_send_data(s) ? qs_mbuf_alloc(&s->pool) : NULL;
     if (!m) {
         s->st.tcp_no_mem++;
         return -ENOBUFS;
@@ -204,7 +208,7 @@ int qs_tcp_send_ctl(qs_ustack *s, qs_tcb *t, uint8_t flags, qs_seq seq, int64_t 
         wnd = (uint16_t)(w > 65535 ? 65535 : w);   /* never scaled in a SYN (RFC 7323 2.2) */
         t->rcv_adv = qs_seq_add(t->rcv_nxt, wnd);
     } else {
-        wnd = window_field(t);
+        wnd = window_field(s, t);
         if (!(flags & QS_TH_RST))
             optlen = sack_options(t, opts);
     }
@@ -265,7 +269,7 @@ int qs_tcp_send_seg(qs_ustack *s, qs_tcb *t, qs_seq seq, uint32_t len, int fin, 
     if (qs_seq_lt(seq, t->snd_max))
         s->st.tcp_rexmit++;
     acked_now(t);
-    uint16_t wnd = window_field(t);
+    uint16_t wnd = window_field(s, t);
     QS_TRACE(s, t, now, QS_TR_OUT, seq.v, len, flags, wnd);
     int rc = emit(s, t->laddr, t->lport, t->raddr, t->rport, seq, t->rcv_nxt, flags, wnd, opts,
                   optlen, t, at, len, t->prio, now);

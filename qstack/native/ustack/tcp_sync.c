@@ -68,7 +68,7 @@ static void enter_time_wait(qs_ustack *s, qs_tcb *t, int64_t now)
     t->timers = 0;
     s->st.tcp_time_wait++;
     if (t->flags & QT_APP_CLOSED) {
-        qs_mq_free(&s->pool, &t->rcvq);
+        qs_mem_qfree(s, t, &t->rcvq);
         t->rcvq_len = 0;
     }
     qs_tcp_timer_set(s, t, QS_TM_REXMIT, 2 * s->cfg.msl_ms, now);
@@ -82,6 +82,7 @@ static void trim_sndq(qs_ustack *s, qs_tcb *t, uint32_t n)
         if (c->len <= n) {
             n -= c->len;
             qs_mbuf_free(&s->pool, qs_mq_pop(&t->sndq));
+            t->nbufs--;
         } else {
             c->off += (uint16_t)n;
             c->len -= (uint16_t)n;
@@ -134,11 +135,17 @@ static uint32_t new_ack(qs_ustack *s, qs_tcb *t, const qs_tcp_seg *g, int64_t no
     return data;
 }
 
+static int fits_tail(const qs_tcb *t, const qs_mbuf *m)
+{
+    const qs_mbuf *tail = t->rcvq.tail;
+    return tail && (uint32_t)tail->off + tail->len + m->len <= tail->cap;
+}
+
 static void append_rcvq(qs_ustack *s, qs_tcb *t, qs_mbuf *m)
 {
     qs_mbuf *tail = t->rcvq.tail;
     t->rcvq_len += m->len;
-    if (tail && (uint32_t)tail->off + tail->len + m->len <= tail->cap) {
+    if (fits_tail(t, m)) {
         memcpy(tail->data + tail->off + tail->len, qs_mbuf_ptr(m), m->len);
         tail->len += m->len;
         qs_mbuf_free(&s->pool, m);
@@ -147,8 +154,15 @@ static void append_rcvq(qs_ustack *s, qs_tcb *t, qs_mbuf *m)
     }
 }
 
-static void ooo_insert(qs_ustack *s, qs_tcb *t, qs_mbuf *m)
+/* The queue is sorted and bounded twice: in segments by the receive
+ * buffer, in buffers by the pool's shares (tcp_mem.c), which may also
+ * prune every out-of-order queue, this one included, before saying yes. */
+static void ooo_insert(qs_ustack *s, qs_tcb *t, qs_mbuf *m, int64_t now)
 {
+    if (!qs_mem_may_hold(s, t, now)) {
+        qs_mbuf_free(&s->pool, m);
+        return;
+    }
     qs_mbuf **pp = &t->oooq.head, *prev = NULL;
     uint32_t count = 0, limit = 16 + t->rcv_buf / 256;
     for (; *pp && qs_seq_le((*pp)->seq, m->seq); prev = *pp, pp = &(*pp)->next, count++)
@@ -168,6 +182,8 @@ static void ooo_insert(qs_ustack *s, qs_tcb *t, qs_mbuf *m)
     *pp = m;
     if (!m->next)
         t->oooq.tail = m;
+    t->nbufs++;
+    s->ooo_bufs++;
     t->sack_recent = m->seq;
     (void)prev;
 }
@@ -178,6 +194,8 @@ static void pull_ooo(qs_ustack *s, qs_tcb *t)
     qs_mbuf *h;
     while ((h = t->oooq.head) && qs_seq_le(h->seq, t->rcv_nxt)) {
         qs_mq_pop(&t->oooq);
+        t->nbufs--;
+        s->ooo_bufs--;
         qs_seq end = qs_seq_add(h->seq, h->len);
         if (qs_seq_le(end, t->rcv_nxt)) {
             qs_mbuf_free(&s->pool, h);
@@ -234,8 +252,16 @@ static void data_in(qs_ustack *s, qs_tcb *t, const qs_tcp_seg *g, qs_mbuf *m, in
     }
     if (!qs_seq_eq(seq, t->rcv_nxt)) {
         s->st.tcp_ooo++;
-        ooo_insert(s, t, m);
+        ooo_insert(s, t, m, now);
         t->flags |= QT_ACK_NOW;                   /* RFC 5681 4.2: a duplicate ACK now */
+        return;
+    }
+    if (!fits_tail(t, m) && !qs_mem_may_receive(s, t, now)) {
+        /* the pool keeps its reserve (tcp_mem.c): drop it unacknowledged,
+         * the peer sends it again */
+        *fin_ok = 0;
+        t->flags |= QT_ACK_NOW;
+        qs_mbuf_free(&s->pool, m);
         return;
     }
     t->rcv_nxt = qs_seq_add(seq, len);

@@ -74,6 +74,8 @@ typedef struct qs_mpool {
     uint64_t in_use, peak, fails;
 } qs_mpool;
 
+static inline uint32_t qs_mpool_avail(const qs_mpool *p) { return p->count - (uint32_t)p->in_use; }
+
 int qs_mpool_init(qs_mpool *p, uint32_t buf_size, uint32_t count);
 void qs_mpool_destroy(qs_mpool *p);
 qs_mbuf *qs_mbuf_alloc(qs_mpool *p);      /* off = QS_HEADROOM, len = 0; NULL if empty */
@@ -205,6 +207,7 @@ typedef struct qs_tcb {
     uint32_t tm[QS_TM_NTIMERS];         /* deadlines, ticks */
     uint32_t rcv_buf;                   /* receive buffer size (bytes) */
     uint32_t sndq_len, rcvq_len;        /* bytes in sndq (from snd_una) and rcvq */
+    uint32_t nbufs;                     /* pool buffers in sndq and oooq (tcp_mem.c) */
     qs_mq sndq, rcvq, oooq;
 } qs_tcb;
 
@@ -240,6 +243,7 @@ typedef struct qs_arp_entry {
     uint8_t mac[6];
     uint8_t state;            /* 0 free, 1 pending, 2 resolved */
     uint8_t nq;
+    int64_t probe_at;         /* resolved: a disagreeing IPv4 source may ask again from then */
     int64_t expires;          /* resolved: until; pending: next request */
     int64_t born;             /* pending: first request; given up after QS_ARP_GIVEUP_NS */
     qs_mbuf *q[QS_ARP_QLEN];  /* frames waiting for the answer */
@@ -276,6 +280,14 @@ typedef struct qs_ustack {
     uint64_t sip_k0, sip_k1;
     int64_t chal_sec;                   /* challenge ACK rate limit (RFC 5961 7) */
     uint32_t chal_count;
+
+    /* the pool's shares (tcp_mem.c) */
+    uint32_t mem_reserve;               /* avail at or below this: no queue keeps a buffer */
+    uint32_t mem_tight;                 /* avail below this: only small holders keep more */
+    uint32_t mem_share, mem_conn_max;   /* per connection, buffers */
+    uint32_t mem_prune_min;             /* out-of-order buffers worth a pruning pass */
+    uint32_t ooo_bufs;                  /* buffers in every out-of-order queue */
+    int64_t mem_prune_at;               /* no pruning pass before this */
 
     qs_arp_entry arp[QS_ARP_SLOTS];
     int64_t arp_age_at;                 /* next qs_arp_age run */
@@ -356,6 +368,19 @@ void qs_tcp_drop(qs_ustack *s, qs_tcb *t, int err);
 void qs_tcp_reap(qs_ustack *s);
 void qs_tcp_report_closed(qs_ustack *s, qs_tcb *t, int err);
 qs_listener *qs_tcp_listener(qs_ustack *s, uint16_t port);
+
+/* tcp_mem.c: who may keep pool buffers in its queues, and how many */
+void qs_mem_init(qs_ustack *s);
+int qs_mem_may_hold(qs_ustack *s, qs_tcb *t, int64_t now);    /* 1: t may keep one more */
+int qs_mem_may_receive(qs_ustack *s, qs_tcb *t, int64_t now); /* in-order data: 1 if it may stay */
+uint32_t qs_mem_rcv_room(const qs_ustack *s, const qs_tcb *t); /* bytes the window may still offer */
+uint32_t qs_mem_room(const qs_ustack *s, const qs_tcb *t);    /* buffers t may take now */
+static inline int qs_mem_may_send_data(const qs_ustack *s)   /* a data frame, not a control one */
+{
+    return qs_mpool_avail(&s->pool) > s->mem_reserve / 2;
+}
+void qs_mem_qfree(qs_ustack *s, qs_tcb *t, qs_mq *q);         /* free one of t's queues */
+uint32_t qs_mem_prune(qs_ustack *s);                          /* drop every out-of-order queue */
 
 /* tcp_cookie.c */
 uint64_t qs_siphash(uint64_t k0, uint64_t k1, const uint8_t *m, size_t len);
