@@ -79,7 +79,7 @@ from greenlet import getcurrent
 from .errlog import handler_failed
 from .native import EVENT_SIZE, iter_events, jumbo_view, lib, ffi
 from .runqueue import RunQueue, reserve_table
-from .sched import EV_MAXPRI, ReadyQueue, Worker, install_wait_priorities
+from .sched import EV_MAXPRI, EV_MINPRI, ReadyQueue, Worker, install_wait_priorities
 
 __all__ = ["Hub"]
 
@@ -97,8 +97,12 @@ NO_POLL = lib.QS_STEP_NO_POLL
 assert EV_DATA == SEND_BUF
 
 YIELD_EVERY = 64
+YIELD_AFTER = 0.001 # s: a leader whose handlers never block yields at least this often
+SLICE = 0.0005      # s: the scheduler runs lower levels this long, then lets the loop poll
 HOT_BATCH = 4       # inline: a refill this big means more is coming; poll at once
 POLL_EVERY = 0.0005 # s: while the scheduler runs this long, read the sockets again
+DRAIN_AT = 64       # inline: a step that published this many events is a burst...
+DRAIN_STEPS = 16    # ...so step again, up to this many times in a row
 _pack_cmd = Struct("8q").pack
 
 
@@ -122,6 +126,7 @@ class Hub:
         self._queues = self._rq.queues
         self._classifier = classifier
         self._polled = list(enumerate(self._queues))
+        self._multilevel = core.levels > 1 and (core.only_level is None or classifier is not None)
         if core.only_level is not None and classifier is None and not core.stream:
             # Every message gets one level (no rule): one ring to poll.
             self._only = self._queues[core.only_level]
@@ -160,6 +165,13 @@ class Hub:
         self._poll_due = False
         self._stack_w = self._loop.io(core.wake_fd, 1)
         self._next_poll = 0.0
+        self._stepped = 0               # events the last inline step published
+        self._yield_idle = self._loop.idle()
+        self._yield_timer = self._loop.timer(YIELD_AFTER)
+        self._cont_idle = self._loop.idle()
+        self._cont_timer = self._loop.timer(0)
+        self._cont_idle.priority = self._cont_timer.priority = EV_MINPRI
+        self._t_yield = 0.0
         if self.ordered and not core.stream:
             if install_wait_priorities(core.levels):
                 self._stack_w.priority = EV_MAXPRI     # arrivals before wake-ups
@@ -182,7 +194,7 @@ class Hub:
             if step or self._hot:
                 self._poll_due = False
                 self._next_poll = monotonic() + POLL_EVERY
-                self._core_step(0)
+                self._stepped = self._core_step(0)
         moved = 0
         for level, q in self._polled:
             n = self._poll(level, buf, batch)
@@ -378,6 +390,35 @@ class Hub:
         finally:
             self._parked = False
 
+    def _lead_yield(self):
+        """The leader gives gevent's loop a turn that polls I/O.
+
+        gevent.sleep(0) would not do: it resumes the caller from the next
+        round of callbacks, before the loop polls, so a leader whose
+        handlers never block (Redis answered before we asked for the reply)
+        would starve every wake-up -- the high-priority ones included --
+        for a whole batch.  Instead the leader parks as waiting and is
+        resumed by the scheduler once the loop has polled and run what it
+        found (an idle watcher: nothing pending at the default priority or
+        above), or after YIELD_AFTER at the latest under continuous I/O.
+        """
+        self._flush()
+        self._yield_idle.start(self._yield_over)
+        self._yield_timer.start(self._yield_over)
+        self._parked = self._waiting = True
+        try:
+            self._ghub.switch()
+        finally:
+            self._parked = self._waiting = False
+            self._yield_idle.stop()
+            self._yield_timer.stop()
+            self._t_yield = monotonic() + YIELD_AFTER
+
+    def _yield_over(self):
+        self._yield_idle.stop()
+        self._yield_timer.stop()
+        self._run()
+
     def wake(self):
         """Wake a sleeping leader (used by drain())."""
         if not self._inline:
@@ -411,8 +452,17 @@ class Hub:
             except BlockingIOError:
                 pass
         if not self._native_gone:
-            while self._work_top() == 0 and self._dispatch():
-                pass
+            # A burst is read in a few steps; level-0 work each step finds
+            # starts before the next step, and all of the burst is read
+            # before its low work is served, so high messages late in a
+            # burst are not left unread behind its early low ones.
+            for _ in range(DRAIN_STEPS if self._multilevel else 1):
+                self._stepped = 0
+                while self._work_top() == 0 and self._dispatch():
+                    pass
+                if self._stepped < DRAIN_AT:
+                    break
+                self._poll_due = self._inline
         self._schedule_run()
 
     def before_resume(self, level):
@@ -442,11 +492,18 @@ class Hub:
         Each pass weighs the best woken worker (ReadyQueue.top) against the
         best new work that may take a worker (_work_top): new work of a
         strictly higher level gets a dispatcher first.  A dispatcher or a
-        woken worker returns here when it blocks or parks.  Before handing
-        control back to the loop, replies are flushed and (threaded) the
-        stack is told to write the eventfd when events come.
+        woken worker returns here when it blocks or parks.
+
+        A pass is a time slice (SLICE): past it, what is left of the lower
+        levels waits for the next loop turn, so the loop polls again and a
+        high-priority wake-up that came in meanwhile goes ahead of them
+        (level 0 is never left for later).  Before handing control back to
+        the loop, replies are flushed and (threaded) the stack is told to
+        write the eventfd when events come.
         """
         self._run_scheduled = False
+        self._cont_idle.stop()
+        self._cont_timer.stop()
         if self._leader is not None and not self._parked:
             # The leader blocked inside its handler: the rings need another
             # dispatcher, now or as soon as work comes (it leads again, and
@@ -454,6 +511,7 @@ class Hub:
             self._leader = None
         ready, levels = self._ready, self._levels
         inline = self._inline
+        t_end = monotonic() + SLICE
         while True:
             rtop = ready.top()
             if self._native_gone:
@@ -462,6 +520,11 @@ class Hub:
                 if inline and monotonic() >= self._next_poll:
                     self._poll_due = True
                 wtop = self._work_top()
+            top = min(rtop, wtop)
+            if 0 < top < levels and monotonic() >= t_end:
+                self._flush()
+                self._continue_later()
+                return
             if wtop < rtop and self._dispatch():
                 continue
             if rtop < levels:
@@ -476,6 +539,13 @@ class Hub:
             if inline or self._sleep_below(self._below[self._busy]) == 0:
                 return
             # threaded: work we may start came in meanwhile, go round again
+
+    def _continue_later(self):
+        """_run again once the loop has polled and run what it found: when
+        it is idle, or on the next turn at the latest (a due timer at the
+        lowest priority, after the I/O of that turn)."""
+        self._cont_idle.start(self._run)
+        self._cont_timer.start(self._run)
 
     def _dispatch(self):
         """Give the rings to a dispatcher now; False if none can run."""
@@ -578,9 +648,9 @@ class Hub:
                 self._schedule_run()
                 return
             handled += 1
-            if handled >= YIELD_EVERY:
+            if handled >= YIELD_EVERY or (handled & 7 == 0 and monotonic() >= self._t_yield):
                 handled = 0
-                self._yield()
+                self._lead_yield()
                 self._arm()
 
     def _handler_failed(self, conn, exc):

@@ -68,9 +68,17 @@ _gevent_wait = _GeventHub.wait
 
 
 def _wait(hub, watcher):
-    level = getattr(getcurrent(), "qstack_level", None)
-    watcher.priority = 0 if level is None else _priorities[level]
-    return _gevent_wait(hub, watcher)
+    g = getcurrent()
+    level = getattr(g, "qstack_level", None)
+    if level is None:
+        watcher.priority = 0
+        return _gevent_wait(hub, watcher)
+    watcher.priority = _priorities[level]
+    g._on_watcher = True        # its wake-up is this watcher's: safe to queue
+    try:
+        return _gevent_wait(hub, watcher)
+    finally:
+        g._on_watcher = False
 
 
 def install_wait_priorities(levels):
@@ -127,6 +135,7 @@ class Worker(greenlet):
         self.qstack_level = None    # the level of the request in hand, or None
         self._sched = sched         # has .ordered, .hub_greenlet, .defer(), .before_resume()
         self._queued = False        # a wake-up is waiting in the ReadyQueue
+        self._on_watcher = False    # blocked in Hub.wait (a socket, a sleep...)
 
     def switch(self, *args, **kwargs):
         level = self.qstack_level
@@ -136,7 +145,7 @@ class Worker(greenlet):
                 if self._queued:
                     return None             # an earlier wake-up is queued
                 if s.ordered:
-                    if args and isinstance(args[0], _DEFERRABLE):
+                    if self._on_watcher or (args and isinstance(args[0], _DEFERRABLE)):
                         self._queued = True
                         s.defer(self, (_switch, args, kwargs))
                         return None
@@ -153,6 +162,10 @@ class Worker(greenlet):
                 if self._queued:
                     return None
                 if s.ordered:
+                    if self._on_watcher:
+                        self._queued = True
+                        s.defer(self, (_throw, args, {}))
+                        return None
                     s.before_resume(level)
                     if self._queued:
                         return None
