@@ -41,6 +41,8 @@ REPLY_ORDERS = {
 class NativeCore:
     """One qs_core: its stack thread, rings, pool and wake fd."""
 
+    NO_POLL = lib.QS_STEP_NO_POLL
+
     def __init__(self, *, levels, rules=(), default_level=None, framing="raw",
                  frame_arg=0, max_message=1 << 24, ring_size=65536,
                  cmd_ring_size=65536, buf_size=16384, buf_count=8192,
@@ -94,6 +96,7 @@ class NativeCore:
         size = ffi.new("uint64_t *")
         base = lib.qs_core_slab(c, size)
         self.slab = memoryview(ffi.buffer(base, size[0]))
+        self.slab_addr = int(ffi.cast("uintptr_t", base))
         self.inline = bool(inline)
         self.stream = bool(stream_mode)
         # The user-space stack does TCP itself (handshakes, ACKs, timers):

@@ -92,6 +92,8 @@
 #define QS_F_NOTIFY 1       /* emit QS_EV_WRITABLE once this conn has nothing left to send */
 #define QS_F_ABORT 2        /* with QS_CMD_CLOSE: discard queued sends, reset */
 #define QS_F_CLOSE 4        /* with a send or DONE: close gracefully afterwards */
+#define QS_F_KEEP 8         /* with a command naming buf: the hub keeps one more reference
+                               (a view of the request outlives it); RELEASE drops it */
 #define QS_SEQ_SHIFT 8      /* event aux and command flags carry seq << QS_SEQ_SHIFT */
 
 /* reply order per connection (qs_config.reply_order) */

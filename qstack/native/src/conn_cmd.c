@@ -421,6 +421,8 @@ static void exec_cmd(qs_net *net, const qs_cmd *cmd, int l, int64_t now, int64_t
     qs_core *core = net->core;
     qs_buf *b = cmd->buf ? qs_pool_lookup(&core->pool, cmd->buf) : NULL;
     int64_t op = cmd->op;
+    if (QS_UNLIKELY(cmd->flags & QS_F_KEEP) && b)
+        qs_pool_ref(b);                /* a kept view: RELEASE drops it later */
     uint8_t *cp = NULL;
     void *heap = NULL;
     if (op == QS_CMD_SEND_COPY) {
