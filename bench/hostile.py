@@ -82,7 +82,7 @@ class Probe(threading.Thread):
     def __init__(self, port, msg, reply_len, every=0.01):
         super().__init__(daemon=True)
         self.port, self.msg, self.reply_len, self.every = port, msg, reply_len, every
-        self.lat, self.failures = [], 0
+        self.lat, self.failures, self.errors = [], 0, []
         self.stop = threading.Event()
 
     def run(self):
@@ -101,8 +101,9 @@ class Probe(threading.Thread):
                         raise EOFError
                     got += len(chunk)
                 self.lat.append(time.perf_counter() - t0)
-            except (OSError, EOFError):
+            except (OSError, EOFError) as exc:
                 self.failures += 1
+                self.errors.append(f"{time.monotonic():.2f} {exc!r}")
                 if s is not None:
                     s.close()
                 s = None
@@ -113,9 +114,9 @@ class Probe(threading.Thread):
     def summary(self):
         lat = sorted(self.lat)
         if not lat:
-            return {"n": 0, "failures": self.failures, "p50": None, "p99": None, "max": None}
+            return {"n": 0, "failures": self.failures, "errors": self.errors, "p50": None, "p99": None, "max": None}
         pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]   # noqa: E731
-        return {"n": len(lat), "failures": self.failures, "p50": pick(0.5),
+        return {"n": len(lat), "failures": self.failures, "errors": self.errors, "p50": pick(0.5),
                 "p99": pick(0.99), "max": lat[-1]}
 
 
