@@ -23,6 +23,7 @@ $(STAMP): $(BIN)/python setup.py setup.cfg pyproject.toml $(NATIVE)
 	$(BIN)/python qstack/native/build.py
 	$(BIN)/python qstack/native/build_loadgen.py
 	$(BIN)/python qstack/native/build_ustack.py
+	$(BIN)/python qstack/native/build_qsview.py
 	@if pkg-config --exists libdpdk 2>/dev/null; then $(BIN)/python qstack/native/build_dpdk.py; \
 	else echo "DPDK not found (pkg-config libdpdk): qstack/_qsdpdk.so not built, no DPDK driver"; fi
 	touch $@

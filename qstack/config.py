@@ -71,6 +71,9 @@ class ServerConfig:
     stats: bool = False
     stats_interval: float = 1.0
     block_warning: float = 0.1
+    message_timeout: float = 30.0
+    idle_timeout: float = 0.0
+    write_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,10 @@ class NativeConfig:
     cmd_ring_size: int = 65536
     out_high_water: int = 4194304
     batch: int = 128
+    buf_reserve: int | None = None
+    partial_copy: int = 1024
+    max_large_bytes: int = 134217728
+    max_out_bytes: int = 67108864
 
 
 @dataclass(frozen=True)
@@ -380,6 +387,9 @@ _SCHEMA: dict[str, dict[str, Validator]] = {
         "stats": _bool,
         "stats_interval": _float(0.1, 3600),
         "block_warning": _float(0, 3600),
+        "message_timeout": _float(0, 86400),
+        "idle_timeout": _float(0, 86400),
+        "write_timeout": _float(0, 86400),
     },
     "app": {
         "handler": _optional(_spec),
@@ -407,6 +417,10 @@ _SCHEMA: dict[str, dict[str, Validator]] = {
         "cmd_ring_size": _pow2(16, 16777216),
         "out_high_water": _int(1024),
         "batch": _int(1, 65536),
+        "buf_reserve": _optional(_int(0, 4194303)),
+        "partial_copy": _int(0, 16777215),
+        "max_large_bytes": _int(0),
+        "max_out_bytes": _int(0),
     },
     "ustack": {
         "driver": _choice(*DRIVERS),
@@ -600,6 +614,10 @@ def _check_together(cfg: Config) -> None:
                           "exclusive: use native rules or a Python classifier")
     if cfg.server.backend == "ustack":
         _check_ustack(cfg)
+    nat = cfg.native
+    if nat.buf_reserve is not None and nat.buf_reserve >= nat.buf_count:
+        raise ConfigError(f"native.buf_reserve: {nat.buf_reserve} buffers held back leave "
+                          f"none of native.buf_count ({nat.buf_count})")
     fr = cfg.app.framing
     if fr.kind == "fixed" and fr.arg > cfg.app.max_message:
         raise ConfigError(f"app.framing: fixed size {fr.arg} exceeds "

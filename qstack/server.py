@@ -98,7 +98,11 @@ def _native_options(cfg, stream, stack_cpu, inline):
         cmd_ring_size=native.cmd_ring_size, buf_size=native.buf_size,
         buf_count=native.buf_count, out_high_water=native.out_high_water,
         stream_mode=stream, stack_cpu=stack_cpu, inline=inline,
-        reply_order=cfg.server.reply_order)
+        reply_order=cfg.server.reply_order,
+        buf_reserve=native.buf_reserve, partial_copy=native.partial_copy,
+        max_large_bytes=native.max_large_bytes, max_out_bytes=native.max_out_bytes,
+        message_timeout=cfg.server.message_timeout, idle_timeout=cfg.server.idle_timeout,
+        write_timeout=cfg.server.write_timeout)
 
 
 def dpdk_library():
@@ -168,6 +172,8 @@ def snapshot(core_index, hub, watchdog=None):
             "cpu_hub": cpu_hub, "errors": hub.errors,
             "protocol_errors": st.protocol_errors, "accept_errors": st.accept_errors,
             "paused_conns": st.paused_conns,
+            **{k: getattr(st, k) for k in HOSTILE},
+            "large_bytes": st.large_bytes, "out_heap_bytes": st.out_heap_bytes,
             "hub_blocks": watchdog.blocks if watchdog is not None else 0,
             "levels": levels, **_net_gauges(st), **_app_counters()}
 
@@ -354,12 +360,13 @@ def serve(cfg, handler, core_index=0, stats_fd=None, listen_fd=None):
     if stats_fd is not None:
         _write_line(stats_fd, final)
     log.info("core %d stopped: %d requests, %d handler errors, %d protocol errors, "
-             "%d accept errors, %d paused connections, %d hub blocks, buffers in use %d, "
-             "cpu stack %.3fs hub %.3fs", core_index,
+             "%d accept errors, %d paused connections, %d hub blocks, "
+             "%d message timeouts, %d idle timeouts, %d write timeouts, %d quota closes, "
+             "buffers in use %d, cpu stack %.3fs hub %.3fs", core_index,
              sum(lv["requests"] for lv in final["levels"]), hub.errors,
              final["protocol_errors"], final["accept_errors"], final["paused_conns"],
-             final["hub_blocks"], final["bufs_in_use"], final["cpu_stack"],
-             final["cpu_hub"])
+             final["hub_blocks"], *(final[k] for k in HOSTILE), final["bufs_in_use"],
+             final["cpu_stack"], final["cpu_hub"])
     if final.get("net"):
         net = final["net"]
         log.info("core %d ustack: %d frames in, %d out, %d dropped, %d retransmitted, "
@@ -415,6 +422,8 @@ def _report_stats(core_index, hub, stats_fd, interval, watchdog=None):
 
 
 NATIVE_ERRORS_EVERY = 1.0   # seconds between checks of the native error counters
+# connections the native layer closed against hostile peers (conn.c), per cause
+HOSTILE = ("timeouts_message", "timeouts_idle", "timeouts_write", "quota_closes")
 
 
 class _NativeErrors:
@@ -431,6 +440,18 @@ class _NativeErrors:
                 "reset (the native layer does not report peer addresses)"),
             "accept_errors": CounterWatch(
                 "accept errors", "accept() failed, e.g. out of file descriptors"),
+            "timeouts_message": CounterWatch(
+                "message timeouts", "connections reset: a message started and not "
+                "finished within server.message_timeout (slowloris?)"),
+            "timeouts_idle": CounterWatch(
+                "idle timeouts", "connections closed: nothing read or written for "
+                "server.idle_timeout"),
+            "timeouts_write": CounterWatch(
+                "write timeouts", "connections reset: the peer read none of its replies "
+                "for server.write_timeout"),
+            "quota_closes": CounterWatch(
+                "quota closes", "connections reset: a message needed memory beyond "
+                "native.max_large_bytes, or the pool was down to its reserve"),
         }
 
     def check(self, snap, now, force=False):
@@ -443,8 +464,14 @@ class _NativeErrors:
 def _tell_native_errors(hub, native_errors):
     import gevent
 
+    core = hub.core
     while True:
         gevent.sleep(NATIVE_ERRORS_EVERY)
-        st = hub.core.stats()
+        if core.inline:
+            # The timeouts are swept in the stack's steps: an idle inline hub
+            # takes none by itself, so take one now (commands, timeouts).
+            hub._step(core.NO_POLL)     # wakes a sleeping leader if it published
+        st = core.stats()
         native_errors.check({"protocol_errors": st.protocol_errors,
-                             "accept_errors": st.accept_errors}, time.monotonic())
+                             "accept_errors": st.accept_errors,
+                             **{k: getattr(st, k) for k in HOSTILE}}, time.monotonic())

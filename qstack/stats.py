@@ -170,7 +170,9 @@ class _Interval:
 # snapshot key -> the name a stats line shows
 FAULTS = {"paused_conns": "paused", "protocol_errors": "protocol_errors",
           "accept_errors": "accept_errors", "errors": "handler_errors",
-          "hub_blocks": "hub_blocks"}
+          "hub_blocks": "hub_blocks", "timeouts_message": "msg_timeouts",
+          "timeouts_idle": "idle_timeouts", "timeouts_write": "write_timeouts",
+          "quota_closes": "quota_closes"}
 
 
 def format_faults(faults: dict) -> str:

@@ -76,6 +76,7 @@ import gevent
 from gevent import get_hub
 from greenlet import getcurrent
 
+from .._qsview import done as _view_done, view as _view
 from .errlog import handler_failed
 from .native import EVENT_SIZE, iter_events, jumbo_view, lib, ffi
 from .runqueue import RunQueue, reserve_table
@@ -93,6 +94,7 @@ DONE = lib.QS_CMD_DONE
 RELEASE = lib.QS_CMD_RELEASE
 CLOSE = lib.QS_CMD_CLOSE
 F_CLOSE = lib.QS_F_CLOSE
+F_KEEP = lib.QS_F_KEEP
 NO_POLL = lib.QS_STEP_NO_POLL
 assert EV_DATA == SEND_BUF
 
@@ -317,7 +319,7 @@ class Hub:
         """After the stack thread is gone: drop the buffers commands name."""
         cmds = self._cmds
         for cmd in cmds:
-            if cmd[3]:
+            if cmd[3] and not cmd[7] & F_KEEP:     # kept: _kept_free releases it
                 self.core.release_local(cmd[3])
         del cmds[:]
         del self._tx[:]
@@ -592,7 +594,8 @@ class Hub:
         """Run requests while we lead.  The hot loop of qstack: every name it
         uses per request is a local, and the handler runs in this frame."""
         self._arm()
-        handler, slab, cmds, nxt = self._handler, self._slab, self._cmds, self._next
+        handler, cmds, nxt = self._handler, self._cmds, self._next
+        base, view, done, on_free = self.core.slab_addr, _view, _view_done, self._kept_free
         ready = self._ready
         handled = 0
         while not self._native_gone:
@@ -608,7 +611,8 @@ class Hub:
                 self._park()
                 self._arm()
                 continue
-            data = slab[off:off + ln] if kind == EV_DATA else jumbo_view(off, ln)
+            # a view of its own (qsview.c): done() below sees slices kept past the request
+            data = view(base + off if kind == EV_DATA else off, ln)
             req.data = data
             req.priority = level
             req.conn_id = conn
@@ -637,10 +641,12 @@ class Hub:
                 me.qstack_level = None
                 self._busy -= 1
                 req.data = None
-                try:
-                    data.release()
-                except BufferError:
-                    pass                # the handler still exports it
+                if done(data, buf, on_free):
+                    # A slice of req.data outlives the request: the stack keeps one
+                    # more reference (F_KEEP on the request's command, the last one
+                    # queued) until the slice dies (_kept_free).
+                    c = cmds[-1]
+                    cmds[-1] = c[:7] + (c[7] | F_KEEP,)
             if self._leader is not me:
                 # We blocked and a follower took over; it may be parked (for
                 # work, or for the worker we just freed), so the scheduler
@@ -652,6 +658,10 @@ class Hub:
                 handled = 0
                 self._lead_yield()
                 self._arm()
+
+    def _kept_free(self, buf):
+        """The last view of a kept request died: its buffer goes back."""
+        self.post(RELEASE, self.send_level, 0, buf)
 
     def _handler_failed(self, conn, exc):
         self.errors += 1

@@ -41,11 +41,16 @@ REPLY_ORDERS = {
 class NativeCore:
     """One qs_core: its stack thread, rings, pool and wake fd."""
 
+    NO_POLL = lib.QS_STEP_NO_POLL
+
     def __init__(self, *, levels, rules=(), default_level=None, framing="raw",
                  frame_arg=0, max_message=1 << 24, ring_size=65536,
                  cmd_ring_size=65536, buf_size=16384, buf_count=8192,
                  out_high_water=4 << 20, stream_mode=False, stack_cpu=-1,
-                 inline=False, backend="kernel", net=None, reply_order="arrival"):
+                 inline=False, backend="kernel", net=None, reply_order="arrival",
+                 buf_reserve=None, partial_copy=1024, max_large_bytes=128 << 20,
+                 max_out_bytes=64 << 20, message_timeout=30.0, idle_timeout=0.0,
+                 write_timeout=30.0):
         cfg = ffi.new("qs_config *")
         cfg.levels = levels
         if len(rules) > lib.QS_MAX_RULES:
@@ -69,6 +74,15 @@ class NativeCore:
         cfg.reply_order = REPLY_ORDERS[reply_order]
         cfg.stack_cpu = stack_cpu
         cfg.inline_stack = 1 if inline else 0
+        # Hostile peers (conn.c): None picks an eighth of the pool; the small
+        # partial copy never exceeds a quarter of a buffer.
+        cfg.buf_reserve = min(1024, buf_count // 8) if buf_reserve is None else buf_reserve
+        cfg.partial_copy = min(partial_copy, buf_size // 4)
+        cfg.max_large_bytes = max_large_bytes
+        cfg.max_out_bytes = max_out_bytes
+        cfg.message_timeout_ns = int(message_timeout * 1e9)
+        cfg.idle_timeout_ns = int(idle_timeout * 1e9)
+        cfg.write_timeout_ns = int(write_timeout * 1e9)
         if backend == "ustack":
             cfg.backend = lib.QS_BACKEND_USTACK
             _net_config(cfg.net, net)
@@ -82,6 +96,7 @@ class NativeCore:
         size = ffi.new("uint64_t *")
         base = lib.qs_core_slab(c, size)
         self.slab = memoryview(ffi.buffer(base, size[0]))
+        self.slab_addr = int(ffi.cast("uintptr_t", base))
         self.inline = bool(inline)
         self.stream = bool(stream_mode)
         # The user-space stack does TCP itself (handshakes, ACKs, timers):

@@ -92,6 +92,8 @@
 #define QS_F_NOTIFY 1       /* emit QS_EV_WRITABLE once this conn has nothing left to send */
 #define QS_F_ABORT 2        /* with QS_CMD_CLOSE: discard queued sends, reset */
 #define QS_F_CLOSE 4        /* with a send or DONE: close gracefully afterwards */
+#define QS_F_KEEP 8         /* with a command naming buf: the hub keeps one more reference
+                               (a view of the request outlives it); RELEASE drops it */
 #define QS_SEQ_SHIFT 8      /* event aux and command flags carry seq << QS_SEQ_SHIFT */
 
 /* reply order per connection (qs_config.reply_order) */
@@ -175,6 +177,15 @@ typedef struct qs_config {
     int32_t inline_stack;     /* 1: no stack thread; the hub drives the stack
                                  with qs_core_step() in its own thread */
     int32_t backend;          /* QS_BACKEND_* */
+    /* Hostile peers (conn.c's essay).  0 turns a timeout or cap off. */
+    uint32_t buf_reserve;     /* pool buffers a conn amid a message may not take */
+    uint32_t partial_copy;    /* partial messages up to this many bytes leave the pool */
+    uint64_t max_large_bytes; /* bytes of messages held outside the pool (jumbo buffers,
+                                 partials moved out under pressure) at most */
+    uint64_t max_out_bytes;   /* unsent reply bytes copied out of the pool, all conns */
+    int64_t message_timeout_ns;  /* a message started and not finished: reset */
+    int64_t idle_timeout_ns;     /* nothing read or written for this long: close */
+    int64_t write_timeout_ns;    /* unsent bytes and no write progress: reset */
     qs_net_config net;        /* QS_BACKEND_USTACK only */
 } qs_config;
 
@@ -199,6 +210,14 @@ typedef struct qs_stats {
     uint64_t net_bufs_in_use, net_bufs_total;   /* the stack's packet pool */
     uint64_t net_rx_frames, net_tx_frames, net_drops;   /* drops: driver + bad frames */
     uint64_t net_rexmit;                /* segments retransmitted */
+    /* hostile peers (both backends) */
+    uint64_t timeouts_message;          /* conns reset: a message not finished in time */
+    uint64_t timeouts_idle;             /* conns closed: idle */
+    uint64_t timeouts_write;            /* conns reset: the peer did not read */
+    uint64_t quota_closes;              /* conns reset: a global cap had no room */
+    uint64_t large_bytes;               /* bytes of messages held outside the pool */
+    uint64_t out_heap_bytes;            /* unsent reply bytes copied out of the pool */
+    uint64_t large_waits;               /* conns waiting for room under max_large_bytes */
 } qs_stats;
 
 typedef struct qs_core qs_core;

@@ -397,6 +397,9 @@ static void k_run(qs_core *core)
             continue;
         }
         timeout = k->accept_off ? ms_until(k->net.now, k->accept_resume) : -1;
+        int tw = qs_net_wait_ms(&k->net);   /* timeouts need a look now and then */
+        if (tw >= 0 && (timeout < 0 || tw < timeout))
+            timeout = tw;
     }
     k_quit(k);
 }

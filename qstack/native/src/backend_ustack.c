@@ -550,7 +550,7 @@ static void u_run(qs_core *core)
     int idle = 0;
     while (!atomic_load_explicit(&core->quit, memory_order_acquire)) {
         if (idle)
-            u_wait(u, -1);
+            u_wait(u, qs_net_wait_ms(net));   /* -1 unless timeouts need a look */
         atomic_store_explicit(&core->stack_sleeping, 0, memory_order_relaxed);
         net->now = qs_now_ns();
         int work = u_net_round(u);

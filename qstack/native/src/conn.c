@@ -22,6 +22,30 @@
  * number on the conn (aux = seq << QS_SEQ_SHIFT, net->seq_step 1; 0 steps
  * and aux 0 otherwise); conn_cmd.c writes the replies in that order.
  *
+ * Hostile peers.  No peer, and no few thousand peers, may hold enough of
+ * the pool or of the heap to stop the others from being read:
+ *   - a partial message of at most cfg.partial_copy bytes (and any partial
+ *     message while the pool is down to its reserve) is moved out of the
+ *     pool into a malloc'ed block on the conn (stash); the next read takes a
+ *     buffer again and copies it back.  8,192 peers sending one byte of a
+ *     200-byte message thus hold 8,192 small blocks, not the pool;
+ *   - a conn amid a message never takes one of the last cfg.buf_reserve
+ *     buffers: those go to conns starting a message (new conns, idle ones);
+ *   - unsent replies the socket would not take are copied out of the pool
+ *     (conn_cmd.c), so a peer that never reads holds heap bytes, capped per
+ *     conn (out_high_water) and for all conns (max_out_bytes), not buffers;
+ *   - jumbo buffers (and partials stashed under pressure) count against
+ *     cfg.max_large_bytes: a message that does not fit waits (the conn stops
+ *     reading, TCP pushes back) on blk[QS_LARGE_WAIT] until a jumbo buffer
+ *     goes back; if it can never fit, or the pool is at its reserve, the
+ *     conn is reset (quota_closes);
+ *   - timeouts (qs_net_sweep, every conn looked at about once a second):
+ *     a message started and not finished within message_timeout (slowloris),
+ *     unsent bytes without write progress for write_timeout, nothing either
+ *     way for idle_timeout.  Each close is counted; Python says them.
+ * Waiting on the server (a full event ring, a paused conn) is never charged
+ * to the peer: the message timeout skips those conns.
+ *
  * Conn ids.  (32-bit generation << 24) | slot: the table is indexed by slot
  * (the kernel backend's slot is the fd) and a command for a closed conn
  * (whose slot may be reused) fails the id check.
@@ -92,6 +116,11 @@ void qs_conn_update(qs_net *net, qs_conn *c)
     }
 }
 
+static void large_gauge(qs_net *net)
+{
+    QS_SET(net->core->st.large_waits, net->nlarge_wait);
+}
+
 static void blk_link(qs_net *net, qs_conn *c, int on)
 {
     qs_conn *h = &net->blk[on];
@@ -103,6 +132,10 @@ static void blk_link(qs_net *net, qs_conn *c, int on)
     c->flags |= QC_BLOCKED;
     if (on < QS_POOL_WAIT)
         net->nblocked_ev++;
+    else if (on == QS_LARGE_WAIT) {
+        net->nlarge_wait++;
+        large_gauge(net);
+    }
 }
 
 static void blk_unlink(qs_net *net, qs_conn *c)
@@ -113,6 +146,10 @@ static void blk_unlink(qs_net *net, qs_conn *c)
     c->blk_next->blk_prev = c->blk_prev;
     if (c->blk_on < QS_POOL_WAIT)
         net->nblocked_ev--;
+    else if (c->blk_on == QS_LARGE_WAIT) {
+        net->nlarge_wait--;
+        large_gauge(net);
+    }
     c->blk_on = -1;
     c->flags &= ~QC_BLOCKED;
 }
@@ -129,6 +166,79 @@ static void hold(qs_net *net, qs_conn *c, const qs_event *ev)
     c->pending = *ev;
     c->flags |= QC_PENDING;
     block(net, c, (int)ev->level);
+}
+
+static void quota_close(qs_net *net, qs_conn *c)
+{
+    QS_ADD(net->core->st.quota_closes, 1);
+    qs_conn_close(net, c, 1);
+}
+
+/* Drop the conn's stash block (uncharging a big one). */
+static void part_free(qs_net *net, qs_conn *c)
+{
+    qs_pool *pool = &net->core->pool;
+    if (c->part_cap > net->core->cfg.partial_copy) {
+        QS_SUB(pool->large_bytes, c->part_cap);
+        pool->large_freed = 1;
+    }
+    free(c->part);
+    c->part = NULL;
+    c->part_len = c->part_cap = 0;
+}
+
+/* Move the partial message [rstart, rend) out of the pool.  A small block
+ * (partial_copy bytes) stays with the conn for its next partial; a bigger
+ * one is charged to max_large_bytes.  Returns 0, or -1 if the conn was
+ * reset (no room, no memory). */
+static int stash(qs_net *net, qs_conn *c, uint64_t part)
+{
+    qs_core *core = net->core;
+    qs_pool *pool = &core->pool;
+    uint64_t small = core->cfg.partial_copy, lim = core->cfg.max_large_bytes;
+    if (part > c->part_cap) {
+        uint64_t cap = part <= small ? small : part;
+        if (cap > small && lim && QS_GET(pool->large_bytes) + cap > lim) {
+            quota_close(net, c);
+            return -1;
+        }
+        uint8_t *p = malloc(cap);
+        if (!p) {
+            quota_close(net, c);
+            return -1;
+        }
+        part_free(net, c);
+        c->part = p;
+        c->part_cap = cap;
+        if (cap > small)
+            QS_ADD(pool->large_bytes, cap);
+    }
+    memcpy(c->part, c->rbuf->data + c->rstart, part);
+    c->part_len = part;
+    qs_pool_unref(pool, c->rbuf);
+    c->rbuf = NULL;
+    c->rstart = c->rend = 0;
+    return 0;
+}
+
+/* A buffer to read into, holding the stashed partial if any.  A conn amid
+ * a message may not take the reserve.  Returns 0, or -1 (none for it). */
+static int take_buf(qs_net *net, qs_conn *c)
+{
+    qs_core *core = net->core;
+    if (core->pool.nfree <= (c->part_len ? core->cfg.buf_reserve : 0))
+        return -1;
+    qs_buf *b = qs_pool_get(&core->pool);
+    c->rbuf = b;
+    c->rstart = 0;
+    c->rend = c->part_len;
+    if (c->part_len) {
+        memcpy(b->data, c->part, c->part_len);
+        c->part_len = 0;
+        if (c->part_cap > core->cfg.partial_copy)
+            part_free(net, c);
+    }
+    return 0;
 }
 
 /* Turn complete messages into events, then make room for the next read.
@@ -177,11 +287,17 @@ static int rx_scan(qs_net *net, qs_conn *c, int fair)
             c->rbuf = NULL;
             c->rstart = c->rend = 0;
         }
+        c->t_partial = 0;
         return 0;
     }
     /* a partial message [rstart, rend) */
     uint64_t part = c->rend - c->rstart;
     uint64_t want = need ? need : part + 1;
+    if (!c->t_partial)
+        c->t_partial = c->t_read;
+    if (want <= g->buf_size &&
+        (part <= g->partial_copy || core->pool.nfree <= g->buf_reserve))
+        return stash(net, c, part);            /* out of the pool (see above) */
     if (c->rstart == 0 && want <= b->cap)
         return 0;                              /* grows in place */
     if (b->refs == 1 && want <= b->cap) {      /* nobody else looks: slide it down */
@@ -192,7 +308,7 @@ static int rx_scan(qs_net *net, qs_conn *c, int fair)
     }
     qs_buf *nb;
     if (want <= g->buf_size) {
-        nb = qs_pool_get(&core->pool);
+        nb = qs_pool_get(&core->pool);   /* nfree > buf_reserve: see the stash */
         if (!nb) {
             block(net, c, QS_POOL_WAIT);
             return 1;
@@ -203,6 +319,15 @@ static int rx_scan(qs_net *net, qs_conn *c, int fair)
             cap = part * 2 > g->buf_size * 2ULL ? part * 2 : g->buf_size * 2ULL;
             if (cap > g->framer.max_message)
                 cap = g->framer.max_message;
+        }
+        uint64_t lim = g->max_large_bytes;
+        if (lim && QS_GET(core->pool.large_bytes) + cap > lim) {
+            if (cap > lim || core->pool.nfree <= g->buf_reserve) {
+                quota_close(net, c);           /* can never fit, or the pool is short */
+                return -1;
+            }
+            block(net, c, QS_LARGE_WAIT);      /* until a jumbo buffer goes back */
+            return 1;
         }
         nb = qs_pool_get_jumbo(&core->pool, cap);
         if (!nb) {
@@ -228,6 +353,8 @@ static void on_eof(qs_net *net, qs_conn *c)
         c->rbuf = NULL;
         c->rstart = c->rend = 0;
     }
+    part_free(net, c);
+    c->t_partial = 0;
     if (core->cfg.stream_mode) {
         qs_event ev = {.kind = QS_EV_EOF, .level = core->cfg.levels - 1, .conn = c->id};
         if (emit_fair(net, &ev) < 0) {
@@ -247,13 +374,9 @@ void qs_conn_readable(qs_net *net, qs_conn *c)
     qs_core *core = net->core;
     if (c->flags & QC_NOREAD)
         return;
-    if (!c->rbuf) {
-        c->rbuf = qs_pool_get(&core->pool);
-        if (!c->rbuf) {
-            block(net, c, QS_POOL_WAIT);
-            return;
-        }
-        c->rstart = c->rend = 0;
+    if (!c->rbuf && take_buf(net, c) < 0) {
+        block(net, c, QS_POOL_WAIT);
+        return;
     }
     qs_buf *b = c->rbuf;
     int64_t n = net->io->read(net, c, b->data + c->rend, b->cap - c->rend);
@@ -271,6 +394,8 @@ void qs_conn_readable(qs_net *net, qs_conn *c)
         if (c->rend == 0) {
             qs_pool_unref(&core->pool, b);
             c->rbuf = NULL;
+        } else if (c->rbuf && c->rend > c->rstart) {
+            rx_scan(net, c, 1);         /* a stash taken back for nothing: out again */
         }
         return;
     }
@@ -319,6 +444,7 @@ qs_conn *qs_conn_new(qs_net *net, int slot, void *sock)
     c->sock = sock;
     c->blk_on = -1;
     c->tx_seq = 1;
+    c->t_read = net->now;              /* the idle timeout counts from here */
     if (net->stop_read)
         c->flags |= QC_STOPREAD;
     net->conns[slot] = c;
@@ -345,6 +471,7 @@ void qs_conn_close(qs_net *net, qs_conn *c, int abort)
     if (c->rbuf)
         qs_pool_unref(&core->pool, c->rbuf);
     c->rbuf = NULL;
+    part_free(net, c);
     if ((c->flags & QC_PENDING) && c->pending.buf)
         qs_pool_unref(&core->pool, (qs_buf *)(uintptr_t)c->pending.buf);
     c->flags &= ~QC_PENDING;
@@ -400,14 +527,21 @@ void qs_conn_retry_blocked(qs_net *net)
         }
     }
     qs_conn *h = &net->blk[QS_POOL_WAIT];
-    while (h->blk_next != h && !qs_pool_empty(&core->pool)) {
-        qs_conn *c = h->blk_next;
+    for (qs_conn *c = h->blk_next, *n; c != h && !qs_pool_empty(&core->pool); c = n) {
+        n = c->blk_next;
+        if (!c->rbuf && take_buf(net, c) < 0)
+            continue;                  /* amid a message: not from the reserve */
         blk_unlink(net, c);
-        if (!c->rbuf) {                /* it blocked before a read: reserve one */
-            c->rbuf = qs_pool_get(&core->pool);
-            c->rstart = c->rend = 0;
-        }
         resume(net, c);
+    }
+    h = &net->blk[QS_LARGE_WAIT];
+    if (net->nlarge_wait && core->pool.large_freed) {
+        core->pool.large_freed = 0;
+        for (uint32_t n = net->nlarge_wait; n && h->blk_next != h; n--) {
+            qs_conn *c = h->blk_next;
+            blk_unlink(net, c);
+            resume(net, c);            /* fits now, or waits again at the tail */
+        }
     }
 }
 
@@ -417,7 +551,11 @@ int qs_conn_blocked_ready(qs_net *net)
     for (int l = 0; l < core->cfg.levels; l++)
         if (net->blk[l].blk_next != &net->blk[l] && qs_ring_space(&core->ev[l]) > 0)
             return 1;
-    return net->blk[QS_POOL_WAIT].blk_next != &net->blk[QS_POOL_WAIT] && !qs_pool_empty(&core->pool);
+    qs_conn *h = &net->blk[QS_POOL_WAIT];
+    if (h->blk_next != h && core->pool.nfree >
+                                (h->blk_next->part_len ? core->cfg.buf_reserve : 0))
+        return 1;
+    return net->nlarge_wait && core->pool.large_freed;
 }
 
 /* Shutdown: close every conn and forget every held event, releasing the
@@ -428,7 +566,7 @@ void qs_conn_drop_all(qs_net *net)
     for (uint32_t i = 0; i < net->nconns; i++)
         if (net->conns[i])
             qs_conn_close(net, net->conns[i], 0);
-    for (int l = 0; l <= QS_POOL_WAIT; l++) {
+    for (int l = 0; l <= QS_LARGE_WAIT; l++) {
         qs_conn *h = &net->blk[l];
         while (h->blk_next != h) {
             qs_conn *c = h->blk_next;
@@ -446,7 +584,7 @@ int qs_net_init(qs_net *net, qs_core *core, const qs_conn_io *io, uint32_t slots
     net->core = core;
     net->io = io;
     net->seq_step = !core->cfg.stream_mode && core->cfg.reply_order == QS_ORDER_ARRIVAL;
-    for (int i = 0; i <= QS_POOL_WAIT; i++)
+    for (int i = 0; i <= QS_LARGE_WAIT; i++)
         net->blk[i].blk_next = net->blk[i].blk_prev = &net->blk[i];
     /* sized up front for the usual number of conns: no realloc while busy */
     net->conns = calloc(slots, sizeof(*net->conns));
@@ -499,6 +637,66 @@ int qs_net_cmds_waiting(qs_net *net)
     return 0;
 }
 
+/* One conn's timeouts (see the essay at the top).  Waiting on the server
+ * (an event ring, a PAUSE, our own high water) is not the peer's doing. */
+static void check_timeouts(qs_net *net, qs_conn *c, int64_t now)
+{
+    qs_core *core = net->core;
+    const qs_config *g = &core->cfg;
+    if (c->flags & (QC_ZOMBIE | QC_CLOSING))
+        return;
+    if (g->message_timeout_ns && c->t_partial && now - c->t_partial > g->message_timeout_ns &&
+        !(c->flags & QC_PAUSED) && !(c->blk_on >= 0 && c->blk_on < QS_POOL_WAIT)) {
+        QS_ADD(core->st.timeouts_message, 1);
+        qs_conn_close(net, c, 1);
+        return;
+    }
+    if (g->write_timeout_ns && c->oq_head && now - c->t_out > g->write_timeout_ns) {
+        QS_ADD(core->st.timeouts_write, 1);
+        qs_conn_close(net, c, 1);
+        return;
+    }
+    if (g->idle_timeout_ns && !c->oq_head && !c->park_head && c->inflight <= 0 &&
+        !c->t_partial && !(c->flags & (QC_PENDING | QC_BLOCKED))) {
+        int64_t last = c->t_read > c->t_out ? c->t_read : c->t_out;
+        if (now - last > g->idle_timeout_ns) {
+            QS_ADD(core->st.timeouts_idle, 1);
+            qs_conn_close(net, c, 0);
+        }
+    }
+}
+
+static int timeouts_on(const qs_config *g)
+{
+    return g->message_timeout_ns || g->idle_timeout_ns || g->write_timeout_ns;
+}
+
+/* Look at every conn about once per QS_SWEEP_NS, a slice of the table per
+ * call (at most ten calls a second): a million conns cost no pause. */
+static void sweep(qs_net *net)
+{
+    int64_t now = net->now, dt = now - net->sweep_t;
+    if (!timeouts_on(&net->core->cfg) || dt < QS_SWEEP_NS / 10 || !net->nconns)
+        return;
+    uint64_t n = dt >= QS_SWEEP_NS ? net->nconns
+                                   : (uint64_t)net->nconns * (uint64_t)dt / QS_SWEEP_NS + 1;
+    net->sweep_t = now;
+    for (; n; n--) {
+        uint32_t slot = net->sweep_at++;
+        if (net->sweep_at >= net->nconns)
+            net->sweep_at = 0;
+        if (slot < net->nconns && net->conns[slot])
+            check_timeouts(net, net->conns[slot], now);
+    }
+}
+
+int qs_net_wait_ms(qs_net *net)
+{
+    if (!timeouts_on(&net->core->cfg) || !QS_GET(net->core->st.conns_open))
+        return -1;
+    return (int)(QS_SWEEP_NS / 10 / 1000000);
+}
+
 int qs_net_work(qs_net *net)
 {
     qs_core *core = net->core;
@@ -508,5 +706,6 @@ int qs_net_work(qs_net *net)
     qs_conn_retry_blocked(net);
     if (net->nowed)
         qs_conn_retry_owed(net);
+    sweep(net);
     return ncmd;
 }

@@ -16,6 +16,14 @@
  * malloc'ed chunk, so the common case (the socket takes everything) copies
  * nothing and allocates nothing.
  *
+ * A peer that does not read.  When the socket takes less than the queue,
+ * the queued replies that still hold pool buffers are copied to the heap
+ * (compact): the pool never waits on a peer's reading, and the heap bytes
+ * are counted (net->out_heap).  A conn stops being read past out_high_water
+ * bytes of its own, or while all conns together hold more than
+ * max_out_bytes and it has bytes queued; write_timeout (conn.c) resets a
+ * conn whose queue makes no progress.
+ *
  * Latency is recorded when a command is executed, i.e. in the batch whose
  * flush hands its bytes to the kernel (microseconds apart): net->now - t_rx,
  * with net->now read once per loop iteration, not per command.
@@ -42,6 +50,7 @@ static void node_release(qs_net *net, qs_out *o)
 {
     if (o->buf)
         qs_pool_unref(&net->core->pool, o->buf);
+    net->out_heap -= o->hlen;
     free(o->heap);
     if (net->nout_free < QS_OUT_CACHE) {
         o->next = net->out_free;
@@ -72,10 +81,13 @@ static int out_append(qs_net *net, qs_conn *c, uint8_t *p, uint64_t len, qs_buf 
     o->len = len;
     o->buf = buf;
     o->heap = heap;
+    o->hlen = heap ? len : 0;
+    net->out_heap += o->hlen;
     if (c->oq_tail)
         c->oq_tail->next = o;
     else {
         c->oq_head = o;
+        c->t_out = net->now;           /* the write timeout counts from here */
         net->nqueued++;
     }
     c->oq_tail = o;
@@ -99,6 +111,26 @@ void qs_conn_out_clear(qs_net *net, qs_conn *c)
     net->nqueued--;
 }
 
+/* The socket is full: unsent bytes still in pool buffers move to the heap,
+ * so the pool never waits on this peer (jumbo buffers stay: they are
+ * counted against max_large_bytes already). */
+static void compact(qs_net *net, qs_conn *c)
+{
+    for (qs_out *o = c->oq_head; o; o = o->next) {
+        if (!o->buf || qs_pool_is_jumbo(o->buf))
+            continue;
+        void *h = malloc(o->len ? o->len : 1);
+        if (!h)
+            return;                    /* keep the buffer: still correct */
+        memcpy(h, o->p, o->len);
+        qs_pool_unref(&net->core->pool, o->buf);
+        o->buf = NULL;
+        o->heap = o->p = h;
+        o->hlen = o->len;
+        net->out_heap += o->len;
+    }
+}
+
 /* Write as much of the out queue as the socket takes.
  * Returns 0, or -1 if the conn was closed on a write error. */
 static int out_flush(qs_net *net, qs_conn *c)
@@ -116,6 +148,7 @@ static int out_flush(qs_net *net, qs_conn *c)
         if (w < 0) {
             if (w == -EAGAIN) {
                 c->flags |= QC_WANT_OUT;
+                compact(net, c);
                 return 0;
             }
             qs_conn_close(net, c, 0);    /* EPIPE, ECONNRESET: nobody to send to */
@@ -123,6 +156,8 @@ static int out_flush(qs_net *net, qs_conn *c)
         }
         uint64_t left = (uint64_t)w;
         c->out_bytes -= left;
+        if (w > 0)
+            c->t_out = net->now;
         while (left) {
             qs_out *o = c->oq_head;
             if (left < o->len) {
@@ -138,6 +173,7 @@ static int out_flush(qs_net *net, qs_conn *c)
         }
         if ((uint64_t)w < total) {
             c->flags |= QC_WANT_OUT;
+            compact(net, c);
             return 0;
         }
     }
@@ -162,6 +198,8 @@ static int unborrow(qs_net *net, qs_conn *c)
         memcpy(h, o->p, o->len);
         o->heap = h;
         o->p = h;
+        o->hlen = o->len;
+        net->out_heap += o->len;
     }
     c->oq_borrow = NULL;
     return 0;
@@ -201,13 +239,16 @@ void qs_conn_retry_owed(qs_net *net)
 /* After the out queue changed: high water, WRITABLE, reading, closing. */
 static void after_out(qs_net *net, qs_conn *c)
 {
-    uint64_t hw = net->core->cfg.out_high_water;
+    const qs_config *g = &net->core->cfg;
+    uint64_t hw = g->out_high_water;
     uint64_t held = c->out_bytes + c->park_bytes;   /* a pipelining peer behind one
                                                        slow request is a non-reader too */
-    if (held > hw)
+    int over = g->max_out_bytes && net->out_heap > g->max_out_bytes && c->oq_head;
+    if (held > hw || over)
         c->flags |= QC_HIGHWATER;
     else if ((c->flags & QC_HIGHWATER) && held <= hw / 2)
         c->flags &= ~QC_HIGHWATER;
+    QS_SET(net->core->st.out_heap_bytes, net->out_heap);
     if (!c->oq_head && (c->flags & QC_NOTIFY))
         emit_writable(net, c);
     qs_conn_update(net, c);
@@ -380,6 +421,8 @@ static void exec_cmd(qs_net *net, const qs_cmd *cmd, int l, int64_t now, int64_t
     qs_core *core = net->core;
     qs_buf *b = cmd->buf ? qs_pool_lookup(&core->pool, cmd->buf) : NULL;
     int64_t op = cmd->op;
+    if (QS_UNLIKELY(cmd->flags & QS_F_KEEP) && b)
+        qs_pool_ref(b);                /* a kept view: RELEASE drops it later */
     uint8_t *cp = NULL;
     void *heap = NULL;
     if (op == QS_CMD_SEND_COPY) {

@@ -88,6 +88,10 @@ static int config_check(const qs_config *g)
         return -EINVAL;
     if (g->backend != QS_BACKEND_KERNEL && g->backend != QS_BACKEND_USTACK)
         return -EINVAL;
+    if (g->buf_reserve >= g->buf_count || g->partial_copy >= g->buf_size)
+        return -EINVAL;
+    if (g->message_timeout_ns < 0 || g->idle_timeout_ns < 0 || g->write_timeout_ns < 0)
+        return -EINVAL;
     return 0;
 }
 
@@ -439,6 +443,13 @@ int qs_core_stats(qs_core *c, qs_stats *o)
     o->paused_conns = QS_GET(s->paused_conns);
     o->accept_errors = QS_GET(s->accept_errors);
     o->protocol_errors = QS_GET(s->protocol_errors);
+    o->timeouts_message = QS_GET(s->timeouts_message);
+    o->timeouts_idle = QS_GET(s->timeouts_idle);
+    o->timeouts_write = QS_GET(s->timeouts_write);
+    o->quota_closes = QS_GET(s->quota_closes);
+    o->large_bytes = QS_GET(c->pool.large_bytes);
+    o->out_heap_bytes = QS_GET(s->out_heap_bytes);
+    o->large_waits = QS_GET(s->large_waits);
     o->bufs_in_use = QS_GET(c->pool.in_use);
     o->bufs_total = c->pool.count;
     if (c->cfg.inline_stack) {

@@ -22,6 +22,8 @@
 #define QS_CMD_BATCH 256
 #define QS_IOV_MAX 64
 #define QS_POOL_WAIT QS_MAX_LEVELS         /* blocked-list index: waiting for a buffer */
+#define QS_LARGE_WAIT (QS_MAX_LEVELS + 1)  /* ... waiting for room under max_large_bytes */
+#define QS_SWEEP_NS 1000000000LL           /* every conn's timeouts looked at once a second */
 
 /* what a conn wants from its socket (qs_conn.mask) */
 #define QS_WANT_IN 1u
@@ -71,6 +73,7 @@ typedef struct qs_out {
     uint64_t len;
     qs_buf *buf;
     void *heap;
+    uint64_t hlen;                 /* heap bytes charged to net->out_heap */
 } qs_out;
 
 /* A reply parked until the replies to the messages before it are written
@@ -108,6 +111,10 @@ struct qs_conn {
     uint64_t tx_seq;               /* seq whose reply is awaited: all before it are written */
     qs_park *park_head, *park_tail;   /* parked replies, by seq, FIFO within a seq */
     uint64_t park_bytes;           /* their bytes: count toward out_high_water */
+    uint8_t *part;                 /* a partial message kept out of the pool (malloc'ed) */
+    uint64_t part_len, part_cap;   /* its bytes; the block's size */
+    int64_t t_partial;             /* when the unfinished message started, 0: none */
+    int64_t t_out;                 /* last write progress (or queue start) */
     struct qs_conn *blk_prev, *blk_next;
     void *sock;                    /* ustack: the control block */
     qs_event pending;
@@ -123,8 +130,13 @@ struct qs_net {
     qs_conn **conns;               /* indexed by slot */
     uint32_t nconns;
     uint32_t gen;
-    qs_conn blk[QS_MAX_LEVELS + 1];   /* blocked-list sentinels; [QS_POOL_WAIT] = pool */
+    qs_conn blk[QS_MAX_LEVELS + 2];   /* blocked-list sentinels; [QS_POOL_WAIT] = pool,
+                                         [QS_LARGE_WAIT] = room outside the pool */
     uint32_t nblocked_ev;          /* conns blocked on an event ring */
+    uint32_t nlarge_wait;          /* conns on blk[QS_LARGE_WAIT] */
+    uint64_t out_heap;             /* unsent bytes copied out of the pool, all conns */
+    uint32_t sweep_at;             /* next slot the timeout sweep looks at */
+    int64_t sweep_t;               /* when it last ran */
     int64_t dirty[QS_CMD_BATCH];   /* conns touched by the current command batch */
     int ndirty;
     int64_t *owed;                 /* conns owed a WRITABLE the ring had no room for */
@@ -169,6 +181,7 @@ void qs_net_stop_reading(qs_net *net);
 int qs_net_publish(qs_net *net);       /* publish put() events in level order; how many */
 int qs_net_owed_ready(qs_net *net);    /* a WRITABLE owed has ring room now */
 int qs_net_cmds_waiting(qs_net *net);
-int qs_net_work(qs_net *net);          /* commands, blocked conns, owed WRITABLEs */
+int qs_net_work(qs_net *net);          /* commands, blocked conns, owed WRITABLEs, timeouts */
+int qs_net_wait_ms(qs_net *net);       /* longest sleep the timeouts allow (-1: forever) */
 
 #endif

@@ -29,6 +29,7 @@ int qs_pool_init(qs_pool *p, uint32_t buf_size, uint32_t count)
     p->nfree = count;
     p->jumbo.jnext = p->jumbo.jprev = &p->jumbo;
     atomic_init(&p->in_use, 0);
+    atomic_init(&p->large_bytes, 0);
     return 0;
 }
 
@@ -79,6 +80,7 @@ qs_buf *qs_pool_get_jumbo(qs_pool *p, uint64_t cap)
     p->jumbo.jnext->jprev = b;
     p->jumbo.jnext = b;
     QS_ADD(p->in_use, 1);
+    QS_ADD(p->large_bytes, cap);
     return b;
 }
 
@@ -86,6 +88,8 @@ void qs_pool_free_buf(qs_pool *p, qs_buf *b)
 {
     QS_SUB(p->in_use, 1);
     if (qs_pool_is_jumbo(b)) {
+        QS_SUB(p->large_bytes, b->cap);
+        p->large_freed = 1;
         b->jprev->jnext = b->jnext;
         b->jnext->jprev = b->jprev;
         b->flags = 0;

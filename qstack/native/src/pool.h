@@ -35,6 +35,9 @@ typedef struct qs_pool {
     uint32_t nfree;
     qs_buf jumbo;                  /* list sentinel */
     qs_au64 in_use;                /* pool + jumbo buffers not yet returned */
+    qs_au64 large_bytes;           /* bytes outside the slab: jumbo caps (+ what the
+                                      conn layer charges, see conn.c) */
+    int large_freed;               /* a jumbo buffer went back: waiters may fit now */
 } qs_pool;
 
 int qs_pool_init(qs_pool *p, uint32_t buf_size, uint32_t count);

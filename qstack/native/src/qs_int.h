@@ -54,6 +54,8 @@ static inline int64_t qs_now_ns(void)
 struct qs_astats {
     qs_au64 conns_open, conns_accepted, conns_closed, paused_conns;
     qs_au64 accept_errors, protocol_errors;
+    qs_au64 timeouts_message, timeouts_idle, timeouts_write, quota_closes;
+    qs_au64 out_heap_bytes, large_waits;
     qs_au64 rx_msgs[QS_MAX_LEVELS], rx_bytes[QS_MAX_LEVELS];
     qs_au64 tx_msgs[QS_MAX_LEVELS], tx_bytes[QS_MAX_LEVELS];
     qs_au64 lat[QS_MAX_LEVELS][QS_LAT_BUCKETS];
