@@ -234,6 +234,12 @@ def serve(cfg, handler, core_index=0, stats_fd=None, listen_fd=None):
     if hub_cpu is not None:
         os.sched_setaffinity(0, {hub_cpu})      # this thread only
     _app_init(cfg.app, load_callable)
+    metrics_sock = None
+    if cfg.metrics.listen is not None and stats_fd is None:
+        # One core, no supervisor: this process answers the scrapes.
+        from .metrics import bind
+        metrics_sock = bind(cfg.metrics.listen)
+        log.info("metrics on http://%s:%d/metrics", *metrics_sock.getsockname()[:2])
     options = _native_options(cfg, stream, stack_cpu, inline)
     if srv.backend == "ustack":
         core = _ustack_core(cfg, options)
@@ -337,10 +343,21 @@ def serve(cfg, handler, core_index=0, stats_fd=None, listen_fd=None):
     reporter = None
     if stats_fd is not None or srv.stats:
         reporter = gevent.spawn(_report_stats, core_index, hub, stats_fd,
-                                srv.stats_interval, watchdog)
+                                srv.stats_interval, watchdog, srv.stats_format)
+    metrics = None
+    if metrics_sock is not None:
+        from .metrics import Aggregate, render, serve_gevent
+        agg = Aggregate(1)
+
+        def scrape():
+            agg.update(os.getpid(), snapshot(core_index, hub, watchdog))
+            return render(agg)
+        metrics = serve_gevent(metrics_sock, scrape)
     native_errors = _NativeErrors(core_index)
     teller = gevent.spawn(_tell_native_errors, hub, native_errors)
     done.wait()
+    if metrics is not None:
+        metrics.stop()
     teller.kill()
     if reporter is not None:
         reporter.kill()
@@ -398,10 +415,10 @@ def _write_line(fd, snap):
         pass                          # the supervisor is gone; keep serving
 
 
-def _report_stats(core_index, hub, stats_fd, interval, watchdog=None):
+def _report_stats(core_index, hub, stats_fd, interval, watchdog=None, fmt="text"):
     import gevent
 
-    from .stats import StatsView
+    from .stats import StatsView, stats_lines
 
     view = StatsView()
     while True:
@@ -410,7 +427,7 @@ def _report_stats(core_index, hub, stats_fd, interval, watchdog=None):
         if stats_fd is not None:
             _write_line(stats_fd, snap)
         else:
-            for line in view.update([snap]):
+            for line in stats_lines(view, [snap], fmt):
                 print(line, flush=True)
 
 

@@ -29,6 +29,8 @@ taken: the pool is meant for the greenlets of one thread (a qstack core).
 from gevent.lock import BoundedSemaphore
 from greenlet import getcurrent
 
+from .counters import count
+
 __all__ = ["LevelPool", "PoolTimeout", "current_level"]
 
 
@@ -201,6 +203,8 @@ class _Checkout:
         st = self._st
         sem = st.sem
         if sem is not None and not sem.acquire(timeout=self._pool._timeout):
+            if isinstance(st.level, int):
+                count("pool_timeouts", st.level)    # --stats and --metrics show it
             raise PoolTimeout(f"no client of level {st.level} came back within "
                               f"{self._pool._timeout} s ({self._pool._limit} in use)")
         self._gen = st.gen
