@@ -95,6 +95,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         ("--stats-format", "server.stats_format", str, "--stats lines: text | json"),
         ("--metrics", "metrics.listen", str,
          "serve Prometheus metrics on HOST:PORT (/metrics)"),
+        ("--log-format", "log.format", str, "log lines: text | json"),
+        ("--log-file", "log.file", str, "append the log to this file instead of stderr"),
         ("--framing", "app.framing", str, "raw | line | fixed:N | length:N"),
         ("--max-message", "app.max_message", int,
          "largest message in bytes; larger is a protocol error"),
@@ -153,6 +155,7 @@ def _serve(args: argparse.Namespace) -> int:
     from qstack.app.loader import check_handler, load_callable, reload_callable
 
     cfg = load_layers(args.config, _overrides(args), os.environ)
+    _setup_logging(args.log_level, cfg.log.format, cfg.log.file)
     if cfg.app.handler is None:
         raise ConfigError("no handler given: pass MODULE:ATTR "
                           "(e.g. qstack serve apps.echo:handle) or set app.handler")
@@ -176,9 +179,43 @@ def _serve(args: argparse.Namespace) -> int:
     return Supervisor(cfg, handler, reload_handler=reload_handler).run()
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
-                        format="%(asctime)s qstack[%(process)d] %(levelname)s %(message)s")
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time (ISO 8601, UTC), level, pid, logger,
+    message, and exc (the formatted traceback) when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        import datetime
+        import json
+        out = {"time": datetime.datetime.fromtimestamp(
+                   record.created, datetime.timezone.utc).isoformat(timespec="milliseconds"),
+               "level": record.levelname.lower(), "pid": record.process,
+               "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        elif record.stack_info:
+            out["exc"] = self.formatStack(record.stack_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+TEXT_FORMAT = "%(asctime)s qstack[%(process)d] %(levelname)s %(message)s"
+
+
+def _setup_logging(level: str, fmt: str = "text", path: str | None = None) -> None:
+    """(Re)configure the root logger: stderr or ``path`` (appended), text or json."""
+    if path is not None:
+        try:
+            handler: logging.Handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"log.file: cannot open {path}: {e.strerror or e}") from None
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+        old.close()
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level.upper()))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -378,3 +378,28 @@ def test_environment_sets_the_port_and_a_flag_beats_it():
         assert proc.returncode == 0 and "4 workers" in err, err
     finally:
         proc.kill()
+
+
+@needs_server
+def test_log_format_json_to_a_file(tmp_path):
+    import json
+    log = tmp_path / "q.log"
+    proc, conn, _ = start("apps.echo:handle", "--log-format", "json", "--log-file", str(log))
+    try:
+        conn.close()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert err == ""                       # all of it went to the file
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert any("serving" in r["message"] for r in records), records
+    assert all({"time", "level", "pid", "logger", "message"} <= set(r) for r in records)
+    assert {r["level"] for r in records} >= {"info"}
+
+
+def test_bad_log_settings_are_one_line(tmp_path):
+    assert_one_error(qstack("serve", "apps.echo:handle", "--log-format", "xml"), "log.format")
+    assert_one_error(qstack("serve", "apps.echo:handle", "--log-file",
+                            str(tmp_path / "no" / "such" / "dir.log")), "log.file: cannot open")
