@@ -125,6 +125,20 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_serve, parser=p)
 
 
+def _add_config(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("config", help="print the default config",
+                       description="Print the default YAML config (every key, its default "
+                                   "and meaning): qstack config --dump > qstack.yaml")
+    p.add_argument("--dump", action="store_true", help="print the default YAML (the default)")
+    p.set_defaults(run=_config)
+
+
+def _config(args: argparse.Namespace) -> int:
+    from importlib.resources import files
+    sys.stdout.write(files("qstack").joinpath("qstack.yaml").read_text(encoding="utf-8"))
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="qstack", description="Serve many TCP connections with request priorities.")
@@ -133,6 +147,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     add_load_parser(sub)
     _add_redis(sub)
+    _add_config(sub)
     for name, p in sub.choices.items():
         if p.get_default("parser") is None:
             p.set_defaults(parser=p)

@@ -403,3 +403,40 @@ def test_bad_log_settings_are_one_line(tmp_path):
     assert_one_error(qstack("serve", "apps.echo:handle", "--log-format", "xml"), "log.format")
     assert_one_error(qstack("serve", "apps.echo:handle", "--log-file",
                             str(tmp_path / "no" / "such" / "dir.log")), "log.file: cannot open")
+
+
+# --- packaging: what a pip install gives -----------------------------------------
+
+def test_config_dump_is_the_default_yaml(tmp_path):
+    from qstack.config import Config, load_config
+    res = qstack("config", "--dump", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    path = write(tmp_path, "dumped.yaml", res.stdout)
+    assert load_config(path, {}) == Config()
+    with open(os.path.join(ROOT, "conf", "qstack.yaml")) as f:
+        assert f.read() == res.stdout
+
+
+@needs_server
+def test_packaged_echo_serves_from_another_directory(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "qstack", "serve", "qstack.apps.echo:handle",
+                             "--port", str(port)], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                conn = socket.create_connection(("127.0.0.1", port), timeout=5)
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+                time.sleep(0.05)
+        with conn:
+            conn.sendall(b"packaged")
+            assert recv_exactly(conn, 8) == b"packaged"
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=10)
+        assert proc.returncode == 0
+    finally:
+        proc.kill()
