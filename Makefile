@@ -8,7 +8,7 @@ NATIVE := $(wildcard qstack/native/include/*.h qstack/native/*.py \
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: all build serve test test-fast bench clean sysdeps
+.PHONY: all build dpdk serve test test-fast bench clean sysdeps
 
 all: build
 
@@ -24,11 +24,20 @@ $(STAMP): $(BIN)/python setup.py setup.cfg pyproject.toml $(NATIVE)
 	$(BIN)/python qstack/native/build_loadgen.py
 	$(BIN)/python qstack/native/build_ustack.py
 	$(BIN)/python qstack/native/build_qsview.py
-	@if pkg-config --exists libdpdk 2>/dev/null; then $(BIN)/python qstack/native/build_dpdk.py; \
-	else echo "DPDK not found (pkg-config libdpdk): qstack/_qsdpdk.so not built, no DPDK driver"; fi
 	touch $@
 
-build: $(STAMP)
+# The DPDK driver is not under the stamp: whether it can be built depends on
+# libdpdk being installed, which `make test` (sysdeps) may do after a first
+# `make serve` built everything else.  Checked on every build: built when
+# libdpdk is present and the module is missing or older than its sources.
+DPDK_SO := qstack/_qsdpdk.so
+dpdk: $(STAMP)
+	@if pkg-config --exists libdpdk 2>/dev/null; then \
+	  if [ ! -f $(DPDK_SO) ] || [ -n "$$(find $(NATIVE) -newer $(DPDK_SO) 2>/dev/null | head -n 1)" ]; then \
+	    $(BIN)/python qstack/native/build_dpdk.py; fi; \
+	else echo "DPDK not found (pkg-config libdpdk): $(DPDK_SO) not built, no DPDK driver"; fi
+
+build: $(STAMP) dpdk
 
 serve: build
 	$(BIN)/qstack serve apps.echo:handle --host $(HOST) --port $(PORT)

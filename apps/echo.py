@@ -1,8 +1,10 @@
 """The echo server: every message goes back as it came, without a copy.
 
     qstack serve apps.echo:handle
+
+The same app ships in the package as ``qstack.apps.echo`` (for pip installs).
 """
 
+from qstack.apps.echo import handle
 
-def handle(req):
-    return req.data
+__all__ = ["handle"]

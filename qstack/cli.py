@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import logging
+import os
 import sys
 
-from qstack.config import load_config, parse_rule
+from qstack import __version__
+from qstack.config import Config, parse_rule
+from qstack.config_sources import load_layers
 from qstack.errors import ConfigError
 from qstack.loadgen.cli import add_load_parser
 from qstack.redisctl import add_redis_parser as _add_redis
@@ -37,12 +41,43 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected N or N,N,... got {text!r}") from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is two lines: the usage, then what went
+    wrong with a hint (the closest flag, and where the full help is)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        usage = " ".join(self.format_usage().split())
+        hint = f"see '{self.prog} --help'"
+        if message.startswith("unrecognized arguments:"):
+            unknown = message.split(":", 1)[1].split()
+            flag = next((a.split("=", 1)[0] for a in unknown if a.startswith("-")), None)
+            close = difflib.get_close_matches(flag, list(self._option_string_actions),
+                                              n=1) if flag else []
+            if close:
+                hint = f"did you mean {close[0]}? {hint}"
+        print(usage, file=sys.stderr)
+        print(f"{self.prog}: error: {message} ({hint})", file=sys.stderr)
+        sys.exit(2)
+
+
+def _default_of(key: str) -> object:
+    section, _, name = key.partition(".")
+    value = getattr(getattr(Config(), section), name)
+    return "none" if value is None else value
+
+
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a handler",
-                       description="Serve MODULE:ATTR on every core.")
+                       usage="qstack serve [MODULE:ATTR] [options]",
+                       description="Serve MODULE:ATTR on every core. Settings come from "
+                                   "the built-in defaults (shown below), then each --config "
+                                   "file in order, then QSTACK_SECTION__KEY environment "
+                                   "variables (e.g. QSTACK_SERVER__PORT=9000), then flags.")
     p.add_argument("app", nargs="?", metavar="MODULE:ATTR",
                    help="the handler (default: app.handler from the config)")
-    p.add_argument("--config", "-c", metavar="FILE", help="YAML config (see conf/qstack.yaml)")
+    p.add_argument("--config", "-c", metavar="FILE", action="append", default=None,
+                   help="YAML config (see conf/qstack.yaml and `qstack config --dump`); "
+                        "repeatable, later files override earlier ones")
     # default=None everywhere: only flags actually given override the file.
     flags = [
         ("--host", "server.host", str, "address to listen on"),
@@ -61,7 +96,16 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
          "close a connection idle this many seconds (0 = off)"),
         ("--write-timeout", "server.write_timeout", float,
          "reset a connection that reads none of its replies this long (0 = off)"),
+        ("--backlog", "server.backlog", int, "listen() backlog per core"),
+        ("--stats-interval", "server.stats_interval", float, "seconds between stats lines"),
+        ("--stats-format", "server.stats_format", str, "--stats lines: text | json"),
+        ("--metrics", "metrics.listen", str,
+         "serve Prometheus metrics on HOST:PORT (/metrics)"),
+        ("--log-format", "log.format", str, "log lines: text | json"),
+        ("--log-file", "log.file", str, "append the log to this file instead of stderr"),
         ("--framing", "app.framing", str, "raw | line | fixed:N | length:N"),
+        ("--max-message", "app.max_message", int,
+         "largest message in bytes; larger is a protocol error"),
         ("--levels", "priority.levels", int, "number of priority levels"),
         ("--reserve", "priority.reserve", _int_list,
          "workers held back for higher levels: N or r0,r1,..."),
@@ -76,23 +120,43 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     ]
     for flag, key, typ, text in flags:
         p.add_argument(flag, dest=key, type=typ, default=None, metavar=key.split(".")[1].upper(),
-                       help=f"{text} ({key})")
+                       help=f"{text} ({key}, default {_default_of(key)})")
     p.add_argument("--priority", action="append", metavar="RULE", default=None,
                    help="offset=N,value=N[,mask=N][,level=N]; repeatable, "
                         "first match wins (priority.rules)")
     p.add_argument("--stats", dest="server.stats", action="store_true", default=None,
-                   help="print per-core stats every interval (server.stats)")
-    p.add_argument("--log-level", choices=LOG_LEVELS, default="info")
-    p.set_defaults(run=_serve)
+                   help="print per-core stats every interval (server.stats, default off)")
+    p.add_argument("--log-level", choices=LOG_LEVELS, default="info",
+                   help="default info")
+    p.set_defaults(run=_serve, parser=p)
+
+
+def _add_config(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("config", help="print the default config",
+                       description="Print the default YAML config (every key, its default "
+                                   "and meaning): qstack config --dump > qstack.yaml")
+    p.add_argument("--dump", action="store_true", help="print the default YAML (the default)")
+    p.set_defaults(run=_config)
+
+
+def _config(args: argparse.Namespace) -> int:
+    from importlib.resources import files
+    sys.stdout.write(files("qstack").joinpath("qstack.yaml").read_text(encoding="utf-8"))
+    return 0
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="qstack", description="Serve many TCP connections with request priorities.")
+    parser.add_argument("--version", action="version", version=f"qstack {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_serve(sub)
     add_load_parser(sub)
     _add_redis(sub)
+    _add_config(sub)
+    for name, p in sub.choices.items():
+        if p.get_default("parser") is None:
+            p.set_defaults(parser=p)
     return parser
 
 
@@ -111,7 +175,8 @@ def _serve(args: argparse.Namespace) -> int:
     # the hub, gevent and the native core) just to print an error.
     from qstack.app.loader import check_handler, load_callable, reload_callable
 
-    cfg = load_config(args.config, _overrides(args))
+    cfg = load_layers(args.config, _overrides(args), os.environ)
+    _setup_logging(args.log_level, cfg.log.format, cfg.log.file)
     if cfg.app.handler is None:
         raise ConfigError("no handler given: pass MODULE:ATTR "
                           "(e.g. qstack serve apps.echo:handle) or set app.handler")
@@ -135,16 +200,54 @@ def _serve(args: argparse.Namespace) -> int:
     return Supervisor(cfg, handler, reload_handler=reload_handler).run()
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
-                        format="%(asctime)s qstack[%(process)d] %(levelname)s %(message)s")
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time (ISO 8601, UTC), level, pid, logger,
+    message, and exc (the formatted traceback) when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        import datetime
+        import json
+        out = {"time": datetime.datetime.fromtimestamp(
+                   record.created, datetime.timezone.utc).isoformat(timespec="milliseconds"),
+               "level": record.levelname.lower(), "pid": record.process,
+               "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        elif record.stack_info:
+            out["exc"] = self.formatStack(record.stack_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+TEXT_FORMAT = "%(asctime)s qstack[%(process)d] %(levelname)s %(message)s"
+
+
+def _setup_logging(level: str, fmt: str = "text", path: str | None = None) -> None:
+    """(Re)configure the root logger: stderr or ``path`` (appended), text or json."""
+    if path is not None:
+        try:
+            handler: logging.Handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"log.file: cannot open {path}: {e.strerror or e}") from None
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+        old.close()
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level.upper()))
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``qstack`` console script; returns the exit status."""
     parser = _build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            # The subcommand's parser reports it, so the usage shown is its own.
+            sub = getattr(args, "parser", parser)
+            sub.error(f"unrecognized arguments: {' '.join(extra)}")
         if args.command is None:
             parser.print_usage(sys.stderr)
             print("qstack: error: a command is required (try: qstack serve --help)",

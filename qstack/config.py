@@ -74,6 +74,7 @@ class ServerConfig:
     message_timeout: float = 30.0
     idle_timeout: float = 0.0
     write_timeout: float = 30.0
+    stats_format: str = "text"
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,19 @@ class UstackConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus metrics (qstack.metrics)."""
+    listen: str | None = None
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Where and how qstack logs (the CLI sets logging up from it)."""
+    format: str = "text"
+    file: str | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     app: AppConfig = field(default_factory=AppConfig)
@@ -161,6 +175,8 @@ class Config:
     layout: LayoutConfig = field(default_factory=LayoutConfig)
     native: NativeConfig = field(default_factory=NativeConfig)
     ustack: UstackConfig = field(default_factory=UstackConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 # --- value checks -----------------------------------------------------------
@@ -390,6 +406,7 @@ _SCHEMA: dict[str, dict[str, Validator]] = {
         "message_timeout": _float(0, 86400),
         "idle_timeout": _float(0, 86400),
         "write_timeout": _float(0, 86400),
+        "stats_format": _choice("text", "json"),
     },
     "app": {
         "handler": _optional(_spec),
@@ -440,10 +457,18 @@ _SCHEMA: dict[str, dict[str, Validator]] = {
         "corrupt": _float(0, 1, hi_open=True),
         "fault_seed": _int(0, (1 << 63) - 1),
     },
+    "metrics": {
+        "listen": _optional(lambda v, k, s: _hostport(v, k, s)),
+    },
+    "log": {
+        "format": _choice("text", "json"),
+        "file": _optional(_str),
+    },
 }
 
 _CLASSES = {"server": ServerConfig, "app": AppConfig, "priority": PriorityConfig,
-            "layout": LayoutConfig, "native": NativeConfig, "ustack": UstackConfig}
+            "layout": LayoutConfig, "native": NativeConfig, "ustack": UstackConfig,
+            "metrics": MetricsConfig, "log": LogConfig}
 
 ALL_KEYS = tuple(f"{s}.{k}" for s, keys in _SCHEMA.items() for k in keys)
 
@@ -642,3 +667,12 @@ def _check_ustack(cfg: Config) -> None:
         here = ipaddress.IPv4Network(str(us.ip), strict=False)
         if ipaddress.IPv4Address(us.gateway) not in here:
             raise ConfigError(f"ustack.gateway: {us.gateway} is not in {here}")
+
+
+def _hostport(value, key, source):
+    """HOST:PORT (HOST may be empty for 127.0.0.1, or [v6]); PORT 0..65535."""
+    host, sep, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{key}: expected HOST:PORT such as 127.0.0.1:9100, "
+                          f"got {_show(value)}")
+    return value

@@ -211,11 +211,13 @@ def _app_init(app, load_callable):
         raise ConfigError(f"app init {app.init} failed: {type(exc).__name__}: {text}") from None
 
 
-def serve(cfg, handler, core_index=0, stats_fd=None, listen_fd=None):
+def serve(cfg, handler, core_index=0, stats_fd=None, listen_fd=None, stop_fd=None):
     """Serve until a signal asks to stop; returns the exit code.
 
     ``listen_fd`` is a listening socket the supervisor made and keeps (kernel
-    backend); without it this core binds its own.
+    backend); without it this core binds its own.  ``stop_fd`` (qstack.serve's
+    handle) stops it as SIGTERM does once it becomes readable.  Outside the
+    main thread no signal handler can be installed: only ``stop_fd`` stops it.
     """
     import gevent
     from gevent.event import Event
@@ -229,7 +231,10 @@ def serve(cfg, handler, core_index=0, stats_fd=None, listen_fd=None):
 
     # Until the handlers below are in place a SIGHUP would kill the core
     # (its default action); a hang-up or reload request is never a crash.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    import threading
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     srv = cfg.server
     stream = bool(getattr(handler, "__qstack_stream__", False))
     classifier = (load_callable(cfg.priority.classifier, "priority classifier")
@@ -240,6 +245,12 @@ def serve(cfg, handler, core_index=0, stats_fd=None, listen_fd=None):
     if hub_cpu is not None:
         os.sched_setaffinity(0, {hub_cpu})      # this thread only
     _app_init(cfg.app, load_callable)
+    metrics_sock = None
+    if cfg.metrics.listen is not None and stats_fd is None:
+        # One core, no supervisor: this process answers the scrapes.
+        from .metrics import bind
+        metrics_sock = bind(cfg.metrics.listen)
+        log.info("metrics on http://%s:%d/metrics", *metrics_sock.getsockname()[:2])
     options = _native_options(cfg, stream, stack_cpu, inline)
     if srv.backend == "ustack":
         core = _ustack_core(cfg, options)
@@ -333,20 +344,40 @@ def serve(cfg, handler, core_index=0, stats_fd=None, listen_fd=None):
                 stopping.append(0)
                 gevent.spawn(stop)
 
-    gevent.signal_handler(signal.SIGTERM, on_signal, signal.SIGTERM)
-    gevent.signal_handler(signal.SIGINT, on_signal, signal.SIGINT)
+    def watch_stop_fd():
+        hub_ = gevent.get_hub()
+        hub_.wait(hub_.loop.io(stop_fd, 1))     # 1: readable
+        on_signal(signal.SIGTERM)
+
+    if main_thread:
+        gevent.signal_handler(signal.SIGTERM, on_signal, signal.SIGTERM)
+        gevent.signal_handler(signal.SIGINT, on_signal, signal.SIGINT)
     if supervised:
         gevent.spawn(watch_parent, os.getppid())
-    else:
+    elif main_thread:
         gevent.signal_handler(signal.SIGHUP, on_signal, signal.SIGHUP)
+    stop_watcher = gevent.spawn(watch_stop_fd) if stop_fd is not None else None
 
     reporter = None
     if stats_fd is not None or srv.stats:
         reporter = gevent.spawn(_report_stats, core_index, hub, stats_fd,
-                                srv.stats_interval, watchdog)
+                                srv.stats_interval, watchdog, srv.stats_format)
+    metrics = None
+    if metrics_sock is not None:
+        from .metrics import Aggregate, render, serve_gevent
+        agg = Aggregate(1)
+
+        def scrape():
+            agg.update(os.getpid(), snapshot(core_index, hub, watchdog))
+            return render(agg)
+        metrics = serve_gevent(metrics_sock, scrape)
     native_errors = _NativeErrors(core_index)
     teller = gevent.spawn(_tell_native_errors, hub, native_errors)
     done.wait()
+    if stop_watcher is not None:
+        stop_watcher.kill()
+    if metrics is not None:
+        metrics.stop()
     teller.kill()
     if reporter is not None:
         reporter.kill()
@@ -405,10 +436,10 @@ def _write_line(fd, snap):
         pass                          # the supervisor is gone; keep serving
 
 
-def _report_stats(core_index, hub, stats_fd, interval, watchdog=None):
+def _report_stats(core_index, hub, stats_fd, interval, watchdog=None, fmt="text"):
     import gevent
 
-    from .stats import StatsView
+    from .stats import StatsView, stats_lines
 
     view = StatsView()
     while True:
@@ -417,7 +448,7 @@ def _report_stats(core_index, hub, stats_fd, interval, watchdog=None):
         if stats_fd is not None:
             _write_line(stats_fd, snap)
         else:
-            for line in view.update([snap]):
+            for line in stats_lines(view, [snap], fmt):
                 print(line, flush=True)
 
 

@@ -32,6 +32,12 @@ test compares them).  Bucket v < 8 holds exactly v ns; above, bucket
 8 + (e-3)*8 + sub holds the values whose top four bits are 1sub (e = floor
 log2), so a reported percentile is at most 12.5% above the true value.
 
+Printed (``stats_lines``), each text line ends with the local time it was
+printed, ``  at 2025-01-01T12:00:01``; the timestamp goes last so that
+tools matching ``core 0`` at the start of a line keep working.  With
+``server.stats_format: json`` each core's snapshot is printed as it is, one
+JSON object per line, with ``"time"`` (Unix seconds) added.
+
 A counter that went backwards means the core restarted (the supervisor
 restarts crashed children): its new snapshot becomes the baseline and that
 interval shows '-' rather than negative rates.
@@ -39,7 +45,10 @@ interval shows '-' rather than negative rates.
 
 from __future__ import annotations
 
+import datetime
+import json
 import math
+import time
 
 QS_LAT_BUCKETS = 328
 _LAST = QS_LAT_BUCKETS - 1
@@ -257,3 +266,14 @@ class StatsView:
     def forget(self, core: int) -> None:
         """Drop a core's baseline (e.g. its process was restarted)."""
         self._prev.pop(core, None)
+
+
+def stats_lines(view: StatsView, snapshots: list[dict], fmt: str = "text",
+                now: float | None = None) -> list[str]:
+    """What ``--stats`` prints for one interval, in ``server.stats_format``."""
+    now = time.time() if now is None else now
+    if fmt == "json":
+        return [json.dumps({"time": round(now, 3), **snap}, separators=(",", ":"))
+                for snap in sorted(snapshots, key=lambda s: s["core"])]
+    stamp = datetime.datetime.fromtimestamp(now).isoformat(timespec="seconds")
+    return [f"{line}  at {stamp}" for line in view.update(snapshots)]

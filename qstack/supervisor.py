@@ -64,7 +64,7 @@ import traceback
 from dataclasses import dataclass, field
 
 from qstack.errors import ConfigError
-from qstack.stats import StatsView
+from qstack.stats import StatsView, stats_lines
 
 log = logging.getLogger("qstack.supervisor")
 
@@ -154,6 +154,8 @@ class Supervisor:
         self._error: str | None = None
         self._view = StatsView()
         self._snapshots: dict[int, dict] = {}     # newest per core since last print
+        self._metrics = None                      # SelectorHTTP when --metrics
+        self._aggregate = None                    # qstack.metrics.Aggregate
 
     # --- public -------------------------------------------------------------
 
@@ -168,6 +170,7 @@ class Supervisor:
         old_handlers = {s: signal.signal(s, self._on_signal) for s in _SIGNALS}
         try:
             self._open_listeners()
+            self._open_metrics()
             for core in range(len(self._cores)):
                 self._spawn(core)
             code = self._loop()
@@ -176,6 +179,9 @@ class Supervisor:
             for fd in self._listeners:
                 os.close(fd)
             self._listeners = []
+            if self._metrics is not None:
+                self._metrics.close()
+                self._metrics = None
             signal.set_wakeup_fd(old_wakeup)
             for s, h in old_handlers.items():
                 signal.signal(s, h)
@@ -196,6 +202,18 @@ class Supervisor:
         from qstack.server import open_listener
         for _ in self._cores:
             self._listeners.append(open_listener(srv.host, srv.port, srv.backlog).detach())
+
+    def _open_metrics(self) -> None:
+        """--metrics: scrapes answered from this loop (no thread: we fork)."""
+        listen = self.cfg.metrics.listen
+        if listen is None:
+            return
+        from qstack.metrics import Aggregate, SelectorHTTP, bind, render
+        self._aggregate = agg = Aggregate(len(self._cores))
+        self._metrics = SelectorHTTP(bind(listen), lambda: render(agg))
+        self._metrics.attach(self._sel)
+        host, port = self._metrics.sock.getsockname()[:2]
+        log.info("metrics on http://%s:%d/metrics", host, port)
 
     def _spawn(self, core: int, gen: int | None = None) -> None:
         gen = self._gen if gen is None else gen
@@ -224,6 +242,8 @@ class Supervisor:
             for s in _SIGNALS:
                 signal.signal(s, signal.SIG_IGN if s == signal.SIGHUP else signal.SIG_DFL)
             self._sel.close()
+            if self._metrics is not None:
+                self._metrics.close_in_child()
             for fd in [self._wake_r, self._wake_w] + [c.fd for c in self._children.values()]:
                 os.close(fd)
             kwargs = {}
@@ -292,6 +312,9 @@ class Supervisor:
             child.ready = True
             if isinstance(msg.get("dropped"), int):
                 child.dropped = msg["dropped"]
+            if self._aggregate is not None:
+                # Every generation counts here (by pid): totals stay monotonic.
+                self._aggregate.update(child.pid, msg)
             if child.gen != self._gen:
                 return                # an old or a starting generation: not in the totals
             msg["core"] = child.core
@@ -320,6 +343,8 @@ class Supervisor:
             for key, _ in self._sel.select(max(0.0, min(wake) - now)):
                 if key.data is None:
                     self._drain_wakeup()
+                elif callable(key.data):
+                    key.data()        # a metrics scrape
                 else:
                     child = next((c for c in self._children.values() if c.fd == key.fd), None)
                     if child is not None:
@@ -330,6 +355,8 @@ class Supervisor:
                     return 1
             self._reap()
             now = time.monotonic()
+            if self._metrics is not None:
+                self._metrics.expire(now)
             if not self._stopping:
                 for core, state in enumerate(self._cores):
                     if state.restart_at is not None and now >= state.restart_at:
@@ -481,6 +508,8 @@ class Supervisor:
             os.close(child.fd)
             child.fd = -1
         self._children.pop(child.pid, None)
+        if self._aggregate is not None:
+            self._aggregate.retire(child.pid)
 
     def _reap(self) -> None:
         for pid in list(self._children):
@@ -546,13 +575,15 @@ class Supervisor:
                 return
         state.restart_at = now + delay
         self._view.forget(child.core)
+        if self._aggregate is not None:
+            self._aggregate.restarted(child.core)
         log.warning("core %d (pid %d) %s; restarting in %.1f s",
                     child.core, child.pid, what, delay)
 
     def _print_stats(self) -> None:
         snaps, self._snapshots = list(self._snapshots.values()), {}
         if snaps:
-            for line in self._view.update(snaps):
+            for line in stats_lines(self._view, snaps, self.cfg.server.stats_format):
                 print(line)
             sys.stdout.flush()
 

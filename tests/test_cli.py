@@ -293,3 +293,150 @@ def test_grace_overrun_is_counted_and_exits_3():
     assert proc.returncode == 3, err
     assert "core 0: grace period of 0.5s ran out; 1 request(s) dropped" in err
     assert "Traceback" not in err
+
+
+# --- the command line itself (issue 15) ----------------------------------------
+
+def test_version():
+    import qstack as pkg
+    res = qstack("--version")
+    assert res.returncode == 0 and res.stdout.strip() == f"qstack {pkg.__version__}"
+
+
+def test_serve_help_shows_defaults():
+    out = qstack("serve", "--help").stdout
+    flat = " ".join(out.split())
+    for text in ("server.port, default 8000", "server.workers, default 64",
+                 "server.backlog, default 1024", "server.stats_interval, default 1.0",
+                 "app.max_message, default 16777216", "QSTACK_SECTION__KEY"):
+        assert text in flat, text
+
+
+def test_unknown_flag_is_usage_line_plus_hint():
+    res = qstack("serve", "apps.echo:handle", "--prot", "9000")
+    assert res.returncode == 2
+    lines = res.stderr.splitlines()
+    assert len(lines) == 2, res.stderr
+    assert lines[0].startswith("usage: qstack serve")
+    assert "unrecognized arguments: --prot" in lines[1]
+    assert "did you mean --port?" in lines[1] and "qstack serve --help" in lines[1]
+    res = qstack("load", "--dets", "127.0.0.1:1")
+    lines = res.stderr.splitlines()
+    assert res.returncode == 2 and len(lines) == 2, res.stderr
+    assert lines[0].startswith("usage: qstack load") and "did you mean --dest?" in lines[1]
+
+
+def test_new_flags_are_validated_like_the_file():
+    assert_one_error(qstack("serve", "apps.echo:handle", "--backlog", "0"), "server.backlog")
+    assert_one_error(qstack("serve", "apps.echo:handle", "--stats-interval", "0.01"),
+                     "server.stats_interval")
+    assert_one_error(qstack("serve", "apps.echo:handle", "--max-message", "0"),
+                     "app.max_message")
+
+
+def test_repeated_config_later_file_wins(tmp_path):
+    a = write(tmp_path, "a.yaml", "server: {port: 9000, workers: 8}\n")
+    b = write(tmp_path, "b.yaml", "server: {port: 70000}\n")
+    # b's bad port wins over a's good one: proof that b was read after a.
+    assert_one_error(qstack("serve", "apps.echo:handle", "--config", a, "--config", b),
+                     "server.port", "70000")
+    assert_one_error(qstack("serve", "apps.echo:handle", "--config", b, "--config", a,
+                            "--workers", "0"), "server.workers")
+
+
+def test_environment_overrides_are_validated():
+    env = dict(os.environ, QSTACK_SERVER__PORT="abc")
+    assert_one_error(qstack("serve", "apps.echo:handle", env=env),
+                     "server.port", "'abc'", "QSTACK_SERVER__PORT")
+    env = dict(os.environ, QSTACK_SERVER__PROT="1")
+    assert_one_error(qstack("serve", "apps.echo:handle", env=env),
+                     "unknown key 'server.prot'", "QSTACK_SERVER__PROT",
+                     "did you mean 'server.port'")
+
+
+@needs_server
+def test_environment_sets_the_port_and_a_flag_beats_it():
+    port = free_port()
+    env = dict(os.environ, QSTACK_SERVER__PORT=str(port), QSTACK_SERVER__WORKERS="4")
+    proc = subprocess.Popen([sys.executable, "-m", "qstack", "serve", "apps.echo:handle"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                conn = socket.create_connection(("127.0.0.1", port), timeout=5)
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.05)
+        with conn:
+            conn.sendall(b"ping")
+            assert recv_exactly(conn, 4) == b"ping"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+        assert proc.returncode == 0 and "4 workers" in err, err
+    finally:
+        proc.kill()
+
+
+@needs_server
+def test_log_format_json_to_a_file(tmp_path):
+    import json
+    log = tmp_path / "q.log"
+    proc, conn, _ = start("apps.echo:handle", "--log-format", "json", "--log-file", str(log))
+    try:
+        conn.close()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert err == ""                       # all of it went to the file
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert any("serving" in r["message"] for r in records), records
+    assert all({"time", "level", "pid", "logger", "message"} <= set(r) for r in records)
+    assert {r["level"] for r in records} >= {"info"}
+
+
+def test_bad_log_settings_are_one_line(tmp_path):
+    assert_one_error(qstack("serve", "apps.echo:handle", "--log-format", "xml"), "log.format")
+    assert_one_error(qstack("serve", "apps.echo:handle", "--log-file",
+                            str(tmp_path / "no" / "such" / "dir.log")), "log.file: cannot open")
+
+
+# --- packaging: what a pip install gives -----------------------------------------
+
+def test_config_dump_is_the_default_yaml(tmp_path):
+    from qstack.config import Config, load_config
+    res = qstack("config", "--dump", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    path = write(tmp_path, "dumped.yaml", res.stdout)
+    assert load_config(path, {}) == Config()
+    with open(os.path.join(ROOT, "conf", "qstack.yaml")) as f:
+        assert f.read() == res.stdout
+
+
+@needs_server
+def test_packaged_echo_serves_from_another_directory(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "qstack", "serve", "qstack.apps.echo:handle",
+                             "--port", str(port)], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                conn = socket.create_connection(("127.0.0.1", port), timeout=5)
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+                time.sleep(0.05)
+        with conn:
+            conn.sendall(b"packaged")
+            assert recv_exactly(conn, 8) == b"packaged"
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=10)
+        assert proc.returncode == 0
+    finally:
+        proc.kill()

@@ -310,3 +310,30 @@ def test_parse_framing_errors(text):
     with pytest.raises(ConfigError) as info:
         parse_framing(text)
     assert str(info.value).startswith(f"bad framing {text!r}")
+
+
+# --- several sources: files in order, environment, overrides (issue 15) -------
+
+def test_layers_files_in_order_then_env_then_overrides(tmp_path):
+    from qstack.config_sources import load_layers
+    a = write(tmp_path, "server: {port: 9000, workers: 8, backlog: 10}\n", "a.yaml")
+    b = write(tmp_path, "server: {port: 9001}\n", "b.yaml")
+    env = {"QSTACK_SERVER__WORKERS": "16", "QSTACK_SANITIZE": "1", "PATH": "/bin",
+           "QSTACK_PRIORITY__RULES": "[{offset: 0, value: 0x21}]"}
+    cfg = load_layers([a, b], {"server.backlog": 20}, env)
+    assert (cfg.server.port, cfg.server.workers, cfg.server.backlog) == (9001, 16, 20)
+    assert cfg.priority.rules == (Rule(0, 0x21),)
+    assert load_layers([b, a], {}, None).server.port == 9000
+    assert load_layers(None, {}, None) == Config()
+
+
+def test_layers_env_errors_name_the_variable():
+    from qstack.config_sources import load_layers
+    with pytest.raises(ConfigError, match=r"server.stats: expected true or false, got 'yes"
+                                          r"please' \(from QSTACK_SERVER__STATS\)"):
+        load_layers(None, {}, {"QSTACK_SERVER__STATS": "yesplease"})
+    with pytest.raises(ConfigError, match="unknown key 'nope.port' in environment"):
+        load_layers(None, {}, {"QSTACK_NOPE__PORT": "1"})
+    # A flag that fixes what the environment got wrong wins, silently.
+    cfg = load_layers(None, {"server.port": 1}, {"QSTACK_SERVER__PORT": "abc"})
+    assert cfg.server.port == 1

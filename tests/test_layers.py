@@ -7,7 +7,8 @@ import pytest
 
 PKG = pathlib.Path(__file__).resolve().parent.parent / "qstack"
 
-FRONTEND = {"cli", "config", "server", "supervisor", "stats", "layout", "__main__"}
+FRONTEND = {"cli", "config", "config_sources", "embed", "server", "supervisor", "stats", "metrics",
+            "layout", "__main__"}
 LAYER_OF = {"app": 2, "coro": 1, "native": 0, "_native": 0, "errors": -1}
 FORBIDDEN = {
     "app": FRONTEND,

@@ -16,6 +16,7 @@ import resource
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -223,7 +224,8 @@ def test_plot_without_matplotlib_says_so(tmp_path):
 def test_refused_connections_are_retried_and_reported(tmp_path):
     port = free_port()     # nothing listens there
     res, doc = load_json(tmp_path, "--dest", f"127.0.0.1:{port}", "-c", "3", "-s", "0",
-                         "-w", "0", "-d", "1", "--retry-delay", "0.2", "-q")
+                         "-w", "0", "-d", "1", "--retry-delay", "0.2", "-q",
+                         "--no-check")
     assert res.returncode == 1
     c = doc["connections"]
     assert c["established"] == 0 and c["errors"]["refused"] >= 6 and c["retries"] >= 3
@@ -430,3 +432,31 @@ def test_iotep_one_lost_reply_is_counted_not_charged_to_later_ones(tmp_path):
 def test_max_lost_is_a_share():
     res = load("--dest", "127.0.0.1:9", "--max-lost", "1.5")
     assert_one_error(res, "--max-lost is a share of requests, 0..1, got 1.5")
+
+
+def test_closed_port_fails_within_a_second():
+    port = free_port()     # nothing listens there
+    t0 = time.monotonic()
+    res = load("--dest", f"127.0.0.1:{port}", "-c", "3", "-d", "30", "-q", timeout=30)
+    took = time.monotonic() - t0
+    assert res.returncode == 1, res
+    assert f"cannot connect to 127.0.0.1:{port}" in res.stderr
+    assert "connection refused" in res.stderr and "--wait-server" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert took < 1 + 2, took    # + the interpreter's start-up
+
+
+def test_wait_server_waits_for_a_late_server():
+    import threading
+    port = free_port()
+    t0 = time.monotonic()
+    res = {}
+
+    def run():
+        res["r"] = load("--dest", f"127.0.0.1:{port}", "--wait-server", "0.6", "-c", "1",
+                        "-d", "30", "-q", timeout=30)
+    th = threading.Thread(target=run)
+    th.start()
+    th.join()
+    assert res["r"].returncode == 1 and "after waiting 0.6 s" in res["r"].stderr
+    assert time.monotonic() - t0 >= 0.6

@@ -164,3 +164,24 @@ def test_errors_and_paused_conns_are_totals_summed_over_cores():
                              "handler_errors 7 hub_blocks 1")
     assert lines[2].endswith("  paused 4  protocol_errors 7 accept_errors 1 "
                              "handler_errors 7 hub_blocks 1")
+
+
+# --- what --stats prints: timestamp, json ---------------------------------------
+
+def test_text_lines_end_with_a_timestamp_and_json_is_the_snapshot():
+    import datetime
+    import json
+
+    from qstack.stats import stats_lines
+    now = 1_700_000_000.0
+    stamp = datetime.datetime.fromtimestamp(now).isoformat(timespec="seconds")
+    lines = stats_lines(StatsView(), [snap(0, 1.0, (10, 0), ([1000], [])),
+                                      snap(1, 1.0, (0, 0), ([], []))], "text", now)
+    assert [ln.split()[0] for ln in lines] == ["core", "core", "total"]
+    assert all(ln.startswith(("core ", "total")) and ln.endswith(f"  at {stamp}")
+               for ln in lines)
+    out = stats_lines(StatsView(), [snap(1, 1.0, (0, 0), ([], [])),
+                                    snap(0, 2.0, (10, 0), ([1000], []))], "json", now)
+    objs = [json.loads(ln) for ln in out]
+    assert [o["core"] for o in objs] == [0, 1] and all(o["time"] == now for o in objs)
+    assert objs[0]["levels"][0]["requests"] == 10 and objs[0]["t"] == 2.0

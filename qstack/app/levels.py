@@ -26,13 +26,21 @@ and append (and a semaphore only when the pool is bounded).  Measured here
 taken: the pool is meant for the greenlets of one thread (a qstack core).
 """
 
+from __future__ import annotations
+
+from typing import Callable, ContextManager, Generic, TypeVar
+
 from gevent.lock import BoundedSemaphore
 from greenlet import getcurrent
 
+from .counters import count
+
 __all__ = ["LevelPool", "PoolTimeout", "current_level"]
 
+T = TypeVar("T")
 
-def current_level():
+
+def current_level() -> int | None:
     """The level (0 is highest) of the request the calling greenlet serves,
     or None outside a message handler."""
     return getattr(getcurrent(), "qstack_level", None)
@@ -61,7 +69,7 @@ class _Level:
         self.gen = 0            # bumped by close(): older clients are not reused
 
 
-class LevelPool:
+class LevelPool(Generic[T]):
     """Client objects of any library, kept apart by priority level.
 
     ``factory()`` makes one client (it runs in the greenlet that needs it,
@@ -120,7 +128,9 @@ class LevelPool:
 
     __slots__ = ("_factory", "_close", "_limit", "_timeout", "_levels")
 
-    def __init__(self, factory, *, limit=None, timeout=None, close=_default_close):
+    def __init__(self, factory: Callable[[], T], *, limit: int | None = None,
+                 timeout: float | None = None,
+                 close: Callable[[T], object] = _default_close) -> None:
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
                                   or limit < 1):
             raise ValueError(f"LevelPool limit: expected an integer >= 1 or None, "
@@ -137,7 +147,7 @@ class LevelPool:
             st = self._levels[level] = _Level(level, self._limit)
         return st
 
-    def get(self):
+    def get(self) -> T:
         """The shared client of the current level (made on first use)."""
         level = getattr(getcurrent(), "qstack_level", None)
         st = self._levels.get(level)
@@ -151,19 +161,19 @@ class LevelPool:
             self._discard(client)
         return st.shared
 
-    def connection(self):
+    def connection(self) -> ContextManager[T]:
         """``with pool.connection() as client``: a client of the current
         level for this greenlet alone, returned to the level when the block
         ends (closed instead if it ends by an exception)."""
         level = getattr(getcurrent(), "qstack_level", None)
         return _Checkout(self, self._levels.get(level) or self._level(level))
 
-    def idle(self, level=None):
+    def idle(self, level: int | None = None) -> int:
         """How many clients of ``level`` are checked in now (for stats and tests)."""
         st = self._levels.get(level)
         return len(st.free) if st is not None else 0
 
-    def close(self):
+    def close(self) -> None:
         """Close every client the pool holds: the shared ones and the idle
         ones now, those checked out when they come back.  The pool stays
         usable: it makes new clients on demand."""
@@ -201,6 +211,8 @@ class _Checkout:
         st = self._st
         sem = st.sem
         if sem is not None and not sem.acquire(timeout=self._pool._timeout):
+            if isinstance(st.level, int):
+                count("pool_timeouts", st.level)    # --stats and --metrics show it
             raise PoolTimeout(f"no client of level {st.level} came back within "
                               f"{self._pool._timeout} s ({self._pool._limit} in use)")
         self._gen = st.gen

@@ -15,7 +15,17 @@ StreamServer, and uses ``conn.recv``, ``conn.send``/``sendall`` and
 ``conn.close``.
 """
 
-__all__ = ["Request", "Connection", "stream"]
+from __future__ import annotations
+
+from typing import Any, Callable, TypeVar, Union
+
+__all__ = ["Request", "Connection", "stream", "Buffer", "Reply"]
+
+# What a handler may send or return: any bytes-like object.
+Buffer = Union[bytes, bytearray, memoryview]
+# What a message handler returns: a reply, or None for no reply.
+Reply = Union[Buffer, None]
+_H = TypeVar("_H", bound=Callable[..., Any])
 
 
 class Request:
@@ -23,15 +33,20 @@ class Request:
 
     __slots__ = ("data", "priority", "conn_id", "seq", "_hub")
 
-    def __init__(self, hub):
+    data: memoryview
+    priority: int
+    conn_id: int
+    seq: int
+
+    def __init__(self, hub: Any) -> None:
         self._hub = hub
-        self.data = None
+        self.data = None  # type: ignore[assignment]  (set before the handler runs)
         self.priority = 0
         self.conn_id = 0
         self.seq = 0            # the message's place on its connection (hub's business)
 
     @property
-    def conn(self):
+    def conn(self) -> Connection:
         """The connection this request came on (to send more, or close it).
 
         With ``server.reply_order: arrival`` its sends go out in this
@@ -41,7 +56,7 @@ class Request:
         return Connection(self._hub, self.conn_id,
                           (self.seq, self.priority) if self.seq else None)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         n = len(self.data) if self.data is not None else 0
         return f"<Request conn={self.conn_id} priority={self.priority} {n} bytes>"
 
@@ -56,46 +71,48 @@ class Connection:
 
     __slots__ = ("_hub", "id", "_slot")
 
-    def __init__(self, hub, conn_id, slot=None):
+    id: int
+
+    def __init__(self, hub: Any, conn_id: int, slot: tuple[int, int] | None = None) -> None:
         self._hub = hub
         self.id = conn_id
         self._slot = slot       # (seq, level) of the request it came from, if ordered
 
-    def send(self, data, priority=None):
+    def send(self, data: Buffer, priority: int | None = None) -> int:
         """Queue all of ``data`` for sending; returns len(data)."""
         if self._slot is None:
             return self._hub.conn_send(self.id, data, priority)
         return self._hub.conn_send(self.id, data, priority, slot=self._slot)
 
-    def sendall(self, data, priority=None):
+    def sendall(self, data: Buffer, priority: int | None = None) -> None:
         """Queue ``data`` and wait while too much is unsent (flow control)."""
         if self._slot is None:
             self._hub.conn_send(self.id, data, priority, wait=True)
         else:
             self._hub.conn_send(self.id, data, priority, wait=True, slot=self._slot)
 
-    def recv(self, bufsize=65536):
+    def recv(self, bufsize: int = 65536) -> bytes:
         """Stream handlers: up to ``bufsize`` bytes; b"" once the peer closed."""
         return self._hub.conn_recv(self.id, bufsize)
 
-    def close(self):
+    def close(self) -> None:
         """Close after everything queued so far has been written."""
         if self._slot is None:
             self._hub.conn_close(self.id)
         else:
             self._hub.conn_close(self.id, slot=self._slot)
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         return isinstance(other, Connection) and other.id == self.id
 
-    def __hash__(self):
+    def __hash__(self) -> int:
         return hash(self.id)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<Connection {self.id:#x}>"
 
 
-def stream(handler):
+def stream(handler: _H) -> _H:
     """Mark ``handler`` as a stream handler: ``handler(conn)`` per connection."""
-    handler.__qstack_stream__ = True
+    handler.__qstack_stream__ = True  # type: ignore[attr-defined]
     return handler

@@ -98,7 +98,36 @@ def add_load_parser(sub: argparse._SubParsersAction) -> None:
     a("--spin", type=float, metavar="S",
       help="poll instead of sleeping when the next send is within S s (default 0)")
     a("--allow-remote", action="store_true", help="allow a non-loopback --dest")
+    a("--wait-server", type=float, metavar="S", default=0.0,
+      help="before the run, wait up to S s for --dest to accept a connection (default 0: "
+           "a closed port fails at once instead of being retried for the whole window)")
+    a("--no-check", action="store_true",
+      help="skip that check: connections refused are retried for the whole window")
     p.set_defaults(run=_load)
+
+
+PROBE_TIMEOUT = 1.0     # seconds one probe connect may take
+
+
+def probe(host: str, port: int, wait: float) -> str | None:
+    """Connect once to host:port (again until ``wait`` s have passed); None if it
+    accepted, else why not, in words."""
+    import errno
+    import socket
+    import time
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=PROBE_TIMEOUT):
+                return None
+        except socket.timeout:
+            why = f"no answer within {PROBE_TIMEOUT:g} s"
+        except OSError as e:
+            why = ("connection refused: nothing listens there" if e.errno == errno.ECONNREFUSED
+                   else e.strerror or str(e))
+        if time.monotonic() >= deadline:
+            return why
+        time.sleep(0.1)
 
 
 FIELDS = ("connections", "setup", "wait", "epoch", "burst", "length", "ratio", "duration",
@@ -138,6 +167,14 @@ def _load(args: argparse.Namespace) -> int:
     def mark(line: str) -> None:
         print(line, file=sys.stdout, flush=True)
 
+    if args.wait_server < 0:
+        raise ConfigError(f"--wait-server: expected seconds >= 0, got {args.wait_server:g}")
+    why = None if args.no_check else probe(o.host, o.port, args.wait_server)
+    if why is not None:
+        waited = f" after waiting {args.wait_server:g} s" if args.wait_server else ""
+        print(f"qstack load: cannot connect to {o.dest}{waited}: {why} (start the server "
+              f"first, or pass --wait-server S to wait for it)", file=sys.stderr, flush=True)
+        return 1
     if not o.quiet:
         say("qstack load: " + o.describe())
     for n in notes:
