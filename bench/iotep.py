@@ -247,6 +247,9 @@ def main():
                     help="a smoke run: 2,000 connections, 5 s window")
     ap.add_argument("--plot", metavar="PNG",
                     help="draw the request latency CDFs, on against off (all rounds)")
+    ap.add_argument("--null", action="store_true",
+                    help="also serve apps.iotep_null (no Redis, replies at once) under "
+                         "the same load: the floor the load shape itself sets here")
     ap.add_argument("--floor", action="store_true",
                     help="also measure the requests' own cost: requests only "
                          "(1,000 connections, 200/s, priority on), in bursts of "
@@ -279,6 +282,11 @@ def main():
                 docs.append({"mode": f"floor-b{burst}", "round": 0, "doc": doc})
                 floors.append((f"requests only, bursts of {burst}", summary(doc)))
                 print(f"[floor b{burst}] " + json.dumps(floors[-1][1]), flush=True)
+        if args.null:
+            doc = run_one(args, "null", ["apps.iotep_null:handle"], 0, conf, cpus)
+            docs.append({"mode": "null", "round": 0, "doc": doc})
+            floors.append(("no Redis (apps.iotep_null), same load", summary(doc)))
+            print("[null] " + json.dumps(floors[-1][1]), flush=True)
         for rnd in range(args.rounds):
             order = MODES if rnd % 2 == 0 else MODES[::-1]
             for mode, extra in order:
@@ -305,8 +313,9 @@ def main():
     if on and off:
         print(f"\nrequest p99, priority off / on: {off / on:.1f}x")
     if floors:
-        print("\nThe floor: the requests' own cost, no heartbeats (1,000 connections, "
-              "200 requests/s, priority on):\n")
+        print("\nFloors (priority on): the requests' own cost with no heartbeats "
+              "(1,000 connections, 200 requests/s), and the load shape's own cost "
+              "with no Redis (--null):\n")
         print(table(floors))
     if args.plot:
         plot(docs, args, args.plot)

@@ -45,6 +45,8 @@ class FakeCore:
         self.needs_service = False
         self._mem = bytearray(slot * slots)
         self.slab = memoryview(self._mem)
+        self._pin = ffi.from_buffer(self._mem)      # keeps the address valid
+        self.slab_addr = int(ffi.cast("uintptr_t", self._pin))
         self._slot, self._slots, self._next = slot, slots, 0
         self.rings = [deque() for _ in range(levels)]
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)

@@ -90,7 +90,8 @@ def snap(core, t, requests, lat_values, conns=10, queued=(0, 0), cpu=(0.0, 0.0),
             "cpu_hub": cpu[1], "levels": levels}
 
 
-NO_FAULTS = "  paused 0  protocol_errors 0 accept_errors 0 handler_errors 0 hub_blocks 0"
+NO_FAULTS = ("  paused 0  protocol_errors 0 accept_errors 0 handler_errors 0 hub_blocks 0"
+             " msg_timeouts 0 idle_timeouts 0 write_timeouts 0 quota_closes 0")
 
 
 def test_first_snapshot_shows_gauges_only():
@@ -160,10 +161,11 @@ def test_errors_and_paused_conns_are_totals_summed_over_cores():
          "errors": 7, "hub_blocks": 1, "paused_conns": 3}
     b = {**snap(1, 0.0, (0, 0), ([], [])), "protocol_errors": 5, "paused_conns": 1}
     lines = view.update([a, b])
+    quota = " msg_timeouts 0 idle_timeouts 0 write_timeouts 0 quota_closes 0"
     assert lines[0].endswith("  paused 3  protocol_errors 2 accept_errors 1 "
-                             "handler_errors 7 hub_blocks 1")
+                             "handler_errors 7 hub_blocks 1" + quota)
     assert lines[2].endswith("  paused 4  protocol_errors 7 accept_errors 1 "
-                             "handler_errors 7 hub_blocks 1")
+                             "handler_errors 7 hub_blocks 1" + quota)
 
 
 # --- what --stats prints: timestamp, json ---------------------------------------
