@@ -168,11 +168,15 @@ class Hub:
         self._stack_w = self._loop.io(core.wake_fd, 1)
         self._next_poll = 0.0
         self._stepped = 0               # events the last inline step published
+        # Resuming after one poll of the loop: a due timer at the lowest
+        # priority runs after that turn's I/O; an idle watcher keeps the
+        # poll from blocking (libev waits at least 1 ms for a due timer).
         self._yield_idle = self._loop.idle()
-        self._yield_timer = self._loop.timer(YIELD_AFTER)
+        self._yield_timer = self._loop.timer(0)
         self._cont_idle = self._loop.idle()
         self._cont_timer = self._loop.timer(0)
-        self._cont_idle.priority = self._cont_timer.priority = EV_MINPRI
+        for w in (self._yield_idle, self._yield_timer, self._cont_idle, self._cont_timer):
+            w.priority = EV_MINPRI
         self._t_yield = 0.0
         if self.ordered and not core.stream:
             if install_wait_priorities(core.levels):
@@ -401,8 +405,7 @@ class Hub:
         would starve every wake-up -- the high-priority ones included --
         for a whole batch.  Instead the leader parks as waiting and is
         resumed by the scheduler once the loop has polled and run what it
-        found (an idle watcher: nothing pending at the default priority or
-        above), or after YIELD_AFTER at the latest under continuous I/O.
+        found: right after that turn's I/O (see _continue_later).
         """
         self._flush()
         self._yield_idle.start(self._yield_over)
