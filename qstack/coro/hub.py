@@ -600,6 +600,7 @@ class Hub:
         handler, cmds, nxt = self._handler, self._cmds, self._next
         base, view, done, on_free = self.core.slab_addr, _view, _view_done, self._kept_free
         ready = self._ready
+        ordered = self._multilevel
         handled = 0
         while not self._native_gone:
             ev = nxt()
@@ -657,9 +658,13 @@ class Hub:
                 self._schedule_run()
                 return
             handled += 1
-            if handled >= YIELD_EVERY or (handled & 7 == 0 and monotonic() >= self._t_yield):
+            if handled >= YIELD_EVERY or (ordered and handled & 7 == 0
+                                          and monotonic() >= self._t_yield):
                 handled = 0
-                self._lead_yield()
+                if ordered:
+                    self._lead_yield()
+                else:
+                    self._yield()       # one level: no wake-up to put first
                 self._arm()
 
     def _kept_free(self, buf):
