@@ -104,7 +104,7 @@ SLICE = 0.0005      # s: the scheduler runs lower levels this long, then lets th
 HOT_BATCH = 4       # inline: a refill this big means more is coming; poll at once
 POLL_EVERY = 0.0005 # s: while the scheduler runs this long, read the sockets again
 DRAIN_AT = 64       # inline: a step that published this many events is a burst...
-DRAIN_STEPS = 16    # ...so step again, up to this many times in a row
+DRAIN_STEPS = 1     # ...so step again, up to this many times in a row
 _pack_cmd = Struct("8q").pack
 
 
@@ -155,6 +155,7 @@ class Hub:
         self._waiting = False           # ... and waits for the scheduler to resume it
         self._sleeper = None            # stream mode: the dispatcher asleep in _wait_events
         self._flush_scheduled = False
+        self._armed = False
         self._native_gone = False
         self.errors = 0
         # Priority while handlers block (see the module docstring).
@@ -410,7 +411,7 @@ class Hub:
         self._flush()
         self._yield_idle.start(self._yield_over)
         self._yield_timer.start(self._yield_over)
-        self._parked = self._waiting = True
+        self._parked = True         # not _waiting: nobody resumes it before the poll
         try:
             self._ghub.switch()
         finally:
@@ -420,8 +421,12 @@ class Hub:
             self._t_yield = monotonic() + YIELD_AFTER
 
     def _yield_over(self):
+        """The loop polled: the yielding leader may be resumed (by _run, in
+        priority order with what the poll woke)."""
         self._yield_idle.stop()
         self._yield_timer.stop()
+        if self._parked and self._leader is not None:
+            self._waiting = True
         self._run()
 
     def wake(self):
@@ -443,7 +448,18 @@ class Hub:
             self._run_scheduled = True
             self._loop.run_callback(self._run)
 
-    _arm = _schedule_run        # a new leader: if it blocks, _run promotes
+    def _arm(self):
+        """A worker leads (again): if its handler blocks, the scheduler must
+        give the rings to another worker.  Armed once per leadership, and
+        cheap when the leader only parked (that path schedules _run itself)."""
+        if not self._armed:
+            self._armed = True
+            self._loop.run_callback(self._on_turn)
+
+    def _on_turn(self):
+        self._armed = False
+        if self._leader is not None and not self._parked:
+            self._run()             # the leader blocked inside its handler
 
     def _on_stack(self):
         """The stack's fd is readable (a watcher at libev's top priority, so
@@ -658,14 +674,17 @@ class Hub:
                 self._schedule_run()
                 return
             handled += 1
-            if handled >= YIELD_EVERY or (ordered and handled & 7 == 0
-                                          and monotonic() >= self._t_yield):
-                handled = 0
-                if ordered:
+            if handled & 7 == 0:
+                if ordered and monotonic() >= self._t_yield:
+                    # let the loop poll: wake-ups and arrivals of higher
+                    # levels must not wait for this run of requests
+                    handled = 0
                     self._lead_yield()
-                else:
-                    self._yield()       # one level: no wake-up to put first
-                self._arm()
+                    self._arm()
+                elif handled >= YIELD_EVERY:
+                    handled = 0
+                    self._yield()       # callbacks and timers get a turn
+                    self._arm()
 
     def _kept_free(self, buf):
         """The last view of a kept request died: its buffer goes back."""
