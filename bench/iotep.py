@@ -189,7 +189,9 @@ def plot(docs, args, path):
     from qstack.loadgen.hist import Histogram
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    colors = {"on": "tab:red", "off": "tab:blue"}
+    colors = {"on": "tab:red", "off": "tab:blue", "null": "tab:gray"}
+    names = {"on": "priority on", "off": "priority off (--levels 1)",
+             "null": "no Redis (apps.iotep_null): the load's own floor"}
     labelled = set()
     for d in docs:
         mode = d["mode"]
@@ -202,7 +204,7 @@ def plot(docs, args, path):
         label = None
         if mode not in labelled:
             labelled.add(mode)
-            label = "priority on" if mode == "on" else "priority off (--levels 1)"
+            label = names[mode]
         ax.step([max(v, 1) / 1e6 for v, _ in pts], [f for _, f in pts], where="post",
                 color=colors[mode], alpha=0.8, label=label)
     ax.set_xscale("log")
