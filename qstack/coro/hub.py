@@ -12,14 +12,15 @@ cooperative socket): then a follower takes over the rings, so a blocked
 handler suspends only its own worker.
 
 Detecting "the leader blocked" costs nothing per request: whenever a worker
-becomes leader it schedules the scheduler (``_run``) as a callback on
-gevent's loop.  gevent runs callbacks only when its hub greenlet gets
-control, which happens only if the leader switched away.  If the leader
-switched away on purpose (to wait for work or to give the loop a turn),
-``_parked`` is set; otherwise the leader is blocked inside a handler and the
-scheduler gives the rings to a follower when there is work for it.  A worker
-whose handler returns after it lost leadership becomes a follower again (or
-the leader, if nobody leads: all were blocked).
+becomes leader it arms one callback on gevent's loop (``_on_turn``).  gevent
+runs callbacks only when its hub greenlet gets control, which happens only
+if the leader switched away.  If the leader switched away on purpose (to
+wait for work or to give the loop a turn), ``_parked`` is set and the
+callback lapses; otherwise the leader is blocked inside a handler and the
+callback runs the scheduler (``_run``), which gives the rings to a follower.
+A worker whose handler returns after it lost leadership runs the scheduler
+too (it may have freed the worker a parked leader waits for) and becomes a
+follower again (or the leader, if nobody leads: all were blocked).
 
 Priority.  Native rings are per level and polled highest first into a
 :class:`RunQueue`.  Before running a request of level L > 0 the leader checks
@@ -37,25 +38,34 @@ handlers wait on something downstream; four things keep it:
   Per request this is one list lookup (``_below[busy]``: how many levels may
   start now) passed to the run queue's pop.
 - *Priority-ordered wake-ups* (qstack/coro/sched.py): a worker woken by
-  gevent while it serves a request is queued by its level instead of being
-  switched to at once, and :meth:`_run`, the scheduler, performs the queued
-  wake-ups highest level first.  The scheduler also decides when the rings
-  get a dispatcher (the parked leader, or a promoted follower): new work of
-  level L goes before woken workers of levels > L and after those of levels
-  <= L (older work of the same level first).  The leader checks the same
-  rule before each request it runs (one attribute test when nothing waits).
+  gevent while it serves a request -- the watcher it waits on in
+  ``Hub.wait`` fired (a socket, a sleep), or an event it waits on was set --
+  is queued by its level instead of being switched to at once, and
+  :meth:`_run`, the scheduler, performs the queued wake-ups highest level
+  first, FIFO within a level, in slices of ``SLICE``: past it the lower
+  levels wait for the next loop turn, so the loop polls again and a high
+  wake-up that came in meanwhile goes ahead of them.  The scheduler also
+  decides when the rings get a dispatcher (the parked leader, or a promoted
+  follower): new work of level L goes before woken workers of levels > L
+  and after those of levels <= L (older work of the same level first).  The
+  leader checks the same rule before each request it runs (one attribute
+  test when nothing waits).
 - *Arrivals seen while low work is in flight*: the stack's fd (inline: its
-  epoll fd; threaded: the wake eventfd) is watched by gevent's loop for as
-  long as the hub serves, so whenever the loop runs -- which it does each
-  time a handler blocks -- a readable socket is read and classified at
-  once.  It costs nothing while no socket is readable.  While the scheduler
-  itself runs for longer than ``POLL_EVERY`` it reads the sockets again.
+  epoll fd; threaded: the wake eventfd) is watched by gevent's loop at
+  libev's top priority for as long as the hub serves, so whenever the loop
+  polls, a readable socket is read and classified first, and level-0 work
+  starts at once (``_on_stack``); a burst is read in full, the level-0 work
+  of each step started before the next.  It costs nothing while no socket
+  is readable.  A leader whose handlers never block lets the loop poll at
+  least every ``YIELD_AFTER`` (``_lead_yield``: gevent.sleep(0) would resume
+  it before the loop polled).
 - Downstream connections per level: qstack.LevelPool (app layer).
 
 Fairness with gevent.  While there is work the leader drains the rings
-without going through gevent's loop; every ``YIELD_EVERY`` requests it gives
-the loop one turn so timers and handlers that were blocked can resume.  When
-the rings are empty it sleeps on the core's eventfd through gevent's loop.
+without going through gevent's loop; every ``YIELD_EVERY`` requests (with
+one level in use) or ``YIELD_AFTER`` (with several) it gives the loop a
+turn so timers and handlers that were blocked can resume.  When the rings
+are empty it parks, and the stack's watcher brings it back.
 
 Commands (replies, buffer returns) collect as tuples in a list (appending is
 the cheapest thing Python does; array.extend of a tuple costs 10x more) plus a

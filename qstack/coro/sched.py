@@ -6,30 +6,34 @@ waits behind every low-priority handler woken in the same loop turn.  Three
 mechanisms put the high one first, none of which changes what gevent does,
 only when:
 
-1. **Watcher priorities.**  Every wait on a watcher -- a socket's readiness
-   (redis-py or any library over gevent sockets), ``gevent.sleep``, anything
-   that ends in ``Hub.wait`` -- starts the watcher at the libev priority of
-   the waiting worker's level (:func:`install_wait_priorities`).  libev
-   invokes the pending watchers of one loop iteration highest priority
-   first, so the level-0 handlers whose replies came in resume before any
-   level-1 handler of the same iteration.  The lowest level keeps libev's
-   default priority, the one every other watcher has.
-2. **Urgent work first.**  A wake-up of a worker serving level L passes
-   through :meth:`Worker.switch`; before performing it, the hub runs what is
-   more urgent (``Hub.before_resume``): new work of a level above L that
-   arrived meanwhile, and queued wake-ups of levels above L.  The wake-up
-   itself then happens as gevent asked, just later.
-3. **Deferred event wake-ups.**  ``Event.set`` and ``AsyncResult.set`` wake
-   every waiter from one callback; those wake-ups consume nothing, so they
-   are safe to reorder: they are queued in a :class:`ReadyQueue`, one FIFO
-   per level, which the hub's scheduler empties highest level first.
+1. **A ready queue per level.**  Every wait on a watcher -- a socket's
+   readiness (redis-py or any library over gevent sockets),
+   ``gevent.sleep``, anything that ends in ``Hub.wait`` -- is marked by
+   :func:`install_wait_priorities` while a worker serving a request waits
+   in it; ``Event.set`` and ``AsyncResult.set`` wake their waiters with the
+   event as the value.  Such a wake-up, arriving from gevent's hub greenlet,
+   is not performed there but queued in a :class:`ReadyQueue`, one FIFO per
+   level, which the hub's scheduler empties highest level first, in time
+   slices so that the loop polls between them.
+2. **Watcher priorities.**  The same waits start their watcher at the libev
+   priority of the worker's level, so within one loop iteration the level-0
+   watchers are invoked first (the lowest level keeps libev's default, the
+   priority every other watcher has).
+3. **Urgent work first.**  A wake-up that is not queued (below) passes
+   through :meth:`Worker.switch`; before performing it, the hub runs what
+   is more urgent (``Hub.before_resume``): new work and queued wake-ups of
+   a level above the woken worker's.  The wake-up itself then happens as
+   gevent asked, just later.
 
 Why not queue every wake-up?  Because gevent's semaphores, locks and queues
 hand their resource to a waiter by switching to it and then look at their
 state again: a wake-up that did not run at once would make a semaphore wake
 every waiter for one unit (gevent asserts) and a queue hand one item to
 every getter.  Reordering those would change *who* gets the resource, not
-just when it runs; they keep gevent's FIFO order.
+just when it runs; they keep gevent's FIFO order.  The two kinds are told
+apart without guessing: a worker waiting in ``Hub.wait`` can only be woken
+by its watcher (or a timeout or kill), never by a hand-off, and an event's
+waiters take nothing from it.
 
 A greenlet blocked in gevent is resumed once per wait: if a queued event
 wake-up is waiting for it, any later wake-up (a timeout's timer, say) is
