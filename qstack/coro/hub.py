@@ -54,9 +54,8 @@ handlers wait on something downstream; four things keep it:
   epoll fd; threaded: the wake eventfd) is watched by gevent's loop at
   libev's top priority for as long as the hub serves, so whenever the loop
   polls, a readable socket is read and classified first, and level-0 work
-  starts at once (``_on_stack``); a burst is read in full, the level-0 work
-  of each step started before the next.  It costs nothing while no socket
-  is readable.  A leader whose handlers never block lets the loop poll at
+  starts at once (``_on_stack``).  It costs nothing while no socket is
+  readable.  A leader whose handlers never block lets the loop poll at
   least every ``YIELD_AFTER`` (``_lead_yield``: gevent.sleep(0) would resume
   it before the loop polled).
 - Downstream connections per level: qstack.LevelPool (app layer).
@@ -113,8 +112,6 @@ YIELD_AFTER = 0.001 # s: a leader whose handlers never block yields at least thi
 SLICE = 0.0005      # s: the scheduler runs lower levels this long, then lets the loop poll
 HOT_BATCH = 4       # inline: a refill this big means more is coming; poll at once
 POLL_EVERY = 0.0005 # s: while the scheduler runs this long, read the sockets again
-DRAIN_AT = 64       # inline: a step that published this many events is a burst...
-DRAIN_STEPS = 1     # ...so step again, up to this many times in a row
 _pack_cmd = Struct("8q").pack
 
 
@@ -178,7 +175,6 @@ class Hub:
         self._poll_due = False
         self._stack_w = self._loop.io(core.wake_fd, 1)
         self._next_poll = 0.0
-        self._stepped = 0               # events the last inline step published
         # Resuming after one poll of the loop: a due timer at the lowest
         # priority runs after that turn's I/O; an idle watcher keeps the
         # poll from blocking (libev waits at least 1 ms for a due timer).
@@ -211,7 +207,7 @@ class Hub:
             if step or self._hot:
                 self._poll_due = False
                 self._next_poll = monotonic() + POLL_EVERY
-                self._stepped = self._core_step(0)
+                self._core_step(0)
         moved = 0
         for level, q in self._polled:
             n = self._poll(level, buf, batch)
@@ -483,17 +479,8 @@ class Hub:
             except BlockingIOError:
                 pass
         if not self._native_gone:
-            # A burst is read in a few steps; level-0 work each step finds
-            # starts before the next step, and all of the burst is read
-            # before its low work is served, so high messages late in a
-            # burst are not left unread behind its early low ones.
-            for _ in range(DRAIN_STEPS if self._multilevel else 1):
-                self._stepped = 0
-                while self._work_top() == 0 and self._dispatch():
-                    pass
-                if self._stepped < DRAIN_AT:
-                    break
-                self._poll_due = self._inline
+            while self._work_top() == 0 and self._dispatch():
+                pass
         self._schedule_run()
 
     def before_resume(self, level):
