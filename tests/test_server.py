@@ -302,7 +302,8 @@ def test_stream_handlers_many_connections(serve):
 
     jobs = [gevent.spawn(client, i) for i in range(200)]
     gevent.joinall(jobs, timeout=60, raise_error=True)
-    assert all(j.dead for j in jobs) and not errors
+    unfinished = sum(1 for j in jobs if not j.dead)
+    assert not unfinished and not errors, (unfinished, errors[:5])
 
 
 def test_stats_lines_report_traffic_per_level(serve):
