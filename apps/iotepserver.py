@@ -304,26 +304,21 @@ def _call(conn, packed, replies):
     server being used again.  A timeout is not retried (the server is slow,
     waiting twice helps nobody).  After any other error the connection is
     dropped, so a reply left unread is never taken for the next one."""
-    try:
-        conn.send_packed_command((packed,), check_health=False)
-        first = conn.read_response()
-        if replies == 2:
-            conn.read_response()
-        return first
-    except _connection_error:
-        pass                        # redis-py disconnected it: reconnect once
-    except BaseException:
-        conn.disconnect()
-        raise
-    try:
-        conn.send_packed_command((packed,), check_health=False)
-        first = conn.read_response()
-        if replies == 2:
-            conn.read_response()
-        return first
-    except BaseException:
-        conn.disconnect()
-        raise
+    for retry in (True, False):
+        try:
+            conn.send_packed_command((packed,), check_health=False)
+            first = conn.read_response()
+            if replies == 2:
+                conn.read_response()
+            return first
+        except _connection_error:
+            if retry:
+                continue            # redis-py disconnected it: reconnect once
+            conn.disconnect()
+            raise
+        except BaseException:
+            conn.disconnect()
+            raise
 
 
 def handle(req):

@@ -110,19 +110,24 @@ def downstream():
     d.close()
 
 
+def send(server, line, n=1):
+    """n connections to server, each sending line; returns them."""
+    conns = []
+    for _ in range(n):
+        s = server.connect()
+        s.sendall(line)
+        conns.append(s)
+    return conns
+
+
 @pytest.mark.parametrize("stack", ["inline", "thread"])
 def test_high_request_answered_before_blocked_lows(serve, downstream, stack):
     server = serve("tests.apps.behaviors:dial_order", "--workers", "64", "--stack", stack,
                    *PRIO, env={"QSTACK_TEST_DIAL": str(downstream.port)})
-    lows = []
-    for _ in range(64):
-        s = server.connect()
-        s.sendall(b"L\n")
-        lows.append(s)
+    lows = send(server, b"L\n", 64)
     # the default reserve holds 16 of 64 workers back for level 0
     assert downstream.wait_for(48) == 48
-    high = server.connect()
-    high.sendall(b"H\n")
+    high, = send(server, b"H\n")
     assert downstream.wait_for(49) == 49
     stop(server.proc.pid)
     try:
@@ -146,19 +151,15 @@ def test_without_reserve_the_high_request_waits_for_a_worker(serve, downstream):
     what the reserve is for (and proof the test above can fail)."""
     server = serve("tests.apps.behaviors:dial_order", "--workers", "64", "--reserve", "0",
                    *PRIO, env={"QSTACK_TEST_DIAL": str(downstream.port)})
-    lows = []
-    for _ in range(64):
-        s = server.connect()
-        s.sendall(b"L\n")
-        lows.append(s)
+    lows = send(server, b"L\n", 64)
     assert downstream.wait_for(64) == 64
-    high = server.connect()
-    high.sendall(b"H\n")
+    high, = send(server, b"H\n")
     time.sleep(0.2)
     assert downstream.count() == 64     # no worker for it
     downstream.release()
     n_high, _ = (int(x) for x in recv_line(high).split())
     assert n_high > 0
-    for s in lows + [high]:
-        recv_line(s) if s is not high else None
+    for s in lows:
+        recv_line(s)
         s.close()
+    high.close()

@@ -445,9 +445,7 @@ class Hub:
     def defer(self, g, entry):
         """sched.Worker: gevent woke ``g``; queue it by its request's level."""
         self._ready.push(g.qstack_level, (g, entry))
-        if not self._run_scheduled:
-            self._run_scheduled = True
-            self._loop.run_callback(self._run)
+        self._schedule_run()
 
     def _schedule_run(self):
         if not self._run_scheduled:
