@@ -233,8 +233,12 @@ def serve(cfg, handler, core_index=0, stats_fd=None, listen_fd=None, stop_fd=Non
     # (its default action); a hang-up or reload request is never a crash.
     import threading
     main_thread = threading.current_thread() is threading.main_thread()
+    # A SIGTERM before them (the port may already accept: the supervisor's
+    # listener) is kept and acted on once they are, not a kill by default.
+    early = []
     if main_thread:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, lambda signum, frame: early.append(signum))
     srv = cfg.server
     stream = bool(getattr(handler, "__qstack_stream__", False))
     classifier = (load_callable(cfg.priority.classifier, "priority classifier")
@@ -357,6 +361,8 @@ def serve(cfg, handler, core_index=0, stats_fd=None, listen_fd=None, stop_fd=Non
     elif main_thread:
         gevent.signal_handler(signal.SIGHUP, on_signal, signal.SIGHUP)
     stop_watcher = gevent.spawn(watch_stop_fd) if stop_fd is not None else None
+    for signum in early:
+        on_signal(signum)
 
     reporter = None
     if stats_fd is not None or srv.stats:
