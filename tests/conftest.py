@@ -13,6 +13,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NATIVE = os.path.join(ROOT, "qstack", "native")
 
 
+@pytest.fixture(autouse=True)
+def fresh_gevent_clock():
+    """libev starts a timer from the time its loop last woke up. In the pytest
+    process the hub may have slept through minutes of other tests, so a
+    gevent timeout started now (``joinall(timeout=60)``) would expire at once."""
+    if "gevent" in sys.modules:
+        import gevent
+        gevent.get_hub().loop.update_now()
+
+
 def ensure_built(module, builder, src_dir, header):
     """Rebuild qstack.<module> in place if it is missing or older than its
     sources (unless QSTACK_NO_BUILD is set, e.g. for a sanitized build)."""
