@@ -119,13 +119,28 @@ def run_one(args, mode, extra, rnd, conf, cpus):
             "--json", doc_path, "--cdf", os.path.join(RESULTS, tag + "-cdf.txt")]
         print(f"[{mode}] {' '.join(load)}", flush=True)
         limit = args.setup + args.wait + args.warmup + args.duration + 120
+        wire_path = os.path.join(RESULTS, tag + "-wire.json")
+        monitor = None
+        if args.wire:
+            monitor = subprocess.Popen(qstack_cmd() + [
+                "monitor", "--port", str(port), "--warmup",
+                str(args.setup + args.wait + args.warmup), "-d", str(args.duration),
+                "--drain", "2", "--json", wire_path], cwd=h.REPO,
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         res = subprocess.run(load, cwd=h.REPO, capture_output=True, text=True,
                              timeout=limit)
+        if monitor is not None:
+            _, err = monitor.communicate(timeout=60)
+            if monitor.returncode not in (0, 1) or not os.path.exists(wire_path):
+                raise RuntimeError(f"qstack monitor failed ({monitor.returncode}): {err}")
         if not os.path.exists(doc_path):
             raise RuntimeError(f"qstack load failed ({res.returncode}):\n"
                                f"{res.stderr[-2000:]}{res.stdout[-2000:]}")
         with open(doc_path) as f:
             doc = json.load(f)
+        if monitor is not None:
+            with open(wire_path) as f:
+                doc["wire"] = json.load(f)
     finally:
         code = server.stop(timeout=15)
     doc["server"] = {"command": serve, "exit": code, "redis_errors": redis_errors(log_path)}
@@ -135,7 +150,11 @@ def run_one(args, mode, extra, rnd, conf, cpus):
 
 def summary(doc):
     lat = doc["latency_ms"]["high"]
+    wire = doc.get("wire", {}).get("latency_ns", {})
+    ms = lambda v: None if v is None else v / 1e6      # noqa: E731
     return {
+        "wire_p50": ms(wire.get("p50")), "wire_p99": ms(wire.get("p99")),
+        "wire_drops": doc.get("wire", {}).get("kernel_drops"),
         "status": doc["status"],
         "connected": doc["connections"]["connected"],
         "offered": doc["window"]["offered_per_s"],
@@ -161,19 +180,20 @@ def fmt(v, digits=2):
 
 def table(rows):
     out = ["| priority | connected | sent msg/s | replies/s | req p50 ms | req p99 ms "
-           "| req p99.9 ms | req max ms | lost | redis err |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "| req p99.9 ms | req max ms | wire p50 ms | wire p99 ms | lost | redis err |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for mode, s in rows:
         out.append(f"| {mode} | {fmt(s['connected'], 0)} | {fmt(s['sent'], 0)} | "
                    f"{fmt(s['served'], 0)} | {fmt(s['p50'])} | {fmt(s['p99'])} | "
-                   f"{fmt(s['p999'])} | {fmt(s['max'])} | {fmt(s['lost'], 0)} | "
+                   f"{fmt(s['p999'])} | {fmt(s['max'])} | {fmt(s.get('wire_p50'))} | "
+                   f"{fmt(s.get('wire_p99'))} | {fmt(s['lost'], 0)} | "
                    f"{fmt(s['redis_errors'], 0)} |")
     return "\n".join(out)
 
 
 def median_summary(runs):
     keys = ("connected", "offered", "sent", "served", "p50", "p99", "p999", "max",
-            "lost", "redis_errors")
+            "wire_p50", "wire_p99", "lost", "redis_errors")
     out = {"status": ",".join(sorted({r["status"] for r in runs}))}
     for k in keys:
         values = [r[k] for r in runs if r[k] is not None]
@@ -256,7 +276,12 @@ def main():
                     help="also measure the requests' own cost: requests only "
                          "(1,000 connections, 200/s, priority on), in bursts of "
                          "10 and of 100")
+    ap.add_argument("--no-wire", dest="wire", action="store_false",
+                    help="skip `qstack monitor` (the wire latency columns; it needs root)")
     args = ap.parse_args()
+    if args.wire and os.geteuid() != 0:
+        print("note: not root, so no `qstack monitor` (wire p50/p99 columns left out)")
+        args.wire = False
     if args.quick:
         args.connections, args.setup, args.wait, args.warmup, args.duration = \
             2000, 2.0, 1.0, 1.0, 5.0

@@ -29,6 +29,7 @@ from qstack.config import Config, parse_rule
 from qstack.config_sources import load_layers
 from qstack.errors import ConfigError
 from qstack.loadgen.cli import add_load_parser
+from qstack.loadgen.monitor import add_monitor_parser
 from qstack.redisctl import add_redis_parser as _add_redis
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -152,6 +153,7 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_serve(sub)
     add_load_parser(sub)
+    add_monitor_parser(sub)
     _add_redis(sub)
     _add_config(sub)
     for name, p in sub.choices.items():
