@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/iotep.py [--connections 20000] [--ratio 0.05]
         [--epoch 5] [--burst 2000] [--duration 20] [--rounds 1]
-        [--cores 2] [--workers W] [--batch B] [--stack auto|inline|thread]
+        [--cores N] [--workers W] [--batch B] [--stack auto|inline|thread]
         [--smp 2] [--redis 4] [--json FILE] [--quick]
 
 QStack's headline benchmark, on this machine's loopback.  It starts
@@ -102,8 +102,9 @@ def run_one(args, mode, extra, rnd, conf, cpus):
     port = h.free_port()
     tag = f"iotep-{mode}-r{rnd}"
     log_path = os.path.join(RESULTS, "logs", tag + ".log")
-    serve = qstack_cmd() + ["serve", "--config", conf, "--port", str(port),
-                            "--cores", str(args.cores), *extra]
+    serve = qstack_cmd() + ["serve", "--config", conf, "--port", str(port), *extra]
+    if args.cores:
+        serve += ["--cores", str(args.cores)]
     server = h.Server("iotepserver", serve, cpus, log_path=log_path)
     try:
         why = server.wait_port(port, timeout=30)
@@ -254,7 +255,8 @@ def main():
     ap.add_argument("--warmup", type=float, default=4.0)
     ap.add_argument("--duration", type=float, default=20.0)
     ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--cores", type=int, default=2, help="server cores")
+    ap.add_argument("--cores", type=int, default=0,
+                    help="server cores (0: the config's, 2)")
     ap.add_argument("--workers", type=int, default=0, help="per core (0: the config's)")
     ap.add_argument("--batch", type=int, default=0,
                     help="native.batch: events the hub takes from a ring at a time "
@@ -330,7 +332,7 @@ def main():
     print()
     print(f"iotepserver, {args.connections:,} connections, {args.ratio:.0%} requests, "
           f"one 200-byte message per connection every {args.epoch:g} s in bursts of "
-          f"{args.burst:,}; {args.cores} server cores "
+          f"{args.burst:,}; {args.cores or 'configured'} server cores "
           f"(workers {args.workers or 'as configured'}, batch {args.batch or 'as configured'}, "
           f"stack {args.stack or 'as configured'}), {args.redis} redis-servers, "
           f"{args.smp} load processes; median of {args.rounds} round(s):")

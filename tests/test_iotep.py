@@ -83,6 +83,9 @@ class Redises:
         cfg["app"]["settings"].update(redis_dir=self.dir,
                                       redis_count=count or self.count, **settings)
         cfg["server"]["stats_interval"] = 0.2
+        # one core: the tests follow one core's workers and Redis connections
+        # (and TAP/DPDK serve one queue); test_redis_not_reachable... sets --cores
+        cfg["server"]["cores"] = 1
         path = tmp_path / "iotep.yaml"
         path.write_text(yaml.safe_dump(cfg))
         return str(path)
