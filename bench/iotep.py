@@ -203,43 +203,23 @@ def median_summary(runs):
 
 
 def plot(docs, args, path):
-    """Request latency CDFs of every round, on (red) against off (blue)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Request latency of every round, on (red) against off (blue), and the
+    no-Redis floor (gray): CDF and percentile spectrum."""
     from qstack.loadgen.hist import Histogram
+    from qstack.loadgen.report import draw_latency
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = {"on": "tab:red", "off": "tab:blue", "null": "tab:gray"}
     names = {"on": "priority on", "off": "priority off (--levels 1)",
-             "null": "no Redis (apps.iotep_null): the load's own floor"}
-    labelled = set()
+             "null": "no Redis (apps.iotep_null)"}
+    series = []
     for d in docs:
         mode = d["mode"]
-        if mode not in colors:
-            continue
-        h = Histogram.from_json(d["doc"]["histograms"]["high"])
-        pts = h.cdf_points()
-        if not pts:
-            continue
-        label = None
-        if mode not in labelled:
-            labelled.add(mode)
-            label = names[mode]
-        ax.step([max(v, 1) / 1e6 for v, _ in pts], [f for _, f in pts], where="post",
-                color=colors[mode], alpha=0.8, label=label)
-    ax.set_xscale("log")
-    ax.set_xlabel("request latency (ms, from intended send time)")
-    ax.set_ylabel("cumulative fraction")
-    ax.set_ylim(0, 1.01)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.set_title(f"iotepserver: {args.connections:,} connections, bursts of "
-                 f"{args.burst:,}, {args.ratio:.0%} requests; {args.rounds} round(s)",
-                 fontsize=10)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        if mode in colors:
+            h = Histogram.from_json(d["doc"]["histograms"]["high"])
+            series.append((f"{names[mode]}, round {d['round'] + 1}", h, colors[mode], "-"))
+    draw_latency(series, f"iotepserver: {args.connections:,} connections, bursts of "
+                         f"{args.burst:,}, {args.ratio:.0%} requests; {args.rounds} round(s)",
+                 path)
 
 
 def main():

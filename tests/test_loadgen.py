@@ -460,3 +460,15 @@ def test_wait_server_waits_for_a_late_server():
     th.join()
     assert res["r"].returncode == 1 and "after waiting 0.6 s" in res["r"].stderr
     assert time.monotonic() - t0 >= 0.6
+
+
+def test_percentile_spectrum_steps_sit_at_one_over_one_minus_q():
+    from qstack.loadgen.report import spectrum_points
+    h = Histogram.from_values(range(1, 1001))        # 1..1000 ns, a bucket each
+    pts = spectrum_points(h)
+    assert pts[0] == (1.0, 1)                         # q = 0
+    xs = dict((v, x) for x, v in pts)
+    assert xs[501] == pytest.approx(2.0)              # half the values are below 501
+    assert xs[991] == pytest.approx(100.0)            # p99
+    assert xs[1000] == pytest.approx(1000.0)          # the last step: 999 of 1000 below
+    assert [x for x, _ in pts] == sorted(x for x, _ in pts)

@@ -324,8 +324,7 @@ def parse_cdf(text: str) -> dict:
 
 # ---- files -------------------------------------------------------------------
 
-def plot_cdf(doc: dict, path: str) -> None:
-    """Latency CDF per priority as a PNG (needs matplotlib: pip install 'qstack[plot]')."""
+def _pyplot():
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -333,35 +332,78 @@ def plot_cdf(doc: dict, path: str) -> None:
     except ImportError:
         raise ConfigError("--plot needs matplotlib, which is not installed: "
                           "pip install 'qstack[plot]' (or pip install matplotlib)") from None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    return plt
+
+
+SPECTRUM_TICKS = (0.5, 0.9, 0.99, 0.999, 0.9999, 0.99999)
+
+
+def spectrum_points(h: Histogram) -> list[tuple[float, int]]:
+    """The percentile spectrum as steps (1 / (1 - q), value): q is the share
+    of values below the bucket, so a bucket's value holds from its x to the
+    next step's.  x = 2 is the median, 100 is p99, 1,000 is p99.9."""
+    out, below = [], 0.0
+    for value, frac in h.cdf_points():
+        out.append((1.0 / (1.0 - below), value))
+        below = frac
+    return out
+
+
+def draw_latency(series, title: str, path: str, xlabel: str = "from intended send time") -> None:
+    """Two panels as a PNG: the latency CDF (log-scaled time) and the
+    percentile spectrum (HdrHistogram's plot: x is 1/(1-q) on a log scale,
+    so p99, p99.9 and p99.99 get equal room).  ``series`` is a list of
+    (label, Histogram, color, linestyle); empty histograms are skipped."""
+    plt = _pyplot()
+    fig, (cdf, spec) = plt.subplots(1, 2, figsize=(12, 4.5))
+    top = 1.0
+    drawn = 0
+    for label, h, color, ls in series:
+        pts = h.cdf_points()
+        if not pts:
+            continue
+        ms = [max(v, 1) / 1e6 for v, _ in pts]
+        frac = [f for _, f in pts]
+        cdf.step(ms, frac, where="post", color=color, linestyle=ls,
+                 label=f"{label} ({h.count:,})")
+        xs = [x for x, _ in spectrum_points(h)]
+        spec.step(xs, ms, where="post", color=color, linestyle=ls, label=label)
+        top = max(top, xs[-1])
+        drawn += 1
+    cdf.set_xscale("log")
+    cdf.set_xlabel(f"latency (ms, {xlabel})")
+    cdf.set_ylabel("cumulative fraction")
+    cdf.set_ylim(0, 1.01)
+    cdf.grid(True, which="both", alpha=0.3)
+    spec.set_xscale("log")
+    ticks = [q for q in SPECTRUM_TICKS if 1 / (1 - q) <= top * 1.0001] or [0.5]
+    spec.set_xticks([1 / (1 - q) for q in ticks])
+    spec.set_xticklabels([f"{q * 100:g}%" for q in ticks])
+    spec.minorticks_off()
+    spec.set_xlim(1, max(top, 2))
+    spec.set_xlabel("percentile")
+    spec.set_ylabel("latency (ms)")
+    spec.grid(True, alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    if drawn:
+        cdf.legend(loc="lower right")
+        spec.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_cdf(doc: dict, path: str) -> None:
+    """Latency CDF and percentile spectrum per priority as a PNG (needs
+    matplotlib: pip install 'qstack[plot]')."""
     hs = {"high": Histogram.from_json(doc["histograms"]["high"]),
           "low": Histogram.from_json(doc["histograms"]["low"])}
     hs = {"all": Histogram.merged(hs.values()), **hs}
     styles = {"all": ("black", "-"), "high": ("tab:red", "-"), "low": ("tab:blue", "--")}
-    drawn = 0
-    for name, h in hs.items():
-        pts = h.cdf_points()
-        if not pts:
-            continue
-        xs = [max(v, 1) / 1e6 for v, _ in pts]
-        ys = [f for _, f in pts]
-        color, ls = styles[name]
-        ax.step(xs, ys, where="post", color=color, linestyle=ls,
-                label=f"{name} ({h.count:,})")
-        drawn += 1
     cfg = doc["config"]
-    ax.set_xscale("log")
-    ax.set_xlabel("latency (ms, from intended send time)")
-    ax.set_ylabel("cumulative fraction")
-    ax.set_ylim(0, 1.01)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.set_title(f"qstack load: {cfg['protocol']}, {cfg['connections']:,} conns, "
-                 f"{cfg['mode']}, high share {cfg['ratio']:g}", fontsize=10)
-    if drawn:
-        ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    draw_latency([(name, h, *styles[name]) for name, h in hs.items()],
+                 f"qstack load: {cfg['protocol']}, {cfg['connections']:,} conns, "
+                 f"{cfg['mode']}, high share {cfg['ratio']:g}", path)
 
 
 def _write(path: str, text: str, what: str) -> None:
