@@ -104,6 +104,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
          "serve Prometheus metrics on HOST:PORT (/metrics)"),
         ("--log-format", "log.format", str, "log lines: text | json"),
         ("--log-file", "log.file", str, "append the log to this file instead of stderr"),
+        ("--access-sample", "log.access_sample", float,
+         "share of requests the access log writes, 0 < R <= 1"),
         ("--framing", "app.framing", str, "raw | line | fixed:N | length:N"),
         ("--max-message", "app.max_message", int,
          "largest message in bytes; larger is a protocol error"),
@@ -125,6 +127,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--priority", action="append", metavar="RULE", default=None,
                    help="offset=N,value=N[,mask=N][,level=N]; repeatable, "
                         "first match wins (priority.rules)")
+    p.add_argument("--access-log", dest="log.access", action="store_true", default=None,
+                   help="log a line per request of a message handler (log.access, default off)")
     p.add_argument("--stats", dest="server.stats", action="store_true", default=None,
                    help="print per-core stats every interval (server.stats, default off)")
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info",
@@ -204,7 +208,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per record: time (ISO 8601, UTC), level, pid, logger,
-    message, and exc (the formatted traceback) when there is one."""
+    message, exc (the formatted traceback) when there is one, and an access
+    line's fields (qstack.app.access) as keys of their own."""
 
     def format(self, record: logging.LogRecord) -> str:
         import datetime
@@ -213,6 +218,9 @@ class JsonFormatter(logging.Formatter):
                    record.created, datetime.timezone.utc).isoformat(timespec="milliseconds"),
                "level": record.levelname.lower(), "pid": record.process,
                "logger": record.name, "message": record.getMessage()}
+        fields = getattr(record, "access", None)
+        if fields:
+            out.update(fields)
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         elif record.stack_info:

@@ -165,6 +165,8 @@ class LogConfig:
     """Where and how qstack logs (the CLI sets logging up from it)."""
     format: str = "text"
     file: str | None = None
+    access: bool = False
+    access_sample: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -236,6 +238,13 @@ def _float(lo: float, hi: float, hi_open: bool = False) -> Validator:
             raise ConfigError(f"{key}: expected a number in {want}, got {_show(value)}")
         return float(value)
     return check
+
+
+def _sample(value, key, source):
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or not 0 < value <= 1):
+        raise ConfigError(f"{key}: expected a share in 0 < x <= 1, got {_show(value)}")
+    return float(value)
 
 
 def _bool(value, key, source):
@@ -463,6 +472,8 @@ _SCHEMA: dict[str, dict[str, Validator]] = {
     "log": {
         "format": _choice("text", "json"),
         "file": _optional(_str),
+        "access": _bool,
+        "access_sample": _sample,
     },
 }
 

@@ -271,6 +271,9 @@ def serve(cfg, handler, core_index=0, stats_fd=None, listen_fd=None, stop_fd=Non
             raise ConfigError(f"cannot create the native core: {exc}") from None
         core.listen(sock.detach())
         where = f"{srv.host}:{srv.port}"
+    if cfg.log.access and not stream:
+        from .app.access import access_logged
+        handler = access_logged(handler, cfg.log.access_sample)
     hub_type = StreamHub if stream else Hub
     hub = hub_type(core, handler, workers=srv.workers,
                    low_share=cfg.priority.low_share, classifier=classifier,
