@@ -30,7 +30,8 @@ def dpdk_flags():
     return r.stdout.split() if r.returncode == 0 else None
 
 
-def main():
+def main(target=TARGET):
+    """Build the driver into ``target`` (setup.py passes its build folder)."""
     flags = dpdk_flags()
     if flags is None:
         print("DPDK not found (pkg-config libdpdk): qstack/_qsdpdk.so not built")
@@ -42,8 +43,9 @@ def main():
            SRC, "-o", tmp, *flags, *LDFLAGS, *strict, "-lpthread"]
     subprocess.check_call(cmd)
     # Copy then rename: a process that has the old library mapped keeps its inode.
-    shutil.copy2(tmp, TARGET + ".tmp")
-    os.replace(TARGET + ".tmp", TARGET)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.copy2(tmp, target + ".tmp")
+    os.replace(target + ".tmp", target)
     return 0
 
 
