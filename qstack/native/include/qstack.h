@@ -220,6 +220,12 @@ typedef struct qs_stats {
     uint64_t large_waits;               /* conns waiting for room under max_large_bytes */
 } qs_stats;
 
+/* Where a core listens (qs_core_listen). */
+typedef struct qs_listen_spec {
+    int32_t fd;               /* a bound, listening kernel socket, or -1 */
+    int32_t port;             /* TCP port, 1..65535; 0: fd's own (kernel) */
+} qs_listen_spec;
+
 typedef struct qs_core qs_core;
 
 /* Sans-IO framing: look for one complete message at data[0..len).
@@ -243,8 +249,16 @@ uint64_t qs_lat_bucket_upper(int32_t bucket);
 
 /* Core lifecycle.  qs_core_new validates cfg (-EINVAL) and allocates. */
 qs_core *qs_core_new(const qs_config *cfg, int *err);
-int qs_core_listen(qs_core *c, int fd);   /* kernel: adopt a bound, listening socket; before start */
-int qs_core_listen_port(qs_core *c, int port);  /* ustack: listen on a TCP port; before start */
+/* Listen (before qs_core_start) where spec says.  One spec for every
+ * backend; each takes the fields it serves and refuses (-EINVAL) a spec it
+ * cannot serve:
+ *   kernel  adopts fd, a bound, listening kernel socket (the frontend binds
+ *           it, so that the core processes of a port share it with
+ *           SO_REUSEPORT); port, if not 0, must be the one fd is bound to;
+ *   ustack  listens on port of the stack's own address; fd must be -1 (it
+ *           has no kernel sockets).
+ * On success the core owns fd (closed by qs_core_shutdown / qs_core_free). */
+int qs_core_listen(qs_core *c, const qs_listen_spec *spec);
 int qs_core_start(qs_core *c);            /* spawn the stack thread */
 /* Stop the stack thread: flush unsent bytes for at most grace_ns, close every
  * socket, join.  Buffers still held by the hub stay valid and countable. */

@@ -13,8 +13,8 @@
  * Threaded layout (k_run, the stack thread): poll, publish and wake the hub
  * if it sleeps, work, publish and wake again, then decide how long to
  * sleep.  Never if work is visible; otherwise the Dekker handshake of
- * core.c: stack_sleeping = 1, fence, re-check (command rings, quit, blocked
- * conns that now fit), then epoll_wait.
+ * core.c (qs_core_stack_may_sleep re-checks k_has_work: command rings,
+ * blocked conns that now fit, owed WRITABLEs; and quit), then epoll_wait.
  *
  * Inline layout (k_step, in the hub's thread, once per qs_core_step): work
  * first, so replies submitted just before go out now, then poll with the
@@ -212,9 +212,24 @@ static int k_init(qs_core *core)
     return 0;
 }
 
-static int k_listen(qs_core *core, int fd)
+/* Adopt the listening socket of the spec (qstack.h: qs_core_listen). */
+static int k_listen(qs_core *core, const qs_listen_spec *spec)
 {
     qs_kernel *k = core->be_state;
+    int fd = spec->fd;
+    if (fd < 0)
+        return -EINVAL;                /* nothing to adopt: this backend binds no port itself */
+    if (spec->port) {
+        struct sockaddr_storage sa;
+        socklen_t len = sizeof(sa);
+        if (getsockname(fd, (struct sockaddr *)&sa, &len) < 0)
+            return -errno;
+        int bound = sa.ss_family == AF_INET ? ntohs(((struct sockaddr_in *)&sa)->sin_port)
+                    : sa.ss_family == AF_INET6 ? ntohs(((struct sockaddr_in6 *)&sa)->sin6_port)
+                    : -1;
+        if (bound != spec->port)
+            return -EINVAL;
+    }
     if (k->nlisten == QS_MAX_LISTEN)
         return -ENOSPC;
     int fl = fcntl(fd, F_GETFL);
@@ -359,9 +374,17 @@ static void k_quit(qs_kernel *k)
         qs_core_wake_hub(core);
 }
 
+static int k_has_work(qs_core *core)
+{
+    qs_kernel *k = core->be_state;
+    return qs_net_cmds_waiting(&k->net) || qs_conn_blocked_ready(&k->net) ||
+           qs_net_owed_ready(&k->net);
+}
+
 /* Threaded layout: the stack thread's body.  One iteration:
  * epoll_wait, reads, publish (the hub starts while we go on), commands,
- * blocked conns, publish, then the sleep decision (see the file comment). */
+ * blocked conns, publish, then the sleep decision: never if work is
+ * visible, else core.c's handshake (qs_core_stack_may_sleep). */
 static void k_run(qs_core *core)
 {
     qs_kernel *k = core->be_state;
@@ -369,7 +392,7 @@ static void k_run(qs_core *core)
     int timeout = 0;
     while (!atomic_load_explicit(&core->quit, memory_order_acquire)) {
         int n = epoll_wait(k->ep, evs, QS_EPOLL_BATCH, timeout);
-        atomic_store_explicit(&core->stack_sleeping, 0, memory_order_relaxed);
+        qs_core_stack_awake(core);
         k->net.now = qs_now_ns();
         for (int i = 0; i < n; i++)
             on_event(k, &evs[i]);
@@ -378,21 +401,9 @@ static void k_run(qs_core *core)
         if (n > 0)
             k->net.now = qs_now_ns();      /* the reads took a while: latency stamps */
         int ncmd = qs_net_work(&k->net);
-        int pushed = qs_net_publish(&k->net);
-        if (pushed || (ncmd && atomic_load_explicit(&core->hub_want_space, memory_order_relaxed)))
-            qs_core_wake_hub(core);
+        qs_core_stack_published(core, qs_net_publish(&k->net), ncmd);
         listeners_resume(k);
-        if (qs_net_cmds_waiting(&k->net) || qs_conn_blocked_ready(&k->net) || qs_net_owed_ready(&k->net)) {
-            timeout = 0;
-            continue;
-        }
-        atomic_store_explicit(&core->stack_want_space, k->net.nblocked_ev > 0 || k->net.nowed > 0,
-                              memory_order_relaxed);
-        atomic_store_explicit(&core->stack_sleeping, 1, memory_order_relaxed);
-        atomic_thread_fence(memory_order_seq_cst);
-        if (qs_net_cmds_waiting(&k->net) || qs_conn_blocked_ready(&k->net) || qs_net_owed_ready(&k->net) ||
-            atomic_load_explicit(&core->quit, memory_order_relaxed)) {
-            atomic_exchange(&core->stack_sleeping, 0);
+        if (k_has_work(core) || !qs_core_stack_may_sleep(core, qs_net_wants_space(&k->net))) {
             timeout = 0;
             continue;
         }
@@ -449,5 +460,6 @@ const qs_backend qs_backend_kernel = {
     .listen = k_listen,
     .run = k_run,
     .step = k_step,
+    .has_work = k_has_work,
     .destroy = k_destroy,
 };

@@ -371,18 +371,13 @@ static int u_init(qs_core *core)
     return 0;
 }
 
-static int u_listen(qs_core *core, int fd)
+/* Listen on the spec's port of our own address (qstack.h: qs_core_listen). */
+static int u_listen(qs_core *core, const qs_listen_spec *spec)
 {
-    (void)core;
-    (void)fd;
-    return -ENOTSUP;                 /* no kernel sockets here: qs_core_listen_port */
-}
-
-static int u_listen_port(qs_core *core, int port)
-{
+    int port = spec->port;
     qs_ubackend *u = core->be_state;
-    if (port < 1 || port > 65535)
-        return -EINVAL;
+    if (spec->fd >= 0 || port < 1)
+        return -EINVAL;              /* no kernel sockets here, and no port of fd's */
     if (u->nports == QS_MAX_LISTEN)
         return -ENOSPC;
     int rc = qs_tcp_listen(&u->s, (uint16_t)port, 0);
@@ -474,28 +469,6 @@ static void u_wait(qs_ubackend *u, int timeout_ms)
         }
 }
 
-static int tcbs_busy(qs_ubackend *u)
-{
-    for (uint32_t i = 0; i <= u->s.flow_mask; i++)
-        for (qs_tcb *t = u->s.flows[i]; t; t = t->hnext)
-            if (t->state != QS_TCP_TIME_WAIT && t->state != QS_TCP_FIN_WAIT_2 &&
-                t->state != QS_TCP_CLOSED)
-                return 1;
-    return 0;
-}
-
-static void reset_all(qs_ubackend *u)
-{
-    qs_ustack_enter(&u->s);
-    for (uint32_t i = 0; i <= u->s.flow_mask; i++)
-        for (qs_tcb *t = u->s.flows[i], *n; t; t = n) {
-            n = t->hnext;
-            if (t->state != QS_TCP_TIME_WAIT && t->state != QS_TCP_SYN_RECEIVED)
-                qs_tcp_send_ctl(&u->s, t, QS_TH_RST, t->snd_max, u->net.now);
-        }
-    qs_ustack_leave(&u->s);          /* the RSTs leave here */
-}
-
 static void u_quit(qs_ubackend *u)
 {
     qs_net *net = &u->net;
@@ -524,12 +497,12 @@ static void u_quit(qs_ubackend *u)
     qs_net_publish(net);
     /* ... acknowledged by the peers, within the grace period (a frame or a
      * timer ends each wait early; the flow table is walked once per wait) */
-    while (u->s.nconns && tcbs_busy(u) && (net->now = qs_now_ns()) < deadline) {
+    while (u->s.nconns && qs_tcp_any_busy(&u->s) && (net->now = qs_now_ns()) < deadline) {
         u_net_round(u);
         arm_timer(u, 0);
         u_wait(u, 10);
     }
-    reset_all(u);
+    qs_tcp_reset_all(&u->s, net->now);
     snapshot(u);
     if (!core->cfg.inline_stack)
         qs_core_wake_hub(core);
@@ -541,8 +514,13 @@ static int work_waiting(qs_ubackend *u)
            qs_net_owed_ready(&u->net) || u->nready;
 }
 
-/* Threaded layout: the stack thread's body (see backend_kernel.c's k_run
- * for the sleep handshake). */
+static int u_has_work(qs_core *core)
+{
+    return work_waiting(core->be_state);
+}
+
+/* Threaded layout: the stack thread's body (the sleep handshake is
+ * core.c's, qs_core_stack_may_sleep, as in backend_kernel.c's k_run). */
 static void u_run(qs_core *core)
 {
     qs_ubackend *u = core->be_state;
@@ -551,7 +529,7 @@ static void u_run(qs_core *core)
     while (!atomic_load_explicit(&core->quit, memory_order_acquire)) {
         if (idle)
             u_wait(u, qs_net_wait_ms(net));   /* -1 unless timeouts need a look */
-        atomic_store_explicit(&core->stack_sleeping, 0, memory_order_relaxed);
+        qs_core_stack_awake(core);
         net->now = qs_now_ns();
         int work = u_net_round(u);
         if (qs_net_publish(net))
@@ -559,21 +537,12 @@ static void u_run(qs_core *core)
         int ncmd = qs_net_work(net);
         if (u->nready)
             run_ready(u);
-        int pushed = qs_net_publish(net);
-        if (pushed || (ncmd && atomic_load_explicit(&core->hub_want_space, memory_order_relaxed)))
-            qs_core_wake_hub(core);
+        qs_core_stack_published(core, qs_net_publish(net), ncmd);
         if (!(idle = !(work || ncmd || work_waiting(u))))
             continue;
         snapshot(u);
         arm_timer(u, 0);
-        atomic_store_explicit(&core->stack_want_space, net->nblocked_ev > 0 || net->nowed > 0,
-                              memory_order_relaxed);
-        atomic_store_explicit(&core->stack_sleeping, 1, memory_order_relaxed);
-        atomic_thread_fence(memory_order_seq_cst);
-        if (work_waiting(u) || atomic_load_explicit(&core->quit, memory_order_relaxed)) {
-            atomic_exchange(&core->stack_sleeping, 0);
-            idle = 0;
-        }
+        idle = qs_core_stack_may_sleep(core, qs_net_wants_space(net));
     }
     u_quit(u);
 }
@@ -644,9 +613,9 @@ const qs_backend qs_backend_ustack = {
     .name = "ustack",
     .init = u_init,
     .listen = u_listen,
-    .listen_port = u_listen_port,
     .run = u_run,
     .step = u_step,
+    .has_work = u_has_work,
     .destroy = u_destroy,
     .stats = u_stats,
 };

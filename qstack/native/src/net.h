@@ -183,5 +183,10 @@ int qs_net_owed_ready(qs_net *net);    /* a WRITABLE owed has ring room now */
 int qs_net_cmds_waiting(qs_net *net);
 int qs_net_work(qs_net *net);          /* commands, blocked conns, owed WRITABLEs, timeouts */
 int qs_net_wait_ms(qs_net *net);       /* longest sleep the timeouts allow (-1: forever) */
+/* conns wait for event-ring room: the hub's poll should wake the stack */
+static inline int qs_net_wants_space(const qs_net *net)
+{
+    return net->nblocked_ev > 0 || net->nowed > 0;
+}
 
 #endif

@@ -82,12 +82,15 @@ struct qs_core;
 typedef struct qs_backend {
     const char *name;
     int (*init)(struct qs_core *c);            /* allocate backend state */
-    int (*listen)(struct qs_core *c, int fd);  /* adopt a listening socket */
-    int (*listen_port)(struct qs_core *c, int port);  /* listen on a port of our own stack */
+    int (*listen)(struct qs_core *c, const qs_listen_spec *spec);  /* see qs_core_listen */
     void (*run)(struct qs_core *c);            /* loop until quit, then the quit sequence */
     int (*step)(struct qs_core *c, int timeout_ms);  /* inline: one iteration; events
                                                         published, or -errno; adds the
                                                         time it slept to step_idle_ns */
+    /* Work an iteration would find now, without waiting (commands, conns
+     * that may go on, ...): what the stack's sleep handshake re-checks
+     * after announcing its sleep (qs_core_stack_may_sleep). */
+    int (*has_work)(struct qs_core *c);
     void (*destroy)(struct qs_core *c);        /* after run() returned (or never ran) */
     void (*stats)(struct qs_core *c, qs_stats *out);   /* optional: the backend's own */
 } qs_backend;
@@ -138,5 +141,18 @@ struct qs_core {
  * flag; the sleeper sets its flag, fences and re-checks for work. */
 void qs_core_wake_stack(struct qs_core *c);
 void qs_core_wake_hub(struct qs_core *c);
+
+/* The stack thread's side of the handshake, for a backend's run() loop
+ * (threaded layout).  qs_core_stack_awake: first thing after a wait.
+ * qs_core_stack_may_sleep: announce the sleep, fence, re-check the
+ * backend's has_work and quit; 1: sleep now (whoever publishes work will
+ * write stack_efd), 0: work appeared, the announcement is taken back.
+ * want_space: conns wait for event-ring room (the hub's poll wakes us).
+ * qs_core_stack_published: after a round of work, wake the hub if it
+ * sleeps and `pushed` events were published, or commands consumed (ncmd)
+ * while a submit of the hub's was cut short. */
+void qs_core_stack_awake(struct qs_core *c);
+int qs_core_stack_may_sleep(struct qs_core *c, int want_space);
+void qs_core_stack_published(struct qs_core *c, int pushed, int ncmd);
 
 #endif

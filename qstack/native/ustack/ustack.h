@@ -453,6 +453,8 @@ int qs_tcp_recv(qs_ustack *s, qs_tcb *t, uint8_t *out, uint32_t max, int64_t now
 int qs_tcp_close(qs_ustack *s, qs_tcb *t, int64_t now);
 int qs_tcp_shutdown(qs_ustack *s, qs_tcb *t, int64_t now);
 int qs_tcp_abort(qs_ustack *s, qs_tcb *t, int64_t now);
+int qs_tcp_any_busy(const qs_ustack *s);        /* a conn not yet TIME-WAIT/FIN-WAIT-2/CLOSED */
+void qs_tcp_reset_all(qs_ustack *s, int64_t now);   /* RST every peer, at a stack's end */
 uint32_t qs_tcp_send_space(const qs_ustack *s, const qs_tcb *t);
 void qs_tcp_set_keepalive(qs_ustack *s, qs_tcb *t, int on, int64_t now);
 void qs_tcp_set_rcvbuf(qs_ustack *s, qs_tcb *t, uint32_t bytes, int64_t now);
