@@ -21,10 +21,12 @@ from typing import Any, Callable
 
 import yaml
 
+from qstack._native import lib as _native_lib
 from qstack.errors import ConfigError
 
-MAX_LEVELS = 8          # QS_MAX_LEVELS in qstack.h
-MAX_RULES = 8           # QS_MAX_RULES in qstack.h
+# The native limits, read from the one definition (qsprio.h) through cffi.
+MAX_LEVELS = _native_lib.QS_MAX_LEVELS
+MAX_RULES = _native_lib.QS_MAX_RULES
 MAX_FIXED = 16777216
 LENGTH_SIZES = (1, 2, 4, 8)
 PINS = ("none", "shared", "split")

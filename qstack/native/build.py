@@ -25,7 +25,7 @@ from cffibuild import HERE, builder, compile_in_place, sources  # noqa: E402
 # where DPDK exists) are not.
 USTACK = sources("ustack", exclude=("qsu_", "sha256", "dpdk.c"))
 
-ffibuilder = builder("_native", "qstack.h", "src", direct=__name__ == "__main__",
+ffibuilder = builder("_native", ("qsprio.h", "qstack.h"), "src", direct=__name__ == "__main__",
                      libraries=["pthread", "dl"], extra_sources=USTACK,
                      extra_include=[os.path.join(HERE, "ustack")])
 

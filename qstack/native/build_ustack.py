@@ -18,7 +18,7 @@ from cffibuild import builder, compile_in_place  # noqa: E402
 
 # dl: dpdk_load.c dlopens the DPDK driver; dpdk.c itself is never compiled
 # here (cffibuild.NOT_CFFI; it is build_dpdk.py's).
-ffibuilder = builder("_ustack_test", "qsustack.h", "ustack", direct=__name__ == "__main__",
+ffibuilder = builder("_ustack_test", ("qsprio.h", "ustack_api.h", "qsustack.h"), "ustack", direct=__name__ == "__main__",
                      libraries=["dl", "pthread"])
 
 if __name__ == "__main__":

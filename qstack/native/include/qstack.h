@@ -1,9 +1,10 @@
 /*
  * qstack.h -- the one door between the native stack and Python.
  *
- * cffi reads this file verbatim (qstack/native/build.py), so it holds only
- * declarations cffi can parse: no #include, no #ifdef, no macros other than
- * integer constants.  C files include <stdint.h> before it.
+ * cffi reads this file verbatim (qstack/native/build.py) after qsprio.h
+ * (levels, native rules), so it holds only declarations cffi can parse: no
+ * #include, no #ifdef, no macros other than integer constants.  C files
+ * include <stdint.h> and qsprio.h before it (src/qs_int.h).
  *
  * Threads.  A qs_core owns one stack thread (the "stack") and is driven by one
  * Python thread (the "hub").  They share nothing but:
@@ -52,8 +53,12 @@
  * Errors: functions return -errno (negative) on failure, >= 0 on success.
  */
 
-#define QS_MAX_LEVELS 8
-#define QS_MAX_RULES 8
+#pragma once
+
+/* Latency histograms (qs_stats.lat): 2^QS_LAT_SUB_BITS linear sub-buckets
+ * per power of two of ns, QS_LAT_BUCKETS of them: (43 - 3 + 1) << 3, the
+ * last regular one ending at 2^43 ns (2.4 h).  See qs_lat_bucket. */
+#define QS_LAT_SUB_BITS 3
 #define QS_LAT_BUCKETS 328
 
 /* framing of the byte stream into messages */
@@ -125,15 +130,6 @@ typedef struct qs_cmd {
     int64_t flags;      /* (seq << QS_SEQ_SHIFT) | QS_F_*; seq 0: unsequenced */
 } qs_cmd;
 
-/* A native priority rule, QStack's -i filter: the message byte at `offset`,
- * masked with `mask`, equal to `value` -> `level`.  First match wins. */
-typedef struct qs_rule {
-    int32_t offset;
-    uint8_t mask;
-    uint8_t value;
-    int32_t level;
-} qs_rule;
-
 typedef struct qs_framer {
     int32_t kind;         /* QS_FRAME_* */
     int32_t arg;          /* FIXED: size; LENGTH: header bytes */
@@ -163,7 +159,7 @@ typedef struct qs_net_config {
 typedef struct qs_config {
     int32_t levels;           /* 1..QS_MAX_LEVELS */
     int32_t nrules;
-    qs_rule rules[8];         /* QS_MAX_RULES */
+    qs_rule rules[QS_MAX_RULES];   /* qsprio.h */
     int32_t default_level;    /* level of a message no rule matches */
     qs_framer framer;
     uint32_t ring_size;       /* events per level ring; power of two */
@@ -199,12 +195,12 @@ typedef struct qs_stats {
     uint64_t bufs_in_use;               /* pool + jumbo buffers not yet returned */
     uint64_t bufs_total;                /* pool size */
     uint64_t stack_cpu_ns;              /* CPU time of the stack thread */
-    uint64_t rx_msgs[8];                /* per level */
-    uint64_t rx_bytes[8];
-    uint64_t tx_msgs[8];
-    uint64_t tx_bytes[8];
-    uint64_t ring_depth[8];             /* events waiting in each level ring */
-    uint64_t lat[8][328];               /* rx -> reply written, see qs_lat_bucket */
+    uint64_t rx_msgs[QS_MAX_LEVELS];    /* per level */
+    uint64_t rx_bytes[QS_MAX_LEVELS];
+    uint64_t tx_msgs[QS_MAX_LEVELS];
+    uint64_t tx_bytes[QS_MAX_LEVELS];
+    uint64_t ring_depth[QS_MAX_LEVELS]; /* events waiting in each level ring */
+    uint64_t lat[QS_MAX_LEVELS][QS_LAT_BUCKETS];   /* rx -> reply written, see qs_lat_bucket */
     /* ustack only (zero on the kernel backend) */
     uint64_t net_conns;                 /* control blocks in use (TIME-WAIT included) */
     uint64_t net_bufs_in_use, net_bufs_total;   /* the stack's packet pool */
@@ -243,8 +239,15 @@ int32_t qs_frame_header_len(const qs_framer *f);
 int32_t qs_classify(const qs_rule *rules, int32_t nrules, int32_t default_level,
                     const uint8_t *msg, uint64_t len);
 
-/* Latency histogram buckets: 8 linear sub-buckets per power of two of ns. */
+/* Latency histogram buckets (latency.c; the layout is common/hist.h's):
+ * values below 8 ns get a bucket each, above, 8 linear sub-buckets per
+ * power of two of ns; larger than the last regular bucket clamps into it.
+ * A bucket holds [low, low + width); upper is the largest value it holds
+ * (UINT64_MAX for the last: clamped values land there too).  Python reads
+ * these (qstack.stats); it does not restate them. */
 int32_t qs_lat_bucket(uint64_t ns);
+uint64_t qs_lat_bucket_low(int32_t bucket);
+uint64_t qs_lat_bucket_width(int32_t bucket);
 uint64_t qs_lat_bucket_upper(int32_t bucket);
 
 /* Core lifecycle.  qs_core_new validates cfg (-EINVAL) and allocates. */

@@ -267,15 +267,16 @@ static int inject_faults(qs_ustack *s, const qs_net_config *g)
 {
     if (!(g->loss > 0 || g->dup > 0 || g->reorder > 0 || g->corrupt > 0))
         return 0;
-    qsu_fault f = {.loss = g->loss, .dup = g->dup, .reorder = g->reorder, .corrupt = g->corrupt,
+    qs_fault_config f = {.loss = g->loss, .dup = g->dup, .reorder = g->reorder, .corrupt = g->corrupt,
                    .reorder_ns = 2000000, .seed = g->fault_seed, .rx = 1};
     return qs_fault_rewrap(&s->drv, &f);
 }
 
-static void stack_config(const qs_config *cfg, qs_netdrv *drv, qsu_config *q)
+/* The stack's settings: its defaults (stack.c), then ours. */
+static void stack_config(const qs_config *cfg, qs_netdrv *drv, qs_ustack_config *q)
 {
     const qs_net_config *g = &cfg->net;
-    memset(q, 0, sizeof(*q));
+    qs_ustack_config_default(q);
     static const uint8_t zero[6];
     if (memcmp(g->mac, zero, 6))
         memcpy(q->mac, g->mac, 6);
@@ -290,33 +291,16 @@ static void stack_config(const qs_config *cfg, qs_netdrv *drv, qsu_config *q)
     q->ip = g->ip;
     q->prefix_len = g->prefix_len;
     q->gateway = g->gateway;
-    q->buf_size = 2048;
     q->buf_count = g->buffers;
     q->max_conns = g->max_conns;
     q->syn_backlog = g->syn_backlog;
-    q->syncookies = 1;
     q->snd_buf = g->snd_buf;
     q->rcv_buf = g->rcv_buf;
-    q->mss = 1460;
-    q->wscale = 7;
-    q->sack = 1;                     /* both directions (RFC 2018, RFC 6675) */
-    q->init_rto_ms = 1000;
-    q->min_rto_ms = 200;
-    q->max_rto_ms = 60000;
-    q->delack_ms = 40;
-    q->msl_ms = 30000;
-    q->max_retries = 15;
-    q->syn_retries = 6;
     if (getrandom(&q->secret, sizeof(q->secret), 0) != sizeof(q->secret))
         q->secret = (uint64_t)qs_now_ns();
     q->levels = cfg->levels;
     q->nrules = cfg->nrules;
-    for (int i = 0; i < cfg->nrules; i++) {
-        q->rules[i].offset = cfg->rules[i].offset;
-        q->rules[i].mask = cfg->rules[i].mask;
-        q->rules[i].value = cfg->rules[i].value;
-        q->rules[i].level = cfg->rules[i].level;
-    }
+    memcpy(q->rules, cfg->rules, sizeof(q->rules));   /* one qs_rule type (qsprio.h) */
     q->default_level = cfg->default_level;
 }
 
@@ -340,7 +324,7 @@ static int u_init(qs_core *core)
     if (rc == 0)
         rc = open_driver(&core->cfg.net, &drv);
     if (rc == 0) {
-        qsu_config q;
+        qs_ustack_config q;
         stack_config(&core->cfg, drv, &q);
         rc = qs_ustack_init(&u->s, &q, drv, &app_ops, u);
         if (rc < 0) {
@@ -391,7 +375,7 @@ static int u_listen(qs_core *core, const qs_listen_spec *spec)
 
 static void snapshot(qs_ubackend *u)
 {
-    const qsu_stats *st = &u->s.st;
+    const qs_ustack_stats *st = &u->s.st;
     QS_SET(u->snap_conns, u->s.nconns);
     QS_SET(u->snap_bufs, u->s.pool.in_use);
     QS_SET(u->snap_rx, st->rx_frames);

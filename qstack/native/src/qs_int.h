@@ -23,6 +23,7 @@
 #include <stdatomic.h>
 #include <pthread.h>
 #include <time.h>
+#include "qsprio.h"
 #include "qstack.h"
 
 #define QS_ALIGNED _Alignas(64)

@@ -3,6 +3,7 @@
 #ifndef QS_QSU_INT_H
 #define QS_QSU_INT_H
 #include "ustack.h"
+#include "qsustack.h"
 #include <time.h>
 
 /* The workloads' byte generator (xorshift64*) and the real clock. */
