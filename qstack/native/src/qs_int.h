@@ -1,16 +1,21 @@
 /*
- * qs_int.h -- internal declarations shared by the native sources.
+ * qs_int.h -- internal declarations shared by the core's native sources.
  *
  * Everything here is private to the shared object: Python sees only
- * include/qstack.h.  The pieces are
- *   ring.h / ring.c   SPSC rings of 64-byte records and SPSC byte rings
- *   pool.c            the buffer pool (one slab + jumbo buffers)
- *   frame.c           sans-IO framing
- *   classify.c        native priority rules and latency buckets
- *   core.c            the hub-side API (poll, submit, sleep, stats, lifecycle)
- *   backend_kernel.c  the epoll stack thread, behind the qs_backend table
- *   kernel_conn.c     connections: accept, receive, close, backpressure
- *   kernel_cmd.c      commands and out queues
+ * include/qstack.h (and qsprio.h, the limits it shares with the user-space
+ * stack).  The pieces are
+ *   ring.h / ring.c      SPSC rings of 64-byte records and SPSC byte rings
+ *   pool.h / pool.c      the buffer pool (one slab + jumbo buffers)
+ *   frame.c              sans-IO framing
+ *   classify.c           native priority rules
+ *   latency.c            latency histogram buckets (common/hist.h's layout)
+ *   core.c               the hub-side API (poll, submit, sleep, stats,
+ *                        lifecycle) and the stack's side of the sleep handshake
+ *   net.h                the connection layer both backends share:
+ *     conn.c             connections: accept, receive, close, backpressure, timeouts
+ *     conn_cmd.c         commands, out queues, reply order
+ *   backend_kernel.c     backend "kernel": epoll over kernel sockets
+ *   backend_ustack.c     backend "ustack": qstack's own TCP/IP (ustack/)
  */
 #ifndef QS_INT_H
 #define QS_INT_H
@@ -66,13 +71,14 @@ struct qs_core;
 
 /* A network stack behind the core.  The core owns the rings, the pool, the
  * wakeup protocol and the thread; a backend owns sockets (or a user-space
- * TCP/IP stack) and runs the stack loop.  One implementation today:
- * qs_backend_kernel (epoll over kernel sockets) and qs_backend_ustack
- * (qstack's own TCP/IP over TAP or DPDK).
+ * TCP/IP stack) and runs the stack loop.  Two entries today, picked by
+ * qs_config.backend: qs_backend_kernel (epoll over kernel sockets) and
+ * qs_backend_ustack (qstack's own TCP/IP over TAP or DPDK).
  *
  * Two layouts drive the same backend:
  *   threaded  run() is the stack thread's body: iterations plus the sleep
- *             handshake of core.c until quit, then the quit sequence;
+ *             handshake of core.c (qs_core_stack_may_sleep, which asks
+ *             has_work) until quit, then the quit sequence;
  *   inline    (cfg.inline_stack) step() is one iteration in the hub's
  *             thread (commands first, then one wait of at most timeout_ms,
  *             reads, publish; no eventfd is ever written), and
