@@ -84,7 +84,7 @@ def kernel_sockets(cfg):
     """Whether cfg's backend listens on kernel sockets (NativeCore.kernel_sockets):
     the frontend then probes the port, the supervisor binds one listener per
     core index, and a reload runs old and new cores side by side."""
-    from .coro.native import backend_type
+    from .transport import backend_type
     return backend_type(cfg.server.backend).kernel_sockets
 
 
@@ -121,7 +121,7 @@ def dpdk_library():
 
 
 def _net_options(cfg):
-    """The user-space stack's settings as qstack.coro.native takes them."""
+    """The user-space stack's settings as qstack.transport takes them."""
     us = cfg.ustack
     lib_path = None
     if us.driver == "dpdk":
@@ -233,7 +233,7 @@ def serve(cfg, handler, core_index=0, stats_fd=None, listen_fd=None, stop_fd=Non
     from .app import Connection, Request
     from .app.loader import load_callable
     from .coro import Hub, StreamHub
-    from .coro.native import NativeCore, lib
+    from .transport import NativeCore, lib
     from .coro.watchdog import BlockWatchdog
     from .layout import plan, stack_inline
 
@@ -415,9 +415,9 @@ def serve(cfg, handler, core_index=0, stats_fd=None, listen_fd=None, stop_fd=Non
 
 def _open_core(cfg, options, listen_fd):
     """This core's NativeCore, listening on server.port.  One path for every
-    backend (qstack.coro.native.open_core); what a backend adds are its own
+    backend (qstack.transport.open_core); what a backend adds are its own
     settings and the words for its errors (the tables below)."""
-    from .coro.native import backend_type
+    from .transport import backend_type
     srv = cfg.server
     kind = backend_type(srv.backend)
     sock = None

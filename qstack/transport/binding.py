@@ -20,7 +20,7 @@ from functools import partial
 from qstack._native import ffi, lib
 
 __all__ = ["NativeCore", "KernelCore", "UstackCore", "BACKENDS", "backend_type", "open_core",
-           "ffi", "lib", "EVENT_SIZE", "iter_events", "FRAMINGS"]
+           "ffi", "lib", "EVENT_SIZE", "iter_events", "jumbo_view", "FRAMINGS"]
 
 EVENT_SIZE = ffi.sizeof("qs_event")
 assert EVENT_SIZE == ffi.sizeof("qs_cmd") == 64
