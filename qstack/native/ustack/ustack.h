@@ -19,6 +19,9 @@
  *   wire.c fault.c tap.c   drivers behind qs_netdrv_ops
  *   dpdk_load.c   loads the DPDK driver (dpdk.c, its own shared object)
  *
+ * The test harness (../harness/: qsu_*.c, include/qsustack.h) sits on top
+ * of this header; nothing here knows it.
+ *
  * Time: nothing here reads a clock.  Every entry point takes `now` (ns, any
  * monotonic origin) and the TCP timers run on the millisecond ticks derived
  * from it, so tests drive the stack with a fake clock.
@@ -510,16 +513,6 @@ static inline uint32_t qs_dpdk_abi(void)
 
 qs_netdrv *qs_dpdk_open(const char *lib_path, const char *eal_args, int *err);
 const char *qs_dpdk_error(void);
-
-/* sha256.c */
-typedef struct qs_sha256 {
-    uint32_t h[8];
-    uint64_t n;
-    uint8_t buf[64];
-} qs_sha256;
-void qs_sha256_init(qs_sha256 *c);
-void qs_sha256_update(qs_sha256 *c, const uint8_t *p, size_t len);
-void qs_sha256_final(qs_sha256 *c, uint8_t out[32]);
 
 /* byte order helpers (the headers are big-endian) */
 static inline uint16_t qs_get16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
