@@ -120,7 +120,7 @@ def dpdk_library():
     return found[0] if found else None
 
 
-def _net_options(cfg):
+def _ustack_settings(cfg):
     """The user-space stack's settings as qstack.transport takes them."""
     us = cfg.ustack
     lib_path = None
@@ -449,7 +449,7 @@ def _no_settings(cfg):
 
 # A backend's settings beyond the common options, from its config section,
 # and the words for its start-up errors (OSError -> ConfigError).
-_BACKEND_SETTINGS = {"ustack": lambda cfg: {"net": _net_options(cfg)}}
+_BACKEND_SETTINGS = {"ustack": lambda cfg: {"settings": _ustack_settings(cfg)}}
 _BACKEND_ERRORS = {"ustack": _ustack_error}
 
 

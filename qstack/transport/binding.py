@@ -180,22 +180,22 @@ class KernelCore(NativeCore):
 class UstackCore(NativeCore):
     """qstack's own TCP/IP over a TAP or DPDK driver (backend_ustack.c).
 
-    ``net`` is the stack's settings as a plain dict (the keys of
-    qs_net_config; see qstack.server)."""
+    ``settings`` is the stack's settings as a plain dict (the fields of
+    qs_ustack_settings; see qstack.server)."""
 
     name = "ustack"
     BACKEND = lib.QS_BACKEND_USTACK
     needs_service = True
 
-    def __init__(self, *, net, **options):
-        self.net = net
+    def __init__(self, *, settings, **options):
+        self.settings = settings
         super().__init__(**options)
 
     def _configure(self, cfg):
-        _net_config(cfg.net, self.net)
+        _ustack_settings(cfg.ustack, self.settings)
 
     def where(self, host, port):
-        return f"{self.net['ip']}:{port} on ustack/{self.net['driver']}"
+        return f"{self.settings['ip']}:{port} on ustack/{self.settings['driver']}"
 
 
 # The backends by name: a new backend is a C table entry and a class here.
@@ -212,12 +212,12 @@ def backend_type(name):
 
 def open_core(backend, **options):
     """A NativeCore of the named backend; options as NativeCore takes them,
-    plus the backend's own (ustack: ``net``)."""
+    plus the backend's own (ustack: ``settings``)."""
     return backend_type(backend)(**options)
 
 
-def _net_config(n, net):
-    """Fill a qs_net_config from a plain dict (see qstack.server)."""
+def _ustack_settings(n, net):
+    """Fill a qs_ustack_settings from a plain dict (see qstack.server)."""
     n.driver = {"tap": lib.QS_DRIVER_TAP, "dpdk": lib.QS_DRIVER_DPDK}[net["driver"]]
     n.multiqueue = 1 if net["multiqueue"] else 0
     for name in ("tap", "eal", "dpdk_lib"):

@@ -87,7 +87,7 @@
 #define QS_CMD_STOP_ACCEPT 8  /* close every listening socket (conn ignored) */
 #define QS_CMD_STOP_READ 9    /* stop reading every connection (graceful shutdown) */
 
-/* backends (qs_config.backend) and ustack drivers (qs_net_config.driver) */
+/* backends (qs_config.backend) and ustack drivers (qs_ustack_settings.driver) */
 #define QS_BACKEND_KERNEL 0 /* kernel sockets, epoll */
 #define QS_BACKEND_USTACK 1 /* qstack's own TCP/IP over a driver */
 #define QS_DRIVER_TAP 1     /* Linux TAP device (/dev/net/tun) */
@@ -137,7 +137,7 @@ typedef struct qs_framer {
 } qs_framer;
 
 /* The user-space stack's settings (backend QS_BACKEND_USTACK). */
-typedef struct qs_net_config {
+typedef struct qs_ustack_settings {
     int32_t driver;           /* QS_DRIVER_* */
     char tap[16];             /* TAP device name (created if missing) */
     int32_t multiqueue;       /* 1: attach one queue of a multi-queue TAP device */
@@ -154,7 +154,7 @@ typedef struct qs_net_config {
     uint32_t syn_backlog;     /* half-open connections per listener */
     double loss, dup, reorder, corrupt;   /* injected faults, both ways (0: none) */
     uint64_t fault_seed;
-} qs_net_config;
+} qs_ustack_settings;
 
 typedef struct qs_config {
     int32_t levels;           /* 1..QS_MAX_LEVELS */
@@ -182,7 +182,7 @@ typedef struct qs_config {
     int64_t message_timeout_ns;  /* a message started and not finished: reset */
     int64_t idle_timeout_ns;     /* nothing read or written for this long: close */
     int64_t write_timeout_ns;    /* unsent bytes and no write progress: reset */
-    qs_net_config net;        /* QS_BACKEND_USTACK only */
+    qs_ustack_settings ustack;   /* QS_BACKEND_USTACK only */
 } qs_config;
 
 typedef struct qs_stats {

@@ -11,7 +11,7 @@
  *   latency.c            latency histogram buckets (common/hist.h's layout)
  *   core.c               the hub-side API (poll, submit, sleep, stats,
  *                        lifecycle) and the stack's side of the sleep handshake
- *   net.h                the connection layer both backends share:
+ *   conn.h                the connection layer both backends share:
  *     conn.c             connections: accept, receive, close, backpressure, timeouts
  *     conn_cmd.c         commands, out queues, reply order
  *   backend_kernel.c     backend "kernel": epoll over kernel sockets
