@@ -60,7 +60,7 @@
 #define QS_TAG_WAKE (1ULL << 63)
 
 typedef struct qs_kernel {
-    qs_conns conns;                    /* first: the connection table is the backend's base */
+    qs_conns conns;                /* first: the connection table is the backend's base */
     int ep;
     int listeners[QS_MAX_LISTEN];
     int nlisten;
@@ -311,7 +311,7 @@ static void on_event(qs_kernel *k, const struct epoll_event *ev)
         qs_conn_readable(&k->conns, c);
         c = qs_conn_lookup(&k->conns, (int64_t)tag);
     } else if (e & (EPOLLERR | EPOLLHUP)) {
-        qs_conn_close(&k->conns, c, 0);        /* reset while not reading */
+        qs_conn_close(&k->conns, c, 0);      /* reset while not reading */
         return;
     }
     if (c && (e & (EPOLLOUT | EPOLLERR | EPOLLHUP)) && (c->flags & QC_WANT_OUT))
@@ -396,10 +396,10 @@ static void k_run(qs_core *core)
         k->conns.now = qs_now_ns();
         for (int i = 0; i < n; i++)
             on_event(k, &evs[i]);
-        if (qs_conns_publish(&k->conns))                /* let the hub start while we run commands */
+        if (qs_conns_publish(&k->conns))            /* let the hub start while we run commands */
             qs_core_wake_hub(core);
         if (n > 0)
-            k->conns.now = qs_now_ns();      /* the reads took a while: latency stamps */
+            k->conns.now = qs_now_ns();    /* the reads took a while: latency stamps */
         int ncmd = qs_conns_work(&k->conns);
         qs_core_stack_published(core, qs_conns_publish(&k->conns), ncmd);
         listeners_resume(k);

@@ -51,7 +51,7 @@
 #define QC_DOWN QC_BACKEND_B         /* the stack reported the connection closed */
 
 typedef struct qs_ubackend {
-    qs_conns conns;                      /* first: the connection table is the backend's base */
+    qs_conns conns;                  /* first: the connection table is the backend's base */
     qs_ustack s;
     int ep, timer_fd, drv_fd;
     int64_t timer_at;                /* what timer_fd is armed for, 0 if disarmed */
@@ -105,7 +105,7 @@ static void on_sock(qs_ubackend *u, qs_conn *c)
         if ((c->mask & QS_WANT_IN) && has_input(c))
             ready_add(u, c);         /* more than one read's worth: again next time */
     } else if ((c->flags & QC_DOWN) && c->sock_err && !(c->mask & QS_WANT_OUT)) {
-        qs_conn_close(conns, c, 0);    /* reset while not reading */
+        qs_conn_close(conns, c, 0);  /* reset while not reading */
         return;
     }
     if ((c->mask & QS_WANT_OUT) && (c->flags & QC_WANT_OUT) &&
@@ -190,7 +190,7 @@ static void us_close(qs_conns *conns, qs_conn *c, int abort)
     if (abort)
         qs_tcp_abort(&u->s, t, conns->now);
     else
-        qs_tcp_close(&u->s, t, conns->now);   /* FIN after the queued bytes */
+        qs_tcp_close(&u->s, t, conns->now); /* FIN after the queued bytes */
     slot_put(u, c->slot);
 }
 
@@ -477,7 +477,7 @@ static void u_quit(qs_ubackend *u)
         arm_timer(u, 0);
         u_wait(u, 1);
     }
-    qs_conn_drop_all(conns);           /* FIN after each conn's data */
+    qs_conn_drop_all(conns);         /* FIN after each conn's data */
     qs_conns_publish(conns);
     /* ... acknowledged by the peers, within the grace period (a frame or a
      * timer ends each wait early; the flow table is walked once per wait) */

@@ -297,7 +297,7 @@ static int rx_scan(qs_conns *conns, qs_conn *c, int fair)
         c->t_partial = c->t_read;
     if (want <= g->buf_size &&
         (part <= g->partial_copy || core->pool.nfree <= g->buf_reserve))
-        return stash(conns, c, part);            /* out of the pool (see above) */
+        return stash(conns, c, part);          /* out of the pool (see above) */
     if (c->rstart == 0 && want <= b->cap)
         return 0;                              /* grows in place */
     if (b->refs == 1 && want <= b->cap) {      /* nobody else looks: slide it down */
@@ -323,10 +323,10 @@ static int rx_scan(qs_conns *conns, qs_conn *c, int fair)
         uint64_t lim = g->max_large_bytes;
         if (lim && QS_GET(core->pool.large_bytes) + cap > lim) {
             if (cap > lim || core->pool.nfree <= g->buf_reserve) {
-                quota_close(conns, c);           /* can never fit, or the pool is short */
+                quota_close(conns, c);         /* can never fit, or the pool is short */
                 return -1;
             }
-            block(conns, c, QS_LARGE_WAIT);      /* until a jumbo buffer goes back */
+            block(conns, c, QS_LARGE_WAIT);    /* until a jumbo buffer goes back */
             return 1;
         }
         nb = qs_pool_get_jumbo(&core->pool, cap);
@@ -382,7 +382,7 @@ void qs_conn_readable(qs_conns *conns, qs_conn *c)
     int64_t n = conns->io->read(conns, c, b->data + c->rend, b->cap - c->rend);
     if (n > 0) {
         c->rend += (uint64_t)n;
-        c->t_read = conns->now;           /* one clock read per iteration */
+        c->t_read = conns->now;         /* one clock read per iteration */
         rx_scan(conns, c, 1);
         return;
     }
@@ -395,11 +395,11 @@ void qs_conn_readable(qs_conns *conns, qs_conn *c)
             qs_pool_unref(&core->pool, b);
             c->rbuf = NULL;
         } else if (c->rbuf && c->rend > c->rstart) {
-            rx_scan(conns, c, 1);         /* a stash taken back for nothing: out again */
+            rx_scan(conns, c, 1);       /* a stash taken back for nothing: out again */
         }
         return;
     }
-    qs_conn_close(conns, c, 0);            /* ECONNRESET and friends */
+    qs_conn_close(conns, c, 0);          /* ECONNRESET and friends */
 }
 
 /* Message mode closes a conn the peer half-closed once every request has
@@ -444,7 +444,7 @@ qs_conn *qs_conn_new(qs_conns *conns, int slot, void *sock)
     c->sock = sock;
     c->blk_on = -1;
     c->tx_seq = 1;
-    c->t_read = conns->now;              /* the idle timeout counts from here */
+    c->t_read = conns->now;            /* the idle timeout counts from here */
     if (conns->stop_read)
         c->flags |= QC_STOPREAD;
     conns->conns[slot] = c;
@@ -466,7 +466,7 @@ void qs_conn_close(qs_conns *conns, qs_conn *c, int abort)
     qs_core *core = conns->core;
     if (c->flags & QC_ZOMBIE)
         return;
-    conns->io->close(conns, c, abort);     /* also stops every report on it */
+    conns->io->close(conns, c, abort); /* also stops every report on it */
     conns->conns[c->slot] = NULL;
     if (c->rbuf)
         qs_pool_unref(&core->pool, c->rbuf);
@@ -540,7 +540,7 @@ void qs_conn_retry_blocked(qs_conns *conns)
         for (uint32_t n = conns->nlarge_wait; n && h->blk_next != h; n--) {
             qs_conn *c = h->blk_next;
             blk_unlink(conns, c);
-            resume(conns, c);            /* fits now, or waits again at the tail */
+            resume(conns, c);          /* fits now, or waits again at the tail */
         }
     }
 }

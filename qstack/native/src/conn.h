@@ -183,11 +183,11 @@ void qs_conn_out_cache_free(qs_conns *conns);
 void qs_conns_stop_reading(qs_conns *conns);
 
 /* Shared pieces of a backend's loop (conn.c). */
-int qs_conns_publish(qs_conns *conns);       /* publish put() events in level order; how many */
+int qs_conns_publish(qs_conns *conns); /* publish put() events in level order; how many */
 int qs_conns_owed_ready(qs_conns *conns);    /* a WRITABLE owed has ring room now */
 int qs_conns_cmds_waiting(qs_conns *conns);
-int qs_conns_work(qs_conns *conns);          /* commands, blocked conns, owed WRITABLEs, timeouts */
-int qs_conns_wait_ms(qs_conns *conns);       /* longest sleep the timeouts allow (-1: forever) */
+int qs_conns_work(qs_conns *conns);    /* commands, blocked conns, owed WRITABLEs, timeouts */
+int qs_conns_wait_ms(qs_conns *conns); /* longest sleep the timeouts allow (-1: forever) */
 /* conns wait for event-ring room: the hub's poll should wake the stack */
 static inline int qs_conns_wants_space(const qs_conns *conns)
 {

@@ -87,7 +87,7 @@ static int out_append(qs_conns *conns, qs_conn *c, uint8_t *p, uint64_t len, qs_
         c->oq_tail->next = o;
     else {
         c->oq_head = o;
-        c->t_out = conns->now;           /* the write timeout counts from here */
+        c->t_out = conns->now;         /* the write timeout counts from here */
         conns->nqueued++;
     }
     c->oq_tail = o;
@@ -151,7 +151,7 @@ static int out_flush(qs_conns *conns, qs_conn *c)
                 compact(conns, c);
                 return 0;
             }
-            qs_conn_close(conns, c, 0);    /* EPIPE, ECONNRESET: nobody to send to */
+            qs_conn_close(conns, c, 0);  /* EPIPE, ECONNRESET: nobody to send to */
             return -1;
         }
         uint64_t left = (uint64_t)w;
@@ -192,7 +192,7 @@ static int unborrow(qs_conns *conns, qs_conn *c)
             continue;
         void *h = malloc(o->len ? o->len : 1);
         if (!h) {
-            qs_conn_close(conns, c, 1);    /* cannot keep the bytes: lose the conn, not memory */
+            qs_conn_close(conns, c, 1);  /* cannot keep the bytes: lose the conn, not memory */
             return -1;
         }
         memcpy(h, o->p, o->len);
