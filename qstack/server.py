@@ -417,16 +417,16 @@ def _open_core(cfg, options, listen_fd):
     """This core's NativeCore, listening on server.port.  One path for every
     backend (qstack.transport.open_core); what a backend adds are its own
     settings and the words for its errors (the tables below)."""
-    from .transport import backend_type
+    from .transport import backend_type, open_core
     srv = cfg.server
-    kind = backend_type(srv.backend)
     sock = None
-    if kind.kernel_sockets:
+    if backend_type(srv.backend).kernel_sockets:
         # the supervisor's listener, shared by this core index, or our own
         sock = (socket.socket(fileno=listen_fd) if listen_fd is not None
                 else open_listener(srv.host, srv.port, srv.backlog))
     try:
-        core = kind(**options, **_BACKEND_SETTINGS.get(srv.backend, _no_settings)(cfg))
+        core = open_core(srv.backend, **options,
+                         **_BACKEND_SETTINGS.get(srv.backend, _no_settings)(cfg))
     except (OSError, ValueError) as exc:
         if sock is not None:
             sock.close()
