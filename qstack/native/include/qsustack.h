@@ -5,7 +5,7 @@
  * qsprio.h and ustack_api.h, whose types it uses (the stack's settings,
  * counters, TCP states, faults): only declarations cffi can parse, integer
  * constants for macros, no #include.  It declares the harness and nothing
- * else; the stack's own code never includes it (ustack/qsu_int.h does).
+ * else; the stack's own code never includes it (harness/qsu_int.h does).
  *
  * The test harness (qsu_net) is two complete stacks (Ethernet, ARP, IPv4,
  * ICMP, TCP) joined by an in-memory wire, driven by a fake clock: nothing
