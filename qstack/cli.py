@@ -196,7 +196,7 @@ def _serve(args: argparse.Namespace) -> int:
         return new
 
     from qstack import server
-    if cfg.server.backend == "kernel":
+    if server.kernel_sockets(cfg):
         port = server.check_port(cfg.server.host, cfg.server.port)
         if port != cfg.server.port:  # port 0: every core must bind the same one
             cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, port=port))

@@ -22,14 +22,16 @@ from typing import Any, Callable
 import yaml
 
 from qstack.errors import ConfigError
+from qstack.transport import BACKENDS as _transport_backends, lib as _native_lib
 
-MAX_LEVELS = 8          # QS_MAX_LEVELS in qstack.h
-MAX_RULES = 8           # QS_MAX_RULES in qstack.h
+# The native limits, read from the one definition (qsprio.h) through cffi.
+MAX_LEVELS = _native_lib.QS_MAX_LEVELS
+MAX_RULES = _native_lib.QS_MAX_RULES
 MAX_FIXED = 16777216
 LENGTH_SIZES = (1, 2, 4, 8)
 PINS = ("none", "shared", "split")
 STACKS = ("auto", "thread", "inline")
-BACKENDS = ("kernel", "ustack")
+BACKENDS = tuple(_transport_backends)   # the backend table's names (qstack.transport)
 DRIVERS = ("tap", "dpdk")
 REPLY_ORDERS = ("arrival", "completion")
 IFNAMSIZ = 16           # Linux interface names: at most 15 characters

@@ -118,7 +118,7 @@ def serve(handler: Callable[..., Any], *, config: Sequence[str] | str | None = N
     name = getattr(handler, "__qualname__", repr(handler))
     check_handler(handler, name)
     from qstack import server
-    if cfg.server.backend == "kernel":
+    if server.kernel_sockets(cfg):
         port = server.check_port(cfg.server.host, cfg.server.port)
         if port != cfg.server.port:
             cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, port=port))

@@ -31,7 +31,7 @@ import time
 from .app import counters
 from .errors import ConfigError
 
-__all__ = ["EXIT_DROPPED", "check_port", "open_listener", "serve"]
+__all__ = ["EXIT_DROPPED", "check_port", "kernel_sockets", "open_listener", "serve"]
 
 log = logging.getLogger("qstack")
 
@@ -80,6 +80,14 @@ def check_port(host, port):
         sock.close()
 
 
+def kernel_sockets(cfg):
+    """Whether cfg's backend listens on kernel sockets (NativeCore.kernel_sockets):
+    the frontend then probes the port, the supervisor binds one listener per
+    core index, and a reload runs old and new cores side by side."""
+    from .transport import backend_type
+    return backend_type(cfg.server.backend).kernel_sockets
+
+
 def open_listener(host, port, backlog):
     """A listening socket in this core's SO_REUSEPORT group."""
     return _bind(host, port, reuseport=True, backlog=backlog)
@@ -112,8 +120,8 @@ def dpdk_library():
     return found[0] if found else None
 
 
-def _net_options(cfg):
-    """The user-space stack's settings as qstack.coro.native takes them."""
+def _ustack_settings(cfg):
+    """The user-space stack's settings as qstack.transport takes them."""
     us = cfg.ustack
     lib_path = None
     if us.driver == "dpdk":
@@ -225,7 +233,7 @@ def serve(cfg, handler, core_index=0, stats_fd=None, listen_fd=None, stop_fd=Non
     from .app import Connection, Request
     from .app.loader import load_callable
     from .coro import Hub, StreamHub
-    from .coro.native import NativeCore, lib
+    from .transport import NativeCore, lib
     from .coro.watchdog import BlockWatchdog
     from .layout import plan, stack_inline
 
@@ -256,21 +264,8 @@ def serve(cfg, handler, core_index=0, stats_fd=None, listen_fd=None, stop_fd=Non
         metrics_sock = bind(cfg.metrics.listen)
         log.info("metrics on http://%s:%d/metrics", *metrics_sock.getsockname()[:2])
     options = _native_options(cfg, stream, stack_cpu, inline)
-    if srv.backend == "ustack":
-        core = _ustack_core(cfg, options)
-        where = f"{cfg.ustack.ip.address}:{srv.port} on ustack/{cfg.ustack.driver}"
-    else:
-        if listen_fd is not None:
-            sock = socket.socket(fileno=listen_fd)
-        else:
-            sock = open_listener(srv.host, srv.port, srv.backlog)
-        try:
-            core = NativeCore(**options)
-        except (OSError, ValueError) as exc:
-            sock.close()
-            raise ConfigError(f"cannot create the native core: {exc}") from None
-        core.listen(sock.detach())
-        where = f"{srv.host}:{srv.port}"
+    core = _open_core(cfg, options, listen_fd)
+    where = core.where(srv.host, srv.port)
     if cfg.log.access and not stream:
         from .app.access import access_logged
         handler = access_logged(handler, cfg.log.access_sample)
@@ -421,21 +416,44 @@ def serve(cfg, handler, core_index=0, stats_fd=None, listen_fd=None, stop_fd=Non
     return EXIT_DROPPED if dropped[0] else 0
 
 
-def _ustack_core(cfg, options):
-    from .coro.native import NativeCore
+def _open_core(cfg, options, listen_fd):
+    """This core's NativeCore, listening on server.port.  One path for every
+    backend (qstack.transport.open_core); what a backend adds are its own
+    settings and the words for its errors (the tables below)."""
+    from .transport import backend_type, open_core
+    srv = cfg.server
+    sock = None
+    if backend_type(srv.backend).kernel_sockets:
+        # the supervisor's listener, shared by this core index, or our own
+        sock = (socket.socket(fileno=listen_fd) if listen_fd is not None
+                else open_listener(srv.host, srv.port, srv.backlog))
     try:
-        core = NativeCore(**options, backend="ustack", net=_net_options(cfg))
-    except ValueError as exc:
-        raise ConfigError(f"ustack: {exc}") from None
-    except OSError as exc:
-        raise _ustack_error(cfg, exc) from None
+        core = open_core(srv.backend, **options,
+                         **_BACKEND_SETTINGS.get(srv.backend, _no_settings)(cfg))
+    except (OSError, ValueError) as exc:
+        if sock is not None:
+            sock.close()
+        explain = _BACKEND_ERRORS.get(srv.backend)
+        if isinstance(exc, OSError) and explain is not None:
+            raise explain(cfg, exc) from None
+        raise ConfigError(f"{srv.backend}: cannot create the native core: {exc}") from None
     try:
-        core.listen_port(cfg.server.port)
+        core.listen(port=srv.port, fd=sock.detach() if sock is not None else -1)
     except OSError as exc:
         core.free()
-        raise ConfigError(f"ustack: cannot listen on port {cfg.server.port}: "
+        raise ConfigError(f"{srv.backend}: cannot listen on port {srv.port}: "
                           f"{exc.strerror or exc}") from None
     return core
+
+
+def _no_settings(cfg):
+    return {}
+
+
+# A backend's settings beyond the common options, from its config section,
+# and the words for its start-up errors (OSError -> ConfigError).
+_BACKEND_SETTINGS = {"ustack": lambda cfg: {"settings": _ustack_settings(cfg)}}
+_BACKEND_ERRORS = {"ustack": _ustack_error}
 
 
 def _write_line(fd, snap):

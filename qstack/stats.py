@@ -26,11 +26,12 @@ server.block_warning.
 App counters (qstack.count) are shown as totals since the core started, and
 only those with a non-zero level: ``redis_errors L0 3 L1 12``.
 
-Latency histogram: 8 linear sub-buckets per power of two of nanoseconds, the
-same function as qs_lat_bucket / qs_lat_bucket_upper in qstack.h (a native
-test compares them).  Bucket v < 8 holds exactly v ns; above, bucket
-8 + (e-3)*8 + sub holds the values whose top four bits are 1sub (e = floor
-log2), so a reported percentile is at most 12.5% above the true value.
+Latency histogram: 8 linear sub-buckets per power of two of nanoseconds,
+the native core's own buckets (qs_lat_bucket, qs_lat_bucket_low/_width in
+qstack.h; the layout is defined once, in qstack/native/common/hist.h), read
+through cffi.  Bucket v < 16 holds exactly v ns; above, a bucket holds the
+values whose top four bits agree, so a reported percentile is at most 12.5%
+above the true value.
 
 Printed (``stats_lines``), each text line ends with the local time it was
 printed, ``  at 2025-01-01T12:00:01``; the timestamp goes last so that
@@ -50,27 +51,21 @@ import json
 import math
 import time
 
-QS_LAT_BUCKETS = 328
-_LAST = QS_LAT_BUCKETS - 1
+from qstack._native import lib as _lib
+
+QS_LAT_BUCKETS = _lib.QS_LAT_BUCKETS
+_MAX_NS = (1 << 64) - 1
 
 
 def bucket_of(ns: int) -> int:
     """Histogram bucket holding a latency of ``ns`` nanoseconds."""
-    v = max(0, int(ns))
-    if v < 8:
-        return v
-    e = v.bit_length() - 1
-    sub = (v >> (e - 3)) & 7
-    return min(8 + (e - 3) * 8 + sub, _LAST)
+    return _lib.qs_lat_bucket(min(max(0, int(ns)), _MAX_NS))
 
 
 def bucket_upper_ns(i: int) -> int:
-    """Largest latency (ns) bucket ``i`` holds: what a percentile reports."""
-    if i < 8:
-        return i
-    e = (i - 8) // 8 + 3
-    sub = (i - 8) % 8
-    return ((8 + sub + 1) << (e - 3)) - 1
+    """Largest latency (ns) bucket ``i`` holds: what a percentile reports
+    (for the last bucket, the end of its regular range)."""
+    return _lib.qs_lat_bucket_low(i) + _lib.qs_lat_bucket_width(i) - 1
 
 
 def percentile(hist: list[int], q: float) -> int | None:

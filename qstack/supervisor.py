@@ -64,6 +64,7 @@ import traceback
 from dataclasses import dataclass, field
 
 from qstack.errors import ConfigError
+from qstack.server import kernel_sockets
 from qstack.stats import StatsView, stats_lines
 
 log = logging.getLogger("qstack.supervisor")
@@ -197,8 +198,8 @@ class Supervisor:
     def _open_listeners(self) -> None:
         """One SO_REUSEPORT listener per core index, kept across restarts."""
         srv = self.cfg.server
-        if self._serve is not None or srv.backend != "kernel":
-            return                    # a fake serve, or ustack: no kernel socket
+        if self._serve is not None or not kernel_sockets(self.cfg):
+            return                    # a fake serve, or a backend without kernel sockets
         from qstack.server import open_listener
         for _ in self._cores:
             self._listeners.append(open_listener(srv.host, srv.port, srv.backlog).detach())
@@ -415,7 +416,7 @@ class Supervisor:
                 return
         self._next = self._gen + 1
         self._next_started = time.monotonic()
-        if self.cfg.server.backend == "kernel":
+        if kernel_sockets(self.cfg):
             log.info("SIGHUP: reloading: starting %d new core(s); the old ones stop "
                      "once the new ones serve", len(self._cores))
             for core in range(len(self._cores)):
@@ -446,7 +447,7 @@ class Supervisor:
                     self._spawn(core, self._next)
             return
         if any(c.retiring for c in self._children.values() if c.gen != self._next) \
-                and self.cfg.server.backend != "kernel":
+                and not kernel_sockets(self.cfg):
             return                    # the last in-place core has not exited yet
         if len(new) == len(self._cores) and all(c.ready for c in new):
             old = [c for c in self._children.values() if c.gen != self._next]
@@ -464,7 +465,7 @@ class Supervisor:
 
     def _abort_reload(self, why: str) -> None:
         log.error("reload failed (%s); the old cores keep serving", why)
-        overlap = self.cfg.server.backend == "kernel"
+        overlap = kernel_sockets(self.cfg)
         for c in self._children.values():
             if c.gen != self._next:
                 continue
@@ -570,7 +571,7 @@ class Supervisor:
         if self._next is not None and child.gen == self._gen:
             # Crashed while a reload starts its successor: nothing to restart
             # on the kernel backend (the new core i takes over).
-            if self.cfg.server.backend == "kernel":
+            if kernel_sockets(self.cfg):
                 log.warning("core %d (pid %d) %s during a reload", child.core, child.pid, what)
                 return
         state.restart_at = now + delay

@@ -1,7 +1,7 @@
 """A fake qs_core for in-process hub tests: the test says when messages
 arrive, and every command the hub submits is recorded.
 
-It offers what the hub uses of qstack.coro.native.NativeCore -- the five
+It offers what the hub uses of qstack.transport.NativeCore -- the five
 data-path calls (poll, submit, pending_above, sleep_below, step), the slab,
 the wake fd and the attributes the hub reads -- with the threaded stack's
 wake-up rule: ``sleep_below(n)`` arms an eventfd that the next arrival at a
@@ -13,7 +13,7 @@ import os
 import struct
 from collections import deque
 
-from qstack.coro.native import ffi, lib
+from qstack.transport import ffi, lib
 
 EVENT = struct.Struct("8q")
 SEQ_SHIFT = 8

@@ -14,7 +14,7 @@ import qstack
 from fakecore import FakeCore
 from qstack.app import Connection, Request
 from qstack.coro.hub import Hub
-from qstack.coro.native import lib
+from qstack.transport import lib
 
 
 @pytest.fixture

@@ -189,6 +189,12 @@ def test_lat_buckets():
 
 # ---------------------------------------------------------------- a hub in Python
 
+def listen_spec(fd=-1, port=0):
+    spec = ffi.new("qs_listen_spec *")
+    spec.fd, spec.port = fd, port
+    return spec
+
+
 def make_config(levels=2, rules_=(), default_level=None, kind=lib.QS_FRAME_RAW, arg=0,
                 max_message=1 << 24, ring_size=1024, cmd_ring_size=1024, buf_size=16384,
                 buf_count=1024, out_high_water=4 << 20, stream_mode=0, stack_cpu=-1,
@@ -260,7 +266,7 @@ class Core:
         ls.bind(("127.0.0.1", 0))
         ls.listen(1024)
         self.addr = ls.getsockname()
-        assert lib.qs_core_listen(self.c, ls.detach()) == 0   # the core owns it now
+        assert lib.qs_core_listen(self.c, listen_spec(fd=ls.detach())) == 0   # the core owns it now
         assert lib.qs_core_start(self.c) == 0
         if self.inline:
             _INLINE.append(self)
@@ -1126,7 +1132,7 @@ def test_lifecycle_errors():
     c = lib.qs_core_new(make_config(stack_cpu=0), err)
     assert lib.qs_core_start(c) == 0
     assert lib.qs_core_start(c) == -errno.EALREADY
-    assert lib.qs_core_listen(c, 0) == -errno.EBUSY
+    assert lib.qs_core_listen(c, listen_spec(fd=0)) == -errno.EBUSY
     st = ffi.new("qs_stats *")
     assert lib.qs_core_shutdown(c, 0) == 0
     assert lib.qs_core_shutdown(c, 0) == 0
@@ -1138,7 +1144,7 @@ def test_lifecycle_errors():
     ls.bind(("127.0.0.1", 0))
     ls.listen()
     addr = ls.getsockname()
-    assert lib.qs_core_listen(c, ls.detach()) == 0
+    assert lib.qs_core_listen(c, listen_spec(fd=ls.detach())) == 0
     assert lib.qs_core_shutdown(c, 0) == 0
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(addr, timeout=5)
@@ -1166,7 +1172,7 @@ def test_inline_lifecycle_errors():
     assert lib.qs_core_step(c, 0) == -errno.EINVAL          # not started
     assert lib.qs_core_start(c) == 0
     assert lib.qs_core_start(c) == -errno.EALREADY
-    assert lib.qs_core_listen(c, 0) == -errno.EBUSY
+    assert lib.qs_core_listen(c, listen_spec(fd=0)) == -errno.EBUSY
     assert lib.qs_core_step(c, 0) == 0
     assert lib.qs_core_shutdown(c, 0) == 0
     assert lib.qs_core_shutdown(c, 0) == 0

@@ -89,7 +89,7 @@ for line in sys.stdin:
     if op == "echo":
         say(rc=lib.qsu_tap_echo(x, c["port"]))
     elif op == "fault":
-        f = ffi.new("qsu_fault *")
+        f = ffi.new("qs_fault_config *")
         for k, v in c.items():
             setattr(f, k, v)
         say(rc=lib.qsu_tap_fault(x, f))
@@ -105,7 +105,7 @@ for line in sys.stdin:
             thread = None
         say(rc=0)
     elif op == "stats":
-        s = ffi.new("qsu_stats *")
+        s = ffi.new("qs_ustack_stats *")
         lib.qsu_tap_stats(x, s)
         say(**{k: getattr(s, k) for k in dir(s)})
     elif op == "client":

@@ -207,8 +207,8 @@ def test_cookie_ack_at_a_full_table_is_reset():
         h2 = n.connect(A, 80)                            # both SYNs on the wire at once
         n.run(50 * MS)
         assert sorted((n.info(A, h1).state, n.info(A, h2).state)) == \
-            [lib.QSU_CLOSED, lib.QSU_ESTABLISHED]
-        lost = h1 if n.info(A, h1).state == lib.QSU_CLOSED else h2
+            [lib.QS_TCP_CLOSED, lib.QS_TCP_ESTABLISHED]
+        lost = h1 if n.info(A, h1).state == lib.QS_TCP_CLOSED else h2
         assert n.info(A, lost).err == -104               # ECONNRESET
         s = n.stats(B)
         assert s.tcp_conn_full == 1 and s.tcp_conns == 2 and s.tcp_cookies_sent == 3

@@ -233,7 +233,7 @@ def test_dpdk_missing_from_the_build_is_one_plain_line(monkeypatch):
                              "ustack.eal": "--no-huge", "ustack.ip": "198.18.0.2/24"})
     monkeypatch.setattr(server, "dpdk_library", lambda: None)
     with pytest.raises(ConfigError, match="DPDK is not available in this build"):
-        server._net_options(cfg)
+        server._ustack_settings(cfg)
 
 
 # --- routing ---------------------------------------------------------------------------------

@@ -88,12 +88,12 @@ class TapNet:
             self.thread = None
 
     def stats(self):
-        s = ffi.new("qsu_stats *")
+        s = ffi.new("qs_ustack_stats *")
         lib.qsu_tap_stats(self.tap, s)
         return s
 
     def fault(self, **kw):
-        f = ffi.new("qsu_fault *")
+        f = ffi.new("qs_fault_config *")
         for k, v in kw.items():
             setattr(f, k, v)
         assert lib.qsu_tap_fault(self.tap, f) == 0

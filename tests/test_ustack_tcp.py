@@ -26,14 +26,14 @@ from qstack._ustack_test import ffi, lib  # noqa: E402
 MS = 1_000_000
 SEC = 1000 * MS
 A, B = 0, 1
-ST = {getattr(lib, "QSU_" + k): k for k in (
+ST = {getattr(lib, "QS_TCP_" + k): k for k in (
     "CLOSED LISTEN SYN_SENT SYN_RECEIVED ESTABLISHED FIN_WAIT_1 FIN_WAIT_2 "
     "CLOSE_WAIT CLOSING LAST_ACK TIME_WAIT").split()}
 
 
 def config(side, rules=(), **kw):
     """A side's default config with overrides; rules: (offset, mask, value, level)."""
-    c = ffi.new("qsu_config *")
+    c = ffi.new("qs_ustack_config *")
     lib.qsu_config_default(c, side)
     for k, v in kw.items():
         setattr(c, k, v)
@@ -71,13 +71,13 @@ class Net:
         if not kw:
             assert lib.qsu_net_fault(self.n, side, ffi.NULL) == 0
             return
-        f = ffi.new("qsu_fault *")
+        f = ffi.new("qs_fault_config *")
         for k, v in kw.items():
             setattr(f, k, v)
         assert lib.qsu_net_fault(self.n, side, f) == 0
 
     def stats(self, side):
-        s = ffi.new("qsu_stats *")
+        s = ffi.new("qs_ustack_stats *")
         assert lib.qsu_stats_get(self.n, side, s) == 0
         return s
 
@@ -100,7 +100,7 @@ class Net:
         self.run(20 * MS)
         acc = self.accepted(B)
         assert len(acc) == 1, acc
-        assert self.info(A, h).state == lib.QSU_ESTABLISHED
+        assert self.info(A, h).state == lib.QS_TCP_ESTABLISHED
         return h, acc[0]
 
     def info(self, side, h):
@@ -477,7 +477,7 @@ def test_active_close_full_sequence():
         assert n.info(B, hb).events & lib.QSU_EV_EOF
         assert n.recv(B, hb) == 0                     # end of stream
         n.close(B, hb)
-        assert n.info(B, hb).state == lib.QSU_LAST_ACK or n.info(B, hb).events & lib.QSU_EV_CLOSED
+        assert n.info(B, hb).state == lib.QS_TCP_LAST_ACK or n.info(B, hb).events & lib.QSU_EV_CLOSED
         n.run(1 * MS)
         assert n.state(A, h) == "TIME_WAIT"
         assert n.stats(B).tcp_conns == 0              # LAST_ACK -> CLOSED on A's ACK

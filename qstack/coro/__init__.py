@@ -1,6 +1,7 @@
 """The hub layer: priority run queues and greenlet worker pools per core.
 
-Hub and StreamHub load the native module, so they are imported on first use;
+Hub and StreamHub load the native core's binding (qstack.transport), so they
+are imported on first use;
 the pure run queue imports without it.
 """
 

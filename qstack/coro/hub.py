@@ -87,7 +87,7 @@ from greenlet import getcurrent
 
 from .._qsview import done as _view_done, view as _view
 from .errlog import handler_failed
-from .native import EVENT_SIZE, iter_events, jumbo_view, lib, ffi
+from qstack.transport import EVENT_SIZE, ffi, iter_events, jumbo_view, lib
 from .runqueue import RunQueue, reserve_table
 from .sched import EV_MAXPRI, EV_MINPRI, ReadyQueue, Worker, install_wait_priorities
 

@@ -19,7 +19,7 @@ from greenlet import getcurrent, greenlet
 
 from .errlog import handler_failed
 from .hub import CLOSE, EV_DATA, EV_BIGDATA, RELEASE, SEND_COPY, Hub
-from .native import EVENT_SIZE, iter_events, lib
+from qstack.transport import EVENT_SIZE, iter_events, lib
 
 __all__ = ["StreamHub"]
 

@@ -6,7 +6,8 @@ each; above, every power of two is cut into 1024 equal buckets, so a bucket
 is at most 1/1024 (0.1%) of its values wide.  The engine exports only the
 non-empty buckets; histograms from several processes merge exactly by adding
 counts.  :func:`bucket_of`, :func:`bucket_low` and :func:`bucket_width`
-mirror the C functions (a test holds them together).
+are the engine's own C functions (qsload.h; the layout is defined once, in
+qstack/native/common/hist.h), read through cffi.
 
 Quantiles follow HdrHistogram's ``getValueAtPercentile``: the q-quantile is
 the highest value equivalent to the bucket holding the value of rank
@@ -16,30 +17,20 @@ minimum and maximum seen.  The error is therefore below 0.1% of the value.
 
 from __future__ import annotations
 
-SUB_BITS = 10
-SUB = 1 << SUB_BITS
-MAX_BITS = 40
-BUCKETS = (MAX_BITS - SUB_BITS + 1) << SUB_BITS
+from qstack._loadgen import lib as _lib
+
+BUCKETS = _lib.QSL_HIST_BUCKETS
+_MAX_VALUE = (1 << 64) - 1
 
 __all__ = ["Histogram", "bucket_of", "bucket_low", "bucket_width", "BUCKETS"]
 
 
 def bucket_of(value: int) -> int:
-    if value < 2 * SUB:
-        return max(0, int(value))
-    s = value.bit_length() - 1 - SUB_BITS
-    return min((s << SUB_BITS) + (value >> s), BUCKETS - 1)
+    return _lib.qsl_hist_bucket_of(min(max(0, int(value)), _MAX_VALUE))
 
 
-def bucket_low(b: int) -> int:
-    if b < 2 * SUB:
-        return b
-    s = (b >> SUB_BITS) - 1
-    return (b - (s << SUB_BITS)) << s
-
-
-def bucket_width(b: int) -> int:
-    return 1 if b < 2 * SUB else 1 << ((b >> SUB_BITS) - 1)
+bucket_low = _lib.qsl_hist_bucket_low
+bucket_width = _lib.qsl_hist_bucket_width
 
 
 class Histogram:

@@ -21,11 +21,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cffibuild import HERE, builder, compile_in_place, sources  # noqa: E402
 
 # The user-space TCP/IP stack is part of the core (backend "ustack"); its
-# test harness (qsu_*) and the DPDK driver module (dpdk.c, built on its own
-# where DPDK exists) are not.
-USTACK = sources("ustack", exclude=("qsu_", "sha256", "dpdk.c"))
+# test harness (harness/) and the DPDK driver module (dpdk.c, built on its
+# own where DPDK exists) are not.
+USTACK = sources("ustack")
 
-ffibuilder = builder("_native", "qstack.h", "src", direct=__name__ == "__main__",
+ffibuilder = builder("_native", ("qsprio.h", "qstack.h"), "src", direct=__name__ == "__main__",
                      libraries=["pthread", "dl"], extra_sources=USTACK,
                      extra_include=[os.path.join(HERE, "ustack")])
 

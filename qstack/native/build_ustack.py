@@ -14,12 +14,14 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cffibuild import builder, compile_in_place  # noqa: E402
+from cffibuild import HERE, builder, compile_in_place, sources  # noqa: E402
 
 # dl: dpdk_load.c dlopens the DPDK driver; dpdk.c itself is never compiled
 # here (cffibuild.NOT_CFFI; it is build_dpdk.py's).
-ffibuilder = builder("_ustack_test", "qsustack.h", "ustack", direct=__name__ == "__main__",
-                     libraries=["dl", "pthread"])
+# The stack (ustack/) and its test harness (harness/) in one module.
+ffibuilder = builder("_ustack_test", ("qsprio.h", "ustack_api.h", "qsustack.h"), "harness",
+                     direct=__name__ == "__main__", libraries=["dl", "pthread"],
+                     extra_sources=sources("ustack"), extra_include=[os.path.join(HERE, "ustack")])
 
 if __name__ == "__main__":
     compile_in_place(ffibuilder, "_ustack_test")

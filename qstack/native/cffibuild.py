@@ -2,7 +2,11 @@
 
 Each native module has one cffi-parsable header in include/ that is both its
 cdef and the first thing its C files include, so the C compiler checks the
-implementation against exactly the declarations Python uses.
+implementation against exactly the declarations Python uses.  Types two
+modules share are defined once, in a header of their own that both cdefs
+read first (qsprio.h: levels and rules; ustack_api.h: the user-space
+stack's settings and counters).  cffi cannot #include, so the builder
+feeds a module's headers in order; C sees them with #pragma once.
 
 A builder is used two ways: setuptools imports it from the repository root
 (``cffi_modules`` in setup.py: sources must then be relative paths), and
@@ -22,6 +26,7 @@ from cffi import FFI
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 INCLUDE = os.path.join(HERE, "include")
+COMMON = os.path.join(HERE, "common")
 
 CFLAGS = ["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-comment",
           "-Werror=implicit-function-declaration", "-D_GNU_SOURCE"]
@@ -53,20 +58,31 @@ def sources(src_dir, exclude=()):
             if not os.path.basename(p).startswith(skip)]
 
 
-def builder(module, header, src_dir, *, direct, libraries=(), extra_sources=(),
-            extra_include=()):
-    """An FFI for qstack.<module> from include/<header> and <src_dir>/*.c."""
-    src = os.path.join(HERE, src_dir)
+def _cdef_text(header):
+    """A header as cffi reads it: C's include guard (#pragma once) dropped."""
     with open(os.path.join(INCLUDE, header)) as f:
-        cdef = f.read()
+        return "".join(line for line in f if line.strip() != "#pragma once")
+
+
+def builder(module, headers, src_dir, *, direct, libraries=(), extra_sources=(),
+            extra_include=()):
+    """An FFI for qstack.<module> from include/<headers> (a name, or names in
+    the order they build on each other: shared types first, the module's own
+    header last) and <src_dir>/*.c.  common/ (C shared by several modules,
+    not part of any ABI) is on every module's include path."""
+    if isinstance(headers, str):
+        headers = (headers,)
+    src = os.path.join(HERE, src_dir)
     ffi = FFI()
-    ffi.cdef(cdef)
+    for header in headers:
+        ffi.cdef(_cdef_text(header))
     srcs = sources(src_dir) + list(extra_sources)
+    includes = "".join(f'#include "{h}"\n' for h in headers)
     ffi.set_source(
         f"qstack.{module}",
-        f'#include <stdint.h>\n#include "{header}"\n',
+        f'#include <stdint.h>\n{includes}',
         sources=[_path(p, direct) for p in srcs],
-        include_dirs=[_path(p, direct) for p in (INCLUDE, src, *extra_include)],
+        include_dirs=[_path(p, direct) for p in (INCLUDE, src, COMMON, *extra_include)],
         extra_compile_args=CFLAGS,
         extra_link_args=LDFLAGS,
         libraries=list(libraries),

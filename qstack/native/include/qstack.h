@@ -1,9 +1,10 @@
 /*
  * qstack.h -- the one door between the native stack and Python.
  *
- * cffi reads this file verbatim (qstack/native/build.py), so it holds only
- * declarations cffi can parse: no #include, no #ifdef, no macros other than
- * integer constants.  C files include <stdint.h> before it.
+ * cffi reads this file verbatim (qstack/native/build.py) after qsprio.h
+ * (levels, native rules), so it holds only declarations cffi can parse: no
+ * #include, no #ifdef, no macros other than integer constants.  C files
+ * include <stdint.h> and qsprio.h before it (src/qs_int.h).
  *
  * Threads.  A qs_core owns one stack thread (the "stack") and is driven by one
  * Python thread (the "hub").  They share nothing but:
@@ -52,8 +53,12 @@
  * Errors: functions return -errno (negative) on failure, >= 0 on success.
  */
 
-#define QS_MAX_LEVELS 8
-#define QS_MAX_RULES 8
+#pragma once
+
+/* Latency histograms (qs_stats.lat): 2^QS_LAT_SUB_BITS linear sub-buckets
+ * per power of two of ns, QS_LAT_BUCKETS of them: (43 - 3 + 1) << 3, the
+ * last regular one ending at 2^43 ns (2.4 h).  See qs_lat_bucket. */
+#define QS_LAT_SUB_BITS 3
 #define QS_LAT_BUCKETS 328
 
 /* framing of the byte stream into messages */
@@ -82,7 +87,7 @@
 #define QS_CMD_STOP_ACCEPT 8  /* close every listening socket (conn ignored) */
 #define QS_CMD_STOP_READ 9    /* stop reading every connection (graceful shutdown) */
 
-/* backends (qs_config.backend) and ustack drivers (qs_net_config.driver) */
+/* backends (qs_config.backend) and ustack drivers (qs_ustack_settings.driver) */
 #define QS_BACKEND_KERNEL 0 /* kernel sockets, epoll */
 #define QS_BACKEND_USTACK 1 /* qstack's own TCP/IP over a driver */
 #define QS_DRIVER_TAP 1     /* Linux TAP device (/dev/net/tun) */
@@ -125,15 +130,6 @@ typedef struct qs_cmd {
     int64_t flags;      /* (seq << QS_SEQ_SHIFT) | QS_F_*; seq 0: unsequenced */
 } qs_cmd;
 
-/* A native priority rule, QStack's -i filter: the message byte at `offset`,
- * masked with `mask`, equal to `value` -> `level`.  First match wins. */
-typedef struct qs_rule {
-    int32_t offset;
-    uint8_t mask;
-    uint8_t value;
-    int32_t level;
-} qs_rule;
-
 typedef struct qs_framer {
     int32_t kind;         /* QS_FRAME_* */
     int32_t arg;          /* FIXED: size; LENGTH: header bytes */
@@ -141,7 +137,7 @@ typedef struct qs_framer {
 } qs_framer;
 
 /* The user-space stack's settings (backend QS_BACKEND_USTACK). */
-typedef struct qs_net_config {
+typedef struct qs_ustack_settings {
     int32_t driver;           /* QS_DRIVER_* */
     char tap[16];             /* TAP device name (created if missing) */
     int32_t multiqueue;       /* 1: attach one queue of a multi-queue TAP device */
@@ -158,12 +154,12 @@ typedef struct qs_net_config {
     uint32_t syn_backlog;     /* half-open connections per listener */
     double loss, dup, reorder, corrupt;   /* injected faults, both ways (0: none) */
     uint64_t fault_seed;
-} qs_net_config;
+} qs_ustack_settings;
 
 typedef struct qs_config {
     int32_t levels;           /* 1..QS_MAX_LEVELS */
     int32_t nrules;
-    qs_rule rules[8];         /* QS_MAX_RULES */
+    qs_rule rules[QS_MAX_RULES];   /* qsprio.h */
     int32_t default_level;    /* level of a message no rule matches */
     qs_framer framer;
     uint32_t ring_size;       /* events per level ring; power of two */
@@ -186,7 +182,7 @@ typedef struct qs_config {
     int64_t message_timeout_ns;  /* a message started and not finished: reset */
     int64_t idle_timeout_ns;     /* nothing read or written for this long: close */
     int64_t write_timeout_ns;    /* unsent bytes and no write progress: reset */
-    qs_net_config net;        /* QS_BACKEND_USTACK only */
+    qs_ustack_settings ustack;   /* QS_BACKEND_USTACK only */
 } qs_config;
 
 typedef struct qs_stats {
@@ -199,12 +195,12 @@ typedef struct qs_stats {
     uint64_t bufs_in_use;               /* pool + jumbo buffers not yet returned */
     uint64_t bufs_total;                /* pool size */
     uint64_t stack_cpu_ns;              /* CPU time of the stack thread */
-    uint64_t rx_msgs[8];                /* per level */
-    uint64_t rx_bytes[8];
-    uint64_t tx_msgs[8];
-    uint64_t tx_bytes[8];
-    uint64_t ring_depth[8];             /* events waiting in each level ring */
-    uint64_t lat[8][328];               /* rx -> reply written, see qs_lat_bucket */
+    uint64_t rx_msgs[QS_MAX_LEVELS];    /* per level */
+    uint64_t rx_bytes[QS_MAX_LEVELS];
+    uint64_t tx_msgs[QS_MAX_LEVELS];
+    uint64_t tx_bytes[QS_MAX_LEVELS];
+    uint64_t ring_depth[QS_MAX_LEVELS]; /* events waiting in each level ring */
+    uint64_t lat[QS_MAX_LEVELS][QS_LAT_BUCKETS];   /* rx -> reply written, see qs_lat_bucket */
     /* ustack only (zero on the kernel backend) */
     uint64_t net_conns;                 /* control blocks in use (TIME-WAIT included) */
     uint64_t net_bufs_in_use, net_bufs_total;   /* the stack's packet pool */
@@ -219,6 +215,12 @@ typedef struct qs_stats {
     uint64_t out_heap_bytes;            /* unsent reply bytes copied out of the pool */
     uint64_t large_waits;               /* conns waiting for room under max_large_bytes */
 } qs_stats;
+
+/* Where a core listens (qs_core_listen). */
+typedef struct qs_listen_spec {
+    int32_t fd;               /* a bound, listening kernel socket, or -1 */
+    int32_t port;             /* TCP port, 1..65535; 0: fd's own (kernel) */
+} qs_listen_spec;
 
 typedef struct qs_core qs_core;
 
@@ -237,14 +239,29 @@ int32_t qs_frame_header_len(const qs_framer *f);
 int32_t qs_classify(const qs_rule *rules, int32_t nrules, int32_t default_level,
                     const uint8_t *msg, uint64_t len);
 
-/* Latency histogram buckets: 8 linear sub-buckets per power of two of ns. */
+/* Latency histogram buckets (latency.c; the layout is common/hist.h's):
+ * values below 8 ns get a bucket each, above, 8 linear sub-buckets per
+ * power of two of ns; larger than the last regular bucket clamps into it.
+ * A bucket holds [low, low + width); upper is the largest value it holds
+ * (UINT64_MAX for the last: clamped values land there too).  Python reads
+ * these (qstack.stats); it does not restate them. */
 int32_t qs_lat_bucket(uint64_t ns);
+uint64_t qs_lat_bucket_low(int32_t bucket);
+uint64_t qs_lat_bucket_width(int32_t bucket);
 uint64_t qs_lat_bucket_upper(int32_t bucket);
 
 /* Core lifecycle.  qs_core_new validates cfg (-EINVAL) and allocates. */
 qs_core *qs_core_new(const qs_config *cfg, int *err);
-int qs_core_listen(qs_core *c, int fd);   /* kernel: adopt a bound, listening socket; before start */
-int qs_core_listen_port(qs_core *c, int port);  /* ustack: listen on a TCP port; before start */
+/* Listen (before qs_core_start) where spec says.  One spec for every
+ * backend; each takes the fields it serves and refuses (-EINVAL) a spec it
+ * cannot serve:
+ *   kernel  adopts fd, a bound, listening kernel socket (the frontend binds
+ *           it, so that the core processes of a port share it with
+ *           SO_REUSEPORT); port, if not 0, must be the one fd is bound to;
+ *   ustack  listens on port of the stack's own address; fd must be -1 (it
+ *           has no kernel sockets).
+ * On success the core owns fd (closed by qs_core_shutdown / qs_core_free). */
+int qs_core_listen(qs_core *c, const qs_listen_spec *spec);
 int qs_core_start(qs_core *c);            /* spawn the stack thread */
 /* Stop the stack thread: flush unsent bytes for at most grace_ns, close every
  * socket, join.  Buffers still held by the hub stay valid and countable. */

@@ -1,10 +1,11 @@
 /*
  * qsustack.h -- the user-space TCP/IP stack's test ABI (qstack._ustack_test).
  *
- * cffi reads this file verbatim (qstack/native/build_ustack.py): only
- * declarations cffi can parse, integer constants for macros, no #include.
- * C files include <stdint.h> before it.  The stack's own code includes it
- * too, for qsu_config and qsu_stats, so there is one definition of each.
+ * cffi reads this file verbatim (qstack/native/build_ustack.py) after
+ * qsprio.h and ustack_api.h, whose types it uses (the stack's settings,
+ * counters, TCP states, faults): only declarations cffi can parse, integer
+ * constants for macros, no #include.  It declares the harness and nothing
+ * else; the stack's own code never includes it (harness/qsu_int.h does).
  *
  * The test harness (qsu_net) is two complete stacks (Ethernet, ARP, IPv4,
  * ICMP, TCP) joined by an in-memory wire, driven by a fake clock: nothing
@@ -12,24 +13,12 @@
  * seeds.  Each side may wrap its transmit path in a fault injector.
  *
  * Buffers: every packet and every byte of stream data lives in a stack's
- * pool.  qsu_stats.pool_in_use counts the buffers out of it; after
+ * pool.  qs_ustack_stats.pool_in_use counts the buffers out of it; after
  * qsu_net_quiesce() with every connection gone it must be zero.
  *
  * Errors: functions return -errno (negative) on failure, >= 0 on success.
  */
-
-/* TCP states (RFC 9293 3.3.2) */
-#define QSU_CLOSED 0
-#define QSU_LISTEN 1
-#define QSU_SYN_SENT 2
-#define QSU_SYN_RECEIVED 3
-#define QSU_ESTABLISHED 4
-#define QSU_FIN_WAIT_1 5
-#define QSU_FIN_WAIT_2 6
-#define QSU_CLOSE_WAIT 7
-#define QSU_CLOSING 8
-#define QSU_LAST_ACK 9
-#define QSU_TIME_WAIT 10
+#pragma once
 
 /* harness connection events (qsu_conn_info.events), sticky bits */
 #define QSU_EV_ACCEPTED 1
@@ -39,98 +28,8 @@
 #define QSU_EV_EOF 16
 #define QSU_EV_CLOSED 32
 
-#define QSU_MAX_LEVELS 8
-
-/* A native priority rule (as qs_rule in qstack.h, QStack's -i filter): the
- * TCP payload byte at `offset`, masked with `mask`, equal to `value` ->
- * `level`.  First match wins. */
-typedef struct qsu_rule {
-    int32_t offset;
-    uint8_t mask;
-    uint8_t value;
-    int32_t level;
-} qsu_rule;
-
-typedef struct qsu_config {
-    uint8_t mac[6];
-    uint32_t ip;              /* host byte order */
-    int32_t prefix_len;       /* 1..32 */
-    uint32_t gateway;         /* 0 = none */
-    uint32_t buf_size;        /* bytes per pool buffer, header included (>= 1600) */
-    uint32_t buf_count;       /* pool buffers, allocated up front */
-    uint32_t max_conns;       /* flow table capacity */
-    uint32_t syn_backlog;     /* half-open connections per listener */
-    int32_t syncookies;       /* 0 never, 1 when the backlog is full, 2 always */
-    uint32_t snd_buf;         /* bytes queued for sending per connection */
-    uint32_t rcv_buf;         /* receive window per connection, bytes */
-    uint32_t mss;             /* our MSS: 536..1460 */
-    int32_t wscale;           /* window scale we offer, 0..14; -1 = do not offer */
-    int32_t sack;             /* 1: offer SACK-permitted and report holes (RFC 2018) */
-    uint32_t init_rto_ms;     /* RFC 6298 2.1: 1000 */
-    uint32_t min_rto_ms;
-    uint32_t max_rto_ms;
-    uint32_t delack_ms;       /* delayed ACK timeout (<= 500, RFC 9293 3.8.6.3) */
-    uint32_t msl_ms;          /* TIME_WAIT lasts 2 * msl_ms */
-    uint32_t max_retries;     /* RTO expiries in a row before giving up */
-    uint32_t syn_retries;
-    uint32_t keepalive_idle_ms;   /* 0 = no keepalive */
-    uint32_t keepalive_intvl_ms;
-    uint32_t keepalive_cnt;
-    uint64_t secret;          /* seeds ISS and SYN cookies (RFC 6528) */
-    uint32_t iss_debug;       /* tests only: non-zero = every ISS (wraparound tests) */
-    int32_t levels;           /* priority levels 1..QSU_MAX_LEVELS, 0 = highest */
-    int32_t nrules;
-    qsu_rule rules[8];        /* QSU_MAX_LEVELS */
-    int32_t default_level;    /* a payload no rule matches */
-    /* The pool's shares (tcp_mem.c, docs/USTACK.md "Hostile peers"); 0 = default. */
-    uint32_t pool_reserve;    /* buffers no queue may keep: received frames and the frames
-                                 we send always find one.  0: buf_count / 8, at least 128
-                                 (never more than half the pool) */
-    uint32_t conn_share;      /* buffers a connection may still keep when the pool is tight
-                                 (its queues together); 0: 16 */
-    uint32_t conn_max_bufs;   /* buffers one connection's queues keep at most;
-                                 0: (buf_count - reserve) / 32 */
-} qsu_config;
-
-typedef struct qsu_stats {
-    uint64_t rx_frames, tx_frames, rx_bytes, tx_bytes;
-    uint64_t eth_short, eth_bad_dst, eth_bad_type;
-    uint64_t arp_rx, arp_tx, arp_bad, arp_queued, arp_drop;
-    uint64_t ip_rx, ip_tx, ip_bad_hdr, ip_bad_csum, ip_frag_drop, ip_ttl_drop,
-             ip_not_mine, ip_bad_proto, ip_no_route;
-    uint64_t icmp_rx, icmp_echo_replies, icmp_bad;
-    uint64_t tcp_rx, tcp_tx, tcp_bad_hdr, tcp_bad_csum, tcp_bad_opts;
-    uint64_t tcp_rst_rx, tcp_rst_tx, tcp_rst_ignored, tcp_challenge_acks, tcp_out_of_window;
-    uint64_t tcp_syn_rx, tcp_syn_drop, tcp_cookies_sent, tcp_cookies_ok, tcp_cookies_bad;
-    uint64_t tcp_rexmit, tcp_rto, tcp_fast_rexmit, tcp_partial_acks, tcp_dupacks;
-    uint64_t tcp_ooo, tcp_dup_data, tcp_zwp, tcp_keepalives, tcp_delacks;
-    uint64_t tcp_active_opens, tcp_passive_opens, tcp_conns, tcp_resets, tcp_timeouts;
-    uint64_t tcp_time_wait, tcp_no_mem;
-    uint64_t tcp_conn_full;   /* SYNs dropped and cookie ACKs reset at max_conns */
-    uint64_t pool_total, pool_in_use, pool_peak, pool_fail;
-    uint64_t drv_drop;
-    uint64_t tcb_bytes;       /* sizeof one control block */
-    uint64_t flow_bytes;      /* flow table bytes per connection slot */
-    /* the pool's shares (tcp_mem.c) */
-    uint64_t mem_refused;     /* buffers a queue was refused (the pool tight, or the
-                                 connection at its cap) */
-    uint64_t mem_pruned;      /* out-of-order buffers given back (RFC 2018 reneging) */
-    uint64_t mem_prunes;      /* times the out-of-order queues were pruned */
-    uint64_t arp_glean_refused;   /* IPv4 packets whose Ethernet source disagreed with
-                                     a resolved entry (kept; an ARP request verifies) */
-} qsu_stats;
-
-/* Faults applied to every frame one side transmits.  Rates are in [0, 1]. */
-typedef struct qsu_fault {
-    double loss, dup, reorder, corrupt;
-    int64_t delay_ns;         /* added to every frame */
-    int64_t reorder_ns;       /* a reordered frame is held up to this much longer */
-    uint64_t seed;
-    int32_t rx;               /* 1: loss and corruption also hit received frames */
-} qsu_fault;
-
 typedef struct qsu_conn_info {
-    int32_t state;            /* QSU_*; QSU_CLOSED once the stack let go */
+    int32_t state;            /* QS_TCP_*; QS_TCP_CLOSED once the stack let go */
     int32_t events;           /* QSU_EV_* seen so far */
     int32_t err;              /* -errno the connection ended with, 0 if none */
     uint16_t lport, rport;
@@ -155,13 +54,14 @@ typedef struct qsu_bulk_result {
 
 typedef struct qsu_net qsu_net;
 
-/* Defaults: side 0 (a) is 198.18.0.1, side 1 (b) 198.18.0.2, /24. */
-void qsu_config_default(qsu_config *cfg, int side);
+/* qs_ustack_config_default plus a side's addresses: side 0 (a) is
+ * 198.18.0.1, side 1 (b) 198.18.0.2, /24. */
+void qsu_config_default(qs_ustack_config *cfg, int side);
 
 /* Two stacks over an in-memory wire with latency_ns one way. */
-qsu_net *qsu_net_new(const qsu_config *a, const qsu_config *b, int64_t latency_ns, int *err);
+qsu_net *qsu_net_new(const qs_ustack_config *a, const qs_ustack_config *b, int64_t latency_ns, int *err);
 void qsu_net_free(qsu_net *n);
-int qsu_net_fault(qsu_net *n, int side, const qsu_fault *f);   /* f NULL: no faults */
+int qsu_net_fault(qsu_net *n, int side, const qs_fault_config *f);   /* f NULL: no faults */
 int64_t qsu_net_now(qsu_net *n);
 /* Run both stacks for dt_ns of fake time: deliver frames and fire timers at
  * their times.  Returns how many frames and timers were handled. */
@@ -169,7 +69,7 @@ int64_t qsu_net_run(qsu_net *n, int64_t dt_ns);
 /* Run until nothing is in flight and no timer is due within idle_ns, at most
  * max_ns; returns the fake time used, or -ETIMEDOUT. */
 int64_t qsu_net_settle(qsu_net *n, int64_t idle_ns, int64_t max_ns);
-int qsu_stats_get(qsu_net *n, int side, qsu_stats *out);
+int qsu_stats_get(qsu_net *n, int side, qs_ustack_stats *out);
 /* Frames the wire still holds (both directions). */
 int qsu_net_inflight(qsu_net *n);
 
@@ -247,13 +147,13 @@ typedef struct qsu_tap_client {
     qsu_conn_info info;       /* the connection when the run ended (state 0 if gone) */
 } qsu_tap_client;
 
-qsu_tap *qsu_tap_open(const char *ifname, const qsu_config *cfg, int *err);
+qsu_tap *qsu_tap_open(const char *ifname, const qs_ustack_config *cfg, int *err);
 void qsu_tap_close(qsu_tap *t);
-int qsu_tap_fault(qsu_tap *t, const qsu_fault *f);     /* NULL: none */
+int qsu_tap_fault(qsu_tap *t, const qs_fault_config *f);     /* NULL: none */
 int qsu_tap_echo(qsu_tap *t, uint16_t port);           /* echo every byte back */
 int qsu_tap_run(qsu_tap *t, int64_t duration_ns);      /* returns frames handled */
 void qsu_tap_stop(qsu_tap *t);
-int qsu_tap_stats(qsu_tap *t, qsu_stats *out);
+int qsu_tap_stats(qsu_tap *t, qs_ustack_stats *out);
 /* Connect to ip:port (host order), send `bytes` of a seeded stream, read
  * everything the peer sends back until it closes, then close; runs the
  * stack until done or timeout_ns.  Returns 0, -ETIMEDOUT or -errno. */
@@ -272,7 +172,7 @@ int qsu_tap_mac(qsu_tap *t, uint8_t *out);
  * (close with qsu_tap_close).  The stack takes the port's MAC.  Errors:
  * -ENOTSUP when the library or DPDK is missing, -EBUSY / -EALREADY for a
  * second open in a process, else EAL's; qsu_dpdk_error() says why. */
-qsu_tap *qsu_dpdk_open(const char *lib_path, const char *eal_args, const qsu_config *cfg,
+qsu_tap *qsu_dpdk_open(const char *lib_path, const char *eal_args, const qs_ustack_config *cfg,
                        int *err);
 const char *qsu_dpdk_error(void);
 

@@ -13,15 +13,15 @@
  * Threaded layout (k_run, the stack thread): poll, publish and wake the hub
  * if it sleeps, work, publish and wake again, then decide how long to
  * sleep.  Never if work is visible; otherwise the Dekker handshake of
- * core.c: stack_sleeping = 1, fence, re-check (command rings, quit, blocked
- * conns that now fit), then epoll_wait.
+ * core.c (qs_core_stack_may_sleep re-checks k_has_work: command rings,
+ * blocked conns that now fit, owed WRITABLEs; and quit), then epoll_wait.
  *
  * Inline layout (k_step, in the hub's thread, once per qs_core_step): work
  * first, so replies submitted just before go out now, then poll with the
  * caller's timeout (0 if events already wait), publish.  No eventfd is
  * written: the hub is the only thread, it watches the epoll fd itself.
  *
- * Clock: net.now is read once per iteration (again after a wait that may
+ * Clock: conns.now is read once per iteration (again after a wait that may
  * have slept) and stamps every read (t_rx) and every command (latency).
  *
  * Accept: at most QS_ACCEPT_BATCH per wakeup so a connection storm cannot
@@ -36,7 +36,7 @@
  * grace deadline passes (waiting in epoll_wait for EPOLLOUT), then close
  * every socket and release every buffer it holds.
  */
-#include "net.h"
+#include "conn.h"
 #include <stdlib.h>
 #include <string.h>
 #include <errno.h>
@@ -60,7 +60,7 @@
 #define QS_TAG_WAKE (1ULL << 63)
 
 typedef struct qs_kernel {
-    qs_net net;                    /* first: the conn layer's net is the backend */
+    qs_conns conns;                /* first: the connection table is the backend's base */
     int ep;
     int listeners[QS_MAX_LISTEN];
     int nlisten;
@@ -71,7 +71,7 @@ typedef struct qs_kernel {
 
 /* ---------------------------------------------------------------- sockets */
 
-static int64_t ks_read(qs_net *net, qs_conn *c, uint8_t *p, uint64_t len)
+static int64_t ks_read(qs_conns *conns, qs_conn *c, uint8_t *p, uint64_t len)
 {
     ssize_t n = read(c->slot, p, len);
     if (n >= 0)
@@ -79,7 +79,7 @@ static int64_t ks_read(qs_net *net, qs_conn *c, uint8_t *p, uint64_t len)
     return errno == EINTR || errno == EWOULDBLOCK ? -EAGAIN : -errno;
 }
 
-static int64_t ks_writev(qs_net *net, qs_conn *c, const struct iovec *iov, int n)
+static int64_t ks_writev(qs_conns *conns, qs_conn *c, const struct iovec *iov, int n)
 {
     for (;;) {
         ssize_t w;
@@ -96,9 +96,9 @@ static int64_t ks_writev(qs_net *net, qs_conn *c, const struct iovec *iov, int n
     }
 }
 
-static void ks_want(qs_net *net, qs_conn *c, uint32_t want)
+static void ks_want(qs_conns *conns, qs_conn *c, uint32_t want)
 {
-    qs_kernel *k = (qs_kernel *)net;
+    qs_kernel *k = (qs_kernel *)conns;
     /* not reading and nothing to send: leave epoll altogether, so a
      * level-triggered HUP/ERR cannot spin the loop */
     uint32_t ev = (want & QS_WANT_IN ? EPOLLIN : 0) | (want & QS_WANT_OUT ? EPOLLOUT : 0);
@@ -107,7 +107,7 @@ static void ks_want(qs_net *net, qs_conn *c, uint32_t want)
     epoll_ctl(k->ep, op, c->slot, &e);
 }
 
-static void ks_close(qs_net *net, qs_conn *c, int abort)
+static void ks_close(qs_conns *conns, qs_conn *c, int abort)
 {
     if (abort) {
         struct linger lg = {.l_onoff = 1, .l_linger = 0};
@@ -124,9 +124,9 @@ static void close_listeners(qs_kernel *k)
     k->accept_off = 0;
 }
 
-static void ks_stop_accept(qs_net *net)
+static void ks_stop_accept(qs_conns *conns)
 {
-    close_listeners((qs_kernel *)net);
+    close_listeners((qs_kernel *)conns);
 }
 
 static const qs_conn_io kernel_io = {
@@ -138,7 +138,7 @@ static const qs_conn_io kernel_io = {
  * like) when the caller should stop polling listeners for a while. */
 static int accept_some(qs_kernel *k, int lfd)
 {
-    qs_core *core = k->net.core;
+    qs_core *core = k->conns.core;
     for (int i = 0; i < QS_ACCEPT_BATCH; i++) {
         int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0) {
@@ -154,7 +154,7 @@ static int accept_some(qs_kernel *k, int lfd)
         }
         int one = 1;
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-        if (!qs_conn_new(&k->net, fd, NULL))
+        if (!qs_conn_new(&k->conns, fd, NULL))
             close(fd);
     }
     return 0;
@@ -173,14 +173,14 @@ static int k_init(qs_core *core)
     if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
         rl.rlim_cur > n && rl.rlim_cur <= (1u << 20))
         n = (uint32_t)rl.rlim_cur;
-    if (qs_net_init(&k->net, core, &kernel_io, n) < 0) {
+    if (qs_conns_init(&k->conns, core, &kernel_io, n) < 0) {
         free(k);
         return -ENOMEM;
     }
     k->ep = epoll_create1(EPOLL_CLOEXEC);
     if (k->ep < 0) {
         int e = -errno;
-        qs_net_destroy(&k->net);
+        qs_conns_destroy(&k->conns);
         free(k);
         return e;
     }
@@ -190,7 +190,7 @@ static int k_init(qs_core *core)
     if (!core->cfg.inline_stack && epoll_ctl(k->ep, EPOLL_CTL_ADD, core->stack_efd, &e) < 0) {
         int rc = -errno;
         close(k->ep);
-        qs_net_destroy(&k->net);
+        qs_conns_destroy(&k->conns);
         free(k);
         return rc;
     }
@@ -202,7 +202,7 @@ static int k_init(qs_core *core)
             if (k->timer_fd >= 0)
                 close(k->timer_fd);
             close(k->ep);
-            qs_net_destroy(&k->net);
+            qs_conns_destroy(&k->conns);
             free(k);
             return rc;
         }
@@ -212,9 +212,24 @@ static int k_init(qs_core *core)
     return 0;
 }
 
-static int k_listen(qs_core *core, int fd)
+/* Adopt the listening socket of the spec (qstack.h: qs_core_listen). */
+static int k_listen(qs_core *core, const qs_listen_spec *spec)
 {
     qs_kernel *k = core->be_state;
+    int fd = spec->fd;
+    if (fd < 0)
+        return -EINVAL;                /* nothing to adopt: this backend binds no port itself */
+    if (spec->port) {
+        struct sockaddr_storage sa;
+        socklen_t len = sizeof(sa);
+        if (getsockname(fd, (struct sockaddr *)&sa, &len) < 0)
+            return -errno;
+        int bound = sa.ss_family == AF_INET ? ntohs(((struct sockaddr_in *)&sa)->sin_port)
+                    : sa.ss_family == AF_INET6 ? ntohs(((struct sockaddr_in6 *)&sa)->sin6_port)
+                    : -1;
+        if (bound != spec->port)
+            return -EINVAL;
+    }
     if (k->nlisten == QS_MAX_LISTEN)
         return -ENOSPC;
     int fl = fcntl(fd, F_GETFL);
@@ -246,7 +261,7 @@ static int ms_until(int64_t now, int64_t when)
 
 static void listeners_resume(qs_kernel *k)
 {
-    if (k->accept_off && k->net.now >= k->accept_resume) {
+    if (k->accept_off && k->conns.now >= k->accept_resume) {
         k->accept_off = 0;
         listeners_epoll(k, EPOLL_CTL_ADD);
     }
@@ -260,7 +275,7 @@ static void listeners_rest(qs_kernel *k)
 {
     listeners_epoll(k, EPOLL_CTL_DEL);
     k->accept_off = 1;
-    k->accept_resume = k->net.now + QS_ACCEPT_BACKOFF_NS;
+    k->accept_resume = k->conns.now + QS_ACCEPT_BACKOFF_NS;
     if (k->timer_fd >= 0) {
         struct itimerspec its = {.it_value = {.tv_sec = k->accept_resume / 1000000000,
                                               .tv_nsec = k->accept_resume % 1000000000}};
@@ -270,7 +285,7 @@ static void listeners_rest(qs_kernel *k)
 
 static void on_event(qs_kernel *k, const struct epoll_event *ev)
 {
-    qs_core *core = k->net.core;
+    qs_core *core = k->conns.core;
     uint64_t tag = ev->data.u64;
     if (QS_UNLIKELY(tag & (QS_TAG_WAKE | QS_TAG_TIMER))) {
         uint64_t v;
@@ -288,22 +303,22 @@ static void on_event(qs_kernel *k, const struct epoll_event *ev)
             listeners_rest(k);
         return;
     }
-    qs_conn *c = qs_conn_lookup(&k->net, (int64_t)tag);
+    qs_conn *c = qs_conn_lookup(&k->conns, (int64_t)tag);
     if (!c)
         return;
     uint32_t e = ev->events;
     if ((e & EPOLLIN) && (c->mask & EPOLLIN)) {
-        qs_conn_readable(&k->net, c);
-        c = qs_conn_lookup(&k->net, (int64_t)tag);
+        qs_conn_readable(&k->conns, c);
+        c = qs_conn_lookup(&k->conns, (int64_t)tag);
     } else if (e & (EPOLLERR | EPOLLHUP)) {
-        qs_conn_close(&k->net, c, 0);        /* reset while not reading */
+        qs_conn_close(&k->conns, c, 0);      /* reset while not reading */
         return;
     }
     if (c && (e & (EPOLLOUT | EPOLLERR | EPOLLHUP)) && (c->flags & QC_WANT_OUT))
-        qs_conn_writable(&k->net, c);
+        qs_conn_writable(&k->conns, c);
 }
 
-/* Shared by both layouts: one epoll_wait and its events.  k->net.now is the
+/* Shared by both layouts: one epoll_wait and its events.  k->conns.now is the
  * time of the reads (t_rx): refreshed only if the wait may have slept or
  * the caller's clock is stale (one clock read per step is enough).  The
  * time slept is added to core->step_idle_ns (stack_cpu_ns, inline). */
@@ -314,10 +329,10 @@ static int k_poll(qs_kernel *k, struct epoll_event *evs, int timeout, int stale)
         t0 = qs_now_ns();
     int n = epoll_wait(k->ep, evs, QS_EPOLL_BATCH, timeout);
     if (timeout != 0) {
-        k->net.now = qs_now_ns();
-        k->net.core->step_idle_ns += k->net.now - t0;
+        k->conns.now = qs_now_ns();
+        k->conns.core->step_idle_ns += k->conns.now - t0;
     } else if (n > 0 && stale) {
-        k->net.now = qs_now_ns();
+        k->conns.now = qs_now_ns();
     }
     if (n <= 0)
         return n < 0 && errno != EINTR ? -errno : 0;
@@ -332,36 +347,44 @@ static int k_poll(qs_kernel *k, struct epoll_event *evs, int timeout, int stale)
  * close every socket and release every buffer held. */
 static void k_quit(qs_kernel *k)
 {
-    qs_core *core = k->net.core;
+    qs_core *core = k->conns.core;
     struct epoll_event evs[QS_EPOLL_BATCH];
-    k->net.now = qs_now_ns();
-    int64_t deadline = k->net.now + core->grace_ns;
-    k->net.quitting = 1;
+    k->conns.now = qs_now_ns();
+    int64_t deadline = k->conns.now + core->grace_ns;
+    k->conns.quitting = 1;
     close_listeners(k);
-    qs_net_stop_reading(&k->net);
+    qs_conns_stop_reading(&k->conns);
     for (;;) {
-        qs_net_work(&k->net);
-        qs_net_publish(&k->net);
-        if (!qs_net_cmds_waiting(&k->net) && k->net.nqueued == 0)
+        qs_conns_work(&k->conns);
+        qs_conns_publish(&k->conns);
+        if (!qs_conns_cmds_waiting(&k->conns) && k->conns.nqueued == 0)
             break;
-        k->net.now = qs_now_ns();
-        if (k->net.now >= deadline)
+        k->conns.now = qs_now_ns();
+        if (k->conns.now >= deadline)
             break;
-        if (qs_net_cmds_waiting(&k->net))
+        if (qs_conns_cmds_waiting(&k->conns))
             continue;
-        if (k_poll(k, evs, ms_until(k->net.now, deadline), 0) < 0)
+        if (k_poll(k, evs, ms_until(k->conns.now, deadline), 0) < 0)
             break;
     }
-    qs_conn_drop_all(&k->net);
+    qs_conn_drop_all(&k->conns);
     close_listeners(k);
-    qs_net_publish(&k->net);
+    qs_conns_publish(&k->conns);
     if (!core->cfg.inline_stack)
         qs_core_wake_hub(core);
 }
 
+static int k_has_work(qs_core *core)
+{
+    qs_kernel *k = core->be_state;
+    return qs_conns_cmds_waiting(&k->conns) || qs_conn_blocked_ready(&k->conns) ||
+           qs_conns_owed_ready(&k->conns);
+}
+
 /* Threaded layout: the stack thread's body.  One iteration:
  * epoll_wait, reads, publish (the hub starts while we go on), commands,
- * blocked conns, publish, then the sleep decision (see the file comment). */
+ * blocked conns, publish, then the sleep decision: never if work is
+ * visible, else core.c's handshake (qs_core_stack_may_sleep). */
 static void k_run(qs_core *core)
 {
     qs_kernel *k = core->be_state;
@@ -369,35 +392,23 @@ static void k_run(qs_core *core)
     int timeout = 0;
     while (!atomic_load_explicit(&core->quit, memory_order_acquire)) {
         int n = epoll_wait(k->ep, evs, QS_EPOLL_BATCH, timeout);
-        atomic_store_explicit(&core->stack_sleeping, 0, memory_order_relaxed);
-        k->net.now = qs_now_ns();
+        qs_core_stack_awake(core);
+        k->conns.now = qs_now_ns();
         for (int i = 0; i < n; i++)
             on_event(k, &evs[i]);
-        if (qs_net_publish(&k->net))                /* let the hub start while we run commands */
+        if (qs_conns_publish(&k->conns))            /* let the hub start while we run commands */
             qs_core_wake_hub(core);
         if (n > 0)
-            k->net.now = qs_now_ns();      /* the reads took a while: latency stamps */
-        int ncmd = qs_net_work(&k->net);
-        int pushed = qs_net_publish(&k->net);
-        if (pushed || (ncmd && atomic_load_explicit(&core->hub_want_space, memory_order_relaxed)))
-            qs_core_wake_hub(core);
+            k->conns.now = qs_now_ns();    /* the reads took a while: latency stamps */
+        int ncmd = qs_conns_work(&k->conns);
+        qs_core_stack_published(core, qs_conns_publish(&k->conns), ncmd);
         listeners_resume(k);
-        if (qs_net_cmds_waiting(&k->net) || qs_conn_blocked_ready(&k->net) || qs_net_owed_ready(&k->net)) {
+        if (k_has_work(core) || !qs_core_stack_may_sleep(core, qs_conns_wants_space(&k->conns))) {
             timeout = 0;
             continue;
         }
-        atomic_store_explicit(&core->stack_want_space, k->net.nblocked_ev > 0 || k->net.nowed > 0,
-                              memory_order_relaxed);
-        atomic_store_explicit(&core->stack_sleeping, 1, memory_order_relaxed);
-        atomic_thread_fence(memory_order_seq_cst);
-        if (qs_net_cmds_waiting(&k->net) || qs_conn_blocked_ready(&k->net) || qs_net_owed_ready(&k->net) ||
-            atomic_load_explicit(&core->quit, memory_order_relaxed)) {
-            atomic_exchange(&core->stack_sleeping, 0);
-            timeout = 0;
-            continue;
-        }
-        timeout = k->accept_off ? ms_until(k->net.now, k->accept_resume) : -1;
-        int tw = qs_net_wait_ms(&k->net);   /* timeouts need a look now and then */
+        timeout = k->accept_off ? ms_until(k->conns.now, k->accept_resume) : -1;
+        int tw = qs_conns_wait_ms(&k->conns);   /* timeouts need a look now and then */
         if (tw >= 0 && (timeout < 0 || tw < timeout))
             timeout = tw;
     }
@@ -414,16 +425,16 @@ static int k_step(qs_core *core, int timeout)
 {
     qs_kernel *k = core->be_state;
     struct epoll_event evs[QS_EPOLL_BATCH];
-    k->net.now = qs_now_ns();
-    int ncmd = qs_net_work(&k->net);
+    k->conns.now = qs_now_ns();
+    int ncmd = qs_conns_work(&k->conns);
     listeners_resume(k);
     int rc = 0;
     if (timeout != QS_STEP_NO_POLL) {
-        if (k->net.touched)
+        if (k->conns.touched)
             timeout = 0;               /* events wait already: just look */
         rc = k_poll(k, evs, timeout, ncmd > 0);
     }
-    int pushed = qs_net_publish(&k->net);
+    int pushed = qs_conns_publish(&k->conns);
     return rc < 0 && !pushed ? rc : pushed;
 }
 
@@ -432,13 +443,13 @@ static void k_destroy(qs_core *core)
     qs_kernel *k = core->be_state;
     if (!k)
         return;
-    qs_conn_drop_all(&k->net);
+    qs_conn_drop_all(&k->conns);
     close_listeners(k);
     if (k->timer_fd >= 0)
         close(k->timer_fd);
     close(k->ep);
     core->poll_fd = -1;
-    qs_net_destroy(&k->net);
+    qs_conns_destroy(&k->conns);
     free(k);
     core->be_state = NULL;
 }
@@ -449,5 +460,6 @@ const qs_backend qs_backend_kernel = {
     .listen = k_listen,
     .run = k_run,
     .step = k_step,
+    .has_work = k_has_work,
     .destroy = k_destroy,
 };

@@ -1,7 +1,7 @@
 /*
  * backend_ustack.c -- the user-space backend: qstack's own TCP/IP stack
  * (qstack/native/ustack/) over a TAP or DPDK driver, under the same
- * connection layer as the kernel backend (net.h).
+ * connection layer as the kernel backend (conn.h).
  *
  * A conn's socket is a TCP control block; it costs no file descriptor, so
  * the number of connections is bounded by memory, not by RLIMIT_NOFILE.
@@ -32,7 +32,7 @@
  * keep the stack running until the peers acknowledged, all within the
  * grace period; what is still open then is reset, so no peer hangs.
  */
-#include "net.h"
+#include "conn.h"
 #include "ustack.h"
 #include <stdlib.h>
 #include <string.h>
@@ -47,11 +47,11 @@
 #define U_TAG_DRV 1
 #define U_TAG_TIMER 2
 #define U_TAG_WAKE 3
-#define QC_READY QC_IO_A             /* on the ready list */
-#define QC_DOWN QC_IO_B              /* the stack reported the connection closed */
+#define QC_READY QC_BACKEND_A        /* on the ready list */
+#define QC_DOWN QC_BACKEND_B         /* the stack reported the connection closed */
 
 typedef struct qs_ubackend {
-    qs_net net;                      /* first: the conn layer's net is the backend */
+    qs_conns conns;                  /* first: the connection table is the backend's base */
     qs_ustack s;
     int ep, timer_fd, drv_fd;
     int64_t timer_at;                /* what timer_fd is armed for, 0 if disarmed */
@@ -84,7 +84,7 @@ static void ready_add(qs_ubackend *u, qs_conn *c)
 
 static qs_conn *conn_of(qs_ubackend *u, qs_tcb *t)
 {
-    return t->user ? qs_conn_lookup(&u->net, (int64_t)t->user) : NULL;
+    return t->user ? qs_conn_lookup(&u->conns, (int64_t)t->user) : NULL;
 }
 
 static int has_input(const qs_conn *c)
@@ -96,21 +96,21 @@ static int has_input(const qs_conn *c)
 /* What a level-triggered poll would report for one conn. */
 static void on_sock(qs_ubackend *u, qs_conn *c)
 {
-    qs_net *net = &u->net;
+    qs_conns *conns = &u->conns;
     int64_t id = c->id;
     if ((c->mask & QS_WANT_IN) && has_input(c)) {
-        qs_conn_readable(net, c);
-        if (!(c = qs_conn_lookup(net, id)))
+        qs_conn_readable(conns, c);
+        if (!(c = qs_conn_lookup(conns, id)))
             return;
         if ((c->mask & QS_WANT_IN) && has_input(c))
             ready_add(u, c);         /* more than one read's worth: again next time */
     } else if ((c->flags & QC_DOWN) && c->sock_err && !(c->mask & QS_WANT_OUT)) {
-        qs_conn_close(net, c, 0);    /* reset while not reading */
+        qs_conn_close(conns, c, 0);  /* reset while not reading */
         return;
     }
     if ((c->mask & QS_WANT_OUT) && (c->flags & QC_WANT_OUT) &&
         ((c->flags & QC_DOWN) || qs_tcp_send_space(&u->s, c->sock) > 0))
-        qs_conn_writable(net, c);
+        qs_conn_writable(conns, c);
 }
 
 /* Walk the conns ready now; reports made meanwhile wait for the next walk. */
@@ -118,7 +118,7 @@ static void run_ready(qs_ubackend *u)
 {
     uint32_t n0 = u->nready;
     for (uint32_t i = 0; i < n0; i++) {
-        qs_conn *c = qs_conn_lookup(&u->net, u->ready[i]);
+        qs_conn *c = qs_conn_lookup(&u->conns, u->ready[i]);
         if (!c)
             continue;
         c->flags &= ~QC_READY;
@@ -130,11 +130,11 @@ static void run_ready(qs_ubackend *u)
 
 /* ---------------------------------------------------------------- sockets */
 
-static int64_t us_read(qs_net *net, qs_conn *c, uint8_t *p, uint64_t len)
+static int64_t us_read(qs_conns *conns, qs_conn *c, uint8_t *p, uint64_t len)
 {
-    qs_ubackend *u = (qs_ubackend *)net;
+    qs_ubackend *u = (qs_ubackend *)conns;
     uint32_t n = len > (1u << 30) ? 1u << 30 : (uint32_t)len;
-    int r = qs_tcp_recv(&u->s, c->sock, p, n, net->now);
+    int r = qs_tcp_recv(&u->s, c->sock, p, n, conns->now);
     if (r > 0)
         return r;
     if (c->flags & QC_DOWN)
@@ -142,13 +142,13 @@ static int64_t us_read(qs_net *net, qs_conn *c, uint8_t *p, uint64_t len)
     return r;                        /* 0 (FIN) or -EAGAIN */
 }
 
-static int64_t us_writev(qs_net *net, qs_conn *c, const struct iovec *iov, int n)
+static int64_t us_writev(qs_conns *conns, qs_conn *c, const struct iovec *iov, int n)
 {
-    qs_ubackend *u = (qs_ubackend *)net;
+    qs_ubackend *u = (qs_ubackend *)conns;
     int64_t total = 0;
     for (int i = 0; i < n; i++) {
         uint32_t len = iov[i].iov_len > (1u << 30) ? 1u << 30 : (uint32_t)iov[i].iov_len;
-        int r = qs_tcp_send(&u->s, c->sock, iov[i].iov_base, len, net->now);
+        int r = qs_tcp_send(&u->s, c->sock, iov[i].iov_base, len, conns->now);
         if (r < 0) {
             if (total)
                 return total;
@@ -161,9 +161,9 @@ static int64_t us_writev(qs_net *net, qs_conn *c, const struct iovec *iov, int n
     return total ? total : -EAGAIN;
 }
 
-static void us_want(qs_net *net, qs_conn *c, uint32_t want)
+static void us_want(qs_conns *conns, qs_conn *c, uint32_t want)
 {
-    qs_ubackend *u = (qs_ubackend *)net;
+    qs_ubackend *u = (qs_ubackend *)conns;
     if (((want & QS_WANT_IN) && has_input(c)) ||
         ((want & QS_WANT_OUT) && qs_tcp_send_space(&u->s, c->sock) > 0))
         ready_add(u, c);
@@ -182,21 +182,21 @@ static void slot_put(qs_ubackend *u, int slot)
     u->free_slots[u->nfree++] = slot;
 }
 
-static void us_close(qs_net *net, qs_conn *c, int abort)
+static void us_close(qs_conns *conns, qs_conn *c, int abort)
 {
-    qs_ubackend *u = (qs_ubackend *)net;
+    qs_ubackend *u = (qs_ubackend *)conns;
     qs_tcb *t = c->sock;
     t->user = 0;                     /* no more reports for this conn */
     if (abort)
-        qs_tcp_abort(&u->s, t, net->now);
+        qs_tcp_abort(&u->s, t, conns->now);
     else
-        qs_tcp_close(&u->s, t, net->now);   /* FIN after the queued bytes */
+        qs_tcp_close(&u->s, t, conns->now); /* FIN after the queued bytes */
     slot_put(u, c->slot);
 }
 
-static void us_stop_accept(qs_net *net)
+static void us_stop_accept(qs_conns *conns)
 {
-    qs_ubackend *u = (qs_ubackend *)net;
+    qs_ubackend *u = (qs_ubackend *)conns;
     for (int i = 0; i < u->nports; i++)
         qs_tcp_unlisten(&u->s, u->ports[i]);
     u->nports = 0;
@@ -213,10 +213,10 @@ static void on_accepted(void *ctx, qs_tcb *t, int port)
 {
     qs_ubackend *u = ctx;
     int slot = u->nfree ? u->free_slots[--u->nfree] : (int)u->next_slot++;
-    qs_conn *c = qs_conn_new(&u->net, slot, t);
+    qs_conn *c = qs_conn_new(&u->conns, slot, t);
     if (!c) {
         slot_put(u, slot);
-        qs_tcp_abort(&u->s, t, u->net.now);
+        qs_tcp_abort(&u->s, t, u->conns.now);
         return;
     }
     t->user = (uint64_t)c->id;
@@ -249,7 +249,7 @@ static const qs_tcp_app_ops app_ops = {
 
 /* ---------------------------------------------------------------- set-up */
 
-static int open_driver(const qs_net_config *g, qs_netdrv **out)
+static int open_driver(const qs_ustack_settings *g, qs_netdrv **out)
 {
     int err = 0;
     if (g->driver == QS_DRIVER_TAP)
@@ -263,19 +263,20 @@ static int open_driver(const qs_net_config *g, qs_netdrv **out)
 
 /* The fault injector around the stack's driver (after qs_ustack_init: it
  * takes the pool the stack gave the driver). */
-static int inject_faults(qs_ustack *s, const qs_net_config *g)
+static int inject_faults(qs_ustack *s, const qs_ustack_settings *g)
 {
     if (!(g->loss > 0 || g->dup > 0 || g->reorder > 0 || g->corrupt > 0))
         return 0;
-    qsu_fault f = {.loss = g->loss, .dup = g->dup, .reorder = g->reorder, .corrupt = g->corrupt,
+    qs_fault_config f = {.loss = g->loss, .dup = g->dup, .reorder = g->reorder, .corrupt = g->corrupt,
                    .reorder_ns = 2000000, .seed = g->fault_seed, .rx = 1};
     return qs_fault_rewrap(&s->drv, &f);
 }
 
-static void stack_config(const qs_config *cfg, qs_netdrv *drv, qsu_config *q)
+/* The stack's settings: its defaults (stack.c), then ours. */
+static void stack_config(const qs_config *cfg, qs_netdrv *drv, qs_ustack_config *q)
 {
-    const qs_net_config *g = &cfg->net;
-    memset(q, 0, sizeof(*q));
+    const qs_ustack_settings *g = &cfg->ustack;
+    qs_ustack_config_default(q);
     static const uint8_t zero[6];
     if (memcmp(g->mac, zero, 6))
         memcpy(q->mac, g->mac, 6);
@@ -290,33 +291,16 @@ static void stack_config(const qs_config *cfg, qs_netdrv *drv, qsu_config *q)
     q->ip = g->ip;
     q->prefix_len = g->prefix_len;
     q->gateway = g->gateway;
-    q->buf_size = 2048;
     q->buf_count = g->buffers;
     q->max_conns = g->max_conns;
     q->syn_backlog = g->syn_backlog;
-    q->syncookies = 1;
     q->snd_buf = g->snd_buf;
     q->rcv_buf = g->rcv_buf;
-    q->mss = 1460;
-    q->wscale = 7;
-    q->sack = 1;                     /* both directions (RFC 2018, RFC 6675) */
-    q->init_rto_ms = 1000;
-    q->min_rto_ms = 200;
-    q->max_rto_ms = 60000;
-    q->delack_ms = 40;
-    q->msl_ms = 30000;
-    q->max_retries = 15;
-    q->syn_retries = 6;
     if (getrandom(&q->secret, sizeof(q->secret), 0) != sizeof(q->secret))
         q->secret = (uint64_t)qs_now_ns();
     q->levels = cfg->levels;
     q->nrules = cfg->nrules;
-    for (int i = 0; i < cfg->nrules; i++) {
-        q->rules[i].offset = cfg->rules[i].offset;
-        q->rules[i].mask = cfg->rules[i].mask;
-        q->rules[i].value = cfg->rules[i].value;
-        q->rules[i].level = cfg->rules[i].level;
-    }
+    memcpy(q->rules, cfg->rules, sizeof(q->rules));   /* one qs_rule type (qsprio.h) */
     q->default_level = cfg->default_level;
 }
 
@@ -335,12 +319,12 @@ static int u_init(qs_core *core)
         return -ENOMEM;
     u->ep = u->timer_fd = u->drv_fd = -1;
     core->be_state = u;
-    int rc = qs_net_init(&u->net, core, &ustack_io, 1024);
+    int rc = qs_conns_init(&u->conns, core, &ustack_io, 1024);
     qs_netdrv *drv = NULL;
     if (rc == 0)
-        rc = open_driver(&core->cfg.net, &drv);
+        rc = open_driver(&core->cfg.ustack, &drv);
     if (rc == 0) {
-        qsu_config q;
+        qs_ustack_config q;
         stack_config(&core->cfg, drv, &q);
         rc = qs_ustack_init(&u->s, &q, drv, &app_ops, u);
         if (rc < 0) {
@@ -349,7 +333,7 @@ static int u_init(qs_core *core)
         }
     }
     if (rc == 0)
-        rc = inject_faults(&u->s, &core->cfg.net);
+        rc = inject_faults(&u->s, &core->cfg.ustack);
     if (rc == 0) {
         u->drv_fd = qs_netdrv_fd(u->s.drv);
         u->ep = epoll_create1(EPOLL_CLOEXEC);
@@ -371,18 +355,13 @@ static int u_init(qs_core *core)
     return 0;
 }
 
-static int u_listen(qs_core *core, int fd)
+/* Listen on the spec's port of our own address (qstack.h: qs_core_listen). */
+static int u_listen(qs_core *core, const qs_listen_spec *spec)
 {
-    (void)core;
-    (void)fd;
-    return -ENOTSUP;                 /* no kernel sockets here: qs_core_listen_port */
-}
-
-static int u_listen_port(qs_core *core, int port)
-{
+    int port = spec->port;
     qs_ubackend *u = core->be_state;
-    if (port < 1 || port > 65535)
-        return -EINVAL;
+    if (spec->fd >= 0 || port < 1)
+        return -EINVAL;              /* no kernel sockets here, and no port of fd's */
     if (u->nports == QS_MAX_LISTEN)
         return -ENOSPC;
     int rc = qs_tcp_listen(&u->s, (uint16_t)port, 0);
@@ -396,7 +375,7 @@ static int u_listen_port(qs_core *core, int port)
 
 static void snapshot(qs_ubackend *u)
 {
-    const qsu_stats *st = &u->s.st;
+    const qs_ustack_stats *st = &u->s.st;
     QS_SET(u->snap_conns, u->s.nconns);
     QS_SET(u->snap_bufs, u->s.pool.in_use);
     QS_SET(u->snap_rx, st->rx_frames);
@@ -412,7 +391,7 @@ static int poll_stack(qs_ubackend *u)
 {
     int work = 0;
     for (int i = 0; i < U_POLL_ROUNDS; i++) {
-        int n = qs_ustack_poll(&u->s, u->net.now);
+        int n = qs_ustack_poll(&u->s, u->conns.now);
         if (n <= 0)
             break;
         work += n;
@@ -427,7 +406,7 @@ static void arm_timer(qs_ubackend *u, int busy)
 {
     int64_t at = qs_ustack_next_event(&u->s);
     if (u->drv_fd < 0 || busy) {
-        int64_t soon = u->net.now + (busy ? 1 : U_POLL_MODE_NS);
+        int64_t soon = u->conns.now + (busy ? 1 : U_POLL_MODE_NS);
         if (soon < at)
             at = soon;
     }
@@ -435,12 +414,12 @@ static void arm_timer(qs_ubackend *u, int busy)
         at = 0;
     /* armed for sooner and not fired yet: leave it (waking early is harmless,
      * and every ACK pushing an RTO back would otherwise cost a syscall) */
-    if (u->timer_at > u->net.now && (at == 0 || u->timer_at <= at))
+    if (u->timer_at > u->conns.now && (at == 0 || u->timer_at <= at))
         return;
     if (!at && !u->timer_at)
         return;
-    if (at && at <= u->net.now)
-        at = u->net.now + 1;
+    if (at && at <= u->conns.now)
+        at = u->conns.now + 1;
     struct itimerspec its = {.it_value = {.tv_sec = at / 1000000000, .tv_nsec = at % 1000000000}};
     timerfd_settime(u->timer_fd, TFD_TIMER_ABSTIME, &its, NULL);
     u->timer_at = at;
@@ -464,72 +443,50 @@ static void u_wait(qs_ubackend *u, int timeout_ms)
     struct epoll_event evs[4];
     int64_t t0 = qs_now_ns();
     int n = epoll_wait(u->ep, evs, 4, timeout_ms);
-    u->net.now = qs_now_ns();
-    if (u->net.core->cfg.inline_stack)
-        u->net.core->step_idle_ns += u->net.now - t0;
+    u->conns.now = qs_now_ns();
+    if (u->conns.core->cfg.inline_stack)
+        u->conns.core->step_idle_ns += u->conns.now - t0;
     for (int i = 0; i < n; i++)
         if (evs[i].data.u64 == U_TAG_WAKE) {
             uint64_t v;
-            if (read(u->net.core->stack_efd, &v, 8) < 0) { /* drained by someone else */ }
+            if (read(u->conns.core->stack_efd, &v, 8) < 0) { /* drained by someone else */ }
         }
-}
-
-static int tcbs_busy(qs_ubackend *u)
-{
-    for (uint32_t i = 0; i <= u->s.flow_mask; i++)
-        for (qs_tcb *t = u->s.flows[i]; t; t = t->hnext)
-            if (t->state != QS_TCP_TIME_WAIT && t->state != QS_TCP_FIN_WAIT_2 &&
-                t->state != QS_TCP_CLOSED)
-                return 1;
-    return 0;
-}
-
-static void reset_all(qs_ubackend *u)
-{
-    qs_ustack_enter(&u->s);
-    for (uint32_t i = 0; i <= u->s.flow_mask; i++)
-        for (qs_tcb *t = u->s.flows[i], *n; t; t = n) {
-            n = t->hnext;
-            if (t->state != QS_TCP_TIME_WAIT && t->state != QS_TCP_SYN_RECEIVED)
-                qs_tcp_send_ctl(&u->s, t, QS_TH_RST, t->snd_max, u->net.now);
-        }
-    qs_ustack_leave(&u->s);          /* the RSTs leave here */
 }
 
 static void u_quit(qs_ubackend *u)
 {
-    qs_net *net = &u->net;
-    qs_core *core = net->core;
-    net->now = qs_now_ns();
-    int64_t deadline = net->now + core->grace_ns;
-    net->quitting = 1;
-    us_stop_accept(net);
-    qs_net_stop_reading(net);
+    qs_conns *conns = &u->conns;
+    qs_core *core = conns->core;
+    conns->now = qs_now_ns();
+    int64_t deadline = conns->now + core->grace_ns;
+    conns->quitting = 1;
+    us_stop_accept(conns);
+    qs_conns_stop_reading(conns);
     /* the hub's last replies: into the send queues */
     for (;;) {
-        qs_net_work(net);
+        qs_conns_work(conns);
         u_net_round(u);
-        qs_net_publish(net);
-        if (!qs_net_cmds_waiting(net) && net->nqueued == 0)
+        qs_conns_publish(conns);
+        if (!qs_conns_cmds_waiting(conns) && conns->nqueued == 0)
             break;
-        net->now = qs_now_ns();
-        if (net->now >= deadline)
+        conns->now = qs_now_ns();
+        if (conns->now >= deadline)
             break;
-        if (qs_net_cmds_waiting(net))
+        if (qs_conns_cmds_waiting(conns))
             continue;
         arm_timer(u, 0);
         u_wait(u, 1);
     }
-    qs_conn_drop_all(net);           /* FIN after each conn's data */
-    qs_net_publish(net);
+    qs_conn_drop_all(conns);         /* FIN after each conn's data */
+    qs_conns_publish(conns);
     /* ... acknowledged by the peers, within the grace period (a frame or a
      * timer ends each wait early; the flow table is walked once per wait) */
-    while (u->s.nconns && tcbs_busy(u) && (net->now = qs_now_ns()) < deadline) {
+    while (u->s.nconns && qs_tcp_any_busy(&u->s) && (conns->now = qs_now_ns()) < deadline) {
         u_net_round(u);
         arm_timer(u, 0);
         u_wait(u, 10);
     }
-    reset_all(u);
+    qs_tcp_reset_all(&u->s, conns->now);
     snapshot(u);
     if (!core->cfg.inline_stack)
         qs_core_wake_hub(core);
@@ -537,43 +494,39 @@ static void u_quit(qs_ubackend *u)
 
 static int work_waiting(qs_ubackend *u)
 {
-    return qs_net_cmds_waiting(&u->net) || qs_conn_blocked_ready(&u->net) ||
-           qs_net_owed_ready(&u->net) || u->nready;
+    return qs_conns_cmds_waiting(&u->conns) || qs_conn_blocked_ready(&u->conns) ||
+           qs_conns_owed_ready(&u->conns) || u->nready;
 }
 
-/* Threaded layout: the stack thread's body (see backend_kernel.c's k_run
- * for the sleep handshake). */
+static int u_has_work(qs_core *core)
+{
+    return work_waiting(core->be_state);
+}
+
+/* Threaded layout: the stack thread's body (the sleep handshake is
+ * core.c's, qs_core_stack_may_sleep, as in backend_kernel.c's k_run). */
 static void u_run(qs_core *core)
 {
     qs_ubackend *u = core->be_state;
-    qs_net *net = &u->net;
+    qs_conns *conns = &u->conns;
     int idle = 0;
     while (!atomic_load_explicit(&core->quit, memory_order_acquire)) {
         if (idle)
-            u_wait(u, qs_net_wait_ms(net));   /* -1 unless timeouts need a look */
-        atomic_store_explicit(&core->stack_sleeping, 0, memory_order_relaxed);
-        net->now = qs_now_ns();
+            u_wait(u, qs_conns_wait_ms(conns));   /* -1 unless timeouts need a look */
+        qs_core_stack_awake(core);
+        conns->now = qs_now_ns();
         int work = u_net_round(u);
-        if (qs_net_publish(net))
+        if (qs_conns_publish(conns))
             qs_core_wake_hub(core);
-        int ncmd = qs_net_work(net);
+        int ncmd = qs_conns_work(conns);
         if (u->nready)
             run_ready(u);
-        int pushed = qs_net_publish(net);
-        if (pushed || (ncmd && atomic_load_explicit(&core->hub_want_space, memory_order_relaxed)))
-            qs_core_wake_hub(core);
+        qs_core_stack_published(core, qs_conns_publish(conns), ncmd);
         if (!(idle = !(work || ncmd || work_waiting(u))))
             continue;
         snapshot(u);
         arm_timer(u, 0);
-        atomic_store_explicit(&core->stack_want_space, net->nblocked_ev > 0 || net->nowed > 0,
-                              memory_order_relaxed);
-        atomic_store_explicit(&core->stack_sleeping, 1, memory_order_relaxed);
-        atomic_thread_fence(memory_order_seq_cst);
-        if (work_waiting(u) || atomic_load_explicit(&core->quit, memory_order_relaxed)) {
-            atomic_exchange(&core->stack_sleeping, 0);
-            idle = 0;
-        }
+        idle = qs_core_stack_may_sleep(core, qs_conns_wants_space(conns));
     }
     u_quit(u);
 }
@@ -582,13 +535,13 @@ static void u_run(qs_core *core)
 static int u_step(qs_core *core, int timeout)
 {
     qs_ubackend *u = core->be_state;
-    qs_net *net = &u->net;
-    net->now = qs_now_ns();
-    qs_net_work(net);
+    qs_conns *conns = &u->conns;
+    conns->now = qs_now_ns();
+    qs_conns_work(conns);
     if (u->nready)
         run_ready(u);
     if (timeout != QS_STEP_NO_POLL) {
-        if (net->touched || u->nready)
+        if (conns->touched || u->nready)
             timeout = 0;
         if (timeout != 0) {
             arm_timer(u, 0);
@@ -598,7 +551,7 @@ static int u_step(qs_core *core, int timeout)
     }
     snapshot(u);
     arm_timer(u, u->nready > 0);     /* conns still ready: wake the hub again at once */
-    return qs_net_publish(net);
+    return qs_conns_publish(conns);
 }
 
 static void u_destroy(qs_core *core)
@@ -606,8 +559,8 @@ static void u_destroy(qs_core *core)
     qs_ubackend *u = core->be_state;
     if (!u)
         return;
-    if (u->net.conns)
-        qs_conn_drop_all(&u->net);
+    if (u->conns.conns)
+        qs_conn_drop_all(&u->conns);
     if (u->s.drv) {
         u->s.drv->ops->destroy(u->s.drv);   /* the driver holds frames of the pool */
         u->s.drv = NULL;
@@ -619,7 +572,7 @@ static void u_destroy(qs_core *core)
     if (u->timer_fd >= 0)
         close(u->timer_fd);
     core->poll_fd = -1;
-    qs_net_destroy(&u->net);
+    qs_conns_destroy(&u->conns);
     free(u->ready);
     free(u->free_slots);
     free(u);
@@ -644,9 +597,9 @@ const qs_backend qs_backend_ustack = {
     .name = "ustack",
     .init = u_init,
     .listen = u_listen,
-    .listen_port = u_listen_port,
     .run = u_run,
     .step = u_step,
+    .has_work = u_has_work,
     .destroy = u_destroy,
     .stats = u_stats,
 };

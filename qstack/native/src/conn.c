@@ -1,6 +1,6 @@
 /*
  * conn.c -- connections of either backend: receive, framing, backpressure,
- * close (see net.h for how the backends plug in).
+ * close (see conn.h for how the backends plug in).
  *
  * Receive buffers.  A conn holds a pool buffer only while it has a partial
  * message (an idle conn costs its control block and nothing else).  A read
@@ -19,7 +19,7 @@
  * of a level whose list is non-empty also queue behind it (fairness).
  *
  * Reply order.  With reply_order arrival each message event carries its
- * number on the conn (aux = seq << QS_SEQ_SHIFT, net->seq_step 1; 0 steps
+ * number on the conn (aux = seq << QS_SEQ_SHIFT, conns->seq_step 1; 0 steps
  * and aux 0 otherwise); conn_cmd.c writes the replies in that order.
  *
  * Hostile peers.  No peer, and no few thousand peers, may hold enough of
@@ -39,7 +39,7 @@
  *     reading, TCP pushes back) on blk[QS_LARGE_WAIT] until a jumbo buffer
  *     goes back; if it can never fit, or the pool is at its reserve, the
  *     conn is reset (quota_closes);
- *   - timeouts (qs_net_sweep, every conn looked at about once a second):
+ *   - timeouts (qs_conns_sweep, every conn looked at about once a second):
  *     a message started and not finished within message_timeout (slowloris),
  *     unsent bytes without write progress for write_timeout, nothing either
  *     way for idle_timeout.  Each close is counted; Python says them.
@@ -54,29 +54,29 @@
  * CLOSED that finds its ring full keeps the control block alive as a
  * "zombie" (off the fd table) on the blocked list until it is delivered.
  */
-#include "net.h"
+#include "conn.h"
 #include <stdlib.h>
 #include <string.h>
 #include <errno.h>
 
-qs_conn *qs_conn_lookup(qs_net *net, int64_t id)
+qs_conn *qs_conn_lookup(qs_conns *conns, int64_t id)
 {
     if (id <= 0)
         return NULL;
     uint32_t slot = (uint32_t)(id & 0xffffff);
-    if (slot >= net->nconns)
+    if (slot >= conns->nconns)
         return NULL;
-    qs_conn *c = net->conns[slot];
+    qs_conn *c = conns->conns[slot];
     return c && c->id == id ? c : NULL;
 }
 
-int qs_conn_emit(qs_net *net, const qs_event *ev)
+int qs_conn_emit(qs_conns *conns, const qs_event *ev)
 {
-    qs_core *core = net->core;
+    qs_core *core = conns->core;
     int l = (int)ev->level;
     if (qs_ring_put(&core->ev[l], ev))
         return -ENOBUFS;
-    net->touched |= 1u << l;
+    conns->touched |= 1u << l;
     if (ev->kind == QS_EV_DATA || ev->kind == QS_EV_BIGDATA) {
         QS_ADD(core->st.rx_msgs[l], 1);
         QS_ADD(core->st.rx_bytes[l], ev->len);
@@ -85,15 +85,15 @@ int qs_conn_emit(qs_net *net, const qs_event *ev)
 }
 
 /* emit unless conns already wait for this ring (they go first) */
-static int emit_fair(qs_net *net, const qs_event *ev)
+static int emit_fair(qs_conns *conns, const qs_event *ev)
 {
-    qs_conn *h = &net->blk[ev->level];
+    qs_conn *h = &conns->blk[ev->level];
     if (h->blk_next != h)
         return -ENOBUFS;
-    return qs_conn_emit(net, ev);
+    return qs_conn_emit(conns, ev);
 }
 
-void qs_conn_update(qs_net *net, qs_conn *c)
+void qs_conn_update(qs_conns *conns, qs_conn *c)
 {
     if (c->flags & QC_ZOMBIE)
         return;
@@ -103,27 +103,27 @@ void qs_conn_update(qs_net *net, qs_conn *c)
     if (c->flags & QC_WANT_OUT)
         want |= QS_WANT_OUT;
     if (want != c->mask) {
-        net->io->want(net, c, want);
+        conns->io->want(conns, c, want);
         c->mask = want;
     }
     int paused = !!(c->flags & QC_PAUSEISH);
     if (paused != !!(c->flags & QC_COUNTED)) {
         c->flags ^= QC_COUNTED;
         if (paused)
-            QS_ADD(net->core->st.paused_conns, 1);
+            QS_ADD(conns->core->st.paused_conns, 1);
         else
-            QS_SUB(net->core->st.paused_conns, 1);
+            QS_SUB(conns->core->st.paused_conns, 1);
     }
 }
 
-static void large_gauge(qs_net *net)
+static void large_gauge(qs_conns *conns)
 {
-    QS_SET(net->core->st.large_waits, net->nlarge_wait);
+    QS_SET(conns->core->st.large_waits, conns->nlarge_wait);
 }
 
-static void blk_link(qs_net *net, qs_conn *c, int on)
+static void blk_link(qs_conns *conns, qs_conn *c, int on)
 {
-    qs_conn *h = &net->blk[on];
+    qs_conn *h = &conns->blk[on];
     c->blk_on = (int8_t)on;
     c->blk_prev = h->blk_prev;
     c->blk_next = h;
@@ -131,54 +131,54 @@ static void blk_link(qs_net *net, qs_conn *c, int on)
     h->blk_prev = c;
     c->flags |= QC_BLOCKED;
     if (on < QS_POOL_WAIT)
-        net->nblocked_ev++;
+        conns->nblocked_ev++;
     else if (on == QS_LARGE_WAIT) {
-        net->nlarge_wait++;
-        large_gauge(net);
+        conns->nlarge_wait++;
+        large_gauge(conns);
     }
 }
 
-static void blk_unlink(qs_net *net, qs_conn *c)
+static void blk_unlink(qs_conns *conns, qs_conn *c)
 {
     if (c->blk_on < 0)
         return;
     c->blk_prev->blk_next = c->blk_next;
     c->blk_next->blk_prev = c->blk_prev;
     if (c->blk_on < QS_POOL_WAIT)
-        net->nblocked_ev--;
+        conns->nblocked_ev--;
     else if (c->blk_on == QS_LARGE_WAIT) {
-        net->nlarge_wait--;
-        large_gauge(net);
+        conns->nlarge_wait--;
+        large_gauge(conns);
     }
     c->blk_on = -1;
     c->flags &= ~QC_BLOCKED;
 }
 
-static void block(qs_net *net, qs_conn *c, int on)
+static void block(qs_conns *conns, qs_conn *c, int on)
 {
-    blk_link(net, c, on);
-    qs_conn_update(net, c);
+    blk_link(conns, c, on);
+    qs_conn_update(conns, c);
 }
 
 /* Hold ev in the conn until its ring has room. */
-static void hold(qs_net *net, qs_conn *c, const qs_event *ev)
+static void hold(qs_conns *conns, qs_conn *c, const qs_event *ev)
 {
     c->pending = *ev;
     c->flags |= QC_PENDING;
-    block(net, c, (int)ev->level);
+    block(conns, c, (int)ev->level);
 }
 
-static void quota_close(qs_net *net, qs_conn *c)
+static void quota_close(qs_conns *conns, qs_conn *c)
 {
-    QS_ADD(net->core->st.quota_closes, 1);
-    qs_conn_close(net, c, 1);
+    QS_ADD(conns->core->st.quota_closes, 1);
+    qs_conn_close(conns, c, 1);
 }
 
 /* Drop the conn's stash block (uncharging a big one). */
-static void part_free(qs_net *net, qs_conn *c)
+static void part_free(qs_conns *conns, qs_conn *c)
 {
-    qs_pool *pool = &net->core->pool;
-    if (c->part_cap > net->core->cfg.partial_copy) {
+    qs_pool *pool = &conns->core->pool;
+    if (c->part_cap > conns->core->cfg.partial_copy) {
         QS_SUB(pool->large_bytes, c->part_cap);
         pool->large_freed = 1;
     }
@@ -191,23 +191,23 @@ static void part_free(qs_net *net, qs_conn *c)
  * (partial_copy bytes) stays with the conn for its next partial; a bigger
  * one is charged to max_large_bytes.  Returns 0, or -1 if the conn was
  * reset (no room, no memory). */
-static int stash(qs_net *net, qs_conn *c, uint64_t part)
+static int stash(qs_conns *conns, qs_conn *c, uint64_t part)
 {
-    qs_core *core = net->core;
+    qs_core *core = conns->core;
     qs_pool *pool = &core->pool;
     uint64_t small = core->cfg.partial_copy, lim = core->cfg.max_large_bytes;
     if (part > c->part_cap) {
         uint64_t cap = part <= small ? small : part;
         if (cap > small && lim && QS_GET(pool->large_bytes) + cap > lim) {
-            quota_close(net, c);
+            quota_close(conns, c);
             return -1;
         }
         uint8_t *p = malloc(cap);
         if (!p) {
-            quota_close(net, c);
+            quota_close(conns, c);
             return -1;
         }
-        part_free(net, c);
+        part_free(conns, c);
         c->part = p;
         c->part_cap = cap;
         if (cap > small)
@@ -223,9 +223,9 @@ static int stash(qs_net *net, qs_conn *c, uint64_t part)
 
 /* A buffer to read into, holding the stashed partial if any.  A conn amid
  * a message may not take the reserve.  Returns 0, or -1 (none for it). */
-static int take_buf(qs_net *net, qs_conn *c)
+static int take_buf(qs_conns *conns, qs_conn *c)
 {
-    qs_core *core = net->core;
+    qs_core *core = conns->core;
     if (core->pool.nfree <= (c->part_len ? core->cfg.buf_reserve : 0))
         return -1;
     qs_buf *b = qs_pool_get(&core->pool);
@@ -236,16 +236,16 @@ static int take_buf(qs_net *net, qs_conn *c)
         memcpy(b->data, c->part, c->part_len);
         c->part_len = 0;
         if (c->part_cap > core->cfg.partial_copy)
-            part_free(net, c);
+            part_free(conns, c);
     }
     return 0;
 }
 
 /* Turn complete messages into events, then make room for the next read.
  * Returns 0 if the conn may read on, 1 if it blocked, -1 if it was closed. */
-static int rx_scan(qs_net *net, qs_conn *c, int fair)
+static int rx_scan(qs_conns *conns, qs_conn *c, int fair)
 {
-    qs_core *core = net->core;
+    qs_core *core = conns->core;
     const qs_config *g = &core->cfg;
     qs_buf *b = c->rbuf;
     uint64_t need = 0;
@@ -258,7 +258,7 @@ static int rx_scan(qs_net *net, qs_conn *c, int fair)
         int64_t r = qs_frame_scan(&g->framer, p, c->rend - c->rstart, &mo, &ml, &need);
         if (QS_UNLIKELY(r < 0)) {
             QS_ADD(core->st.protocol_errors, 1);
-            qs_conn_close(net, c, 1);
+            qs_conn_close(conns, c, 1);
             return -1;
         }
         if (r == 0)
@@ -271,13 +271,13 @@ static int rx_scan(qs_net *net, qs_conn *c, int fair)
             .off = jumbo ? (int64_t)(uintptr_t)(p + mo) : (int64_t)(p + mo - core->pool.slab),
             .len = (int64_t)ml,
             .t_rx = c->t_read,
-            .aux = (int64_t)((c->rx_seq += net->seq_step) << QS_SEQ_SHIFT),
+            .aux = (int64_t)((c->rx_seq += conns->seq_step) << QS_SEQ_SHIFT),
         };
         qs_pool_ref(b);
         c->inflight++;
         c->rstart += (uint64_t)r;
-        if ((fair ? emit_fair(net, &ev) : qs_conn_emit(net, &ev)) < 0) {
-            hold(net, c, &ev);
+        if ((fair ? emit_fair(conns, &ev) : qs_conn_emit(conns, &ev)) < 0) {
+            hold(conns, c, &ev);
             return 1;
         }
     }
@@ -297,7 +297,7 @@ static int rx_scan(qs_net *net, qs_conn *c, int fair)
         c->t_partial = c->t_read;
     if (want <= g->buf_size &&
         (part <= g->partial_copy || core->pool.nfree <= g->buf_reserve))
-        return stash(net, c, part);            /* out of the pool (see above) */
+        return stash(conns, c, part);          /* out of the pool (see above) */
     if (c->rstart == 0 && want <= b->cap)
         return 0;                              /* grows in place */
     if (b->refs == 1 && want <= b->cap) {      /* nobody else looks: slide it down */
@@ -310,7 +310,7 @@ static int rx_scan(qs_net *net, qs_conn *c, int fair)
     if (want <= g->buf_size) {
         nb = qs_pool_get(&core->pool);   /* nfree > buf_reserve: see the stash */
         if (!nb) {
-            block(net, c, QS_POOL_WAIT);
+            block(conns, c, QS_POOL_WAIT);
             return 1;
         }
     } else {
@@ -323,16 +323,16 @@ static int rx_scan(qs_net *net, qs_conn *c, int fair)
         uint64_t lim = g->max_large_bytes;
         if (lim && QS_GET(core->pool.large_bytes) + cap > lim) {
             if (cap > lim || core->pool.nfree <= g->buf_reserve) {
-                quota_close(net, c);           /* can never fit, or the pool is short */
+                quota_close(conns, c);         /* can never fit, or the pool is short */
                 return -1;
             }
-            block(net, c, QS_LARGE_WAIT);      /* until a jumbo buffer goes back */
+            block(conns, c, QS_LARGE_WAIT);    /* until a jumbo buffer goes back */
             return 1;
         }
         nb = qs_pool_get_jumbo(&core->pool, cap);
         if (!nb) {
             QS_ADD(core->st.protocol_errors, 1);
-            qs_conn_close(net, c, 1);
+            qs_conn_close(conns, c, 1);
             return -1;
         }
     }
@@ -344,50 +344,50 @@ static int rx_scan(qs_net *net, qs_conn *c, int fair)
     return 0;
 }
 
-static void on_eof(qs_net *net, qs_conn *c)
+static void on_eof(qs_conns *conns, qs_conn *c)
 {
-    qs_core *core = net->core;
+    qs_core *core = conns->core;
     c->flags |= QC_EOF;
     if (c->rbuf) {                     /* a partial message can never complete */
         qs_pool_unref(&core->pool, c->rbuf);
         c->rbuf = NULL;
         c->rstart = c->rend = 0;
     }
-    part_free(net, c);
+    part_free(conns, c);
     c->t_partial = 0;
     if (core->cfg.stream_mode) {
         qs_event ev = {.kind = QS_EV_EOF, .level = core->cfg.levels - 1, .conn = c->id};
-        if (emit_fair(net, &ev) < 0) {
-            hold(net, c, &ev);
+        if (emit_fair(conns, &ev) < 0) {
+            hold(conns, c, &ev);
             return;
         }
     }
     /* finish first: a conn closed right away needs no want() */
     int64_t id = c->id;
-    qs_conn_finish(net, c);
-    if (qs_conn_lookup(net, id) == c)
-        qs_conn_update(net, c);
+    qs_conn_finish(conns, c);
+    if (qs_conn_lookup(conns, id) == c)
+        qs_conn_update(conns, c);
 }
 
-void qs_conn_readable(qs_net *net, qs_conn *c)
+void qs_conn_readable(qs_conns *conns, qs_conn *c)
 {
-    qs_core *core = net->core;
+    qs_core *core = conns->core;
     if (c->flags & QC_NOREAD)
         return;
-    if (!c->rbuf && take_buf(net, c) < 0) {
-        block(net, c, QS_POOL_WAIT);
+    if (!c->rbuf && take_buf(conns, c) < 0) {
+        block(conns, c, QS_POOL_WAIT);
         return;
     }
     qs_buf *b = c->rbuf;
-    int64_t n = net->io->read(net, c, b->data + c->rend, b->cap - c->rend);
+    int64_t n = conns->io->read(conns, c, b->data + c->rend, b->cap - c->rend);
     if (n > 0) {
         c->rend += (uint64_t)n;
-        c->t_read = net->now;           /* one clock read per iteration */
-        rx_scan(net, c, 1);
+        c->t_read = conns->now;         /* one clock read per iteration */
+        rx_scan(conns, c, 1);
         return;
     }
     if (n == 0) {
-        on_eof(net, c);
+        on_eof(conns, c);
         return;
     }
     if (n == -EAGAIN) {
@@ -395,89 +395,89 @@ void qs_conn_readable(qs_net *net, qs_conn *c)
             qs_pool_unref(&core->pool, b);
             c->rbuf = NULL;
         } else if (c->rbuf && c->rend > c->rstart) {
-            rx_scan(net, c, 1);         /* a stash taken back for nothing: out again */
+            rx_scan(conns, c, 1);       /* a stash taken back for nothing: out again */
         }
         return;
     }
-    qs_conn_close(net, c, 0);            /* ECONNRESET and friends */
+    qs_conn_close(conns, c, 0);          /* ECONNRESET and friends */
 }
 
 /* Message mode closes a conn the peer half-closed once every request has
  * been answered; any mode closes after a graceful CLOSE once flushed. */
-void qs_conn_finish(qs_net *net, qs_conn *c)
+void qs_conn_finish(qs_conns *conns, qs_conn *c)
 {
     if (c->oq_head || (c->flags & QC_ZOMBIE))
         return;
     if ((c->flags & QC_CLOSING) ||
-        (!net->core->cfg.stream_mode && (c->flags & QC_EOF) && c->inflight <= 0 &&
+        (!conns->core->cfg.stream_mode && (c->flags & QC_EOF) && c->inflight <= 0 &&
          !(c->flags & QC_PENDING)))
-        qs_conn_close(net, c, 0);
+        qs_conn_close(conns, c, 0);
 }
 
-static int table_fit(qs_net *net, int slot)
+static int table_fit(qs_conns *conns, int slot)
 {
-    if ((uint32_t)slot < net->nconns)
+    if ((uint32_t)slot < conns->nconns)
         return 0;
-    uint32_t n = net->nconns ? net->nconns : 1024;
+    uint32_t n = conns->nconns ? conns->nconns : 1024;
     while (n <= (uint32_t)slot)
         n *= 2;
-    qs_conn **t = realloc(net->conns, n * sizeof(*t));
+    qs_conn **t = realloc(conns->conns, n * sizeof(*t));
     if (!t)
         return -ENOMEM;
-    memset(t + net->nconns, 0, (n - net->nconns) * sizeof(*t));
-    net->conns = t;
-    net->nconns = n;
+    memset(t + conns->nconns, 0, (n - conns->nconns) * sizeof(*t));
+    conns->conns = t;
+    conns->nconns = n;
     return 0;
 }
 
-qs_conn *qs_conn_new(qs_net *net, int slot, void *sock)
+qs_conn *qs_conn_new(qs_conns *conns, int slot, void *sock)
 {
-    qs_core *core = net->core;
+    qs_core *core = conns->core;
     qs_conn *c = NULL;
-    if (slot < 0 || slot >= (1 << 24) || table_fit(net, slot) || !(c = calloc(1, sizeof(*c)))) {
+    if (slot < 0 || slot >= (1 << 24) || table_fit(conns, slot) || !(c = calloc(1, sizeof(*c)))) {
         QS_ADD(core->st.accept_errors, 1);
         return NULL;
     }
-    net->gen++;
-    c->id = ((int64_t)net->gen << 24) | slot;
+    conns->gen++;
+    c->id = ((int64_t)conns->gen << 24) | slot;
     c->slot = slot;
     c->sock = sock;
     c->blk_on = -1;
     c->tx_seq = 1;
-    c->t_read = net->now;              /* the idle timeout counts from here */
-    if (net->stop_read)
+    c->t_read = conns->now;            /* the idle timeout counts from here */
+    if (conns->stop_read)
         c->flags |= QC_STOPREAD;
-    net->conns[slot] = c;
+    conns->conns[slot] = c;
     QS_ADD(core->st.conns_accepted, 1);
     QS_ADD(core->st.conns_open, 1);
     if (core->cfg.stream_mode) {
         qs_event ev = {.kind = QS_EV_ACCEPTED, .level = core->cfg.levels - 1, .conn = c->id};
-        if (emit_fair(net, &ev) < 0) {
-            hold(net, c, &ev);
+        if (emit_fair(conns, &ev) < 0) {
+            hold(conns, c, &ev);
             return c;
         }
     }
-    qs_conn_update(net, c);
+    qs_conn_update(conns, c);
     return c;
 }
 
-void qs_conn_close(qs_net *net, qs_conn *c, int abort)
+void qs_conn_close(qs_conns *conns, qs_conn *c, int abort)
 {
-    qs_core *core = net->core;
+    qs_core *core = conns->core;
     if (c->flags & QC_ZOMBIE)
         return;
-    net->io->close(net, c, abort);     /* also stops every report on it */
-    net->conns[c->slot] = NULL;
+    conns->io->close(conns, c, abort); /* also stops every report on it */
+    conns->conns[c->slot] = NULL;
     if (c->rbuf)
         qs_pool_unref(&core->pool, c->rbuf);
     c->rbuf = NULL;
-    part_free(net, c);
+    part_free(conns, c);
     if ((c->flags & QC_PENDING) && c->pending.buf)
         qs_pool_unref(&core->pool, (qs_buf *)(uintptr_t)c->pending.buf);
     c->flags &= ~QC_PENDING;
-    qs_conn_out_clear(net, c);
-    qs_conn_park_clear(net, c);
-    blk_unlink(net, c);
+    qs_conn_out_clear(conns, c);
+    qs_conn_park_clear(conns, c);
+    blk_unlink(conns, c);
     if (c->flags & QC_COUNTED)
         QS_SUB(core->st.paused_conns, 1);
     QS_SUB(core->st.conns_open, 1);
@@ -485,10 +485,10 @@ void qs_conn_close(qs_net *net, qs_conn *c, int abort)
     if (core->cfg.stream_mode) {
         qs_event ev = {.kind = QS_EV_CLOSED, .level = core->cfg.levels - 1, .conn = c->id};
         c->flags = QC_ZOMBIE;
-        if (emit_fair(net, &ev) < 0) {
+        if (emit_fair(conns, &ev) < 0) {
             c->pending = ev;
             c->flags |= QC_PENDING;
-            blk_link(net, c, (int)ev.level);
+            blk_link(conns, c, (int)ev.level);
             return;
         }
     }
@@ -496,11 +496,11 @@ void qs_conn_close(qs_net *net, qs_conn *c, int abort)
 }
 
 /* Deliver the held event and carry on where the conn stopped. */
-static void resume(qs_net *net, qs_conn *c)
+static void resume(qs_conns *conns, qs_conn *c)
 {
     if (c->flags & QC_PENDING) {
-        if (qs_conn_emit(net, &c->pending) < 0) {
-            blk_link(net, c, (int)c->pending.level);
+        if (qs_conn_emit(conns, &c->pending) < 0) {
+            blk_link(conns, c, (int)c->pending.level);
             return;
         }
         c->flags &= ~QC_PENDING;
@@ -509,68 +509,68 @@ static void resume(qs_net *net, qs_conn *c)
         free(c);
         return;
     }
-    if (rx_scan(net, c, 0) == 0) {
-        qs_conn_update(net, c);
-        qs_conn_finish(net, c);
+    if (rx_scan(conns, c, 0) == 0) {
+        qs_conn_update(conns, c);
+        qs_conn_finish(conns, c);
     }
 }
 
-void qs_conn_retry_blocked(qs_net *net)
+void qs_conn_retry_blocked(qs_conns *conns)
 {
-    qs_core *core = net->core;
+    qs_core *core = conns->core;
     for (int l = 0; l < core->cfg.levels; l++) {
-        qs_conn *h = &net->blk[l];
+        qs_conn *h = &conns->blk[l];
         while (h->blk_next != h && qs_ring_space(&core->ev[l]) > 0) {
             qs_conn *c = h->blk_next;
-            blk_unlink(net, c);
-            resume(net, c);
+            blk_unlink(conns, c);
+            resume(conns, c);
         }
     }
-    qs_conn *h = &net->blk[QS_POOL_WAIT];
+    qs_conn *h = &conns->blk[QS_POOL_WAIT];
     for (qs_conn *c = h->blk_next, *n; c != h && !qs_pool_empty(&core->pool); c = n) {
         n = c->blk_next;
-        if (!c->rbuf && take_buf(net, c) < 0)
+        if (!c->rbuf && take_buf(conns, c) < 0)
             continue;                  /* amid a message: not from the reserve */
-        blk_unlink(net, c);
-        resume(net, c);
+        blk_unlink(conns, c);
+        resume(conns, c);
     }
-    h = &net->blk[QS_LARGE_WAIT];
-    if (net->nlarge_wait && core->pool.large_freed) {
+    h = &conns->blk[QS_LARGE_WAIT];
+    if (conns->nlarge_wait && core->pool.large_freed) {
         core->pool.large_freed = 0;
-        for (uint32_t n = net->nlarge_wait; n && h->blk_next != h; n--) {
+        for (uint32_t n = conns->nlarge_wait; n && h->blk_next != h; n--) {
             qs_conn *c = h->blk_next;
-            blk_unlink(net, c);
-            resume(net, c);            /* fits now, or waits again at the tail */
+            blk_unlink(conns, c);
+            resume(conns, c);          /* fits now, or waits again at the tail */
         }
     }
 }
 
-int qs_conn_blocked_ready(qs_net *net)
+int qs_conn_blocked_ready(qs_conns *conns)
 {
-    qs_core *core = net->core;
+    qs_core *core = conns->core;
     for (int l = 0; l < core->cfg.levels; l++)
-        if (net->blk[l].blk_next != &net->blk[l] && qs_ring_space(&core->ev[l]) > 0)
+        if (conns->blk[l].blk_next != &conns->blk[l] && qs_ring_space(&core->ev[l]) > 0)
             return 1;
-    qs_conn *h = &net->blk[QS_POOL_WAIT];
+    qs_conn *h = &conns->blk[QS_POOL_WAIT];
     if (h->blk_next != h && core->pool.nfree >
                                 (h->blk_next->part_len ? core->cfg.buf_reserve : 0))
         return 1;
-    return net->nlarge_wait && core->pool.large_freed;
+    return conns->nlarge_wait && core->pool.large_freed;
 }
 
 /* Shutdown: close every conn and forget every held event, releasing the
  * buffers they hold.  CLOSED events go out only where a ring has room. */
-void qs_conn_drop_all(qs_net *net)
+void qs_conn_drop_all(qs_conns *conns)
 {
-    qs_core *core = net->core;
-    for (uint32_t i = 0; i < net->nconns; i++)
-        if (net->conns[i])
-            qs_conn_close(net, net->conns[i], 0);
+    qs_core *core = conns->core;
+    for (uint32_t i = 0; i < conns->nconns; i++)
+        if (conns->conns[i])
+            qs_conn_close(conns, conns->conns[i], 0);
     for (int l = 0; l <= QS_LARGE_WAIT; l++) {
-        qs_conn *h = &net->blk[l];
+        qs_conn *h = &conns->blk[l];
         while (h->blk_next != h) {
             qs_conn *c = h->blk_next;
-            blk_unlink(net, c);
+            blk_unlink(conns, c);
             if ((c->flags & QC_PENDING) && c->pending.buf)
                 qs_pool_unref(&core->pool, (qs_buf *)(uintptr_t)c->pending.buf);
             free(c);   /* only zombies are left on the lists now */
@@ -578,82 +578,82 @@ void qs_conn_drop_all(qs_net *net)
     }
 }
 
-int qs_net_init(qs_net *net, qs_core *core, const qs_conn_io *io, uint32_t slots)
+int qs_conns_init(qs_conns *conns, qs_core *core, const qs_conn_io *io, uint32_t slots)
 {
-    memset(net, 0, sizeof(*net));
-    net->core = core;
-    net->io = io;
-    net->seq_step = !core->cfg.stream_mode && core->cfg.reply_order == QS_ORDER_ARRIVAL;
+    memset(conns, 0, sizeof(*conns));
+    conns->core = core;
+    conns->io = io;
+    conns->seq_step = !core->cfg.stream_mode && core->cfg.reply_order == QS_ORDER_ARRIVAL;
     for (int i = 0; i <= QS_LARGE_WAIT; i++)
-        net->blk[i].blk_next = net->blk[i].blk_prev = &net->blk[i];
+        conns->blk[i].blk_next = conns->blk[i].blk_prev = &conns->blk[i];
     /* sized up front for the usual number of conns: no realloc while busy */
-    net->conns = calloc(slots, sizeof(*net->conns));
-    if (!net->conns)
+    conns->conns = calloc(slots, sizeof(*conns->conns));
+    if (!conns->conns)
         return -ENOMEM;
-    net->nconns = slots;
+    conns->nconns = slots;
     return 0;
 }
 
-void qs_net_destroy(qs_net *net)
+void qs_conns_destroy(qs_conns *conns)
 {
-    qs_conn_out_cache_free(net);
-    free(net->conns);
-    free(net->owed);
-    net->conns = NULL;
-    net->owed = NULL;
+    qs_conn_out_cache_free(conns);
+    free(conns->conns);
+    free(conns->owed);
+    conns->conns = NULL;
+    conns->owed = NULL;
 }
 
-int qs_net_publish(qs_net *net)
+int qs_conns_publish(qs_conns *conns)
 {
-    unsigned t = net->touched;
+    unsigned t = conns->touched;
     if (!t)
         return 0;
     uint64_t n = 0;
-    for (int l = 0; l < net->core->cfg.levels; l++)
+    for (int l = 0; l < conns->core->cfg.levels; l++)
         if (t & (1u << l)) {
-            qs_ring *r = &net->core->ev[l];
+            qs_ring *r = &conns->core->ev[l];
             n += r->ptail - atomic_load_explicit(&r->tail, memory_order_relaxed);
             qs_ring_publish(r);
         }
-    net->touched = 0;
+    conns->touched = 0;
     return n > INT32_MAX ? INT32_MAX : (int)n;
 }
 
-int qs_net_owed_ready(qs_net *net)
+int qs_conns_owed_ready(qs_conns *conns)
 {
-    for (int i = 0; i < net->nowed; i++) {
-        qs_conn *c = qs_conn_lookup(net, net->owed[i]);
-        if (!c || qs_ring_space(&net->core->ev[c->notify_level]) > 0)
+    for (int i = 0; i < conns->nowed; i++) {
+        qs_conn *c = qs_conn_lookup(conns, conns->owed[i]);
+        if (!c || qs_ring_space(&conns->core->ev[c->notify_level]) > 0)
             return 1;
     }
     return 0;
 }
 
-int qs_net_cmds_waiting(qs_net *net)
+int qs_conns_cmds_waiting(qs_conns *conns)
 {
-    for (int l = 0; l < net->core->cfg.levels; l++)
-        if (qs_ring_count(&net->core->cmd[l]))
+    for (int l = 0; l < conns->core->cfg.levels; l++)
+        if (qs_ring_count(&conns->core->cmd[l]))
             return 1;
     return 0;
 }
 
 /* One conn's timeouts (see the essay at the top).  Waiting on the server
  * (an event ring, a PAUSE, our own high water) is not the peer's doing. */
-static void check_timeouts(qs_net *net, qs_conn *c, int64_t now)
+static void check_timeouts(qs_conns *conns, qs_conn *c, int64_t now)
 {
-    qs_core *core = net->core;
+    qs_core *core = conns->core;
     const qs_config *g = &core->cfg;
     if (c->flags & (QC_ZOMBIE | QC_CLOSING))
         return;
     if (g->message_timeout_ns && c->t_partial && now - c->t_partial > g->message_timeout_ns &&
         !(c->flags & QC_PAUSED) && !(c->blk_on >= 0 && c->blk_on < QS_POOL_WAIT)) {
         QS_ADD(core->st.timeouts_message, 1);
-        qs_conn_close(net, c, 1);
+        qs_conn_close(conns, c, 1);
         return;
     }
     if (g->write_timeout_ns && c->oq_head && now - c->t_out > g->write_timeout_ns) {
         QS_ADD(core->st.timeouts_write, 1);
-        qs_conn_close(net, c, 1);
+        qs_conn_close(conns, c, 1);
         return;
     }
     if (g->idle_timeout_ns && !c->oq_head && !c->park_head && c->inflight <= 0 &&
@@ -661,7 +661,7 @@ static void check_timeouts(qs_net *net, qs_conn *c, int64_t now)
         int64_t last = c->t_read > c->t_out ? c->t_read : c->t_out;
         if (now - last > g->idle_timeout_ns) {
             QS_ADD(core->st.timeouts_idle, 1);
-            qs_conn_close(net, c, 0);
+            qs_conn_close(conns, c, 0);
         }
     }
 }
@@ -673,39 +673,39 @@ static int timeouts_on(const qs_config *g)
 
 /* Look at every conn about once per QS_SWEEP_NS, a slice of the table per
  * call (at most ten calls a second): a million conns cost no pause. */
-static void sweep(qs_net *net)
+static void sweep(qs_conns *conns)
 {
-    int64_t now = net->now, dt = now - net->sweep_t;
-    if (!timeouts_on(&net->core->cfg) || dt < QS_SWEEP_NS / 10 || !net->nconns)
+    int64_t now = conns->now, dt = now - conns->sweep_t;
+    if (!timeouts_on(&conns->core->cfg) || dt < QS_SWEEP_NS / 10 || !conns->nconns)
         return;
-    uint64_t n = dt >= QS_SWEEP_NS ? net->nconns
-                                   : (uint64_t)net->nconns * (uint64_t)dt / QS_SWEEP_NS + 1;
-    net->sweep_t = now;
+    uint64_t n = dt >= QS_SWEEP_NS ? conns->nconns
+                                   : (uint64_t)conns->nconns * (uint64_t)dt / QS_SWEEP_NS + 1;
+    conns->sweep_t = now;
     for (; n; n--) {
-        uint32_t slot = net->sweep_at++;
-        if (net->sweep_at >= net->nconns)
-            net->sweep_at = 0;
-        if (slot < net->nconns && net->conns[slot])
-            check_timeouts(net, net->conns[slot], now);
+        uint32_t slot = conns->sweep_at++;
+        if (conns->sweep_at >= conns->nconns)
+            conns->sweep_at = 0;
+        if (slot < conns->nconns && conns->conns[slot])
+            check_timeouts(conns, conns->conns[slot], now);
     }
 }
 
-int qs_net_wait_ms(qs_net *net)
+int qs_conns_wait_ms(qs_conns *conns)
 {
-    if (!timeouts_on(&net->core->cfg) || !QS_GET(net->core->st.conns_open))
+    if (!timeouts_on(&conns->core->cfg) || !QS_GET(conns->core->st.conns_open))
         return -1;
     return (int)(QS_SWEEP_NS / 10 / 1000000);
 }
 
-int qs_net_work(qs_net *net)
+int qs_conns_work(qs_conns *conns)
 {
-    qs_core *core = net->core;
-    int ncmd = qs_conn_run_commands(net);
+    qs_core *core = conns->core;
+    int ncmd = qs_conn_run_commands(conns);
     if (ncmd)
         QS_ADD(core->cmd_gen, 1);
-    qs_conn_retry_blocked(net);
-    if (net->nowed)
-        qs_conn_retry_owed(net);
-    sweep(net);
+    qs_conn_retry_blocked(conns);
+    if (conns->nowed)
+        qs_conn_retry_owed(conns);
+    sweep(conns);
     return ncmd;
 }

@@ -19,61 +19,61 @@
  * A peer that does not read.  When the socket takes less than the queue,
  * the queued replies that still hold pool buffers are copied to the heap
  * (compact): the pool never waits on a peer's reading, and the heap bytes
- * are counted (net->out_heap).  A conn stops being read past out_high_water
+ * are counted (conns->out_heap).  A conn stops being read past out_high_water
  * bytes of its own, or while all conns together hold more than
  * max_out_bytes and it has bytes queued; write_timeout (conn.c) resets a
  * conn whose queue makes no progress.
  *
  * Latency is recorded when a command is executed, i.e. in the batch whose
- * flush hands its bytes to the kernel (microseconds apart): net->now - t_rx,
- * with net->now read once per loop iteration, not per command.
+ * flush hands its bytes to the kernel (microseconds apart): conns->now - t_rx,
+ * with conns->now read once per loop iteration, not per command.
  */
-#include "net.h"
+#include "conn.h"
 #include <stdlib.h>
 #include <string.h>
 #include <errno.h>
 
 #define QS_OUT_CACHE 4096
 
-static qs_out *node_get(qs_net *net)
+static qs_out *node_get(qs_conns *conns)
 {
-    qs_out *o = net->out_free;
+    qs_out *o = conns->out_free;
     if (o) {
-        net->out_free = o->next;
-        net->nout_free--;
+        conns->out_free = o->next;
+        conns->nout_free--;
         return o;
     }
     return malloc(sizeof(qs_out));
 }
 
-static void node_release(qs_net *net, qs_out *o)
+static void node_release(qs_conns *conns, qs_out *o)
 {
     if (o->buf)
-        qs_pool_unref(&net->core->pool, o->buf);
-    net->out_heap -= o->hlen;
+        qs_pool_unref(&conns->core->pool, o->buf);
+    conns->out_heap -= o->hlen;
     free(o->heap);
-    if (net->nout_free < QS_OUT_CACHE) {
-        o->next = net->out_free;
-        net->out_free = o;
-        net->nout_free++;
+    if (conns->nout_free < QS_OUT_CACHE) {
+        o->next = conns->out_free;
+        conns->out_free = o;
+        conns->nout_free++;
     } else {
         free(o);
     }
 }
 
-void qs_conn_out_cache_free(qs_net *net)
+void qs_conn_out_cache_free(qs_conns *conns)
 {
-    while (net->out_free) {
-        qs_out *o = net->out_free;
-        net->out_free = o->next;
+    while (conns->out_free) {
+        qs_out *o = conns->out_free;
+        conns->out_free = o->next;
         free(o);
     }
-    net->nout_free = 0;
+    conns->nout_free = 0;
 }
 
-static int out_append(qs_net *net, qs_conn *c, uint8_t *p, uint64_t len, qs_buf *buf, void *heap)
+static int out_append(qs_conns *conns, qs_conn *c, uint8_t *p, uint64_t len, qs_buf *buf, void *heap)
 {
-    qs_out *o = node_get(net);
+    qs_out *o = node_get(conns);
     if (!o)
         return -ENOMEM;
     o->next = NULL;
@@ -82,13 +82,13 @@ static int out_append(qs_net *net, qs_conn *c, uint8_t *p, uint64_t len, qs_buf 
     o->buf = buf;
     o->heap = heap;
     o->hlen = heap ? len : 0;
-    net->out_heap += o->hlen;
+    conns->out_heap += o->hlen;
     if (c->oq_tail)
         c->oq_tail->next = o;
     else {
         c->oq_head = o;
-        c->t_out = net->now;           /* the write timeout counts from here */
-        net->nqueued++;
+        c->t_out = conns->now;         /* the write timeout counts from here */
+        conns->nqueued++;
     }
     c->oq_tail = o;
     if (!buf && !heap && !c->oq_borrow)
@@ -97,24 +97,24 @@ static int out_append(qs_net *net, qs_conn *c, uint8_t *p, uint64_t len, qs_buf 
     return 0;
 }
 
-void qs_conn_out_clear(qs_net *net, qs_conn *c)
+void qs_conn_out_clear(qs_conns *conns, qs_conn *c)
 {
     if (!c->oq_head)
         return;
     while (c->oq_head) {
         qs_out *o = c->oq_head;
         c->oq_head = o->next;
-        node_release(net, o);
+        node_release(conns, o);
     }
     c->oq_tail = c->oq_borrow = NULL;
     c->out_bytes = 0;
-    net->nqueued--;
+    conns->nqueued--;
 }
 
 /* The socket is full: unsent bytes still in pool buffers move to the heap,
  * so the pool never waits on this peer (jumbo buffers stay: they are
  * counted against max_large_bytes already). */
-static void compact(qs_net *net, qs_conn *c)
+static void compact(qs_conns *conns, qs_conn *c)
 {
     for (qs_out *o = c->oq_head; o; o = o->next) {
         if (!o->buf || qs_pool_is_jumbo(o->buf))
@@ -123,17 +123,17 @@ static void compact(qs_net *net, qs_conn *c)
         if (!h)
             return;                    /* keep the buffer: still correct */
         memcpy(h, o->p, o->len);
-        qs_pool_unref(&net->core->pool, o->buf);
+        qs_pool_unref(&conns->core->pool, o->buf);
         o->buf = NULL;
         o->heap = o->p = h;
         o->hlen = o->len;
-        net->out_heap += o->len;
+        conns->out_heap += o->len;
     }
 }
 
 /* Write as much of the out queue as the socket takes.
  * Returns 0, or -1 if the conn was closed on a write error. */
-static int out_flush(qs_net *net, qs_conn *c)
+static int out_flush(qs_conns *conns, qs_conn *c)
 {
     while (c->oq_head) {
         struct iovec iov[QS_IOV_MAX];
@@ -144,20 +144,20 @@ static int out_flush(qs_net *net, qs_conn *c)
             iov[n].iov_len = o->len;
             total += o->len;
         }
-        int64_t w = net->io->writev(net, c, iov, n);
+        int64_t w = conns->io->writev(conns, c, iov, n);
         if (w < 0) {
             if (w == -EAGAIN) {
                 c->flags |= QC_WANT_OUT;
-                compact(net, c);
+                compact(conns, c);
                 return 0;
             }
-            qs_conn_close(net, c, 0);    /* EPIPE, ECONNRESET: nobody to send to */
+            qs_conn_close(conns, c, 0);  /* EPIPE, ECONNRESET: nobody to send to */
             return -1;
         }
         uint64_t left = (uint64_t)w;
         c->out_bytes -= left;
         if (w > 0)
-            c->t_out = net->now;
+            c->t_out = conns->now;
         while (left) {
             qs_out *o = c->oq_head;
             if (left < o->len) {
@@ -169,96 +169,96 @@ static int out_flush(qs_net *net, qs_conn *c)
             c->oq_head = o->next;
             if (c->oq_borrow == o)
                 c->oq_borrow = o->next;
-            node_release(net, o);
+            node_release(conns, o);
         }
         if ((uint64_t)w < total) {
             c->flags |= QC_WANT_OUT;
-            compact(net, c);
+            compact(conns, c);
             return 0;
         }
     }
     c->oq_tail = NULL;
     c->oq_borrow = NULL;
     c->flags &= ~QC_WANT_OUT;
-    net->nqueued--;
+    conns->nqueued--;
     return 0;
 }
 
 /* Copy bytes still borrowed from the byte ring before it moves on. */
-static int unborrow(qs_net *net, qs_conn *c)
+static int unborrow(qs_conns *conns, qs_conn *c)
 {
     for (qs_out *o = c->oq_borrow; o; o = o->next) {
         if (o->buf || o->heap)
             continue;
         void *h = malloc(o->len ? o->len : 1);
         if (!h) {
-            qs_conn_close(net, c, 1);    /* cannot keep the bytes: lose the conn, not memory */
+            qs_conn_close(conns, c, 1);  /* cannot keep the bytes: lose the conn, not memory */
             return -1;
         }
         memcpy(h, o->p, o->len);
         o->heap = h;
         o->p = h;
         o->hlen = o->len;
-        net->out_heap += o->len;
+        conns->out_heap += o->len;
     }
     c->oq_borrow = NULL;
     return 0;
 }
 
-static void emit_writable(qs_net *net, qs_conn *c)
+static void emit_writable(qs_conns *conns, qs_conn *c)
 {
     qs_event ev = {.kind = QS_EV_WRITABLE, .level = c->notify_level, .conn = c->id};
     c->flags &= ~QC_NOTIFY;
-    if (qs_conn_emit(net, &ev) == 0)
+    if (qs_conn_emit(conns, &ev) == 0)
         return;
-    if (net->nowed == net->owed_cap) {
-        int cap = net->owed_cap ? net->owed_cap * 2 : 64;
-        int64_t *o = realloc(net->owed, (size_t)cap * sizeof(*o));
+    if (conns->nowed == conns->owed_cap) {
+        int cap = conns->owed_cap ? conns->owed_cap * 2 : 64;
+        int64_t *o = realloc(conns->owed, (size_t)cap * sizeof(*o));
         if (!o)
             return;                    /* out of memory: the notification is lost */
-        net->owed = o;
-        net->owed_cap = cap;
+        conns->owed = o;
+        conns->owed_cap = cap;
     }
-    net->owed[net->nowed++] = c->id;
+    conns->owed[conns->nowed++] = c->id;
 }
 
-void qs_conn_retry_owed(qs_net *net)
+void qs_conn_retry_owed(qs_conns *conns)
 {
     int i = 0, j = 0;
-    for (; i < net->nowed; i++) {
-        qs_conn *c = qs_conn_lookup(net, net->owed[i]);
+    for (; i < conns->nowed; i++) {
+        qs_conn *c = qs_conn_lookup(conns, conns->owed[i]);
         if (!c)
             continue;
         qs_event ev = {.kind = QS_EV_WRITABLE, .level = c->notify_level, .conn = c->id};
-        if (qs_conn_emit(net, &ev) < 0)
-            net->owed[j++] = net->owed[i];
+        if (qs_conn_emit(conns, &ev) < 0)
+            conns->owed[j++] = conns->owed[i];
     }
-    net->nowed = j;
+    conns->nowed = j;
 }
 
 /* After the out queue changed: high water, WRITABLE, reading, closing. */
-static void after_out(qs_net *net, qs_conn *c)
+static void after_out(qs_conns *conns, qs_conn *c)
 {
-    const qs_config *g = &net->core->cfg;
+    const qs_config *g = &conns->core->cfg;
     uint64_t hw = g->out_high_water;
     uint64_t held = c->out_bytes + c->park_bytes;   /* a pipelining peer behind one
                                                        slow request is a non-reader too */
-    int over = g->max_out_bytes && net->out_heap > g->max_out_bytes && c->oq_head;
+    int over = g->max_out_bytes && conns->out_heap > g->max_out_bytes && c->oq_head;
     if (held > hw || over)
         c->flags |= QC_HIGHWATER;
     else if ((c->flags & QC_HIGHWATER) && held <= hw / 2)
         c->flags &= ~QC_HIGHWATER;
-    QS_SET(net->core->st.out_heap_bytes, net->out_heap);
+    QS_SET(conns->core->st.out_heap_bytes, conns->out_heap);
     if (!c->oq_head && (c->flags & QC_NOTIFY))
-        emit_writable(net, c);
-    qs_conn_update(net, c);
-    qs_conn_finish(net, c);
+        emit_writable(conns, c);
+    qs_conn_update(conns, c);
+    qs_conn_finish(conns, c);
 }
 
-void qs_conn_writable(qs_net *net, qs_conn *c)
+void qs_conn_writable(qs_conns *conns, qs_conn *c)
 {
-    if (out_flush(net, c) == 0)
-        after_out(net, c);
+    if (out_flush(conns, c) == 0)
+        after_out(conns, c);
 }
 
 static void put_header(uint8_t *p, int h, uint64_t len)
@@ -267,21 +267,21 @@ static void put_header(uint8_t *p, int h, uint64_t len)
         p[i] = (uint8_t)len;
 }
 
-static void stop_read_all(qs_net *net)
+static void stop_read_all(qs_conns *conns)
 {
-    net->stop_read = 1;
-    for (uint32_t i = 0; i < net->nconns; i++) {
-        qs_conn *c = net->conns[i];
+    conns->stop_read = 1;
+    for (uint32_t i = 0; i < conns->nconns; i++) {
+        qs_conn *c = conns->conns[i];
         if (c) {
             c->flags |= QC_STOPREAD;
-            qs_conn_update(net, c);
+            qs_conn_update(conns, c);
         }
     }
 }
 
-void qs_net_stop_reading(qs_net *net)
+void qs_conns_stop_reading(qs_conns *conns)
 {
-    stop_read_all(net);
+    stop_read_all(conns);
 }
 
 /* -- reply order (reply_order arrival; the contract is in qstack.h) --------
@@ -300,20 +300,20 @@ void qs_net_stop_reading(qs_net *net)
  * Latency of a parked reply is recorded when it is released, so it
  * includes the wait for its predecessors. */
 
-static void park_free(qs_net *net, qs_park *k)
+static void park_free(qs_conns *conns, qs_park *k)
 {
     if (k->buf)
-        qs_pool_unref(&net->core->pool, k->buf);
+        qs_pool_unref(&conns->core->pool, k->buf);
     free(k->heap);
     free(k);
 }
 
-void qs_conn_park_clear(qs_net *net, qs_conn *c)
+void qs_conn_park_clear(qs_conns *conns, qs_conn *c)
 {
     while (c->park_head) {
         qs_park *k = c->park_head;
         c->park_head = k->next;
-        park_free(net, k);
+        park_free(conns, k);
     }
     c->park_tail = NULL;
     c->park_bytes = 0;
@@ -354,7 +354,7 @@ static void record_tx(qs_core *core, int l, int64_t sent, int64_t t_rx, int64_t 
 }
 
 /* Release the parked nodes that are due now that tx_seq moved on. */
-static void unpark(qs_net *net, qs_conn *c)
+static void unpark(qs_conns *conns, qs_conn *c)
 {
     qs_park *k;
     while ((k = c->park_head) && k->seq <= c->tx_seq) {
@@ -364,24 +364,24 @@ static void unpark(qs_net *net, qs_conn *c)
         c->park_bytes -= k->len;
         int64_t sent = -1;
         if (k->p && !(c->flags & QC_CLOSING) &&
-            out_append(net, c, k->p, k->len, k->buf, k->heap) == 0) {
+            out_append(conns, c, k->p, k->len, k->buf, k->heap) == 0) {
             k->buf = NULL;             /* the out queue owns the bytes now */
             k->heap = NULL;
             sent = (int64_t)k->len;
         }
-        record_tx(net->core, k->level, sent, k->t_rx, net->now);
+        record_tx(conns->core, k->level, sent, k->t_rx, conns->now);
         if (k->close)
             c->flags |= QC_CLOSING;
         if (k->completes)
             c->tx_seq++;
-        park_free(net, k);
+        park_free(conns, k);
     }
 }
 
 /* Park a command that is ahead of tx_seq.  Takes over the bytes (p, len
  * owned by buf or heap, or borrowed: then copied).  On no memory the conn
  * is reset: better than a reply stream with a hole in it. */
-static void park(qs_net *net, qs_conn *c, uint64_t seq, int completes, int close,
+static void park(qs_conns *conns, qs_conn *c, uint64_t seq, int completes, int close,
                  uint8_t *p, uint64_t len, qs_buf *buf, void *heap, int l, int64_t t_rx,
                  int first)
 {
@@ -398,9 +398,9 @@ static void park(qs_net *net, qs_conn *c, uint64_t seq, int completes, int close
     }
     if (!k) {
         if (buf)
-            qs_pool_unref(&net->core->pool, buf);
+            qs_pool_unref(&conns->core->pool, buf);
         free(heap);                    /* owned, or NULL: the copy failed */
-        qs_conn_close(net, c, 1);
+        qs_conn_close(conns, c, 1);
         return;
     }
     k->seq = seq;
@@ -416,9 +416,9 @@ static void park(qs_net *net, qs_conn *c, uint64_t seq, int completes, int close
     c->park_bytes += len;
 }
 
-static void exec_cmd(qs_net *net, const qs_cmd *cmd, int l, int64_t now, int64_t *bend)
+static void exec_cmd(qs_conns *conns, const qs_cmd *cmd, int l, int64_t now, int64_t *bend)
 {
-    qs_core *core = net->core;
+    qs_core *core = conns->core;
     qs_buf *b = cmd->buf ? qs_pool_lookup(&core->pool, cmd->buf) : NULL;
     int64_t op = cmd->op;
     if (QS_UNLIKELY(cmd->flags & QS_F_KEEP) && b)
@@ -436,15 +436,15 @@ static void exec_cmd(qs_net *net, const qs_cmd *cmd, int l, int64_t now, int64_t
     qs_conn *c = NULL;
     switch (op) {
     case QS_CMD_STOP_ACCEPT:
-        net->io->stop_accept(net);
+        conns->io->stop_accept(conns);
         goto drop;
     case QS_CMD_STOP_READ:
-        stop_read_all(net);
+        stop_read_all(conns);
         goto drop;
     case QS_CMD_RELEASE:
         goto drop;
     }
-    c = qs_conn_lookup(net, cmd->conn);
+    c = qs_conn_lookup(conns, cmd->conn);
     if (!c)
         goto drop;                     /* stale: the conn is gone */
     int completes = b && (op == QS_CMD_SEND_BUF || op == QS_CMD_SEND_COPY || op == QS_CMD_DONE);
@@ -482,12 +482,12 @@ static void exec_cmd(qs_net *net, const qs_cmd *cmd, int l, int64_t now, int64_t
         break;
     case QS_CMD_CLOSE:
         if (cmd->flags & QS_F_ABORT) {
-            qs_conn_close(net, c, 1);
+            qs_conn_close(conns, c, 1);
             goto drop;
         }
         if (QS_UNLIKELY(seq >= c->tx_seq) && seq <= c->rx_seq) {
             /* a handler serving seq closes: right after seq's reply */
-            park(net, c, seq + 1, 0, 1, NULL, 0, NULL, NULL, l, 0, 1);
+            park(conns, c, seq + 1, 0, 1, NULL, 0, NULL, NULL, l, 0, 1);
             goto drop;
         }
         c->flags |= QC_CLOSING;
@@ -508,16 +508,16 @@ static void exec_cmd(qs_net *net, const qs_cmd *cmd, int l, int64_t now, int64_t
         if (own)
             heap = NULL;
         int64_t id = c->id;
-        park(net, c, seq, completes, !!(cmd->flags & QS_F_CLOSE), p, plen, pbuf, own, l,
+        park(conns, c, seq, completes, !!(cmd->flags & QS_F_CLOSE), p, plen, pbuf, own, l,
              cmd->t_rx, 0);
-        if (!qs_conn_lookup(net, id))
+        if (!qs_conn_lookup(conns, id))
             goto drop;                 /* reset: no memory to park */
         goto dirty;                    /* nothing to write yet; high water next */
     }
     int64_t sent = -1;
     if (p) {
         void *own = p == cp ? heap : NULL;
-        if (out_append(net, c, p, plen, pbuf, own) == 0) {
+        if (out_append(conns, c, p, plen, pbuf, own) == 0) {
             pbuf = NULL;
             if (own)
                 heap = NULL;
@@ -532,12 +532,12 @@ static void exec_cmd(qs_net *net, const qs_cmd *cmd, int l, int64_t now, int64_t
     if (completes && seq == c->tx_seq) {
         c->tx_seq++;
         if (QS_UNLIKELY(c->park_head != NULL))
-            unpark(net, c);
+            unpark(conns, c);
     }
 dirty:
     if (!(c->flags & QC_DIRTY)) {
         c->flags |= QC_DIRTY;
-        net->dirty[net->ndirty++] = c->id;
+        conns->dirty[conns->ndirty++] = c->id;
     }
 drop:
     free(heap);
@@ -545,26 +545,26 @@ drop:
         qs_pool_unref(&core->pool, b);
 }
 
-static void flush_dirty(qs_net *net)
+static void flush_dirty(qs_conns *conns)
 {
-    for (int i = 0; i < net->ndirty; i++) {
-        qs_conn *c = qs_conn_lookup(net, net->dirty[i]);
+    for (int i = 0; i < conns->ndirty; i++) {
+        qs_conn *c = qs_conn_lookup(conns, conns->dirty[i]);
         if (!c)
             continue;
         c->flags &= ~QC_DIRTY;
-        if (c->oq_head && !(c->flags & QC_WANT_OUT) && out_flush(net, c) < 0)
+        if (c->oq_head && !(c->flags & QC_WANT_OUT) && out_flush(conns, c) < 0)
             continue;
-        if (c->oq_borrow && unborrow(net, c) < 0)
+        if (c->oq_borrow && unborrow(conns, c) < 0)
             continue;
-        after_out(net, c);
+        after_out(conns, c);
     }
-    net->ndirty = 0;
+    conns->ndirty = 0;
 }
 
 /* Run the waiting commands, level 0 first.  Returns how many ran. */
-int qs_conn_run_commands(qs_net *net)
+int qs_conn_run_commands(qs_conns *conns)
 {
-    qs_core *core = net->core;
+    qs_core *core = conns->core;
     qs_cmd cmds[QS_CMD_BATCH];
     uint64_t snap[QS_MAX_LEVELS];
     int total = 0;
@@ -583,8 +583,8 @@ int qs_conn_run_commands(qs_net *net)
                 break;
             int64_t bend = -1;
             for (int i = 0; i < n; i++)
-                exec_cmd(net, &cmds[i], l, net->now, &bend);
-            flush_dirty(net);
+                exec_cmd(conns, &cmds[i], l, conns->now, &bend);
+            flush_dirty(conns);
             if (bend >= 0)
                 qs_bring_release(&core->bring[l], (uint64_t)bend);
             total += n;

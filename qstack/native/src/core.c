@@ -138,18 +138,13 @@ qs_core *qs_core_new(const qs_config *cfg, int *err)
     return c;
 }
 
-int qs_core_listen(qs_core *c, int fd)
+int qs_core_listen(qs_core *c, const qs_listen_spec *spec)
 {
     if (c->started || c->joined)
         return -EBUSY;
-    return c->be->listen(c, fd);
-}
-
-int qs_core_listen_port(qs_core *c, int port)
-{
-    if (c->started || c->joined)
-        return -EBUSY;
-    return c->be->listen_port ? c->be->listen_port(c, port) : -ENOTSUP;
+    if (!spec || spec->port < 0 || spec->port > 65535)
+        return -EINVAL;
+    return c->be->listen(c, spec);
 }
 
 static void *stack_main(void *arg)
@@ -256,6 +251,29 @@ void qs_core_wake_stack(qs_core *c)
         uint64_t one = 1;
         if (write(c->stack_efd, &one, 8) < 0) { /* saturated: it is awake anyway */ }
     }
+}
+
+void qs_core_stack_awake(qs_core *c)
+{
+    atomic_store_explicit(&c->stack_sleeping, 0, memory_order_relaxed);
+}
+
+int qs_core_stack_may_sleep(qs_core *c, int want_space)
+{
+    atomic_store_explicit(&c->stack_want_space, want_space, memory_order_relaxed);
+    atomic_store_explicit(&c->stack_sleeping, 1, memory_order_relaxed);
+    atomic_thread_fence(memory_order_seq_cst);
+    if (c->be->has_work(c) || atomic_load_explicit(&c->quit, memory_order_relaxed)) {
+        atomic_exchange(&c->stack_sleeping, 0);
+        return 0;
+    }
+    return 1;
+}
+
+void qs_core_stack_published(qs_core *c, int pushed, int ncmd)
+{
+    if (pushed || (ncmd && atomic_load_explicit(&c->hub_want_space, memory_order_relaxed)))
+        qs_core_wake_hub(c);
 }
 
 /* Events or command space the hub would wake for, sleeping with

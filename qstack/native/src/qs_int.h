@@ -1,16 +1,21 @@
 /*
- * qs_int.h -- internal declarations shared by the native sources.
+ * qs_int.h -- internal declarations shared by the core's native sources.
  *
  * Everything here is private to the shared object: Python sees only
- * include/qstack.h.  The pieces are
- *   ring.h / ring.c   SPSC rings of 64-byte records and SPSC byte rings
- *   pool.c            the buffer pool (one slab + jumbo buffers)
- *   frame.c           sans-IO framing
- *   classify.c        native priority rules and latency buckets
- *   core.c            the hub-side API (poll, submit, sleep, stats, lifecycle)
- *   backend_kernel.c  the epoll stack thread, behind the qs_backend table
- *   kernel_conn.c     connections: accept, receive, close, backpressure
- *   kernel_cmd.c      commands and out queues
+ * include/qstack.h (and qsprio.h, the limits it shares with the user-space
+ * stack).  The pieces are
+ *   ring.h / ring.c      SPSC rings of 64-byte records and SPSC byte rings
+ *   pool.h / pool.c      the buffer pool (one slab + jumbo buffers)
+ *   frame.c              sans-IO framing
+ *   classify.c           native priority rules
+ *   latency.c            latency histogram buckets (common/hist.h's layout)
+ *   core.c               the hub-side API (poll, submit, sleep, stats,
+ *                        lifecycle) and the stack's side of the sleep handshake
+ *   conn.h                the connection layer both backends share:
+ *     conn.c             connections: accept, receive, close, backpressure, timeouts
+ *     conn_cmd.c         commands, out queues, reply order
+ *   backend_kernel.c     backend "kernel": epoll over kernel sockets
+ *   backend_ustack.c     backend "ustack": qstack's own TCP/IP (ustack/)
  */
 #ifndef QS_INT_H
 #define QS_INT_H
@@ -23,6 +28,7 @@
 #include <stdatomic.h>
 #include <pthread.h>
 #include <time.h>
+#include "qsprio.h"
 #include "qstack.h"
 
 #define QS_ALIGNED _Alignas(64)
@@ -65,13 +71,14 @@ struct qs_core;
 
 /* A network stack behind the core.  The core owns the rings, the pool, the
  * wakeup protocol and the thread; a backend owns sockets (or a user-space
- * TCP/IP stack) and runs the stack loop.  One implementation today:
- * qs_backend_kernel (epoll over kernel sockets) and qs_backend_ustack
- * (qstack's own TCP/IP over TAP or DPDK).
+ * TCP/IP stack) and runs the stack loop.  Two entries today, picked by
+ * qs_config.backend: qs_backend_kernel (epoll over kernel sockets) and
+ * qs_backend_ustack (qstack's own TCP/IP over TAP or DPDK).
  *
  * Two layouts drive the same backend:
  *   threaded  run() is the stack thread's body: iterations plus the sleep
- *             handshake of core.c until quit, then the quit sequence;
+ *             handshake of core.c (qs_core_stack_may_sleep, which asks
+ *             has_work) until quit, then the quit sequence;
  *   inline    (cfg.inline_stack) step() is one iteration in the hub's
  *             thread (commands first, then one wait of at most timeout_ms,
  *             reads, publish; no eventfd is ever written), and
@@ -82,12 +89,15 @@ struct qs_core;
 typedef struct qs_backend {
     const char *name;
     int (*init)(struct qs_core *c);            /* allocate backend state */
-    int (*listen)(struct qs_core *c, int fd);  /* adopt a listening socket */
-    int (*listen_port)(struct qs_core *c, int port);  /* listen on a port of our own stack */
+    int (*listen)(struct qs_core *c, const qs_listen_spec *spec);  /* see qs_core_listen */
     void (*run)(struct qs_core *c);            /* loop until quit, then the quit sequence */
     int (*step)(struct qs_core *c, int timeout_ms);  /* inline: one iteration; events
                                                         published, or -errno; adds the
                                                         time it slept to step_idle_ns */
+    /* Work an iteration would find now, without waiting (commands, conns
+     * that may go on, ...): what the stack's sleep handshake re-checks
+     * after announcing its sleep (qs_core_stack_may_sleep). */
+    int (*has_work)(struct qs_core *c);
     void (*destroy)(struct qs_core *c);        /* after run() returned (or never ran) */
     void (*stats)(struct qs_core *c, qs_stats *out);   /* optional: the backend's own */
 } qs_backend;
@@ -138,5 +148,18 @@ struct qs_core {
  * flag; the sleeper sets its flag, fences and re-checks for work. */
 void qs_core_wake_stack(struct qs_core *c);
 void qs_core_wake_hub(struct qs_core *c);
+
+/* The stack thread's side of the handshake, for a backend's run() loop
+ * (threaded layout).  qs_core_stack_awake: first thing after a wait.
+ * qs_core_stack_may_sleep: announce the sleep, fence, re-check the
+ * backend's has_work and quit; 1: sleep now (whoever publishes work will
+ * write stack_efd), 0: work appeared, the announcement is taken back.
+ * want_space: conns wait for event-ring room (the hub's poll wakes us).
+ * qs_core_stack_published: after a round of work, wake the hub if it
+ * sleeps and `pushed` events were published, or commands consumed (ncmd)
+ * while a submit of the hub's was cut short. */
+void qs_core_stack_awake(struct qs_core *c);
+int qs_core_stack_may_sleep(struct qs_core *c, int want_space);
+void qs_core_stack_published(struct qs_core *c, int pushed, int ncmd);
 
 #endif

@@ -24,6 +24,6 @@ int qs_eth_output(qs_ustack *s, qs_mbuf *m, const uint8_t *dst, uint16_t type, i
         return rc;
     }
     s->tx_now = now;
-    qs_mq_push(&s->txq[m->prio < QSU_MAX_LEVELS ? m->prio : QSU_MAX_LEVELS - 1], m);
+    qs_mq_push(&s->txq[m->prio < QS_MAX_LEVELS ? m->prio : QS_MAX_LEVELS - 1], m);
     return 0;
 }

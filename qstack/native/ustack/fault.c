@@ -18,7 +18,7 @@
 typedef struct fault {
     qs_netdrv d;
     qs_netdrv *inner;
-    qsu_fault f;
+    qs_fault_config f;
     uint64_t rng;
     qs_mq held;
 } fault;
@@ -153,7 +153,7 @@ static const qs_netdrv_ops fault_ops = {
     .fd = f_fd, .mac = f_mac, .flush = f_flush,
 };
 
-qs_netdrv *qs_fault_wrap(qs_netdrv *inner, const qsu_fault *f, int *err)
+qs_netdrv *qs_fault_wrap(qs_netdrv *inner, const qs_fault_config *f, int *err)
 {
     fault *x = calloc(1, sizeof(*x));
     if (!x) {
@@ -194,7 +194,7 @@ qs_netdrv *qs_fault_unwrap(qs_netdrv *d)
     return inner;
 }
 
-int qs_fault_rewrap(qs_netdrv **slot, const qsu_fault *f)
+int qs_fault_rewrap(qs_netdrv **slot, const qs_fault_config *f)
 {
     qs_netdrv *inner = qs_fault_unwrap(*slot);
     *slot = inner;

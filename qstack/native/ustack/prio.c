@@ -20,10 +20,10 @@
  */
 #include "ustack.h"
 
-static int match(const qsu_config *c, const uint8_t *p, uint32_t len)
+static int match(const qs_ustack_config *c, const uint8_t *p, uint32_t len)
 {
     for (int i = 0; i < c->nrules; i++) {
-        const qsu_rule *r = &c->rules[i];
+        const qs_rule *r = &c->rules[i];
         if (r->offset >= 0 && (uint32_t)r->offset < len && (p[r->offset] & r->mask) == r->value)
             return r->level;
     }
@@ -62,7 +62,7 @@ void qs_prio_note(qs_ustack *s, qs_tcb *t, const qs_mbuf *m)
 
 void qs_prio_flush(qs_ustack *s)
 {
-    for (int l = 0; l < QSU_MAX_LEVELS; l++) {
+    for (int l = 0; l < QS_MAX_LEVELS; l++) {
         qs_mbuf *m;
         while ((m = qs_mq_pop(&s->txq[l])))
             s->drv->ops->tx(s->drv, m, s->tx_now);

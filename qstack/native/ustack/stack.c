@@ -12,7 +12,35 @@
 
 #define RX_BURST 64
 
-int qs_config_check(const qsu_config *c)
+void qs_ustack_config_default(qs_ustack_config *c)
+{
+    memset(c, 0, sizeof(*c));
+    c->buf_size = 2048;
+    c->buf_count = 8192;
+    c->max_conns = 1024;
+    c->syn_backlog = 128;
+    c->syncookies = 1;                 /* when the backlog is full */
+    c->snd_buf = 256 * 1024;
+    c->rcv_buf = 256 * 1024;
+    c->mss = 1460;
+    c->wscale = 7;
+    c->sack = 1;                       /* both directions (RFC 2018, RFC 6675) */
+    c->init_rto_ms = 1000;             /* RFC 6298 2.1 */
+    c->min_rto_ms = 200;
+    c->max_rto_ms = 60000;
+    c->delack_ms = 40;
+    c->msl_ms = 30000;
+    c->max_retries = 15;
+    c->syn_retries = 6;
+    /* RFC 1122 4.2.3.6's two hours; only for connections that ask for it */
+    c->keepalive_idle_ms = 7200000;
+    c->keepalive_intvl_ms = 75000;
+    c->keepalive_cnt = 9;
+    c->levels = 1;
+    c->default_level = 0;
+}
+
+int qs_config_check(const qs_ustack_config *c)
 {
     if (!c->ip || c->prefix_len < 1 || c->prefix_len > 32)
         return -EINVAL;
@@ -34,8 +62,8 @@ int qs_config_check(const qsu_config *c)
         return -EINVAL;
     if (c->keepalive_idle_ms && (!c->keepalive_intvl_ms || !c->keepalive_cnt))
         return -EINVAL;
-    if (c->levels < 1 || c->levels > QSU_MAX_LEVELS || c->nrules < 0 ||
-        c->nrules > QSU_MAX_LEVELS || c->default_level < 0 || c->default_level >= c->levels)
+    if (c->levels < 1 || c->levels > QS_MAX_LEVELS || c->nrules < 0 ||
+        c->nrules > QS_MAX_RULES || c->default_level < 0 || c->default_level >= c->levels)
         return -EINVAL;
     for (int i = 0; i < c->nrules; i++)
         if (c->rules[i].offset < 0 || c->rules[i].level < 0 || c->rules[i].level >= c->levels)
@@ -51,7 +79,7 @@ static uint64_t splitmix(uint64_t *x)
     return z ^ (z >> 31);
 }
 
-int qs_ustack_init(qs_ustack *s, const qsu_config *cfg, qs_netdrv *drv,
+int qs_ustack_init(qs_ustack *s, const qs_ustack_config *cfg, qs_netdrv *drv,
                    const qs_tcp_app_ops *app, void *app_ctx)
 {
     memset(s, 0, sizeof(*s));
@@ -86,7 +114,7 @@ int qs_ustack_init(qs_ustack *s, const qsu_config *cfg, qs_netdrv *drv,
  * may hold frames of this pool) must be destroyed before. */
 void qs_ustack_destroy(qs_ustack *s)
 {
-    for (int l = 0; l < QSU_MAX_LEVELS; l++)
+    for (int l = 0; l < QS_MAX_LEVELS; l++)
         qs_mq_free(&s->pool, &s->txq[l]);
     qs_arp_destroy(s);
     qs_tcp_flow_destroy(s);
@@ -126,12 +154,12 @@ int qs_ustack_poll(qs_ustack *s, int64_t now)
         if (s->cfg.levels > 1 && n > 1) {
             /* a stable counting sort of the burst by level: level 0 first */
             qs_mbuf *sorted[RX_BURST];
-            int count[QSU_MAX_LEVELS + 1] = {0};
+            int count[QS_MAX_LEVELS + 1] = {0};
             for (int i = 0; i < n; i++) {
                 burst[i]->prio = (uint8_t)qs_prio_classify(s, burst[i]);
                 count[burst[i]->prio + 1]++;
             }
-            for (int l = 1; l <= QSU_MAX_LEVELS; l++)
+            for (int l = 1; l <= QS_MAX_LEVELS; l++)
                 count[l] += count[l - 1];
             for (int i = 0; i < n; i++)
                 sorted[count[burst[i]->prio]++] = burst[i];

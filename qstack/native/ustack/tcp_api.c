@@ -285,3 +285,33 @@ void qs_tcp_set_rcvbuf(qs_ustack *s, qs_tcb *t, uint32_t bytes, int64_t now)
     (void)now;
     t->rcv_buf = bytes;
 }
+
+/* Whether a connection still has something to say to its peer: anything
+ * but TIME-WAIT, FIN-WAIT-2 (our FIN is acknowledged, only the peer's is
+ * missing) and CLOSED.  A stopping server waits for none of those. */
+int qs_tcp_any_busy(const qs_ustack *s)
+{
+    for (uint32_t i = 0; i <= s->flow_mask; i++)
+        for (const qs_tcb *t = s->flows[i]; t; t = t->hnext)
+            if (t->state != QS_TCP_TIME_WAIT && t->state != QS_TCP_FIN_WAIT_2 &&
+                t->state != QS_TCP_CLOSED)
+                return 1;
+    return 0;
+}
+
+/* The end of a stack's life (a server's grace period ran out): a RST to
+ * every peer still connected, so that none hangs on a connection that is
+ * gone.  The control blocks stay as they are; qs_ustack_destroy frees
+ * them.  TIME-WAIT has nothing left to reset, and a SYN-RECEIVED
+ * connection was never the application's. */
+void qs_tcp_reset_all(qs_ustack *s, int64_t now)
+{
+    qs_ustack_enter(s);
+    for (uint32_t i = 0; i <= s->flow_mask; i++)
+        for (qs_tcb *t = s->flows[i], *n; t; t = n) {
+            n = t->hnext;
+            if (t->state != QS_TCP_TIME_WAIT && t->state != QS_TCP_SYN_RECEIVED)
+                qs_tcp_send_ctl(s, t, QS_TH_RST, t->snd_max, now);
+        }
+    qs_ustack_leave(s);              /* the RSTs leave here */
+}

@@ -19,6 +19,9 @@
  *   wire.c fault.c tap.c   drivers behind qs_netdrv_ops
  *   dpdk_load.c   loads the DPDK driver (dpdk.c, its own shared object)
  *
+ * The test harness (../harness/: qsu_*.c, include/qsustack.h) sits on top
+ * of this header; nothing here knows it.
+ *
  * Time: nothing here reads a clock.  Every entry point takes `now` (ns, any
  * monotonic origin) and the TCP timers run on the millisecond ticks derived
  * from it, so tests drive the stack with a fake clock.
@@ -36,7 +39,8 @@
 #include <stddef.h>
 #include <string.h>
 #include <errno.h>
-#include "qsustack.h"
+#include "qsprio.h"
+#include "ustack_api.h"
 #include "tcp_seq.h"
 
 #define QS_LIKELY(x) __builtin_expect(!!(x), 1)
@@ -135,11 +139,7 @@ static inline void qs_netdrv_flush(qs_netdrv *d, int64_t now)
 
 /* ------------------------------------------------------------ TCP */
 
-enum {
-    QS_TCP_CLOSED = QSU_CLOSED, QS_TCP_LISTEN, QS_TCP_SYN_SENT, QS_TCP_SYN_RECEIVED,
-    QS_TCP_ESTABLISHED, QS_TCP_FIN_WAIT_1, QS_TCP_FIN_WAIT_2, QS_TCP_CLOSE_WAIT,
-    QS_TCP_CLOSING, QS_TCP_LAST_ACK, QS_TCP_TIME_WAIT
-};
+/* TCP states: QS_TCP_* (ustack_api.h) */
 
 /* header flags */
 #define QS_TH_FIN 0x01
@@ -254,8 +254,8 @@ typedef struct qs_arp_entry {
 typedef struct qs_trace qs_trace;     /* tcp_trace.c: a debugging ring, NULL = off */
 
 typedef struct qs_ustack {
-    qsu_config cfg;
-    qsu_stats st;
+    qs_ustack_config cfg;
+    qs_ustack_stats st;
     qs_mpool pool;
     qs_netdrv *drv;
     const qs_tcp_app_ops *app;
@@ -294,7 +294,7 @@ typedef struct qs_ustack {
 
     /* priority: frames wait here per level until the outermost entry
      * point returns (prio.c) */
-    qs_mq txq[QSU_MAX_LEVELS];
+    qs_mq txq[QS_MAX_LEVELS];
     int64_t tx_now;
 
     qs_trace *trace;
@@ -304,7 +304,7 @@ static inline uint32_t qs_tick(int64_t now) { return (uint32_t)(now / 1000000); 
 static inline int qs_tick_le(uint32_t a, uint32_t b) { return (int32_t)(a - b) <= 0; }
 
 /* stack.c */
-int qs_ustack_init(qs_ustack *s, const qsu_config *cfg, qs_netdrv *drv,
+int qs_ustack_init(qs_ustack *s, const qs_ustack_config *cfg, qs_netdrv *drv,
                    const qs_tcp_app_ops *app, void *app_ctx);
 void qs_ustack_destroy(qs_ustack *s);
 int qs_ustack_input(qs_ustack *s, qs_mbuf *m, int64_t now);   /* takes m */
@@ -312,7 +312,8 @@ int qs_ustack_poll(qs_ustack *s, int64_t now);                /* rx burst + time
 int64_t qs_ustack_next_event(qs_ustack *s);                   /* INT64_MAX if none */
 void qs_ustack_enter(qs_ustack *s);
 void qs_ustack_leave(qs_ustack *s);
-int qs_config_check(const qsu_config *c);
+int qs_config_check(const qs_ustack_config *c);
+/* qs_ustack_config_default: ustack_api.h */
 
 /* checksums */
 uint32_t qs_csum_add(uint32_t sum, const void *p, size_t len);
@@ -453,6 +454,8 @@ int qs_tcp_recv(qs_ustack *s, qs_tcb *t, uint8_t *out, uint32_t max, int64_t now
 int qs_tcp_close(qs_ustack *s, qs_tcb *t, int64_t now);
 int qs_tcp_shutdown(qs_ustack *s, qs_tcb *t, int64_t now);
 int qs_tcp_abort(qs_ustack *s, qs_tcb *t, int64_t now);
+int qs_tcp_any_busy(const qs_ustack *s);        /* a conn not yet TIME-WAIT/FIN-WAIT-2/CLOSED */
+void qs_tcp_reset_all(qs_ustack *s, int64_t now);   /* RST every peer, at a stack's end */
 uint32_t qs_tcp_send_space(const qs_ustack *s, const qs_tcb *t);
 void qs_tcp_set_keepalive(qs_ustack *s, qs_tcb *t, int on, int64_t now);
 void qs_tcp_set_rcvbuf(qs_ustack *s, qs_tcb *t, uint32_t bytes, int64_t now);
@@ -461,11 +464,11 @@ void qs_tcp_set_rcvbuf(qs_ustack *s, qs_tcb *t, uint32_t bytes, int64_t now);
 int qs_wire_new(qs_mpool *pa, qs_mpool *pb, int64_t latency_ns, uint32_t qmax,
                 qs_netdrv **a, qs_netdrv **b);
 int qs_wire_inflight(qs_netdrv *d);
-qs_netdrv *qs_fault_wrap(qs_netdrv *inner, const qsu_fault *f, int *err);
+qs_netdrv *qs_fault_wrap(qs_netdrv *inner, const qs_fault_config *f, int *err);
 qs_netdrv *qs_fault_inner(qs_netdrv *d);   /* NULL if d is not a fault wrapper */
 qs_netdrv *qs_fault_unwrap(qs_netdrv *d);  /* free the wrapper, return the inner driver */
 /* Replace whatever fault injector wraps *slot by one with f (none if f is NULL). */
-int qs_fault_rewrap(qs_netdrv **slot, const qsu_fault *f);
+int qs_fault_rewrap(qs_netdrv **slot, const qs_fault_config *f);
 
 /* prio.c */
 int qs_prio_classify(qs_ustack *s, const qs_mbuf *m);     /* level of a received frame */
@@ -510,16 +513,6 @@ static inline uint32_t qs_dpdk_abi(void)
 
 qs_netdrv *qs_dpdk_open(const char *lib_path, const char *eal_args, int *err);
 const char *qs_dpdk_error(void);
-
-/* sha256.c */
-typedef struct qs_sha256 {
-    uint32_t h[8];
-    uint64_t n;
-    uint8_t buf[64];
-} qs_sha256;
-void qs_sha256_init(qs_sha256 *c);
-void qs_sha256_update(qs_sha256 *c, const uint8_t *p, size_t len);
-void qs_sha256_final(qs_sha256 *c, uint8_t out[32]);
 
 /* byte order helpers (the headers are big-endian) */
 static inline uint16_t qs_get16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }

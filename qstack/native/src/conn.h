@@ -1,5 +1,5 @@
 /*
- * net.h -- the connection layer both backends share: framing into events,
+ * conn.h -- the connection layer both backends share: framing into events,
  * backpressure, commands and out queues, close (conn.c, conn_cmd.c).
  *
  * One application side over two network stacks (as Seastar has one API over
@@ -10,11 +10,16 @@
  * read/sendmsg/epoll_ctl on fds; the user-space backend (backend_ustack.c)
  * with qstack's own TCP, where a conn's socket is a control block.
  *
+ * The layer's state is one qs_conns per core: the connection table (conns
+ * by slot) and what hangs off it (blocked lists, out-queue caches, the
+ * timeout sweep); its functions are qs_conn_* for one connection and
+ * qs_conns_* for the table.  A backend's own state starts with it.
+ *
  * Everything here is touched by the stack thread only (or the hub's thread
  * in the inline layout).
  */
-#ifndef QS_NET_H
-#define QS_NET_H
+#ifndef QS_CONN_H
+#define QS_CONN_H
 
 #include <sys/uio.h>
 #include "qs_int.h"
@@ -29,7 +34,7 @@
 #define QS_WANT_IN 1u
 #define QS_WANT_OUT 4u
 
-typedef struct qs_net qs_net;
+typedef struct qs_conns qs_conns;
 typedef struct qs_conn qs_conn;
 
 /* The socket operations of a backend.  Each returns -errno on failure;
@@ -37,15 +42,15 @@ typedef struct qs_conn qs_conn;
  * go on: readable, or writable while it wants QS_WANT_OUT). */
 typedef struct qs_conn_io {
     /* > 0 bytes read, 0 end of stream, -EAGAIN, other -errno: conn lost */
-    int64_t (*read)(qs_net *net, qs_conn *c, uint8_t *p, uint64_t len);
+    int64_t (*read)(qs_conns *conns, qs_conn *c, uint8_t *p, uint64_t len);
     /* bytes taken (may be short), -EAGAIN, other -errno: conn lost */
-    int64_t (*writev)(qs_net *net, qs_conn *c, const struct iovec *iov, int n);
+    int64_t (*writev)(qs_conns *conns, qs_conn *c, const struct iovec *iov, int n);
     /* the conn's wants changed (QS_WANT_*; 0: neither) */
-    void (*want)(qs_net *net, qs_conn *c, uint32_t want);
+    void (*want)(qs_conns *conns, qs_conn *c, uint32_t want);
     /* let go of the socket: gracefully, or with a reset if abort */
-    void (*close)(qs_net *net, qs_conn *c, int abort);
+    void (*close)(qs_conns *conns, qs_conn *c, int abort);
     /* close every listener (QS_CMD_STOP_ACCEPT, shutdown) */
-    void (*stop_accept)(qs_net *net);
+    void (*stop_accept)(qs_conns *conns);
 } qs_conn_io;
 
 /* conn flags */
@@ -73,7 +78,7 @@ typedef struct qs_out {
     uint64_t len;
     qs_buf *buf;
     void *heap;
-    uint64_t hlen;                 /* heap bytes charged to net->out_heap */
+    uint64_t hlen;                 /* heap bytes charged to conns->out_heap */
 } qs_out;
 
 /* A reply parked until the replies to the messages before it are written
@@ -94,7 +99,7 @@ typedef struct qs_park {
 
 struct qs_conn {
     int64_t id;
-    int slot;                      /* index in net->conns (kernel: the fd) */
+    int slot;                      /* index in conns->conns (kernel: the fd) */
     uint32_t flags;
     uint32_t mask;                 /* QS_WANT_* last told to the backend */
     int8_t blk_on;                 /* blocked list index, -1 if none */
@@ -121,10 +126,10 @@ struct qs_conn {
 };
 
 /* conn flags a backend may use for its own bookkeeping */
-#define QC_IO_A 0x1000u
-#define QC_IO_B 0x2000u
+#define QC_BACKEND_A 0x1000u
+#define QC_BACKEND_B 0x2000u
 
-struct qs_net {
+struct qs_conns {
     qs_core *core;
     const qs_conn_io *io;
     qs_conn **conns;               /* indexed by slot */
@@ -152,36 +157,41 @@ struct qs_net {
 };
 
 /* conn.c */
-int qs_net_init(qs_net *net, qs_core *core, const qs_conn_io *io, uint32_t slots);
-void qs_net_destroy(qs_net *net);      /* after qs_conn_drop_all */
-qs_conn *qs_conn_lookup(qs_net *net, int64_t id);
+int qs_conns_init(qs_conns *conns, qs_core *core, const qs_conn_io *io, uint32_t slots);
+void qs_conns_destroy(qs_conns *conns);      /* after qs_conn_drop_all */
+qs_conn *qs_conn_lookup(qs_conns *conns, int64_t id);
 /* A new connection in `slot` (free in the table); its socket is `sock`
  * (kernel: slot is the fd).  Returns the conn or NULL (no memory, slot out
  * of range): the caller then closes the socket itself. */
-qs_conn *qs_conn_new(qs_net *net, int slot, void *sock);
-void qs_conn_readable(qs_net *net, qs_conn *c);
-void qs_conn_close(qs_net *net, qs_conn *c, int abort);
-void qs_conn_update(qs_net *net, qs_conn *c);
-int qs_conn_emit(qs_net *net, const qs_event *ev);
-void qs_conn_retry_blocked(qs_net *net);
-int qs_conn_blocked_ready(qs_net *net);
-void qs_conn_finish(qs_net *net, qs_conn *c);
-void qs_conn_drop_all(qs_net *net);
+qs_conn *qs_conn_new(qs_conns *conns, int slot, void *sock);
+void qs_conn_readable(qs_conns *conns, qs_conn *c);
+void qs_conn_close(qs_conns *conns, qs_conn *c, int abort);
+void qs_conn_update(qs_conns *conns, qs_conn *c);
+int qs_conn_emit(qs_conns *conns, const qs_event *ev);
+void qs_conn_retry_blocked(qs_conns *conns);
+int qs_conn_blocked_ready(qs_conns *conns);
+void qs_conn_finish(qs_conns *conns, qs_conn *c);
+void qs_conn_drop_all(qs_conns *conns);
 
 /* conn_cmd.c */
-int qs_conn_run_commands(qs_net *net);
-void qs_conn_writable(qs_net *net, qs_conn *c);
-void qs_conn_out_clear(qs_net *net, qs_conn *c);
-void qs_conn_park_clear(qs_net *net, qs_conn *c);
-void qs_conn_retry_owed(qs_net *net);
-void qs_conn_out_cache_free(qs_net *net);
-void qs_net_stop_reading(qs_net *net);
+int qs_conn_run_commands(qs_conns *conns);
+void qs_conn_writable(qs_conns *conns, qs_conn *c);
+void qs_conn_out_clear(qs_conns *conns, qs_conn *c);
+void qs_conn_park_clear(qs_conns *conns, qs_conn *c);
+void qs_conn_retry_owed(qs_conns *conns);
+void qs_conn_out_cache_free(qs_conns *conns);
+void qs_conns_stop_reading(qs_conns *conns);
 
 /* Shared pieces of a backend's loop (conn.c). */
-int qs_net_publish(qs_net *net);       /* publish put() events in level order; how many */
-int qs_net_owed_ready(qs_net *net);    /* a WRITABLE owed has ring room now */
-int qs_net_cmds_waiting(qs_net *net);
-int qs_net_work(qs_net *net);          /* commands, blocked conns, owed WRITABLEs, timeouts */
-int qs_net_wait_ms(qs_net *net);       /* longest sleep the timeouts allow (-1: forever) */
+int qs_conns_publish(qs_conns *conns); /* publish put() events in level order; how many */
+int qs_conns_owed_ready(qs_conns *conns);    /* a WRITABLE owed has ring room now */
+int qs_conns_cmds_waiting(qs_conns *conns);
+int qs_conns_work(qs_conns *conns);    /* commands, blocked conns, owed WRITABLEs, timeouts */
+int qs_conns_wait_ms(qs_conns *conns); /* longest sleep the timeouts allow (-1: forever) */
+/* conns wait for event-ring room: the hub's poll should wake the stack */
+static inline int qs_conns_wants_space(const qs_conns *conns)
+{
+    return conns->nblocked_ev > 0 || conns->nowed > 0;
+}
 
 #endif

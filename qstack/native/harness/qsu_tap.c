@@ -147,7 +147,7 @@ static const qs_tcp_app_ops tap_app = {
 
 /* A stack on the driver that open_drv opens (TAP or DPDK). */
 static qsu_tap *open_on(qs_netdrv *(*open_drv)(const char *, const char *, int *),
-                        const char *a, const char *b, const qsu_config *cfg, int *err)
+                        const char *a, const char *b, const qs_ustack_config *cfg, int *err)
 {
     int rc = qs_config_check(cfg);
     if (rc < 0) {
@@ -164,7 +164,7 @@ static qsu_tap *open_on(qs_netdrv *(*open_drv)(const char *, const char *, int *
         free(x);
         return NULL;
     }
-    qsu_config c = *cfg;                /* a NIC's own address wins over the config's */
+    qs_ustack_config c = *cfg;                /* a NIC's own address wins over the config's */
     uint8_t mac[6];
     if (qs_netdrv_mac(drv, mac) == 0 && !(mac[0] & 1) &&
         (mac[0] | mac[1] | mac[2] | mac[3] | mac[4] | mac[5]))
@@ -186,12 +186,12 @@ static qs_netdrv *open_tap(const char *ifname, const char *unused, int *err)
     return qs_tap_open(ifname, 0, err);
 }
 
-qsu_tap *qsu_tap_open(const char *ifname, const qsu_config *cfg, int *err)
+qsu_tap *qsu_tap_open(const char *ifname, const qs_ustack_config *cfg, int *err)
 {
     return open_on(open_tap, ifname, NULL, cfg, err);
 }
 
-qsu_tap *qsu_dpdk_open(const char *lib_path, const char *eal_args, const qsu_config *cfg,
+qsu_tap *qsu_dpdk_open(const char *lib_path, const char *eal_args, const qs_ustack_config *cfg,
                        int *err)
 {
     return open_on(qs_dpdk_open, lib_path, eal_args, cfg, err);
@@ -217,7 +217,7 @@ void qsu_tap_close(qsu_tap *x)
     free(x);
 }
 
-int qsu_tap_fault(qsu_tap *x, const qsu_fault *f)
+int qsu_tap_fault(qsu_tap *x, const qs_fault_config *f)
 {
     return qs_fault_rewrap(&x->s.drv, f);
 }
@@ -267,7 +267,7 @@ void qsu_tap_stop(qsu_tap *x)
     atomic_store(&x->stop, 1);
 }
 
-int qsu_tap_stats(qsu_tap *x, qsu_stats *out)
+int qsu_tap_stats(qsu_tap *x, qs_ustack_stats *out)
 {
     *out = x->s.st;
     out->pool_total = x->s.pool.count;

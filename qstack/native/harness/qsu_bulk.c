@@ -168,7 +168,7 @@ int qsu_open_many(qsu_net *n, uint16_t port, int count)
 
 /* ------------------------------------------------------------ fuzzing */
 
-static uint32_t put_frame(uint8_t *f, const qsu_config *from, const qsu_config *to, uint8_t proto,
+static uint32_t put_frame(uint8_t *f, const qs_ustack_config *from, const qs_ustack_config *to, uint8_t proto,
                           uint32_t l4len)
 {
     memcpy(f, to->mac, 6);
@@ -218,8 +218,8 @@ static void fix_sums(uint8_t *f, uint32_t len)
 
 /* A plausible frame for `to` from `from`: TCP toward a live connection (if
  * any) or a random port, ICMP, or ARP. */
-static uint32_t base_frame(uint8_t *f, uint64_t *r, qsu_net *n, int side, const qsu_config *from,
-                           const qsu_config *to)
+static uint32_t base_frame(uint8_t *f, uint64_t *r, qsu_net *n, int side, const qs_ustack_config *from,
+                           const qs_ustack_config *to)
 {
     uint64_t x = qsu_xs(r);
     switch (x % 5) {
@@ -289,7 +289,7 @@ int qsu_fuzz(qsu_net *n, int side, uint64_t seed, int count)
 {
     if (side < 0 || side > 1 || count < 0)
         return -EINVAL;
-    const qsu_config *to = &qsu_stack(n, side)->cfg, *from = &qsu_stack(n, 1 - side)->cfg;
+    const qs_ustack_config *to = &qsu_stack(n, side)->cfg, *from = &qsu_stack(n, 1 - side)->cfg;
     uint64_t r = seed | 1;
     uint8_t f[1600];
     int done = 0;

@@ -158,36 +158,14 @@ static const qs_tcp_app_ops harness_ops = {
 
 /* ------------------------------------------------------------ lifecycle */
 
-void qsu_config_default(qsu_config *c, int side)
+void qsu_config_default(qs_ustack_config *c, int side)
 {
-    memset(c, 0, sizeof(*c));
+    qs_ustack_config_default(c);
     uint8_t mac[6] = {0x02, 0x00, 0x5e, 0x10, 0x00, (uint8_t)(1 + side)};
     memcpy(c->mac, mac, 6);
     c->ip = 0xc6120000u | (uint32_t)(1 + side);    /* 198.18.0.1 / .2 */
     c->prefix_len = 24;
-    c->buf_size = 2048;
-    c->buf_count = 8192;
-    c->max_conns = 1024;
-    c->syn_backlog = 128;
-    c->syncookies = 1;
-    c->snd_buf = 256 * 1024;
-    c->rcv_buf = 256 * 1024;
-    c->mss = 1460;
-    c->wscale = 7;
-    c->sack = 1;
-    c->init_rto_ms = 1000;
-    c->min_rto_ms = 200;
-    c->max_rto_ms = 60000;
-    c->delack_ms = 40;
-    c->msl_ms = 30000;
-    c->max_retries = 15;
-    c->syn_retries = 6;
-    c->keepalive_idle_ms = 7200000;
-    c->keepalive_intvl_ms = 75000;
-    c->keepalive_cnt = 9;
-    c->secret = 0x5eed0000u + (uint64_t)side;
-    c->levels = 1;
-    c->default_level = 0;
+    c->secret = 0x5eed0000u + (uint64_t)side;      /* reproducible runs */
 }
 
 void qsu_net_free(qsu_net *n)
@@ -209,14 +187,14 @@ void qsu_net_free(qsu_net *n)
     free(n);
 }
 
-qsu_net *qsu_net_new(const qsu_config *a, const qsu_config *b, int64_t latency_ns, int *err)
+qsu_net *qsu_net_new(const qs_ustack_config *a, const qs_ustack_config *b, int64_t latency_ns, int *err)
 {
     qsu_net *n = calloc(1, sizeof(*n));
     if (!n) {
         *err = -ENOMEM;
         return NULL;
     }
-    const qsu_config *cfg[2] = {a, b};
+    const qs_ustack_config *cfg[2] = {a, b};
     for (int i = 0; i < 2; i++) {
         side *sd = &n->sd[i];
         sd->n = n;
@@ -250,7 +228,7 @@ qsu_net *qsu_net_new(const qsu_config *a, const qsu_config *b, int64_t latency_n
     return n;
 }
 
-int qsu_net_fault(qsu_net *n, int side_, const qsu_fault *f)
+int qsu_net_fault(qsu_net *n, int side_, const qs_fault_config *f)
 {
     if (side_ < 0 || side_ > 1)
         return -EINVAL;
@@ -347,7 +325,7 @@ int64_t qsu_net_settle(qsu_net *n, int64_t idle_ns, int64_t max_ns)
     return -ETIMEDOUT;
 }
 
-int qsu_stats_get(qsu_net *n, int side_, qsu_stats *out)
+int qsu_stats_get(qsu_net *n, int side_, qs_ustack_stats *out)
 {
     if (side_ < 0 || side_ > 1)
         return -EINVAL;

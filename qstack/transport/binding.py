@@ -19,7 +19,8 @@ from functools import partial
 
 from qstack._native import ffi, lib
 
-__all__ = ["NativeCore", "ffi", "lib", "EVENT_SIZE", "iter_events", "FRAMINGS"]
+__all__ = ["NativeCore", "KernelCore", "UstackCore", "BACKENDS", "backend_type", "open_core",
+           "ffi", "lib", "EVENT_SIZE", "iter_events", "jumbo_view", "FRAMINGS"]
 
 EVENT_SIZE = ffi.sizeof("qs_event")
 assert EVENT_SIZE == ffi.sizeof("qs_cmd") == 64
@@ -39,18 +40,35 @@ REPLY_ORDERS = {
 
 
 class NativeCore:
-    """One qs_core: its stack thread, rings, pool and wake fd."""
+    """One qs_core: its stack thread, rings, pool and wake fd.
 
+    The part every backend shares.  A backend is a subclass that names its
+    table entry in C (``BACKEND``, a ``QS_BACKEND_*``), says what it is
+    (the class attributes below) and fills its own settings into the
+    qs_config (``_configure``); :func:`open_core` picks one by name.
+    """
+
+    name = None              # the backend's name, as server.backend says it
+    BACKEND = None           # its entry in the C backend table (QS_BACKEND_*)
+    # Listens on kernel sockets the frontend binds (SO_REUSEPORT): the core
+    # processes of a port share them, a port can be probed before start, and
+    # old and new cores can serve side by side during a reload.
+    kernel_sockets = False
+    # The stack does TCP itself (handshakes, ACKs, timers): inline, it needs
+    # steps even while every worker is busy in a handler.
+    needs_service = False
     NO_POLL = lib.QS_STEP_NO_POLL
 
     def __init__(self, *, levels, rules=(), default_level=None, framing="raw",
                  frame_arg=0, max_message=1 << 24, ring_size=65536,
                  cmd_ring_size=65536, buf_size=16384, buf_count=8192,
                  out_high_water=4 << 20, stream_mode=False, stack_cpu=-1,
-                 inline=False, backend="kernel", net=None, reply_order="arrival",
+                 inline=False, reply_order="arrival",
                  buf_reserve=None, partial_copy=1024, max_large_bytes=128 << 20,
                  max_out_bytes=64 << 20, message_timeout=30.0, idle_timeout=0.0,
                  write_timeout=30.0):
+        if self.BACKEND is None:
+            raise TypeError("NativeCore is abstract: open_core(backend, ...) picks a backend")
         cfg = ffi.new("qs_config *")
         cfg.levels = levels
         if len(rules) > lib.QS_MAX_RULES:
@@ -83,9 +101,8 @@ class NativeCore:
         cfg.message_timeout_ns = int(message_timeout * 1e9)
         cfg.idle_timeout_ns = int(idle_timeout * 1e9)
         cfg.write_timeout_ns = int(write_timeout * 1e9)
-        if backend == "ustack":
-            cfg.backend = lib.QS_BACKEND_USTACK
-            _net_config(cfg.net, net)
+        cfg.backend = self.BACKEND
+        self._configure(cfg)
         err = ffi.new("int *")
         c = lib.qs_core_new(cfg, err)
         if c == ffi.NULL:
@@ -99,9 +116,6 @@ class NativeCore:
         self.slab_addr = int(ffi.cast("uintptr_t", base))
         self.inline = bool(inline)
         self.stream = bool(stream_mode)
-        # The user-space stack does TCP itself (handshakes, ACKs, timers):
-        # inline, it needs steps even while every worker is busy.
-        self.needs_service = backend == "ustack"
         # What the hub's loop watches while idle: the stack's epoll fd when the
         # stack runs inline (qs_core_step), else the eventfd the thread writes.
         self.wake_fd = lib.qs_core_poll_fd(c) if inline else lib.qs_core_wake_fd(c)
@@ -116,12 +130,20 @@ class NativeCore:
         self.sleep_below = partial(lib.qs_core_sleep_below, c)
         self.step = partial(lib.qs_core_step, c)
 
-    def listen(self, fd):
-        _check(lib.qs_core_listen(self.ptr, fd), "qs_core_listen")
+    def _configure(self, cfg):
+        """Fill this backend's own part of the qs_config."""
 
-    def listen_port(self, port):
-        """Listen on a port of the user-space stack (backend ustack)."""
-        _check(lib.qs_core_listen_port(self.ptr, port), "qs_core_listen_port")
+    def listen(self, port=0, fd=-1):
+        """Listen where a qs_listen_spec says (qstack.h: qs_core_listen):
+        the kernel backend adopts ``fd``, a bound listening socket (the core
+        owns it from now on); the user-space stack listens on ``port``."""
+        spec = ffi.new("qs_listen_spec *")
+        spec.fd, spec.port = fd, port
+        _check(lib.qs_core_listen(self.ptr, spec), "qs_core_listen")
+
+    def where(self, host, port):
+        """host:port as a log line names what this core serves."""
+        return f"{host}:{port}"
 
     def start(self):
         _check(lib.qs_core_start(self.ptr), "qs_core_start")
@@ -147,8 +169,55 @@ class NativeCore:
             self.ptr = None
 
 
-def _net_config(n, net):
-    """Fill a qs_net_config from a plain dict (see qstack.server)."""
+class KernelCore(NativeCore):
+    """Kernel sockets under epoll (backend_kernel.c)."""
+
+    name = "kernel"
+    BACKEND = lib.QS_BACKEND_KERNEL
+    kernel_sockets = True
+
+
+class UstackCore(NativeCore):
+    """qstack's own TCP/IP over a TAP or DPDK driver (backend_ustack.c).
+
+    ``settings`` is the stack's settings as a plain dict (the fields of
+    qs_ustack_settings; see qstack.server)."""
+
+    name = "ustack"
+    BACKEND = lib.QS_BACKEND_USTACK
+    needs_service = True
+
+    def __init__(self, *, settings, **options):
+        self.settings = settings
+        super().__init__(**options)
+
+    def _configure(self, cfg):
+        _ustack_settings(cfg.ustack, self.settings)
+
+    def where(self, host, port):
+        return f"{self.settings['ip']}:{port} on ustack/{self.settings['driver']}"
+
+
+# The backends by name: a new backend is a C table entry and a class here.
+BACKENDS = {kind.name: kind for kind in (KernelCore, UstackCore)}
+
+
+def backend_type(name):
+    """The NativeCore class of a backend (what it is, before one is made)."""
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r} (known: {', '.join(BACKENDS)})") from None
+
+
+def open_core(backend, **options):
+    """A NativeCore of the named backend; options as NativeCore takes them,
+    plus the backend's own (ustack: ``settings``)."""
+    return backend_type(backend)(**options)
+
+
+def _ustack_settings(n, net):
+    """Fill a qs_ustack_settings from a plain dict (see qstack.server)."""
     n.driver = {"tap": lib.QS_DRIVER_TAP, "dpdk": lib.QS_DRIVER_DPDK}[net["driver"]]
     n.multiqueue = 1 if net["multiqueue"] else 0
     for name in ("tap", "eal", "dpdk_lib"):

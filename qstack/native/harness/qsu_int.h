@@ -1,8 +1,21 @@
 /* qsu_int.h -- what the harness files share: qsu_net.c (the nets, the clock,
- * callbacks), qsu_sock.c (handles, raw frames), qsu_bulk.c (workloads). */
+ * callbacks), qsu_sock.c (handles, raw frames), qsu_bulk.c (workloads),
+ * qsu_echo.c, qsu_tap.c, sha256.c.  The harness is a user of the stack
+ * (../ustack/ustack.h) like the backend, in a folder of its own. */
 #ifndef QS_QSU_INT_H
 #define QS_QSU_INT_H
 #include "ustack.h"
+#include "qsustack.h"
+
+/* sha256.c: what the workloads hash what they sent and received with */
+typedef struct qs_sha256 {
+    uint32_t h[8];
+    uint64_t n;
+    uint8_t buf[64];
+} qs_sha256;
+void qs_sha256_init(qs_sha256 *c);
+void qs_sha256_update(qs_sha256 *c, const uint8_t *p, size_t len);
+void qs_sha256_final(qs_sha256 *c, uint8_t out[32]);
 #include <time.h>
 
 /* The workloads' byte generator (xorshift64*) and the real clock. */
