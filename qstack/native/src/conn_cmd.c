@@ -71,11 +71,24 @@ void qs_conn_out_cache_free(qs_net *net)
     net->nout_free = 0;
 }
 
+/* Takes over buf or heap on success.  A pool buffer queued behind a full
+ * socket is copied out at once (compact's rule, applied on entry): the
+ * flush that would compact it does not run until the peer reads, and a
+ * peer that never reads would otherwise pin one pool buffer per reply. */
 static int out_append(qs_net *net, qs_conn *c, uint8_t *p, uint64_t len, qs_buf *buf, void *heap)
 {
     qs_out *o = node_get(net);
     if (!o)
         return -ENOMEM;
+    if (buf && (c->flags & QC_WANT_OUT) && !qs_pool_is_jumbo(buf)) {
+        void *h = malloc(len ? len : 1);
+        if (h) {                       /* else keep the buffer: still correct */
+            memcpy(h, p, len);
+            qs_pool_unref(&net->core->pool, buf);
+            buf = NULL;
+            heap = p = h;
+        }
+    }
     o->next = NULL;
     o->p = p;
     o->len = len;
