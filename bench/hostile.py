@@ -5,10 +5,13 @@ Each attack is held while a well-behaved client (high priority where a rule
 exists) sends a message every 10 ms on a connection of its own and times
 each reply.  The attack runs in a child process (its send loops never share
 a GIL with the probe); the probe runs in a thread of this one.  Printed per
-attack and server: connections held after the attack started and when the
-hold ends, probe p50/p99/max and failures (no reply within 2 s), server RSS
-(its whole process tree: before, and the peak during the attack), and what
-the server said about it.
+attack and server: connections held once they are up and when the hold
+ends (by their TCP state: a reset one is not held), probe p50/p99/max and
+failures (no reply within 2 s), server RSS (its whole process tree: before,
+and the peak during the attack), and what the server said about it.  The
+hold lasts --hold seconds, or until the attack is over if that is later
+(the large-message attack sends for up to ATTACK_LIMIT s while a server
+does not read it).
 
     python bench/hostile.py                          # qstack, kernel backend
     python bench/hostile.py --server qstack,gevent,uvloop --hold 8
@@ -188,29 +191,33 @@ def connect_many(addr, n, first=b"", rcvbuf=None):
     return socks
 
 
+TCP_ESTABLISHED = 1
+
+
 def alive(socks):
-    """How many of socks the server has not closed yet."""
+    """How many of socks the server has not closed (nor reset) yet: their
+    TCP state, not a peek (unread replies stay readable after a reset)."""
     n = 0
     for s in socks:
-        s.setblocking(False)
         try:
-            n += s.recv(1 << 16, socket.MSG_PEEK) != b""
-        except BlockingIOError:
-            n += 1
+            n += s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == TCP_ESTABLISHED
         except OSError:
             pass
     return n
 
 
-def slowloris(addr, conns, seconds):
+def slowloris(addr, conns, seconds, up):
     """conns connections, each one byte into a 200-byte message."""
-    return connect_many(addr, conns, first=b"\x00")
+    socks = connect_many(addr, conns, first=b"\x00")
+    up(socks)
+    return socks
 
 
-def nonreaders(addr, conns, seconds, line=b"x" * 1023 + b"\n"):
+def nonreaders(addr, conns, seconds, up, line=b"x" * 1023 + b"\n"):
     """conns connections with a 4 KiB receive buffer sending 1 KiB lines
     for `seconds`, never reading."""
     socks = connect_many(addr, conns, rcvbuf=4096)
+    up(socks)
     for s in socks:
         s.setblocking(False)
     end = time.monotonic() + min(seconds, ATTACK_LIMIT)
@@ -227,9 +234,11 @@ def nonreaders(addr, conns, seconds, line=b"x" * 1023 + b"\n"):
     return socks
 
 
-def large_partials(addr, conns, seconds, announce=15 << 20, send=14 << 20):
-    """conns length:4 connections announcing `announce` bytes, sending `send`."""
+def large_partials(addr, conns, seconds, up, announce=15 << 20, send=14 << 20):
+    """conns length:4 connections announcing `announce` bytes, sending `send`
+    (for as long as the server reads them, ATTACK_LIMIT at most)."""
     socks = connect_many(addr, conns)
+    up(socks)
     chunk = b"L" * (1 << 16)
     for s in socks:
         s.sendall(struct.pack(">I", announce))
@@ -257,10 +266,13 @@ ATTACKS = {"slowloris": slowloris, "nonreaders": nonreaders, "large": large_part
 
 
 def attacker_main(a):
-    """The attacker process: attack, print {"held": n}; then print a count
-    for every line read on stdin; close everything at EOF."""
-    socks = ATTACKS[a.attacker]((a.host, a.port), a.conns, a.seconds)
-    print(json.dumps({"held": alive(socks)}), flush=True)
+    """The attacker process: prints {"held": n} once its connections are up,
+    {"done": n} when the attack is over, then a count for every line read
+    on stdin; closes everything at EOF."""
+    def up(socks):
+        print(json.dumps({"held": alive(socks)}), flush=True)
+    socks = ATTACKS[a.attacker]((a.host, a.port), a.conns, a.seconds, up)
+    print(json.dumps({"done": alive(socks)}), flush=True)
     for _ in sys.stdin:
         print(json.dumps({"held": alive(socks)}), flush=True)
     for s in socks:
@@ -273,16 +285,18 @@ class Attacker:
             [sys.executable, os.path.abspath(__file__), "--attacker", attack, "--host",
              addr[0], "--port", str(addr[1]), "--conns", str(conns), "--seconds",
              str(seconds)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.first = None
+        self.first = self.done = None
         self._reader = threading.Thread(target=self._read_first, daemon=True)
         self._reader.start()
 
     def _read_first(self):
         line = self.proc.stdout.readline()
         self.first = json.loads(line)["held"] if line else -1
+        line = self.proc.stdout.readline() if line else ""
+        self.done = json.loads(line)["done"] if line else -1
 
     def ready(self):
-        return self.first is not None
+        return self.done is not None
 
     def count(self):
         self._reader.join()
@@ -338,7 +352,7 @@ def run(attack, conns, hold, buf_count=8192, max_large=128 << 20, mt=30.0, wt=30
             if time.monotonic() - t0 > hold + ATTACK_LIMIT + 30:
                 break                   # the attacker is stuck: report what we have
         held = att.first if att.first is not None else -1
-        held_end = att.count() if held >= 0 else -1
+        held_end = att.count() if att.done is not None and att.done >= 0 else -1
         probe.stop.set()
         probe.join()
         att.close()
@@ -354,7 +368,7 @@ def run(attack, conns, hold, buf_count=8192, max_large=128 << 20, mt=30.0, wt=30
             if "WARNING" in ln and ("timeouts" in ln or "quota closes" in ln
                                     or "protocol errors" in ln)]
     return {"attack": attack, "server": server if tap is None else "qstack-ustack",
-            "conns": conns, "held_after_attack": held, "held_at_end": held_end,
+            "conns": conns, "held_up": held, "held_at_end": held_end,
             "probe": probe.summary(), "rss_base": base, "rss_peak": peak,
             "exit": proc.returncode, "said": said, "stderr": err}
 
@@ -363,7 +377,7 @@ def fmt(r):
     p = r["probe"]
     ms = lambda v: "-" if v is None else f"{v * 1e3:.1f} ms"   # noqa: E731
     return (f"{r['attack']:<11} {r['server']:<13} conns {r['conns']:>5}  held "
-            f"{r['held_after_attack']:>5} -> {r['held_at_end']:>5}  probe n {p['n']} fail "
+            f"{r['held_up']:>5} -> {r['held_at_end']:>5}  probe n {p['n']} fail "
             f"{p['failures']} p50 {ms(p['p50'])} p99 {ms(p['p99'])} max {ms(p['max'])}  RSS "
             f"{r['rss_base'] / 2**20:.0f} -> {r['rss_peak'] / 2**20:.0f} MiB")
 
