@@ -9,7 +9,8 @@ attack and server: connections held once they are up and when the hold
 ends (by their TCP state: a reset one is not held), probe p50/p99/max and
 failures (no reply within 2 s), server RSS (its whole process tree: before,
 and the peak during the attack), and what the server said about it.  The
-hold lasts --hold seconds, or until the attack is over if that is later
+hold lasts --hold seconds from when the attack's connections are up, or
+until the attack is over if that is later
 (the large-message attack sends for up to ATTACK_LIMIT s while a server
 does not read it).
 
@@ -286,11 +287,13 @@ class Attacker:
              addr[0], "--port", str(addr[1]), "--conns", str(conns), "--seconds",
              str(seconds)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.first = self.done = None
+        self.t_up = None               # when its connections were up
         self._reader = threading.Thread(target=self._read_first, daemon=True)
         self._reader.start()
 
     def _read_first(self):
         line = self.proc.stdout.readline()
+        self.t_up = time.monotonic()
         self.first = json.loads(line)["held"] if line else -1
         line = self.proc.stdout.readline() if line else ""
         self.done = json.loads(line)["done"] if line else -1
@@ -346,7 +349,9 @@ def run(attack, conns, hold, buf_count=8192, max_large=128 << 20, mt=30.0, wt=30
         t0 = time.monotonic()
         att = Attacker(attack, (host, port), conns, hold)
         peak = base
-        while not att.ready() or time.monotonic() - t0 < hold:
+        # held `hold` s from when the attack's connections are up (8,192
+        # take a second or two to open), and until the attack is over
+        while not att.ready() or time.monotonic() - (att.t_up or t0) < hold:
             peak = max(peak, rss_bytes(proc.pid))
             time.sleep(0.1)
             if time.monotonic() - t0 > hold + ATTACK_LIMIT + 30:

@@ -78,7 +78,9 @@ def test_slowloris_one_byte_each_does_not_take_the_pool(stack, tap):
     r = hostile.run("slowloris", 3000, hold=4.0, buf_count=1024, mt=2.0, stack=stack, tap=tap)
     check_exit(r, tap)
     check_probe(r)
-    assert r["held_up"] > 2900          # held (not refused) while partial
+    # held (not refused) while partial: far more than the pool (the first
+    # ones may be reset already if opening 3,000 took the 2 s timeout)
+    assert r["held_up"] > 2000
     assert r["held_at_end"] == 0                  # then reset by the message timeout
     assert last_peer_named(r, "message timeouts", tap), r["stderr"][-2000:]
     assert r["rss_peak"] - r["rss_base"] < 64 << 20, r
