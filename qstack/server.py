@@ -375,7 +375,7 @@ def serve(cfg, handler, core_index=0, stats_fd=None, listen_fd=None, stop_fd=Non
             agg.update(os.getpid(), snapshot(core_index, hub, watchdog))
             return render(agg)
         metrics = serve_gevent(metrics_sock, scrape)
-    native_errors = _NativeErrors(core_index)
+    native_errors = _NativeErrors(core_index, hub.core)
     teller = gevent.spawn(_tell_native_errors, hub, native_errors)
     done.wait()
     if stop_watcher is not None:
@@ -486,16 +486,25 @@ HOSTILE = ("timeouts_message", "timeouts_idle", "timeouts_write", "quota_closes"
 
 class _NativeErrors:
     """Says, at warning level and rate-limited, the errors the native layer
-    only counts (it cannot log: no C thread takes the GIL).  The native layer
-    does not report the peer's address with them (yet), so neither can we."""
+    only counts (it cannot log: no C thread takes the GIL).  Each line names
+    the peer of the latest occurrence, which the native layer keeps per
+    cause (qs_core_peer with -QS_CLOSED_*)."""
 
-    def __init__(self, core_index):
-        from .coro.errlog import CounterWatch
+    def __init__(self, core_index, core=None):
+        from .coro.errlog import CounterWatch, peer_name
+        from .transport import lib
         self.core_index = core_index
+        why = {"protocol_errors": lib.QS_CLOSED_PROTOCOL,
+               "timeouts_message": lib.QS_CLOSED_MESSAGE,
+               "timeouts_idle": lib.QS_CLOSED_IDLE,
+               "timeouts_write": lib.QS_CLOSED_WRITE,
+               "quota_closes": lib.QS_CLOSED_QUOTA}
+        self.peers = {name: (lambda w=w: peer_name(core.peer(-w)))
+                      for name, w in why.items()} if core is not None else {}
         self.watches = {
             "protocol_errors": CounterWatch(
                 "protocol errors", "oversized or malformed messages, each connection "
-                "reset (the native layer does not report peer addresses)"),
+                "reset"),
             "accept_errors": CounterWatch(
                 "accept errors", "accept() failed, e.g. out of file descriptors"),
             "timeouts_message": CounterWatch(
@@ -514,7 +523,7 @@ class _NativeErrors:
 
     def check(self, snap, now, force=False):
         for name, watch in self.watches.items():
-            line = watch.update(snap.get(name, 0), now, force)
+            line = watch.update(snap.get(name, 0), now, force, self.peers.get(name))
             if line:
                 log.warning("core %d: %s", self.core_index, line)
 

@@ -120,6 +120,9 @@ class FakeCore:
     def step(self, timeout):
         return 0
 
+    def peer(self, conn):
+        return ("127.0.0.1", 40000 + conn % 1000) if conn > 0 else None
+
     def release_local(self, buf):
         self.bufs_out.discard(buf)
 

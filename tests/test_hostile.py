@@ -1,16 +1,20 @@
-"""Hostile peers against a real server (issue 10), kernel backend.
+"""Hostile peers against a real server (issue 10), on the kernel backend
+and, where the attack applies, on the user-space stack over TAP.
 
 Each attack is held while a well-behaved probe (high priority where a rule
 exists) keeps getting replies within a bound; the server's RSS stays under
-a bound; the attackers are closed by a timeout with a warning saying so.
-The attacks are bench/hostile.py's, smaller: bounded in time and in
-connections (the client side holds one file per connection, under the
-20,000 open files a process may have).  Timeouts are shortened to 2 s so the
-closes come within the test; the quotas are the defaults except a smaller
-pool where that makes the attack bite sooner.
+a bound; the attackers are closed by a timeout with a warning saying so and
+naming the last peer closed.  The attacks are bench/hostile.py's, smaller:
+bounded in time and in connections (the attacker process holds one file
+per connection, under the 20,000 open files a process may have), and run
+in a process of their own.  Timeouts are shortened to 2 s so the closes come
+within the test; the quotas are the defaults except a smaller pool where
+that makes the attack bite sooner.  The user-space runs serve at
+198.18.0.2 in a namespace of the test's own, as tests/test_server.py does.
 """
 
 import os
+import re
 import socket
 import sys
 import time
@@ -26,54 +30,86 @@ PROBE_P99 = 0.1        # s: the issue's bound for a well-behaved client
 PROBE_MAX = 1.0
 
 
+@pytest.fixture(params=["kernel", "ustack"])
+def tap(request):
+    """None on the kernel backend; the TAP device of an entered namespace
+    on the user-space stack."""
+    if request.param == "kernel":
+        yield None
+        return
+    from netns import TapNetns, why_not
+    if why_not():
+        pytest.skip(why_not())
+    net = TapNetns()
+    try:
+        with net.entered():
+            yield net.dev
+    finally:
+        net.close()
+
+
 def check_probe(r):
     p = r["probe"]
     assert p["n"] >= 20, r["stderr"][-2000:]
-    # At most one probe of the run may time out (2 s): seen once in the
-    # never-reading attack, cause not found yet (see docs/BENCHMARKS.md).
-    assert p["failures"] <= 1, p
+    assert p["failures"] == 0, p
     assert p["p99"] < PROBE_P99, p
     assert p["max"] < PROBE_MAX, p
 
 
+def check_exit(r, tap):
+    assert r["exit"] == 0, r["stderr"][-2000:]
+    assert "buffers in use 0" in r["stderr"], r["stderr"][-2000:]
+    if tap is not None:
+        assert "packet buffers in use 0" in r["stderr"], r["stderr"][-2000:]
+
+
+def last_peer_named(r, what, tap):
+    """A warning about `what` names an address of the attacker's host."""
+    host = "127.0.0.1" if tap is None else "198.18.0.1"
+    pat = re.compile(re.escape(what) + r" \(\d+ since the core started; the last from " +
+                     re.escape(host) + r":\d+\)")
+    return any(pat.search(s) for s in r["said"])
+
+
 @pytest.mark.parametrize("stack", ["thread", "inline"])
-def test_slowloris_one_byte_each_does_not_take_the_pool(stack):
+def test_slowloris_one_byte_each_does_not_take_the_pool(stack, tap):
     # 3,000 conns each holding 1 byte of a 200-byte message, against a pool of
     # 1,024 buffers: before, the first 1,024 took the whole pool.
-    r = hostile.run("slowloris", 3000, hold=4.0, buf_count=1024, mt=2.0, stack=stack)
-    assert r["exit"] == 0, r["stderr"][-2000:]
+    r = hostile.run("slowloris", 3000, hold=4.0, buf_count=1024, mt=2.0, stack=stack, tap=tap)
+    check_exit(r, tap)
     check_probe(r)
-    assert r["held_after_attack"] > 2900          # held (not refused) while partial
+    # held (not refused) while partial: far more than the pool (the first
+    # ones may be reset already if opening 3,000 took the 2 s timeout)
+    assert r["held_up"] > 2000
     assert r["held_at_end"] == 0                  # then reset by the message timeout
-    assert any("message timeouts" in s for s in r["said"]), r["stderr"][-2000:]
+    assert last_peer_named(r, "message timeouts", tap), r["stderr"][-2000:]
     assert r["rss_peak"] - r["rss_base"] < 64 << 20, r
-    assert "buffers in use 0" in r["stderr"]
 
 
-def test_never_reading_clients_do_not_hold_the_pool():
+def test_never_reading_clients_do_not_hold_the_pool(tap):
     # 50 peers with a 4 KiB receive buffer sending 1 KiB lines, never reading.
-    r = hostile.run("nonreaders", 50, hold=5.0, buf_count=1024, wt=2.0)
-    assert r["exit"] == 0, r["stderr"][-2000:]
+    # Before: replies queued after the socket filled kept their pool buffers
+    # (1,024 of 1,024) and the probe waited 2 s, every time.
+    r = hostile.run("nonreaders", 50, hold=5.0, buf_count=1024, wt=2.0, tap=tap)
+    check_exit(r, tap)
     check_probe(r)
     # reset by the write timeout (a peek on the client cannot tell: the
     # unread replies are still in its receive buffer)
-    assert any("write timeouts" in s for s in r["said"]), r["stderr"][-2000:]
+    assert last_peer_named(r, "write timeouts", tap), r["stderr"][-2000:]
     assert "50 write timeouts" in r["stderr"], r["stderr"][-2000:]
     # per conn out_high_water (4 MiB) at most, and 64 MiB of copies for all
     assert r["rss_peak"] - r["rss_base"] < 200 << 20, r
-    assert "buffers in use 0" in r["stderr"]
 
 
-def test_large_partial_messages_are_capped():
+def test_large_partial_messages_are_capped(tap):
     # 20 peers announcing 15 MiB and sending 14 MiB, under a 64 MiB cap:
     # 4 fit, the others wait (not read: TCP pushes back).
-    r = hostile.run("large", 20, hold=5.0, max_large=64 << 20, mt=3.0)
-    assert r["exit"] == 0, r["stderr"][-2000:]
+    r = hostile.run("large", 20, hold=5.0, max_large=64 << 20, mt=3.0, tap=tap)
+    check_exit(r, tap)
     check_probe(r)
     assert r["rss_peak"] - r["rss_base"] < (64 + 64) << 20, r
-    assert any("message timeouts" in s or "quota closes" in s for s in r["said"]), \
-        r["stderr"][-2000:]
-    assert "buffers in use 0" in r["stderr"]
+    assert (last_peer_named(r, "message timeouts", tap) or
+            last_peer_named(r, "quota closes", tap)), r["stderr"][-2000:]
 
 
 def test_a_message_that_can_never_fit_the_cap_is_refused(serve, tmp_path):
@@ -81,6 +117,7 @@ def test_a_message_that_can_never_fit_the_cap_is_refused(serve, tmp_path):
     cfg.write_text("native:\n  max_large_bytes: 1048576\n")
     server = serve("apps.echo:handle", "--framing", "length:4", "--config", str(cfg))
     with server.connect() as s:
+        port = s.getsockname()[1]
         s.sendall((4 << 20).to_bytes(4, "big") + b"x" * 65536)
         s.settimeout(5)
         with pytest.raises((ConnectionResetError, EOFError)):
@@ -92,11 +129,14 @@ def test_a_message_that_can_never_fit_the_cap_is_refused(serve, tmp_path):
         assert recv_exact(s, 6) == b"\x00\x00\x00\x02hi"
     server.stop()
     assert "1 quota closes" in server.stderr, server.stderr[-2000:]
+    assert (f"1 new quota closes (1 since the core started; the last from 127.0.0.1:{port})"
+            in server.stderr), server.stderr[-2000:]
 
 
 def test_idle_timeout_closes_idle_connections(serve):
     server = serve("apps.echo:handle", "--framing", "line", "--idle-timeout", "1")
     with server.connect() as s:
+        port = s.getsockname()[1]
         s.sendall(b"hi\n")
         assert recv_line(s) == b"hi\n"
         s.settimeout(5)
@@ -105,6 +145,48 @@ def test_idle_timeout_closes_idle_connections(serve):
         assert 0.9 < time.monotonic() - t0 < 3.5
     server.stop()
     assert "1 idle timeouts" in server.stderr, server.stderr[-2000:]
+    assert f"the last from 127.0.0.1:{port})" in server.stderr, server.stderr[-2000:]
+
+
+def test_a_protocol_error_is_said_with_the_peer(serve):
+    # Before: an oversized frame reset the connection and nothing said who.
+    server = serve("apps.echo:handle", "--framing", "line", "--max-message", "64")
+    with server.connect() as s:
+        port = s.getsockname()[1]
+        s.sendall(b"x" * 200)
+        s.settimeout(5)
+        with pytest.raises((ConnectionResetError, EOFError)):
+            while s.recv(1 << 16):
+                pass
+            raise EOFError
+    with server.connect() as s:
+        s.sendall(b"ok\n")
+        assert recv_line(s) == b"ok\n"
+    server.stop()
+    assert (f"1 new protocol errors (1 since the core started; the last from "
+            f"127.0.0.1:{port})" in server.stderr), server.stderr[-2000:]
+
+
+def test_handlers_see_the_peer_address(serve_any):
+    # req.conn.peer is what the client's getsockname() says, on every backend
+    server = serve_any("tests.apps.behaviors:peer", "--framing", "line")
+    conns = [server.connect() for _ in range(3)]
+    try:
+        for s in conns + conns[::-1]:
+            host, port = s.getsockname()
+            s.sendall(b"who\n")
+            assert recv_line(s) == f"{host} {port}\n".encode()
+    finally:
+        for s in conns:
+            s.close()
+
+
+def test_stream_handlers_see_the_peer_address(serve):
+    server = serve("tests.apps.behaviors:stream_peer")
+    with server.connect() as s:
+        host, port = s.getsockname()
+        s.sendall(b"x")
+        assert recv_line(s) == f"{host} {port}\n".encode()
 
 
 @pytest.mark.parametrize("size", [100, 100000])

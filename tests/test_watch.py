@@ -117,7 +117,7 @@ def test_failing_handler_logs_a_bounded_number_of_tracebacks(serve):
     assert server.stop() == 0
     err = server.stderr
     assert err.count("ValueError: this handler always fails") == BURST, err[-3000:]
-    assert err.count("handler raised; closing connection") == BURST
+    assert err.count("handler raised; closing 127.0.0.1:") == BURST
     assert re.search(rf"\b{n - BURST} more handler errors in the last [\d.]+ s", err), err[-2000:]
     assert f"{n} handler errors" in err     # the exit line counts every one
 
@@ -137,6 +137,7 @@ def test_non_bytes_reply_names_its_type(serve):
 def test_stats_and_log_show_protocol_errors_after_an_oversized_frame(serve):
     server = serve("apps.echo:handle", "--framing", "length:4", "--stats")
     with server.connect() as s:
+        port = s.getsockname()[1]
         s.sendall(b"\xff\xff\xff\xff")      # announces 4 GiB: above app.max_message
         with pytest.raises((ConnectionResetError, EOFError)):
             if not s.recv(10):
@@ -147,8 +148,8 @@ def test_stats_and_log_show_protocol_errors_after_an_oversized_frame(serve):
     assert lines and "protocol_errors 1" in lines[-1], server.stdout
     assert "accept_errors 0" in lines[-1] and "paused 0" in lines[-1]
     err = server.stderr
-    assert re.search(r"WARNING core 0: 1 new protocol errors \(1 since the core started\)"
-                     r": oversized or malformed", err), err
+    assert re.search(r"WARNING core 0: 1 new protocol errors \(1 since the core started; "
+                     rf"the last from 127\.0\.0\.1:{port}\): oversized or malformed", err), err
     assert "1 protocol errors, 0 accept errors, 0 paused connections" in err
 
 
@@ -172,6 +173,11 @@ def test_counter_watch_says_the_first_increase_then_at_most_once_per_quiet():
     assert w.update(9, 11.5) == "6 new protocol errors (9 since the core started): reset"
     assert w.update(9, 30.0) is None
     assert w.update(10, 31.0, force=True).startswith("1 new")
+    asked = []
+    assert w.update(10, 40.0, peer=lambda: asked.append(1)) is None
+    assert not asked                        # asked only when there is a line
+    assert w.update(12, 41.0, force=True, peer=lambda: "127.0.0.1:4000") == \
+        "2 new protocol errors (12 since the core started; the last from 127.0.0.1:4000): reset"
 
 
 def test_reply_type_only_for_errors_raised_by_the_hub():
@@ -200,3 +206,10 @@ def test_held_handler_errors_are_said_when_the_window_ends(caplog):
     assert text[0] == "handler raised; closing connection 0x7"
     assert text[1:] == ["3 more handler errors in the last 0.2 s (only the first 1 of "
                         "each 0.2 s are logged in full)"]
+
+
+def test_peer_name_says_host_and_port():
+    from qstack.coro.errlog import peer_name
+    assert peer_name(("127.0.0.1", 4000)) == "127.0.0.1:4000"
+    assert peer_name(("::1", 4000)) == "[::1]:4000"
+    assert peer_name(None) is None

@@ -91,6 +91,12 @@ class Connection:
         else:
             self._hub.conn_send(self.id, data, priority, wait=True, slot=self._slot)
 
+    @property
+    def peer(self) -> tuple[str, int] | None:
+        """``(host, port)`` of the client, as accepted (what a socket's
+        ``getpeername()`` says); None once the connection is long gone."""
+        return self._hub.conn_peer(self.id)
+
     def recv(self, bufsize: int = 65536) -> bytes:
         """Stream handlers: up to ``bufsize`` bytes; b"" once the peer closed."""
         return self._hub.conn_recv(self.id, bufsize)

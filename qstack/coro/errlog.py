@@ -23,7 +23,7 @@ import re
 from time import monotonic
 
 __all__ = ["BURST", "INTERVAL", "CounterWatch", "HandlerErrors", "RateLimit",
-           "handler_failed"]
+           "handler_failed", "peer_name"]
 
 log = logging.getLogger("qstack")
 
@@ -90,14 +90,27 @@ def reply_type(exc):
     return "unknown" if "bytearray" in str(exc) else None
 
 
+def peer_name(peer):
+    """``(host, port)`` as ``host:port`` (``[host]:port`` for IPv6), or None."""
+    if not peer:
+        return None
+    host, port = peer
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _conn_hex(conn):
+    return f"connection {conn:#x}"
+
+
 class HandlerErrors:
     """One core's handler failures, logged through a :class:`RateLimit`; a
     loop timer says the held count when the window ends."""
 
     def __init__(self, loop, what="handler", burst=BURST, interval=INTERVAL,
-                 clock=monotonic):
+                 clock=monotonic, name=_conn_hex):
         self._loop = loop
         self._what = what
+        self._name = name           # conn id -> "127.0.0.1:40000" (its peer)
         self._limit = RateLimit(burst, interval)
         self._clock = clock
         self._timer = None
@@ -116,10 +129,10 @@ class HandlerErrors:
         rtype = reply_type(exc)
         if rtype is not None:
             log.error("%s returned a non-bytes reply (%s; a reply must be bytes, "
-                      "bytearray, memoryview or None); closing connection %#x",
-                      self._what, rtype, conn)
+                      "bytearray, memoryview or None); closing %s",
+                      self._what, rtype, self._name(conn))
         else:
-            log.error("%s raised; closing connection %#x", self._what, conn,
+            log.error("%s raised; closing %s", self._what, self._name(conn),
                       exc_info=(type(exc), exc, exc.__traceback__))
 
     def _on_timer(self):
@@ -148,7 +161,8 @@ def handler_failed(hub, conn, exc, what="handler"):
     made on the first failure, is kept as ``hub.said``)."""
     said = getattr(hub, "said", None)
     if said is None:
-        said = hub.said = HandlerErrors(hub._loop, what)
+        said = hub.said = HandlerErrors(hub._loop, what,
+                                        name=getattr(hub, "conn_name", _conn_hex))
     said.failed(conn, exc)
 
 
@@ -163,8 +177,10 @@ class CounterWatch:
         self._said = start          # the value the last line accounted for
         self._at = None             # when that line was said
 
-    def update(self, value, now, force=False):
-        """The line to log for the counter's value at ``now``, or None."""
+    def update(self, value, now, force=False, peer=None):
+        """The line to log for the counter's value at ``now``, or None.
+        ``peer()``, asked only when there is a line, names the peer of the
+        latest occurrence ("127.0.0.1:40000") or says None."""
         if value <= self._said:
             self._said = min(self._said, value)     # a counter never goes back; be safe
             return None
@@ -172,4 +188,6 @@ class CounterWatch:
             return None
         new, self._said, self._at = value - self._said, value, now
         detail = f": {self.detail}" if self.detail else ""
-        return f"{new} new {self.text} ({value} since the core started){detail}"
+        last = peer() if peer is not None else None
+        last = f"; the last from {last}" if last else ""
+        return f"{new} new {self.text} ({value} since the core started{last}){detail}"

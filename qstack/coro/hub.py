@@ -86,7 +86,7 @@ from gevent import get_hub
 from greenlet import getcurrent
 
 from .._qsview import done as _view_done, view as _view
-from .errlog import handler_failed
+from .errlog import handler_failed, peer_name
 from qstack.transport import EVENT_SIZE, ffi, iter_events, jumbo_view, lib
 from .runqueue import RunQueue, reserve_table
 from .sched import EV_MAXPRI, EV_MINPRI, ReadyQueue, Worker, install_wait_priorities
@@ -725,6 +725,14 @@ class Hub:
     def conn_close(self, conn, slot=None):
         """slot as for conn_send: close right after that request's reply."""
         self.post(CLOSE, self.send_level, conn, flags=slot[0] if slot else 0)
+
+    def conn_peer(self, conn):
+        """``(host, port)`` of the connection's peer, or None if unknown."""
+        return self.core.peer(conn)
+
+    def conn_name(self, conn):
+        """The connection as a log line names it: its peer's address."""
+        return peer_name(self.core.peer(conn)) or f"connection {conn:#x}"
 
     def conn_recv(self, conn, bufsize):
         raise TypeError("recv() is for stream handlers (mark the handler with @qstack.stream)")

@@ -14,6 +14,7 @@ Who keeps what alive while C holds a pointer:
 """
 
 import ipaddress
+import socket
 import struct
 from functools import partial
 
@@ -120,6 +121,7 @@ class NativeCore:
         # stack runs inline (qs_core_step), else the eventfd the thread writes.
         self.wake_fd = lib.qs_core_poll_fd(c) if inline else lib.qs_core_wake_fd(c)
         self._stats = ffi.new("qs_stats *")
+        self._peer = ffi.new("qs_peer *")
         self.running = False
         # The hub's data path, bound to this core (partial is C: as cheap as
         # calling lib with the pointer).  A fake core for tests offers the
@@ -161,6 +163,17 @@ class NativeCore:
     def stats(self):
         lib.qs_core_stats(self.ptr, self._stats)
         return self._stats
+
+    def peer(self, conn):
+        """``(host, port)`` of connection ``conn`` as accepted, or None if
+        it is not known (any more).  A negative ``conn``, -lib.QS_CLOSED_*:
+        the peer of the last connection the stack closed for that reason."""
+        if self.ptr is None:
+            return None
+        out = self._peer
+        if lib.qs_core_peer(self.ptr, conn, out) < 0:
+            return None
+        return peer_address(out)
 
     def free(self):
         if self.ptr is not None:
@@ -233,6 +246,15 @@ def _ustack_settings(n, net):
     for name in ("max_conns", "buffers", "snd_buf", "rcv_buf", "syn_backlog",
                  "loss", "dup", "reorder", "corrupt", "fault_seed"):
         setattr(n, name, net[name])
+
+
+def peer_address(p):
+    """A qs_peer as ``(host, port)``, the way a socket's getpeername says it."""
+    if p.family == socket.AF_INET:
+        return socket.inet_ntop(socket.AF_INET, bytes(p.addr[0:4])), p.port
+    if p.family == socket.AF_INET6:
+        return socket.inet_ntop(socket.AF_INET6, bytes(p.addr[0:16])), p.port
+    return None
 
 
 def jumbo_view(address, length):

@@ -120,3 +120,17 @@ def blocking(req):
 def always_fails(req):
     """Raises on every request."""
     raise ValueError("this handler always fails")
+
+
+def peer(req):
+    """Reply with the client's address as the server saw it: host port\\n."""
+    host, port = req.conn.peer
+    return b"%s %d\n" % (host.encode(), port)
+
+
+@qstack.stream
+def stream_peer(conn):
+    """A stream handler's view of its peer, then close."""
+    host, port = conn.peer
+    conn.sendall(b"%s %d\n" % (host.encode(), port))
+    conn.close()

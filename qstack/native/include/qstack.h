@@ -302,3 +302,27 @@ int qs_core_poll_fd(qs_core *c);
 
 /* Release buffer references the hub still holds at teardown (no stack thread). */
 int qs_core_release_local(qs_core *c, int64_t buf);
+
+/* The peer of a connection: its address as accepted (kernel: accept4's
+ * sockaddr; ustack: the flow's remote address and port).  family is
+ * AF_INET (addr[0..4)) or AF_INET6 (addr[0..16)), addr in network byte
+ * order, port in host order. */
+typedef struct qs_peer {
+    int32_t family;
+    int32_t port;
+    uint8_t addr[16];
+} qs_peer;
+
+/* Why the stack closed a conn for the peer's fault (see qs_core_peer). */
+#define QS_CLOSED_PROTOCOL 1   /* oversized or malformed message (protocol_errors) */
+#define QS_CLOSED_MESSAGE 2    /* message_timeout (timeouts_message) */
+#define QS_CLOSED_IDLE 3       /* idle_timeout (timeouts_idle) */
+#define QS_CLOSED_WRITE 4      /* write_timeout (timeouts_write) */
+#define QS_CLOSED_QUOTA 5      /* a cap had no room: the message refused (quota_closes) */
+#define QS_CLOSED_WHY_MAX 5
+
+/* Any thread.  conn > 0: the peer of that connection (still open, or
+ * closed so recently that its slot was not reused).  conn = -QS_CLOSED_*:
+ * the peer of the last connection closed for that reason.  Fills *out and
+ * returns the connection's id; -ENOENT if unknown, -EINVAL for a bad conn. */
+int64_t qs_core_peer(qs_core *c, int64_t conn, qs_peer *out);

@@ -140,7 +140,9 @@ static int accept_some(qs_kernel *k, int lfd)
 {
     qs_core *core = k->conns.core;
     for (int i = 0; i < QS_ACCEPT_BATCH; i++) {
-        int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        struct sockaddr_storage sa;
+        socklen_t salen = sizeof(sa);
+        int fd = accept4(lfd, (struct sockaddr *)&sa, &salen, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0) {
             int e = errno;
             if (e == EAGAIN || e == EWOULDBLOCK)
@@ -154,8 +156,22 @@ static int accept_some(qs_kernel *k, int lfd)
         }
         int one = 1;
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-        if (!qs_conn_new(&k->conns, fd, NULL))
+        qs_conn *c = qs_conn_new(&k->conns, fd, NULL);
+        if (!c) {
             close(fd);
+            continue;
+        }
+        qs_peer p = {.family = sa.ss_family};
+        if (sa.ss_family == AF_INET) {
+            const struct sockaddr_in *in = (const struct sockaddr_in *)&sa;
+            memcpy(p.addr, &in->sin_addr, 4);
+            p.port = ntohs(in->sin_port);
+        } else if (sa.ss_family == AF_INET6) {
+            const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)&sa;
+            memcpy(p.addr, &in6->sin6_addr, 16);
+            p.port = ntohs(in6->sin6_port);
+        }
+        qs_peer_set(core, fd, c->id, &p);
     }
     return 0;
 }

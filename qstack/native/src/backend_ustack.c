@@ -38,6 +38,7 @@
 #include <string.h>
 #include <errno.h>
 #include <unistd.h>
+#include <arpa/inet.h>
 #include <sys/epoll.h>
 #include <sys/random.h>
 #include <sys/timerfd.h>
@@ -220,6 +221,10 @@ static void on_accepted(void *ctx, qs_tcb *t, int port)
         return;
     }
     t->user = (uint64_t)c->id;
+    qs_peer p = {.family = AF_INET, .port = t->rport};
+    uint32_t ra = htonl(t->raddr);     /* the flow keeps it in host order */
+    memcpy(p.addr, &ra, 4);
+    qs_peer_set(u->conns.core, slot, c->id, &p);
 }
 
 static void on_ready(void *ctx, qs_tcb *t)

@@ -168,10 +168,17 @@ static void hold(qs_conns *conns, qs_conn *c, const qs_event *ev)
     block(conns, c, (int)ev->level);
 }
 
+/* Reset a conn for its peer's fault, remembering who (peer.c). */
+static void fault_close(qs_conns *conns, qs_conn *c, qs_au64 *counter, int why, int abort)
+{
+    QS_ADD(*counter, 1);
+    qs_peer_closed(conns->core, c->slot, c->id, why);
+    qs_conn_close(conns, c, abort);
+}
+
 static void quota_close(qs_conns *conns, qs_conn *c)
 {
-    QS_ADD(conns->core->st.quota_closes, 1);
-    qs_conn_close(conns, c, 1);
+    fault_close(conns, c, &conns->core->st.quota_closes, QS_CLOSED_QUOTA, 1);
 }
 
 /* Drop the conn's stash block (uncharging a big one). */
@@ -257,8 +264,7 @@ static int rx_scan(qs_conns *conns, qs_conn *c, int fair)
         const uint8_t *p = b->data + c->rstart;
         int64_t r = qs_frame_scan(&g->framer, p, c->rend - c->rstart, &mo, &ml, &need);
         if (QS_UNLIKELY(r < 0)) {
-            QS_ADD(core->st.protocol_errors, 1);
-            qs_conn_close(conns, c, 1);
+            fault_close(conns, c, &core->st.protocol_errors, QS_CLOSED_PROTOCOL, 1);
             return -1;
         }
         if (r == 0)
@@ -331,8 +337,7 @@ static int rx_scan(qs_conns *conns, qs_conn *c, int fair)
         }
         nb = qs_pool_get_jumbo(&core->pool, cap);
         if (!nb) {
-            QS_ADD(core->st.protocol_errors, 1);
-            qs_conn_close(conns, c, 1);
+            fault_close(conns, c, &core->st.protocol_errors, QS_CLOSED_PROTOCOL, 1);
             return -1;
         }
     }
@@ -647,21 +652,18 @@ static void check_timeouts(qs_conns *conns, qs_conn *c, int64_t now)
         return;
     if (g->message_timeout_ns && c->t_partial && now - c->t_partial > g->message_timeout_ns &&
         !(c->flags & QC_PAUSED) && !(c->blk_on >= 0 && c->blk_on < QS_POOL_WAIT)) {
-        QS_ADD(core->st.timeouts_message, 1);
-        qs_conn_close(conns, c, 1);
+        fault_close(conns, c, &core->st.timeouts_message, QS_CLOSED_MESSAGE, 1);
         return;
     }
     if (g->write_timeout_ns && c->oq_head && now - c->t_out > g->write_timeout_ns) {
-        QS_ADD(core->st.timeouts_write, 1);
-        qs_conn_close(conns, c, 1);
+        fault_close(conns, c, &core->st.timeouts_write, QS_CLOSED_WRITE, 1);
         return;
     }
     if (g->idle_timeout_ns && !c->oq_head && !c->park_head && c->inflight <= 0 &&
         !c->t_partial && !(c->flags & (QC_PENDING | QC_BLOCKED))) {
         int64_t last = c->t_read > c->t_out ? c->t_read : c->t_out;
         if (now - last > g->idle_timeout_ns) {
-            QS_ADD(core->st.timeouts_idle, 1);
-            qs_conn_close(conns, c, 0);
+            fault_close(conns, c, &core->st.timeouts_idle, QS_CLOSED_IDLE, 0);
         }
     }
 }

@@ -18,8 +18,11 @@
  *
  * A peer that does not read.  When the socket takes less than the queue,
  * the queued replies that still hold pool buffers are copied to the heap
- * (compact): the pool never waits on a peer's reading, and the heap bytes
- * are counted (conns->out_heap).  A conn stops being read past out_high_water
+ * (compact), and so is every reply queued while the conn waits for the
+ * socket to drain (out_append): the pool never waits on a peer's reading,
+ * and the heap bytes are counted (conns->out_heap).  (Copying only at the
+ * flush let the replies queued after the first EAGAIN keep their buffers:
+ * 60 peers that never read took a pool of 8,192.)  A conn stops being read past out_high_water
  * bytes of its own, or while all conns together hold more than
  * max_out_bytes and it has bytes queued; write_timeout (conn.c) resets a
  * conn whose queue makes no progress.
@@ -71,11 +74,24 @@ void qs_conn_out_cache_free(qs_conns *conns)
     conns->nout_free = 0;
 }
 
+/* Takes over buf or heap on success.  A pool buffer queued behind a full
+ * socket is copied out at once (compact's rule, applied on entry): the
+ * flush that would compact it does not run until the peer reads, and a
+ * peer that never reads would otherwise pin one pool buffer per reply. */
 static int out_append(qs_conns *conns, qs_conn *c, uint8_t *p, uint64_t len, qs_buf *buf, void *heap)
 {
     qs_out *o = node_get(conns);
     if (!o)
         return -ENOMEM;
+    if (buf && (c->flags & QC_WANT_OUT) && !qs_pool_is_jumbo(buf)) {
+        void *h = malloc(len ? len : 1);
+        if (h) {                       /* else keep the buffer: still correct */
+            memcpy(h, p, len);
+            qs_pool_unref(&conns->core->pool, buf);
+            buf = NULL;
+            heap = p = h;
+        }
+    }
     o->next = NULL;
     o->p = p;
     o->len = len;

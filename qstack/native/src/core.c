@@ -126,6 +126,8 @@ qs_core *qs_core_new(const qs_config *cfg, int *err)
             rc = -errno;
     }
     if (rc == 0)
+        rc = qs_peers_init(c);
+    if (rc == 0)
         rc = c->be->init(c);
     if (rc) {
         qs_core_free(c);
@@ -236,6 +238,7 @@ void qs_core_free(qs_core *c)
         qs_bring_destroy(&c->bring[l]);
     }
     qs_pool_destroy(&c->pool);
+    qs_peers_free(c);
     if (c->hub_efd >= 0)
         close(c->hub_efd);
     if (c->stack_efd >= 0)

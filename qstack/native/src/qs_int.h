@@ -141,7 +141,14 @@ struct qs_core {
     uint64_t gen_at_fail;                    /* hub-private */
 
     QS_ALIGNED struct qs_astats st;
+    struct qs_peers *peers;                  /* peer.c */
 };
+
+/* Peer addresses (peer.c): recorded by the stack, read by the hub. */
+int qs_peers_init(struct qs_core *c);
+void qs_peers_free(struct qs_core *c);
+void qs_peer_set(struct qs_core *c, int slot, int64_t id, const qs_peer *p);   /* at accept */
+void qs_peer_closed(struct qs_core *c, int slot, int64_t id, int why);  /* QS_CLOSED_* */
 
 /* Wake helpers (core.c).  Each is the "other side" of a Dekker handshake:
  * the caller has just published work, then fences and checks the sleeper's
