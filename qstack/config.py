@@ -85,6 +85,8 @@ class AppConfig:
     framing: Framing = Framing("raw", 0)
     max_message: int = 16777216
     init: str | None = None
+    on_connect: str | None = None
+    on_close: str | None = None
     # Free-form, for the app's init (read-only by convention; a dict is not
     # hashable, hence hash=False).
     settings: dict = field(default_factory=dict, hash=False)
@@ -424,6 +426,8 @@ _SCHEMA: dict[str, dict[str, Validator]] = {
         "framing": _framing,
         "max_message": _int(1, 1 << 30),
         "init": _optional(_spec),
+        "on_connect": _optional(_spec),
+        "on_close": _optional(_spec),
         "settings": _settings,
     },
     "priority": {

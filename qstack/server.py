@@ -93,7 +93,23 @@ def open_listener(host, port, backlog):
     return _bind(host, port, reuseport=True, backlog=backlog)
 
 
-def _native_options(cfg, stream, stack_cpu, inline):
+def _conn_hooks(app, stream, load_callable):
+    """app.on_connect / app.on_close, loaded in this core's process."""
+    from .app.loader import check_handler
+    hooks = {}
+    for name in ("on_connect", "on_close"):
+        spec = getattr(app, name)
+        if spec is None:
+            continue
+        if stream:
+            raise ConfigError(f"app.{name}: a stream handler gets its connection and "
+                              "sees it close; the hooks are for message handlers")
+        hooks[name] = load_callable(spec, f"app.{name}")
+        check_handler(hooks[name], spec)
+    return hooks
+
+
+def _native_options(cfg, stream, stack_cpu, inline, conn_events=False):
     prio, native, app = cfg.priority, cfg.native, cfg.app
     rules = [(r.offset, r.value, r.mask, r.level) for r in prio.rules]
     default_level = prio.default_level
@@ -105,7 +121,7 @@ def _native_options(cfg, stream, stack_cpu, inline):
         max_message=app.max_message, ring_size=native.ring_size,
         cmd_ring_size=native.cmd_ring_size, buf_size=native.buf_size,
         buf_count=native.buf_count, out_high_water=native.out_high_water,
-        stream_mode=stream, stack_cpu=stack_cpu, inline=inline,
+        stream_mode=stream, conn_events=conn_events, stack_cpu=stack_cpu, inline=inline,
         reply_order=cfg.server.reply_order,
         buf_reserve=native.buf_reserve, partial_copy=native.partial_copy,
         max_large_bytes=native.max_large_bytes, max_out_bytes=native.max_out_bytes,
@@ -263,7 +279,8 @@ def serve(cfg, handler, core_index=0, stats_fd=None, listen_fd=None, stop_fd=Non
         from .metrics import bind
         metrics_sock = bind(cfg.metrics.listen)
         log.info("metrics on http://%s:%d/metrics", *metrics_sock.getsockname()[:2])
-    options = _native_options(cfg, stream, stack_cpu, inline)
+    hooks = _conn_hooks(cfg.app, stream, load_callable)
+    options = _native_options(cfg, stream, stack_cpu, inline, conn_events=bool(hooks))
     core = _open_core(cfg, options, listen_fd)
     where = core.where(srv.host, srv.port)
     if cfg.log.access and not stream:
@@ -273,7 +290,7 @@ def serve(cfg, handler, core_index=0, stats_fd=None, listen_fd=None, stop_fd=Non
     hub = hub_type(core, handler, workers=srv.workers,
                    low_share=cfg.priority.low_share, classifier=classifier,
                    batch=cfg.native.batch, make_request=Request,
-                   make_connection=Connection, reserve=cfg.priority.reserve)
+                   make_connection=Connection, reserve=cfg.priority.reserve, **hooks)
     core.start()
     hub.start()
     watchdog = None

@@ -5,7 +5,7 @@ import re
 
 from conftest import recv_line
 
-LINE = re.compile(r"access conn=(0x[0-9a-f]+) priority=(\d) in=(\d+) out=(\d+) (\w+) ([\d.]+)ms")
+LINE = re.compile(r"access 127\.0\.0\.1:\d+ conn=(0x[0-9a-f]+) priority=(\d) in=(\d+) out=(\d+) (\w+) ([\d.]+)ms")
 PRIO = ("--priority", "offset=0,value=0x48")       # "H..." is level 0, the rest level 1
 
 
@@ -54,6 +54,7 @@ def test_json_lines_carry_the_fields_as_keys(serve):
     assert (a["level"], a["priority"], a["bytes_in"], a["bytes_out"], a["result"]) == \
         ("info", 1, 4, 4, "echo")      # no rule: the lowest of the default two levels
     assert a["conn"].startswith("0x") and a["ms"] >= 0
+    assert a["peer"].startswith("127.0.0.1:")
 
 
 def test_sampling_logs_a_share(serve):

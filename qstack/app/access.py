@@ -4,9 +4,10 @@ One line per request, or per sampled request with ``log.access_sample``
 below 1, on the ``qstack.access`` logger, so it goes where the rest of the
 log goes (stderr or ``log.file``, text or JSON)::
 
-    access conn=0x1000002a priority=0 in=200 out=146 reply 0.412ms
+    access 127.0.0.1:40312 conn=0x1000002a priority=0 in=200 out=146 reply 0.412ms
 
-``in`` is the message's length, ``out`` the reply's (0 for none),
+The peer is ``host:port`` as accepted (``-`` if the connection is already
+gone), ``in`` is the message's length, ``out`` the reply's (0 for none),
 ``result`` one of ``reply``, ``echo`` (the request's own buffer sent back),
 ``none`` or ``error`` (the handler raised), and the time is the handler's
 own, from call to return.  With ``log.format: json`` the fields are keys
@@ -23,6 +24,8 @@ import logging
 from random import random
 from time import perf_counter
 from typing import Any, Callable
+
+from ..coro.errlog import peer_name
 
 __all__ = ["access_logged"]
 
@@ -56,7 +59,9 @@ def access_logged(handler: Callable[[Any], Any], sample: float = 1.0) -> Callabl
 
 
 def _line(info, req, n_in: int, n_out: int, result: str, took: float) -> None:
-    fields = {"conn": f"{req.conn_id:#x}", "priority": req.priority, "bytes_in": n_in,
-              "bytes_out": n_out, "result": result, "ms": round(took * 1e3, 3)}
-    info("access conn=%s priority=%d in=%d out=%d %s %.3fms", fields["conn"], req.priority,
-         n_in, n_out, result, took * 1e3, extra={"access": fields})
+    peer = peer_name(req.conn.peer) or "-"
+    fields = {"peer": peer, "conn": f"{req.conn_id:#x}", "priority": req.priority,
+              "bytes_in": n_in, "bytes_out": n_out, "result": result,
+              "ms": round(took * 1e3, 3)}
+    info("access %s conn=%s priority=%d in=%d out=%d %s %.3fms", peer, fields["conn"],
+         req.priority, n_in, n_out, result, took * 1e3, extra={"access": fields})

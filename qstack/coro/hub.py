@@ -97,6 +97,8 @@ log = logging.getLogger("qstack")
 
 EV_DATA = lib.QS_EV_DATA
 EV_BIGDATA = lib.QS_EV_BIGDATA
+ACCEPTED = lib.QS_EV_ACCEPTED
+CLOSED = lib.QS_EV_CLOSED
 SEND_BUF = lib.QS_CMD_SEND_BUF
 SEND_COPY = lib.QS_CMD_SEND_COPY
 DONE = lib.QS_CMD_DONE
@@ -121,7 +123,7 @@ class Hub:
 
     def __init__(self, core, handler, *, workers=64, low_share=0.0,
                  classifier=None, batch=128, make_request, make_connection,
-                 send_level=None, reserve=None):
+                 send_level=None, reserve=None, on_connect=None, on_close=None):
         self.core = core
         self._poll = core.poll
         self._submit = core.submit
@@ -148,6 +150,9 @@ class Hub:
         self._tx = bytearray()
         self._make_request = make_request
         self._make_connection = make_connection
+        # app.on_connect / app.on_close: called for ACCEPTED / CLOSED events
+        # (the core reports them when a hook is set, core.conn_events)
+        self._conn_hooks = {ACCEPTED: on_connect, CLOSED: on_close}
         self.send_level = core.levels - 1 if send_level is None else send_level
         self._ghub = get_hub()
         self._loop = self._ghub.loop
@@ -626,6 +631,13 @@ class Hub:
                 self._park()
                 self._arm()
                 continue
+            if kind > EV_BIGDATA:
+                # a connection came or went: app.on_connect / app.on_close
+                self._conn_event(me, kind, level, conn)
+                if self._leader is not me:
+                    self._schedule_run()
+                    return
+                continue
             # a view of its own (qsview.c): done() below sees slices kept past the request
             data = view(base + off if kind == EV_DATA else off, ln)
             req.data = data
@@ -680,6 +692,23 @@ class Hub:
                     handled = 0
                     self._yield()       # callbacks and timers get a turn
                     self._arm()
+
+    def _conn_event(self, me, kind, level, conn):
+        """Run the hook of an ACCEPTED or CLOSED event, as a request: on this
+        worker, at the event's level, counted busy; an exception is a handler
+        error (counted and logged, rate-limited), never a crash."""
+        hook = self._conn_hooks.get(kind)
+        if hook is None:
+            return
+        me.qstack_level = level
+        self._busy += 1
+        try:
+            hook(self._make_connection(self, conn))
+        except Exception as exc:
+            self._handler_failed(conn, exc)
+        finally:
+            me.qstack_level = None
+            self._busy -= 1
 
     def _kept_free(self, buf):
         """The last view of a kept request died: its buffer goes back."""

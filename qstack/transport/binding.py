@@ -63,7 +63,7 @@ class NativeCore:
     def __init__(self, *, levels, rules=(), default_level=None, framing="raw",
                  frame_arg=0, max_message=1 << 24, ring_size=65536,
                  cmd_ring_size=65536, buf_size=16384, buf_count=8192,
-                 out_high_water=4 << 20, stream_mode=False, stack_cpu=-1,
+                 out_high_water=4 << 20, stream_mode=False, conn_events=False, stack_cpu=-1,
                  inline=False, reply_order="arrival",
                  buf_reserve=None, partial_copy=1024, max_large_bytes=128 << 20,
                  max_out_bytes=64 << 20, message_timeout=30.0, idle_timeout=0.0,
@@ -90,6 +90,7 @@ class NativeCore:
         cfg.buf_count = buf_count
         cfg.out_high_water = out_high_water
         cfg.stream_mode = 1 if stream_mode else 0
+        cfg.conn_events = 1 if conn_events else 0
         cfg.reply_order = REPLY_ORDERS[reply_order]
         cfg.stack_cpu = stack_cpu
         cfg.inline_stack = 1 if inline else 0

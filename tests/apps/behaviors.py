@@ -134,3 +134,31 @@ def stream_peer(conn):
     host, port = conn.peer
     conn.sendall(b"%s %d\n" % (host.encode(), port))
     conn.close()
+
+
+# --- app.on_connect / app.on_close (tests/test_hooks.py) ----------------------
+
+def _hook_log(line):
+    """Append a line to the file named by $QSTACK_TEST_HOOKLOG."""
+    with open(os.environ["QSTACK_TEST_HOOKLOG"], "a") as f:
+        f.write(line + "\n")
+
+
+def greet(conn):
+    """on_connect: greet, and note the connection."""
+    _hook_log(f"open {conn.id:#x}")
+    conn.send(b"hello\n")
+
+
+def refuse(conn):
+    """on_connect: close every connection at once."""
+    conn.close()
+
+
+def note_close(conn):
+    """on_close: note the connection."""
+    _hook_log(f"close {conn.id:#x}")
+
+
+def hook_fails(conn):
+    raise RuntimeError("this hook always fails")

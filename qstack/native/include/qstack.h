@@ -70,9 +70,9 @@
 /* event kinds (stack -> hub) */
 #define QS_EV_DATA 1        /* a message: data at slab offset `off`, `len` bytes */
 #define QS_EV_BIGDATA 2     /* a message in a jumbo buffer: `off` is its address */
-#define QS_EV_ACCEPTED 3    /* stream mode only: new connection */
+#define QS_EV_ACCEPTED 3    /* stream mode, or conn_events: new connection */
 #define QS_EV_EOF 4         /* stream mode only: peer shut down its sending side */
-#define QS_EV_CLOSED 5      /* stream mode only: connection gone, no more events */
+#define QS_EV_CLOSED 5      /* stream mode, or conn_events: connection gone, no more events */
 #define QS_EV_WRITABLE 6    /* unsent bytes fell to zero after a send flagged QS_F_NOTIFY */
 
 /* command ops (hub -> stack) */
@@ -168,6 +168,8 @@ typedef struct qs_config {
     uint32_t buf_count;       /* pool buffers, allocated up front in one slab */
     uint64_t out_high_water;  /* stop reading a conn with more unsent bytes than this */
     int32_t stream_mode;      /* report ACCEPTED/EOF/CLOSED; never auto-close */
+    int32_t conn_events;      /* message mode: also report ACCEPTED and CLOSED (at
+                                 default_level), for on_connect/on_close hooks */
     int32_t reply_order;      /* QS_ORDER_*; message mode only */
     int32_t stack_cpu;        /* pin the stack thread to this CPU, -1 = leave it */
     int32_t inline_stack;     /* 1: no stack thread; the hub drives the stack

@@ -84,6 +84,21 @@ int qs_conn_emit(qs_conns *conns, const qs_event *ev)
     return 0;
 }
 
+/* The ring of a conn's ACCEPTED/EOF/CLOSED: the lowest in stream mode.  In
+ * message mode (conn_events) with no rule, the default level's: the one ring
+ * the hub polls.  With rules, ACCEPTED goes at the top, so the hub takes it
+ * before any message of the conn, and CLOSED at the bottom, behind the
+ * conn's messages of that ring. */
+static uint32_t conn_event_level(const qs_core *core, int kind)
+{
+    const qs_config *g = &core->cfg;
+    if (g->stream_mode)
+        return (uint32_t)(g->levels - 1);
+    if (g->nrules == 0)
+        return (uint32_t)g->default_level;
+    return kind == QS_EV_ACCEPTED ? 0u : (uint32_t)(g->levels - 1);
+}
+
 /* emit unless conns already wait for this ring (they go first) */
 static int emit_fair(qs_conns *conns, const qs_event *ev)
 {
@@ -455,8 +470,8 @@ qs_conn *qs_conn_new(qs_conns *conns, int slot, void *sock)
     conns->conns[slot] = c;
     QS_ADD(core->st.conns_accepted, 1);
     QS_ADD(core->st.conns_open, 1);
-    if (core->cfg.stream_mode) {
-        qs_event ev = {.kind = QS_EV_ACCEPTED, .level = core->cfg.levels - 1, .conn = c->id};
+    if (core->cfg.stream_mode || core->cfg.conn_events) {
+        qs_event ev = {.kind = QS_EV_ACCEPTED, .level = conn_event_level(core, QS_EV_ACCEPTED), .conn = c->id};
         if (emit_fair(conns, &ev) < 0) {
             hold(conns, c, &ev);
             return c;
@@ -487,8 +502,8 @@ void qs_conn_close(qs_conns *conns, qs_conn *c, int abort)
         QS_SUB(core->st.paused_conns, 1);
     QS_SUB(core->st.conns_open, 1);
     QS_ADD(core->st.conns_closed, 1);
-    if (core->cfg.stream_mode) {
-        qs_event ev = {.kind = QS_EV_CLOSED, .level = core->cfg.levels - 1, .conn = c->id};
+    if (core->cfg.stream_mode || core->cfg.conn_events) {
+        qs_event ev = {.kind = QS_EV_CLOSED, .level = conn_event_level(core, QS_EV_CLOSED), .conn = c->id};
         c->flags = QC_ZOMBIE;
         if (emit_fair(conns, &ev) < 0) {
             c->pending = ev;

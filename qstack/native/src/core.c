@@ -80,6 +80,8 @@ static int config_check(const qs_config *g)
         return -EINVAL;
     if (g->stream_mode != 0 && g->stream_mode != 1)
         return -EINVAL;
+    if (g->conn_events != 0 && g->conn_events != 1)
+        return -EINVAL;
     if (g->reply_order != QS_ORDER_ARRIVAL && g->reply_order != QS_ORDER_COMPLETION)
         return -EINVAL;
     if (g->stack_cpu < -1 || g->stack_cpu >= CPU_SETSIZE)
