@@ -484,6 +484,8 @@ static int tcbs_busy(qs_ubackend *u)
     return 0;
 }
 
+/* The RST carries qs_tcp_ack_seq, not snd_max: past a peer's closed window
+ * (our zero-window probe byte) the peer would drop it and hang. */
 static void reset_all(qs_ubackend *u)
 {
     qs_ustack_enter(&u->s);
@@ -491,7 +493,7 @@ static void reset_all(qs_ubackend *u)
         for (qs_tcb *t = u->s.flows[i], *n; t; t = n) {
             n = t->hnext;
             if (t->state != QS_TCP_TIME_WAIT && t->state != QS_TCP_SYN_RECEIVED)
-                qs_tcp_send_ctl(&u->s, t, QS_TH_RST, t->snd_max, u->net.now);
+                qs_tcp_send_ctl(&u->s, t, QS_TH_RST, qs_tcp_ack_seq(t), u->net.now);
         }
     qs_ustack_leave(&u->s);          /* the RSTs leave here */
 }
