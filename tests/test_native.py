@@ -263,14 +263,15 @@ class TapBackend:
 
 
 KERNEL = KernelBackend()
-BACKENDS = ["kernel", "ustack-tap"]
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    if request.param == "kernel":
-        yield KERNEL
-        return
+def kernel_backend():
+    yield KERNEL
+
+
+def tap_backend():
+    """The user-space stack on a TAP device in a namespace of the test's own,
+    entered for the whole test (the core, its clients and their threads)."""
     why = why_not()
     if why:
         pytest.skip(why)
@@ -287,6 +288,15 @@ def backend(request):
             yield TapBackend(net)
     finally:
         net.close()
+
+
+# name -> a generator that yields the backend for one test (and cleans up)
+BACKENDS = {"kernel": kernel_backend, "ustack-tap": tap_backend}
+
+
+@pytest.fixture(params=list(BACKENDS))
+def backend(request):
+    yield from BACKENDS[request.param]()
 
 
 # ---------------------------------------------------------------- a hub in Python
