@@ -280,8 +280,9 @@ def tap_backend():
         # Frames the kernel sends in the first moments after the stack
         # attaches the device are dropped (the device's queue is activated
         # when the carrier comes on).  The first is the ARP request for the
-        # stack, which the kernel repeats after a second by default: here
-        # after 10 ms, as long as a second (the test's first connect).
+        # stack, which the kernel repeats after a second by default (the
+        # test's first connect would wait that long): here every 10 ms, for
+        # a second as before.
         neigh = f"net.ipv4.neigh.{net.dev}"
         net.run("sysctl", "-qw", f"{neigh}.retrans_time_ms=10", f"{neigh}.mcast_solicit=100")
         with net.entered():
