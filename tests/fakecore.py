@@ -37,8 +37,9 @@ class Sent:
 
 
 class FakeCore:
-    def __init__(self, levels=2, slot=256, slots=4096):
+    def __init__(self, levels=2, slot=256, slots=4096, numbered=True):
         self.levels = levels
+        self.numbered = numbered        # False: reply order "completion" (aux 0)
         self.only_level = None
         self.inline = False
         self.stream = False
@@ -58,7 +59,8 @@ class FakeCore:
     # -- the test's side --------------------------------------------------
 
     def arrive(self, conn, data, level):
-        """A message on ``conn`` classified at ``level``; returns its seq."""
+        """A message on ``conn`` classified at ``level``; returns its seq
+        (the stack's number for it on its conn: 1, 2, 3, ...)."""
         if len(data) > self._slot:
             raise ValueError("message larger than a fake pool slot")
         buf = self._next % self._slots + 1
@@ -69,7 +71,7 @@ class FakeCore:
         self._seq[conn] = seq
         self.bufs_out.add(buf)
         self.rings[level].append((lib.QS_EV_DATA, level, conn, buf, off, len(data),
-                                  1, seq << SEQ_SHIFT))
+                                  1, seq << SEQ_SHIFT if self.numbered else 0))
         if self._armed is not None and level < self._armed:
             self._armed = None
             os.eventfd_write(self.wake_fd, 1)

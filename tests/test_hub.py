@@ -1,5 +1,6 @@
 """The hub in-process, on a fake core (tests/fakecore.py): dispatch order,
-reserved workers, priority-ordered wake-ups, and what the commands carry.
+reserved workers, priority-ordered wake-ups, and what the commands carry
+(the reply order contract: each command names the message it answers).
 
 Everything runs in this process on gevent's loop; the fake core delivers
 messages when the test says so, so each case is deterministic: it asserts
@@ -243,3 +244,77 @@ def test_a_worker_coming_free_lets_the_waiting_level_start(hub):
     gevent.sleep(0.1)
     assert log == [b"low0", b"low1", b"low2"]
     assert len(core.replies()) == 3
+
+
+def test_replies_finishing_out_of_order_name_their_messages(hub):
+    """Handlers on one conn finish in any order (here c, a, b); each reply
+    carries the seq of the message it answers, so the stack can put the
+    bytes back in arrival order (conn_cmd.c); a DONE names its message too."""
+    core, h = FakeCore(), Gated()
+    hub(core, h, workers=8)
+    seqs = {name: core.arrive(7, name, 1) for name in (b"a", b"b", b"c", b"d")}
+    assert list(seqs.values()) == [1, 2, 3, 4]
+    settle()
+    h.open(b"c")
+    settle()
+    h.open(b"a", b"b")
+    settle()
+    replies = [(s.data, s.seq) for s in core.sent
+               if s.op in (lib.QS_CMD_SEND_BUF, lib.QS_CMD_SEND_COPY)]
+    assert replies == [(b"c", 3), (b"a", 1), (b"b", 2)]
+    h.open(b"d")
+    settle()
+    assert core.sent[-1].seq == 4 and core.sent[-1].conn == 7
+
+
+def test_conn_send_and_close_take_their_requests_slot(hub):
+    """req.conn.send() goes in the place of the request being served (its
+    seq, at its level, or at a higher priority asked for), before that
+    request's own reply; req.conn.close() closes right after that reply."""
+    core = FakeCore()
+
+    def handler(req):
+        if bytes(req.data) == b"push":
+            req.conn.send(b"first")
+            req.conn.send(b"urgent", priority=0)
+            return b"reply"
+        req.conn.close()
+        return b"bye"
+
+    hub(core, handler, workers=2)
+    push = core.arrive(3, b"push", 1)
+    last = core.arrive(3, b"last", 1)
+    settle()
+    got = [(s.op, s.data, s.level, s.seq, s.buf != 0) for s in core.sent]
+    copy, close = lib.QS_CMD_SEND_COPY, lib.QS_CMD_CLOSE
+    assert got == [(copy, b"first", 1, push, False), (copy, b"urgent", 0, push, False),
+                   (copy, b"reply", 1, push, True),
+                   (close, None, 1, last, False), (copy, b"bye", 1, last, True)]
+
+
+def test_unnumbered_messages_get_unsequenced_commands(hub):
+    """Reply order "completion" (the stack numbers nothing, aux 0): replies,
+    extra sends and closes go out unsequenced, in the order they are made."""
+    core = FakeCore(numbered=False)
+    gates = {}
+
+    def handler(req):
+        name = bytes(req.data)
+        req.conn.send(b"pre-" + name)
+        gates[name] = gate = gevent.event.Event()
+        gate.wait()
+        if name == b"a":
+            req.conn.close()
+        return name
+
+    hub(core, handler, workers=8)
+    core.arrive(4, b"a", 1)
+    core.arrive(4, b"b", 1)
+    settle()
+    gates[b"b"].set()
+    gates[b"a"].set()
+    settle()
+    got = [(s.op, s.data, s.flags) for s in core.sent]
+    copy, close = lib.QS_CMD_SEND_COPY, lib.QS_CMD_CLOSE
+    assert got == [(copy, b"pre-a", 0), (copy, b"pre-b", 0), (copy, b"b", 0),
+                   (close, None, 0), (copy, b"a", 0)]

@@ -1,15 +1,19 @@
-"""Tests of the native core (qstack/native) through its ABI only.
+"""Tests of the native core (qstack/native): its ABI, and the connection
+layer on every backend through the production binding, NativeCore.
 
 Pure parts (framing, rules, latency buckets) are driven in-process and
-deterministically; the stack is driven over real sockets on 127.0.0.1, with
-Python playing the hub: poll events, submit commands, check every byte.
-Every wait is bounded in both count and time.  Each core is checked at
-teardown: after shutdown and releasing what the test held, no buffer may be
-left in use.
+deterministically.  The connection layer (framing on the wire, events,
+backpressure, reply order, out queues, graceful close) is driven over real
+sockets with Linux's TCP as the peer, on every backend (the `backend`
+fixture: kernel sockets, and the user-space stack on a TAP device in a
+namespace), with Python playing the hub: poll events, submit commands, check
+every byte.  Every wait is bounded in both count and time.  Each core is
+checked at teardown: after shutdown and releasing what the test held, no
+buffer may be left in use and no conn open.
 
-The socket tests run in both layouts (the `cores` fixture): "threaded" (a
+The socket tests run in both layouts (the `layout` fixture): "threaded" (a
 stack thread; the hub sleeps on the wake fd) and "inline" (no stack thread:
-whoever waits drives the stack with qs_core_step, as the hub does).
+whoever waits drives the stack with NativeCore.step, as the hub does).
 """
 
 import collections
@@ -25,10 +29,12 @@ import time
 import pytest
 
 from conftest import ensure_built  # noqa: E402
+from netns import STACK_IP, TapNetns, why_not
 
 ensure_built("_native", "build.py", "src", "qstack.h")
 
-from qstack._native import ffi, lib  # noqa: E402
+# The binding under test: the one import to change when it moves (issue 11).
+from qstack.transport import NativeCore, ffi, lib, open_core  # noqa: E402
 
 EV = struct.Struct("8q")
 DATA, BIGDATA = lib.QS_EV_DATA, lib.QS_EV_BIGDATA
@@ -187,43 +193,139 @@ def test_lat_buckets():
     assert uppers[-1] == 2 ** 64 - 1
 
 
+# ---------------------------------------------------------------- backends
+#
+# The connection layer (conn.c, conn_cmd.c) is one layer over every backend,
+# so its suite runs over every backend: the `backend` fixture below makes
+# cores for one of BACKENDS, and Linux's TCP is the peer in every case.
+#
+#   kernel      kernel sockets on 127.0.0.1;
+#   ustack-tap  qstack's own TCP/IP on a TAP device in a namespace of the
+#               test's own (netns.TapNetns, entered for the whole test, as
+#               conftest's serve_any does): the core answers as
+#               netns.STACK_IP, the clients are the namespace's kernel.
+#
+# Not here, and why: the in-memory wire (ustack/wire.c) joins two harness
+# stacks under a fake clock (qsustack.h); the production core cannot open it
+# (qs_ustack_settings.driver is TAP or DPDK), and it has no kernel peer.  DPDK's
+# net_tap is a driver of ustack like TAP, but EAL initialises once per
+# process, so it cannot make a core per test here; test_ustack_dpdk.py and
+# serve_any run it in server processes.  A later backend (io_uring) is one
+# more class with make/listen and one more entry in BACKENDS.
+#
+# KernelBackend and TapBackend are the one place a test core is made
+# (NativeCore's constructor and its listen calls): when the binding gets a
+# factory keyed by backend name and one listen call taking a listen spec,
+# only their make() and listen() change.
+
+USTACK_PORT = 8000
+
+
+class KernelBackend:
+    name = "kernel"
+
+    def make(self, **options):
+        """A NativeCore on this backend, not listening, not started."""
+        return open_core("kernel", **options)
+
+    def listen(self, core):
+        """Make `core` listen; returns the address its clients connect to."""
+        ls = socket.socket()
+        ls.bind(("127.0.0.1", 0))
+        ls.listen(1024)
+        addr = ls.getsockname()
+        fd = ls.detach()
+        try:
+            core.listen(fd=fd)             # the core owns it now
+        except OSError:
+            os.close(fd)
+            raise
+        return addr
+
+
+class TapBackend:
+    name = "ustack-tap"
+
+    def __init__(self, net):
+        self.net = net
+
+    def make(self, **options):
+        settings = dict(driver="tap", tap=self.net.dev, multiqueue=False, eal=None,
+                        dpdk_lib=None, mac=None, ip=STACK_IP, prefix=24, gateway=None,
+                        max_conns=4096, buffers=16384, snd_buf=262144, rcv_buf=262144,
+                        syn_backlog=1024, loss=0.0, dup=0.0, reorder=0.0, corrupt=0.0,
+                        fault_seed=1)
+        return open_core("ustack", settings=settings, **options)
+
+    def listen(self, core):
+        core.listen(port=USTACK_PORT)
+        return (STACK_IP, USTACK_PORT)
+
+
+KERNEL = KernelBackend()
+
+
+def kernel_backend():
+    yield KERNEL
+
+
+def tap_backend():
+    """The user-space stack on a TAP device in a namespace of the test's own,
+    entered for the whole test (the core, its clients and their threads)."""
+    why = why_not()
+    if why:
+        pytest.skip(why)
+    net = TapNetns()
+    try:
+        # Frames the kernel sends in the first moments after the stack
+        # attaches the device are dropped (the device's queue is activated
+        # when the carrier comes on).  The first is the ARP request for the
+        # stack, which the kernel repeats after a second by default (the
+        # test's first connect would wait that long): here every 10 ms, for
+        # a second as before.
+        neigh = f"net.ipv4.neigh.{net.dev}"
+        net.run("sysctl", "-qw", f"{neigh}.retrans_time_ms=10", f"{neigh}.mcast_solicit=100")
+        with net.entered():
+            yield TapBackend(net)
+    finally:
+        net.close()
+
+
+# name -> a generator that yields the backend for one test (and cleans up)
+BACKENDS = {"kernel": kernel_backend, "ustack-tap": tap_backend}
+
+
+@pytest.fixture(params=list(BACKENDS))
+def backend(request):
+    yield from BACKENDS[request.param]()
+
+
 # ---------------------------------------------------------------- a hub in Python
-
-def listen_spec(fd=-1, port=0):
-    spec = ffi.new("qs_listen_spec *")
-    spec.fd, spec.port = fd, port
-    return spec
-
-
-def make_config(levels=2, rules_=(), default_level=None, kind=lib.QS_FRAME_RAW, arg=0,
-                max_message=1 << 24, ring_size=1024, cmd_ring_size=1024, buf_size=16384,
-                buf_count=1024, out_high_water=4 << 20, stream_mode=0, stack_cpu=-1,
-                inline_stack=0, reply_order=lib.QS_ORDER_ARRIVAL):
-    cfg = ffi.new("qs_config *")
-    cfg.levels = levels
-    cfg.nrules = len(rules_)
-    for i, (offset, mask, value, level) in enumerate(rules_):
-        r = cfg.rules[i]
-        r.offset, r.mask, r.value, r.level = offset, mask, value, level
-    cfg.default_level = levels - 1 if default_level is None else default_level
-    cfg.framer.kind, cfg.framer.arg, cfg.framer.max_message = kind, arg, max_message
-    cfg.ring_size, cfg.cmd_ring_size = ring_size, cmd_ring_size
-    cfg.buf_size, cfg.buf_count = buf_size, buf_count
-    cfg.out_high_water = out_high_water
-    cfg.stream_mode, cfg.stack_cpu = stream_mode, stack_cpu
-    cfg.inline_stack = inline_stack
-    cfg.reply_order = reply_order
-    return cfg
-
 
 # Inline cores alive in this test: waiting helpers (wait_for, recv_exact,
 # settle) drive them instead of sleeping, as the hub's event loop would.
 _INLINE = []
 
 
+def pump_once(timeout=0.001):
+    """Step every inline core once, blocking at most timeout in it (or
+    sleep that long if there is none): one turn of the hub's loop.  A core a
+    hub thread is stepping already is left to it."""
+    stepped = False
+    for core in list(_INLINE):
+        if core.lock.acquire(blocking=False):
+            try:
+                if core in _INLINE:
+                    core.step_locked(timeout)
+                    stepped = True
+            finally:
+                core.lock.release()
+    if not stepped:
+        time.sleep(timeout)
+
+
 def pump(seconds):
-    """Let time pass; inline cores are stepped meanwhile (by whoever holds
-    their step lock: a hub thread may be stepping one already)."""
+    """Let time pass; inline cores are stepped meanwhile."""
     deadline = time.monotonic() + seconds
     while True:
         left = deadline - time.monotonic()
@@ -232,52 +334,39 @@ def pump(seconds):
         if not _INLINE:
             time.sleep(left)
             return
-        stepped = False
-        for core in list(_INLINE):
-            if core.c is not None and core.lock.acquire(blocking=False):
-                try:
-                    core.step_locked(min(left, 0.002))
-                    stepped = True
-                finally:
-                    core.lock.release()
-        if not stepped:
-            time.sleep(min(left, 0.001))
+        pump_once(min(max(left, 0.001), 0.002))
 
 
 settle = pump
 
+TEST_DEFAULTS = dict(levels=2, ring_size=1024, cmd_ring_size=1024, buf_count=1024)
 
-class Core:
-    """Python as the hub of one qs_core, with helpers for tests."""
 
-    def __init__(self, **kw):
-        self.cfg = make_config(**kw)
-        self.inline = bool(self.cfg.inline_stack)
+class Driven:
+    """The production NativeCore, driven by Python playing the hub: events
+    as tuples, commands from tuples, every buffer reference the test holds
+    counted, and (inline) the stack stepped by whoever waits.  Only
+    NativeCore's public calls are used."""
+
+    def __init__(self, backend, listen=True, **options):
+        self.backend = backend.name
+        self.nc = backend.make(**{**TEST_DEFAULTS, **options})
+        self.inline, self.levels = self.nc.inline, self.nc.levels
         self.lock = threading.Lock()      # inline: one stepping thread at a time
-        err = ffi.new("int *")
-        self.c = lib.qs_core_new(self.cfg, err)
-        assert self.c != ffi.NULL, err[0]
-        self.levels = self.cfg.levels
-        self.hdr = lib.qs_frame_header_len(ffi.addressof(self.cfg.framer))
-        size = ffi.new("uint64_t *")
-        self.slab = ffi.buffer(lib.qs_core_slab(self.c, size), size[0])
-        self.wake_fd = lib.qs_core_wake_fd(self.c)
-        ls = socket.socket()
-        ls.bind(("127.0.0.1", 0))
-        ls.listen(1024)
-        self.addr = ls.getsockname()
-        assert lib.qs_core_listen(self.c, listen_spec(fd=ls.detach())) == 0   # the core owns it now
-        assert lib.qs_core_start(self.c) == 0
+        self.addr = backend.listen(self.nc) if listen else None
+        self.nc.start()
         if self.inline:
             _INLINE.append(self)
         self.evs = ffi.new("qs_event[1024]")
         self.held = collections.Counter()   # buffer references the hub owns
-        self.stats_ = ffi.new("qs_stats *")
+        self.joined = False
+        self.last_stats = None
+        self.net_bufs_back = True         # close() checks the stack's packet pool
 
     # -- events
     def poll(self, level=-1, max=1024):
-        n = lib.qs_core_poll(self.c, level, self.evs, max)
-        assert n >= 0
+        n = self.nc.poll(level, self.evs, max)
+        assert n >= 0, n
         out = list(EV.iter_unpack(ffi.buffer(self.evs, n * 64)))
         for e in out:
             if e[3]:
@@ -285,7 +374,7 @@ class Core:
         return out
 
     def step_locked(self, timeout):
-        n = lib.qs_core_step(self.c, max(0, int(timeout * 1000)))
+        n = self.nc.step(max(0, int(timeout * 1000)))
         assert n >= 0, n
         return n
 
@@ -294,17 +383,21 @@ class Core:
         with self.lock:
             return self.step_locked(timeout)
 
+    def sleep(self):
+        """Announce the hub sleeps: 0 armed, 1 if events already wait."""
+        return self.nc.sleep_below(self.levels)
+
     def wait(self, timeout=0.2):
         """Sleep through the wake fd protocol until events may be there;
         inline: step the stack, blocking in it for at most timeout."""
         if self.inline:
-            if lib.qs_core_sleep(self.c) == 0:
+            if self.sleep() == 0:
                 self.step(timeout)
             return
-        if lib.qs_core_sleep(self.c) == 0:
-            select.select([self.wake_fd], [], [], timeout)
+        if self.sleep() == 0:
+            select.select([self.nc.wake_fd], [], [], timeout)
         try:
-            os.read(self.wake_fd, 8)
+            os.read(self.nc.wake_fd, 8)
         except BlockingIOError:
             pass
 
@@ -323,7 +416,7 @@ class Core:
     def payload(self, e):
         kind, level, conn, buf, off, ln = e[:6]
         if kind == DATA:
-            return bytes(self.slab[off:off + ln])
+            return bytes(self.nc.slab[off:off + ln])
         assert kind == BIGDATA
         return ffi.buffer(ffi.cast("char *", off), ln)[:]
 
@@ -337,10 +430,10 @@ class Core:
         stg = ffi.from_buffer(staging) if staging else ffi.NULL
         done, deadline = 0, time.monotonic() + timeout
         while done < len(cmds):
-            n = lib.qs_core_submit(self.c, arr + done, len(cmds) - done, stg)
+            n = self.nc.submit(arr + done, len(cmds) - done, stg)
             assert n >= 0, n
             done += n
-            if self.inline and not self.closed():
+            if self.inline and not self.joined:
                 self.step(0)              # as the hub does: step after submitting
             if done < len(cmds):
                 assert time.monotonic() < deadline
@@ -364,38 +457,35 @@ class Core:
         self.submit([(op, e[1], e[2], e[3], 0, 0, 0, 0)])
 
     def stats(self):
-        assert lib.qs_core_stats(self.c, self.stats_) == 0
-        return self.stats_
+        if self.nc.ptr is None:
+            return self.last_stats
+        return self.nc.stats()
 
-    def closed(self):
-        return self.joined
-
-    joined = False
-
-    def shutdown(self, grace_ns):
+    def shutdown(self, grace_s):
         if self in _INLINE:
             _INLINE.remove(self)
         with self.lock:
-            rc = lib.qs_core_shutdown(self.c, grace_ns)
+            self.nc.shutdown(grace_s)
         self.joined = True
-        return rc
 
     def close(self, grace=1.0):
-        assert self.shutdown(int(grace * 1e9)) == 0
+        self.shutdown(grace)
         # events left in the rings after shutdown: drop them locally
         for _ in range(1000):
             if not self.poll():
                 break
         for b, n in self.held.items():
             for _ in range(n):
-                assert lib.qs_core_release_local(self.c, b) == 0
+                self.nc.release_local(b)
         self.held.clear()
-        st = self.stats()
+        st = self.nc.stats()
         leaked, open_ = st.bufs_in_use, st.conns_open
-        lib.qs_core_free(self.c)
-        self.c = None
+        self.last_stats = st              # NativeCore's own struct: readable after free
+        self.nc.free()
         assert leaked == 0
         assert open_ == 0
+        if self.backend != "kernel" and self.net_bufs_back:
+            assert st.net_bufs_in_use == 0, "packet buffers leaked"
 
 
 class EchoHub(threading.Thread):
@@ -446,31 +536,79 @@ LAYOUTS = ["threaded", "inline"]
 
 
 @pytest.fixture(params=LAYOUTS)
-def cores(request):
+def layout(request):
+    return request.param
+
+
+def _made(backend, layout):
     made = []
-    inline = int(request.param == "inline")
 
     def make(**kw):
-        kw.setdefault("inline_stack", inline)
-        c = Core(**kw)
+        kw.setdefault("inline", layout == "inline")
+        c = Driven(backend, **kw)
         made.append(c)
         return c
     yield make
-    for c in made:
-        if c.c is not None:
-            c.close()
-    _INLINE.clear()
+    try:
+        for c in made:
+            if c.nc.ptr is not None:
+                c.close()
+    finally:
+        _INLINE.clear()
 
 
-def connect(core, n=1):
-    """n clients, returned once the core has accepted them all."""
-    socks = []
+@pytest.fixture
+def cores(backend, layout):
+    """cores(**options) makes a started, listening core on every backend and
+    layout; at teardown each must have no buffer in use and no conn open."""
+    yield from _made(backend, layout)
+
+
+@pytest.fixture
+def kernel_cores(layout):
+    """cores() for what only kernel sockets have (file descriptors)."""
+    yield from _made(KERNEL, layout)
+
+
+def connect(core, n=1, timeout=10.0, rcvbuf=None):
+    """n clients, returned once the core has accepted them all.  The
+    handshakes are non-blocking: an inline user-space stack only answers
+    while it is stepped."""
     before = core.stats().conns_accepted
-    for _ in range(n):
-        s = socket.create_connection(core.addr, timeout=10)
-        socks.append(s)
+    socks = [socket.socket() for _ in range(n)]
+    poller, pending = select.poll(), {}
+    for s in socks:
+        if rcvbuf:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        s.setblocking(False)
+        assert s.connect_ex(core.addr) in (0, errno.EINPROGRESS)
+        poller.register(s, select.POLLOUT)
+        pending[s.fileno()] = s
+    deadline = time.monotonic() + timeout
+    while pending:
+        assert time.monotonic() < deadline, f"{len(pending)} of {n} connects pending"
+        for fd, _ in poller.poll(0 if _INLINE else 50):
+            s = pending.pop(fd)
+            poller.unregister(fd)
+            assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+        if pending and _INLINE:
+            pump_once()
+    for s in socks:
+        s.settimeout(timeout)
     wait_for(lambda: core.stats().conns_accepted >= before + n, what="accepted")
     return socks
+
+
+def refused(addr, timeout=10.0):
+    """A connect to addr is refused (inline cores are stepped meanwhile)."""
+    with socket.socket() as s:
+        s.setblocking(False)
+        assert s.connect_ex(addr) in (0, errno.EINPROGRESS)
+        deadline = time.monotonic() + timeout
+        while not select.select([], [s], [], 0 if _INLINE else 0.05)[1]:
+            assert time.monotonic() < deadline, "connect neither refused nor accepted"
+            pump_once()
+        return s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNREFUSED
 
 
 def recv_exact(s, n, timeout=10.0):
@@ -483,7 +621,7 @@ def recv_exact(s, n, timeout=10.0):
                 chunk = s.recv(min(n - len(out), 1 << 20))
             except BlockingIOError:
                 assert time.monotonic() < deadline, f"timed out after {len(out)} of {n} bytes"
-                pump(0.002)
+                pump_once()
                 continue
             assert chunk, f"EOF after {len(out)} of {n} bytes"
             out += chunk
@@ -510,7 +648,7 @@ def recv_some(s, n, timeout=10.0):
                 return s.recv(n)
             except BlockingIOError:
                 assert time.monotonic() < deadline, "timed out in recv"
-                pump(0.002)
+                pump_once()
     finally:
         s.settimeout(timeout)
 
@@ -519,25 +657,33 @@ def wait_for(pred, timeout=10.0, what="condition"):
     deadline = time.monotonic() + timeout
     while not pred():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        pump(0.005)
+        if _INLINE:
+            pump_once()
+        else:
+            time.sleep(0.005)
 
 
 # ---------------------------------------------------------------- sockets
 
 def test_config_validation():
-    err = ffi.new("int *")
+    """qs_core_new refuses a bad config with EINVAL; NativeCore says so as an
+    OSError (an unknown framing or reply order never reaches C)."""
     bad = [dict(levels=0), dict(levels=9), dict(ring_size=1000), dict(cmd_ring_size=3),
-           dict(buf_size=255), dict(kind=lib.QS_FRAME_LENGTH, arg=3),
-           dict(kind=lib.QS_FRAME_FIXED, arg=0), dict(kind=9), dict(default_level=2),
-           dict(rules_=[(0, 0xff, 1, 2)]), dict(rules_=[(-1, 0xff, 1, 0)]),
-           dict(buf_count=0), dict(stream_mode=2), dict(max_message=0),
-           dict(kind=lib.QS_FRAME_FIXED, arg=100, max_message=10)]
+           dict(buf_size=255), dict(framing="length", frame_arg=3),
+           dict(framing="fixed", frame_arg=0), dict(default_level=2),
+           dict(rules=[(0, 1, 0xff, 2)]), dict(rules=[(-1, 1, 0xff, 0)]),
+           dict(buf_count=0), dict(max_message=0),
+           dict(framing="fixed", frame_arg=100, max_message=10), dict(stack_cpu=100000)]
     for kw in bad:
-        assert lib.qs_core_new(make_config(**kw), err) == ffi.NULL, kw
-        assert err[0] == -errno.EINVAL, kw
-    c = lib.qs_core_new(make_config(), err)
-    assert c != ffi.NULL and err[0] == 0
-    lib.qs_core_free(c)          # never started
+        with pytest.raises(OSError) as exc:
+            KERNEL.make(**{**TEST_DEFAULTS, **kw})
+        assert exc.value.errno == errno.EINVAL, kw
+    for kw in (dict(framing="nine"), dict(reply_order="random")):
+        with pytest.raises(KeyError):
+            KERNEL.make(**{**TEST_DEFAULTS, **kw})
+    with pytest.raises(ValueError):
+        KERNEL.make(**TEST_DEFAULTS, rules=[(0, 1, 0xff, 0)] * (lib.QS_MAX_RULES + 1))
+    KERNEL.make(**TEST_DEFAULTS).free()          # never started
 
 
 def test_echo_zero_copy_and_copy(cores):
@@ -566,7 +712,7 @@ def test_echo_zero_copy_and_copy(cores):
 def test_many_conns_length_echo(cores):
     """200 conns x 20 LENGTH-framed messages, half echoed zero copy (header
     included), half as copies (header added): every byte checked."""
-    core = cores(kind=lib.QS_FRAME_LENGTH, arg=2, max_message=4096, buf_size=4096)
+    core = cores(framing="length", frame_arg=2, max_message=4096, buf_size=4096)
     rnd = random.Random(7)
     socks = connect(core, 200)
     sent = {}
@@ -600,7 +746,7 @@ def test_many_conns_length_echo(cores):
 
 
 def test_line_echo_pipelined(cores):
-    core = cores(kind=lib.QS_FRAME_LINE, max_message=100000, buf_size=512)
+    core = cores(framing="line", max_message=100000, buf_size=512)
     hub = EchoHub(core, copy=True, transform=lambda d: d.upper())
     hub.start()
     (s,) = connect(core)
@@ -614,7 +760,7 @@ def test_line_echo_pipelined(cores):
 
 
 def test_line_too_long_closes(cores):
-    core = cores(kind=lib.QS_FRAME_LINE, max_message=1000, buf_size=256)
+    core = cores(framing="line", max_message=1000, buf_size=256)
     (s,) = connect(core)
     s.sendall(b"y" * 5000)
     with pytest.raises(ConnectionResetError):
@@ -625,7 +771,7 @@ def test_line_too_long_closes(cores):
 
 
 def test_length_4mib_jumbo_zero_copy(cores):
-    core = cores(kind=lib.QS_FRAME_LENGTH, arg=4, max_message=8 << 20, buf_size=16384)
+    core = cores(framing="length", frame_arg=4, max_message=8 << 20, buf_size=16384)
     (s,) = connect(core)
     payload = os.urandom(4 << 20)
     msg = length_msg(payload, 4)
@@ -645,7 +791,7 @@ def test_length_4mib_jumbo_zero_copy(cores):
 
 
 def test_send_buf_slice_rewrites_length_header(cores):
-    core = cores(kind=lib.QS_FRAME_LENGTH, arg=2, max_message=1000)
+    core = cores(framing="length", frame_arg=2, max_message=1000)
     (s,) = connect(core)
     s.sendall(length_msg(b"0123456789", 2))
     (e,) = core.events(lambda g: len(g) >= 1)
@@ -657,7 +803,7 @@ def test_send_buf_slice_rewrites_length_header(cores):
 
 def test_priority_rules(cores):
     """Byte 0 == 'H' -> level 0; the hub sees level 0 first, each level FIFO."""
-    core = cores(kind=lib.QS_FRAME_LINE, max_message=1000, rules_=[(0, 0xff, ord("H"), 0)])
+    core = cores(framing="line", max_message=1000, rules=[(0, ord("H"), 0xff, 0)])
     (s,) = connect(core)
     msgs = [(b"H%d\n" if i % 3 == 0 else b"L%d\n") % i for i in range(60)]
     s.sendall(b"".join(msgs))
@@ -668,7 +814,7 @@ def test_priority_rules(cores):
     low = [m for m in msgs if m.startswith(b"L")]
     assert got == high + low
     assert [e[1] for e in evs] == [0] * len(high) + [1] * len(low)
-    assert lib.qs_core_pending_above(core.c, 1) == 0
+    assert core.nc.pending_above(1) == 0
     for e in evs:
         core.echo(e)
     # level 0 commands run first: the high replies lead the stream
@@ -680,18 +826,18 @@ def test_priority_rules(cores):
 
 
 def test_pending_above_and_poll_one_level(cores):
-    core = cores(kind=lib.QS_FRAME_LINE, max_message=100, rules_=[(0, 0xff, ord("H"), 0)])
+    core = cores(framing="line", max_message=100, rules=[(0, ord("H"), 0xff, 0)])
     (s,) = connect(core)
     s.sendall(b"L1\nH1\nL2\n")
-    wait_for(lambda: lib.qs_core_pending_above(core.c, 2) == 3)
-    assert lib.qs_core_pending_above(core.c, 1) == 1
-    assert lib.qs_core_pending_above(core.c, 0) == 0
+    wait_for(lambda: core.nc.pending_above(2) == 3)
+    assert core.nc.pending_above(1) == 1
+    assert core.nc.pending_above(0) == 0
     low = core.poll(level=1)
     assert [core.payload(e) for e in low] == [b"L1\n", b"L2\n"]
-    assert lib.qs_core_sleep(core.c) == 1            # H1 still waiting
+    assert core.sleep() == 1                         # H1 still waiting
     high = core.poll(level=0)
     assert [core.payload(e) for e in high] == [b"H1\n"]
-    assert lib.qs_core_poll(core.c, 2, core.evs, 10) == -errno.EINVAL
+    assert core.nc.poll(2, core.evs, 10) == -errno.EINVAL
     for e in low + high:
         core.done(e)
     s.close()
@@ -699,7 +845,7 @@ def test_pending_above_and_poll_one_level(cores):
 
 def test_ring_full_backpressure(cores):
     """A tiny event ring: the conn stops being read, nothing is lost."""
-    core = cores(kind=lib.QS_FRAME_LINE, max_message=100, ring_size=4, levels=1, buf_size=256)
+    core = cores(framing="line", max_message=100, ring_size=4, levels=1, buf_size=256)
     (s,) = connect(core)
     msgs = [b"message number %05d\n" % i for i in range(3000)]
     t = threading.Thread(target=s.sendall, args=(b"".join(msgs),))
@@ -723,7 +869,7 @@ def test_ring_full_backpressure(cores):
 
 def test_pool_empty_backpressure(cores):
     """The hub holds every buffer: reading stops until it gives some back."""
-    core = cores(kind=lib.QS_FRAME_FIXED, arg=300, max_message=300, buf_size=256 * 4,
+    core = cores(framing="fixed", frame_arg=300, max_message=300, buf_size=256 * 4,
                  buf_count=4)
     (s,) = connect(core)
     msgs = [bytes([i % 251]) * 300 for i in range(200)]
@@ -754,7 +900,7 @@ def test_pool_empty_backpressure(cores):
 
 
 def test_client_reset_mid_stream(cores):
-    core = cores(kind=lib.QS_FRAME_LINE, max_message=100)
+    core = cores(framing="line", max_message=100)
     (s,) = connect(core)
     s.sendall(b"one\ntwo\nthr")
     evs = core.events(lambda g: len(g) >= 2)
@@ -791,7 +937,7 @@ SEQ = lib.QS_SEQ_SHIFT
 def test_reply_order_arrival(cores):
     """aux numbers a conn's messages; replies ahead of the awaited one park
     (copy, zero copy, DONE, an in-slot send) and leave in arrival order."""
-    core = cores(kind=lib.QS_FRAME_LINE, max_message=100)
+    core = cores(framing="line", max_message=100)
     (s,) = connect(core)
     s.sendall(b"a\nb\nc\nd\ne\n")
     evs = core.events(lambda g: len(g) >= 5)
@@ -815,7 +961,7 @@ def test_reply_order_arrival(cores):
 
 
 def test_reply_order_close_in_slot_and_reset(cores):
-    core = cores(kind=lib.QS_FRAME_LINE, max_message=100)
+    core = cores(framing="line", max_message=100)
     x, y = connect(core, 2)
     # an error close (DONE|F_CLOSE) parked behind an earlier reply
     x.sendall(b"1\n2\n3\n")
@@ -843,7 +989,7 @@ def test_reply_order_close_in_slot_and_reset(cores):
 def test_reply_order_parked_bytes_count_toward_high_water(cores):
     """A peer pipelining behind one slow request holds parked replies: they
     count as unsent bytes, so the conn stops being read."""
-    core = cores(kind=lib.QS_FRAME_LINE, max_message=100, out_high_water=1024)
+    core = cores(framing="line", max_message=100, out_high_water=1024)
     (s,) = connect(core)
     s.sendall(b"1\n2\n")
     e1, e2 = core.events(lambda g: len(g) >= 2)
@@ -861,7 +1007,7 @@ def test_reply_order_parked_bytes_count_toward_high_water(cores):
 
 
 def test_reply_order_completion_and_stream_unnumbered(cores):
-    core = cores(kind=lib.QS_FRAME_LINE, max_message=100, reply_order=lib.QS_ORDER_COMPLETION)
+    core = cores(framing="line", max_message=100, reply_order="completion")
     (s,) = connect(core)
     s.sendall(b"a\nb\n")
     a, b = core.events(lambda g: len(g) >= 2)
@@ -871,7 +1017,8 @@ def test_reply_order_completion_and_stream_unnumbered(cores):
     core.echo(a)
     assert recv_exact(s, 2) == b"a\n"
     s.close()
-    st = cores(kind=lib.QS_FRAME_LINE, max_message=100, stream_mode=1)
+    core.close()                               # a TAP device serves one core at a time
+    st = cores(framing="line", max_message=100, stream_mode=True)
     (s,) = connect(st)
     s.sendall(b"a\n")
     evs = st.events(lambda g: any(e[0] == DATA for e in g))
@@ -883,7 +1030,7 @@ def test_reply_order_completion_and_stream_unnumbered(cores):
 
 
 def test_half_close_message_mode(cores):
-    core = cores(kind=lib.QS_FRAME_LINE, max_message=100)
+    core = cores(framing="line", max_message=100)
     (s,) = connect(core)
     s.sendall(b"a\nb\nc\npartial")
     s.shutdown(socket.SHUT_WR)
@@ -899,7 +1046,7 @@ def test_half_close_message_mode(cores):
 
 
 def test_stream_mode_order(cores):
-    core = cores(stream_mode=1, levels=2, rules_=[(0, 0xff, ord("H"), 0)])
+    core = cores(stream_mode=True, levels=2, rules=[(0, ord("H"), 0xff, 0)])
     (s,) = connect(core)
     evs = core.events(lambda g: len(g) >= 1)
     assert evs[0][0] == lib.QS_EV_ACCEPTED and evs[0][1] == 1
@@ -925,7 +1072,7 @@ def test_stream_mode_order(cores):
 def test_stream_mode_data_before_eof_under_load(cores):
     """Many conns each send then close: per conn, every DATA comes before its
     EOF, and CLOSED after the hub closes it."""
-    core = cores(stream_mode=1, levels=2, rules_=[(0, 0x80, 0x80, 0)], ring_size=8)
+    core = cores(stream_mode=True, levels=2, rules=[(0, 0x80, 0x80, 0)], ring_size=8)
     socks = connect(core, 50)
     for i, s in enumerate(socks):
         s.sendall(bytes([0x80 | i]) * 10)
@@ -953,7 +1100,7 @@ def test_stream_mode_data_before_eof_under_load(cores):
 
 
 def test_abort_close_and_notify(cores):
-    core = cores(stream_mode=1)
+    core = cores(stream_mode=True)
     a, b = connect(core, 2)
     acc = core.events(lambda g: len(g) >= 2)
     ca, cb = acc[0][2], acc[1][2]
@@ -973,10 +1120,8 @@ def test_abort_close_and_notify(cores):
 def test_high_water_and_pause(cores):
     """A reader that does not read: the server stops reading that conn once
     its unsent bytes pass out_high_water; PAUSE/RESUME work by hand."""
-    core = cores(kind=lib.QS_FRAME_LINE, max_message=100, out_high_water=1 << 16)
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)   # small window
-    s.connect(core.addr)
+    core = cores(framing="line", max_message=100, out_high_water=1 << 16)
+    (s,) = connect(core, rcvbuf=4096)          # a small window
     big = b"z" * (16 << 20)
     s.sendall(b"go\n")
     (e,) = core.events(lambda g: len(g) >= 1)
@@ -998,13 +1143,12 @@ def test_high_water_and_pause(cores):
 
 
 def test_stop_accept_and_stop_read(cores):
-    core = cores(kind=lib.QS_FRAME_LINE, max_message=100)
+    core = cores(framing="line", max_message=100)
     (s,) = connect(core)
     core.submit([(lib.QS_CMD_STOP_ACCEPT, 0, 0, 0, 0, 0, 0, 0),
                  (lib.QS_CMD_STOP_READ, 0, 0, 0, 0, 0, 0, 0)])
     settle(0.05)
-    with pytest.raises(ConnectionRefusedError):
-        socket.create_connection(core.addr, timeout=5)
+    assert refused(core.addr)
     s.sendall(b"ignored for now\n")
     settle(0.05)
     assert core.poll() == []
@@ -1016,7 +1160,7 @@ def test_shutdown_flushes_and_releases(cores):
     every socket and gives back every buffer, including those of events held
     by blocked conns; stats stay readable and later commands only return
     buffers."""
-    core = cores(kind=lib.QS_FRAME_LINE, max_message=100, ring_size=2, levels=1)
+    core = cores(framing="line", max_message=100, ring_size=2, levels=1)
     socks = connect(core, 3)
     for s in socks:
         s.sendall(b"a\nb\nc\nd\n")
@@ -1039,7 +1183,7 @@ def test_shutdown_flushes_and_releases(cores):
     readers = [threading.Thread(target=drain, args=(s,)) for s in socks]
     for t in readers:
         t.start()
-    assert core.shutdown(int(5e9)) == 0
+    core.shutdown(5.0)
     for t in readers:
         t.join(10)
     assert sorted(got.values()) == [0, 0, 3000000]
@@ -1051,35 +1195,116 @@ def test_shutdown_flushes_and_releases(cores):
         s.close()
 
 
+def tcp_ext(*names):
+    """Linux's TcpExt counters in this thread's network namespace."""
+    with open("/proc/thread-self/net/netstat") as f:
+        lines = f.read().splitlines()
+    for keys, values in zip(lines[::2], lines[1::2]):
+        if keys.startswith("TcpExt:"):
+            table = dict(zip(keys.split()[1:], map(int, values.split()[1:])))
+            return sum(table[n] for n in names)
+    raise AssertionError("no TcpExt line in /proc/net/netstat")
+
+
+def window_probes():
+    """Probes of a closed window seen in this namespace: sent by Linux (the
+    kernel backend's server side), or received past the window (a probe
+    carrying a new byte, as the user-space stack sends them: BeyondWindow)."""
+    return tcp_ext("TCPWinProbe", "BeyondWindow")
+
+
+def test_shutdown_ends_conns_it_could_not_flush(cores):
+    """A peer that stopped reading is still owed reply bytes when the grace
+    time runs out: the shutdown ends its connection anyway, and the peer
+    learns it (a reset, or EOF once it has read what reached it), never
+    waits on a dead server.  The server has probed the peer's closed window
+    first: a user-space stack's probe byte lies past that window, and its
+    RST must not (RFC 9293 3.10.7.3 and RFC 5961 3.2: the peer drops a
+    reset it finds outside its window)."""
+    core = cores(framing="line", max_message=100)
+    (s,) = connect(core, rcvbuf=4096)              # a small window, soon shut
+    s.sendall(b"go\n")
+    (e,) = core.events(lambda g: len(g) >= 1)
+    probes = window_probes()
+    core.reply_copy(e, b"z" * (1 << 20))
+    wait_for(lambda: window_probes() > probes, what="a probe of the closed window")
+    if core.backend != "kernel":
+        core.net_bufs_back = False    # see test_shutdown_gives_back_the_packet_buffers
+    core.shutdown(0.05)                            # far too short for 1 MiB
+    st = core.stats()
+    assert st.conns_open == 0 and st.bufs_in_use == 0
+    got, end = 0, None
+    s.settimeout(10)                               # a peer left hanging fails here
+    for _ in range(1000):
+        try:
+            chunk = s.recv(1 << 16)
+        except ConnectionResetError:
+            end = "reset"
+            break
+        except TimeoutError:
+            end = "hangs"
+            break
+        if not chunk:
+            end = "eof"
+            break
+        got += len(chunk)
+    assert end in ("reset", "eof") and got > 0, (end, got)
+    s.close()
+
+
+@pytest.mark.parametrize("backend", ["ustack-tap"], indirect=True)
+@pytest.mark.xfail(strict=True, reason="the shutdown's reset-all sends the RSTs but keeps the "
+                   "control blocks and their queues until the core is freed (issue 11 moves "
+                   "it into tcp_api.c)")
+def test_shutdown_gives_back_the_packet_buffers(cores):
+    """After a shutdown that had to reset a conn, the user-space stack holds
+    no packet buffer any more (the exit line's leak check says 0)."""
+    core = cores(framing="line", max_message=100)
+    (s,) = connect(core, rcvbuf=4096)
+    s.sendall(b"go\n")
+    (e,) = core.events(lambda g: len(g) >= 1)
+    core.reply_copy(e, b"z" * (1 << 20))
+    wait_for(lambda: core.stats().net_bufs_in_use > 100, what="a full send queue")
+    core.net_bufs_back = False        # asserted here, not again at teardown
+    core.shutdown(0.05)
+    in_use = core.stats().net_bufs_in_use
+    s.close()
+    assert in_use == 0
+
+
 def test_submit_validation(cores):
     core = cores()
     arr = ffi.new("qs_cmd[1]")
     arr[0].op, arr[0].level = lib.QS_CMD_DONE, 5
-    assert lib.qs_core_submit(core.c, arr, 1, ffi.NULL) == -errno.EINVAL
+    assert core.nc.submit(arr, 1, ffi.NULL) == -errno.EINVAL
     arr[0].op, arr[0].level, arr[0].len = lib.QS_CMD_SEND_COPY, 0, 4
-    assert lib.qs_core_submit(core.c, arr, 1, ffi.NULL) == -errno.EINVAL
-    assert lib.qs_core_release_local(core.c, 12345) == -errno.EBUSY
+    assert core.nc.submit(arr, 1, ffi.NULL) == -errno.EINVAL
+    assert lib.qs_core_release_local(core.nc.ptr, 12345) == -errno.EBUSY
 
 
 def test_wakeups_are_never_lost(cores):
     """Strict request/response ping-pong: both sides sleep between messages,
-    so every step needs a wakeup; a lost one would stall for seconds."""
-    core = cores(kind=lib.QS_FRAME_LINE, max_message=100)
+    so every message needs a wake-up.  The hub sleeps as in production: it
+    announces it (sleep_below) and waits on NativeCore.wake_fd (threaded: the
+    eventfd the stack writes; inline: the stack's poll fd, then steps).  A
+    lost wake-up is a wait that ends without the fd readable."""
+    core = cores(framing="line", max_message=100)
     (s,) = connect(core)
-    worst = 0.0
     for i in range(1500):
-        t0 = time.monotonic()
         s.sendall(b"ping %d\n" % i)
-        evs, deadline = [], time.monotonic() + 10
-        while not evs:
-            assert time.monotonic() < deadline
+        evs = []
+        for _ in range(100):                     # a few spurious turns at most
             evs = core.poll()
-            if not evs and core.inline:
-                core.step(5.0)                               # long: a stall shows
-            elif not evs and lib.qs_core_sleep(core.c) == 0:
-                select.select([core.wake_fd], [], [], 5.0)   # long: a lost wakeup shows
+            if evs:
+                break
+            if core.sleep() == 0:
+                ready = select.select([core.nc.wake_fd], [], [], 10.0)[0]
+                assert ready, f"message {i}: no wake-up"
+            if core.inline:
+                core.step(0)
+            else:
                 try:
-                    os.read(core.wake_fd, 8)
+                    os.read(core.nc.wake_fd, 8)
                 except BlockingIOError:
                     pass
         (e,) = evs
@@ -1088,18 +1313,17 @@ def test_wakeups_are_never_lost(cores):
         else:
             core.reply_copy(e, core.payload(e))
         assert recv_exact(s, len(b"ping %d\n" % i)) == b"ping %d\n" % i
-        worst = max(worst, time.monotonic() - t0)
-    assert worst < 1.0, worst
     st = core.stats()
     assert st.stack_cpu_ns > 0
     assert sum(st.lat[1][b] for b in range(lib.QS_LAT_BUCKETS)) == 1500
     s.close()
 
 
-def test_accept_backoff_on_emfile(cores):
-    """EMFILE on accept: counted, listeners rest 100 ms, then accept again."""
+def test_accept_backoff_on_emfile(kernel_cores):
+    """EMFILE on accept: counted, listeners rest 100 ms, then accept again.
+    (Kernel sockets only: the user-space stack's conns take no fd.)"""
     import resource
-    core = cores()
+    core = kernel_cores()
     clients = [socket.socket() for _ in range(4)]
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     lowest = os.dup(0)                     # the lowest free fd number
@@ -1113,7 +1337,7 @@ def test_accept_backoff_on_emfile(cores):
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     if core.inline:     # an idle hub watching the poll fd learns when to accept again
-        pfd = lib.qs_core_poll_fd(core.c)
+        pfd = core.nc.wake_fd
         assert select.select([pfd], [], [], 2.0)[0] == [pfd]
     wait_for(lambda: core.stats().conns_accepted == 4, what="accepts resume")
     assert core.stats().accept_errors < 10                 # backed off, no spin
@@ -1125,30 +1349,38 @@ def test_accept_backoff_on_emfile(cores):
         c.close()
 
 
-def test_lifecycle_errors():
-    err = ffi.new("int *")
-    c = lib.qs_core_new(make_config(stack_cpu=100000), err)
-    assert c == ffi.NULL and err[0] == -errno.EINVAL
-    c = lib.qs_core_new(make_config(stack_cpu=0), err)
-    assert lib.qs_core_start(c) == 0
-    assert lib.qs_core_start(c) == -errno.EALREADY
-    assert lib.qs_core_listen(c, listen_spec(fd=0)) == -errno.EBUSY
-    st = ffi.new("qs_stats *")
-    assert lib.qs_core_shutdown(c, 0) == 0
-    assert lib.qs_core_shutdown(c, 0) == 0
-    assert lib.qs_core_stats(c, st) == 0 and st.bufs_in_use == 0
-    lib.qs_core_free(c)
-    # never started: shutdown closes the adopted listener
-    c = lib.qs_core_new(make_config(), err)
-    ls = socket.socket()
-    ls.bind(("127.0.0.1", 0))
-    ls.listen()
-    addr = ls.getsockname()
-    assert lib.qs_core_listen(c, listen_spec(fd=ls.detach())) == 0
-    assert lib.qs_core_shutdown(c, 0) == 0
-    with pytest.raises(ConnectionRefusedError):
-        socket.create_connection(addr, timeout=5)
-    lib.qs_core_free(c)
+def test_lifecycle_errors(backend, layout):
+    inline = layout == "inline"
+    core = backend.make(**TEST_DEFAULTS, inline=inline)
+    if inline:
+        assert core.step(0) == -errno.EINVAL            # not started
+    core.start()
+    with pytest.raises(OSError) as exc:
+        core.start()
+    assert exc.value.errno == errno.EALREADY
+    with pytest.raises(OSError) as exc:
+        backend.listen(core)                            # too late once started
+    assert exc.value.errno == errno.EBUSY
+    if inline:
+        assert core.step(0) == 0
+    else:
+        assert core.step(0) == -errno.EINVAL            # threaded: no stepping
+    core.shutdown(0)
+    core.shutdown(0)
+    if inline:
+        assert core.step(0) == -errno.ESHUTDOWN
+    st = core.stats()
+    assert st.bufs_in_use == 0 and st.conns_open == 0
+    core.free()
+    core.free()
+
+
+def test_never_started_core_closes_its_listener():
+    core = KERNEL.make(**TEST_DEFAULTS)
+    addr = KERNEL.listen(core)
+    core.shutdown(0)                  # never started: nothing to stop
+    core.free()
+    assert refused(addr)
 
 
 # ---------------------------------------------------------------- inline layout
@@ -1164,36 +1396,14 @@ def stack_threads():
     return names.count("qs-stack")
 
 
-def test_inline_lifecycle_errors():
-    err = ffi.new("int *")
-    c = lib.qs_core_new(make_config(inline_stack=2), err)
-    assert c == ffi.NULL and err[0] == -errno.EINVAL
-    c = lib.qs_core_new(make_config(inline_stack=1), err)
-    assert lib.qs_core_step(c, 0) == -errno.EINVAL          # not started
-    assert lib.qs_core_start(c) == 0
-    assert lib.qs_core_start(c) == -errno.EALREADY
-    assert lib.qs_core_listen(c, listen_spec(fd=0)) == -errno.EBUSY
-    assert lib.qs_core_step(c, 0) == 0
-    assert lib.qs_core_shutdown(c, 0) == 0
-    assert lib.qs_core_shutdown(c, 0) == 0
-    assert lib.qs_core_step(c, 0) == -errno.ESHUTDOWN
-    st = ffi.new("qs_stats *")
-    assert lib.qs_core_stats(c, st) == 0 and st.bufs_in_use == 0
-    lib.qs_core_free(c)
-    c = lib.qs_core_new(make_config(), err)                 # threaded: no stepping
-    assert lib.qs_core_start(c) == 0
-    assert lib.qs_core_step(c, 0) == -errno.EINVAL
-    lib.qs_core_free(c)
-
-
-def test_inline_has_no_stack_thread():
+def test_inline_has_no_stack_thread(backend):
     before = stack_threads()
-    threaded = Core()
+    threaded = Driven(backend)
     wait_for(lambda: stack_threads() == before + 1,   # the check does see one
              what="threaded core's stack thread named")
     threaded.close()
     wait_for(lambda: stack_threads() == before, what="stack thread gone")
-    core = Core(inline_stack=1)
+    core = Driven(backend, inline=True)
     try:
         assert stack_threads() == before
         (s,) = connect(core)
@@ -1208,51 +1418,60 @@ def test_inline_has_no_stack_thread():
         core.close()
 
 
-def test_inline_poll_fd_step_and_no_wakeups():
-    """The epoll fd is readable exactly when a step has socket work; a step
-    returns the events it published; the wake fds are never written; conns
+def test_inline_poll_fd_step_and_no_wakeups(backend):
+    """The poll fd is readable when a step has socket work; a step returns
+    the events it published; the wake eventfds are never written; conns
     blocked on a full ring do not make the poll fd readable (no spin)."""
-    core = Core(inline_stack=1, kind=lib.QS_FRAME_LINE, max_message=100, ring_size=2, levels=1)
+    core = Driven(backend, inline=True, framing="line", max_message=100, ring_size=2, levels=1)
     try:
-        pfd = lib.qs_core_poll_fd(core.c)
+        pfd = core.nc.wake_fd                # inline: the stack's epoll fd
         assert os.readlink(f"/proc/self/fd/{pfd}") == "anon_inode:[eventpoll]"
         (s,) = connect(core)
-        assert select.select([pfd], [], [], 0)[0] == []
         s.sendall(b"a\n")
         assert select.select([pfd], [], [], 5)[0] == [pfd]
-        assert lib.qs_core_step(core.c, 0) == 1
-        assert lib.qs_core_sleep(core.c) == 1
-        assert select.select([pfd], [], [], 0)[0] == []
+        published = 0
+        for _ in range(100):                 # the user-space stack may need a few
+            published += core.step(0)
+            if published:
+                break
+        assert published == 1
+        assert core.sleep() == 1             # the event waits in the ring
         (e,) = core.poll()
-        assert lib.qs_core_sleep(core.c) == 0
+        assert core.sleep() == 0
         core.echo(e)                         # submit + step(0): the reply leaves now
-        s.settimeout(5)
-        assert s.recv(10) == b"a\n"
+        assert recv_exact(s, 2) == b"a\n"
         # ring of 2: four lines, the conn blocks with one event held
         s.sendall(b"b\nc\nd\ne\n")
-        assert select.select([pfd], [], [], 5)[0] == [pfd]
-        assert lib.qs_core_step(core.c, 0) == 2
-        assert core.stats().paused_conns == 1
-        t0 = time.monotonic()
-        assert lib.qs_core_step(core.c, 100) == 0      # nothing to do: sleeps, no spin
-        assert time.monotonic() - t0 >= 0.08
-        assert select.select([pfd], [], [], 0.05)[0] == []
+        wait_for(lambda: core.stats().paused_conns == 1, what="conn blocked")
+        assert core.stats().ring_depth[0] == 2
+        # The blocked conn leaves the poll fd quiet (it still has bytes to
+        # read: reported again and again, the hub would spin).  The user-space
+        # stack's own timers (a delayed ACK) may fire once first.
+        for _ in range(20):
+            if not select.select([pfd], [], [], 0.05)[0]:
+                break
+            assert core.step(0) == 0
+        else:
+            raise AssertionError("the poll fd stays readable while the conn is blocked")
         got = core.poll()                    # room again: the next step resumes it
-        assert lib.qs_core_step(core.c, 0) == 2
+        assert core.step(0) == 2
         got += core.poll()
         assert [core.payload(e) for e in got] == [b"b\n", b"c\n", b"d\n", b"e\n"]
         for e in got:
             core.done(e)
         # never a wakeup through the eventfds
-        assert select.select([core.wake_fd], [], [], 0)[0] == []
+        wake = lib.qs_core_wake_fd(core.nc.ptr)
+        assert select.select([wake], [], [], 0)[0] == []
         s.close()
     finally:
         _INLINE.clear()
         core.close()
 
 
-def test_inline_stack_cpu_ns_increases():
-    core = Core(inline_stack=1, kind=lib.QS_FRAME_LINE, max_message=100)
+def test_inline_stack_cpu_ns_increases(backend):
+    """Inline, the stack's CPU is the time spent in steps: it grows with
+    work, and a step that sleeps through an idle wait costs (almost) none."""
+    core = Driven(backend, inline=True, framing="line", max_message=100)
     try:
         (s,) = connect(core)
         cpu0 = core.stats().stack_cpu_ns
@@ -1263,26 +1482,22 @@ def test_inline_stack_cpu_ns_increases():
             assert recv_exact(s, len(b"x%d\n" % i)) == b"x%d\n" % i
         cpu1 = core.stats().stack_cpu_ns
         assert cpu1 > cpu0
-        t0 = time.monotonic()
-        core.step(0.2)                       # an idle wait costs (almost) no CPU
-        assert time.monotonic() - t0 >= 0.15
+        core.step(0.2)                       # idle: blocks in epoll_wait
         assert core.stats().stack_cpu_ns - cpu1 < 50_000_000
         s.close()
     finally:
         _INLINE.clear()
         core.close()
-    assert core.stats_.stack_cpu_ns >= cpu1    # last read, taken by close()
+    assert core.stats().stack_cpu_ns >= cpu1    # last read, taken by close()
 
 
-def test_inline_shutdown_flushes_large_send():
+def test_inline_shutdown_flushes_large_send(backend):
     """Shutdown in the hub's thread: a 32 MiB reply to a slow reader is
-    flushed in full (blocking for EPOLLOUT within the grace time), then every
-    socket is closed and every buffer returned."""
-    core = Core(inline_stack=1, kind=lib.QS_FRAME_LINE, max_message=100)
+    flushed in full (blocking for the socket within the grace time), then
+    every socket is closed and every buffer returned."""
+    core = Driven(backend, inline=True, framing="line", max_message=100)
     big = os.urandom(32 << 20)
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-    s.connect(core.addr)
+    (s,) = connect(core, rcvbuf=65536)
     s.sendall(b"go\n")
     (e,) = core.events(lambda g: len(g) >= 1)
     core.reply_copy(e, big)
@@ -1299,16 +1514,13 @@ def test_inline_shutdown_flushes_large_send():
             got.extend(chunk)
     t = threading.Thread(target=slow_reader)
     t.start()
-    t0 = time.monotonic()
-    assert core.shutdown(int(20e9)) == 0
-    took = time.monotonic() - t0
+    core.shutdown(20.0)
     t.join(20)
     assert not t.is_alive()
     assert len(got) == len(big) and bytes(got) == big
-    assert took >= 0.15                      # it did wait for the reader
     st = core.stats()
     assert st.conns_open == 0 and st.bufs_in_use == 0
     assert st.stack_cpu_ns > 0
-    assert lib.qs_core_step(core.c, 0) == -errno.ESHUTDOWN
+    assert core.nc.step(0) == -errno.ESHUTDOWN
     core.close()
     s.close()

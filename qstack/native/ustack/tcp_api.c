@@ -304,6 +304,8 @@ int qs_tcp_any_busy(const qs_ustack *s)
  * gone.  The control blocks stay as they are; qs_ustack_destroy frees
  * them.  TIME-WAIT has nothing left to reset, and a SYN-RECEIVED
  * connection was never the application's. */
+/* The RST carries qs_tcp_ack_seq, not snd_max: past a peer's closed window
+ * (our zero-window probe byte) the peer would drop it and hang. */
 void qs_tcp_reset_all(qs_ustack *s, int64_t now)
 {
     qs_ustack_enter(s);
@@ -311,7 +313,7 @@ void qs_tcp_reset_all(qs_ustack *s, int64_t now)
         for (qs_tcb *t = s->flows[i], *n; t; t = n) {
             n = t->hnext;
             if (t->state != QS_TCP_TIME_WAIT && t->state != QS_TCP_SYN_RECEIVED)
-                qs_tcp_send_ctl(s, t, QS_TH_RST, t->snd_max, now);
+                qs_tcp_send_ctl(s, t, QS_TH_RST, qs_tcp_ack_seq(t), now);
         }
     qs_ustack_leave(s);              /* the RSTs leave here */
 }
