@@ -204,22 +204,29 @@ def median_summary(runs):
 
 def plot(docs, args, path):
     """Request latency of every round, on (red) against off (blue), and the
-    no-Redis floor (gray): CDF and percentile spectrum."""
+    no-Redis floor (gray): CDF and percentile spectrum; solid as the client
+    measured it, dotted on the wire (qstack monitor) when it ran."""
     from qstack.loadgen.hist import Histogram
     from qstack.loadgen.report import draw_latency
 
     colors = {"on": "tab:red", "off": "tab:blue", "null": "tab:gray"}
     names = {"on": "priority on", "off": "priority off (--levels 1)",
              "null": "no Redis (apps.iotep_null)"}
-    series = []
+    series, named = [], set()
     for d in docs:
         mode = d["mode"]
         if mode in colors:
             h = Histogram.from_json(d["doc"]["histograms"]["high"])
-            series.append((f"{names[mode]}, round {d['round'] + 1}", h, colors[mode], "-"))
+            label = names[mode] if mode not in named else "_nolegend_"   # one entry a mode
+            series.append((label, h, colors[mode], "-"))
+            wire = d["doc"].get("wire")
+            if wire:            # qstack monitor's view: packet to reply packet
+                label = f"{names[mode]}, on the wire" if mode not in named else "_nolegend_"
+                series.append((label, Histogram.from_json(wire["hist"]), colors[mode], ":"))
+            named.add(mode)
     draw_latency(series, f"iotepserver: {args.connections:,} connections, bursts of "
                          f"{args.burst:,}, {args.ratio:.0%} requests; {args.rounds} round(s)",
-                 path)
+                 path, xlabel="client: from intended send time; wire: packet to reply packet")
 
 
 def main():

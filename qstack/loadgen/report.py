@@ -367,7 +367,9 @@ def draw_latency(series, title: str, path: str, xlabel: str = "from intended sen
         cdf.step(ms, frac, where="post", color=color, linestyle=ls,
                  label=f"{label} ({h.count:,})")
         xs = [x for x, _ in spectrum_points(h)]
-        spec.step(xs, ms, where="post", color=color, linestyle=ls, label=label)
+        # the largest value holds up to the rank of the count: x = N
+        xs, ys = xs + [max(float(h.count), xs[-1])], ms + [ms[-1]]
+        spec.step(xs, ys, where="post", color=color, linestyle=ls, label=label)
         top = max(top, xs[-1])
         drawn += 1
     cdf.set_xscale("log")
