@@ -654,8 +654,7 @@ def _check_together(cfg: Config) -> None:
     if pr.rules and pr.classifier is not None:
         raise ConfigError("priority.rules and priority.classifier are mutually "
                           "exclusive: use native rules or a Python classifier")
-    if cfg.server.backend == "ustack":
-        _check_ustack(cfg)
+    _BACKEND_CHECKS.get(cfg.server.backend, _no_check)(cfg)
     nat = cfg.native
     if nat.buf_reserve is not None and nat.buf_reserve >= nat.buf_count:
         raise ConfigError(f"native.buf_reserve: {nat.buf_reserve} buffers held back leave "
@@ -684,6 +683,15 @@ def _check_ustack(cfg: Config) -> None:
         here = ipaddress.IPv4Network(str(us.ip), strict=False)
         if ipaddress.IPv4Address(us.gateway) not in here:
             raise ConfigError(f"ustack.gateway: {us.gateway} is not in {here}")
+
+
+def _no_check(cfg: Config) -> None:
+    pass
+
+
+# A backend's own config checks, by name (its settings and start-up errors are
+# server.py's tables): the transport layer knows no config.
+_BACKEND_CHECKS = {"ustack": _check_ustack}
 
 
 def _hostport(value, key, source):

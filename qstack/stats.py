@@ -51,7 +51,7 @@ import json
 import math
 import time
 
-from qstack._native import lib as _lib
+from qstack.transport import lib as _lib
 
 QS_LAT_BUCKETS = _lib.QS_LAT_BUCKETS
 _MAX_NS = (1 << 64) - 1

@@ -303,9 +303,9 @@ int qs_tcp_any_busy(const qs_ustack *s)
  * every peer still connected, so that none hangs on a connection that is
  * gone.  The control blocks stay as they are; qs_ustack_destroy frees
  * them.  TIME-WAIT has nothing left to reset, and a SYN-RECEIVED
- * connection was never the application's. */
-/* The RST carries qs_tcp_ack_seq, not snd_max: past a peer's closed window
- * (our zero-window probe byte) the peer would drop it and hang. */
+ * connection was never the application's.  The RST carries qs_tcp_ack_seq,
+ * not snd_max: past a peer's closed window (our zero-window probe byte) the
+ * peer would drop it and hang. */
 void qs_tcp_reset_all(qs_ustack *s, int64_t now)
 {
     qs_ustack_enter(s);
