@@ -53,6 +53,11 @@ def add_load_parser(sub: argparse._SubParsersAction) -> None:
     a("-d", "--duration", type=float, metavar="S",
       help="seconds of the measured window (default 10)")
     a("--protocol", choices=("echo", "iotep"), help="message format (default echo)")
+    a("--script", metavar="FILE.py",
+      help="custom protocol: a Python file (or module) defining request(conn, seq, high) "
+           "-> bytes and response(conn, data) -> (consumed, seqs); see docs/LOAD.md. "
+           "-l is then the most bytes one message may have (default 4096), --reply-len "
+           "the most unconsumed reply bytes per connection (default 65536)")
     a("--reply-len", type=int, metavar="BYTES",
       help="iotep: bytes in each reply to a request (default 146)")
     a("--rate", type=float, metavar="R",
@@ -131,7 +136,7 @@ def probe(host: str, port: int, wait: float) -> str | None:
 
 
 FIELDS = ("connections", "setup", "wait", "epoch", "burst", "length", "ratio", "duration",
-          "protocol", "reply_len", "rate", "closed", "window", "grain", "seed", "smp", "ips",
+          "protocol", "reply_len", "script", "rate", "closed", "window", "grain", "seed", "smp", "ips",
           "src",
           "warmup", "drain", "retry_delay", "connect_timeout", "connect_inflight",
           "reply_timeout", "max_lost", "log_duration", "cdf", "json", "plot", "quiet", "marks", "spin")
@@ -142,6 +147,9 @@ def options_from_args(args: argparse.Namespace):
     host, port = parse_dest(args.dest, args.allow_remote)
     o = validate(host=host, port=port, **{f: getattr(args, f) for f in FIELDS})
     notes = check_limits(o, resource.getrlimit(resource.RLIMIT_NOFILE))
+    if o.script:   # import and try it now: a bad script is one line and exit 2
+        from qstack.loadgen import script
+        script.install(script.load(o.script, o.length), o.length)
     if o.plot:   # say so now, not after the run
         try:
             import matplotlib  # noqa: F401
@@ -187,4 +195,6 @@ def _load(args: argparse.Namespace) -> int:
             say(f"wrote {path}")
     if doc["status"] == "interrupted":
         return 130
+    if doc.get("script_errors"):   # the script is broken, not the server
+        return 2
     return 0 if doc["status"] == "ok" else 1

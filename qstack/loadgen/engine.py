@@ -19,7 +19,8 @@ __all__ = ["Engine", "EngineTimes", "now_ns", "lib", "ffi", "STAT_FIELDS"]
 
 NS = 1_000_000_000
 MODES = {"epoch": lib.QSL_MODE_EPOCH, "rate": lib.QSL_MODE_RATE, "closed": lib.QSL_MODE_CLOSED}
-PROTOCOLS = {"echo": lib.QSL_PROTO_ECHO, "iotep": lib.QSL_PROTO_IOTEP}
+PROTOCOLS = {"echo": lib.QSL_PROTO_ECHO, "iotep": lib.QSL_PROTO_IOTEP,
+             "script": lib.QSL_PROTO_SCRIPT}
 GRAINS = {"message": lib.QSL_GRAIN_MESSAGE, "connection": lib.QSL_GRAIN_CONN}
 STAT_FIELDS = [name for name, _ in ffi.typeof("qsl_stats").fields]
 LEVEL_NAMES = ("high", "low")   # level 0, level 1
@@ -59,7 +60,12 @@ class Engine:
             from qstack.loadgen.options import _port_range
             cfg.port_lo, cfg.port_hi = _port_range()
         cfg.msg_len = o.length
-        cfg.reply_len = o.reply_len if o.protocol == "iotep" else o.length
+        cfg.reply_len = o.reply_len if o.protocol != "echo" else o.length
+        if o.protocol == "script":
+            from qstack.loadgen import script
+            if script._current is None:   # not installed by the CLI (a direct runner.run)
+                script.install(script.load(o.script, o.length), o.length)
+            cfg.build, cfg.match = script.callbacks()
         cfg.burst = o.burst
         cfg.window = o.window
         cfg.ratio = o.ratio

@@ -17,7 +17,7 @@ import socket
 
 from qstack.errors import ConfigError
 
-PROTOCOLS = ("echo", "iotep")
+PROTOCOLS = ("echo", "iotep", "script")   # script: --script FILE (script.py)
 GRAINS = ("message", "connection")
 # Open files a process needs besides its connections: stdio, the epoll fd,
 # pipes to the parent, Python's own, some slack.
@@ -25,8 +25,10 @@ FD_RESERVE = 64
 ECHO_MIN = 16     # qsload.h QSL_ECHO_HEADER
 IOTEP_MIN = 9     # QSL_IOTEP_MIN
 MAX_WINDOW = 64   # QSL_MAX_WINDOW
-DEFAULT_LENGTH = {"echo": 64, "iotep": 200}   # iotep: apps/iotepserver's fixed:200
+DEFAULT_LENGTH = {"echo": 64, "iotep": 200,   # iotep: apps/iotepserver's fixed:200
+                  "script": 4096}              # script: room for one message
 DEFAULT_REPLY_LEN = 146                        # QStack's iotepserver reply
+SCRIPT_REPLY_LEN = 65536                       # script: room for unconsumed replies
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +45,7 @@ class LoadOptions:
     duration: float = 10.0    # -d: the measured window
     protocol: str = "echo"
     reply_len: int = DEFAULT_REPLY_LEN
+    script: str | None = None # --script: file or module (protocol "script")
     rate: float = 0.0         # > 0: open loop
     closed: bool = False
     window: int = 8
@@ -117,7 +120,14 @@ def _need(cond: bool, message: str) -> None:
 
 def validate(**kw) -> LoadOptions:
     """Build LoadOptions from flag values; raises ConfigError naming the flag."""
+    if kw.get("script"):
+        _need(kw.get("protocol") in (None, "script"),
+              f"--script and --protocol {kw.get('protocol')} exclude each other")
+        kw["protocol"] = "script"
+        if kw.get("reply_len") is None:
+            kw["reply_len"] = SCRIPT_REPLY_LEN
     protocol = kw.get("protocol") or "echo"
+    _need(protocol != "script" or kw.get("script"), "--protocol script needs --script FILE")
     _need(protocol in PROTOCOLS, f"--protocol: expected one of {', '.join(PROTOCOLS)}, "
                                  f"got {protocol!r}")
     if kw.get("length") is None:
@@ -142,7 +152,7 @@ def validate(**kw) -> LoadOptions:
           f"--max-lost is a share of requests, 0..1, got {o.max_lost}")
     _need(o.burst >= 1, f"-b/--burst must be at least 1, got {o.burst}")
     _need(0.0 <= o.ratio <= 1.0, f"-r/--ratio is a share of messages, 0..1, got {o.ratio}")
-    minimum = ECHO_MIN if protocol == "echo" else IOTEP_MIN
+    minimum = {"echo": ECHO_MIN, "iotep": IOTEP_MIN, "script": 1}[protocol]
     _need(minimum <= o.length <= (65535 if protocol == "echo" else 1 << 24),
           f"-l/--length: {protocol} messages need {minimum}.."
           f"{65535 if protocol == 'echo' else 1 << 24} bytes, got {o.length}")

@@ -201,17 +201,22 @@ def build(o, stats: dict, hists: list[Histogram], cpu_s: float, intervals: list,
     lost_reason = _lost_reason(o, s) if s and complete else None
     if lost_reason:
         errors = list(errors) + [lost_reason]
+    if s.get("script_errors"):
+        errors = list(errors) + [f"the script's request() or response() failed "
+                                 f"{s['script_errors']:,} times (the first reason is "
+                                 f"printed above: 'qstack load: script error: ...')"]
     ok = (complete and not errors and s.get("established", 0) > 0 and
           not s.get("bad_replies") and not s.get("unsolicited"))
     return {
         "schema": SCHEMA,
         "tool": "qstack load",
         "status": "interrupted" if interrupted else ("ok" if ok else "failed"),
+        "script_errors": s.get("script_errors", 0),
         "config": {
-            "dest": o.dest, "protocol": o.protocol, "mode": o.mode,
+            "dest": o.dest, "protocol": o.protocol, "script": o.script, "mode": o.mode,
             "connections": o.connections, "setup_s": o.setup, "wait_s": o.wait,
             "epoch_s": o.epoch, "burst": o.burst, "length": o.length,
-            "reply_len": o.reply_len if o.protocol == "iotep" else o.length,
+            "reply_len": o.reply_len if o.protocol != "echo" else o.length,
             "ratio": o.ratio, "grain": o.grain, "seed": o.seed, "duration_s": o.duration,
             "warmup_s": o.warmup, "drain_s": o.drain, "rate": o.rate or None,
             "window": o.window, "smp": o.smp, "ips": o.ips,

@@ -14,6 +14,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cffibuild import builder, compile_in_place  # noqa: E402
 
 ffibuilder = builder("_loadgen", "qsload.h", "loadgen", direct=__name__ == "__main__")
+# The script protocol's callbacks (qsl_config.build / .match): C functions
+# that cffi generates, which take the GIL and call the @ffi.def_extern
+# functions of qstack/loadgen/script.py.  They are not in qsload.h because
+# the C compiler cannot read `extern "Python"`.
+ffibuilder.cdef("""
+extern "Python" int32_t qsl_py_build(uint32_t, uint32_t, int32_t, uint8_t *, uint32_t);
+extern "Python" int64_t qsl_py_match(uint32_t, const uint8_t *, uint32_t, uint32_t *,
+                                     uint32_t, uint32_t *);
+""")
 
 if __name__ == "__main__":
     compile_in_place(ffibuilder, "_loadgen")

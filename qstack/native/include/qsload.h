@@ -34,6 +34,9 @@
 /* message formats */
 #define QSL_PROTO_ECHO 0          /* every message is echoed and verified */
 #define QSL_PROTO_IOTEP 1         /* MCC's IoT format: requests get a reply */
+#define QSL_PROTO_SCRIPT 2        /* the user's Python module (qstack/loadgen/script.py):
+                                     `build` makes each message, `match` frames and
+                                     matches the replies; every message expects one */
 
 /* when messages are sent */
 #define QSL_MODE_EPOCH 0          /* MCC: every connection once per epoch, in bursts */
@@ -92,6 +95,21 @@ typedef struct qsl_config {
     int64_t spin_ns;              /* poll without sleeping when the next send is this near */
     int64_t reply_timeout_ns;     /* a request unanswered this long is given up (counted in
                                      `timed_out`) and leaves the window; 0 = never */
+    /* QSL_PROTO_SCRIPT only (NULL otherwise).  The engine calls them from
+     * qsl_engine_run, with the GIL released; they are cffi extern "Python"
+     * functions (build_loadgen.py), which take the GIL for the call.
+     * build writes message `seq` (>= 1) of global connection g into
+     * buf[0..cap) (cap = msg_len) and returns its length, or < 0 (counted
+     * in script_errors; the connection is dropped).
+     * match reads the unconsumed reply bytes of connection g, buf[0..len),
+     * and returns how many of them it consumed (0 = wait for more), or < 0
+     * on error; it writes the sequence numbers it answers into seqs (at
+     * most cap, *nseqs of them): 0 answers the oldest outstanding request.
+     * Replies are buffered up to reply_len bytes per connection.  The
+     * engine owns buf and seqs; they are valid only during the call. */
+    int32_t (*build)(uint32_t g, uint32_t seq, int32_t high, uint8_t *buf, uint32_t cap);
+    int64_t (*match)(uint32_t g, const uint8_t *buf, uint32_t len, uint32_t *seqs,
+                     uint32_t cap, uint32_t *nseqs);
 } qsl_config;
 
 /* Counters of one engine since it started; all cumulative. */
@@ -136,6 +154,8 @@ typedef struct qsl_stats {
     uint64_t unstarted;           /* connections still waiting for their first attempt */
     uint64_t timed_out;           /* requests given up after reply_timeout_ns */
     uint64_t by_seq;              /* iotep replies matched by the counter they carry */
+    uint64_t script_errors;       /* script: build or match failed (the Python side
+                                     has the reason) */
 } qsl_stats;
 
 /* Summary of one histogram (values in ns). */

@@ -211,7 +211,17 @@ static int send_one(struct qsl_engine *e, struct ql_conn *c, uint64_t k, int64_t
     int high = qsl_is_high(cfg->seed, cfg->ratio, cfg->grain, c->g, k);
     int expects = ql_msg_expects_reply(cfg->protocol, high);
     int win = in_window(e, t);
-    ql_msg_build(e->pattern, cfg->protocol, e->scratch, cfg->msg_len, c->g, seq, high);
+    int32_t len = (int32_t)cfg->msg_len;
+    if (cfg->protocol == QSL_PROTO_SCRIPT) {
+        len = cfg->build(c->g, seq, high, e->scratch, cfg->msg_len);
+        if (len < 0 || (uint32_t)len > cfg->msg_len) {
+            e->st.script_errors++;
+            ql_conn_drop(e, c, 0, now);
+            return -EINVAL;
+        }
+    } else {
+        ql_msg_build(e->pattern, cfg->protocol, e->scratch, cfg->msg_len, c->g, seq, high);
+    }
     if (expects) {
         struct ql_out *o = out_at(e, c, c->out_count);
         *o = (struct ql_out){ .t = t, .seq = seq, .level = high ? 0 : 1, .live = 1 };
@@ -232,7 +242,7 @@ static int send_one(struct qsl_engine *e, struct ql_conn *c, uint64_t k, int64_t
         e->st.late_sends++;
     if (now > t && (uint64_t)(now - t) > e->st.max_lag_ns)
         e->st.max_lag_ns = (uint64_t)(now - t);
-    int rc = write_msg(e, c, e->scratch, cfg->msg_len);
+    int rc = len > 0 ? write_msg(e, c, e->scratch, (uint32_t)len) : 0;
     if (rc < 0)
         ql_conn_drop(e, c, -rc, now);
     return rc;
@@ -364,6 +374,21 @@ static void record(struct qsl_engine *e, const struct ql_out *o, int64_t now)
         e->st.w_done++;
 }
 
+/* o (NULL: nobody asked) is answered now; returns 0 or -EBADMSG. */
+static int answer(struct qsl_engine *e, struct ql_conn *c, struct ql_out *o, int64_t now)
+{
+    if (!o) {
+        e->st.unsolicited++;
+        return -EBADMSG;
+    }
+    record(e, o, now);
+    o->live = 0;
+    c->out_live--;
+    e->st.outstanding--;
+    pop_dead(e, c);
+    return 0;
+}
+
 /* Handle one whole reply; returns 0, or -EBADMSG to drop the connection. */
 static int on_reply(struct qsl_engine *e, struct ql_conn *c, const uint8_t *p, int64_t now)
 {
@@ -403,15 +428,68 @@ static int on_reply(struct qsl_engine *e, struct ql_conn *c, const uint8_t *p, i
             if (out_at(e, c, k)->live)
                 o = out_at(e, c, k);
     }
-    if (!o) {
-        e->st.unsolicited++;
-        return -EBADMSG;
+    return answer(e, c, o, now);
+}
+
+/* The script's seqs: 0 answers the oldest outstanding request, s > 0 the
+ * outstanding request s (none: unsolicited, as for echo). */
+static int answer_seqs(struct qsl_engine *e, struct ql_conn *c, const uint32_t *seqs,
+                       uint32_t n, int64_t now)
+{
+    expire_old(e, c, now);
+    for (uint32_t i = 0; i < n; i++) {
+        struct ql_out *o = NULL;
+        for (uint32_t k = 0; k < c->out_count && !o; k++) {
+            struct ql_out *x = out_at(e, c, k);
+            if (x->live && (seqs[i] == 0 || x->seq == seqs[i]))
+                o = x;
+        }
+        e->st.by_seq += o != NULL && seqs[i] != 0;
+        if (answer(e, c, o, now) < 0)
+            return -EBADMSG;
     }
-    record(e, o, now);
-    o->live = 0;
-    c->out_live--;
-    e->st.outstanding--;
-    pop_dead(e, c);
+    return 0;
+}
+
+/*
+ * Script replies: the bytes pile up in c->rx (reply_len of room) and the
+ * script's match consumes whole replies from its head.  Every pass either
+ * consumes bytes or stops, so the loop is bounded by the bytes read; a
+ * reply that does not fit in reply_len bytes is a bad reply.
+ */
+static int consume_script(struct qsl_engine *e, struct ql_conn *c, const uint8_t *p,
+                          size_t n, int64_t now)
+{
+    const qsl_config *cfg = &e->cfg;
+    uint32_t cap = cfg->reply_len;
+    uint32_t seqs[QSL_MAX_WINDOW];
+    if (!c->rx && !(c->rx = malloc(cap)))
+        return -ENOMEM;
+    while (n > 0) {
+        size_t take = cap - c->rx_len < n ? cap - c->rx_len : n;
+        memcpy(c->rx + c->rx_len, p, take);
+        c->rx_len += (uint32_t)take;
+        p += take;
+        n -= take;
+        while (c->rx_len > 0) {
+            uint32_t nseqs = 0;
+            int64_t used = cfg->match(c->g, c->rx, c->rx_len, seqs, QSL_MAX_WINDOW, &nseqs);
+            if (used < 0 || used > c->rx_len || nseqs > QSL_MAX_WINDOW) {
+                e->st.script_errors++;
+                return -EBADMSG;
+            }
+            if (answer_seqs(e, c, seqs, nseqs, now) < 0)
+                return -EBADMSG;
+            if (used == 0)
+                break;
+            memmove(c->rx, c->rx + used, c->rx_len - (uint32_t)used);
+            c->rx_len -= (uint32_t)used;
+        }
+        if (c->rx_len == cap) {
+            e->st.bad_replies++;
+            return -EBADMSG;
+        }
+    }
     return 0;
 }
 
@@ -419,6 +497,8 @@ static int consume(struct qsl_engine *e, struct ql_conn *c, const uint8_t *p, si
                    int64_t now)
 {
     uint32_t rl = e->cfg.reply_len;
+    if (e->cfg.protocol == QSL_PROTO_SCRIPT)
+        return consume_script(e, c, p, n, now);
     if (c->rx_len > 0) {
         size_t take = rl - c->rx_len < n ? rl - c->rx_len : n;
         memcpy(c->rx + c->rx_len, p, take);
@@ -595,6 +675,9 @@ static int valid(const qsl_config *c)
         return 0;
     if (c->protocol == QSL_PROTO_ECHO) {
         if (c->msg_len < QSL_ECHO_HEADER || c->msg_len > 65535)
+            return 0;
+    } else if (c->protocol == QSL_PROTO_SCRIPT) {
+        if (!c->build || !c->match || c->reply_len == 0 || c->reply_len > (1u << 24))
             return 0;
     } else if (c->protocol != QSL_PROTO_IOTEP || c->msg_len < QSL_IOTEP_MIN ||
                c->reply_len == 0 || c->reply_len > (1u << 24)) {

@@ -73,7 +73,7 @@ void ql_msg_pattern_init(uint8_t *pattern, uint32_t len)
 
 int ql_msg_expects_reply(int protocol, int high)
 {
-    return protocol == QSL_PROTO_ECHO || high;
+    return protocol == QSL_PROTO_ECHO || protocol == QSL_PROTO_SCRIPT || high;
 }
 
 int32_t ql_msg_build(const uint8_t *pattern, int32_t protocol, uint8_t *buf, uint32_t len,
