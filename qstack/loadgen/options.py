@@ -83,9 +83,11 @@ class LoadOptions:
                  "closed": f"closed loop, {self.window} in flight per connection"}[self.mode]
         extra = (f", {self.smp} processes" if self.smp > 1 else "") + \
                 (f", {self.ips} source addresses" if self.ips else "")
-        return (f"{self.protocol} to {self.dest}: {self.connections:,} connections "
+        proto = f"script {self.script}" if self.protocol == "script" else self.protocol
+        size = f"up to {self.length} B" if self.protocol == "script" else f"{self.length} B"
+        return (f"{proto} to {self.dest}: {self.connections:,} connections "
                 f"(setup {self.setup:g} s, wait {self.wait:g} s), {sched}, "
-                f"{self.length} B, high share {self.ratio:g}, "
+                f"{size}, high share {self.ratio:g}, "
                 f"{self.duration:g} s measured{extra}")
 
 
