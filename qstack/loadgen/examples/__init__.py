@@ -1,0 +1,1 @@
+"""Example scripts for `qstack load --script` (see docs/LOAD.md)."""
