@@ -30,7 +30,6 @@ clean stop, 3 if the grace period ran out and requests were dropped.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import threading
@@ -119,9 +118,7 @@ def serve(handler: Callable[..., Any], *, config: Sequence[str] | str | None = N
     check_handler(handler, name)
     from qstack import server
     if server.kernel_sockets(cfg):
-        port = server.check_port(cfg.server.host, cfg.server.port)
-        if port != cfg.server.port:
-            cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, port=port))
+        cfg = server.check_listen(cfg)
     if handle is not None:
         handle.host, handle.port = cfg.server.host, cfg.server.port
     if cfg.server.cores == 1:
