@@ -235,3 +235,13 @@ def test_unix_with_ustack_refused():
 def test_unix_directory_missing():
     err = _fails("--host", "unix:/nonexistent-qstack-dir/s.sock")
     assert "does not exist" in err
+
+
+def test_unix_peer_is_none(run, sock_path):
+    """A Unix socket's client has no address: req.conn.peer is None, which
+    the access log writes as '-' (and nothing fails on the way)."""
+    r = run("--host", "unix:" + sock_path, "--access-log")
+    wait_unix(sock_path, r.proc)
+    assert echo_unix(sock_path) == b"hello\n"
+    run.stop_all()
+    assert "access - conn=" in r.stderr, r.stderr[-2000:]
