@@ -120,7 +120,14 @@ def serve(handler: Callable[..., Any], *, config: Sequence[str] | str | None = N
     if server.kernel_sockets(cfg):
         cfg = server.check_listen(cfg)
     if handle is not None:
-        handle.host, handle.port = cfg.server.host, cfg.server.port
+        # the first TCP address (server.bind's, or host and port); a Unix
+        # socket alone leaves port None and host "unix:PATH"
+        from qstack.config import listen_addresses
+        tcp = [a for a in listen_addresses(cfg.server) if a[0] == "tcp"]
+        if tcp:
+            handle.host, handle.port = tcp[0][1], tcp[0][2]
+        else:
+            handle.host = "unix:" + listen_addresses(cfg.server)[0][1]
     if cfg.server.cores == 1:
         if handle is not None:
             handle.ready.set()

@@ -1,8 +1,8 @@
 """Run one core in this process: listener, native stack thread, hub.
 
-The frontend calls :func:`check_port` once before anything starts (so a busy
-port is a start-up error, exit 2, even with several cores) and then
-:func:`serve` in each core's process.  ``serve`` owns the process's signals:
+The frontend calls :func:`check_listen` once before anything starts (so a
+busy port or Unix path is a start-up error, exit 2, even with several
+cores) and then :func:`serve` in each core's process.  ``serve`` owns the process's signals:
 the first SIGINT/SIGTERM drains gracefully (stop accepting, serve what
 already arrived on accepted connections for a moment, stop reading, finish
 queued requests within ``server.shutdown_grace``, flush replies, close); a
