@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -721,7 +722,9 @@ def listen_address(text: str) -> tuple:
     if text.startswith(UNIX_PREFIX):
         path = text[len(UNIX_PREFIX):]
         if not path or "\0" in path:
-            raise ValueError("unix: needs a path")
+            raise ValueError("unix: needs a path, e.g. unix:/tmp/qstack.sock")
+        if len(os.fsencode(path)) > UNIX_PATH_MAX:
+            raise ValueError(f"a Unix socket path is at most {UNIX_PATH_MAX} bytes")
         return ("unix", path)
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
@@ -750,8 +753,11 @@ def show_address(addr: tuple) -> str:
 
 
 def _host(value, key):
-    if value.startswith(UNIX_PREFIX) and not value[len(UNIX_PREFIX):]:
-        raise ConfigError(f"{key}: unix: needs a path, e.g. unix:/tmp/qstack.sock")
+    if value.startswith(UNIX_PREFIX):
+        try:
+            listen_address(value)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {exc}, got {_show(value)}") from None
     return value
 
 
@@ -764,9 +770,10 @@ def _bind_list(value, key):
     for text in items:
         try:
             listen_address(text)
-        except ValueError:
-            raise ConfigError(f"{key}: expected HOST:PORT (such as 127.0.0.1:8000) or "
-                              f"unix:PATH, got {_show(text)}") from None
+        except ValueError as exc:
+            why = (exc if text.startswith(UNIX_PREFIX) else
+                   "expected HOST:PORT (such as 127.0.0.1:8000) or unix:PATH")
+            raise ConfigError(f"{key}: {why}, got {_show(text)}") from None
     if len(items) > MAX_LISTEN:
         raise ConfigError(f"{key}: at most {MAX_LISTEN} addresses, got {len(items)}")
     if len(set(items)) != len(items):
@@ -775,3 +782,4 @@ def _bind_list(value, key):
 
 
 MAX_LISTEN = 16     # backend_kernel.c QS_MAX_LISTEN
+UNIX_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux

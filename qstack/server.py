@@ -102,7 +102,7 @@ def _check_unix(path):
         probe.connect(path)
     except OSError as exc:
         if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-            raise ConfigError(f"unix:{path}: {exc.strerror}") from None
+            raise ConfigError(f"unix:{path}: {exc.strerror or exc}") from None
         os.unlink(path)             # nobody listens: stale
         return
     finally:
@@ -153,7 +153,7 @@ def open_listener(addr, backlog):
         sock.close()
         if exc.errno == errno.EADDRINUSE:
             raise ConfigError(f"unix:{path} is already in use") from None
-        raise ConfigError(f"cannot listen on unix:{path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot listen on unix:{path}: {exc.strerror or exc}") from None
     return sock
 
 

@@ -245,3 +245,8 @@ def test_unix_peer_is_none(run, sock_path):
     assert echo_unix(sock_path) == b"hello\n"
     run.stop_all()
     assert "access - conn=" in r.stderr, r.stderr[-2000:]
+
+
+def test_unix_path_too_long():
+    err = _fails("--host", "unix:/tmp/" + "x" * 120 + ".sock")
+    assert "at most 107 bytes" in err
