@@ -18,7 +18,6 @@ Subcommands: each ``_add_<name>`` registers its parser and sets ``run``; more
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import difflib
 import logging
 import os
@@ -81,7 +80,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                         "repeatable, later files override earlier ones")
     # default=None everywhere: only flags actually given override the file.
     flags = [
-        ("--host", "server.host", str, "address to listen on"),
+        ("--host", "server.host", str, "address to listen on, or unix:PATH"),
         ("--port", "server.port", int, "TCP port (0 = any free port)"),
         ("--cores", "server.cores", int, "worker processes, one per core"),
         ("--workers", "server.workers", int, "greenlets per core"),
@@ -124,6 +123,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     for flag, key, typ, text in flags:
         p.add_argument(flag, dest=key, type=typ, default=None, metavar=key.split(".")[1].upper(),
                        help=f"{text} ({key}, default {_default_of(key)})")
+    p.add_argument("--bind", "-b", dest="server.bind", action="append", metavar="ADDR",
+                   default=None,
+                   help="listen on HOST:PORT or unix:PATH; repeatable, every core serves "
+                        "them all (server.bind, default: --host and --port)")
     p.add_argument("--priority", action="append", metavar="RULE", default=None,
                    help="offset=N,value=N[,mask=N][,level=N]; repeatable, "
                         "first match wins (priority.rules)")
@@ -197,9 +200,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from qstack import server
     if server.kernel_sockets(cfg):
-        port = server.check_port(cfg.server.host, cfg.server.port)
-        if port != cfg.server.port:  # port 0: every core must bind the same one
-            cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, port=port))
+        cfg = server.check_listen(cfg)  # port 0: every core must bind the same one
     if cfg.server.cores == 1:
         return server.serve(cfg, handler, core_index=0, stats_fd=None)
     from qstack.supervisor import Supervisor

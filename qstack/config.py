@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -64,6 +65,7 @@ class Rule:
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
+    bind: tuple[str, ...] = ()      # HOST:PORT or unix:PATH each; () = host/port
     backend: str = "kernel"
     cores: int = 1
     workers: int = 64
@@ -405,8 +407,9 @@ def _make_rule(fields: dict, error: Callable[[str], ConfigError]) -> Rule:
 
 _SCHEMA: dict[str, dict[str, Validator]] = {
     "server": {
-        "host": _str,
+        "host": lambda v, k, s: _host(_str(v, k, s), k),
         "port": _int(0, 65535),
+        "bind": lambda v, k, s: _bind_list(v, k),
         "backend": _choice(*BACKENDS),
         "cores": _int(1, 64),
         "workers": _int(1, 100000),
@@ -675,6 +678,12 @@ def _check_ustack(cfg: Config) -> None:
                           "--eal '--no-huge -m 256 --no-pci --vdev=net_tap0,iface=qs0'")
     if cfg.server.port == 0:
         raise ConfigError("server.port: the user-space stack needs a fixed port (not 0)")
+    if cfg.server.bind:
+        raise ConfigError("server.bind: the user-space stack listens on one port "
+                          "(server.port); --bind is for the kernel backend")
+    if cfg.server.host.startswith(UNIX_PREFIX):
+        raise ConfigError("server.host: the user-space stack has no Unix sockets; "
+                          "unix:PATH is for the kernel backend")
     if cfg.server.cores != 1 and us.driver != "tap":
         raise ConfigError(f"server.cores: the dpdk driver serves one port from one core "
                           f"for now, got {cfg.server.cores}")
@@ -701,3 +710,76 @@ def _hostport(value, key, source):
         raise ConfigError(f"{key}: expected HOST:PORT such as 127.0.0.1:9100, "
                           f"got {_show(value)}")
     return value
+
+
+UNIX_PREFIX = "unix:"
+
+
+def listen_address(text: str) -> tuple:
+    """One listen address: ``("unix", path)`` for unix:PATH, else
+    ``("tcp", host, port)`` for HOST:PORT ([v6]:PORT too).  ValueError if
+    it is neither."""
+    if text.startswith(UNIX_PREFIX):
+        path = text[len(UNIX_PREFIX):]
+        if not path or "\0" in path:
+            raise ValueError("unix: needs a path, e.g. unix:/tmp/qstack.sock")
+        if len(os.fsencode(path)) > UNIX_PATH_MAX:
+            raise ValueError(f"a Unix socket path is at most {UNIX_PATH_MAX} bytes")
+        return ("unix", path)
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError("expected HOST:PORT or unix:PATH")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return ("tcp", host, int(port))
+
+
+def listen_addresses(server: ServerConfig) -> list[tuple]:
+    """Where a kernel-socket core listens: server.bind, or else server.host
+    (unix:PATH, or a host with server.port)."""
+    if server.bind:
+        return [listen_address(text) for text in server.bind]
+    if server.host.startswith(UNIX_PREFIX):
+        return [listen_address(server.host)]
+    return [("tcp", server.host, server.port)]
+
+
+def show_address(addr: tuple) -> str:
+    """An address as --bind spells it."""
+    if addr[0] == "unix":
+        return UNIX_PREFIX + addr[1]
+    host = f"[{addr[1]}]" if ":" in addr[1] else addr[1]
+    return f"{host}:{addr[2]}"
+
+
+def _host(value, key):
+    if value.startswith(UNIX_PREFIX):
+        try:
+            listen_address(value)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {exc}, got {_show(value)}") from None
+    return value
+
+
+def _bind_list(value, key):
+    """server.bind: a list of HOST:PORT / unix:PATH (one string is a list of one)."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+        raise ConfigError(f"{key}: expected a list of HOST:PORT or unix:PATH, "
+                          f"got {_show(value)}")
+    for text in items:
+        try:
+            listen_address(text)
+        except ValueError as exc:
+            why = (exc if text.startswith(UNIX_PREFIX) else
+                   "expected HOST:PORT (such as 127.0.0.1:8000) or unix:PATH")
+            raise ConfigError(f"{key}: {why}, got {_show(text)}") from None
+    if len(items) > MAX_LISTEN:
+        raise ConfigError(f"{key}: at most {MAX_LISTEN} addresses, got {len(items)}")
+    if len(set(items)) != len(items):
+        raise ConfigError(f"{key}: an address is given twice")
+    return tuple(items)
+
+
+MAX_LISTEN = 16     # backend_kernel.c QS_MAX_LISTEN
+UNIX_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux

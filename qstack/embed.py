@@ -30,7 +30,6 @@ clean stop, 3 if the grace period ran out and requests were dropped.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import threading
@@ -119,11 +118,16 @@ def serve(handler: Callable[..., Any], *, config: Sequence[str] | str | None = N
     check_handler(handler, name)
     from qstack import server
     if server.kernel_sockets(cfg):
-        port = server.check_port(cfg.server.host, cfg.server.port)
-        if port != cfg.server.port:
-            cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, port=port))
+        cfg = server.check_listen(cfg)
     if handle is not None:
-        handle.host, handle.port = cfg.server.host, cfg.server.port
+        # the first TCP address (server.bind's, or host and port); a Unix
+        # socket alone leaves port None and host "unix:PATH"
+        from qstack.config import listen_addresses
+        tcp = [a for a in listen_addresses(cfg.server) if a[0] == "tcp"]
+        if tcp:
+            handle.host, handle.port = tcp[0][1], tcp[0][2]
+        else:
+            handle.host = "unix:" + listen_addresses(cfg.server)[0][1]
     if cfg.server.cores == 1:
         if handle is not None:
             handle.ready.set()

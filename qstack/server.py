@@ -1,8 +1,8 @@
 """Run one core in this process: listener, native stack thread, hub.
 
-The frontend calls :func:`check_port` once before anything starts (so a busy
-port is a start-up error, exit 2, even with several cores) and then
-:func:`serve` in each core's process.  ``serve`` owns the process's signals:
+The frontend calls :func:`check_listen` once before anything starts (so a
+busy port or Unix path is a start-up error, exit 2, even with several
+cores) and then :func:`serve` in each core's process.  ``serve`` owns the process's signals:
 the first SIGINT/SIGTERM drains gracefully (stop accepting, serve what
 already arrived on accepted connections for a moment, stop reading, finish
 queued requests within ``server.shutdown_grace``, flush replies, close); a
@@ -20,18 +20,22 @@ SIGHUP cannot reload -- there is nobody to start the new core -- so it is
 logged and ignored.
 """
 
+import dataclasses
 import errno
 import json
 import logging
 import os
 import signal
 import socket
+import stat
 import time
 
 from .app import counters
+from .config import listen_addresses, show_address
 from .errors import ConfigError
 
-__all__ = ["EXIT_DROPPED", "check_port", "kernel_sockets", "open_listener", "serve"]
+__all__ = ["EXIT_DROPPED", "check_listen", "check_port", "kernel_sockets",
+           "open_listener", "serve"]
 
 log = logging.getLogger("qstack")
 
@@ -80,6 +84,52 @@ def check_port(host, port):
         sock.close()
 
 
+def _check_unix(path):
+    """Fail (ConfigError) unless a Unix socket can be bound at ``path``: its
+    directory exists and nobody listens there.  A stale socket file (left by
+    a server that was killed) is removed; any other file is an error."""
+    where = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(where):
+        raise ConfigError(f"unix:{path}: directory {where} does not exist")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(f"unix:{path}: exists and is not a socket; not removing it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError as exc:
+        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise ConfigError(f"unix:{path}: {exc.strerror or exc}") from None
+        os.unlink(path)             # nobody listens: stale
+        return
+    finally:
+        probe.close()
+    raise ConfigError(f"unix:{path} is already in use (a server listens there)")
+
+
+def check_listen(cfg):
+    """Probe every listen address of ``cfg`` once, before any core starts
+    (so a busy address is a start-up error, exit 2); returns ``cfg`` with
+    port 0 replaced by the concrete port, since every core must bind the same."""
+    srv = cfg.server
+    addrs = listen_addresses(srv)
+    fixed = []
+    for addr in addrs:
+        if addr[0] == "unix":
+            _check_unix(addr[1])
+            fixed.append(addr)
+        else:
+            fixed.append(("tcp", addr[1], check_port(addr[1], addr[2])))
+    if srv.bind:
+        srv = dataclasses.replace(srv, bind=tuple(show_address(a) for a in fixed))
+    elif fixed[0][0] == "tcp":
+        srv = dataclasses.replace(srv, port=fixed[0][2])
+    return dataclasses.replace(cfg, server=srv)
+
+
 def kernel_sockets(cfg):
     """Whether cfg's backend listens on kernel sockets (NativeCore.kernel_sockets):
     the frontend then probes the port, the supervisor binds one listener per
@@ -88,9 +138,42 @@ def kernel_sockets(cfg):
     return backend_type(cfg.server.backend).kernel_sockets
 
 
-def open_listener(host, port, backlog):
-    """A listening socket in this core's SO_REUSEPORT group."""
-    return _bind(host, port, reuseport=True, backlog=backlog)
+def open_listener(addr, backlog):
+    """A listening socket for one address of listen_addresses(): TCP in this
+    core's SO_REUSEPORT group, or a Unix socket (which has no such groups:
+    one is bound for all cores and shared)."""
+    if addr[0] == "tcp":
+        return _bind(addr[1], addr[2], reuseport=True, backlog=backlog)
+    path = addr[1]
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(f"unix:{path} is already in use") from None
+        raise ConfigError(f"cannot listen on unix:{path}: {exc.strerror or exc}") from None
+    return sock
+
+
+def unix_owner(sock):
+    """(path, dev, inode) of a Unix listener we bound, for unlink_owned()."""
+    path = sock.getsockname()
+    st = os.stat(path)
+    return path, st.st_dev, st.st_ino
+
+
+def unlink_owned(owned):
+    """Remove the socket files we bound, unless another server has since
+    bound a new socket at the same path (a different inode)."""
+    for path, dev, ino in owned:
+        try:
+            st = os.lstat(path)
+            if (st.st_dev, st.st_ino) == (dev, ino):
+                os.unlink(path)
+        except OSError:
+            pass
 
 
 def _conn_hooks(app, stream, load_callable):
@@ -235,14 +318,23 @@ def _app_init(app, load_callable):
         raise ConfigError(f"app init {app.init} failed: {type(exc).__name__}: {text}") from None
 
 
-def serve(cfg, handler, core_index=0, stats_fd=None, listen_fd=None, stop_fd=None):
+def serve(cfg, handler, core_index=0, stats_fd=None, listen_fds=None, stop_fd=None):
     """Serve until a signal asks to stop; returns the exit code.
 
-    ``listen_fd`` is a listening socket the supervisor made and keeps (kernel
-    backend); without it this core binds its own.  ``stop_fd`` (qstack.serve's
+    ``listen_fds`` are listening sockets the supervisor made and keeps (kernel
+    backend), one per listen address; without them this core binds its own
+    (and removes the Unix socket files it bound when it returns).  ``stop_fd`` (qstack.serve's
     handle) stops it as SIGTERM does once it becomes readable.  Outside the
     main thread no signal handler can be installed: only ``stop_fd`` stops it.
     """
+    owned = []                  # Unix socket files this core bound itself
+    try:
+        return _serve(cfg, handler, core_index, stats_fd, listen_fds, stop_fd, owned)
+    finally:
+        unlink_owned(owned)
+
+
+def _serve(cfg, handler, core_index, stats_fd, listen_fds, stop_fd, owned):
     import gevent
     from gevent.event import Event
 
@@ -281,8 +373,8 @@ def serve(cfg, handler, core_index=0, stats_fd=None, listen_fd=None, stop_fd=Non
         log.info("metrics on http://%s:%d/metrics", *metrics_sock.getsockname()[:2])
     hooks = _conn_hooks(cfg.app, stream, load_callable)
     options = _native_options(cfg, stream, stack_cpu, inline, conn_events=bool(hooks))
-    core = _open_core(cfg, options, listen_fd)
-    where = core.where(srv.host, srv.port)
+    core = _open_core(cfg, options, listen_fds, owned)
+    where = _where(core, srv)
     if cfg.log.access and not stream:
         from .app.access import access_logged
         handler = access_logged(handler, cfg.log.access_sample)
@@ -433,34 +525,60 @@ def serve(cfg, handler, core_index=0, stats_fd=None, listen_fd=None, stop_fd=Non
     return EXIT_DROPPED if dropped[0] else 0
 
 
-def _open_core(cfg, options, listen_fd):
-    """This core's NativeCore, listening on server.port.  One path for every
-    backend (qstack.transport.open_core); what a backend adds are its own
-    settings and the words for its errors (the tables below)."""
+def _open_core(cfg, options, listen_fds, owned):
+    """This core's NativeCore, listening on every listen address (kernel
+    sockets) or on server.port (ustack).  One path for every backend
+    (qstack.transport.open_core); what a backend adds are its own settings
+    and the words for its errors (the tables below)."""
     from .transport import backend_type, open_core
     srv = cfg.server
-    sock = None
+    socks = []                  # (sock, port to check, 0 for Unix)
     if backend_type(srv.backend).kernel_sockets:
-        # the supervisor's listener, shared by this core index, or our own
-        sock = (socket.socket(fileno=listen_fd) if listen_fd is not None
-                else open_listener(srv.host, srv.port, srv.backlog))
+        addrs = listen_addresses(srv)
+        if listen_fds is not None:
+            # the supervisor's listeners, shared by this core index
+            socks = [(socket.socket(fileno=fd), a[2] if a[0] == "tcp" else 0)
+                     for fd, a in zip(listen_fds, addrs)]
+        else:
+            try:
+                for a in addrs:
+                    sock = open_listener(a, srv.backlog)
+                    socks.append((sock, a[2] if a[0] == "tcp" else 0))
+                    if a[0] == "unix":
+                        owned.append(unix_owner(sock))
+            except ConfigError:
+                for sock, _ in socks:
+                    sock.close()
+                raise
     try:
         core = open_core(srv.backend, **options,
                          **_BACKEND_SETTINGS.get(srv.backend, _no_settings)(cfg))
     except (OSError, ValueError) as exc:
-        if sock is not None:
+        for sock, _ in socks:
             sock.close()
         explain = _BACKEND_ERRORS.get(srv.backend)
         if isinstance(exc, OSError) and explain is not None:
             raise explain(cfg, exc) from None
         raise ConfigError(f"{srv.backend}: cannot create the native core: {exc}") from None
     try:
-        core.listen(port=srv.port, fd=sock.detach() if sock is not None else -1)
+        if not socks:
+            core.listen(port=srv.port)
+        while socks:
+            sock, port = socks.pop(0)
+            # the core owns the fd from here on (closed by qs_core_free)
+            core.listen(port=port, fd=sock.detach())
     except OSError as exc:
+        for sock, _ in socks:
+            sock.close()
         core.free()
-        raise ConfigError(f"{srv.backend}: cannot listen on port {srv.port}: "
+        raise ConfigError(f"{srv.backend}: cannot listen on {_where(core, srv)}: "
                           f"{exc.strerror or exc}") from None
     return core
+
+
+def _where(core, srv):
+    """What this core serves, as the log line says it."""
+    return core.where([show_address(a) for a in listen_addresses(srv)], srv.port)
 
 
 def _no_settings(cfg):

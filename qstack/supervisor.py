@@ -24,8 +24,10 @@ Invariants and the reasons for them:
   is still the pid that forked it, which covers a supervisor killed between
   fork() and prctl(); serve() also watches getppid() while it runs.  So a
   ``kill -9`` of the supervisor leaves no orphan holding the port.
-* On the kernel backend the supervisor binds one SO_REUSEPORT listener per
-  core index and keeps it; a core (and its replacement after a crash or a
+* On the kernel backend the supervisor binds, for each listen address, one
+  SO_REUSEPORT listener per core index and keeps it (a Unix socket has no
+  such groups: one listener, shared by every core, whose file the supervisor
+  removes when it exits); a core (and its replacement after a crash or a
   reload) accepts from that socket.  Connections waiting in a listener's
   accept queue therefore survive the core that stopped accepting them: the
   next core on that socket takes them.  (Listeners bound per process would
@@ -139,7 +141,8 @@ class Supervisor:
         self._serve = serve
         self._reload_handler = reload_handler
         self._pid = os.getpid()
-        self._listeners: list[int] = []          # kernel backend: fd per core index
+        self._listeners: list[list[int]] = []    # kernel backend: fds per core index
+        self._owned: list[tuple] = []            # Unix socket files we bound
         self._gen = 0                            # the generation that serves
         self._next: int | None = None            # the generation being started
         self._next_started = 0.0
@@ -177,9 +180,12 @@ class Supervisor:
             code = self._loop()
         finally:
             self._kill_all()          # only does something if we are unwinding
-            for fd in self._listeners:
+            for fd in {fd for fds in self._listeners for fd in fds}:
                 os.close(fd)
             self._listeners = []
+            from qstack.server import unlink_owned
+            unlink_owned(self._owned)
+            self._owned = []
             if self._metrics is not None:
                 self._metrics.close()
                 self._metrics = None
@@ -196,13 +202,24 @@ class Supervisor:
     # --- children -----------------------------------------------------------
 
     def _open_listeners(self) -> None:
-        """One SO_REUSEPORT listener per core index, kept across restarts."""
+        """Per listen address, one SO_REUSEPORT listener per core index (a Unix
+        socket: one for all), kept across restarts and reloads."""
         srv = self.cfg.server
         if self._serve is not None or not kernel_sockets(self.cfg):
             return                    # a fake serve, or a backend without kernel sockets
-        from qstack.server import open_listener
-        for _ in self._cores:
-            self._listeners.append(open_listener(srv.host, srv.port, srv.backlog).detach())
+        from qstack.config import listen_addresses
+        from qstack.server import open_listener, unix_owner
+        self._listeners = [[] for _ in self._cores]
+        for addr in listen_addresses(srv):
+            if addr[0] == "unix":
+                sock = open_listener(addr, srv.backlog)
+                self._owned.append(unix_owner(sock))
+                fd = sock.detach()
+                for fds in self._listeners:
+                    fds.append(fd)
+            else:
+                for fds in self._listeners:
+                    fds.append(open_listener(addr, srv.backlog).detach())
 
     def _open_metrics(self) -> None:
         """--metrics: scrapes answered from this loop (no thread: we fork)."""
@@ -249,10 +266,10 @@ class Supervisor:
                 os.close(fd)
             kwargs = {}
             if self._listeners:
-                kwargs["listen_fd"] = self._listeners[core]
-                for i, fd in enumerate(self._listeners):
-                    if i != core:
-                        os.close(fd)
+                mine = self._listeners[core]
+                kwargs["listen_fds"] = mine
+                for fd in {fd for fds in self._listeners for fd in fds} - set(mine):
+                    os.close(fd)
             serve = self._serve
             if serve is None:
                 from qstack.server import serve

@@ -144,9 +144,10 @@ class NativeCore:
         spec.fd, spec.port = fd, port
         _check(lib.qs_core_listen(self.ptr, spec), "qs_core_listen")
 
-    def where(self, host, port):
-        """host:port as a log line names what this core serves."""
-        return f"{host}:{port}"
+    def where(self, addresses, port):
+        """What this core serves, as a log line names it: the listen
+        addresses (HOST:PORT or unix:PATH each), comma-separated."""
+        return ", ".join(addresses)
 
     def start(self):
         _check(lib.qs_core_start(self.ptr), "qs_core_start")
@@ -167,7 +168,7 @@ class NativeCore:
 
     def peer(self, conn):
         """``(host, port)`` of connection ``conn`` as accepted, or None if
-        it is not known (any more).  A negative ``conn``, -lib.QS_CLOSED_*:
+        it is not known (any more) or has no address (a Unix socket's peer).  A negative ``conn``, -lib.QS_CLOSED_*:
         the peer of the last connection the stack closed for that reason."""
         if self.ptr is None:
             return None
@@ -208,7 +209,7 @@ class UstackCore(NativeCore):
     def _configure(self, cfg):
         _ustack_settings(cfg.ustack, self.settings)
 
-    def where(self, host, port):
+    def where(self, addresses, port):
         return f"{self.settings['ip']}:{port} on ustack/{self.settings['driver']}"
 
 
@@ -250,7 +251,8 @@ def _ustack_settings(n, net):
 
 
 def peer_address(p):
-    """A qs_peer as ``(host, port)``, the way a socket's getpeername says it."""
+    """A qs_peer as ``(host, port)``, the way a socket's getpeername says it;
+    None for any other family (AF_UNIX: a client's socket is unnamed)."""
     if p.family == socket.AF_INET:
         return socket.inet_ntop(socket.AF_INET, bytes(p.addr[0:4])), p.port
     if p.family == socket.AF_INET6:

@@ -154,8 +154,12 @@ static int accept_some(qs_kernel *k, int lfd)
                 return -e;
             continue;
         }
-        int one = 1;
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+        /* A Unix socket (server.host unix:PATH) has no Nagle to turn off;
+         * and a failed setsockopt only costs latency, never the conn. */
+        if (sa.ss_family != AF_UNIX) {
+            int one = 1;
+            (void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+        }
         qs_conn *c = qs_conn_new(&k->conns, fd, NULL);
         if (!c) {
             close(fd);
@@ -170,7 +174,8 @@ static int accept_some(qs_kernel *k, int lfd)
             const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)&sa;
             memcpy(p.addr, &in6->sin6_addr, 16);
             p.port = ntohs(in6->sin6_port);
-        }
+        }   /* AF_UNIX: family only, no address (the client's socket is
+             * unnamed as a rule); Python's peer_address makes it None */
         qs_peer_set(core, fd, c->id, &p);
     }
     return 0;
