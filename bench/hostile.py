@@ -395,15 +395,11 @@ def namespace(backend):
         yield None
         return
     sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from netns import TapNetns, why_not
+    from netns import entered_tap, why_not
     if why_not():
         sys.exit(f"--backend ustack: {why_not()}")
-    net = TapNetns()
-    try:
-        with net.entered():
-            yield net.dev
-    finally:
-        net.close()
+    with entered_tap() as dev:
+        yield dev
 
 
 def main():

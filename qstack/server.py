@@ -55,19 +55,26 @@ def _addrinfo(host, port):
 
 def _bind(host, port, *, reuseport, backlog=None):
     family, type_, proto, _, addr = _addrinfo(host, port)
-    sock = socket.socket(family, type_, proto)
+    options = [socket.SO_REUSEADDR] + ([socket.SO_REUSEPORT] if reuseport else [])
+    return _listen(socket.socket(family, type_, proto), addr, backlog,
+                   f"{host}:{port}", f"port {port} on {host}", options)
+
+
+def _listen(sock, addr, backlog, where, in_use, options=()):
+    """Set the SOL_SOCKET ``options``, bind ``sock`` to ``addr`` and listen
+    (unless ``backlog`` is None); an error closes it and is one line naming
+    ``where`` (``in_use`` when the address is taken)."""
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuseport:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        for opt in options:
+            sock.setsockopt(socket.SOL_SOCKET, opt, 1)
         sock.bind(addr)
         if backlog is not None:
             sock.listen(backlog)
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
-            raise ConfigError(f"port {port} on {host} is already in use") from None
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+            raise ConfigError(f"{in_use} is already in use") from None
+        raise ConfigError(f"cannot listen on {where}: {exc.strerror or exc}") from None
     return sock
 
 
@@ -144,17 +151,9 @@ def open_listener(addr, backlog):
     one is bound for all cores and shared)."""
     if addr[0] == "tcp":
         return _bind(addr[1], addr[2], reuseport=True, backlog=backlog)
-    path = addr[1]
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(path)
-        sock.listen(backlog)
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise ConfigError(f"unix:{path} is already in use") from None
-        raise ConfigError(f"cannot listen on unix:{path}: {exc.strerror or exc}") from None
-    return sock
+    where = "unix:" + addr[1]
+    return _listen(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), addr[1], backlog,
+                   where, where)
 
 
 def unix_owner(sock):

@@ -104,3 +104,15 @@ class TapNetns:
         if self.persistent:
             self.run("ip", "tuntap", "del", "dev", self.dev, "mode", "tap", check=False)
         self._sh("ip", "netns", "del", self.name, check=False)
+
+
+@contextlib.contextmanager
+def entered_tap():
+    """A TAP device in a namespace of our own, entered for the block and
+    removed after it; yields the device's name (check why_not() first)."""
+    net = TapNetns()
+    try:
+        with net.entered():
+            yield net.dev
+    finally:
+        net.close()

@@ -37,15 +37,11 @@ def tap(request):
     if request.param == "kernel":
         yield None
         return
-    from netns import TapNetns, why_not
+    from netns import entered_tap, why_not
     if why_not():
         pytest.skip(why_not())
-    net = TapNetns()
-    try:
-        with net.entered():
-            yield net.dev
-    finally:
-        net.close()
+    with entered_tap() as dev:
+        yield dev
 
 
 def check_probe(r):
