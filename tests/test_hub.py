@@ -318,3 +318,36 @@ def test_unnumbered_messages_get_unsequenced_commands(hub):
     copy, close = lib.QS_CMD_SEND_COPY, lib.QS_CMD_CLOSE
     assert got == [(copy, b"pre-a", 0), (copy, b"pre-b", 0), (copy, b"b", 0),
                    (close, None, 0), (copy, b"a", 0)]
+
+
+def test_views_kept_past_the_request(hub):
+    # A slice of req.data kept by the handler keeps the buffer (F_KEEP, then
+    # a RELEASE once the slice dies); req.data itself kept is released, so
+    # it can never show a later message's bytes; an echo keeps nothing.
+    core = FakeCore()
+    kept = {}
+
+    def handler(req):
+        name = bytes(req.data[:4])
+        if name == b"view":
+            kept[name] = req.data
+        elif name == b"slic":
+            kept[name] = req.data[4:]
+        elif name == b"echo":
+            return req.data
+        return None
+
+    hub(core, handler, workers=4)
+    for name in (b"view", b"slic", b"echo"):
+        core.arrive(3, name + b"-bytes", 1)
+    settle()
+    assert bytes(kept[b"slic"]) == b"-bytes"
+    with pytest.raises(ValueError):
+        bytes(kept[b"view"])
+    keep_ops = [(s.op, s.flags & lib.QS_F_KEEP) for s in core.sent]
+    assert keep_ops.count((lib.QS_CMD_DONE, lib.QS_F_KEEP)) == 1, keep_ops
+    assert (lib.QS_CMD_SEND_BUF, 0) in keep_ops
+    assert core.replies() == [b"echo-bytes"]
+    del kept[b"slic"]
+    settle()
+    assert [s.op for s in core.sent].count(lib.QS_CMD_RELEASE) == 1

@@ -158,6 +158,10 @@ class Hub:
         self._loop = self._ghub.loop
         self._inline = core.inline
         self._hot = False
+        # Inline, the rings change only in a step of ours: after a refill
+        # that emptied them, and until the next step, nothing waits there
+        # and the per-request look (pending_above) is skipped.
+        self._drained = False
         self._wake = self._loop.io(core.wake_fd, 1)
         self._nworkers = workers
         self._workers = set()
@@ -214,15 +218,19 @@ class Hub:
                 self._next_poll = monotonic() + POLL_EVERY
                 self._core_step(0)
         moved = 0
+        drained = self._inline
         for level, q in self._polled:
             n = self._poll(level, buf, batch)
             if n:
+                if n == batch:
+                    drained = False
                 moved += n
                 if self._classifier is None:
                     q.extend(iter_events(view[:n * EVENT_SIZE]))
                 else:
                     self._classify(iter_events(view[:n * EVENT_SIZE]))
         self._hot = moved >= HOT_BATCH
+        self._drained = drained
         return moved
 
     def _classify(self, events):
@@ -263,7 +271,7 @@ class Hub:
             top = 1
             while top < self._levels and not queues[top]:
                 top += 1
-            if top == self._levels or self._pending_above(top):
+            if top == self._levels or (not self._drained and self._pending_above(top)):
                 self._refill()
         return self._rq.pop(self._below[self._busy])
 
@@ -273,7 +281,7 @@ class Hub:
         if self._poll_due:
             self._refill(True)
         below = self._below[self._busy]
-        if self._pending_above(below):
+        if not self._drained and self._pending_above(below):
             self._refill()
         queues = self._queues
         for level in range(below):
@@ -324,6 +332,7 @@ class Hub:
         A step may publish events (a read, or a connection that was waiting
         for ring space) while the leader sleeps on the epoll fd: wake it.
         """
+        self._drained = False
         if self._core_step(timeout) > 0 and self._sleeper is not None:
             self._loop.run_callback(self._kick)
 
@@ -667,7 +676,7 @@ class Hub:
             finally:
                 me.qstack_level = None
                 self._busy -= 1
-                req.data = None
+                req.data = out = None       # done() looks for other holders of data
                 if done(data, buf, on_free):
                     # A slice of req.data outlives the request: the stack keeps one
                     # more reference (F_KEEP on the request's command, the last one

@@ -20,7 +20,9 @@
  *     the hub's release callback with the buffer reference.  The memory a
  *     kept slice sees stays the request's bytes for as long as it lives.
  * Cost per request: one Window and its memoryview instead of a slice of the
- * slab view (tens of ns), and one C call instead of memoryview.release().
+ * slab view (tens of ns), and one C call that, in the usual case (nothing
+ * but the hub holds the view), decides from the view's counts alone,
+ * without releasing it: about 65 ns for view() and done() together.
  *
  * A plain CPython extension (not cffi): it handles Python objects, which
  * the native ABI (include/qstack.h) never does.
@@ -104,6 +106,10 @@ static PyObject *qv_view(PyObject *mod, PyObject *const *args, Py_ssize_t n)
     return mv;
 }
 
+/* References to the view done() may find that are the caller's own: its
+ * variable and the argument it passes (CPython pushes a strong reference). */
+#define CALLER_REFS 2
+
 /* done(view, buf, on_free) -> False if nothing else exports the view's
  * Window (the buffer may go back now), True if something does: then
  * on_free(buf) is called when the last export dies. */
@@ -115,6 +121,15 @@ static PyObject *qv_done(PyObject *mod, PyObject *const *args, Py_ssize_t n)
     }
     PyObject *mv = args[0];
     PyObject *o = PyMemoryView_GET_BUFFER(mv)->obj;
+    /* The usual case, decided without releasing the view: the caller holds
+     * the only references to it (its variable and this call's argument),
+     * no consumer exports it and no slice shares its managed buffer.  Then
+     * nothing can reach the bytes once the caller drops it, and the Window
+     * (on_free unset) goes quietly with the view. */
+    PyMemoryViewObject *v = (PyMemoryViewObject *)mv;
+    if (Py_REFCNT(mv) <= CALLER_REFS && v->exports == 0 && v->mbuf->exports == 1
+            && o && Py_TYPE(o) == &WindowType)
+        Py_RETURN_FALSE;
     if (!o || Py_TYPE(o) != &WindowType) {          /* not ours (or released) */
         PyObject *r = PyObject_CallMethod(mv, "release", NULL);
         if (!r)

@@ -73,7 +73,7 @@ typedef struct qs_kernel {
 
 static int64_t ks_read(qs_conns *conns, qs_conn *c, uint8_t *p, uint64_t len)
 {
-    ssize_t n = read(c->slot, p, len);
+    ssize_t n = qs_sys_read(c->slot, p, len);
     if (n >= 0)
         return n;
     return errno == EINTR || errno == EWOULDBLOCK ? -EAGAIN : -errno;
@@ -84,10 +84,10 @@ static int64_t ks_writev(qs_conns *conns, qs_conn *c, const struct iovec *iov, i
     for (;;) {
         ssize_t w;
         if (n == 1) {                  /* the usual lone reply: send() skips the iovec import */
-            w = send(c->slot, iov[0].iov_base, iov[0].iov_len, MSG_NOSIGNAL | MSG_DONTWAIT);
+            w = qs_sys_sendto(c->slot, iov[0].iov_base, iov[0].iov_len, MSG_NOSIGNAL | MSG_DONTWAIT);
         } else {
             struct msghdr m = {.msg_iov = (struct iovec *)iov, .msg_iovlen = (size_t)n};
-            w = sendmsg(c->slot, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
+            w = qs_sys_sendmsg(c->slot, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
         }
         if (w >= 0)
             return w;
@@ -311,9 +311,9 @@ static void on_event(qs_kernel *k, const struct epoll_event *ev)
     if (QS_UNLIKELY(tag & (QS_TAG_WAKE | QS_TAG_TIMER))) {
         uint64_t v;
         if (tag & QS_TAG_WAKE) {
-            if (read(core->stack_efd, &v, 8) < 0) { /* EAGAIN: someone else drained it */ }
+            if (qs_sys_read(core->stack_efd, &v, 8) < 0) { /* EAGAIN: someone else drained it */ }
         } else {
-            if (read(k->timer_fd, &v, 8) < 0) { /* not expired yet */ }
+            if (qs_sys_read(k->timer_fd, &v, 8) < 0) { /* not expired yet */ }
             listeners_resume(k);
         }
         return;
@@ -348,7 +348,7 @@ static int k_poll(qs_kernel *k, struct epoll_event *evs, int timeout, int stale)
     int64_t t0 = 0;
     if (timeout != 0)
         t0 = qs_now_ns();
-    int n = epoll_wait(k->ep, evs, QS_EPOLL_BATCH, timeout);
+    int n = qs_sys_epoll_wait(k->ep, evs, QS_EPOLL_BATCH, timeout);
     if (timeout != 0) {
         k->conns.now = qs_now_ns();
         k->conns.core->step_idle_ns += k->conns.now - t0;
@@ -412,7 +412,7 @@ static void k_run(qs_core *core)
     struct epoll_event evs[QS_EPOLL_BATCH];
     int timeout = 0;
     while (!atomic_load_explicit(&core->quit, memory_order_acquire)) {
-        int n = epoll_wait(k->ep, evs, QS_EPOLL_BATCH, timeout);
+        int n = qs_sys_epoll_wait(k->ep, evs, QS_EPOLL_BATCH, timeout);
         qs_core_stack_awake(core);
         k->conns.now = qs_now_ns();
         for (int i = 0; i < n; i++)

@@ -447,14 +447,14 @@ static void u_wait(qs_ubackend *u, int timeout_ms)
 {
     struct epoll_event evs[4];
     int64_t t0 = qs_now_ns();
-    int n = epoll_wait(u->ep, evs, 4, timeout_ms);
+    int n = qs_sys_epoll_wait(u->ep, evs, 4, timeout_ms);
     u->conns.now = qs_now_ns();
     if (u->conns.core->cfg.inline_stack)
         u->conns.core->step_idle_ns += u->conns.now - t0;
     for (int i = 0; i < n; i++)
         if (evs[i].data.u64 == U_TAG_WAKE) {
             uint64_t v;
-            if (read(u->conns.core->stack_efd, &v, 8) < 0) { /* drained by someone else */ }
+            if (qs_sys_read(u->conns.core->stack_efd, &v, 8) < 0) { /* drained by someone else */ }
         }
 }
 

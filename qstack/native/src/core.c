@@ -220,7 +220,7 @@ int qs_core_shutdown(qs_core *c, int64_t grace_ns)
         return 0;
     }
     uint64_t one = 1;
-    if (write(c->stack_efd, &one, 8) < 0) { /* counter saturated: already awake */ }
+    if (qs_sys_write(c->stack_efd, &one, 8) < 0) { /* counter saturated: already awake */ }
     int rc = pthread_join(c->thread, NULL);
     c->joined = 1;
     return -rc;
@@ -254,7 +254,7 @@ void qs_core_wake_stack(qs_core *c)
     if (atomic_load_explicit(&c->stack_sleeping, memory_order_relaxed) &&
         atomic_exchange(&c->stack_sleeping, 0)) {
         uint64_t one = 1;
-        if (write(c->stack_efd, &one, 8) < 0) { /* saturated: it is awake anyway */ }
+        if (qs_sys_write(c->stack_efd, &one, 8) < 0) { /* saturated: it is awake anyway */ }
     }
 }
 
@@ -299,7 +299,7 @@ void qs_core_wake_hub(qs_core *c)
     int v = atomic_load_explicit(&c->hub_sleeping, memory_order_relaxed);
     if (v && hub_has_work(c, v - 1) && atomic_exchange(&c->hub_sleeping, 0)) {
         uint64_t one = 1;
-        if (write(c->hub_efd, &one, 8) < 0) { /* saturated: it will wake */ }
+        if (qs_sys_write(c->hub_efd, &one, 8) < 0) { /* saturated: it will wake */ }
     }
 }
 
@@ -329,7 +329,7 @@ int qs_core_poll(qs_core *c, int level, qs_event *out, int max)
             atomic_load_explicit(&c->stack_sleeping, memory_order_relaxed) &&
             atomic_exchange(&c->stack_sleeping, 0)) {
             uint64_t one = 1;
-            if (write(c->stack_efd, &one, 8) < 0) { /* awake anyway */ }
+            if (qs_sys_write(c->stack_efd, &one, 8) < 0) { /* awake anyway */ }
         }
     }
     return n;
