@@ -351,3 +351,29 @@ def test_views_kept_past_the_request(hub):
     del kept[b"slic"]
     settle()
     assert [s.op for s in core.sent].count(lib.QS_CMD_RELEASE) == 1
+
+
+def test_greenlets_a_handler_spawns_carry_its_level(hub):
+    # current_level() (and so LevelPool) in greenlets spawned by a handler,
+    # and in the ones they spawn: the level of the request at spawn time
+    core = FakeCore(levels=3)
+    seen = {}
+
+    def child(name):
+        gevent.sleep(0.001)
+        grandchild = gevent.spawn(qstack.current_level)
+        seen[name] = (qstack.current_level(), grandchild.get())
+
+    def handler(req):
+        name = bytes(req.data)
+        gevent.spawn(child, name).join()
+        return None
+
+    hub(core, handler, workers=4)
+    core.arrive(1, b"top", 0)
+    core.arrive(2, b"low", 2)
+    core.arrive(3, b"mid", 1)
+    settle()
+    assert seen == {b"top": (0, 0), b"mid": (1, 1), b"low": (2, 2)}
+    assert qstack.current_level() is None
+    assert gevent.spawn(qstack.current_level).get() is None

@@ -3,7 +3,8 @@ they call, and downstream clients kept per level.
 
 The hub runs every message handler on one of its worker greenlets and, for
 as long as the handler runs (blocked or not), keeps the request's level on
-that greenlet as ``qstack_level``.  The hub resumes a woken worker by that
+that greenlet as ``qstack_level``; greenlets the handler spawns carry the
+level too (qstack/coro/sched.py, ``level_of``).  The hub resumes a woken worker by that
 level (see qstack/coro/sched.py), so anything the handler waits on -- a
 socket, a sleep, an event, a lock -- resumes it ahead of lower levels.
 
@@ -33,6 +34,7 @@ from typing import Callable, ContextManager, Generic, TypeVar
 from gevent.lock import BoundedSemaphore
 from greenlet import getcurrent
 
+from ..coro.sched import level_of
 from .counters import count
 
 __all__ = ["LevelPool", "PoolTimeout", "current_level"]
@@ -41,9 +43,10 @@ T = TypeVar("T")
 
 
 def current_level() -> int | None:
-    """The level (0 is highest) of the request the calling greenlet serves,
-    or None outside a message handler."""
-    return getattr(getcurrent(), "qstack_level", None)
+    """The level (0 is highest) of the request the calling greenlet serves
+    (a greenlet spawned by a handler serves its spawner's), or None outside
+    a message handler."""
+    return level_of(getcurrent())
 
 
 class PoolTimeout(Exception):
@@ -149,7 +152,10 @@ class LevelPool(Generic[T]):
 
     def get(self) -> T:
         """The shared client of the current level (made on first use)."""
-        level = getattr(getcurrent(), "qstack_level", None)
+        g = getcurrent()
+        level = getattr(g, "qstack_level", None)
+        if level is None:
+            level = level_of(g)     # a greenlet a handler spawned
         st = self._levels.get(level)
         if st is not None and st.shared is not None:
             return st.shared
@@ -165,7 +171,10 @@ class LevelPool(Generic[T]):
         """``with pool.connection() as client``: a client of the current
         level for this greenlet alone, returned to the level when the block
         ends (closed instead if it ends by an exception)."""
-        level = getattr(getcurrent(), "qstack_level", None)
+        g = getcurrent()
+        level = getattr(g, "qstack_level", None)
+        if level is None:
+            level = level_of(g)     # a greenlet a handler spawned
         return _Checkout(self, self._levels.get(level) or self._level(level))
 
     def idle(self, level: int | None = None) -> int:

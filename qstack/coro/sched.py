@@ -41,8 +41,16 @@ dropped, as gevent itself would have cancelled it once the first had run.
 Wake-ups from anything but gevent's hub greenlet, and into a worker that is
 not serving a request (the hub's own leader/follower hand-offs), are
 performed at once.  With one level (priority off) none of this is active.
-Greenlets a handler spawns itself (``gevent.spawn``) are gevent's own class
-and resume in gevent's order.
+Greenlets a handler spawns (``gevent.spawn``, a ``gevent.pool.Pool``)
+carry the level of the request in hand when they were spawned, through
+gevent's own inheritance: a new ``gevent.Greenlet`` takes its spawner's
+``spawn_tree_locals``, and a worker's are made on demand from its level
+(:attr:`Worker.spawn_tree_locals`), so spawning costs the hub nothing per
+request.  :func:`level_of` reads either, so ``qstack.current_level()``,
+LevelPool and the watcher priority of (2) hold for them and for the
+greenlets they spawn in turn.  Their wake-ups are not queued by level:
+gevent's Greenlet is a compiled class whose ``switch`` cannot be
+intercepted, so they resume in gevent's order within a loop turn.
 """
 
 from collections import deque
@@ -51,7 +59,7 @@ from gevent.event import AsyncResult, Event
 from gevent.hub import Hub as _GeventHub
 from greenlet import getcurrent, greenlet
 
-__all__ = ["ReadyQueue", "Worker", "install_wait_priorities", "libev_priority"]
+__all__ = ["ReadyQueue", "Worker", "install_wait_priorities", "level_of", "libev_priority"]
 
 _switch = greenlet.switch
 _throw = greenlet.throw
@@ -71,11 +79,27 @@ _priorities = None      # level -> libev priority, once installed
 _gevent_wait = _GeventHub.wait
 
 
+LEVEL_KEY = "qstack_level"        # in spawn_tree_locals: the spawner's level
+
+
+def level_of(g):
+    """The level of the request greenlet ``g`` serves: a worker's own, or,
+    for a greenlet spawned while one ran, the level it was spawned at;
+    None for anything else."""
+    level = getattr(g, "qstack_level", None)
+    if level is None:
+        tree = getattr(g, "spawn_tree_locals", None)
+        if tree:
+            level = tree.get(LEVEL_KEY)
+    return level
+
+
 def _wait(hub, watcher):
     g = getcurrent()
     level = getattr(g, "qstack_level", None)
     if level is None:
-        watcher.priority = 0
+        level = level_of(g)
+        watcher.priority = 0 if level is None else _priorities[level]
         return _gevent_wait(hub, watcher)
     watcher.priority = _priorities[level]
     g._on_watcher = True        # its wake-up is this watcher's: safe to queue
@@ -174,6 +198,19 @@ class Worker(greenlet):
                     if self._queued:
                         return None
         return _throw(self, *args)
+
+    @property
+    def spawn_tree_locals(self):
+        """What gevent gives the greenlets this worker spawns (gevent reads it
+        once per spawn): the level of the request in hand, if any.  A fresh
+        dict per spawn, so siblings do not share their tree locals as
+        gevent's own greenlets' children do."""
+        level = self.qstack_level
+        return {} if level is None else {LEVEL_KEY: level}
+
+    @spawn_tree_locals.setter
+    def spawn_tree_locals(self, value):
+        pass                        # nothing to keep: made anew on each read
 
     def resume(self, entry):
         """Perform a wake-up the scheduler took from the ReadyQueue."""
