@@ -165,6 +165,7 @@ qs_conn *qs_conn_lookup(qs_conns *conns, int64_t id);
  * of range): the caller then closes the socket itself. */
 qs_conn *qs_conn_new(qs_conns *conns, int slot, void *sock);
 void qs_conn_readable(qs_conns *conns, qs_conn *c);
+int qs_conn_adopt(qs_conns *conns, qs_conn *c, qs_buf *b, uint64_t n);  /* 0: took b */
 void qs_conn_close(qs_conns *conns, qs_conn *c, int abort);
 void qs_conn_update(qs_conns *conns, qs_conn *c);
 int qs_conn_emit(qs_conns *conns, const qs_event *ev);
