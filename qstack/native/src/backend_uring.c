@@ -676,11 +676,16 @@ static int ring_init(qs_uring *u, int threaded)
     unsigned base = IORING_SETUP_CQSIZE | IORING_SETUP_SUBMIT_ALL |
                     (threaded ? IORING_SETUP_R_DISABLED : 0);
     memset(&p, 0, sizeof(p));
-    /* DEFER_TASKRUN wakes only a thread waiting in io_uring_enter: the
-     * inline hub sleeps in its own loop's epoll_wait on the ring fd, which
-     * would never hear of a completion.  There, completions are posted by
-     * ordinary task work, which wakes the ring fd's pollers. */
-    p.flags = base | IORING_SETUP_SINGLE_ISSUER | (threaded ? IORING_SETUP_DEFER_TASKRUN : 0);
+    p.flags = base;
+    /* Threaded, the stack thread alone submits and waits in io_uring_enter:
+     * SINGLE_ISSUER and DEFER_TASKRUN.  Inline, neither: DEFER_TASKRUN
+     * wakes only a thread waiting in io_uring_enter, and the hub sleeps in
+     * its own loop's epoll_wait on the ring fd, which would never hear of a
+     * completion (ordinary task work wakes the fd's pollers); and whoever
+     * steps the core may submit, not only the thread that made it
+     * (qs_core_step is the caller's to serialise, not to pin). */
+    if (threaded)
+        p.flags |= IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN;
     p.cq_entries = QS_URING_CQ;
     int rc = io_uring_queue_init_params(QS_URING_SQ, &u->ring, &p);
     if (rc == -EINVAL) {               /* before 6.0/6.1: no SINGLE_ISSUER, DEFER_TASKRUN */
