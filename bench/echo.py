@@ -319,7 +319,7 @@ def print_ratios(ratios, servers, base, title):
             cells = []
             for p in peers:
                 v = ratios.get((size, conns, p), {}).get(what)
-                cells.append("%10s" % (fmt(v, "%.2fx")))
+                cells.append("%16s" % (fmt(v, "%.2fx")))
             print("%-5d %5d  %-6s " % (size, conns, label) + " ".join(cells))
 
 
