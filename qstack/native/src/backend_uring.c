@@ -14,8 +14,9 @@
  *            message).  A connection amid a partial message takes the
  *            copying path instead: the filled buffer waits on the
  *            connection's rx queue and conn.c reads it through ur_read;
- *   send     send() straight from the out queue, as the kernel backend
- *            does (see "Sends" below);
+ *   send     through the ring, from the out queue's own bytes (a pool
+ *            buffer for a zero-copy reply), one SEND per connection per
+ *            command batch, made by the step's enter (see "Sends" below);
  *   wait     one io_uring_enter per loop step: it submits what the step
  *            prepared (re-armed receives, cancels) and waits for, or just
  *            collects, completions.  The ring is SINGLE_ISSUER.  Threaded,
@@ -46,11 +47,17 @@
  * -ENOBUFS: its connection waits on the starved list until a refill.
  *
  * Sends.  The connection layer flushes each connection once per command
- * batch (conn_cmd.c), so a pipelining client already costs one send() per
- * batch.  Sending through the ring would need the out queue to keep its
- * bytes until a completion (a borrowed byte-ring slice is only valid for
- * the batch); measured first, not built.  A full socket is waited for with
- * a one-shot POLLOUT on the ring.
+ * batch (conn_cmd.c); here that flush prepares a SEND (SENDMSG for several
+ * replies) with MSG_DONTWAIT and answers -EINPROGRESS: the out queue keeps
+ * the bytes, and the conn is QC_SENDING, until the completion says how
+ * many went (qs_conn_sent).  With MSG_DONTWAIT the kernel makes the send
+ * inline, during the enter that submits it, and completes at once with
+ * the bytes taken or -EAGAIN -- never later on its own, so a full socket
+ * is waited for as before (a one-shot POLLOUT in the ring).  Replies
+ * borrowed from a byte ring are copied first (the ring moves on after the
+ * batch, before the enter).  Closing a conn with a send prepared submits
+ * it first: it names the fd and the bytes being let go.  send_zc is not
+ * used: replies here are small, and it completes twice per send.
  */
 #include "conn.h"
 #include <stdlib.h>
@@ -82,6 +89,7 @@
 #define UD_WAKE (4ULL << UD_SHIFT)
 #define UD_TIMER (5ULL << UD_SHIFT)
 #define UD_IGNORE (6ULL << UD_SHIFT)
+#define UD_SEND (7ULL << UD_SHIFT)
 #define UD_TAG(ud) ((ud) & (0xffULL << UD_SHIFT))
 #define UD_ID(ud) ((int64_t)((ud) & ((1ULL << UD_SHIFT) - 1)))
 
@@ -99,8 +107,12 @@ typedef struct ur_sock {
     uint8_t out_armed;             /* a POLLOUT wait is in flight */
     uint8_t starved;               /* on the starved list */
     uint8_t ready;                 /* on the ready list */
+    uint8_t sending;               /* a send is in flight (maybe not yet submitted) */
     int32_t end;                   /* after the rx queue: 1 end of stream, < 0 -errno */
     ur_rx *rxq, *rxq_tail;
+    uint64_t send_len;             /* bytes the send in flight offers */
+    struct msghdr msg;             /* a send of several iovecs: read at submission */
+    struct iovec *iov;             /* QS_IOV_MAX, allocated on the first such send */
 } ur_sock;
 
 typedef struct ur_ids {            /* a list of conn ids */
@@ -306,21 +318,40 @@ static int64_t ur_read(qs_conns *conns, qs_conn *c, uint8_t *p, uint64_t len)
     return -EAGAIN;
 }
 
+/* Sends go through the ring: prepared here, made by the step's one enter
+ * (MSG_DONTWAIT: the kernel tries once, inline, at submission and
+ * completes with what the socket took or -EAGAIN, never waiting on its
+ * own), finished by on_send.  The out queue keeps the bytes until then. */
 static int64_t ur_writev(qs_conns *conns, qs_conn *c, const struct iovec *iov, int n)
 {
-    for (;;) {
-        ssize_t w;
-        if (n == 1) {
-            w = send(c->slot, iov[0].iov_base, iov[0].iov_len, MSG_NOSIGNAL | MSG_DONTWAIT);
-        } else {
-            struct msghdr m = {.msg_iov = (struct iovec *)iov, .msg_iovlen = (size_t)n};
-            w = sendmsg(c->slot, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
+    qs_uring *u = (qs_uring *)conns;
+    ur_sock *s = c->sock;
+    if (!s)
+        return -EBADF;
+    struct io_uring_sqe *sqe = sqe_get(u);
+    if (!sqe)
+        return -EAGAIN;
+    uint64_t len = 0;
+    if (n == 1) {
+        len = iov[0].iov_len;
+        io_uring_prep_send(sqe, c->slot, iov[0].iov_base, len, MSG_NOSIGNAL | MSG_DONTWAIT);
+    } else {
+        if (!s->iov && !(s->iov = malloc(QS_IOV_MAX * sizeof(*s->iov)))) {
+            io_uring_prep_nop(sqe);          /* the SQE is taken: make it harmless */
+            io_uring_sqe_set_data64(sqe, UD_IGNORE);
+            return -ENOMEM;
         }
-        if (w >= 0)
-            return w;
-        if (errno != EINTR)
-            return errno == EWOULDBLOCK ? -EAGAIN : -errno;
+        for (int i = 0; i < n; i++) {
+            s->iov[i] = iov[i];
+            len += iov[i].iov_len;
+        }
+        s->msg = (struct msghdr){.msg_iov = s->iov, .msg_iovlen = (size_t)n};
+        io_uring_prep_sendmsg(sqe, c->slot, &s->msg, MSG_NOSIGNAL | MSG_DONTWAIT);
     }
+    io_uring_sqe_set_data64(sqe, UD_SEND | (uint64_t)c->id);
+    s->sending = 1;
+    s->send_len = len;
+    return -EINPROGRESS;
 }
 
 static void ur_want(qs_conns *conns, qs_conn *c, uint32_t want)
@@ -348,11 +379,16 @@ static void ur_close(qs_conns *conns, qs_conn *c, int abort)
     qs_uring *u = (qs_uring *)conns;
     ur_sock *s = c->sock;
     if (s) {
+        /* a send not yet submitted names this fd and the out queue's bytes,
+         * both gone after this call: make it now */
+        if (s->sending && io_uring_sq_ready(&u->ring) && !u->disabled)
+            io_uring_submit(&u->ring);
         if (s->recv_armed && !s->cancel_sent)
             cancel(u, UD_RECV | (uint64_t)c->id);
         if (s->out_armed)
             cancel(u, UD_OUT | (uint64_t)c->id);
         rx_free(u, s);
+        free(s->iov);
         free(s);
         c->sock = NULL;
     }
@@ -382,7 +418,7 @@ static void ur_stop_accept(qs_conns *conns)
 
 static const qs_conn_io uring_io = {
     .read = ur_read, .writev = ur_writev, .want = ur_want, .close = ur_close,
-    .stop_accept = ur_stop_accept,
+    .stop_accept = ur_stop_accept, .async_writes = 1,
 };
 
 /* ---------------------------------------------------------------- completions */
@@ -531,6 +567,16 @@ static void on_out(qs_uring *u, const struct io_uring_cqe *cqe)
         arm_out(u, c);
 }
 
+static void on_send(qs_uring *u, const struct io_uring_cqe *cqe)
+{
+    qs_conn *c = qs_conn_lookup(&u->conns, UD_ID(cqe->user_data));
+    if (!c || !c->sock)
+        return;
+    ur_sock *s = c->sock;
+    s->sending = 0;
+    qs_conn_sent(&u->conns, c, cqe->res, s->send_len);
+}
+
 static void on_cqe(qs_uring *u, const struct io_uring_cqe *cqe)
 {
     qs_core *core = u->conns.core;
@@ -538,6 +584,9 @@ static void on_cqe(qs_uring *u, const struct io_uring_cqe *cqe)
     switch (UD_TAG(ud)) {
     case UD_RECV:
         on_recv(u, cqe);
+        break;
+    case UD_SEND:
+        on_send(u, cqe);
         break;
     case UD_OUT:
         on_out(u, cqe);
@@ -878,7 +927,12 @@ static int ur_step(qs_core *core, int timeout)
     refill(u);
     feed_ready(u);
     int rc = 0;
-    if (timeout != QS_STEP_NO_POLL) {
+    if (timeout == QS_STEP_NO_POLL) {
+        /* the commands' sends are made now, and their completions taken
+         * (the same single enter; received data found too is published) */
+        if (io_uring_sq_ready(&u->ring))
+            rc = ur_enter(u, 0, ncmd > 0);
+    } else {
         if (u->conns.touched || u->ready.n)
             timeout = 0;
         rc = ur_enter(u, timeout, ncmd > 0);
