@@ -390,8 +390,8 @@ def _serve(cfg, handler, core_index, stats_fd, listen_fds, stop_fd, owned):
         watchdog = BlockWatchdog(gevent.get_hub().loop, srv.block_warning,
                                  f"core {core_index}",
                                  quiet=(NativeCore.shutdown.__code__,)).start()
-    log.info("core %d serving %s (%s handler, %d workers, %s stack, pid %d)",
-             core_index, where, "stream" if stream else "message",
+    log.info("core %d serving %s (%s backend, %s handler, %d workers, %s stack, pid %d)",
+             core_index, where, core.name, "stream" if stream else "message",
              srv.workers, "inline" if inline else "threaded", os.getpid())
 
     done = Event()
