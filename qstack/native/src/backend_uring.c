@@ -580,7 +580,6 @@ static void on_send(qs_uring *u, const struct io_uring_cqe *cqe)
 
 static void on_cqe(qs_uring *u, const struct io_uring_cqe *cqe)
 {
-    qs_core *core = u->conns.core;
     uint64_t ud = cqe->user_data;
     switch (UD_TAG(ud)) {
     case UD_RECV:
@@ -605,7 +604,6 @@ static void on_cqe(qs_uring *u, const struct io_uring_cqe *cqe)
                 arm_accept(u, i);
         break;
     default:                           /* UD_IGNORE: a cancel's own completion */
-        (void)core;
         break;
     }
 }
