@@ -1,8 +1,15 @@
-"""Echo benchmark: qstack side by side with a C epoll server, uvloop, asyncio
-and gevent.
+"""Echo benchmark: qstack side by side with C epoll and io_uring servers,
+uvloop, asyncio and gevent.
 
     .venv/bin/python bench/echo.py [--quick] [--json FILE]
-        [--servers qstack,c-epoll,uvloop,asyncio,gevent] [--duration S]
+        [--servers qstack,qstack-uring,c-epoll,c-uring,uvloop,asyncio,gevent]
+        [--duration S]
+
+"qstack" is the kernel backend (epoll; named so, not left to the default,
+so that the series stays comparable), "qstack-uring" the uring backend;
+"c-uring" (bench/peers/uring_echo.c: multishot accept and recv into a
+provided-buffer ring, sends through the ring, one io_uring_enter per loop)
+is the io_uring ceiling as c-epoll is the epoll one.
 
 What it measures. Each server echoes whatever it reads. The load generator
 (`qstack load --closed`, the native engine of docs/LOAD.md) keeps N
@@ -51,7 +58,8 @@ import time
 
 import harness as h
 
-ALL_SERVERS = ["qstack", "c-epoll", "uvloop", "asyncio", "gevent"]
+ALL_SERVERS = ["qstack", "qstack-uring", "c-epoll", "c-uring", "uvloop", "asyncio", "gevent"]
+QSTACK_BACKENDS = {"qstack": "kernel", "qstack-uring": "uring"}
 PEER_SCRIPTS = {name: os.path.join(h.BENCH, "peers", name + "_echo.py")
                 for name in ("uvloop", "asyncio", "gevent")}
 QSTACK = os.path.join(h.REPO, ".venv", "bin", "qstack")
@@ -65,13 +73,18 @@ class Unavailable(Exception):
 
 
 def server_argv(name, port):
-    if name == "qstack":
+    if name in QSTACK_BACKENDS:
         if not os.access(QSTACK, os.X_OK):
             raise Unavailable(".venv/bin/qstack does not exist yet")
         return [QSTACK, "serve", "apps.echo:handle", "--host", h.LOOPBACK,
-                "--port", str(port)]
+                "--port", str(port), "--backend", QSTACK_BACKENDS[name]]
     if name == "c-epoll":
         return [h.build("epoll_echo"), "--host", h.LOOPBACK, "--port", str(port)]
+    if name == "c-uring":
+        try:
+            return [h.build("uring_echo"), "--host", h.LOOPBACK, "--port", str(port)]
+        except Exception as exc:       # no liburing-dev: the peer is unavailable
+            raise Unavailable(f"cannot build uring_echo: {exc}") from None
     py = VENV_PY if os.access(VENV_PY, os.X_OK) else sys.executable
     return [py, PEER_SCRIPTS[name], "--host", h.LOOPBACK, "--port", str(port)]
 
@@ -178,7 +191,7 @@ def run_rounds(cfg, client, servers, configs, unavailable, runs, rate_of=None):
                 if name in unavailable:
                     continue
                 rate = rate_of(size, conns) if rate_of else 0.0
-                label = "[round %d] %-8s %4d B x %4d %s" % (
+                label = "[round %d] %-12s %4d B x %4d %s" % (
                     rnd + 1, name, size, conns,
                     "open @%s/s" % "{:,.0f}".format(rate) if rate else "closed")
                 try:
@@ -260,7 +273,7 @@ def fmt_us(v):
 
 def print_closed(rows, servers, unavailable, rounds):
     print("\nClosed loop: median of %d round(s); server on CPU 0, client on CPU 1" % rounds)
-    hdr = ("%-5s %5s %-8s %10s %5s %8s %8s %6s %8s %13s %5s %5s %6s" % (
+    hdr = ("%-5s %5s %-12s %10s %5s %8s %8s %6s %8s %13s %5s %5s %6s" % (
         "size", "conns", "server", "req/s", "+-%", "p50 us", "p99 us", "srv%",
         "us/req", "stack+py", "cli%", "vs C", "other%"))
     print(hdr)
@@ -279,7 +292,7 @@ def print_closed(rows, servers, unavailable, rounds):
             note += "  ~ %d/%d run(s) disturbed" % (r["disturbed"], r["rounds"])
         if not r["pinned"]:
             note += "  ! server threads were not confined to their CPU"
-        print("%-5s %5d %-8s %10s %5s %8s %8s %6s %8s %13s %5s %5s %6s%s" % (
+        print("%-5s %5d %-12s %10s %5s %8s %8s %6s %8s %13s %5s %5s %6s%s" % (
             "%dB" % r["size"] if r["size"] < 1024 else "%dK" % (r["size"] // 1024),
             r["conns"], r["server"], "{:,.0f}".format(r["rps"]),
             fmt(r["rps_spread_pct"]), fmt_us(r["p50"]), fmt_us(r["p99"]),
@@ -300,13 +313,13 @@ def print_ratios(ratios, servers, base, title):
     print("\n%s (median of per-round ratios; req/s: >1 = %s faster; "
           "CPU: <1 = %s cheaper)" % (title, base, base))
     print("%-5s %5s  %-6s " % ("size", "conns", "") +
-          " ".join("%10s" % ("vs " + p) for p in peers))
+          " ".join("%16s" % ("vs " + p) for p in peers))
     for size, conns in keys:
         for what, label in (("rps", "req/s"), ("cpu", "CPU")):
             cells = []
             for p in peers:
                 v = ratios.get((size, conns, p), {}).get(what)
-                cells.append("%10s" % (fmt(v, "%.2fx")))
+                cells.append("%16s" % (fmt(v, "%.2fx")))
             print("%-5d %5d  %-6s " % (size, conns, label) + " ".join(cells))
 
 
@@ -315,7 +328,7 @@ def print_open(rows, servers, rate_note):
         print("\nOpen loop: " + rate_note)
         return
     print("\nOpen loop: %s" % rate_note)
-    hdr = "%-8s %10s %8s %8s %8s %6s %8s %13s %5s %6s %s" % (
+    hdr = "%-12s %10s %8s %8s %8s %6s %8s %13s %5s %6s %s" % (
         "server", "achieved", "p50 us", "p99 us", "p999 us", "srv%", "us/req",
         "stack+py", "cli%", "other%", "note")
     print(hdr)
@@ -330,7 +343,7 @@ def print_open(rows, servers, rate_note):
             note.append("disturbed %d/%d" % (r["disturbed"], r["rounds"]))
         if r["errors"]:
             note.append("errors %d" % r["errors"])
-        print("%-8s %10s %8s %8s %8s %6s %8s %13s %5s %6s %s" % (
+        print("%-12s %10s %8s %8s %8s %6s %8s %13s %5s %6s %s" % (
             r["server"], "{:,.0f}".format(r["rps"]), fmt_us(r["p50"]),
             fmt_us(r["p99"]), fmt_us(r["p999"]), fmt(100 * r["util"], "%.0f"),
             fmt(r["cpu_us"], "%.2f"), split, fmt(100 * r["client_busy"], "%.0f"),
@@ -487,6 +500,11 @@ def main(argv=None):
     print_open(opened, cfg.servers, "%d B x %d conns, %s" % (
         cfg.open_size, cfg.open_conns, rate_note) if rate else rate_note)
     print_ratios(ratios["open"], cfg.servers, "qstack", "qstack ratios, open loop")
+    if "qstack-uring" in cfg.servers:
+        for mode in ("closed", "open"):
+            ratios["uring-" + mode] = paired_ratios(runs, "qstack-uring", mode)
+            print_ratios(ratios["uring-" + mode], cfg.servers, "qstack-uring",
+                         "qstack-uring ratios, %s loop" % mode)
     elapsed = time.monotonic() - started
     print("\ntotal time %.0f s; load average now %.2f" % (elapsed, os.getloadavg()[0]))
 
@@ -500,7 +518,8 @@ def main(argv=None):
             "unavailable": unavailable,
             "closed": closed,
             "open": {"rate": rate, "how": rate_note, "rows": opened},
-            "ratios": {mode: {"base": ratio_base if mode == "closed" else "qstack",
+            "ratios": {mode: {"base": ratio_base if mode == "closed" else
+                              "qstack-uring" if mode.startswith("uring") else "qstack",
                               "rows": [{"size": s, "conns": c, "peer": p, **v}
                                        for (s, c, p), v in sorted(r.items())]}
                        for mode, r in ratios.items()},

@@ -33,7 +33,9 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # binary name -> its C sources in bench/peers/
 NATIVE = {
     "epoll_echo": ["epoll_echo.c"],
+    "uring_echo": ["uring_echo.c"],
 }
+LIBS = {"uring_echo": ["-luring"]}   # beyond -lm
 
 
 # ---- building ---------------------------------------------------------------
@@ -48,7 +50,7 @@ def build(name, log=print):
         if all(os.path.getmtime(d) <= built for d in deps if os.path.exists(d)):
             return out
     os.makedirs(BIN, exist_ok=True)
-    cmd = ["gcc", "-O2", "-Wall", "-Wextra", "-o", out] + srcs + ["-lm"]
+    cmd = ["gcc", "-O2", "-Wall", "-Wextra", "-o", out] + srcs + ["-lm"] + LIBS.get(name, [])
     log("building " + os.path.relpath(out, REPO))
     subprocess.run(cmd, check=True)
     return out

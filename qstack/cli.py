@@ -86,7 +86,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         ("--workers", "server.workers", int, "greenlets per core"),
         ("--reply-order", "server.reply_order", str,
          "replies on a connection: arrival | completion"),
-        ("--backend", "server.backend", str, "network stack: kernel | ustack"),
+        ("--backend", "server.backend", str, "network stack: auto | uring | kernel | ustack"),
         ("--grace", "server.shutdown_grace", float, "seconds to finish requests on stop"),
         ("--block-warning", "server.block_warning", float,
          "log a handler's stack when it blocks the hub this long (0 = off)"),

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import yaml
 
 from qstack.errors import ConfigError
-from qstack.transport import BACKENDS as _transport_backends, lib as _native_lib
+from qstack.transport import AUTO, BACKENDS as _transport_backends, lib as _native_lib
 
 # The native limits, read from the one definition (qsprio.h) through cffi.
 MAX_LEVELS = _native_lib.QS_MAX_LEVELS
@@ -66,7 +66,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     bind: tuple[str, ...] = ()      # HOST:PORT or unix:PATH each; () = host/port
-    backend: str = "kernel"
+    backend: str = "auto"           # uring where io_uring works, else kernel
     cores: int = 1
     workers: int = 64
     reply_order: str = "arrival"
@@ -410,7 +410,7 @@ _SCHEMA: dict[str, dict[str, Validator]] = {
         "host": lambda v, k, s: _host(_str(v, k, s), k),
         "port": _int(0, 65535),
         "bind": lambda v, k, s: _bind_list(v, k),
-        "backend": _choice(*BACKENDS),
+        "backend": _choice(AUTO, *BACKENDS),
         "cores": _int(1, 64),
         "workers": _int(1, 100000),
         "reply_order": _choice(*REPLY_ORDERS),

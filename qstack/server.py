@@ -235,6 +235,13 @@ def _ustack_settings(cfg):
                 reorder=us.reorder, corrupt=us.corrupt, fault_seed=us.fault_seed)
 
 
+def _uring_error(cfg, exc):
+    """The one line that says why io_uring cannot serve here (the probe's
+    words: a build without liburing, or the kernel's refusal)."""
+    return ConfigError(f"server.backend: uring: {exc.strerror or exc}; "
+                       f"--backend kernel (or auto) serves without it")
+
+
 def _ustack_error(cfg, exc):
     """The one line that says why the user-space stack could not start."""
     us = cfg.ustack
@@ -390,8 +397,8 @@ def _serve(cfg, handler, core_index, stats_fd, listen_fds, stop_fd, owned):
         watchdog = BlockWatchdog(gevent.get_hub().loop, srv.block_warning,
                                  f"core {core_index}",
                                  quiet=(NativeCore.shutdown.__code__,)).start()
-    log.info("core %d serving %s (%s handler, %d workers, %s stack, pid %d)",
-             core_index, where, "stream" if stream else "message",
+    log.info("core %d serving %s (%s backend, %s handler, %d workers, %s stack, pid %d)",
+             core_index, where, core.name, "stream" if stream else "message",
              srv.workers, "inline" if inline else "threaded", os.getpid())
 
     done = Event()
@@ -587,7 +594,7 @@ def _no_settings(cfg):
 # A backend's settings beyond the common options, from its config section,
 # and the words for its start-up errors (OSError -> ConfigError).
 _BACKEND_SETTINGS = {"ustack": lambda cfg: {"settings": _ustack_settings(cfg)}}
-_BACKEND_ERRORS = {"ustack": _ustack_error}
+_BACKEND_ERRORS = {"ustack": _ustack_error, "uring": _uring_error}
 
 
 def _write_line(fd, snap):

@@ -128,8 +128,8 @@ def serve():
     stop_all()
 
 
-BACKENDS = [("kernel", "thread"), ("kernel", "inline"), ("ustack", "thread"),
-            ("ustack", "inline"), ("dpdk", "thread")]
+BACKENDS = [("kernel", "thread"), ("kernel", "inline"), ("uring", "thread"),
+            ("uring", "inline"), ("ustack", "thread"), ("ustack", "inline"), ("dpdk", "thread")]
 DPDK_EAL = "--no-huge -m 256 --no-pci --vdev=net_tap0,iface={iface}"
 
 
@@ -141,17 +141,20 @@ def dpdk_missing():
 
 @pytest.fixture(params=BACKENDS, ids=["-".join(p) for p in BACKENDS])
 def serve_any(request, serve):
-    """serve() on every backend and stack layout: kernel sockets on 127.0.0.1,
-    and the user-space stack on a TAP device (or DPDK's net_tap) in a
-    namespace of the test's own (entered for the whole test: the server and
-    the clients live there)."""
+    """serve() on every backend and stack layout: kernel sockets on 127.0.0.1
+    (epoll and io_uring), and the user-space stack on a TAP device (or
+    DPDK's net_tap) in a namespace of the test's own (entered for the whole
+    test: the server and the clients live there)."""
     backend, stack = request.param
 
     def start(app, *args, **kw):
         return serve(app, *args, "--stack", stack, **kw)
 
-    if backend == "kernel":
-        yield start
+    if backend in ("kernel", "uring"):
+        from qstack.transport import uring_refusal
+        if backend == "uring" and uring_refusal():
+            pytest.skip(uring_refusal())
+        yield lambda app, *args, **kw: start(app, *args, "--backend", backend, **kw)
         return
     from netns import TapNetns, why_not
     if why_not() or (backend == "dpdk" and dpdk_missing()):

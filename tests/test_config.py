@@ -35,7 +35,7 @@ def test_defaults():
     assert cfg == Config()
     s = cfg.server
     assert (s.host, s.port, s.backend, s.cores, s.workers, s.backlog) == \
-        ("127.0.0.1", 8000, "kernel", 1, 64, 1024)
+        ("127.0.0.1", 8000, "auto", 1, 64, 1024)
     assert (s.shutdown_grace, s.stats, s.stats_interval) == (5.0, False, 1.0)
     assert cfg.app.handler is None
     assert cfg.app.framing == Framing("raw", 0)
@@ -136,7 +136,7 @@ def test_unknown_keys_at_every_level(tmp_path):
     ("server.stats_interval", 0.05, "server.stats_interval"),
     ("server.host", 127, "server.host: expected a non-empty string"),
     ("server.host", "", "server.host"),
-    ("server.backend", "dpdk", "server.backend: expected one of kernel, ustack, got 'dpdk'"),
+    ("server.backend", "dpdk", "server.backend: expected one of auto, kernel, uring, ustack, got 'dpdk'"),
     ("server.reply_order", "fifo",
      "server.reply_order: expected one of arrival, completion, got 'fifo'"),
     ("ustack.driver", "pcap", "ustack.driver: expected one of tap, dpdk, got 'pcap'"),

@@ -200,6 +200,7 @@ def test_lat_buckets():
 # cores for one of BACKENDS, and Linux's TCP is the peer in every case.
 #
 #   kernel      kernel sockets on 127.0.0.1;
+#   uring       the same sockets under io_uring (skipped where it is refused);
 #   ustack-tap  qstack's own TCP/IP on a TAP device in a namespace of the
 #               test's own (netns.TapNetns, entered for the whole test, as
 #               conftest's serve_any does): the core answers as
@@ -210,8 +211,9 @@ def test_lat_buckets():
 # (qs_ustack_settings.driver is TAP or DPDK), and it has no kernel peer.  DPDK's
 # net_tap is a driver of ustack like TAP, but EAL initialises once per
 # process, so it cannot make a core per test here; test_ustack_dpdk.py and
-# serve_any run it in server processes.  A later backend (io_uring) is one
-# more class with make/listen and one more entry in BACKENDS.
+# serve_any run it in server processes.  A backend is one more class with
+# make/listen and one more entry in BACKENDS (uring: kernel sockets, so
+# KernelBackend's listen).
 #
 # KernelBackend and TapBackend are the one place a test core is made
 # (NativeCore's constructor and its listen calls): when the binding gets a
@@ -243,6 +245,14 @@ class KernelBackend:
         return addr
 
 
+class UringBackend(KernelBackend):
+    """Kernel sockets under io_uring: the same listening sockets as kernel."""
+    name = "uring"
+
+    def make(self, **options):
+        return open_core("uring", **options)
+
+
 class TapBackend:
     name = "ustack-tap"
 
@@ -269,6 +279,13 @@ def kernel_backend():
     yield KERNEL
 
 
+def uring_backend():
+    from qstack.transport import uring_refusal
+    if uring_refusal():
+        pytest.skip(uring_refusal())
+    yield UringBackend()
+
+
 def tap_backend():
     """The user-space stack on a TAP device in a namespace of the test's own,
     entered for the whole test (the core, its clients and their threads)."""
@@ -292,7 +309,7 @@ def tap_backend():
 
 
 # name -> a generator that yields the backend for one test (and cleans up)
-BACKENDS = {"kernel": kernel_backend, "ustack-tap": tap_backend}
+BACKENDS = {"kernel": kernel_backend, "uring": uring_backend, "ustack-tap": tap_backend}
 
 
 @pytest.fixture(params=list(BACKENDS))
@@ -1424,8 +1441,9 @@ def test_inline_poll_fd_step_and_no_wakeups(backend):
     blocked on a full ring do not make the poll fd readable (no spin)."""
     core = Driven(backend, inline=True, framing="line", max_message=100, ring_size=2, levels=1)
     try:
-        pfd = core.nc.wake_fd                # inline: the stack's epoll fd
-        assert os.readlink(f"/proc/self/fd/{pfd}") == "anon_inode:[eventpoll]"
+        pfd = core.nc.wake_fd                # inline: the stack's epoll fd (uring: its ring)
+        assert os.readlink(f"/proc/self/fd/{pfd}") == (
+            "anon_inode:[io_uring]" if backend.name == "uring" else "anon_inode:[eventpoll]")
         (s,) = connect(core)
         s.sendall(b"a\n")
         assert select.select([pfd], [], [], 5)[0] == [pfd]

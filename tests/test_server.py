@@ -1,7 +1,7 @@
 """The runtime end to end: `qstack serve`, real client sockets, one suite
-run on both backends (kernel sockets on 127.0.0.1, and qstack's user-space
-TCP/IP stack on a TAP device, reached by Linux's own TCP) and both stack
-layouts.
+run on every backend (kernel sockets on 127.0.0.1 under epoll and under
+io_uring, and qstack's user-space TCP/IP stack on a TAP device, reached by
+Linux's own TCP) and both stack layouts.
 
 Every test's server must stop with exit 0 and all pool buffers returned
 (checked by the `serve` fixture at teardown).
@@ -22,8 +22,9 @@ from conftest import recv_exact, recv_line
 
 @pytest.fixture
 def serve(serve_any):
-    """Every test here runs four times: kernel and ustack backends, each with
-    a stack thread and with the stack inline in the hub's thread."""
+    """Every test here runs on every backend (kernel, uring, ustack, and
+    dpdk where it is built), each with a stack thread and with the stack
+    inline in the hub's thread."""
     return serve_any
 
 

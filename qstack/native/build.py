@@ -6,12 +6,17 @@
 then run the tests against the sanitized module (the runtime must be loaded
 first, and the test file must not rebuild it):
 
-    LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)" \
+    LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)" \\
     QSTACK_NO_BUILD=1 .venv/bin/python -m pytest tests/test_native.py
 
 (LeakSanitizer reports a few interpreter allocations at exit; none from qstack.)
 setup.py lists ``qstack/native/build.py:ffibuilder`` in cffi_modules; see
 cffibuild.py for what all builders share.
+
+The uring backend needs liburing (Debian: liburing-dev, which `make test`
+installs).  Without it the backend is not built: backend_uring_absent.c
+takes its place, qs_uring_probe says -ENOPKG, and --backend auto serves on
+the kernel backend.
 """
 
 import os
@@ -25,9 +30,24 @@ from cffibuild import HERE, builder, compile_in_place, sources  # noqa: E402
 # own where DPDK exists) are not.
 USTACK = sources("ustack")
 
+
+def have_liburing():
+    """liburing's header and library, where the compiler looks by default."""
+    import ctypes.util
+    return (any(os.path.exists(os.path.join(d, "liburing.h"))
+                for d in ("/usr/include", "/usr/local/include"))
+            and ctypes.util.find_library("uring") is not None)
+
+
+URING = have_liburing()
+if not URING:
+    print("liburing not found (Debian: apt-get install liburing-dev): "
+          "the uring backend is not built", file=sys.stderr)
+
 ffibuilder = builder("_native", ("qsprio.h", "qstack.h"), "src", direct=__name__ == "__main__",
-                     libraries=["pthread", "dl"], extra_sources=USTACK,
-                     extra_include=[os.path.join(HERE, "ustack")])
+                     libraries=["pthread", "dl"] + (["uring"] if URING else []),
+                     extra_sources=USTACK, extra_include=[os.path.join(HERE, "ustack")],
+                     without=("backend_uring_absent.c",) if URING else ("backend_uring.c",))
 
 if __name__ == "__main__":
     compile_in_place(ffibuilder, "_native")

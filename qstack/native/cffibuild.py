@@ -65,18 +65,20 @@ def _cdef_text(header):
 
 
 def builder(module, headers, src_dir, *, direct, libraries=(), extra_sources=(),
-            extra_include=()):
+            extra_include=(), without=()):
     """An FFI for qstack.<module> from include/<headers> (a name, or names in
     the order they build on each other: shared types first, the module's own
-    header last) and <src_dir>/*.c.  common/ (C shared by several modules,
-    not part of any ABI) is on every module's include path."""
+    header last) and <src_dir>/*.c less the file names in ``without``.
+    common/ (C shared by several modules, not part of any ABI) is on every
+    module's include path."""
     if isinstance(headers, str):
         headers = (headers,)
     src = os.path.join(HERE, src_dir)
     ffi = FFI()
     for header in headers:
         ffi.cdef(_cdef_text(header))
-    srcs = sources(src_dir) + list(extra_sources)
+    srcs = [p for p in sources(src_dir) if os.path.basename(p) not in without]
+    srcs += list(extra_sources)
     includes = "".join(f'#include "{h}"\n' for h in headers)
     ffi.set_source(
         f"qstack.{module}",

@@ -9,8 +9,10 @@ sleep_below, step) and never asks which backend it is.
 Nothing here imports the hub, the app layer or the frontend.
 """
 
-from .binding import (BACKENDS, EVENT_SIZE, FRAMINGS, KernelCore, NativeCore, UstackCore,
-                      backend_type, ffi, iter_events, jumbo_view, lib, open_core)
+from .binding import (AUTO, BACKENDS, EVENT_SIZE, FRAMINGS, KernelCore, NativeCore, UringCore,
+                      UstackCore, backend_type, ffi, iter_events, jumbo_view, lib, open_core,
+                      uring_refusal)
 
-__all__ = ["BACKENDS", "EVENT_SIZE", "FRAMINGS", "KernelCore", "NativeCore", "UstackCore",
-           "backend_type", "ffi", "iter_events", "jumbo_view", "lib", "open_core"]
+__all__ = ["AUTO", "BACKENDS", "EVENT_SIZE", "FRAMINGS", "KernelCore", "NativeCore", "UringCore",
+           "UstackCore", "backend_type", "ffi", "iter_events", "jumbo_view", "lib", "open_core",
+           "uring_refusal"]

@@ -20,7 +20,8 @@ from functools import partial
 
 from qstack._native import ffi, lib
 
-__all__ = ["NativeCore", "KernelCore", "UstackCore", "BACKENDS", "backend_type", "open_core",
+__all__ = ["NativeCore", "KernelCore", "UringCore", "UstackCore", "BACKENDS", "backend_type",
+           "open_core", "uring_refusal", "AUTO",
            "ffi", "lib", "EVENT_SIZE", "iter_events", "jumbo_view", "FRAMINGS"]
 
 EVENT_SIZE = ffi.sizeof("qs_event")
@@ -192,6 +193,21 @@ class KernelCore(NativeCore):
     kernel_sockets = True
 
 
+class UringCore(NativeCore):
+    """Kernel sockets driven by io_uring (backend_uring.c): multishot accept
+    and receive into pool buffers, one io_uring_enter per loop step."""
+
+    name = "uring"
+    BACKEND = lib.QS_BACKEND_URING
+    kernel_sockets = True
+
+    def __init__(self, **options):
+        why = uring_refusal()
+        if why:
+            raise OSError(_URING_ERRNO, why)
+        super().__init__(**options)
+
+
 class UstackCore(NativeCore):
     """qstack's own TCP/IP over a TAP or DPDK driver (backend_ustack.c).
 
@@ -214,15 +230,56 @@ class UstackCore(NativeCore):
 
 
 # The backends by name: a new backend is a C table entry and a class here.
-BACKENDS = {kind.name: kind for kind in (KernelCore, UstackCore)}
+BACKENDS = {kind.name: kind for kind in (KernelCore, UringCore, UstackCore)}
+
+# server.backend "auto" (the default): uring where the kernel allows it,
+# else kernel -- decided once per process (forked cores inherit the answer).
+AUTO = "auto"
+_URING_ERRNO = 0
+_uring_why = None
+
+
+def uring_refusal():
+    """Why the uring backend cannot run here (one line), or None.  Probed
+    once: a small ring and a provided-buffer ring, made and torn down."""
+    global _uring_why, _URING_ERRNO
+    if _uring_why is None:
+        import errno
+        rc = lib.qs_uring_probe()
+        _URING_ERRNO = -rc
+        if rc == 0:
+            _uring_why = ""
+        elif -rc == errno.ENOPKG:
+            _uring_why = "this build has no uring backend (liburing-dev was absent)"
+        else:
+            _uring_why = (f"the kernel refuses io_uring: {errno.errorcode.get(-rc, -rc)} "
+                          f"({_strerror(-rc)})")
+    return _uring_why or None
 
 
 def backend_type(name):
-    """The NativeCore class of a backend (what it is, before one is made)."""
+    """The NativeCore class of a backend (what it is, before one is made);
+    "auto" is uring where io_uring works, else kernel (logged once)."""
+    if name == AUTO:
+        return _auto_type()
     try:
         return BACKENDS[name]
     except KeyError:
-        raise ValueError(f"unknown backend {name!r} (known: {', '.join(BACKENDS)})") from None
+        known = ", ".join((AUTO, *BACKENDS))
+        raise ValueError(f"unknown backend {name!r} (known: {known})") from None
+
+
+_auto_logged = False
+
+
+def _auto_type():
+    global _auto_logged
+    why = uring_refusal()
+    if why and not _auto_logged:
+        import logging
+        logging.getLogger("qstack").warning("backend auto: kernel, not uring: %s", why)
+        _auto_logged = True
+    return KernelCore if why else UringCore
 
 
 def open_core(backend, **options):

@@ -90,6 +90,7 @@
 /* backends (qs_config.backend) and ustack drivers (qs_ustack_settings.driver) */
 #define QS_BACKEND_KERNEL 0 /* kernel sockets, epoll */
 #define QS_BACKEND_USTACK 1 /* qstack's own TCP/IP over a driver */
+#define QS_BACKEND_URING 2  /* kernel sockets, io_uring */
 #define QS_DRIVER_TAP 1     /* Linux TAP device (/dev/net/tun) */
 #define QS_DRIVER_DPDK 2    /* a DPDK poll-mode driver (qstack/_qsdpdk.so) */
 
@@ -265,6 +266,11 @@ qs_core *qs_core_new(const qs_config *cfg, int *err);
  * On success the core owns fd (closed by qs_core_shutdown / qs_core_free). */
 int qs_core_listen(qs_core *c, const qs_listen_spec *spec);
 int qs_core_start(qs_core *c);            /* spawn the stack thread */
+/* Whether the uring backend can run here: 0, -ENOPKG if this build has
+ * none (liburing was absent when it was compiled), else the -errno the
+ * kernel refused io_uring or a provided-buffer ring with (-ENOSYS, -EPERM:
+ * seccomp, a container, kernel.io_uring_disabled; -EINVAL: too old). */
+int qs_uring_probe(void);
 /* Stop the stack thread: flush unsent bytes for at most grace_ns, close every
  * socket, join.  Buffers still held by the hub stay valid and countable. */
 int qs_core_shutdown(qs_core *c, int64_t grace_ns);

@@ -422,6 +422,24 @@ void qs_conn_readable(qs_conns *conns, qs_conn *c)
     qs_conn_close(conns, c, 0);          /* ECONNRESET and friends */
 }
 
+/* A backend that receives into buffers of the kernel's choosing (uring:
+ * one of the pool buffers it provided) hands a filled buffer over instead
+ * of being asked to read: it becomes the conn's receive buffer as it is,
+ * with n bytes at its start -- no copy.  Only while the conn reads and
+ * holds no partial message; otherwise -EBUSY, and the backend queues the
+ * bytes for its read op (qs_conn_readable copies them then). */
+int qs_conn_adopt(qs_conns *conns, qs_conn *c, qs_buf *b, uint64_t n)
+{
+    if ((c->flags & QC_NOREAD) || c->rbuf || c->part_len)
+        return -EBUSY;
+    c->rbuf = b;
+    c->rstart = 0;
+    c->rend = n;
+    c->t_read = conns->now;
+    rx_scan(conns, c, 1);
+    return 0;
+}
+
 /* Message mode closes a conn the peer half-closed once every request has
  * been answered; any mode closes after a graceful CLOSE once flushed. */
 void qs_conn_finish(qs_conns *conns, qs_conn *c)

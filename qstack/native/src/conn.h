@@ -43,7 +43,10 @@ typedef struct qs_conn qs_conn;
 typedef struct qs_conn_io {
     /* > 0 bytes read, 0 end of stream, -EAGAIN, other -errno: conn lost */
     int64_t (*read)(qs_conns *conns, qs_conn *c, uint8_t *p, uint64_t len);
-    /* bytes taken (may be short), -EAGAIN, other -errno: conn lost */
+    /* bytes taken (may be short), -EAGAIN, other -errno: conn lost; or, a
+     * backend with async_writes, -EINPROGRESS: it took the iovecs for a
+     * send that ends later with qs_conn_sent (the bytes stay put, owned
+     * by the out queue, until then) */
     int64_t (*writev)(qs_conns *conns, qs_conn *c, const struct iovec *iov, int n);
     /* the conn's wants changed (QS_WANT_*; 0: neither) */
     void (*want)(qs_conns *conns, qs_conn *c, uint32_t want);
@@ -51,6 +54,10 @@ typedef struct qs_conn_io {
     void (*close)(qs_conns *conns, qs_conn *c, int abort);
     /* close every listener (QS_CMD_STOP_ACCEPT, shutdown) */
     void (*stop_accept)(qs_conns *conns);
+    /* writev may answer -EINPROGRESS; then nothing borrowed from a byte
+     * ring is ever handed to it (copied first: the ring moves on after
+     * the command batch, before the send is made) */
+    int async_writes;
 } qs_conn_io;
 
 /* conn flags */
@@ -66,6 +73,7 @@ typedef struct qs_conn_io {
 #define QC_NOTIFY    0x200u   /* emit WRITABLE when the out queue empties */
 #define QC_DIRTY     0x400u   /* on the dirty list of the current command batch */
 #define QC_COUNTED   0x800u   /* counted in paused_conns */
+#define QC_SENDING   0x4000u  /* an async send of the out queue's head is in flight */
 #define QC_NOREAD (QC_PAUSED | QC_BLOCKED | QC_HIGHWATER | QC_EOF | QC_STOPREAD | QC_CLOSING | QC_ZOMBIE)
 #define QC_PAUSEISH (QC_PAUSED | QC_BLOCKED | QC_HIGHWATER)
 
@@ -165,6 +173,7 @@ qs_conn *qs_conn_lookup(qs_conns *conns, int64_t id);
  * of range): the caller then closes the socket itself. */
 qs_conn *qs_conn_new(qs_conns *conns, int slot, void *sock);
 void qs_conn_readable(qs_conns *conns, qs_conn *c);
+int qs_conn_adopt(qs_conns *conns, qs_conn *c, qs_buf *b, uint64_t n);  /* 0: took b */
 void qs_conn_close(qs_conns *conns, qs_conn *c, int abort);
 void qs_conn_update(qs_conns *conns, qs_conn *c);
 int qs_conn_emit(qs_conns *conns, const qs_event *ev);
@@ -176,6 +185,9 @@ void qs_conn_drop_all(qs_conns *conns);
 /* conn_cmd.c */
 int qs_conn_run_commands(qs_conns *conns);
 void qs_conn_writable(qs_conns *conns, qs_conn *c);
+/* An async send (writev said -EINPROGRESS) of `offered` bytes ended: res
+ * bytes went, or -errno (-EAGAIN: none, the socket is full). */
+void qs_conn_sent(qs_conns *conns, qs_conn *c, int64_t res, uint64_t offered);
 void qs_conn_out_clear(qs_conns *conns, qs_conn *c);
 void qs_conn_park_clear(qs_conns *conns, qs_conn *c);
 void qs_conn_retry_owed(qs_conns *conns);

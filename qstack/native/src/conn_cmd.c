@@ -147,10 +147,42 @@ static void compact(qs_conns *conns, qs_conn *c)
     }
 }
 
-/* Write as much of the out queue as the socket takes.
+/* The first w bytes of the out queue are gone: drop them. */
+static void out_drop(qs_conns *conns, qs_conn *c, uint64_t w)
+{
+    c->out_bytes -= w;
+    if (w > 0)
+        c->t_out = conns->now;
+    while (w) {
+        qs_out *o = c->oq_head;
+        if (w < o->len) {
+            o->p += w;
+            o->len -= w;
+            break;
+        }
+        w -= o->len;
+        c->oq_head = o->next;
+        if (c->oq_borrow == o)
+            c->oq_borrow = o->next;
+        node_release(conns, o);
+    }
+}
+
+static void out_emptied(qs_conns *conns, qs_conn *c)
+{
+    c->oq_tail = NULL;
+    c->oq_borrow = NULL;
+    c->flags &= ~QC_WANT_OUT;
+    conns->nqueued--;
+}
+
+/* Write as much of the out queue as the socket takes (or, async, hand its
+ * head to the backend: qs_conn_sent goes on from there).
  * Returns 0, or -1 if the conn was closed on a write error. */
 static int out_flush(qs_conns *conns, qs_conn *c)
 {
+    if (c->flags & QC_SENDING)
+        return 0;
     while (c->oq_head) {
         struct iovec iov[QS_IOV_MAX];
         int n = 0;
@@ -162,6 +194,10 @@ static int out_flush(qs_conns *conns, qs_conn *c)
         }
         int64_t w = conns->io->writev(conns, c, iov, n);
         if (w < 0) {
+            if (w == -EINPROGRESS) {
+                c->flags |= QC_SENDING;
+                return 0;
+            }
             if (w == -EAGAIN) {
                 c->flags |= QC_WANT_OUT;
                 compact(conns, c);
@@ -170,33 +206,14 @@ static int out_flush(qs_conns *conns, qs_conn *c)
             qs_conn_close(conns, c, 0);  /* EPIPE, ECONNRESET: nobody to send to */
             return -1;
         }
-        uint64_t left = (uint64_t)w;
-        c->out_bytes -= left;
-        if (w > 0)
-            c->t_out = conns->now;
-        while (left) {
-            qs_out *o = c->oq_head;
-            if (left < o->len) {
-                o->p += left;
-                o->len -= left;
-                break;
-            }
-            left -= o->len;
-            c->oq_head = o->next;
-            if (c->oq_borrow == o)
-                c->oq_borrow = o->next;
-            node_release(conns, o);
-        }
+        out_drop(conns, c, (uint64_t)w);
         if ((uint64_t)w < total) {
             c->flags |= QC_WANT_OUT;
             compact(conns, c);
             return 0;
         }
     }
-    c->oq_tail = NULL;
-    c->oq_borrow = NULL;
-    c->flags &= ~QC_WANT_OUT;
-    conns->nqueued--;
+    out_emptied(conns, c);
     return 0;
 }
 
@@ -275,6 +292,26 @@ void qs_conn_writable(qs_conns *conns, qs_conn *c)
 {
     if (out_flush(conns, c) == 0)
         after_out(conns, c);
+}
+
+void qs_conn_sent(qs_conns *conns, qs_conn *c, int64_t res, uint64_t offered)
+{
+    c->flags &= ~QC_SENDING;
+    if (res < 0 && res != -EAGAIN) {
+        qs_conn_close(conns, c, 0);
+        return;
+    }
+    uint64_t w = res > 0 ? (uint64_t)res : 0;
+    out_drop(conns, c, w);
+    if (w < offered) {
+        c->flags |= QC_WANT_OUT;
+        compact(conns, c);
+    } else if (!c->oq_head) {
+        out_emptied(conns, c);
+    } else if (out_flush(conns, c) < 0) {   /* queued while the send was out */
+        return;
+    }
+    after_out(conns, c);
 }
 
 static void put_header(uint8_t *p, int h, uint64_t len)
@@ -568,6 +605,8 @@ static void flush_dirty(qs_conns *conns)
         if (!c)
             continue;
         c->flags &= ~QC_DIRTY;
+        if (conns->io->async_writes && c->oq_borrow && unborrow(conns, c) < 0)
+            continue;
         if (c->oq_head && !(c->flags & QC_WANT_OUT) && out_flush(conns, c) < 0)
             continue;
         if (c->oq_borrow && unborrow(conns, c) < 0)

@@ -88,7 +88,8 @@ static int config_check(const qs_config *g)
         return -EINVAL;
     if (g->inline_stack != 0 && g->inline_stack != 1)
         return -EINVAL;
-    if (g->backend != QS_BACKEND_KERNEL && g->backend != QS_BACKEND_USTACK)
+    if (g->backend != QS_BACKEND_KERNEL && g->backend != QS_BACKEND_USTACK &&
+        g->backend != QS_BACKEND_URING)
         return -EINVAL;
     if (g->buf_reserve >= g->buf_count || g->partial_copy >= g->buf_size)
         return -EINVAL;
@@ -111,7 +112,9 @@ qs_core *qs_core_new(const qs_config *cfg, int *err)
     memset(c, 0, sizeof(*c));
     c->cfg = *cfg;
     c->hdr_len = qs_frame_header_len(&cfg->framer);
-    c->be = cfg->backend == QS_BACKEND_USTACK ? &qs_backend_ustack : &qs_backend_kernel;
+    c->be = cfg->backend == QS_BACKEND_USTACK ? &qs_backend_ustack
+            : cfg->backend == QS_BACKEND_URING ? &qs_backend_uring
+            : &qs_backend_kernel;
     c->hub_efd = c->stack_efd = c->poll_fd = -1;
     rc = qs_pool_init(&c->pool, cfg->buf_size, cfg->buf_count);
     for (int l = 0; rc == 0 && l < cfg->levels; l++) {

@@ -16,6 +16,8 @@
  *     conn_cmd.c         commands, out queues, reply order
  *   backend_kernel.c     backend "kernel": epoll over kernel sockets
  *   backend_ustack.c     backend "ustack": qstack's own TCP/IP (ustack/)
+ *   backend_uring.c      backend "uring": io_uring over kernel sockets (liburing);
+ *                        backend_uring_absent.c in its place in a build without it
  */
 #ifndef QS_INT_H
 #define QS_INT_H
@@ -85,9 +87,10 @@ struct qs_core;
 
 /* A network stack behind the core.  The core owns the rings, the pool, the
  * wakeup protocol and the thread; a backend owns sockets (or a user-space
- * TCP/IP stack) and runs the stack loop.  Two entries today, picked by
- * qs_config.backend: qs_backend_kernel (epoll over kernel sockets) and
- * qs_backend_ustack (qstack's own TCP/IP over TAP or DPDK).
+ * TCP/IP stack) and runs the stack loop.  Three entries, picked by
+ * qs_config.backend: qs_backend_kernel (epoll over kernel sockets),
+ * qs_backend_uring (io_uring over kernel sockets) and qs_backend_ustack
+ * (qstack's own TCP/IP over TAP or DPDK).
  *
  * Two layouts drive the same backend:
  *   threaded  run() is the stack thread's body: iterations plus the sleep
@@ -118,6 +121,7 @@ typedef struct qs_backend {
 
 extern const qs_backend qs_backend_kernel;
 extern const qs_backend qs_backend_ustack;
+extern const qs_backend qs_backend_uring;     /* backend_uring.c, or _absent.c without liburing */
 
 /* Internal command flag: SEND_COPY payload is a malloc'ed block at `off`
  * (too big for the byte ring); the stack frees it.  Above every seq

@@ -1,0 +1,111 @@
+"""The uring backend as a user meets it: `--backend auto` (the default)
+picks it where io_uring works and says otherwise; asked for by name it
+serves; buffers lent to the kernel are not reported in use.  The server
+and connection-layer suites run on it too (conftest.BACKENDS,
+test_native.BACKENDS)."""
+
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, recv_exact
+from qstack.transport import ffi, lib, open_core, uring_refusal
+
+refused = uring_refusal()
+
+
+def stopped(server):
+    code = server.stop()
+    assert code == 0, server.stderr[-2000:]
+    assert "buffers in use 0" in server.stderr, server.stderr[-2000:]
+    return server.stderr
+
+
+def echo(server, n=20):
+    with server.connect() as s:
+        for i in range(n):
+            msg = b"message %d\n" % i
+            s.sendall(msg)
+            assert recv_exact(s, len(msg)) == msg
+
+
+def test_auto_is_the_default_and_picks_uring_where_it_works(serve):
+    server = serve("apps.echo:handle")
+    echo(server)
+    log = stopped(server)
+    if refused:
+        assert f"backend auto: kernel, not uring: {refused}" in log
+        assert "(kernel backend," in log
+    else:
+        assert "(uring backend," in log
+        assert "backend auto" not in log
+
+
+@pytest.mark.parametrize("backend", ["uring", "kernel"])
+@pytest.mark.parametrize("stack", ["thread", "inline"])
+def test_named_backend_serves_and_says_so(serve, backend, stack):
+    if backend == "uring" and refused:
+        pytest.skip(refused)
+    server = serve("apps.echo:handle", "--backend", backend, "--stack", stack, "--cores", "2")
+    for _ in range(4):                 # SO_REUSEPORT spreads these over both cores
+        echo(server, 5)
+    log = stopped(server)
+    assert log.count(f"({backend} backend,") == 2
+
+
+@pytest.mark.skipif(not refused, reason="io_uring works here: nothing is refused")
+def test_uring_refused_is_one_line_and_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "qstack", "serve", "apps.echo:handle",
+                           "--backend", "uring", "--port", "0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and refused in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_probe_says_why_or_nothing():
+    rc = lib.qs_uring_probe()
+    assert (rc == 0) == (refused is None)
+
+
+@pytest.mark.skipif(bool(refused), reason=refused or "")
+def test_buffers_lent_to_the_kernel_are_not_in_use():
+    """The provided-buffer ring holds pool buffers; idle, with connections
+    open, the pool reports none in use, and a message held by the hub
+    counts one."""
+    core = open_core("uring", levels=1, buf_size=4096, buf_count=256, inline=True)
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(16)
+    addr = ls.getsockname()
+    core.listen(fd=ls.detach())
+    core.start()
+    try:
+        assert core.stats().bufs_in_use == 0
+        clients = [socket.create_connection(addr) for _ in range(8)]
+        for _ in range(200):
+            core.step(1)
+            if core.stats().conns_open == 8:
+                break
+        assert core.stats().conns_open == 8
+        assert core.stats().bufs_in_use == 0
+        clients[0].sendall(b"x" * 100)
+        evs = ffi.new("qs_event[4]")
+        got = 0
+        for _ in range(200):
+            core.step(1)
+            got += core.poll(-1, evs, 4)
+            if got:
+                break
+        assert got == 1 and evs[0].len == 100
+        assert core.stats().bufs_in_use == 1      # the message's buffer, adopted
+        for c in clients:
+            c.close()
+    finally:
+        core.shutdown(0)
+        core.release_local(evs[0].buf)
+        assert core.stats().bufs_in_use == 0
+        core.free()
+
