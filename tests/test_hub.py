@@ -7,6 +7,8 @@ messages when the test says so, so each case is deterministic: it asserts
 order, never time.
 """
 
+import time
+
 import gevent
 import gevent.event
 import pytest
@@ -14,7 +16,7 @@ import pytest
 import qstack
 from fakecore import FakeCore
 from qstack.app import Connection, Request
-from qstack.coro.hub import Hub
+from qstack.coro.hub import YIELD_AFTER, Hub
 from qstack.transport import lib
 
 
@@ -377,3 +379,30 @@ def test_greenlets_a_handler_spawns_carry_its_level(hub):
     assert seen == {b"top": (0, 0), b"mid": (1, 1), b"low": (2, 2)}
     assert qstack.current_level() is None
     assert gevent.spawn(qstack.current_level).get() is None
+
+
+def test_high_arrival_waits_for_one_long_low_request_not_a_run_of_them(hub):
+    # Low handlers that never block and take longer than the leader's
+    # yield interval (YIELD_AFTER): the leader lets the loop poll after each
+    # one, so a high message that arrives (in a loop callback, as a socket's
+    # readiness would be seen) while the first runs starts right after it.
+    core = FakeCore()
+    started = []
+
+    def handler(req):
+        name = bytes(req.data)
+        started.append(name)
+        if name == b"low0":
+            gevent.get_hub().loop.run_callback(core.arrive, 20, b"high", 0)
+        if name.startswith(b"low"):
+            until = time.monotonic() + 1.5 * YIELD_AFTER
+            while time.monotonic() < until:
+                pass
+        return name
+
+    hub(core, handler, workers=4, reserve=[0])
+    for i in range(12):
+        core.arrive(10 + i, b"low%d" % i, 1)
+    settle()
+    assert len(started) == 13
+    assert started.index(b"high") <= 2, started

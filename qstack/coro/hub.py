@@ -690,17 +690,18 @@ class Hub:
                 self._schedule_run()
                 return
             handled += 1
-            if handled & 7 == 0:
-                if ordered and monotonic() >= self._t_yield:
-                    # let the loop poll: wake-ups and arrivals of higher
-                    # levels must not wait for this run of requests
-                    handled = 0
-                    self._lead_yield()
-                    self._arm()
-                elif handled >= YIELD_EVERY:
-                    handled = 0
-                    self._yield()       # callbacks and timers get a turn
-                    self._arm()
+            if ordered and monotonic() >= self._t_yield:
+                # Let the loop poll: wake-ups and arrivals of higher levels
+                # must not wait for this run of requests.  Checked after every
+                # request: with handlers of a millisecond, checking every few
+                # requests would hold a level-0 arrival that long times more.
+                handled = 0
+                self._lead_yield()
+                self._arm()
+            elif handled >= YIELD_EVERY:
+                handled = 0
+                self._yield()           # callbacks and timers get a turn
+                self._arm()
 
     def _conn_event(self, me, kind, level, conn):
         """Run the hook of an ACCEPTED or CLOSED event, as a request: on this
