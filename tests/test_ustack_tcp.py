@@ -613,6 +613,155 @@ def test_time_wait_reacks_a_retransmitted_fin():
         n.free()
 
 
+def close_into_record(n, lport=0, port=80):
+    """A connection A -> B's `port`, closed by A first, then by B, with both
+    handles let go: A's side ends in a TIME-WAIT record.  Returns the
+    record's (lport, rport, rcv_nxt, snd_nxt)."""
+    h = n.connect(A, port, lport)
+    n.run(20 * MS)
+    (hb,) = n.accepted(B)
+    i = n.info(A, h)
+    key = (i.lport, i.rport, (i.rcv_nxt + 1) & 0xffffffff, (i.snd_nxt + 1) & 0xffffffff)
+    n.close(A, h)                                  # FIN; the handle is gone
+    n.run(5 * MS)
+    n.close(B, hb)                                 # B's FIN: A to TIME-WAIT
+    n.run(5 * MS)
+    return key
+
+
+def to_record(n, key, flags, seq_off=0, ack_off=0, payload=b""):
+    """A segment from B to A's TIME-WAIT record `key`."""
+    lport, rport, rcv_nxt, snd_nxt = key
+    me, peer = n.cfg(A), n.cfg(B)
+    return frame_to(n, A, tcp(peer.ip, me.ip, rport, lport, rcv_nxt + seq_off,
+                              snd_nxt + ack_off, flags, payload=payload))
+
+
+def segments(n, side):
+    return [t for t in map(parse_tcp, n.captured(side)) if t]
+
+
+def test_time_wait_record_replaces_the_control_block():
+    n = Net()
+    try:
+        n.listen(B, 80)
+        key = close_into_record(n)
+        s = n.stats(A)
+        assert s.tcp_conns == 0 and s.tcp_tw_held == 1 and s.tcp_time_wait == 1
+        assert 0 < s.tw_bytes <= 48                    # not a control block
+        _, _, rcv_nxt, snd_nxt = key
+        n.run(30 * SEC)
+        n.capture_on(A)
+        # B's FIN again: the record ACKs it and restarts 2 MSL
+        assert n.inject(A, to_record(n, key, FIN | ACK, seq_off=-1)) == 0
+        (ack,) = segments(n, A)
+        assert ack[:3] == (ACK, snd_nxt, rcv_nxt)
+        # data after the FIN: acknowledged, dropped
+        assert n.inject(A, to_record(n, key, ACK | PSH, payload=b"late")) == 0
+        assert [t[:3] for t in segments(n, A)] == [(ACK, snd_nxt, rcv_nxt)]
+        # a bare ACK: nothing; an in-window RST: ignored (RFC 1337)
+        ignored = n.stats(A).tcp_rst_ignored
+        n.inject(A, to_record(n, key, ACK))
+        n.inject(A, to_record(n, key, RST))
+        assert segments(n, A) == []
+        s = n.stats(A)
+        assert s.tcp_tw_held == 1 and s.tcp_rst_ignored == ignored + 1
+        n.run(59 * SEC)                                # 89 s after the first, 59 after the FIN
+        assert n.stats(A).tcp_tw_held == 1
+        n.run(2 * SEC)
+        assert n.stats(A).tcp_tw_held == 0
+        leak_free(n)
+    finally:
+        n.free()
+
+
+def test_time_wait_record_when_the_handle_closes_late():
+    n, h, hb = opened()
+    try:
+        lib.qsu_shutdown(n.n, A, h)
+        n.run()
+        n.close(B, hb)
+        n.run()
+        assert n.state(A, h) == "TIME_WAIT" and n.stats(A).tcp_conns == 1
+        n.run(40 * SEC)
+        n.close(A, h)                                  # what is left of 2 MSL goes to a record
+        s = n.stats(A)
+        assert s.tcp_conns == 0 and s.tcp_tw_held == 1
+        n.run(19 * SEC)
+        assert n.stats(A).tcp_tw_held == 1
+        n.run(2 * SEC)                                 # 60 s after it began, not after close
+        assert n.stats(A).tcp_tw_held == 0
+        leak_free(n)
+    finally:
+        n.free()
+
+
+def test_time_wait_record_holds_its_4_tuple():
+    n = Net()
+    try:
+        n.listen(B, 80)
+        lport, *_ = close_into_record(n)
+        assert lib.qsu_connect(n.n, A, lport, 80) < 0   # EADDRINUSE for 2 MSL
+        h = n.connect(A, 80)                            # an ephemeral port avoids it
+        assert n.info(A, h).lport != lport
+        n.close(A, h)
+        leak_free(n)                                    # past 2 MSL
+        h = n.connect(A, 80, lport)                     # free again
+        n.close(A, h)
+        leak_free(n)
+    finally:
+        n.free()
+
+
+def test_a_new_syn_beyond_the_old_sequence_ends_a_record():
+    n = Net()
+    try:
+        n.listen(B, 80)
+        # B closes first this time, so the record is the server's
+        h = n.connect(A, 80)
+        n.run(20 * MS)
+        (hb,) = n.accepted(B)
+        i = n.info(B, hb)
+        lport, rport, rcv_nxt = i.lport, i.rport, (i.rcv_nxt + 1) & 0xffffffff
+        n.close(B, hb)
+        n.run(5 * MS)
+        n.close(A, h)
+        n.run(5 * MS)
+        assert n.stats(B).tcp_tw_held == 1 and n.stats(B).tcp_conns == 0
+        me, peer = n.cfg(B), n.cfg(A)
+        n.capture_on(B)
+
+        def syn(seq):
+            return frame_to(n, B, tcp(peer.ip, me.ip, rport, lport, seq, 0, SYN))
+
+        # an old duplicate (behind the old connection): a challenge ACK, the record stays
+        n.inject(B, syn(rcv_nxt - 1000))
+        (t,) = segments(n, B)
+        assert t[0] == ACK and t[2] == rcv_nxt and n.stats(B).tcp_tw_held == 1
+        # a new incarnation: the record goes and the listener answers
+        n.inject(B, syn(rcv_nxt + 100_000))
+        (t,) = segments(n, B)
+        assert t[0] == SYN | ACK and t[2] == (rcv_nxt + 100_001) & 0xffffffff
+        assert n.stats(B).tcp_tw_held == 0
+        leak_free(n)                                    # A resets the stray SYN-ACK
+    finally:
+        n.free()
+
+
+def test_time_wait_records_are_capped_at_max_conns():
+    n = Net(a={"max_conns": 2})
+    try:
+        n.listen(B, 80)
+        for _ in range(3):
+            close_into_record(n)
+        s = n.stats(A)
+        assert s.tcp_tw_held == 2 and s.tcp_tw_overflow == 1 and s.tcp_conns == 0
+        leak_free(n)
+        assert n.stats(A).tcp_tw_held == 0
+    finally:
+        n.free()
+
+
 def test_orphan_fin_wait_2_times_out():
     n, h, hb = opened()
     try:

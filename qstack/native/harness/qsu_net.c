@@ -336,6 +336,7 @@ int qsu_stats_get(qsu_net *n, int side_, qs_ustack_stats *out)
     out->pool_peak = s->pool.peak;
     out->pool_fail = s->pool.fails;
     out->tcb_bytes = sizeof(qs_tcb);
+    out->tw_bytes = sizeof(qs_tw);
     out->flow_bytes = (uint64_t)(s->flow_mask + 1) * sizeof(qs_tcb *);
     return 0;
 }

@@ -275,6 +275,7 @@ int qsu_tap_stats(qsu_tap *x, qs_ustack_stats *out)
     out->pool_peak = x->s.pool.peak;
     out->pool_fail = x->s.pool.fails;
     out->tcb_bytes = sizeof(qs_tcb);
+    out->tw_bytes = sizeof(qs_tw);
     out->flow_bytes = (uint64_t)(x->s.flow_mask + 1) * sizeof(qs_tcb *);
     return 0;
 }

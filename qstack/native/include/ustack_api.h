@@ -92,6 +92,10 @@ typedef struct qs_ustack_stats {
     uint64_t mem_prunes;      /* times the out-of-order queues were pruned */
     uint64_t arp_glean_refused;   /* IPv4 packets whose Ethernet source disagreed with
                                      a resolved entry (kept; an ARP request verifies) */
+    uint64_t tcp_tw_held;     /* compact TIME-WAIT records now (closed connections) */
+    uint64_t tcp_tw_overflow; /* connections that closed without TIME-WAIT: max_conns
+                                 records were held already */
+    uint64_t tw_bytes;        /* sizeof one TIME-WAIT record */
 } qs_ustack_stats;
 
 /* Faults applied to every frame one side transmits.  Rates are in [0, 1]. */

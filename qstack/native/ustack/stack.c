@@ -173,6 +173,7 @@ int qs_ustack_poll(qs_ustack *s, int64_t now)
         work += n > 0 ? n : 0;
     }
     work += qs_tcp_timer_advance(s, now);
+    work += qs_tw_expire(s, now);
     qs_arp_age(s, now);
     qs_ustack_leave(s);
     return work;
@@ -181,7 +182,8 @@ int qs_ustack_poll(qs_ustack *s, int64_t now)
 int64_t qs_ustack_next_event(qs_ustack *s)
 {
     int64_t a = s->drv ? s->drv->ops->next_due(s->drv) : INT64_MAX;
-    int64_t b = qs_tcp_timer_next(s), c = qs_arp_next(s);
+    int64_t b = qs_tcp_timer_next(s), c = qs_arp_next(s), d = qs_tw_next(s);
     a = a < b ? a : b;
+    c = c < d ? c : d;
     return a < c ? a : c;
 }

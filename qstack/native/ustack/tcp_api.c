@@ -58,14 +58,16 @@ qs_tcb *qs_tcp_connect(qs_ustack *s, uint32_t raddr, uint16_t rport, uint16_t lp
     if (!lport) {   /* ephemeral: the next free port in 32768..60999 (RFC 6056 style range) */
         for (int tries = 0; tries < 28232 && !lport; tries++) {
             uint16_t p = (uint16_t)(32768 + (s->next_port++ % 28232));
-            if (!qs_tcp_lookup(s, s->cfg.ip, p, raddr, rport) && !qs_tcp_listener(s, p))
+            if (!qs_tcp_lookup(s, s->cfg.ip, p, raddr, rport) && !qs_tcp_listener(s, p) &&
+                !qs_tw_lookup(s, s->cfg.ip, p, raddr, rport))
                 lport = p;
         }
         if (!lport) {
             *err = -EADDRNOTAVAIL;
             return NULL;
         }
-    } else if (qs_tcp_lookup(s, s->cfg.ip, lport, raddr, rport)) {
+    } else if (qs_tcp_lookup(s, s->cfg.ip, lport, raddr, rport) ||
+               qs_tw_lookup(s, s->cfg.ip, lport, raddr, rport)) {
         *err = -EADDRINUSE;
         return NULL;
     }
@@ -240,6 +242,8 @@ int qs_tcp_close(qs_ustack *s, qs_tcb *t, int64_t now)
         /* unread data will never be read now */
         qs_mem_qfree(s, t, &t->rcvq);
         t->rcvq_len = 0;
+        if (t->state == QS_TCP_TIME_WAIT && !(t->flags & QT_DEAD))
+            qs_tw_adopt(s, t, now);     /* what is left of 2 MSL, in a record */
     }
     qs_ustack_leave(s);
     return 0;

@@ -53,6 +53,7 @@ void qs_tcp_flow_destroy(qs_ustack *s)
             }
     free(s->flows);
     s->flows = NULL;
+    qs_tw_destroy(s);
     qs_trace_enable(s, 0);
 }
 

@@ -300,8 +300,14 @@ int qs_tcp_input(qs_ustack *s, qs_mbuf *m, uint32_t src, uint32_t dst, int64_t n
             syn_sent_input(s, t, &g, m, now);
         else
             qs_tcp_sync_input(s, t, &g, m, now);
+        /* closed by the application and now in TIME-WAIT: a record will do */
+        if (t->state == QS_TCP_TIME_WAIT && (t->flags & (QT_APP_CLOSED | QT_DEAD)) == QT_APP_CLOSED)
+            qs_tw_adopt(s, t, now);
         return 0;
     }
+    uint32_t tw = qs_tw_lookup(s, dst, g.dport, src, g.sport);
+    if (tw && !qs_tw_input(s, tw, &g, now))
+        goto drop;
     qs_listener *l = qs_tcp_listener(s, g.dport);
     if (l) {
         listen_input(s, l, &g, m, now);

@@ -399,6 +399,15 @@ int qs_tcp_send_rst_for(qs_ustack *s, const qs_tcp_seg *g, int64_t now)
                 QS_TH_RST | QS_TH_ACK, 0, NULL, 0, NULL, 0, 0, 0, now);
 }
 
+/* An ACK for a TIME-WAIT record (tcp_tw.c) */
+int qs_tcp_send_bare_ack(qs_ustack *s, uint32_t laddr, uint16_t lport, uint32_t raddr,
+                         uint16_t rport, qs_seq seq, qs_seq ack, uint16_t wnd, uint8_t prio,
+                         int64_t now)
+{
+    return emit(s, laddr, lport, raddr, rport, seq, ack, QS_TH_ACK, wnd, NULL, 0, NULL, 0, 0,
+                prio, now);
+}
+
 /* SYN cookie answer: no control block behind it, no window scaling */
 int qs_tcp_send_synack_stateless(qs_ustack *s, const qs_tcp_seg *g, qs_seq iss, uint16_t mss,
                                  int64_t now)

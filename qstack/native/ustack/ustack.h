@@ -11,6 +11,7 @@
  *   tcp_out.c     segment output, retransmission, window advertisement
  *   tcp_timer.c   the timer wheel and the per-connection timers
  *   tcp_flow.c    control blocks, the 4-tuple flow table, listeners
+ *   tcp_tw.c      compact TIME-WAIT records of closed connections
  *   tcp_cookie.c  SipHash, ISS (RFC 6528) and SYN cookies
  *   ip_in.c ip_out.c icmp.c arp.c eth_in.c eth_out.c
  *   mbuf.c        the buffer pool every packet and stream byte lives in
@@ -211,6 +212,18 @@ typedef struct qs_tcb {
     qs_mq sndq, rcvq, oooq;
 } qs_tcb;
 
+/* A connection in TIME-WAIT that the application has closed: all that is
+ * left of its control block (tcp_tw.c).  Indices are 1-based, 0 = none. */
+typedef struct qs_tw {
+    uint32_t hnext, prev, next;         /* hash chain (or free list); expiry order */
+    uint32_t laddr, raddr;
+    uint16_t lport, rport;
+    qs_seq snd_nxt, rcv_nxt;            /* what our ACKs carry */
+    uint32_t expire;                    /* tick 2 MSL ends */
+    uint16_t wnd;                       /* window field of our ACKs */
+    uint8_t prio;
+} qs_tw;
+
 #define QS_MAX_LISTEN 16
 #define QS_WHEEL_SLOTS 4096             /* 1 ms ticks: 4 s per revolution */
 
@@ -276,6 +289,10 @@ typedef struct qs_ustack {
     uint32_t tm_hint;                   /* qs_tcp_timer_next's answer, a lower bound on */
     uint8_t tm_hint_ok, tm_none;        /* every filed deadline (tcp_timer.c) */
     qs_tcb *reap;                       /* dead tcbs, freed at depth 0 */
+    qs_tw *tw;                          /* TIME-WAIT records (tcp_tw.c) */
+    uint32_t *tw_heads, tw_mask;        /* their hash table */
+    uint32_t tw_cap, tw_free;           /* records allocated; free list */
+    uint32_t tw_first, tw_last;         /* expiry order: oldest first */
     int depth;                          /* nesting of entry points */
     uint64_t sip_k0, sip_k1;
     int64_t chal_sec;                   /* challenge ACK rate limit (RFC 5961 7) */
@@ -370,6 +387,15 @@ void qs_tcp_reap(qs_ustack *s);
 void qs_tcp_report_closed(qs_ustack *s, qs_tcb *t, int err);
 qs_listener *qs_tcp_listener(qs_ustack *s, uint16_t port);
 
+/* tcp_tw.c: compact TIME-WAIT */
+void qs_tw_adopt(qs_ustack *s, qs_tcb *t, int64_t now);      /* t closed and in TIME_WAIT */
+uint32_t qs_tw_lookup(const qs_ustack *s, uint32_t laddr, uint16_t lport, uint32_t raddr,
+                      uint16_t rport);                        /* a record's index, 0 if none */
+int qs_tw_input(qs_ustack *s, uint32_t i, const qs_tcp_seg *g, int64_t now);   /* 1: a new SYN */
+int qs_tw_expire(qs_ustack *s, int64_t now);
+int64_t qs_tw_next(const qs_ustack *s);
+void qs_tw_destroy(qs_ustack *s);
+
 /* tcp_mem.c: who may keep pool buffers in its queues, and how many */
 void qs_mem_init(qs_ustack *s);
 int qs_mem_may_hold(qs_ustack *s, qs_tcb *t, int64_t now);    /* 1: t may keep one more */
@@ -396,6 +422,9 @@ int qs_tcp_send_ack(qs_ustack *s, qs_tcb *t, int64_t now);
 qs_seq qs_tcp_ack_seq(const qs_tcb *t);                       /* seq of an ACK or RST */
 int qs_tcp_send_seg(qs_ustack *s, qs_tcb *t, qs_seq seq, uint32_t len, int fin, int64_t now);
 int qs_tcp_send_rst_for(qs_ustack *s, const qs_tcp_seg *g, int64_t now);
+int qs_tcp_send_bare_ack(qs_ustack *s, uint32_t laddr, uint16_t lport, uint32_t raddr,
+                         uint16_t rport, qs_seq seq, qs_seq ack, uint16_t wnd, uint8_t prio,
+                         int64_t now);                        /* no control block behind it */
 int qs_tcp_send_synack_stateless(qs_ustack *s, const qs_tcp_seg *g, qs_seq iss, uint16_t mss, int64_t now);
 uint32_t qs_tcp_rcv_window(const qs_tcb *t);                  /* free receive space */
 void qs_tcp_ack_soon(qs_ustack *s, qs_tcb *t, int64_t now);    /* delayed ACK rules */
