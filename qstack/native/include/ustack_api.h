@@ -64,6 +64,7 @@ typedef struct qs_ustack_config {
                                  (its queues together); 0: 16 */
     uint32_t conn_max_bufs;   /* buffers one connection's queues keep at most;
                                  0: (buf_count - reserve) / 32 */
+    int32_t timestamps;       /* 1: offer timestamps, and PAWS (RFC 7323 3-5) */
 } qs_ustack_config;
 
 typedef struct qs_ustack_stats {
@@ -96,6 +97,8 @@ typedef struct qs_ustack_stats {
     uint64_t tcp_tw_overflow; /* connections that closed without TIME-WAIT: max_conns
                                  records were held already */
     uint64_t tw_bytes;        /* sizeof one TIME-WAIT record */
+    uint64_t tcp_paws_drop;   /* segments dropped by PAWS: a timestamp older than the
+                                 connection's last (RFC 7323 5.3) */
 } qs_ustack_stats;
 
 /* Faults applied to every frame one side transmits.  Rates are in [0, 1]. */
