@@ -381,17 +381,22 @@ def test_qstack_serve_on_memif(tmp_path):
     """`qstack serve --driver memif`: the EAL arguments made from a socket
     path, a stale socket left by a killed server removed, a live one
     refused, and a ustack client in another process (DPDK's memif client
-    role) echoed 20 MB through the whole server over shared memory."""
+    role) echoed 20 MB through the whole server over shared memory.  The
+    client starts first: its port waits for the server to come up."""
     sock = str(tmp_path / "qs.memif")
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     stale.bind(sock)                    # as a killed server leaves it: bound, nobody listening
     stale.close()
     serve = [sys.executable, "-m", "qstack", "serve", "apps.echo:handle", "--backend", "ustack",
              "--driver", "memif", "--memif", sock, "--ip", KERNEL_IP + "/24", "--port", "7"]
-    p = subprocess.Popen(serve, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    p = subprocess.Popen(["sh", "-c", 'sleep 2; exec "$@"', "sh"] + serve, cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ns = Namespace()
     client = None
     try:
+        client = DpdkStack(ns.name, MEMIF.format(role="client", sock=sock), ip=ip_of(STACK_IP),
+                           sack=1)
+        assert p.poll() is None, p.stderr.read().decode(errors="replace")
         deadline = time.monotonic() + 60
         while not (os.path.exists(sock) and stat.S_ISSOCK(os.stat(sock).st_mode)
                    and memif.listening(sock)):
@@ -401,8 +406,6 @@ def test_qstack_serve_on_memif(tmp_path):
         second = subprocess.run(serve, cwd=ROOT, capture_output=True, timeout=60)
         assert second.returncode == 2 and second.stderr.decode().strip().endswith(
             f"ustack.memif: another memif server is listening on {sock}"), second.stderr
-        client = DpdkStack(ns.name, MEMIF.format(role="client", sock=sock), ip=ip_of(STACK_IP),
-                           sack=1)
         r = None
         for attempt in range(20):       # the memif link comes up a little after start
             r = client.call("client", timeout=60, ip=ip_of(KERNEL_IP), port=7, bytes=20_000_000,
