@@ -51,6 +51,10 @@
 #define QSL_HIST_WINDOW 0         /* requests sent inside the measured window */
 #define QSL_HIST_INTERVAL 1       /* the same since the last interval export */
 
+/* the sockets under the engine (qsl_config.transport) */
+#define QSL_TRANSPORT_KERNEL 0    /* kernel sockets, epoll */
+#define QSL_TRANSPORT_USTACK 1    /* qstack's own TCP/IP stack over a driver (settings: ustack) */
+
 /* qsl_engine_run results */
 #define QSL_RUN_UNTIL 0           /* the deadline passed; call again */
 #define QSL_RUN_DONE 1            /* window over and drained: the run is complete */
@@ -110,6 +114,7 @@ typedef struct qsl_config {
     int32_t (*build)(uint32_t g, uint32_t seq, int32_t high, uint8_t *buf, uint32_t cap);
     int64_t (*match)(uint32_t g, const uint8_t *buf, uint32_t len, uint32_t *seqs,
                      uint32_t cap, uint32_t *nseqs);
+    int32_t transport;            /* QSL_TRANSPORT_* */
 } qsl_config;
 
 /* Counters of one engine since it started; all cumulative. */
