@@ -1,12 +1,14 @@
 /*
  * qsload.h -- the ABI of the load generator engine (qstack._loadgen).
  *
- * Like qstack.h, cffi reads this file verbatim (qstack/native/build_loadgen.py):
- * declarations only, no #include, no #ifdef, integer constants as the only
- * macros.  C files include <stdint.h> before it.
+ * Like qstack.h, cffi reads this file verbatim (qstack/native/build_loadgen.py),
+ * after ustack_settings.h (the user-space stack's settings, shared with the
+ * server's ABI): declarations only, no #include, no #ifdef, integer
+ * constants as the only macros.  C files include <stdint.h> and
+ * ustack_settings.h before it.
  *
  * One engine drives one process's share of the connections from the calling
- * thread: qsl_engine_run() runs the event loop (epoll, connects, timed sends,
+ * thread: qsl_engine_run() runs the event loop (connects, timed sends,
  * replies) until a deadline and returns; cffi releases the GIL around the
  * call, so Python only wakes up between calls (progress lines, marks,
  * histogram snapshots).  Several processes (--smp) each own an engine; their
@@ -53,7 +55,9 @@
 
 /* the sockets under the engine (qsl_config.transport) */
 #define QSL_TRANSPORT_KERNEL 0    /* kernel sockets, epoll */
-#define QSL_TRANSPORT_USTACK 1    /* qstack's own TCP/IP stack over a driver (settings: ustack) */
+#define QSL_TRANSPORT_USTACK 1    /* qstack's own TCP/IP stack over a driver (qsl_config.ustack),
+                                     the same stack and set-up as the server's ustack backend:
+                                     no file descriptor per connection */
 
 /* qsl_engine_run results */
 #define QSL_RUN_UNTIL 0           /* the deadline passed; call again */
@@ -115,6 +119,9 @@ typedef struct qsl_config {
     int64_t (*match)(uint32_t g, const uint8_t *buf, uint32_t len, uint32_t *seqs,
                      uint32_t cap, uint32_t *nseqs);
     int32_t transport;            /* QSL_TRANSPORT_* */
+    qs_ustack_settings ustack;    /* QSL_TRANSPORT_USTACK: the stack's driver, address and sizes
+                                     (ustack_settings.h); without sources, every connection
+                                     leaves from ustack.ip */
 } qsl_config;
 
 /* Counters of one engine since it started; all cumulative. */

@@ -660,7 +660,7 @@ static int valid(const qsl_config *c)
         c->setup_ns < 0 || c->drain_ns < 0 || c->retry_ns <= 0 ||
         c->connect_timeout_ns <= 0 || c->t_send < c->t_start || c->t_meas < c->t_send ||
         c->t_end < c->t_meas || c->spin_ns < 0 || (c->nsources && !c->sources) ||
-        c->transport != QSL_TRANSPORT_KERNEL)
+        (c->transport != QSL_TRANSPORT_KERNEL && c->transport != QSL_TRANSPORT_USTACK))
         return 0;
     if (c->protocol == QSL_PROTO_ECHO) {
         if (c->msg_len < QSL_ECHO_HEADER || c->msg_len > 65535)
@@ -690,7 +690,8 @@ int qsl_engine_new(const qsl_config *cfg, qsl_engine **out)
     if (!e)
         return -ENOMEM;
     e->cfg = *cfg;
-    e->tr = &ql_transport_kernel;
+    e->tr = cfg->transport == QSL_TRANSPORT_USTACK ? &ql_transport_ustack
+                                                     : &ql_transport_kernel;
     if (e->cfg.protocol == QSL_PROTO_ECHO)
         e->cfg.reply_len = e->cfg.msg_len;
     if (e->cfg.mode == QSL_MODE_EPOCH)

@@ -19,6 +19,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "ustack_settings.h"
 #include "qsload.h"
 
 #define QL_MS 1000000ll
@@ -123,6 +124,7 @@ struct ql_transport {
 };
 
 extern const struct ql_transport ql_transport_kernel;
+extern const struct ql_transport ql_transport_ustack;
 
 struct qsl_engine {
     qsl_config cfg;
