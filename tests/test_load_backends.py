@@ -243,3 +243,44 @@ def test_ustack_client_under_loss(ustack_bench, tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     m = doc["messages"]
     assert m["responses"] == m["requests"] > 100 and m["bad_replies"] == m["lost"] == 0
+
+
+def stats_peers(srv):
+    """The distinct peer addresses the counting app saw (its 5th STATS field)."""
+    from conftest import recv_exact
+    with srv.connect() as s:
+        s.sendall(b"STATS".ljust(64, b" "))
+        return int(recv_exact(s, 64).split()[4])
+
+
+def test_ustack_client_many_source_addresses(ustack_bench, tmp_path):
+    """--ips K: the client stack owns K addresses (answers ARP for each, takes
+    their frames) and connection g leaves from address g mod K, with its own
+    ports: 66,000 connections from 2 addresses, more than one address's
+    64,512 ports to one server port."""
+    bench = ustack_bench
+    srv = bench.serve("tests.apps.loadgen_apps:counting", *ECHO_SERVE)
+    n = 66_000
+    res = bench.load("--dest", dest(srv), "--ips", "2", "-c", str(n), "-s", "3", "-w", "1",
+                     "-e", "2", "-b", "6000", "-d", "2", "--json", "-", "-q", timeout=120)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    doc = json.loads(res.stdout)
+    assert doc["connections"]["max_connected"] == n and doc["config"]["ips"] == 2
+    m = doc["messages"]
+    assert m["responses"] == m["requests"] == m["sent"] == n
+    assert stats_peers(srv) == 2           # 198.18.1.1 and 198.18.1.2
+    # one address cannot: refused up front, saying what to change
+    res = bench.load("--dest", dest(srv), "-c", str(n), "-d", "1")
+    assert_one_error(res, "64,512", "--ips 2")
+
+
+def test_ustack_client_source_addresses_must_fit_the_subnet():
+    res = subprocess.run([sys.executable, "-m", "qstack", "load", "--backend", "ustack",
+                          "--ip", "198.18.255.250/16", "--ips", "8", "--dest",
+                          f"{SERVER_IP}:8000"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=30)
+    assert_one_error(res, "--ips 8", "198.18.255.250..198.19.0.1", "198.18.0.0/16")
+    res = subprocess.run([sys.executable, "-m", "qstack", "load", "--backend", "ustack",
+                          "--ip", "198.18.0.1/16", "--ips", "4", "--dest", f"{SERVER_IP}:8000"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert_one_error(res, "--dest 198.18.0.2 is one of the client stack's own addresses")

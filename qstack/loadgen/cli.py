@@ -72,7 +72,8 @@ def add_load_parser(sub: argparse._SubParsersAction) -> None:
     a("--seed", type=int, metavar="N", help="seed of the priority draws (default 1)")
     a("--smp", type=int, metavar="P", help="load processes, each with its share (default 1)")
     a("--ips", type=int, metavar="K",
-      help="bind to K source addresses 127.0.0.2... (more than one address's ports)")
+      help="bind to K source addresses 127.0.0.2... (more than one address's ports); "
+           "ustack: the client stack owns K addresses from --ip on")
     a("--src", metavar="ADDR",
       help="with --ips: the first source address (default 127.0.0.2; with a "
            "non-loopback --dest, an address of this host in its subnet)")

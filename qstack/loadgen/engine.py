@@ -66,9 +66,13 @@ def _ustack(cfg, o):
     u.syn_backlog = 128                 # no listener: the stack requires one anyway
     u.loss = o.loss
     u.fault_seed = o.seed
-    # Every connection binds its own port (no search): from the stack's address.
-    keep = ffi.new("uint32_t[]", [int(net.ip)])
-    cfg.nsources = 1
+    # Every connection binds its own (address, port), no search: connection g
+    # leaves from address g mod K of the K the stack owns (--ip, --ips K).
+    from qstack.loadgen.options import ustack_sources
+    addrs = [int(a) for a in ustack_sources(o)]
+    u.ip_count = len(addrs)
+    keep = ffi.new("uint32_t[]", addrs)
+    cfg.nsources = len(addrs)
     cfg.sources = keep
     cfg.port_lo, cfg.port_hi = USTACK_PORTS
     return keep

@@ -208,7 +208,8 @@ def validate(**kw) -> LoadOptions:
         _need(o.ips > 0, "--src names the first of the --ips source addresses: give --ips K")
         _need(src.is_loopback == ipaddress.IPv4Address(o.host).is_loopback,
               f"--src {o.src} and --dest {o.host} must both be loopback addresses or neither")
-    _need(not o.ips or o.src or ipaddress.IPv4Address(o.host).is_loopback,
+    _need(not o.ips or o.src or o.backend == "ustack" or
+          ipaddress.IPv4Address(o.host).is_loopback,
           "--ips binds source addresses in 127.0.0.0/8, so --dest must be a loopback address "
           "(or give --src, the first of this host's addresses to use)")
     _need(o.connect_inflight >= 1, f"--connect-inflight must be at least 1, got "
@@ -234,8 +235,13 @@ def _check_ustack(o: LoadOptions) -> None:
                       f"device), got --smp {o.smp}")
     _need(o.src is None, "--src is the kernel client's; the ustack client's addresses are "
                          "--ip and --ips")
-    _need(o.ips == 0, "--ips with --backend ustack is not supported yet")
     dest = ipaddress.IPv4Address(o.host)
+    first, last = ustack_sources(o)[0], ustack_sources(o)[-1]
+    _need(last in net.network and last != net.network.broadcast_address,
+          f"--ips {o.ips}: {first}..{last} does not fit in --ip's subnet {net.network} "
+          f"(short of its broadcast address)")
+    _need(not int(first) <= int(dest) <= int(last),
+          f"--dest {dest} is one of the client stack's own addresses (--ip, --ips)")
     if o.gateway is not None:
         try:
             gw = ipaddress.IPv4Address(o.gateway)
@@ -246,8 +252,14 @@ def _check_ustack(o: LoadOptions) -> None:
     else:
         _need(dest in net.network, f"--dest {dest} is not in --ip's subnet {net.network} "
                                    f"and no --gateway is given")
-    _need(dest != net.ip, f"--dest {dest} is the client stack's own address (--ip)")
     _need(0.0 <= o.loss < 1.0, f"--loss is a share of frames, 0..1, got {o.loss}")
+
+
+def ustack_sources(o: LoadOptions) -> list[ipaddress.IPv4Address]:
+    """The ustack client's addresses: --ip and the next --ips - 1 (K in all,
+    consecutive; the stack owns them all and answers ARP for each)."""
+    ip = ipaddress.IPv4Interface(o.ip).ip
+    return [ip + i for i in range(max(o.ips, 1))]
 
 
 def source_addresses(k: int, first: str | None = None) -> list[str]:

@@ -65,6 +65,7 @@ static void stack_config(const qs_ustack_settings *g, const qs_uhost_prio *prio,
     }
     q->ip = g->ip;
     q->prefix_len = g->prefix_len;
+    q->ip_count = g->ip_count;
     q->gateway = g->gateway;
     q->buf_count = g->buffers;
     q->max_conns = g->max_conns;
@@ -80,6 +81,18 @@ static void stack_config(const qs_ustack_settings *g, const qs_uhost_prio *prio,
     q->default_level = prio->default_level;
 }
 
+/* ip .. ip + ip_count - 1 inside the subnet, short of its broadcast address */
+static int range_fits(const qs_ustack_settings *g)
+{
+    if (g->ip_count <= 1)
+        return 1;
+    if (g->prefix_len < 1 || g->prefix_len > 30)
+        return 0;
+    uint32_t mask = ~(0xffffffffu >> g->prefix_len);
+    uint32_t last = g->ip + (g->ip_count - 1);
+    return last > g->ip && (last & mask) == (g->ip & mask) && (last | mask) != 0xffffffffu;
+}
+
 int qs_uhost_watch(qs_uhost *h, int fd, uint64_t tag)
 {
     struct epoll_event e = {.events = EPOLLIN, .data.u64 = tag};
@@ -91,7 +104,7 @@ int qs_uhost_open(qs_uhost *h, const qs_ustack_settings *g, const qs_uhost_prio 
 {
     memset(h, 0, sizeof(*h));
     h->ep = h->timer_fd = h->drv_fd = -1;
-    if (prio->nrules < 0 || prio->nrules > QS_MAX_RULES)
+    if (prio->nrules < 0 || prio->nrules > QS_MAX_RULES || !range_fits(g))
         return -EINVAL;
     qs_netdrv *drv = NULL;
     int rc = open_driver(g, &drv);

@@ -120,8 +120,8 @@ typedef struct qsl_config {
                      uint32_t cap, uint32_t *nseqs);
     int32_t transport;            /* QSL_TRANSPORT_* */
     qs_ustack_settings ustack;    /* QSL_TRANSPORT_USTACK: the stack's driver, address and sizes
-                                     (ustack_settings.h); without sources, every connection
-                                     leaves from ustack.ip */
+                                     (ustack_settings.h); sources must be among the
+                                     addresses it owns (ustack.ip, ip_count of them) */
 } qsl_config;
 
 /* Counters of one engine since it started; all cumulative. */

@@ -23,6 +23,8 @@ typedef struct qs_ustack_settings {
     uint8_t mac[6];           /* all zero: the device's own (DPDK), else 02:00 + the IP */
     uint32_t ip;              /* host byte order */
     int32_t prefix_len;       /* 1..32 */
+    uint32_t ip_count;        /* addresses owned from ip on (0 = 1): the load generator's
+                                 source addresses; the range stays inside the subnet */
     uint32_t gateway;         /* 0 = none */
     uint32_t max_conns;       /* control blocks at most (flow table size) */
     uint32_t buffers;         /* packet buffers of the stack's pool */

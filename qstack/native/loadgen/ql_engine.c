@@ -767,18 +767,14 @@ void qsl_engine_free(qsl_engine *e)
 {
     if (!e)
         return;
-    int64_t now = qsl_now_ns();
+    if (e->tr_state)
+        e->tr->destroy(e);      /* closes what is still open */
     if (e->conns) {
         for (uint32_t i = 0; i < e->cfg.nconns; i++) {
-            struct ql_conn *c = &e->conns[i];
-            if (c->open && e->tr_state)
-                e->tr->close(e, c, now);
-            free(c->tx);
-            free(c->rx);
+            free(e->conns[i].tx);
+            free(e->conns[i].rx);
         }
     }
-    if (e->tr_state)
-        e->tr->destroy(e);
     for (int l = 0; l < QSL_LEVELS; l++)
         for (int w = 0; w < 2; w++)
             free(e->hist[l][w]);

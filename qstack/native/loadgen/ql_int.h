@@ -118,8 +118,8 @@ struct ql_transport {
     /* Wait up to wait_ns (0: look without sleeping) for events; how many,
      * or -errno (-EINTR: a signal). */
     int (*wait)(struct qsl_engine *e, struct ql_event *evs, int max, int64_t wait_ns);
-    /* after every conn was closed: end (flush what the stack still owes,
-     * within a bound) and free */
+    /* the end: close every conn still open (c->open), let the stack finish
+     * what it owes within a bound, free everything */
     void (*destroy)(struct qsl_engine *e);
 };
 

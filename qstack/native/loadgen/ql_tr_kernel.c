@@ -225,6 +225,8 @@ static void kt_destroy(struct qsl_engine *e)
     struct kt *k = kt_of(e);
     if (!k)
         return;
+    for (uint32_t i = 0; e->conns && i < e->cfg.nconns; i++)
+        kt_close(e, &e->conns[i], 0);
     close(k->ep);
     free(k);
     e->tr_state = NULL;

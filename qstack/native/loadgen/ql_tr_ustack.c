@@ -22,14 +22,17 @@
  * stack's next TCP timer) with epoll_pwait2 up to the engine's deadline.
  *
  * Source addresses and ports: connection g uses sources[g % nsources]
- * (the stack's own address, or one of the addresses it owns) and port
+ * (the stack's own address, or one of the ustack.ip_count addresses it
+ * owns: it answers ARP and takes frames for each) and port
  * port_lo + (g / nsources) mod (port_hi - port_lo + 1), unique by
  * construction; a port still held (TIME-WAIT of an earlier connection)
  * falls back to the stack's ephemeral search, as the kernel transport does.
  *
- * End: destroy() lets the stack exchange the FINs of the conns the engine
- * closed, both ways, for at most QU_LINGER_NS, then resets what is left
- * (no peer hangs) and frees the stack.
+ * End: destroy() closes the conns still open, QU_CLOSE_INFLIGHT at a time
+ * (tens of thousands of FINs at once would overflow the device's queue and
+ * wait out retransmission timeouts), lets the stack exchange the FINs both
+ * ways for at most QU_LINGER_NS, then resets what is left (no peer hangs)
+ * and frees the stack.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -45,7 +48,8 @@
 #define QU_OUT 0x04u         /* writable (while wanted), or the connect settled */
 #define QU_DOWN 0x08u        /* the stack closed it: err says why */
 #define QU_WANT_OUT 0x10u
-#define QU_LINGER_NS 1000000000LL
+#define QU_LINGER_NS 3000000000LL
+#define QU_CLOSE_INFLIGHT 4096u   /* closing control blocks at once, at the end */
 
 struct ut {
     qs_uhost h;
@@ -156,14 +160,12 @@ static int ut_connect(struct qsl_engine *e, struct ql_conn *c, int64_t now)
     u->flags[i] &= QU_LISTED;    /* a stale listing stays: it finds no events */
     u->err[i] = 0;
     int err = 0;
-    if (src != u->h.s.cfg.ip)
-        return -EADDRNOTAVAIL;   /* the stack owns one address */
-    qs_tcb *t = qs_tcp_connect(&u->h.s, cfg->dest_addr, (uint16_t)cfg->dest_port, port,
-                               (uint64_t)i + 1, now, &err);
+    qs_tcb *t = qs_tcp_connect_from(&u->h.s, src, cfg->dest_addr, (uint16_t)cfg->dest_port,
+                                    port, (uint64_t)i + 1, now, &err);
     if (!t && port && err == -EADDRINUSE) {
         c->kernel_port = 1;      /* its 4-tuple is still held: the stack picks from now on */
-        t = qs_tcp_connect(&u->h.s, cfg->dest_addr, (uint16_t)cfg->dest_port, 0,
-                           (uint64_t)i + 1, now, &err);
+        t = qs_tcp_connect_from(&u->h.s, src, cfg->dest_addr, (uint16_t)cfg->dest_port, 0,
+                                (uint64_t)i + 1, now, &err);
     }
     if (!t)
         return err ? err : -ENOMEM;
@@ -294,15 +296,27 @@ static void ut_destroy(struct qsl_engine *e)
     if (!u)
         return;
     int64_t now = now_ns(), deadline = now + QU_LINGER_NS;
+    uint32_t next = 0, open = 0;
+    for (uint32_t i = 0; i < e->cfg.nconns; i++)
+        open += e->conns[i].open;
     /* every control block gone (closed, or a TIME-WAIT record): the peers
-     * closed too; FIN-WAIT-2 waits for the peer's FIN, not only its ACK */
-    while (u->h.s.nconns && now < deadline) {
+     * closed too; FIN-WAIT-2 waits for the peer's FIN, not only its ACK.
+     * Closing: the control blocks not yet closed by us (open) and those
+     * on their way out (the rest of nconns). */
+    while ((open || u->h.s.nconns) && now < deadline) {
+        for (; open && next < e->cfg.nconns && u->h.s.nconns < open + QU_CLOSE_INFLIGHT; next++)
+            if (e->conns[next].open) {
+                ut_close(e, &e->conns[next], now);
+                open--;
+            }
         struct epoll_event evs[4];
         qs_uhost_arm(&u->h, now, 0);
-        epoll_wait(u->h.ep, evs, 4, 10);
+        epoll_wait(u->h.ep, evs, 4, 1);
         now = now_ns();
         qs_uhost_poll(&u->h, now);
     }
+    for (; next < e->cfg.nconns; next++)     /* out of time: the RSTs below */
+        ut_close(e, &e->conns[next], now);
     qs_tcp_reset_all(&u->h.s, now);
     qs_uhost_close(&u->h);
     free(u->flags);
