@@ -49,11 +49,11 @@ USTACK_SNDRCV = 262144              # bytes queued per connection, each way
 
 
 def _ustack(cfg, o):
-    """Fill cfg for the ustack transport; returns what must stay alive until
+    """Fill cfg for the ustack backend; returns what must stay alive until
     qsl_engine_new has copied it (the sources)."""
     from qstack.loadgen.options import USTACK_PORTS, ustack_net
     net = ustack_net(o.ip)
-    cfg.transport = lib.QSL_TRANSPORT_USTACK
+    cfg.backend = lib.QSL_BACKEND_USTACK
     u = cfg.ustack
     u.driver = lib.QS_DRIVER_TAP
     u.tap = o.tap.encode()

@@ -18,7 +18,7 @@ import socket
 from qstack.errors import ConfigError
 
 PROTOCOLS = ("echo", "iotep", "script")   # script: --script FILE (script.py)
-BACKENDS = ("kernel", "ustack")           # the transport under the engine (qsload.h)
+BACKENDS = ("kernel", "ustack")           # the network stack under the engine (qsload.h)
 USTACK_PORTS = (1024, 65535)              # a ustack client's own source ports: no kernel range
 GRAINS = ("message", "connection")
 # Open files a process needs besides its connections: stdio, the epoll fd,
@@ -70,7 +70,7 @@ class LoadOptions:
     plot: str | None = None
     quiet: bool = False
     marks: bool = False
-    # the transport: kernel sockets, or qstack's own TCP/IP stack (ustack) on
+    # the backend: kernel sockets, or qstack's own TCP/IP stack (ustack) on
     # a device of its own, with an address of its own (--ip ADDR/PREFIX)
     backend: str = "kernel"
     driver: str = "tap"

@@ -13,7 +13,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cffibuild import COMMON, HERE, builder, compile_in_place, sources  # noqa: E402
 
-# The ustack transport (loadgen/ql_tr_ustack.c) runs qstack's own TCP/IP
+# The ustack backend (loadgen/ql_be_ustack.c) runs qstack's own TCP/IP
 # stack, set up by the host code the server's ustack backend uses
 # (common/ustack_host.c): the same sources as in qstack._native.
 USTACK = sources("ustack") + [os.path.join(COMMON, "ustack_host.c")]

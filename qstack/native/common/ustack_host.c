@@ -1,7 +1,7 @@
 /*
  * ustack_host.c -- one user-space stack in a process (ustack_host.h): the
  * set-up and the sleep both ends of qstack share, the server's ustack
- * backend and the load generator's ustack transport.
+ * backend and the load generator's ustack backend.
  */
 #include "ustack_host.h"
 

@@ -3,7 +3,7 @@
  * settings, its timer and the epoll set it sleeps on.
  *
  * What the server's ustack backend (src/backend_ustack.c) and the load
- * generator's ustack transport (loadgen/ql_tr_ustack.c) share, so that both
+ * generator's ustack backend (loadgen/ql_be_ustack.c) share, so that both
  * ends of a connection run the same stack set up the same way from the
  * same settings (include/ustack_settings.h): passive open on one side,
  * active open on the other, one table of defaults.

@@ -53,11 +53,11 @@
 #define QSL_HIST_WINDOW 0         /* requests sent inside the measured window */
 #define QSL_HIST_INTERVAL 1       /* the same since the last interval export */
 
-/* the sockets under the engine (qsl_config.transport) */
-#define QSL_TRANSPORT_KERNEL 0    /* kernel sockets, epoll */
-#define QSL_TRANSPORT_USTACK 1    /* qstack's own TCP/IP stack over a driver (qsl_config.ustack),
+/* the sockets under the engine (qsl_config.backend) */
+#define QSL_BACKEND_KERNEL 0      /* kernel sockets, epoll (loadgen/ql_be_kernel.c) */
+#define QSL_BACKEND_USTACK 1      /* qstack's own TCP/IP stack over a driver (qsl_config.ustack),
                                      the same stack and set-up as the server's ustack backend:
-                                     no file descriptor per connection */
+                                     no file descriptor per connection (ql_be_ustack.c) */
 
 /* qsl_engine_run results */
 #define QSL_RUN_UNTIL 0           /* the deadline passed; call again */
@@ -118,8 +118,8 @@ typedef struct qsl_config {
     int32_t (*build)(uint32_t g, uint32_t seq, int32_t high, uint8_t *buf, uint32_t cap);
     int64_t (*match)(uint32_t g, const uint8_t *buf, uint32_t len, uint32_t *seqs,
                      uint32_t cap, uint32_t *nseqs);
-    int32_t transport;            /* QSL_TRANSPORT_* */
-    qs_ustack_settings ustack;    /* QSL_TRANSPORT_USTACK: the stack's driver, address and sizes
+    int32_t backend;              /* QSL_BACKEND_* */
+    qs_ustack_settings ustack;    /* QSL_BACKEND_USTACK: the stack's driver, address and sizes
                                      (ustack_settings.h); sources must be among the
                                      addresses it owns (ustack.ip, ip_count of them) */
 } qsl_config;

@@ -4,7 +4,7 @@
  *
  * Shared by two ABIs, so defined once: the server's (qstack.h, qs_config's
  * `ustack`, backend "ustack") and the load generator's (qsload.h,
- * qsl_config's `ustack`, transport "ustack").  Both hand it to the same
+ * qsl_config's `ustack`, backend "ustack").  Both hand it to the same
  * host code (common/ustack_host.c), which opens the driver and configures
  * the stack.  cffi reads it verbatim: no #include, no #ifdef, integer
  * constants for macros.  C files include <stdint.h> before it.

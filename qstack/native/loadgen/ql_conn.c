@@ -14,7 +14,7 @@
  * attempt starts at or after t_end.  Every failure is counted by cause
  * (qsl_stats.err_*), which is how the Python side reports limits in words.
  *
- * The sockets are the transport's (struct ql_transport): the source
+ * The sockets are the backend's (struct ql_backend): the source
  * address and port rules live there.
  */
 #include <errno.h>
@@ -62,7 +62,7 @@ static void unpend(struct qsl_engine *e, uint32_t i)
 static void close_fd(struct qsl_engine *e, struct ql_conn *c, int64_t now)
 {
     if (c->open)
-        e->tr->close(e, c, now);
+        e->be->close(e, c, now);
 }
 
 /* Forget what was in flight; replies to it can never be matched now. */
@@ -114,7 +114,7 @@ void ql_conn_drop(struct qsl_engine *e, struct ql_conn *c, int err, int64_t now)
 
 static void established(struct qsl_engine *e, struct ql_conn *c, int64_t now)
 {
-    int rc = e->tr->established(e, c);
+    int rc = e->be->established(e, c);
     if (rc < 0) {
         attempt_failed(e, c, -rc, now);
         return;
@@ -141,7 +141,7 @@ static void start_attempt(struct qsl_engine *e, struct ql_conn *c, int64_t now)
     c->t_wait = now;
     e->pending[e->npending++] = (uint32_t)(c - e->conns);
     e->st.connecting++;
-    int rc = e->tr->connect(e, c, now);
+    int rc = e->be->connect(e, c, now);
     if (rc < 0)
         attempt_failed(e, c, -rc, now);
     else if (rc == 1)
@@ -150,7 +150,7 @@ static void start_attempt(struct qsl_engine *e, struct ql_conn *c, int64_t now)
 
 void ql_conn_on_connect_event(struct qsl_engine *e, struct ql_conn *c, int64_t now)
 {
-    int err = e->tr->connect_result(e, c);
+    int err = e->be->connect_result(e, c);
     if (err)
         attempt_failed(e, c, err, now);
     else

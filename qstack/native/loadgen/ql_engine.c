@@ -40,9 +40,9 @@
  * no longer be trusted.  Level-triggered events, one read per event, OUT
  * asked for only while a connection has unsent bytes.
  *
- * The sockets belong to a transport (struct ql_transport, picked by
- * qsl_config.transport): kernel sockets under epoll (ql_tr_kernel.c), or
- * qstack's own TCP/IP stack (ql_tr_ustack.c).  The engine never asks which.
+ * The sockets belong to a backend (struct ql_backend, picked by
+ * qsl_config.backend): kernel sockets under epoll (ql_be_kernel.c), or
+ * qstack's own TCP/IP stack (ql_be_ustack.c).  The engine never asks which.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -131,7 +131,7 @@ static void arm_out(struct qsl_engine *e, struct ql_conn *c, int want)
 {
     if (want == c->out_armed || !c->open)
         return;
-    if (e->tr->want_out(e, c, want) == 0)
+    if (e->be->want_out(e, c, want) == 0)
         c->out_armed = (uint8_t)want;
 }
 
@@ -158,7 +158,7 @@ static int keep_unsent(struct ql_conn *c, const uint8_t *p, uint32_t n)
 static int flush(struct qsl_engine *e, struct ql_conn *c, int64_t now)
 {
     while (c->tx_off < c->tx_len) {
-        int64_t n = e->tr->send(e, c, c->tx + c->tx_off, c->tx_len - c->tx_off, now);
+        int64_t n = e->be->send(e, c, c->tx + c->tx_off, c->tx_len - c->tx_off, now);
         if (n == -EAGAIN)
             break;
         if (n < 0)
@@ -176,7 +176,7 @@ static int write_msg(struct qsl_engine *e, struct ql_conn *c, const uint8_t *p, 
                      int64_t now)
 {
     if (c->tx_len == 0) {
-        int64_t n = e->tr->send(e, c, p, len, now);
+        int64_t n = e->be->send(e, c, p, len, now);
         if (n < 0 && n != -EAGAIN)
             return (int)n;
         if (n > 0) {
@@ -522,7 +522,7 @@ static int consume(struct qsl_engine *e, struct ql_conn *c, const uint8_t *p, si
 
 static void on_readable(struct qsl_engine *e, struct ql_conn *c, int64_t now)
 {
-    int64_t n = e->tr->recv(e, c, e->rxbuf, RXBUF, now);
+    int64_t n = e->be->recv(e, c, e->rxbuf, RXBUF, now);
     if (n > 0) {
         e->st.rx_bytes += (uint64_t)n;
         int rc = consume(e, c, e->rxbuf, (size_t)n, now);
@@ -598,12 +598,12 @@ static int wait_events(struct qsl_engine *e, struct ql_event *evs, int64_t wait_
 {
     if (wait_ns < e->cfg.spin_ns) {
         int64_t t = qsl_now_ns();
-        int n = e->tr->wait(e, evs, MAX_EVENTS, 0);
+        int n = e->be->wait(e, evs, MAX_EVENTS, 0);
         if (n == 0 && in_window(e, t))
             e->st.idle_ns += (uint64_t)(qsl_now_ns() - t);
         return n;
     }
-    return e->tr->wait(e, evs, MAX_EVENTS, wait_ns);
+    return e->be->wait(e, evs, MAX_EVENTS, wait_ns);
 }
 
 int qsl_engine_run(qsl_engine *e, int64_t until)
@@ -660,7 +660,7 @@ static int valid(const qsl_config *c)
         c->setup_ns < 0 || c->drain_ns < 0 || c->retry_ns <= 0 ||
         c->connect_timeout_ns <= 0 || c->t_send < c->t_start || c->t_meas < c->t_send ||
         c->t_end < c->t_meas || c->spin_ns < 0 || (c->nsources && !c->sources) ||
-        (c->transport != QSL_TRANSPORT_KERNEL && c->transport != QSL_TRANSPORT_USTACK))
+        (c->backend != QSL_BACKEND_KERNEL && c->backend != QSL_BACKEND_USTACK))
         return 0;
     if (c->protocol == QSL_PROTO_ECHO) {
         if (c->msg_len < QSL_ECHO_HEADER || c->msg_len > 65535)
@@ -690,8 +690,8 @@ int qsl_engine_new(const qsl_config *cfg, qsl_engine **out)
     if (!e)
         return -ENOMEM;
     e->cfg = *cfg;
-    e->tr = cfg->transport == QSL_TRANSPORT_USTACK ? &ql_transport_ustack
-                                                     : &ql_transport_kernel;
+    e->be = cfg->backend == QSL_BACKEND_USTACK ? &ql_backend_ustack
+                                                     : &ql_backend_kernel;
     if (e->cfg.protocol == QSL_PROTO_ECHO)
         e->cfg.reply_len = e->cfg.msg_len;
     if (e->cfg.mode == QSL_MODE_EPOCH)
@@ -718,7 +718,7 @@ int qsl_engine_new(const qsl_config *cfg, qsl_engine **out)
         qsl_engine_free(e);
         return -ENOMEM;
     }
-    int rc = e->tr->init(e);
+    int rc = e->be->init(e);
     if (rc < 0) {
         qsl_engine_free(e);
         return rc;
@@ -767,8 +767,8 @@ void qsl_engine_free(qsl_engine *e)
 {
     if (!e)
         return;
-    if (e->tr_state)
-        e->tr->destroy(e);      /* closes what is still open */
+    if (e->be_state)
+        e->be->destroy(e);      /* closes what is still open */
     if (e->conns) {
         for (uint32_t i = 0; i < e->cfg.nconns; i++) {
             free(e->conns[i].tx);

@@ -5,7 +5,7 @@
  *   ql_msg.c     message formats, priority draws, the burst schedule (pure)
  *   ql_conn.c    connects, retries, drops: the life of a connection
  *   ql_engine.c  the event loop: schedules, sends, replies, accounting
- *   ql_tr_*.c    transports: the sockets under it (struct ql_transport):
+ *   ql_be_*.c    backends: the network stacks under it (struct ql_backend):
  *                kernel (epoll over kernel sockets), ustack (qstack's own
  *                TCP/IP, the server's ustack backend's stack and host code)
  *
@@ -59,9 +59,9 @@ struct ql_conn {
         int fd;             /* kernel: the socket */
         void *sock;         /* ustack: the control block */
     };
-    uint8_t open;           /* the transport holds a socket for it */
+    uint8_t open;           /* the backend holds a socket for it */
     uint8_t state;
-    uint8_t out_armed;      /* the transport reports it writable (want_out) */
+    uint8_t out_armed;      /* the backend reports it writable (want_out) */
     uint8_t tried;          /* at least one attempt made: later ones are retries */
     uint8_t kernel_port;    /* its explicit source port was busy: let the kernel pick */
     uint32_t g;             /* global index */
@@ -77,7 +77,7 @@ struct ql_conn {
     uint32_t rx_len;
 };
 
-/* ---- transports ---------------------------------------------------------- */
+/* ---- backends ------------------------------------------------------------ */
 
 #define QL_EV_IN 1u     /* readable, end of stream or an error: recv says which */
 #define QL_EV_OUT 2u    /* writable, or (CONNECTING) the connect settled */
@@ -90,11 +90,11 @@ struct ql_event {
 /*
  * The sockets under the engine, one table per network stack, as the
  * server's connection layer has qs_conn_io: the engine decides what to
- * send and when; a transport opens, moves bytes and reports readiness,
+ * send and when; a backend opens, moves bytes and reports readiness,
  * level-triggered (a conn with bytes left after a recv, or room while it
  * wants OUT, is reported again).  Every function returns -errno on failure.
  */
-struct ql_transport {
+struct ql_backend {
     const char *name;
     int (*init)(struct qsl_engine *e);
     /* Open c towards cfg.dest (its source: see qsl_config.sources).
@@ -123,16 +123,16 @@ struct ql_transport {
     void (*destroy)(struct qsl_engine *e);
 };
 
-extern const struct ql_transport ql_transport_kernel;
-extern const struct ql_transport ql_transport_ustack;
+extern const struct ql_backend ql_backend_kernel;
+extern const struct ql_backend ql_backend_ustack;
 
 struct qsl_engine {
     qsl_config cfg;
     uint32_t *sources;
     struct ql_conn *conns;
     struct ql_out *outs;
-    const struct ql_transport *tr;
-    void *tr_state;
+    const struct ql_backend *be;
+    void *be_state;
     qsl_stats st;
     /* connects */
     uint32_t next_initial;          /* local index of the next first attempt */

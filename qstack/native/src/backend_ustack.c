@@ -23,7 +23,7 @@
  * driver with no fd, a short poll interval) and, threaded, the stack
  * eventfd.  Inline, the same epoll fd is what the hub's loop watches.
  * The stack, its driver, its timer and that epoll set are set up by
- * common/ustack_host.c, which the load generator's ustack transport uses
+ * common/ustack_host.c, which the load generator's ustack backend uses
  * too (the client end of the same stack).
  *
  * Priority.  The stack classifies each frame with the same native rules

@@ -1,5 +1,5 @@
 /*
- * ql_tr_kernel.c: the kernel transport -- non-blocking kernel sockets under
+ * ql_be_kernel.c: the kernel backend -- non-blocking kernel sockets under
  * one level-triggered epoll set, as the server's kernel backend
  * (src/backend_kernel.c) drives them.
  *
@@ -33,7 +33,7 @@ struct kt {
 
 static struct kt *kt_of(struct qsl_engine *e)
 {
-    return e->tr_state;
+    return e->be_state;
 }
 
 static uint64_t local_of(const struct qsl_engine *e, const struct ql_conn *c)
@@ -52,7 +52,7 @@ static int kt_init(struct qsl_engine *e)
         free(k);
         return -err;
     }
-    e->tr_state = k;
+    e->be_state = k;
     return 0;
 }
 
@@ -229,10 +229,10 @@ static void kt_destroy(struct qsl_engine *e)
         kt_close(e, &e->conns[i], 0);
     close(k->ep);
     free(k);
-    e->tr_state = NULL;
+    e->be_state = NULL;
 }
 
-const struct ql_transport ql_transport_kernel = {
+const struct ql_backend ql_backend_kernel = {
     .name = "kernel",
     .init = kt_init,
     .connect = kt_connect,

@@ -1,5 +1,5 @@
 /*
- * ql_tr_ustack.c: the ustack transport -- the load generator's connections
+ * ql_be_ustack.c: the ustack backend -- the load generator's connections
  * are control blocks of qstack's own TCP/IP stack, set up by the host code
  * the server's ustack backend uses (common/ustack_host.c), over the same
  * drivers (TAP, DPDK).  As MCC runs on mTCP: no file descriptor and no
@@ -26,7 +26,7 @@
  * owns: it answers ARP and takes frames for each) and port
  * port_lo + (g / nsources) mod (port_hi - port_lo + 1), unique by
  * construction; a port still held (TIME-WAIT of an earlier connection)
- * falls back to the stack's ephemeral search, as the kernel transport does.
+ * falls back to the stack's ephemeral search, as the kernel backend does.
  *
  * End: destroy() closes the conns still open, QU_CLOSE_INFLIGHT at a time
  * (tens of thousands of FINs at once would overflow the device's queue and
@@ -61,7 +61,7 @@ struct ut {
 
 static struct ut *ut_of(struct qsl_engine *e)
 {
-    return e->tr_state;
+    return e->be_state;
 }
 
 static void mark(struct ut *u, uint32_t i, uint8_t what)
@@ -128,10 +128,10 @@ static int ut_init(struct qsl_engine *e)
     }
     /* the client classifies nothing: one level */
     qs_uhost_prio prio = {.levels = 1, .nrules = 0, .default_level = 0, .rules = NULL};
-    e->tr_state = u;   /* the callbacks' ctx is the engine: set before the stack runs */
+    e->be_state = u;   /* the callbacks' ctx is the engine: set before the stack runs */
     int rc = qs_uhost_open(&u->h, &cfg->ustack, &prio, &ops, e);
     if (rc < 0) {
-        e->tr_state = NULL;
+        e->be_state = NULL;
         free(u->flags);
         free(u->err);
         free(u->ready);
@@ -323,10 +323,10 @@ static void ut_destroy(struct qsl_engine *e)
     free(u->err);
     free(u->ready);
     free(u);
-    e->tr_state = NULL;
+    e->be_state = NULL;
 }
 
-const struct ql_transport ql_transport_ustack = {
+const struct ql_backend ql_backend_ustack = {
     .name = "ustack",
     .init = ut_init,
     .connect = ut_connect,
