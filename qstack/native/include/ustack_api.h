@@ -29,6 +29,8 @@ typedef struct qs_ustack_config {
     uint8_t mac[6];
     uint32_t ip;              /* host byte order */
     int32_t prefix_len;       /* 1..32 */
+    uint32_t ip_count;        /* addresses owned: ip .. ip + ip_count - 1, on the subnet
+                                 (0 = 1): a client's source addresses (qs_tcp_connect_from) */
     uint32_t gateway;         /* 0 = none */
     uint32_t buf_size;        /* bytes per pool buffer, header included (>= 1600) */
     uint32_t buf_count;       /* pool buffers, allocated up front */

@@ -31,6 +31,7 @@
 #include <pthread.h>
 #include <time.h>
 #include "qsprio.h"
+#include "ustack_settings.h"
 #include "qstack.h"
 
 #define QS_ALIGNED _Alignas(64)

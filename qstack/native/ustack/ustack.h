@@ -364,6 +364,7 @@ int64_t qs_arp_next(qs_ustack *s);          /* when qs_arp_age has work, INT64_M
 /* ip_in.c / ip_out.c / icmp.c */
 int qs_ip_input(qs_ustack *s, qs_mbuf *m, int64_t now);
 int qs_ip_output(qs_ustack *s, qs_mbuf *m, uint32_t src, uint32_t dst, uint8_t proto, int64_t now);
+int qs_ip_is_ours(const qs_ustack *s, uint32_t addr);
 int qs_icmp_input(qs_ustack *s, qs_mbuf *m, uint32_t src, uint32_t dst, int64_t now);
 
 /* tcp_in.c / tcp_sync.c */
@@ -489,6 +490,8 @@ int qs_trace_format(const qs_ustack *s, char *out, int max);  /* oldest first; b
 /* tcp_api.c */
 int qs_tcp_listen(qs_ustack *s, uint16_t port, uint32_t backlog);
 int qs_tcp_unlisten(qs_ustack *s, uint16_t port);
+qs_tcb *qs_tcp_connect_from(qs_ustack *s, uint32_t laddr, uint32_t raddr, uint16_t rport,
+                            uint16_t lport, uint64_t user, int64_t now, int *err);
 qs_tcb *qs_tcp_connect(qs_ustack *s, uint32_t raddr, uint16_t rport, uint16_t lport,
                        uint64_t user, int64_t now, int *err);
 int qs_tcp_send(qs_ustack *s, qs_tcb *t, const uint8_t *data, uint32_t len, int64_t now);
