@@ -106,7 +106,9 @@ def add_load_parser(sub: argparse._SubParsersAction) -> None:
     a("--backend", choices=("kernel", "ustack"),
       help="the client's network stack: kernel sockets (default) or qstack's own TCP/IP "
            "(ustack: no file per connection; needs --ip, a device of its own, root)")
-    a("--driver", choices=("tap",), help="ustack: the device driver (default tap)")
+    a("--driver", choices=("tap", "dpdk"), help="ustack: the device driver (default tap)")
+    a("--eal", metavar="ARGS", help="ustack on dpdk: DPDK EAL arguments (a port: a --vdev "
+                                    "such as net_memif0,role=client,...)")
     a("--tap", metavar="NAME", help="ustack: the TAP device (default qsl0; created if missing)")
     a("--ip", metavar="ADDR/PREFIX",
       help="ustack: the client stack's own address, e.g. 198.18.1.1/16; --dest must be in "
@@ -152,7 +154,7 @@ FIELDS = ("connections", "setup", "wait", "epoch", "burst", "length", "ratio", "
           "src",
           "warmup", "drain", "retry_delay", "connect_timeout", "connect_inflight",
           "reply_timeout", "max_lost", "log_duration", "cdf", "json", "plot", "quiet", "marks", "spin",
-          "backend", "driver", "tap", "ip", "gateway", "loss")
+          "backend", "driver", "eal", "tap", "ip", "gateway", "loss")
 
 
 def options_from_args(args: argparse.Namespace):
@@ -166,8 +168,13 @@ def options_from_args(args: argparse.Namespace):
     if o.script:   # import and try it now: a bad script is one line and exit 2
         from qstack.loadgen import script
         script.install(script.load(o.script, o.length), o.length)
-    if o.backend == "ustack":
+    if o.backend == "ustack" and o.driver == "tap":
         _check_ustack_device(o)
+    if o.backend == "ustack" and o.driver == "dpdk":
+        from qstack.loadgen.engine import dpdk_library
+        if dpdk_library() is None:
+            raise ConfigError("--driver dpdk: this build has no DPDK driver (qstack/_qsdpdk.so: "
+                              "libdpdk was not found when qstack was built)")
     if o.plot:   # say so now, not after the run
         try:
             import matplotlib  # noqa: F401

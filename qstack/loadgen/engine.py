@@ -55,8 +55,16 @@ def _ustack(cfg, o):
     net = ustack_net(o.ip)
     cfg.backend = lib.QSL_BACKEND_USTACK
     u = cfg.ustack
-    u.driver = lib.QS_DRIVER_TAP
-    u.tap = o.tap.encode()
+    if o.driver == "dpdk":
+        u.driver = lib.QS_DRIVER_DPDK
+        u.eal = o.eal.encode()
+        u.dpdk_lib = (dpdk_library() or "").encode()
+        # 02:00 + the address, as a TAP device gets: a memif port's own
+        # address is the same at both ends of the pair
+        u.mac = [0x02, 0x00, *int(net.ip).to_bytes(4, "big")]
+    else:
+        u.driver = lib.QS_DRIVER_TAP
+        u.tap = o.tap.encode()
     u.ip = int(net.ip)
     u.prefix_len = net.network.prefixlen
     u.gateway = int(ipaddress.IPv4Address(o.gateway)) if o.gateway else 0
@@ -78,12 +86,25 @@ def _ustack(cfg, o):
     return keep
 
 
+def dpdk_library():
+    """Path of the DPDK driver module (qstack/_qsdpdk*.so), or None."""
+    import glob
+    import os
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    found = glob.glob(os.path.join(here, "_qsdpdk*.so"))
+    return found[0] if found else None
+
+
 def _ustack_error(o, err: int) -> str:
     import errno
     import os
     why = {errno.EPERM: "needs root (CAP_NET_ADMIN)", errno.EACCES: "needs root (CAP_NET_ADMIN)",
            errno.ENOENT: "/dev/net/tun is missing", errno.EBUSY: "the device is busy (another "
            "process has it open)"}.get(err, os.strerror(err))
+    if o.driver == "dpdk":
+        why = {errno.ENODEV: "DPDK found no port (check --eal)",
+               errno.ENOTSUP: "DPDK is not available in this build"}.get(err, os.strerror(err))
+        return f"the ustack client could not start DPDK ({o.eal}): {why}"
     return f"the ustack client could not open TAP device {o.tap}: {why}"
 
 

@@ -73,7 +73,8 @@ class LoadOptions:
     # the backend: kernel sockets, or qstack's own TCP/IP stack (ustack) on
     # a device of its own, with an address of its own (--ip ADDR/PREFIX)
     backend: str = "kernel"
-    driver: str = "tap"
+    driver: str = "tap"        # ustack: tap | dpdk
+    eal: str | None = None     # ustack on dpdk: the EAL arguments (e.g. a net_memif vdev)
     tap: str = "qsl0"
     ip: str | None = None      # ustack: "198.18.1.1/16"
     gateway: str | None = None
@@ -93,7 +94,8 @@ class LoadOptions:
                  "closed": f"closed loop, {self.window} in flight per connection"}[self.mode]
         extra = (f", {self.smp} processes" if self.smp > 1 else "") + \
                 (f", {self.ips} source addresses" if self.ips else "") + \
-                (f", on ustack {self.ip} over {self.driver} {self.tap}"
+                (f", on ustack {self.ip} over " +
+                 (f"tap {self.tap}" if self.driver == "tap" else "dpdk")
                  if self.backend == "ustack" else "")
         proto = f"script {self.script}" if self.protocol == "script" else self.protocol
         size = f"up to {self.length} B" if self.protocol == "script" else f"{self.length} B"
@@ -229,8 +231,13 @@ def validate(**kw) -> LoadOptions:
 
 def _check_ustack(o: LoadOptions) -> None:
     net = ustack_net(o.ip)
-    _need(o.driver == "tap", f"--driver: the ustack client runs on tap for now, got {o.driver!r}")
+    _need(o.driver in ("tap", "dpdk"), f"--driver: expected tap or dpdk, got {o.driver!r}")
     _need(0 < len(o.tap.encode()) < 16, f"--tap: a device name of 1..15 bytes, got {o.tap!r}")
+    _need(o.driver != "dpdk" or o.eal, "--driver dpdk needs --eal ARGS, e.g. --eal '--no-huge "
+                                       "-m 256 --no-pci --file-prefix qsl --vdev=net_memif0,"
+                                       "role=client,socket=/run/qs.sock,socket-abstract=no'")
+    _need(o.eal is None or o.driver == "dpdk", "--eal is for --driver dpdk")
+    _need(o.eal is None or len(o.eal.encode()) < 1024, "--eal: at most 1023 bytes")
     _need(o.smp == 1, f"--smp: the ustack client runs in one process (its stack owns the "
                       f"device), got --smp {o.smp}")
     _need(o.src is None, "--src is the kernel client's; the ustack client's addresses are "
