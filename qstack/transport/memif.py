@@ -27,6 +27,7 @@ import stat
 
 EAL_MEMORY_MB = 256
 ROLES = ("server", "client")
+RING_LOG2 = 14          # 16,384 slots each way: a burst of thousands of segments fits
 
 
 def eal_args(path: str, role: str) -> str:
@@ -34,7 +35,8 @@ def eal_args(path: str, role: str) -> str:
     if role not in ROLES:
         raise ValueError(f"memif role {role!r}: server or client")
     return (f"--no-huge -m {EAL_MEMORY_MB} --no-pci "
-            f"--vdev=net_memif0,role={role},id=0,socket-abstract=no,socket={path}")
+            f"--vdev=net_memif0,role={role},id=0,rsize={RING_LOG2},socket-abstract=no,"
+            f"socket={path}")
 
 
 def path_problem(path: str) -> str | None:
