@@ -11,7 +11,7 @@ End to end:
 1. ``qstack serve apps.echo:handle --backend ustack --driver memif`` pinned
    to --server-cpu: the server's stack on DPDK's net_memif, shared memory,
    no kernel network and no file per connection.
-2. ``qstack load --backend ustack --driver dpdk`` on the client side of the
+2. ``qstack load --backend ustack --driver memif`` on the client side of the
    same memif link, pinned to --client-cpu: qstack's own TCP client, owning
    --ips addresses of 198.18.0.0/15 (64,512 ports each), opening every
    connection as fast as the pacing over --setup lets it, then --wait idle
@@ -42,7 +42,7 @@ import time
 import harness as h
 
 sys.path.insert(0, h.REPO)
-from qstack.transport import memif  # noqa: E402
+from qstack import memif  # noqa: E402
 
 RESULTS = os.path.join(h.BENCH, "results")
 SERVER_IP, CLIENT_IP = "198.18.0.2", "198.18.1.1"
@@ -102,8 +102,8 @@ def run(args):
             time.sleep(0.1)
         time.sleep(1)
         idle = rss(server.pid)
-        load = [py, "-m", "qstack", "load", "--backend", "ustack", "--driver", "dpdk",
-                "--eal", memif.eal_args(sock, "client"), "--ip", CLIENT_IP + "/15",
+        load = [py, "-m", "qstack", "load", "--backend", "ustack", "--driver", "memif",
+                "--memif", sock, "--ip", CLIENT_IP + "/15",
                 "--ips", str(args.ips), "--dest", "%s:7" % SERVER_IP,
                 "-c", str(args.connections), "-s", str(args.setup), "-w", str(args.wait),
                 "-e", str(args.epoch), "-b", str(args.burst), "-l", "64", "-r", str(args.ratio),

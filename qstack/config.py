@@ -24,7 +24,7 @@ import yaml
 
 from qstack.errors import ConfigError
 from qstack.transport import AUTO, BACKENDS as _transport_backends, lib as _native_lib
-from qstack.transport.memif import path_problem as memif_path_problem
+from qstack.memif import path_problem as memif_path_problem
 
 # The native limits, read from the one definition (qsprio.h) through cffi.
 MAX_LEVELS = _native_lib.QS_MAX_LEVELS

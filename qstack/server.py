@@ -33,7 +33,7 @@ import time
 from .app import counters
 from .config import listen_addresses, show_address
 from .errors import ConfigError
-from .transport import memif
+from . import memif
 
 __all__ = ["EXIT_DROPPED", "check_listen", "check_port", "kernel_sockets",
            "open_listener", "serve"]
@@ -222,7 +222,7 @@ def dpdk_library():
 def _ustack_settings(cfg):
     """The user-space stack's settings as qstack.transport takes them."""
     us = cfg.ustack
-    lib_path, driver, eal = None, us.driver, us.eal
+    lib_path, driver, eal, mac = None, us.driver, us.eal, us.mac
     if us.driver in ("dpdk", "memif"):
         lib_path = dpdk_library()
         if lib_path is None:
@@ -235,8 +235,11 @@ def _ustack_settings(cfg):
         except OSError as e:
             raise ConfigError(f"ustack.memif: {e.strerror}") from None
         driver, eal = "dpdk", memif.eal_args(us.memif, "server")
+        # memif gives both ends of a link the same default MAC: take 02:00
+        # and the address, as on TAP and as the load generator's client does
+        mac = us.mac or memif.mac_for(us.ip.address)
     return dict(driver=driver, tap=us.tap, multiqueue=cfg.server.cores > 1,
-                eal=eal, dpdk_lib=lib_path, mac=us.mac, name=us.driver,
+                eal=eal, dpdk_lib=lib_path, mac=mac, name=us.driver,
                 ip=us.ip.address, prefix=us.ip.prefix, gateway=us.gateway,
                 max_conns=us.max_concurrency, buffers=us.buffers, snd_buf=us.snd_buf,
                 rcv_buf=us.rcv_buf, syn_backlog=us.syn_backlog, loss=us.loss, dup=us.dup,

@@ -358,11 +358,11 @@ def test_memif_driver_checks(tmp_path):
 
 def test_memif_eal_arguments_and_stale_socket(tmp_path):
     import socket
-    from qstack.transport import memif
+    from qstack import memif
     path = str(tmp_path / "qs.memif")
     assert memif.eal_args(path, "client") == (
-        "--no-huge -m 256 --no-pci --vdev=net_memif0,role=client,id=0,socket-abstract=no,"
-        f"socket={path}")
+        "--no-huge -m 256 --no-pci --vdev=net_memif0,role=client,id=0,rsize=14,"
+        f"socket-abstract=no,socket={path}")
     memif.claim_socket(path)                         # nothing there: nothing to do
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     s.bind(path)

@@ -203,6 +203,14 @@ def test_ustack_client_bad_input_is_one_line():
                      "--driver dpdk needs --eal")
     assert_one_error(load("--backend", "ustack", "--ip", "198.18.1.1/16", "--eal", "-m 64", *d),
                      "--eal is for --driver dpdk")
+    assert_one_error(load("--backend", "ustack", "--ip", "198.18.1.1/16", "--driver", "memif",
+                          *d), "--driver memif needs --memif PATH")
+    assert_one_error(load("--backend", "ustack", "--ip", "198.18.1.1/16", "--memif", "/tmp/m",
+                          *d), "--memif is for --driver memif")
+    assert_one_error(load("--backend", "ustack", "--ip", "198.18.1.1/16", "--driver", "memif",
+                          "--memif", "/tmp/a,b", *d), "--memif", "a space or a comma")
+    assert_one_error(load("--memif", "/tmp/m", "--dest", f"127.0.0.1:{free_port()}"),
+                     "--memif", "--backend ustack")
     assert_one_error(load("--ip", "198.18.1.1/16", "--dest", f"127.0.0.1:{free_port()}"),
                      "--ip", "--backend ustack")
     assert_one_error(load("--backend", "ustack", "--ip", "198.18.1.1/16", "--gateway",
@@ -291,36 +299,32 @@ def test_ustack_client_source_addresses_must_fit_the_subnet():
     assert_one_error(res, "--dest 198.18.0.2 is one of the client stack's own addresses")
 
 
-MEMIF = ("--no-huge -m 256 --no-pci --file-prefix {prefix} "
-         "--vdev=net_memif0,role={role},id=0,socket-abstract=no,socket={sock}")
-
-
-def test_ustack_client_over_dpdk_memif(tmp_path):
+def test_ustack_client_over_memif(tmp_path):
     """Both ends on qstack's TCP over DPDK's net_memif: shared memory between
-    the two processes, no kernel network at all (no namespace needed)."""
+    the two processes, no kernel network at all (no namespace needed).
+    `--driver memif --memif PATH` at both ends: the server makes the socket,
+    the client joins it."""
     from netns import why_not
+    from qstack import memif
     from qstack.loadgen.engine import dpdk_library
     if why_not() or dpdk_library() is None:
         pytest.skip(why_not() or "this build has no DPDK driver (no libdpdk found)")
     import signal
     import time
     sock = str(tmp_path / "memif.sock")
-    tag = f"qst{os.getpid()}"
     srv = subprocess.Popen(
         [sys.executable, "-m", "qstack", "serve", "tests.apps.loadgen_apps:counting", *ECHO_SERVE,
-         "--backend", "ustack", "--driver", "dpdk", "--ip", SERVER_IP + "/16", "--port", "8000",
-         "--mac", "02:00:c6:12:00:02", "--eal",
-         MEMIF.format(prefix=tag + "s", role="server", sock=sock)],
+         "--backend", "ustack", "--driver", "memif", "--memif", sock, "--ip", SERVER_IP + "/16",
+         "--port", "8000"],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
-        while not os.path.exists(sock):     # the server's memif socket: it is up
+        while not memif.listening(sock):     # the server's memif socket: it is up
             assert srv.poll() is None and time.monotonic() < deadline, srv.stderr.read()[-2000:]
             time.sleep(0.05)
         res = subprocess.run(
-            [sys.executable, "-m", "qstack", "load", "--backend", "ustack", "--driver", "dpdk",
-             "--ip", CLIENT_IP + "/16", "--eal",
-             MEMIF.format(prefix=tag + "c", role="client", sock=sock), "--dest",
+            [sys.executable, "-m", "qstack", "load", "--backend", "ustack", "--driver", "memif",
+             "--memif", sock, "--ip", CLIENT_IP + "/16", "--dest",
              f"{SERVER_IP}:8000", "-c", "200", "-s", "0.5", "-w", "1", "-e", "0.2", "-b", "20",
              "-r", "0.3", "-d", "1", "--json", str(tmp_path / "out.json"), "-q"],
             cwd=ROOT, capture_output=True, text=True, timeout=90)
@@ -329,7 +333,7 @@ def test_ustack_client_over_dpdk_memif(tmp_path):
         m = doc["messages"]
         assert doc["connections"]["max_connected"] == 200
         assert m["sent"] == m["responses"] == 1000 and m["bad_replies"] == m["lost"] == 0
-        assert doc["config"]["driver"] == "dpdk"
+        assert doc["config"]["driver"] == "memif" and doc["config"]["memif"] == sock
     finally:
         if srv.poll() is None:
             srv.send_signal(signal.SIGTERM)

@@ -33,7 +33,7 @@ import time
 import pytest
 
 from conftest import ROOT, NATIVE
-from qstack.transport import memif
+from qstack import memif
 from netns import why_not
 from test_ustack_tap import ECHO_CLIENT, ECHO_SERVER, KERNEL_IP, PING, STACK_IP, ip_of
 

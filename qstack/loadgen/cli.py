@@ -106,7 +106,10 @@ def add_load_parser(sub: argparse._SubParsersAction) -> None:
     a("--backend", choices=("kernel", "ustack"),
       help="the client's network stack: kernel sockets (default) or qstack's own TCP/IP "
            "(ustack: no file per connection; needs --ip, a device of its own, root)")
-    a("--driver", choices=("tap", "dpdk"), help="ustack: the device driver (default tap)")
+    a("--driver", choices=("tap", "dpdk", "memif"),
+      help="ustack: the device driver (default tap; memif: shared memory with a "
+           "`qstack serve --driver memif`)")
+    a("--memif", metavar="PATH", help="ustack on memif: the socket of the server's memif link")
     a("--eal", metavar="ARGS", help="ustack on dpdk: DPDK EAL arguments (a port: a --vdev "
                                     "such as net_memif0,role=client,...)")
     a("--tap", metavar="NAME", help="ustack: the TAP device (default qsl0; created if missing)")
@@ -154,7 +157,7 @@ FIELDS = ("connections", "setup", "wait", "epoch", "burst", "length", "ratio", "
           "src",
           "warmup", "drain", "retry_delay", "connect_timeout", "connect_inflight",
           "reply_timeout", "max_lost", "log_duration", "cdf", "json", "plot", "quiet", "marks", "spin",
-          "backend", "driver", "eal", "tap", "ip", "gateway", "loss")
+          "backend", "driver", "eal", "memif", "tap", "ip", "gateway", "loss")
 
 
 def options_from_args(args: argparse.Namespace):
@@ -170,10 +173,10 @@ def options_from_args(args: argparse.Namespace):
         script.install(script.load(o.script, o.length), o.length)
     if o.backend == "ustack" and o.driver == "tap":
         _check_ustack_device(o)
-    if o.backend == "ustack" and o.driver == "dpdk":
+    if o.backend == "ustack" and o.driver in ("dpdk", "memif"):
         from qstack.loadgen.engine import dpdk_library
         if dpdk_library() is None:
-            raise ConfigError("--driver dpdk: this build has no DPDK driver (qstack/_qsdpdk.so: "
+            raise ConfigError(f"--driver {o.driver}: this build has no DPDK driver (qstack/_qsdpdk.so: "
                               "libdpdk was not found when qstack was built)")
     if o.plot:   # say so now, not after the run
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 
+from qstack import memif
 from qstack._loadgen import ffi, lib
 from qstack.loadgen.hist import Histogram
 
@@ -55,9 +56,9 @@ def _ustack(cfg, o):
     net = ustack_net(o.ip)
     cfg.backend = lib.QSL_BACKEND_USTACK
     u = cfg.ustack
-    if o.driver == "dpdk":
+    if o.driver in ("dpdk", "memif"):
         u.driver = lib.QS_DRIVER_DPDK
-        u.eal = o.eal.encode()
+        u.eal = (memif.eal_args(o.memif, "client") if o.driver == "memif" else o.eal).encode()
         u.dpdk_lib = (dpdk_library() or "").encode()
         # 02:00 + the address, as a TAP device gets: a memif port's own
         # address is the same at both ends of the pair
@@ -101,6 +102,11 @@ def _ustack_error(o, err: int) -> str:
     why = {errno.EPERM: "needs root (CAP_NET_ADMIN)", errno.EACCES: "needs root (CAP_NET_ADMIN)",
            errno.ENOENT: "/dev/net/tun is missing", errno.EBUSY: "the device is busy (another "
            "process has it open)"}.get(err, os.strerror(err))
+    if o.driver == "memif":
+        why = {errno.ENODEV: f"DPDK made no memif port at {o.memif}",
+               errno.ENOTSUP: "DPDK is not available in this build"}.get(err, os.strerror(err))
+        return (f"the ustack client could not start memif at {o.memif} (is `qstack serve "
+                f"--driver memif --memif {o.memif}` up? it waits 30 s for it): {why}")
     if o.driver == "dpdk":
         why = {errno.ENODEV: "DPDK found no port (check --eal)",
                errno.ENOTSUP: "DPDK is not available in this build"}.get(err, os.strerror(err))

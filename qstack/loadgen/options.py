@@ -15,6 +15,7 @@ import ipaddress
 import math
 import socket
 
+from qstack import memif
 from qstack.errors import ConfigError
 
 PROTOCOLS = ("echo", "iotep", "script")   # script: --script FILE (script.py)
@@ -73,8 +74,9 @@ class LoadOptions:
     # the backend: kernel sockets, or qstack's own TCP/IP stack (ustack) on
     # a device of its own, with an address of its own (--ip ADDR/PREFIX)
     backend: str = "kernel"
-    driver: str = "tap"        # ustack: tap | dpdk
+    driver: str = "tap"        # ustack: tap | dpdk | memif
     eal: str | None = None     # ustack on dpdk: the EAL arguments (e.g. a net_memif vdev)
+    memif: str | None = None   # ustack on memif: the server's socket path (client role)
     tap: str = "qsl0"
     ip: str | None = None      # ustack: "198.18.1.1/16"
     gateway: str | None = None
@@ -95,7 +97,8 @@ class LoadOptions:
         extra = (f", {self.smp} processes" if self.smp > 1 else "") + \
                 (f", {self.ips} source addresses" if self.ips else "") + \
                 (f", on ustack {self.ip} over " +
-                 (f"tap {self.tap}" if self.driver == "tap" else "dpdk")
+                 {"tap": f"tap {self.tap}", "memif": f"memif {self.memif}"}.get(self.driver,
+                                                                                "dpdk")
                  if self.backend == "ustack" else "")
         proto = f"script {self.script}" if self.protocol == "script" else self.protocol
         size = f"up to {self.length} B" if self.protocol == "script" else f"{self.length} B"
@@ -221,7 +224,7 @@ def validate(**kw) -> LoadOptions:
     if o.backend == "ustack":
         _check_ustack(o)
     else:
-        for flag, v in (("--ip", o.ip), ("--gateway", o.gateway)):
+        for flag, v in (("--ip", o.ip), ("--gateway", o.gateway), ("--memif", o.memif)):
             _need(v is None, f"{flag} is the ustack client's: give --backend ustack")
         _need(o.loss == 0, "--loss is injected by the ustack client: give --backend ustack")
     if o.plot and not o.plot.lower().endswith(".png"):
@@ -231,7 +234,14 @@ def validate(**kw) -> LoadOptions:
 
 def _check_ustack(o: LoadOptions) -> None:
     net = ustack_net(o.ip)
-    _need(o.driver in ("tap", "dpdk"), f"--driver: expected tap or dpdk, got {o.driver!r}")
+    _need(o.driver in ("tap", "dpdk", "memif"),
+          f"--driver: expected tap, dpdk or memif, got {o.driver!r}")
+    _need(o.driver != "memif" or o.memif, "--driver memif needs --memif PATH, the socket "
+                                          "the server's `qstack serve --driver memif` made")
+    _need(o.memif is None or o.driver == "memif", "--memif is for --driver memif")
+    if o.memif is not None:
+        why = memif.path_problem(o.memif)
+        _need(why is None, f"--memif: {why}")
     _need(0 < len(o.tap.encode()) < 16, f"--tap: a device name of 1..15 bytes, got {o.tap!r}")
     _need(o.driver != "dpdk" or o.eal, "--driver dpdk needs --eal ARGS, e.g. --eal '--no-huge "
                                        "-m 256 --no-pci --file-prefix qsl --vdev=net_memif0,"

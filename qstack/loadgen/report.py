@@ -223,7 +223,7 @@ def build(o, stats: dict, hists: list[Histogram], cpu_s: float, intervals: list,
             "retry_delay_s": o.retry_delay, "connect_timeout_s": o.connect_timeout,
             "reply_timeout_s": o.reply_timeout, "max_lost": o.max_lost,
             "log_duration_s": o.log_duration, "backend": o.backend,
-            **({"ip": o.ip, "driver": o.driver, "tap": o.tap, "eal": o.eal,
+            **({"ip": o.ip, "driver": o.driver, "tap": o.tap, "eal": o.eal, "memif": o.memif,
                "loss": o.loss} if o.backend == "ustack" else {}),
         },
         "connections": {

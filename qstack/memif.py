@@ -39,6 +39,12 @@ def eal_args(path: str, role: str) -> str:
             f"socket={path}")
 
 
+def mac_for(ip: str) -> str:
+    """02:00 and the four bytes of `ip`: a locally administered MAC that
+    differs between the two ends (DPDK's memif gives both the same one)."""
+    return "02:00:" + ":".join("%02x" % int(b) for b in ip.split("."))
+
+
 def path_problem(path: str) -> str | None:
     """Why `path` cannot name a memif socket, or None.  EAL splits its
     arguments on white space and a vdev's on commas."""
