@@ -2,7 +2,7 @@
 held and served on one machine, as QStack's server on QStack and MCC on mTCP.
 
     .venv/bin/python bench/scale.py --backend ustack [--connections 1000000]
-        [--ips K] [--setup 2] [--wait 5] [--epoch 60] [--burst 5000]
+        [--ips K] [--setup 2] [--wait 10] [--epoch 60] [--burst 5000]
         [--ratio 0.05] [--warmup 2] [--duration 20] [--plot docs/scale-ustack.png]
         [--json FILE] [--quick]
 
@@ -265,7 +265,9 @@ def parse_args(argv):
     ap.add_argument("--ips", type=int, default=0,
                     help="client addresses (default: enough for the ports, +1)")
     ap.add_argument("--setup", type=float, default=2.0, help="pace the connects over S s")
-    ap.add_argument("--wait", type=float, default=5.0)
+    ap.add_argument("--wait", type=float, default=10.0,
+                    help="idle seconds after the paced setup: connects that time out at "
+                         "first are retried, and all must be up before the first message")
     ap.add_argument("--epoch", type=float, default=60.0)
     ap.add_argument("--burst", type=int, default=5000)
     ap.add_argument("--ratio", type=float, default=0.05)
