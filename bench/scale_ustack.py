@@ -87,7 +87,11 @@ def run(args):
     sock = os.path.join(tmp, "qs.memif")
     log_path = os.path.join(RESULTS, "logs", "scale-ustack-server.log")
     doc_path = os.path.join(RESULTS, "scale-ustack-load.json")
-    serve = [py, "-m", "qstack", "serve", "apps.echo:handle", "--backend", "ustack",
+    conf = os.path.join(tmp, "serve.yaml")       # the flow table: every connection, and room
+    with open(conf, "w") as f:
+        f.write("ustack:\n  max_concurrency: %d\n" % max(1 << 20, args.connections + 65536))
+    serve = [py, "-m", "qstack", "serve", "apps.echo:handle", "--config", conf,
+             "--backend", "ustack",
              "--driver", "memif", "--memif", sock, "--ip", SERVER_IP + "/15", "--port", "7",
              "--framing", "fixed:64", "--priority", "offset=5,value=0x01"]
     print("server: taskset -c %d %s" % (args.server_cpu, " ".join(serve[1:])), flush=True)
