@@ -15,7 +15,11 @@ qst-s, the client's 198.18.1.1 on qst-c; nothing leaves the namespace.
      ustack   qstack serve --backend ustack on qst-s, qstack load
               --backend ustack on qst-c: both ends on qstack's own TCP, every
               frame through /dev/net/tun and the kernel's bridge
-   Prints req/s, p50/p99 and the client's CPU per request.
+     memif    the same two ends joined by DPDK's net_memif instead (shared
+              memory, no kernel at all; a fresh server per round, as a memif
+              server takes one client link at a time)
+   Prints req/s, p50/p99, the client's CPU per request, and each pair's
+   median req/s as a ratio to the kernel pair's.
 
 2. The ustack client's memory per connection: the load process's peak RSS
    holding each count of --hold connections (one request each per 10 s
@@ -38,15 +42,27 @@ SERVER, CLIENT = "198.18.0.2", "198.18.1.1"
 USTACK_CLIENT = ["--backend", "ustack", "--tap", "qst-c", "--ip", CLIENT + "/16"]
 
 
+def memif_sock():
+    return f"/tmp/qst-memif-{os.getpid()}.sock"
+
+
 def start_server(backend, port):
-    where = (["--host", "127.0.0.1"] if backend == "kernel" else
-             ["--backend", "ustack", "--tap", "qst-s", "--ip", SERVER + "/16"])
+    where = {"kernel": ["--host", "127.0.0.1"],
+             "ustack": ["--backend", "ustack", "--tap", "qst-s", "--ip", SERVER + "/16"],
+             "memif": ["--backend", "ustack", "--driver", "memif", "--memif", memif_sock(),
+                       "--ip", SERVER + "/16"]}[backend]
     p = subprocess.Popen(["taskset", "-c", "0", PY, "-m", "qstack", "serve", "apps.echo:handle",
                           "--framing", "fixed:64", "--port", str(port), *where], cwd=REPO,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     host = "127.0.0.1" if backend == "kernel" else SERVER
     import socket
     deadline = time.monotonic() + 20
+    if backend == "memif":           # no kernel path to it: wait for its socket
+        from qstack import memif
+        while time.monotonic() < deadline:
+            if memif.listening(memif_sock()):
+                return p, host
+            time.sleep(0.1)
     while time.monotonic() < deadline:
         try:
             socket.create_connection((host, port), timeout=0.5).close()
@@ -67,7 +83,9 @@ def stop(p):
 
 
 def echo_round(backend, host, port, conns, duration):
-    client = USTACK_CLIENT if backend == "ustack" else []
+    client = {"kernel": [], "ustack": USTACK_CLIENT,
+              "memif": ["--backend", "ustack", "--driver", "memif", "--memif", memif_sock(),
+                        "--ip", CLIENT + "/16"]}[backend]
     out = subprocess.run(["taskset", "-c", "1", PY, "-m", "qstack", "load", *client, "--dest",
                           f"{host}:{port}", "--closed", "-c", str(conns), "-l", "64", "-s", "0.5",
                           "-w", "0.5", "-d", str(duration), "--json", "-", "-q"], cwd=REPO,
@@ -106,6 +124,12 @@ def hold_rss(host, port, n):
     return peak
 
 
+def show(r, b, row):
+    print(f"round {r + 1} {b:6s} {row['rps']:10,.0f} req/s  p50 {row['p50_ms']:.3f} ms  "
+          f"p99 {row['p99_ms']:.3f} ms  client {row['client_us_per_req']:.2f} us/req  "
+          f"{row['status']}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
@@ -115,8 +139,11 @@ def main():
     ap.add_argument("--json")
     a = ap.parse_args()
     from netns import BridgedTaps
+    memif_ok = os.path.exists(os.path.join(REPO, "qstack", "_qsdpdk.so"))
+    if not memif_ok:
+        print("no DPDK in this build: the memif pair is left out")
     net = BridgedTaps()
-    result = {"echo": {"kernel": [], "ustack": []}, "hold": {}}
+    result = {"echo": {"kernel": [], "ustack": [], "memif": []}, "hold": {}}
     try:
         with net.entered():
             servers = {b: start_server(b, 7100 + i) + (7100 + i,)
@@ -127,10 +154,15 @@ def main():
                         _, host, port = servers[b]
                         row = echo_round(b, host, port, a.conns, a.duration)
                         result["echo"][b].append(row)
-                        print(f"round {r + 1} {b:6s} {row['rps']:10,.0f} req/s  "
-                              f"p50 {row['p50_ms']:.3f} ms  p99 {row['p99_ms']:.3f} ms  "
-                              f"client {row['client_us_per_req']:.2f} us/req  {row['status']}",
-                              flush=True)
+                        show(r, b, row)
+                    if memif_ok:
+                        mp, host, port = start_server("memif", 7102) + (7102,)
+                        try:
+                            row = echo_round("memif", host, port, a.conns, a.duration)
+                        finally:
+                            stop(mp)
+                        result["echo"]["memif"].append(row)
+                        show(r, "memif", row)
                 _, host, port = servers["ustack"]
                 counts = [int(x) for x in a.hold.split(",") if x]
                 for n in counts:
@@ -147,10 +179,13 @@ def main():
                     stop(p)
     finally:
         net.close()
-    for b in ("kernel", "ustack"):
+    med = {}
+    for b in ("kernel", "ustack", "memif"):
         rows = sorted(x["rps"] for x in result["echo"][b])
         if rows:
-            print(f"{b:6s} median {rows[len(rows) // 2]:,.0f} req/s (of {len(rows)})")
+            med[b] = rows[len(rows) // 2]
+            ratio = f"  {med[b] / med['kernel']:.2f}x the kernel pair" if "kernel" in med else ""
+            print(f"{b:6s} median {med[b]:,.0f} req/s (of {len(rows)}){ratio}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=1)
