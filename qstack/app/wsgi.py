@@ -34,6 +34,7 @@ import io
 import logging
 import sys
 import time
+from time import time as _time
 from email.utils import formatdate
 from urllib.parse import unquote_to_bytes
 
@@ -58,34 +59,44 @@ _ERROR_REPLY = {code: (f"HTTP/1.1 {status} {text}\r\nConnection: close\r\n"
 _500 = (b"HTTP/1.1 500 Internal Server Error\r\nConnection: close\r\n"
         b"Content-Type: text/plain\r\nContent-Length: 22\r\n\r\nInternal Server Error\n")
 
-_SPECIAL = {"CONTENT_TYPE", "CONTENT_LENGTH"}
-_HOP = {"connection", "transfer-encoding", "keep-alive"}
+# What the head builder does with a response header, by name as the app spells it.
+_LENGTH, _DATE, _SERVER, _CONNECTION, _HOP, _OTHER = range(6)
+_KINDS = {"content-length": _LENGTH, "date": _DATE, "server": _SERVER,
+          "connection": _CONNECTION, "transfer-encoding": _HOP, "keep-alive": _HOP}
+_kind_cache: dict[str, int] = {}
 
 
-def _key(name: bytes) -> str:
-    key = name.decode("latin-1").upper().replace("-", "_")
+def _kind(name: str) -> int:
+    k = _kind_cache.get(name)
+    if k is None:
+        k = _kind_cache[name] = _KINDS.get(name.lower(), _OTHER)
+    return k
+
+
+def _key(name: str) -> str:
+    key = name.upper().replace("-", "_")
     return key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + key
 
 
-class _Input(io.BufferedIOBase):
-    """wsgi.input: the request body, read from the bytes the stack framed
-    (up to http.max_body; nothing is read past them)."""
+class _NoBody:
+    """wsgi.input of a request without a body: stateless, so one serves all."""
 
-    def __init__(self, body: bytes) -> None:
-        self._b = io.BytesIO(body)
-        self.read = self._b.read
-        self.readline = self._b.readline
-        self.readlines = self._b.readlines
-        self.readinto = self._b.readinto
+    __slots__ = ()
 
-    def readable(self) -> bool:
-        return True
+    def read(self, size=-1):
+        return b""
+
+    def readline(self, size=-1):
+        return b""
+
+    def readlines(self, hint=-1):
+        return []
 
     def __iter__(self):
-        return iter(self._b)
+        return iter(())
 
 
-_EMPTY = b""
+_NO_BODY = _NoBody()
 
 
 def _dechunk(data: bytes, start: int) -> bytes:
@@ -120,7 +131,7 @@ class _StartResponse:
                 exc_info = None
         elif self.status is not None:
             raise AssertionError("start_response called twice without exc_info")
-        if not isinstance(status, str):
+        if type(status) is not str:
             raise TypeError(f"status must be a str, got {type(status).__name__}")
         self.status = status
         self.headers = headers
@@ -153,82 +164,70 @@ class WSGIHandler:
         }
         self._keys: dict[bytes, str] = {}
         self._status: dict[str, bytes] = {}
-        self._server = f"Server: {server_header}\r\n".encode("latin-1")
+        self._server = f"Server: {server_header}\r\n"
+        self._heads: dict[tuple, tuple[bytes, bool]] = {}
+        self._heads_until = 0.0
         self._date_t = 0
-        self._date = b""
+        self._date = ""
         self._peers: dict[int, tuple[str, int] | None] = {}
 
-    # -- the cached pieces --------------------------------------------------
-
-    def _date_line(self) -> bytes:
-        now = int(time.time())
-        if now != self._date_t:
-            self._date_t = now
-            self._date = f"Date: {formatdate(now, usegmt=True)}\r\n".encode("latin-1")
-        return self._date
+    # -- one request --------------------------------------------------------
 
     def _peer(self, req):
+        """(REMOTE_ADDR, REMOTE_PORT) of the request's connection, kept per conn."""
         peers = self._peers
-        try:
-            return peers[req.conn_id]
-        except KeyError:
-            if len(peers) > 65536:
-                peers.clear()       # conn ids are never reused: old ones only cost memory
-            p = peers[req.conn_id] = req.conn.peer
-            return p
-
-    # -- one request --------------------------------------------------------
+        if len(peers) > 65536:
+            peers.clear()           # conn ids are never reused: old ones only cost memory
+        p = req.conn.peer
+        p = peers[req.conn_id] = (p[0], str(p[1])) if p else ("", "")
+        return p
 
     def __call__(self, req):
         data = req.data
         if len(data) == 1:
             return self._refused(req, data[0])
         raw = data.tobytes()
-        head_end = raw.index(b"\r\n\r\n")
-        lines = raw[:head_end].split(b"\r\n")
-        while not lines[0]:                    # empty lines before the request line
-            del lines[0]
-        method, target, version = lines[0].split(b" ")
+        head_end = raw.find(b"\r\n\r\n")
+        lines = raw[:head_end].decode("latin-1").split("\r\n")
+        it = iter(lines)
+        line = next(it)
+        while not line:                         # empty lines before the request line
+            line = next(it)
+        method, target, protocol = line.split(" ")
         env = self._template.copy()
         keys = self._keys
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
+        for line in it:
+            name, _, value = line.partition(":")
             key = keys.get(name)
             if key is None:
                 key = keys[name] = _key(name)
-            value = value.strip().decode("latin-1")
             if key in env:
-                value = env[key] + "," + value
-            env[key] = value
-        method = method.decode("latin-1")
-        path, _, query = target.partition(b"?")
-        if b"%" in path:
-            path = unquote_to_bytes(path)
-        if path[:1] != b"/":                   # absolute-form / authority-form targets
-            if b"://" in path:
-                path = b"/" + path.split(b"://", 1)[1].partition(b"/")[2]
-            elif path == b"*":
-                pass
-        protocol = version.decode("latin-1")
+                env[key] = env[key] + "," + value.strip()
+            else:
+                env[key] = value.strip()
+        path, _, query = target.partition("?")
+        if "%" in path:
+            path = unquote_to_bytes(path).decode("latin-1")
+        if path[:1] != "/" and "://" in path:  # absolute-form
+            path = "/" + path.split("://", 1)[1].partition("/")[2]
         env["REQUEST_METHOD"] = method
-        env["PATH_INFO"] = path.decode("latin-1")
-        env["QUERY_STRING"] = query.decode("latin-1")
+        env["PATH_INFO"] = path
+        env["QUERY_STRING"] = query
         env["SERVER_PROTOCOL"] = protocol
-        env["RAW_URI"] = target.decode("latin-1")
+        env["RAW_URI"] = target
         env["qstack.priority"] = req.priority
-        peer = self._peer(req)
-        if peer is not None:
-            env["REMOTE_ADDR"] = peer[0]
-            env["REMOTE_PORT"] = str(peer[1])
-        else:
-            env["REMOTE_ADDR"] = ""
+        peer = self._peers.get(req.conn_id) or self._peer(req)
+        if peer:
+            env["REMOTE_ADDR"], env["REMOTE_PORT"] = peer
         body_start = head_end + 4
         if "HTTP_TRANSFER_ENCODING" in env:
             body = _dechunk(raw, body_start)
             env["CONTENT_LENGTH"] = str(len(body))
+            env["wsgi.input"] = io.BytesIO(body)
+        elif body_start < len(raw):
+            env["wsgi.input"] = io.BytesIO(raw[body_start:])
         else:
-            body = raw[body_start:] if body_start < len(raw) else _EMPTY
-        env["wsgi.input"] = _Input(body)
+            env["wsgi.input"] = _NO_BODY
         conn_hdr = env.get("HTTP_CONNECTION")
         if protocol == "HTTP/1.1":
             keep = conn_hdr is None or "close" not in conn_hdr.lower()
@@ -245,11 +244,46 @@ class WSGIHandler:
             self._failed(req, exc)
             req.conn.close()
             return _500
+        if type(result) is list and sr.writes is None and sr.status is not None:
+            # The common shape (a list of bytes): one reply with its length.
+            try:
+                body = result[0] if len(result) == 1 else b"".join(result)
+                if type(body) is not bytes:
+                    body = bytes(body)
+                # The same head for the same status, headers, length and
+                # connection state: built once per second (its Date).
+                if _time() >= self._heads_until:
+                    self._heads.clear()
+                    self._heads_until = int(_time()) + 1
+                hk = (sr.status, tuple(sr.headers), protocol, keep, len(body), method)
+                hit = self._heads.get(hk)
+                if hit is None:
+                    hit = self._heads[hk] = self._head(sr.status, sr.headers, protocol, keep,
+                                                       len(body), method == "HEAD")[:2]
+                    if len(self._heads) > 512:
+                        self._heads_until = 0
+                head, keep = hit
+            except Exception as exc:
+                self._failed(req, exc)
+                req.conn.close()
+                return _500
+            if not keep:
+                req.conn.close()
+            if method == "HEAD":
+                body = b""
+            if self.access:
+                self._access(req, env, sr.status, len(body), t0)
+            return head + body
+        return self._respond_iter(req, env, method, protocol, keep, sr, result, t0)
+
+    def _respond_iter(self, req, env, method, protocol, keep, sr, result, t0):
+        """Any other iterable: buffered up to STREAM_AFTER, then streamed."""
         chunks = sr.writes or []
         size = sum(map(len, chunks))
         close = getattr(result, "close", None)
         streamed = False
         sent = 0
+        head_only = method == "HEAD"
         try:
             it = iter(result)
             for chunk in it:
@@ -261,9 +295,9 @@ class WSGIHandler:
                         break
             if sr.status is None:
                 raise RuntimeError("the WSGI app returned without calling start_response")
-            head_only = method == "HEAD"
             if not streamed:
-                head, keep = self._head(sr, protocol, keep, size, False, head_only)
+                head, keep, _ = self._head(sr.status, sr.headers, protocol, keep, size,
+                                           head_only)
                 sent = 0 if head_only else size
                 out = head if head_only else head + b"".join(chunks)
                 if not keep:
@@ -272,7 +306,8 @@ class WSGIHandler:
                     self._access(req, env, sr.status, sent, t0)
                 return out
             # streaming: the head, what we have, then the rest as it comes
-            head, keep, chunked = self._head(sr, protocol, keep, None, True, head_only)
+            head, keep, chunked = self._head(sr.status, sr.headers, protocol, keep, None,
+                                             head_only)
             send = req.conn.send
             sr.sent = True
             if head_only:
@@ -303,50 +338,56 @@ class WSGIHandler:
                 except Exception as exc:
                     self._failed(req, exc)
 
-    def _head(self, sr, protocol, keep, size, streaming, head_only):
-        """The response head; with ``streaming`` also whether the body is chunked."""
-        status = sr.status
+    def _head(self, status, headers, protocol, keep, size, head_only):
+        """(the response head, keep-alive, chunked); size None: not known."""
         line = self._status.get(status)
         if line is None:
-            line = self._status[status] = f"HTTP/1.1 {status}\r\n".encode("latin-1")
+            line = self._status[status] = f"HTTP/1.1 {status}\r\n"
         parts = [line]
         have_len = have_date = have_server = False
-        for name, value in sr.headers:
-            low = name.lower()
-            if low == "content-length":
+        for name, value in headers:
+            kind = _kind(name)
+            if kind == _OTHER:
+                parts.append(f"{name}: {value}\r\n")
+                continue
+            if kind == _LENGTH:
                 have_len = True
-            elif low == "date":
+            elif kind == _DATE:
                 have_date = True
-            elif low == "server":
+            elif kind == _SERVER:
                 have_server = True
-            elif low in _HOP:
-                if low == "connection" and "close" in value.lower():
+            else:                   # hop-by-hop: ours to set (PEP 3333)
+                if kind == _CONNECTION and "close" in value.lower():
                     keep = False
-                continue            # hop-by-hop: ours to set (PEP 3333)
-            parts.append(f"{name}: {value}\r\n".encode("latin-1"))
+                continue
+            parts.append(f"{name}: {value}\r\n")
         if not have_date:
-            parts.append(self._date_line())
+            now = int(time.time())
+            if now != self._date_t:
+                self._date_t = now
+                self._date = f"Date: {formatdate(now, usegmt=True)}\r\n"
+            parts.append(self._date)
         if not have_server:
             parts.append(self._server)
         chunked = False
-        code = status[:3]
-        bodiless = code in ("204", "304") or code[0] == "1"
-        if not have_len and not bodiless:
-            if size is not None:
-                parts.append(b"Content-Length: %d\r\n" % size)
+        if not have_len:
+            code = status[:3]
+            if code in ("204", "304") or code[0] == "1":
+                pass                # no body, no length
+            elif size is not None:
+                parts.append(f"Content-Length: {size}\r\n")
             elif protocol == "HTTP/1.1":
                 chunked = not head_only
                 if chunked:
-                    parts.append(b"Transfer-Encoding: chunked\r\n")
+                    parts.append("Transfer-Encoding: chunked\r\n")
             else:
                 keep = False        # HTTP/1.0, length unknown: the close ends the body
         if not keep:
-            parts.append(b"Connection: close\r\n")
+            parts.append("Connection: close\r\n")
         elif protocol != "HTTP/1.1":
-            parts.append(b"Connection: keep-alive\r\n")
-        parts.append(b"\r\n")
-        head = b"".join(parts)
-        return (head, keep, chunked) if streaming else (head, keep)
+            parts.append("Connection: keep-alive\r\n")
+        parts.append("\r\n")
+        return "".join(parts).encode("latin-1"), keep, chunked
 
     def _refused(self, req, code):
         req.conn.close()
