@@ -777,6 +777,9 @@ def _check_together(cfg: Config) -> None:
             raise ConfigError(f"http.max_head: {http.max_head} must be below "
                               f"native.buf_size ({cfg.native.buf_size}): a head is read "
                               f"into one buffer")
+        if cfg.server.reply_order != "arrival":
+            raise ConfigError(f"server.reply_order: {cfg.server.reply_order} with app.wsgi: "
+                              f"HTTP/1.1 answers pipelined requests in order (arrival)")
         if http.max_line > http.max_head:
             raise ConfigError(f"http.max_line: {http.max_line} exceeds http.max_head "
                               f"({http.max_head})")

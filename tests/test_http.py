@@ -400,3 +400,7 @@ def test_bad_flags_are_one_line_exit_2():
     assert code == 2 and "http.max_head" in err and err.count("\n") == 0
     code, err = run("apps.echo:handle", "--wsgi", "tests.apps.wsgi_apps:hello")
     assert code == 2 and "give one of them" in err
+    code, err = run("--wsgi", "tests.apps.wsgi_apps:hello", "--reply-order", "completion")
+    assert code == 2 and "in order" in err
+    code, err = run("--wsgi", "tests.apps.wsgi_apps:hello", "--priority", "header=X Y:1")
+    assert code == 2 and "a header name" in err
