@@ -229,6 +229,7 @@ def _serve_wsgi(cfg: Config) -> int:
     def make(app):
         return WSGIHandler(app, server_name=cfg.server.host, server_port=cfg.server.port,
                            multiprocess=cfg.server.cores > 1, access=cfg.log.access,
+                           access_sample=cfg.log.access_sample,
                            server_header=cfg.http.server_header)
 
     handler = make(load_callable(spec, "WSGI app"))

@@ -12,7 +12,15 @@ import socket
 
 import pytest
 
-from conftest import ROOT, recv_exact
+from conftest import ROOT, ensure_built, recv_exact
+
+ensure_built("_native", "build.py", "src", "qstack.h")
+
+from qstack.transport import lib  # noqa: E402
+
+if lib.qs_http_probe() != 0:
+    pytest.skip("built without llhttp (Debian: node-llhttp; make test installs it)",
+                allow_module_level=True)
 
 ROUTER = "--wsgi=tests.apps.wsgi_apps:router"
 
@@ -56,6 +64,22 @@ def server(serve):
     return serve(ROUTER)
 
 
+# The framing lives in the connection layer every backend shares; the cases
+# that touch its HTTP paths (refusal, 100 Continue, pipelining) run on both
+# kernel-socket backends and both stack layouts.
+LAYERS = [("uring", "thread"), ("kernel", "thread"), ("kernel", "inline"), ("uring", "inline")]
+
+
+@pytest.fixture(params=LAYERS, ids=["-".join(p) for p in LAYERS])
+def layered(request, serve):
+    backend, stack = request.param
+    if backend == "uring":
+        from qstack.transport import uring_refusal
+        if uring_refusal():
+            pytest.skip(uring_refusal())
+    return lambda *args: serve(ROUTER, "--backend", backend, "--stack", stack, *args)
+
+
 def client(srv):
     return http.client.HTTPConnection(srv.host, srv.port, timeout=10)
 
@@ -76,9 +100,10 @@ def test_keep_alive_many_requests_one_connection(server):
     c.close()
 
 
-def test_pipelined_replies_in_request_order(server):
+def test_pipelined_replies_in_request_order(layered):
     """Three requests in one write; the first is slow, the others are not:
     replies still leave in request order."""
+    server = layered()
     with server.connect() as s:
         s.settimeout(10)
         s.sendall(b"GET /slow/first?t=0.2 HTTP/1.1\r\nHost: h\r\n\r\n"
@@ -134,7 +159,8 @@ def test_head_has_no_body(server):
         assert st == "HTTP/1.1 200 OK" and body.startswith(b"GET /g ")
 
 
-def test_expect_100_continue(server):
+def test_expect_100_continue(layered):
+    server = layered()
     with server.connect() as s:
         s.settimeout(10)
         s.sendall(b"PUT /up HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n"
@@ -224,11 +250,11 @@ SMUGGLING = [
 ]
 
 
-def test_smuggling_refused_with_400_and_close(serve):
+def test_smuggling_refused_with_400_and_close(layered):
     """Each case on its own connection behind a good request: that one is
     answered, then 400 and a close, and nothing after the bad bytes is
     served.  The server logs the protocol errors (rate-limited)."""
-    srv = serve(ROUTER)
+    srv = layered()
     for i, bad in enumerate(SMUGGLING):
         with srv.connect() as s:
             s.settimeout(10)
@@ -404,3 +430,19 @@ def test_bad_flags_are_one_line_exit_2():
     assert code == 2 and "in order" in err
     code, err = run("--wsgi", "tests.apps.wsgi_apps:hello", "--priority", "header=X Y:1")
     assert code == 2 and "a header name" in err
+
+
+def test_graceful_stop_finishes_the_request_in_flight(serve):
+    import signal
+    srv = serve(ROUTER, "--grace", "5")
+    with srv.connect() as s:
+        s.settimeout(10)
+        s.sendall(b"GET /slow/last?t=0.3 HTTP/1.1\r\nHost: h\r\n\r\n")
+        c = client(srv)                         # the request is in the app before the stop
+        c.request("GET", "/ping")
+        assert c.getresponse().read().startswith(b"GET /ping ")
+        c.close()
+        srv.proc.send_signal(signal.SIGTERM)
+        st, _, body, _ = read_response(s)
+    assert st == "HTTP/1.1 200 OK" and body == b"/slow/last"
+    assert srv.stop() == 0 and "buffers in use 0" in srv.stderr

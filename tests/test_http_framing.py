@@ -162,3 +162,14 @@ def test_header_rule_presence_and_trailing_slash_prefix():
     assert scan(b"GET / HTTP/1.1\r\nX-Urgent: whatever\r\n\r\n", rs=rs)[2] == 0
     assert scan(b"GET /static/a.css HTTP/1.1\r\n\r\n", rs=rs)[2] == 1
     assert scan(b"GET /staticx HTTP/1.1\r\n\r\n", rs=rs)[2] == -1
+
+
+def test_chunk_framing_counts_toward_a_bound():
+    """Chunk extensions carry no body bytes, so the body limit alone would
+    not bound a request: the whole request may span head + 2 x body + 4 KiB."""
+    f = framer(head=256, line=64, body=100)
+    head = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    chunk = b"1;ext=" + b"e" * 100 + b"\r\nx\r\n"
+    assert scan(head + chunk * 10, f)[:2] == (0, 0)            # 10 body bytes: fine so far
+    r, _, _, _, status = scan(head + chunk * 50, f)            # 50 bytes of body, 5.6 KB
+    assert r < 0 and status == BODY

@@ -34,6 +34,7 @@ import io
 import logging
 import sys
 import time
+from random import random
 from time import time as _time
 from email.utils import formatdate
 from urllib.parse import unquote_to_bytes
@@ -148,9 +149,11 @@ class WSGIHandler:
     """The message handler that runs one WSGI app: ``handler(req)``."""
 
     def __init__(self, app, *, server_name="127.0.0.1", server_port=8000,
-                 multiprocess=False, access=False, server_header="qstack") -> None:
+                 multiprocess=False, access=False, access_sample=1.0,
+                 server_header="qstack") -> None:
         self.app = app
         self.access = access
+        self._sample = access_sample
         self._template = {
             "SCRIPT_NAME": "",
             "SERVER_NAME": server_name,
@@ -237,7 +240,9 @@ class WSGIHandler:
 
     def _respond(self, req, env, method, protocol, keep):
         sr = _StartResponse()
-        t0 = time.time() if self.access else 0.0
+        t0 = 0.0
+        if self.access:
+            t0 = time.time() if self._sample >= 1.0 or random() < self._sample else -1.0
         try:
             result = self.app(env, sr)
         except Exception as exc:
@@ -271,7 +276,7 @@ class WSGIHandler:
                 req.conn.close()
             if method == "HEAD":
                 body = b""
-            if self.access:
+            if t0 > 0.0:
                 self._access(req, env, sr.status, len(body), t0)
             return head + body
         return self._respond_iter(req, env, method, protocol, keep, sr, result, t0)
@@ -302,7 +307,7 @@ class WSGIHandler:
                 out = head if head_only else head + b"".join(chunks)
                 if not keep:
                     req.conn.close()
-                if self.access:
+                if t0 > 0.0:
                     self._access(req, env, sr.status, sent, t0)
                 return out
             # streaming: the head, what we have, then the rest as it comes
@@ -324,7 +329,7 @@ class WSGIHandler:
                         sent += len(chunk)
             if not keep:
                 req.conn.close()
-            if self.access:
+            if t0 > 0.0:
                 self._access(req, env, sr.status, sent, t0)
             return b"0\r\n\r\n" if chunked and not head_only else None
         except Exception as exc:

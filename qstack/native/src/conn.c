@@ -387,10 +387,16 @@ static int rx_scan(qs_conns *conns, qs_conn *c, int fair)
         }
     } else {
         uint64_t cap = need;
-        if (!cap) {                            /* LINE: double, up to max_message */
+        if (!cap) {                            /* LINE, HTTP chunked: double, up to the cap */
+            uint64_t top = g->framer.kind == QS_FRAME_HTTP ? qs_http_max_request(&g->framer)
+                                                           : g->framer.max_message;
             cap = part * 2 > g->buf_size * 2ULL ? part * 2 : g->buf_size * 2ULL;
-            if (cap > g->framer.max_message)
-                cap = g->framer.max_message;
+            if (cap > top)
+                cap = top;
+        }
+        if (cap <= part) {                     /* the framer lets no message grow past it */
+            fault_close(conns, c, &core->st.protocol_errors, QS_CLOSED_PROTOCOL, 1);
+            return -1;
         }
         uint64_t lim = g->max_large_bytes;
         if (lim && QS_GET(core->pool.large_bytes) + cap > lim) {

@@ -253,6 +253,10 @@ int64_t qs_http_scan(const qs_framer *f, const qs_http_rule *rules, int32_t nrul
         return (int64_t)(llhttp_get_error_pos(&s.p) - at);
     }
     if (e == HPE_OK) {                         /* more bytes needed */
+        if (len >= qs_http_max_request(f)) {   /* chunk framing past the body's room */
+            *status = QS_HTTP_ERR_BODY;
+            return -EMSGSIZE;
+        }
         if (!s.head_done) {
             if (len > (uint64_t)f->arg) {
                 *status = nl ? QS_HTTP_ERR_HEAD : QS_HTTP_ERR_LINE;
