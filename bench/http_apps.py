@@ -1,4 +1,4 @@
-"""The apps bench/http.py serves on every server (WSGI, and Flask)."""
+"""The apps bench/http_wsgi.py serves on every server (WSGI, and Flask)."""
 
 
 def hello(environ, start_response):

@@ -1,6 +1,6 @@
 """HTTP/1.1 WSGI servers side by side: qstack --wsgi vs granian and gunicorn.
 
-    flock /tmp/qstack-bench.lock .venv/bin/python bench/http.py \\
+    flock /tmp/qstack-bench.lock .venv/bin/python bench/http_wsgi.py \\
         [--rounds 3] [--duration 10] [--conns 100] [--apps hello,flask]
         [--servers qstack,granian,gunicorn] [--json FILE]
 
@@ -155,11 +155,11 @@ def main():
     if a.priority:
         return main_priority(a)
     if shutil.which("wrk") is None:
-        sys.exit("bench/http.py: wrk is missing (Debian: apt-get install wrk)")
+        sys.exit("bench/http_wsgi.py: wrk is missing (Debian: apt-get install wrk)")
     servers = a.servers.split(",")
     for s in servers:
         if s != "qstack" and not os.path.exists(os.path.join(BIN, s)):
-            sys.exit(f"bench/http.py: {s} is not installed in this venv "
+            sys.exit(f"bench/http_wsgi.py: {s} is not installed in this venv "
                      f"(pip install -e '.[bench]')")
     results = {}
     for app in a.apps.split(","):
