@@ -446,3 +446,55 @@ def test_graceful_stop_finishes_the_request_in_flight(serve):
         st, _, body, _ = read_response(s)
     assert st == "HTTP/1.1 200 OK" and body == b"/slow/last"
     assert srv.stop() == 0 and "buffers in use 0" in srv.stderr
+
+
+RELOAD_APP = '''
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"%s"]
+'''
+
+
+def test_sighup_reloads_the_wsgi_app(tmp_path):
+    """--cores 2 under the supervisor: kill -HUP re-imports the app and the
+    new cores answer; SIGTERM then stops everything with status 0."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conftest import free_port, wait_port
+
+    port = free_port()
+    mod = tmp_path / "reloadwsgi.py"
+    mod.write_text(RELOAD_APP % "one")
+    p = subprocess.Popen([sys.executable, "-m", "qstack", "serve", "--wsgi", "reloadwsgi:app",
+                          "--cores", "2", "--port", str(port), "--grace", "2"],
+                         cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_port(port, p)
+
+        def get():
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            c.request("GET", "/")
+            body = c.getresponse().read()
+            c.close()
+            return body
+
+        assert get() == b"one"
+        mod.write_text(RELOAD_APP % "two-the-new-one")   # a new size: no stale .pyc
+        p.send_signal(signal.SIGHUP)
+        seen = []
+        for _ in range(400):                             # bounded: about 20 s at most
+            seen.append(get())
+            if seen[-1] == b"two-the-new-one":
+                break
+            time.sleep(0.05)
+        assert seen[-1] == b"two-the-new-one" and set(seen) <= {b"one", b"two-the-new-one"}
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=20)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == 0, err.decode()[-2000:]
+    assert b"SIGHUP: reloading" in err
