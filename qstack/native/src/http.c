@@ -11,7 +11,9 @@
  * twice as fast.  What it still lets through in its default (non-strict)
  * build is refused here, in the callbacks, without a second parser:
  *   - obs-fold (a header line starting with SP/HT): a value span that
- *     starts right after a LF (RFC 9112 5.2: 400);
+ *     starts with SP/HT right after a LF (RFC 9112 5.2: 400);
+ *   - an empty field name (":value"), and more than one SP around the
+ *     request target;
  *   - whitespace between a field name and its colon (RFC 9112 5.1: 400);
  *   - a request line ending in a bare LF (checked before parsing, with the
  *     request-line limit, which needs the same memchr);
@@ -66,6 +68,12 @@ static int lower_eq(const char *a, const char *b, size_t n)
 static int on_url(llhttp_t *p, const char *at, size_t n)
 {
     scan *s = (scan *)p;
+    const uint8_t *u = (const uint8_t *)at;
+    /* one SP on each side of the target (llhttp takes "GET  /") */
+    if (!s->url && ((u - 2 >= s->data && u[-2] == ' ') || (u + n + 1 < s->end && u[n + 1] == ' '))) {
+        s->status = QS_HTTP_ERR_BAD;
+        return -1;
+    }
     if (!s->url)
         s->url = at;
     s->url_len = (size_t)(at + n - s->url);
@@ -84,7 +92,8 @@ static int on_header_field(llhttp_t *p, const char *at, size_t n)
 {
     scan *s = (scan *)p;
     const uint8_t *after = (const uint8_t *)at + n;
-    int bad = after < s->end && *after != ':';     /* "Name :" (RFC 9112 5.1) */
+    int bad = after < s->end && (*after != ':' ||  /* "Name :" (RFC 9112 5.1) */
+                                 n == 0);          /* ":value" */
     for (size_t i = 0; i < n && !bad; i++)
         bad = !tchar((unsigned char)at[i]);        /* llhttp takes "Na me" */
     if (bad) {
@@ -105,7 +114,8 @@ static int on_header_field(llhttp_t *p, const char *at, size_t n)
 static int on_header_value(llhttp_t *p, const char *at, size_t n)
 {
     scan *s = (scan *)p;
-    if ((const uint8_t *)at > s->data && at[-1] == '\n') {   /* obs-fold */
+    if ((n && (at[0] == ' ' || at[0] == '\t') && at[-1] == '\n') ||   /* obs-fold */
+        (!s->name && !s->value)) {                                      /* ":value" */
         s->status = QS_HTTP_ERR_BAD;
         return -1;
     }
