@@ -118,6 +118,13 @@ def test_pipelined_replies_in_request_order(layered):
     assert b3.startswith(b"POST /third ") and b3.endswith(b"abc")
 
 
+def test_headers_with_underscores_are_dropped(server):
+    c = client(server)
+    c.request("POST", "/u", body=b"abc", headers={"X_Test": "spoofed", "Transfer_Encoding": "chunked"})
+    assert c.getresponse().read() == b"POST /u q= prio=1 len=3 x=\nabc"
+    c.close()
+
+
 def test_chunked_request_body(server):
     c = client(server)
     c.request("POST", "/c", body=iter([b"hello ", b"chunked ", b"world"]),
@@ -247,6 +254,7 @@ SMUGGLING = [
     b"GET / HTTP/1.1\r\nHost: h\rX-A: b\r\n\r\n",
     b"GET / HTTP/1.1\r\nHost : h\r\n\r\n",
     b"GET  /double-space HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r0hello\r\n0\r\n\r\n",
     b"GET / HTTP/1.1\r\n: no-name\r\n\r\n",
     b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\r\n",
 ]

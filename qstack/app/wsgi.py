@@ -75,6 +75,11 @@ def _kind(name: str) -> int:
 
 
 def _key(name: str) -> str:
+    """The environ key of a header; "" for a name with "_", dropped as
+    gunicorn and nginx drop them: ``X_Forwarded_For`` or ``Transfer_Encoding``
+    would otherwise land on the key of the real header."""
+    if "_" in name:
+        return ""
     key = name.upper().replace("-", "_")
     return key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + key
 
@@ -203,7 +208,13 @@ class WSGIHandler:
             name, _, value = line.partition(":")
             key = keys.get(name)
             if key is None:
+                if len(keys) > 4096:
+                    keys.clear()        # a client inventing names costs no memory
                 key = keys[name] = _key(name)
+                if not key:
+                    continue
+            elif not key:
+                continue
             if key in env:
                 env[key] = env[key] + "," + value.strip()
             else:

@@ -15,8 +15,8 @@
  *   - an empty field name (":value"), and more than one SP around the
  *     request target;
  *   - whitespace between a field name and its colon (RFC 9112 5.1: 400);
- *   - a request line ending in a bare LF (checked before parsing, with the
- *     request-line limit, which needs the same memchr);
+ *   - a bare CR or LF anywhere in the head or the chunk framing (crlf_ok;
+ *     llhttp 8.1.0 takes "\r" + any byte in places: CVE-2023-30589);
  *   - a major version other than 1 (505).
  *
  * Sans-IO, as frame.c: qs_http_scan looks at data[0..len) only and keeps
@@ -47,6 +47,7 @@ typedef struct scan {
     int32_t expect;              /* Expect: 100-continue seen */
     int32_t head_done, done;
     uint64_t head_len, body, clen;
+    const uint8_t *chk;          /* framing bytes before this were checked (crlf_ok) */
     const char *url, *name, *value;
     size_t url_len, name_len, value_len;
 } scan;
@@ -61,6 +62,26 @@ static int lower_eq(const char *a, const char *b, size_t n)
             y += 32;
         if (x != y)
             return 0;
+    }
+    return 1;
+}
+
+/* Line endings of the framing: every CR followed by LF, every LF after a
+ * CR (RFC 9112 2.2: a bare CR is an error).  llhttp 8.1 takes a CR
+ * followed by anything at the end of the head and in chunk-size lines
+ * (CVE-2023-30589, fixed in later llhttp; Debian's node-llhttp sources
+ * are 8.1.0), and a bare LF ending the head: so the head and the chunk
+ * framing (everything between body spans) are checked here.  A CR at the
+ * very end of the input may still get its LF. */
+static int crlf_ok(const scan *s, const uint8_t *a, const uint8_t *b)
+{
+    for (const uint8_t *q = a; q < b; q++) {
+        if (*q == '\r') {
+            if (q + 1 < s->end && q[1] != '\n')
+                return 0;
+        } else if (*q == '\n' && (q == s->data || q[-1] != '\r')) {
+            return 0;
+        }
     }
     return 1;
 }
@@ -187,6 +208,11 @@ static int on_headers_complete(llhttp_t *p)
 static int on_body(llhttp_t *p, const char *at, size_t n)
 {
     scan *s = (scan *)p;
+    if (!crlf_ok(s, s->chk, (const uint8_t *)at)) {     /* the chunk line before it */
+        s->status = QS_HTTP_ERR_BAD;
+        return -1;
+    }
+    s->chk = (const uint8_t *)at + n;
     s->body += n;
     if (s->body > s->f->max_message) {       /* chunked: no length up front */
         s->status = QS_HTTP_ERR_BODY;
@@ -255,14 +281,29 @@ int64_t qs_http_scan(const qs_framer *f, const qs_http_rule *rules, int32_t nrul
             *status = QS_HTTP_ERR_HEAD;
             return -EMSGSIZE;
         }
+        if (s.head_len < 4 || memcmp(pos - 4, "\r\n\r\n", 4) ||
+            !crlf_ok(&s, data, (const uint8_t *)pos)) {
+            *status = QS_HTTP_ERR_BAD;
+            return -EPROTO;
+        }
+        s.chk = (const uint8_t *)pos;
         llhttp_resume(&s.p);
         e = llhttp_execute(&s.p, pos, (size_t)(end - pos));
     }
     if ((e == HPE_PAUSED || e == HPE_PAUSED_UPGRADE) && s.done) {
+        const char *pos = llhttp_get_error_pos(&s.p);
+        if (!crlf_ok(&s, s.chk, (const uint8_t *)pos)) {   /* the last chunk, trailers */
+            *status = QS_HTTP_ERR_BAD;
+            return -EPROTO;
+        }
         *level = s.best < nrules ? rules[s.best].level : -1;
-        return (int64_t)(llhttp_get_error_pos(&s.p) - at);
+        return (int64_t)(pos - at);
     }
     if (e == HPE_OK) {                         /* more bytes needed */
+        if (!crlf_ok(&s, s.chk ? s.chk : data, s.end)) {
+            *status = QS_HTTP_ERR_BAD;
+            return -EPROTO;
+        }
         if (len >= qs_http_max_request(f)) {   /* chunk framing past the body's room */
             *status = QS_HTTP_ERR_BODY;
             return -EMSGSIZE;
