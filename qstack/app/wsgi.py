@@ -5,14 +5,15 @@ message the hub gets is one complete, validated request -- head, body and
 chunk framing -- classified by the HTTP priority rules before any Python
 runs.  What is left here is the WSGI contract, kept small per request:
 
-- the head is split with bytes methods only (llhttp already refused
-  anything malformed, so no check is repeated), header names map to
-  environ keys through a cache, and environ starts as a copy of a
-  per-server template;
-- the response head is joined once from cached pieces (the status line
-  per status, Date once a second, Server and the keep-alive line fixed);
-- a response the app gives as one or a few chunks (a list, most
-  frameworks' bodies) leaves as one reply with a Content-Length, written
+- the head is decoded once (latin-1) and split with str methods only
+  (the framing already refused anything malformed, so no check is
+  repeated), header names map to environ keys through a cache (names
+  with "_" are dropped, as gunicorn and nginx drop them), and environ
+  starts as a copy of a per-server template;
+- a response head is cached by status, headers, length and connection
+  state, and rebuilt once a second (its Date);
+- a response the app gives as a list (most frameworks' bodies) leaves as
+  one reply with a Content-Length, written
   by the stack after the replies before it (``server.reply_order:
   arrival``); a longer iterator is streamed: the head and each chunk are
   sent as they come (chunked if the app set no Content-Length), in this
@@ -41,7 +42,6 @@ from urllib.parse import unquote_to_bytes
 
 __all__ = ["WSGIHandler"]
 
-log = logging.getLogger("qstack")
 access_log = logging.getLogger("qstack.access")
 
 STREAM_AFTER = 65536    # bytes of an unfinished body buffered before streaming starts
