@@ -1,5 +1,6 @@
 """Scale: hold 100,000 concurrent connections with the kernel backend, and
-measure what each one costs.
+measure what each one costs.  (``--backend ustack``: a million, with both
+ends on qstack's own stack over memif; bench/scale_ustack.py.)
 
     .venv/bin/python bench/scale.py [--connections 100000] [--cores 7] [--smp 7]
         [--ips 8] [--setup 40] [--wait 10] [--epoch 10] [--burst 1000]
@@ -400,6 +401,15 @@ def parse_args(argv=None):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if "--backend" in argv:               # kernel is this file; ustack, bench/scale_ustack.py
+        backend = argv[argv.index("--backend") + 1:][:1]
+        if backend == ["ustack"]:
+            import scale_ustack
+            return scale_ustack.main(argv)
+        if backend != ["kernel"]:
+            sys.exit("scale: --backend kernel or ustack")
+        argv = [a for i, a in enumerate(argv)
+                if a != "--backend" and (i == 0 or argv[i - 1] != "--backend")]
     if argv[:1] == ["--report"]:          # print the report of a saved run again
         with open(argv[1]) as f:
             res = json.load(f)

@@ -24,6 +24,7 @@ import yaml
 
 from qstack.errors import ConfigError
 from qstack.transport import AUTO, BACKENDS as _transport_backends, lib as _native_lib
+from qstack.memif import path_problem as memif_path_problem
 
 # The native limits, read from the one definition (qsprio.h) through cffi.
 MAX_LEVELS = _native_lib.QS_MAX_LEVELS
@@ -33,7 +34,7 @@ LENGTH_SIZES = (1, 2, 4, 8)
 PINS = ("none", "shared", "split")
 STACKS = ("auto", "thread", "inline")
 BACKENDS = tuple(_transport_backends)   # the backend table's names (qstack.transport)
-DRIVERS = ("tap", "dpdk")
+DRIVERS = ("tap", "dpdk", "memif")
 REPLY_ORDERS = ("arrival", "completion")
 IFNAMSIZ = 16           # Linux interface names: at most 15 characters
 
@@ -170,6 +171,7 @@ class UstackConfig:
     driver: str = "tap"
     tap: str = "qs0"
     eal: str | None = None
+    memif: str | None = None
     ip: IPv4Net | None = None
     gateway: str | None = None
     mac: str | None = None
@@ -545,6 +547,7 @@ _SCHEMA: dict[str, dict[str, Validator]] = {
         "driver": _choice(*DRIVERS),
         "tap": _ifname,
         "eal": _optional(_str),
+        "memif": _optional(_str),
         "ip": _optional(_ipv4_net),
         "gateway": _optional(_ipv4),
         "mac": _optional(_mac),
@@ -807,6 +810,19 @@ def _check_ustack(cfg: Config) -> None:
     if us.driver == "dpdk" and not us.eal:
         raise ConfigError("ustack.eal: the dpdk driver needs EAL arguments, e.g. "
                           "--eal '--no-huge -m 256 --no-pci --vdev=net_tap0,iface=qs0'")
+    if us.driver == "memif":
+        if not us.memif:
+            raise ConfigError("ustack.memif: the memif driver needs the path of its socket, "
+                              "e.g. --memif /run/qstack.memif")
+        if us.eal:
+            raise ConfigError("ustack.eal: the memif driver makes its own EAL arguments; "
+                              "--eal is for --driver dpdk")
+        why = memif_path_problem(us.memif)
+        if why:
+            raise ConfigError(f"ustack.memif: {why}")
+    elif us.memif:
+        raise ConfigError(f"ustack.memif: only the memif driver has a socket path "
+                          f"(ustack.driver is {us.driver})")
     if cfg.server.port == 0:
         raise ConfigError("server.port: the user-space stack needs a fixed port (not 0)")
     if cfg.server.bind:
@@ -816,8 +832,8 @@ def _check_ustack(cfg: Config) -> None:
         raise ConfigError("server.host: the user-space stack has no Unix sockets; "
                           "unix:PATH is for the kernel backend")
     if cfg.server.cores != 1 and us.driver != "tap":
-        raise ConfigError(f"server.cores: the dpdk driver serves one port from one core "
-                          f"for now, got {cfg.server.cores}")
+        raise ConfigError(f"server.cores: the {us.driver} driver serves one port from one "
+                          f"core for now, got {cfg.server.cores}")
     if us.gateway is not None:
         import ipaddress
         here = ipaddress.IPv4Network(str(us.ip), strict=False)

@@ -33,6 +33,7 @@ import time
 from .app import counters
 from .config import Rule, listen_addresses, show_address
 from .errors import ConfigError
+from . import memif
 
 __all__ = ["EXIT_DROPPED", "check_listen", "check_port", "kernel_sockets",
            "open_listener", "serve"]
@@ -227,14 +228,24 @@ def dpdk_library():
 def _ustack_settings(cfg):
     """The user-space stack's settings as qstack.transport takes them."""
     us = cfg.ustack
-    lib_path = None
-    if us.driver == "dpdk":
+    lib_path, driver, eal, mac = None, us.driver, us.eal, us.mac
+    if us.driver in ("dpdk", "memif"):
         lib_path = dpdk_library()
         if lib_path is None:
-            raise ConfigError("ustack.driver: DPDK is not available in this build "
-                              "(install libdpdk-dev and pkg-config, then rebuild with make)")
-    return dict(driver=us.driver, tap=us.tap, multiqueue=cfg.server.cores > 1,
-                eal=us.eal, dpdk_lib=lib_path, mac=us.mac,
+            raise ConfigError(f"ustack.driver: {us.driver} needs DPDK, which is not available "
+                              f"in this build (install libdpdk-dev and pkg-config, then "
+                              f"rebuild with make)")
+    if us.driver == "memif":                # DPDK's net_memif, this end the server
+        try:
+            memif.claim_socket(us.memif)
+        except OSError as e:
+            raise ConfigError(f"ustack.memif: {e.strerror}") from None
+        driver, eal = "dpdk", memif.eal_args(us.memif, "server")
+        # memif gives both ends of a link the same default MAC: take 02:00
+        # and the address, as on TAP and as the load generator's client does
+        mac = us.mac or memif.mac_for(us.ip.address)
+    return dict(driver=driver, tap=us.tap, multiqueue=cfg.server.cores > 1,
+                eal=eal, dpdk_lib=lib_path, mac=mac, name=us.driver,
                 ip=us.ip.address, prefix=us.ip.prefix, gateway=us.gateway,
                 max_conns=us.max_concurrency, buffers=us.buffers, snd_buf=us.snd_buf,
                 rcv_buf=us.rcv_buf, syn_backlog=us.syn_backlog, loss=us.loss, dup=us.dup,
@@ -251,12 +262,14 @@ def _uring_error(cfg, exc):
 def _ustack_error(cfg, exc):
     """The one line that says why the user-space stack could not start."""
     us = cfg.ustack
-    dev = f"TAP device {us.tap}" if us.driver == "tap" else "the DPDK port"
+    dev = {"tap": f"TAP device {us.tap}", "memif": f"the memif port at {us.memif}"}.get(
+        us.driver, "the DPDK port")
     why = {
         errno.EPERM: f"opening {dev} needs root (CAP_NET_ADMIN)",
         errno.EACCES: f"opening {dev} needs root (CAP_NET_ADMIN)",
         errno.ENOENT: "/dev/net/tun is missing (no TUN/TAP support here)"
-                      if us.driver == "tap" else "no DPDK port found (check --eal)",
+                      if us.driver == "tap" else "no DPDK port found (check --eal)"
+                      if us.driver == "dpdk" else f"DPDK made no memif port at {us.memif}",
         errno.EBUSY: f"{dev} is busy (another process has it open)",
         errno.EINVAL: f"{dev} is not a multi-queue device, which --cores "
                       f"{cfg.server.cores} needs (ip tuntap add dev {us.tap} mode tap multi_queue)"

@@ -116,3 +116,45 @@ def entered_tap():
             yield net.dev
     finally:
         net.close()
+
+
+class BridgedTaps:
+    """A namespace with TAP devices on one bridge: a wire between the
+    user-space stacks of several processes (`qstack serve --backend ustack`
+    on one device, `qstack load --backend ustack` on another), with the
+    kernel as a third host on the bridge (BRIDGE_IP/16) for checks.
+    Nothing leaves the namespace; every name is qst-*."""
+
+    BRIDGE_IP = "198.18.0.1"
+
+    def __init__(self, devs=("qst-s", "qst-c")):
+        self.name = f"qst-{os.getpid()}-{next(_seq)}"
+        self.devs = list(devs)
+        try:
+            TapNetns._sh("ip", "netns", "add", self.name)
+            self.run("ip", "link", "set", "lo", "up")
+            self.run("sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", check=False)
+            self.run("sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1", check=False)
+            self.run("ip", "link", "add", "qst-br", "type", "bridge")
+            for dev in self.devs:
+                self.run("ip", "tuntap", "add", "dev", dev, "mode", "tap")
+                self.run("ip", "link", "set", dev, "master", "qst-br")
+                # a TAP device queues 1,000 frames for its reader by default: a
+                # burst of thousands of SYNs or FINs would lose most of them
+                self.run("ip", "link", "set", dev, "txqueuelen", "16384")
+                self.run("ip", "link", "set", dev, "up")
+            self.run("ip", "addr", "add", self.BRIDGE_IP + "/16", "dev", "qst-br")
+            self.run("ip", "link", "set", "qst-br", "up")
+        except Exception:
+            self.close()
+            raise
+
+    _sh = staticmethod(TapNetns._sh)
+    run = TapNetns.run
+    entered = TapNetns.entered
+
+    def close(self):
+        for dev in self.devs:
+            self.run("ip", "tuntap", "del", "dev", dev, "mode", "tap", check=False)
+        self.run("ip", "link", "del", "qst-br", check=False)
+        TapNetns._sh("ip", "netns", "del", self.name, check=False)

@@ -139,7 +139,7 @@ def test_unknown_keys_at_every_level(tmp_path):
     ("server.backend", "dpdk", "server.backend: expected one of auto, kernel, uring, ustack, got 'dpdk'"),
     ("server.reply_order", "fifo",
      "server.reply_order: expected one of arrival, completion, got 'fifo'"),
-    ("ustack.driver", "pcap", "ustack.driver: expected one of tap, dpdk, got 'pcap'"),
+    ("ustack.driver", "pcap", "ustack.driver: expected one of tap, dpdk, memif, got 'pcap'"),
     ("ustack.tap", "a" * 16, "ustack.tap: expected a network interface name"),
     ("ustack.tap", "a/b", "ustack.tap"),
     ("ustack.ip", "198.18.0.2", "ustack.ip: expected address/prefix"),
@@ -337,3 +337,43 @@ def test_layers_env_errors_name_the_variable():
     # A flag that fixes what the environment got wrong wins, silently.
     cfg = load_layers(None, {"server.port": 1}, {"QSTACK_SERVER__PORT": "abc"})
     assert cfg.server.port == 1
+
+
+def test_memif_driver_checks(tmp_path):
+    base = {"server.backend": "ustack", "ustack.ip": "198.18.0.2/24", "ustack.driver": "memif"}
+    assert error_of(overrides=base) == ("ustack.memif: the memif driver needs the path of its "
+                                        "socket, e.g. --memif /run/qstack.memif")
+    ok = {**base, "ustack.memif": str(tmp_path / "qs.memif")}
+    assert load_config(None, ok).ustack.memif == str(tmp_path / "qs.memif")
+    assert error_of(overrides={**ok, "ustack.eal": "--no-huge"}).startswith(
+        "ustack.eal: the memif driver makes its own EAL arguments")
+    assert "has a space or a comma" in error_of(overrides={**base, "ustack.memif": "/tmp/a,b"})
+    assert error_of(overrides={**base, "ustack.memif": "/no/such/dir/s"}) == \
+        "ustack.memif: /no/such/dir is not a directory"
+    assert error_of(overrides={**ok, "ustack.driver": "tap"}) == \
+        "ustack.memif: only the memif driver has a socket path (ustack.driver is tap)"
+    assert error_of(overrides={**ok, "server.cores": 2}).startswith(
+        "server.cores: the memif driver serves one port from one core")
+
+
+def test_memif_eal_arguments_and_stale_socket(tmp_path):
+    import socket
+    from qstack import memif
+    path = str(tmp_path / "qs.memif")
+    assert memif.eal_args(path, "client") == (
+        "--no-huge -m 256 --no-pci --vdev=net_memif0,role=client,id=0,rsize=14,"
+        f"socket-abstract=no,socket={path}")
+    memif.claim_socket(path)                         # nothing there: nothing to do
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.bind(path)
+    s.listen(1)
+    assert memif.listening(path)
+    with pytest.raises(OSError, match="another memif server is listening"):
+        memif.claim_socket(path)
+    s.close()                                        # closed, the file stays: stale
+    assert os.path.exists(path) and not memif.listening(path)
+    memif.claim_socket(path)
+    assert not os.path.exists(path)
+    open(path, "w").close()
+    with pytest.raises(OSError, match="is not a socket"):
+        memif.claim_socket(path)

@@ -31,7 +31,7 @@ LAYERS = {
     "hub": ["qstack.coro", "qstack._qsview"],
     "binding": ["qstack.transport"],     # the Python face of the ABI
     "abi": ["qstack._native"],           # compiled from qstack/native/include/qstack.h
-    "base": ["qstack.errors"],
+    "base": ["qstack.errors", "qstack.memif"],   # memif: EAL arguments, no imports
     "build": ["qstack.native"],          # cffi build scripts, run on their own
     "harness": ["qstack._ustack_test", "qstack._qsdpdk"],   # tests' and dlopen()'s only
 }

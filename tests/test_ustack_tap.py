@@ -200,6 +200,44 @@ def test_kernel_client_small_echo(tapnet):
     assert refused == "refused"
 
 
+TCP_INFO_CLIENT = """
+import json, socket, struct
+c = socket.create_connection(("%s", 7), timeout=10)
+data = bytes(range(256)) * 4096                      # 1 MiB
+c.sendall(data)
+got = bytearray()
+while len(got) < len(data):
+    b = c.recv(1 << 20)
+    if not b:
+        break
+    got += b
+info = c.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+c.close()
+opts, = struct.unpack_from("B", info, 5)             # tcpi_options
+snd_mss, = struct.unpack_from("I", info, 16)          # tcpi_snd_mss
+print(json.dumps({"same": got == data, "ts": bool(opts & 1), "sack": bool(opts & 2),
+                  "snd_mss": snd_mss}))
+"""
+
+
+@pytest.mark.parametrize("timestamps", [1, 0])
+def test_linux_agrees_to_timestamps_or_not(timestamps):
+    """Linux offers timestamps (RFC 7323) in its SYN: the stack agrees when
+    configured to, and then both sides carry one on every segment, so
+    Linux's segments shrink by its 12 bytes.  Off, neither side sends one."""
+    t = TapNet(timestamps=timestamps)
+    try:
+        assert lib.qsu_tap_echo(t.tap, 7) == 0
+        t.serve()
+        r = t.py(TCP_INFO_CLIENT % STACK_IP)
+        t.stop()
+        assert r == {"same": True, "ts": bool(timestamps), "sack": True,
+                     "snd_mss": 1460 - 12 * timestamps}, r
+        assert t.stats().tcp_paws_drop == 0
+    finally:
+        t.close()
+
+
 def test_kernel_client_100mb_echo_under_loss(tapnet):
     assert lib.qsu_tap_echo(tapnet.tap, 7) == 0
     # 1% of frames lost and 0.1% corrupted, both ways, on our side of the wire

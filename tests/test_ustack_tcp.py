@@ -281,7 +281,7 @@ def test_handshake_options_and_events():
         ia, ib = n.info(A, h), n.info(B, hb)
         assert (n.state(A, h), n.state(B, hb)) == ("ESTABLISHED", "ESTABLISHED")
         assert ia.events & lib.QSU_EV_CONNECTED and ib.events & lib.QSU_EV_ACCEPTED
-        assert ia.mss == ib.mss == 1460
+        assert ia.mss == ib.mss == 1460 - 12        # a timestamp on every segment (RFC 7323)
         assert ia.snd_wscale == ib.rcv_wscale == 7 and ib.snd_wscale == ia.rcv_wscale == 7
         assert ia.iss + 1 == ib.rcv_nxt and ib.iss + 1 == ia.rcv_nxt
         assert ia.iss != ib.iss
@@ -303,7 +303,7 @@ def test_window_scale_needs_both_sides_and_mss_is_the_minimum():
         h, hb = n.pair()
         ia, ib = n.info(A, h), n.info(B, hb)
         assert ia.snd_wscale == ia.rcv_wscale == ib.snd_wscale == ib.rcv_wscale == -1
-        assert ia.mss == 1000 and ib.mss == 1000
+        assert ia.mss == 1000 - 12 and ib.mss == 1000 - 12
         # unscaled: at most 65535 bytes in flight, still the transfer works
         rc, r = n.bulk(h, hb, 1_000_000, 1_000_000)
         assert rc == 0 and intact(r)
@@ -748,6 +748,130 @@ def test_a_new_syn_beyond_the_old_sequence_ends_a_record():
         n.free()
 
 
+def ts_option(frame):
+    """(TSval, TSecr) of a captured frame's timestamp option, else None."""
+    o, i = tcp_options(frame), 0
+    while i < len(o) and o[i] != 0:
+        if o[i] == 1:
+            i += 1
+            continue
+        if o[i] == 8:
+            return struct.unpack_from("!II", o, i + 2)
+        i += o[i + 1]
+    return None
+
+
+def ts_opts(tsval, tsecr=0):
+    return struct.pack("!BBBBII", 1, 1, 8, 10, tsval & 0xffffffff, tsecr & 0xffffffff)
+
+
+@pytest.mark.parametrize("a_ts,b_ts", [(1, 1), (0, 1), (1, 0)])
+def test_timestamps_on_every_segment_once_both_offer_them(a_ts, b_ts):
+    """RFC 7323 3.2: both SYNs carry the option or neither side sends it
+    again; agreed, every segment carries one, its TSecr echoing the peer's
+    clock, and a full segment's payload is 12 bytes shorter."""
+    n = Net(a={"timestamps": a_ts}, b={"timestamps": b_ts})
+    try:
+        n.capture_on(A), n.capture_on(B)
+        n.listen(B, 80)
+        h, hb = n.pair()
+        assert n.send(A, h, os.urandom(20_000)) == 20_000
+        n.run(100 * MS)
+        assert len(n.recv_all(B, hb)) == 20_000
+        fa = [f for f in n.captured(A) if parse_tcp(f)]
+        fb = [f for f in n.captured(B) if parse_tcp(f)]
+        both = a_ts and b_ts
+        assert n.info(A, h).mss == n.info(B, hb).mss == 1460 - 12 * both
+        assert (ts_option(fa[0]) is not None) == bool(a_ts)        # A's SYN offers or not
+        if not both:
+            assert [f for f in fa[1:] + fb if ts_option(f)] == []
+            return
+        assert all(ts_option(f) for f in fa + fb)
+        a_vals = [ts_option(f)[0] for f in fa]
+        assert a_vals == sorted(a_vals) and ts_option(fa[0])[1] == 0
+        assert ts_option(fb[0])[1] == a_vals[0]                     # the SYN-ACK echoes the SYN
+        assert {ts_option(f)[1] for f in fb} <= set(a_vals)         # echoes of what A sent
+        b_vals = [ts_option(f)[0] for f in fb]
+        assert {ts_option(f)[1] for f in fa[1:]} <= set(b_vals)
+        assert max(len(parse_tcp(f)[4]) for f in fa) == 1448
+        n.close(A, h), n.close(B, hb)
+        leak_free(n)
+    finally:
+        n.free()
+
+
+def test_paws_drops_a_segment_with_an_old_timestamp():
+    """RFC 7323 5.3: an in-window segment whose TSval is older than the
+    last one taken is an old duplicate: dropped, counted, and answered
+    with an ACK.  A newer TSval is taken; a segment without the option
+    too (as Linux)."""
+    n, h, hb = opened()
+    try:
+        n.capture_on(A)
+        assert n.send(A, h, b"first") == 5
+        n.run(50 * MS)
+        assert n.recv_all(B, hb) == b"first"
+        last = max(ts_option(f)[0] for f in n.captured(A) if parse_tcp(f))
+        n.capture_on(B)
+        n.captured(B)
+        assert n.inject(B, tcp_to(n, B, hb, ACK | PSH, payload=b"stale",
+                                  opts=ts_opts(last - 1000))) == 0
+        (t,) = segments(n, B)
+        assert t[0] == ACK and t[2] == n.info(B, hb).rcv_nxt and t[4] == b""
+        assert n.stats(B).tcp_paws_drop == 1 and n.recv_all(B, hb) == b""
+        assert n.inject(B, tcp_to(n, B, hb, ACK | PSH, payload=b"fresh",
+                                  opts=ts_opts(last + 1))) == 0
+        assert n.inject(B, tcp_to(n, B, hb, ACK | PSH, payload=b"plain")) == 0
+        assert n.recv_all(B, hb) == b"freshplain" and n.stats(B).tcp_paws_drop == 1
+        # B now echoes the newest TSval it took
+        n.run(50 * MS)
+        assert ts_option([f for f in n.captured(B) if parse_tcp(f)][-1])[1] == last + 1
+        n.abort(A, h), n.close(B, hb)
+        leak_free(n)
+    finally:
+        n.free()
+
+
+def test_a_syn_with_a_newer_timestamp_ends_a_record():
+    """RFC 6191: with timestamps on both connections, a SYN for a record's
+    4-tuple is a new incarnation if its TSval is newer, whatever its
+    sequence number; an older TSval is a challenge ACK."""
+    n = Net()
+    try:
+        n.listen(B, 80)
+        n.capture_on(A)
+        h = n.connect(A, 80)
+        n.run(20 * MS)
+        (hb,) = n.accepted(B)
+        i = n.info(B, hb)
+        lport, rport, rcv_nxt = i.lport, i.rport, (i.rcv_nxt + 1) & 0xffffffff
+        n.close(B, hb)
+        n.run(5 * MS)
+        n.close(A, h)
+        n.run(5 * MS)
+        last = max(ts_option(f)[0] for f in n.captured(A) if parse_tcp(f))
+        assert n.stats(B).tcp_tw_held == 1
+        me, peer = n.cfg(B), n.cfg(A)
+        n.capture_on(B)
+
+        def syn(seq, tsval):
+            return frame_to(n, B, tcp(peer.ip, me.ip, rport, lport, seq, 0, SYN,
+                                      opts=ts_opts(tsval)))
+
+        n.inject(B, syn(rcv_nxt + 100_000, last - 1))       # beyond in sequence, older in time
+        (f,) = [f for f in n.captured(B) if parse_tcp(f)]
+        t = parse_tcp(f)
+        assert t[0] == ACK and t[2] == rcv_nxt and n.stats(B).tcp_tw_held == 1
+        assert ts_option(f)[1] == last                      # the record still echoes A's clock
+        n.inject(B, syn(rcv_nxt - 1000, last + 5))          # behind in sequence, newer in time
+        (t,) = segments(n, B)
+        assert t[0] == SYN | ACK and t[2] == (rcv_nxt - 999) & 0xffffffff
+        assert n.stats(B).tcp_tw_held == 0
+        leak_free(n)
+    finally:
+        n.free()
+
+
 def test_time_wait_records_are_capped_at_max_conns():
     n = Net(a={"max_conns": 2})
     try:
@@ -900,15 +1024,15 @@ def test_rto_resends_a_lost_runt_into_a_small_window():
     n, h, hb = opened(b={"rcv_buf": 8192})
     try:
         assert n.send(A, h, bytes(20_000)) == 20_000
-        n.run(100 * MS)                                  # B's ACK of 7300: window 1152
+        n.run(100 * MS)                                  # B's ACK of 5 segments: window < 1 mss
         i = n.info(A, h)
-        assert i.snd_una - i.iss - 1 == 7300 and i.snd_max == i.snd_una and 0 < i.snd_wnd < 1460
+        assert i.snd_una - i.iss - 1 == 5 * i.mss and i.snd_max == i.snd_una and 0 < i.snd_wnd < i.mss
         n.fault(A, loss=1.0, seed=1)                     # the override's runt is lost
         n.run((i.rexmit_in_ms + 2) * MS)
         assert n.info(A, h).snd_max - i.snd_una == i.snd_wnd
         n.fault(A)
         n.run(2 * SEC)
-        assert n.info(B, hb).rcvq == 7300 + i.snd_wnd   # the RTO resent it
+        assert n.info(B, hb).rcvq == 5 * i.mss + i.snd_wnd   # the RTO resent it
         s = n.stats(A)
         assert s.tcp_rto == 1 and s.tcp_rexmit >= 1
         check_timers(n)
@@ -1469,13 +1593,14 @@ def lose_four_holes(sack):
         n.run(1 * SEC)
         s0, b0, t0 = n.stats(A), n.stats(B), n.now()
         pattern = ([0] * 5 + [1]) * 4 + [0] * 10
-        data = os.urandom(1460 * len(pattern))
+        mss = n.info(A, h).mss
+        data = os.urandom(mss * len(pattern))
         for k, lost in enumerate(pattern):
             if lost:
                 n.fault(A, loss=1.0, seed=1)
             m0 = n.info(A, h).snd_max
-            assert n.send(A, h, data[k * 1460:(k + 1) * 1460]) == 1460
-            assert n.info(A, h).snd_max - m0 == 1460      # on the wire now, not queued
+            assert n.send(A, h, data[k * mss:(k + 1) * mss]) == mss
+            assert n.info(A, h).snd_max - m0 == mss       # on the wire now, not queued
             if lost:
                 n.fault(A)
         for _ in range(1000):
@@ -1516,7 +1641,7 @@ def test_sack_blocks_outside_the_flight_are_ignored():
         n.run(1 * MS)
         n.fault(B)
         i = n.info(A, h)
-        assert i.snd_max - i.snd_una == 4380                 # the initial window
+        assert i.snd_max - i.snd_una == 3 * i.mss            # the initial window
         una, mx = i.snd_una, i.snd_max
         bogus = [(una - 3000, una - 1000), (mx + 10, mx + 5000), (una + 3000, una + 2000)]
         me, peer = n.cfg(A), n.cfg(B)

@@ -72,7 +72,8 @@ def add_load_parser(sub: argparse._SubParsersAction) -> None:
     a("--seed", type=int, metavar="N", help="seed of the priority draws (default 1)")
     a("--smp", type=int, metavar="P", help="load processes, each with its share (default 1)")
     a("--ips", type=int, metavar="K",
-      help="bind to K source addresses 127.0.0.2... (more than one address's ports)")
+      help="bind to K source addresses 127.0.0.2... (more than one address's ports); "
+           "ustack: the client stack owns K addresses from --ip on")
     a("--src", metavar="ADDR",
       help="with --ips: the first source address (default 127.0.0.2; with a "
            "non-loopback --dest, an address of this host in its subnet)")
@@ -102,6 +103,22 @@ def add_load_parser(sub: argparse._SubParsersAction) -> None:
       help="print '#start' and '#end' on stdout as the window opens and closes")
     a("--spin", type=float, metavar="S",
       help="poll instead of sleeping when the next send is within S s (default 0)")
+    a("--backend", choices=("kernel", "ustack"),
+      help="the client's network stack: kernel sockets (default) or qstack's own TCP/IP "
+           "(ustack: no file per connection; needs --ip, a device of its own, root)")
+    a("--driver", choices=("tap", "dpdk", "memif"),
+      help="ustack: the device driver (default tap; memif: shared memory with a "
+           "`qstack serve --driver memif`)")
+    a("--memif", metavar="PATH", help="ustack on memif: the socket of the server's memif link")
+    a("--eal", metavar="ARGS", help="ustack on dpdk: DPDK EAL arguments (a port: a --vdev "
+                                    "such as net_memif0,role=client,...)")
+    a("--tap", metavar="NAME", help="ustack: the TAP device (default qsl0; created if missing)")
+    a("--ip", metavar="ADDR/PREFIX",
+      help="ustack: the client stack's own address, e.g. 198.18.1.1/16; --dest must be in "
+           "its subnet (or reached through --gateway)")
+    a("--gateway", metavar="ADDR", help="ustack: the next hop for a --dest off the subnet")
+    a("--loss", type=float, metavar="P",
+      help="ustack: drop a share P of frames both ways (fault injection, default 0)")
     a("--allow-remote", action="store_true", help="allow a non-loopback --dest")
     a("--wait-server", type=float, metavar="S", default=0.0,
       help="before the run, wait up to S s for --dest to accept a connection (default 0: "
@@ -139,17 +156,28 @@ FIELDS = ("connections", "setup", "wait", "epoch", "burst", "length", "ratio", "
           "protocol", "reply_len", "script", "rate", "closed", "window", "grain", "seed", "smp", "ips",
           "src",
           "warmup", "drain", "retry_delay", "connect_timeout", "connect_inflight",
-          "reply_timeout", "max_lost", "log_duration", "cdf", "json", "plot", "quiet", "marks", "spin")
+          "reply_timeout", "max_lost", "log_duration", "cdf", "json", "plot", "quiet", "marks", "spin",
+          "backend", "driver", "eal", "memif", "tap", "ip", "gateway", "loss")
 
 
 def options_from_args(args: argparse.Namespace):
     from qstack.loadgen.options import check_limits, parse_dest, validate
-    host, port = parse_dest(args.dest, args.allow_remote)
+    # A ustack client's frames leave through its own device only, to --dest
+    # on its own subnet (checked by validate); a gateway may lead further.
+    ustack_local = args.backend == "ustack" and args.gateway is None
+    host, port = parse_dest(args.dest, args.allow_remote or ustack_local)
     o = validate(host=host, port=port, **{f: getattr(args, f) for f in FIELDS})
     notes = check_limits(o, resource.getrlimit(resource.RLIMIT_NOFILE))
     if o.script:   # import and try it now: a bad script is one line and exit 2
         from qstack.loadgen import script
         script.install(script.load(o.script, o.length), o.length)
+    if o.backend == "ustack" and o.driver == "tap":
+        _check_ustack_device(o)
+    if o.backend == "ustack" and o.driver in ("dpdk", "memif"):
+        from qstack.loadgen.engine import dpdk_library
+        if dpdk_library() is None:
+            raise ConfigError(f"--driver {o.driver}: this build has no DPDK driver (qstack/_qsdpdk.so: "
+                              "libdpdk was not found when qstack was built)")
     if o.plot:   # say so now, not after the run
         try:
             import matplotlib  # noqa: F401
@@ -157,6 +185,22 @@ def options_from_args(args: argparse.Namespace):
             raise ConfigError("--plot needs matplotlib, which is not installed: "
                               "pip install 'qstack[plot]' (or pip install matplotlib)") from None
     return o, notes
+
+
+def _check_ustack_device(o) -> None:
+    """The ustack client opens a TAP device: say now if it cannot."""
+    import os
+    if not os.path.exists("/dev/net/tun"):
+        raise ConfigError("--backend ustack: /dev/net/tun is missing (no TUN/TAP support here)")
+    cap_net_admin = 1 << 12
+    try:
+        with open("/proc/self/status") as f:
+            eff = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
+    except (OSError, StopIteration, ValueError):
+        eff = cap_net_admin if os.geteuid() == 0 else 0
+    if not eff & cap_net_admin:
+        raise ConfigError(f"--backend ustack: opening TAP device {o.tap} needs root "
+                          f"(CAP_NET_ADMIN)")
 
 
 def _load(args: argparse.Namespace) -> int:
@@ -177,7 +221,10 @@ def _load(args: argparse.Namespace) -> int:
 
     if args.wait_server < 0:
         raise ConfigError(f"--wait-server: expected seconds >= 0, got {args.wait_server:g}")
-    why = None if args.no_check else probe(o.host, o.port, args.wait_server)
+    # The kernel cannot reach a ustack client's destination (it is behind the
+    # client's own device): its connects are retried until the window ends.
+    why = None if args.no_check or o.backend == "ustack" else \
+        probe(o.host, o.port, args.wait_server)
     if why is not None:
         waited = f" after waiting {args.wait_server:g} s" if args.wait_server else ""
         print(f"qstack load: cannot connect to {o.dest}{waited}: {why} (start the server "

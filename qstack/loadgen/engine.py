@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 
+from qstack import memif
 from qstack._loadgen import ffi, lib
 from qstack.loadgen.hist import Histogram
 
@@ -39,6 +40,78 @@ class EngineTimes:
         self.meas = self.send + int(o.warmup * NS)
         self.end = self.meas + int(o.duration * NS)
         self.drain_ns = int(o.drain * NS)
+
+
+# The ustack client's stack: sized from the plan (control blocks for every
+# connection and its TIME-WAIT, a packet pool that small messages never
+# fill), the server's per-connection buffer limits.
+USTACK_BUFFERS = (4096, 65536)      # packet buffers at least, at most (2 KiB each)
+USTACK_SNDRCV = 262144              # bytes queued per connection, each way
+
+
+def _ustack(cfg, o):
+    """Fill cfg for the ustack backend; returns what must stay alive until
+    qsl_engine_new has copied it (the sources)."""
+    from qstack.loadgen.options import USTACK_PORTS, ustack_net
+    net = ustack_net(o.ip)
+    cfg.backend = lib.QSL_BACKEND_USTACK
+    u = cfg.ustack
+    if o.driver in ("dpdk", "memif"):
+        u.driver = lib.QS_DRIVER_DPDK
+        u.eal = (memif.eal_args(o.memif, "client") if o.driver == "memif" else o.eal).encode()
+        u.dpdk_lib = (dpdk_library() or "").encode()
+        # 02:00 + the address, as a TAP device gets: a memif port's own
+        # address is the same at both ends of the pair
+        u.mac = [0x02, 0x00, *int(net.ip).to_bytes(4, "big")]
+    else:
+        u.driver = lib.QS_DRIVER_TAP
+        u.tap = o.tap.encode()
+    u.ip = int(net.ip)
+    u.prefix_len = net.network.prefixlen
+    u.gateway = int(ipaddress.IPv4Address(o.gateway)) if o.gateway else 0
+    u.max_conns = o.connections + 1024
+    u.buffers = max(USTACK_BUFFERS[0], min(USTACK_BUFFERS[1], 8 * o.connections))
+    u.snd_buf = u.rcv_buf = USTACK_SNDRCV
+    u.syn_backlog = 128                 # no listener: the stack requires one anyway
+    u.loss = o.loss
+    u.fault_seed = o.seed
+    # Every connection binds its own (address, port), no search: connection g
+    # leaves from address g mod K of the K the stack owns (--ip, --ips K).
+    from qstack.loadgen.options import ustack_sources
+    addrs = [int(a) for a in ustack_sources(o)]
+    u.ip_count = len(addrs)
+    keep = ffi.new("uint32_t[]", addrs)
+    cfg.nsources = len(addrs)
+    cfg.sources = keep
+    cfg.port_lo, cfg.port_hi = USTACK_PORTS
+    return keep
+
+
+def dpdk_library():
+    """Path of the DPDK driver module (qstack/_qsdpdk*.so), or None."""
+    import glob
+    import os
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    found = glob.glob(os.path.join(here, "_qsdpdk*.so"))
+    return found[0] if found else None
+
+
+def _ustack_error(o, err: int) -> str:
+    import errno
+    import os
+    why = {errno.EPERM: "needs root (CAP_NET_ADMIN)", errno.EACCES: "needs root (CAP_NET_ADMIN)",
+           errno.ENOENT: "/dev/net/tun is missing", errno.EBUSY: "the device is busy (another "
+           "process has it open)"}.get(err, os.strerror(err))
+    if o.driver == "memif":
+        why = {errno.ENODEV: f"DPDK made no memif port at {o.memif}",
+               errno.ENOTSUP: "DPDK is not available in this build"}.get(err, os.strerror(err))
+        return (f"the ustack client could not start memif at {o.memif} (is `qstack serve "
+                f"--driver memif --memif {o.memif}` up? it waits 30 s for it): {why}")
+    if o.driver == "dpdk":
+        why = {errno.ENODEV: "DPDK found no port (check --eal)",
+               errno.ENOTSUP: "DPDK is not available in this build"}.get(err, os.strerror(err))
+        return f"the ustack client could not start DPDK ({o.eal}): {why}"
+    return f"the ustack client could not open TAP device {o.tap}: {why}"
 
 
 class Engine:
@@ -84,9 +157,13 @@ class Engine:
         cfg.connect_inflight = o.connect_inflight
         cfg.spin_ns = int(o.spin * NS)
         cfg.reply_timeout_ns = int(o.reply_timeout * NS)
+        if o.backend == "ustack":
+            keep = _ustack(cfg, o)   # noqa: F841 (alive until qsl_engine_new copied it)
         out = ffi.new("qsl_engine **")
         rc = lib.qsl_engine_new(cfg, out)
         if rc < 0:
+            if o.backend == "ustack":
+                raise OSError(-rc, _ustack_error(o, -rc))
             raise OSError(-rc, "qsl_engine_new refused the configuration or ran out of memory")
         self._e = out[0]
         self._stats = ffi.new("qsl_stats *")

@@ -15,9 +15,12 @@ import ipaddress
 import math
 import socket
 
+from qstack import memif
 from qstack.errors import ConfigError
 
 PROTOCOLS = ("echo", "iotep", "script")   # script: --script FILE (script.py)
+BACKENDS = ("kernel", "ustack")           # the network stack under the engine (qsload.h)
+USTACK_PORTS = (1024, 65535)              # a ustack client's own source ports: no kernel range
 GRAINS = ("message", "connection")
 # Open files a process needs besides its connections: stdio, the epoll fd,
 # pipes to the parent, Python's own, some slack.
@@ -68,6 +71,16 @@ class LoadOptions:
     plot: str | None = None
     quiet: bool = False
     marks: bool = False
+    # the backend: kernel sockets, or qstack's own TCP/IP stack (ustack) on
+    # a device of its own, with an address of its own (--ip ADDR/PREFIX)
+    backend: str = "kernel"
+    driver: str = "tap"        # ustack: tap | dpdk | memif
+    eal: str | None = None     # ustack on dpdk: the EAL arguments (e.g. a net_memif vdev)
+    memif: str | None = None   # ustack on memif: the server's socket path (client role)
+    tap: str = "qsl0"
+    ip: str | None = None      # ustack: "198.18.1.1/16"
+    gateway: str | None = None
+    loss: float = 0.0          # ustack: injected loss, both ways (tests, like serve's)
 
     @property
     def mode(self) -> str:
@@ -82,13 +95,36 @@ class LoadOptions:
                  "rate": f"open loop {self.rate:,.0f} msg/s",
                  "closed": f"closed loop, {self.window} in flight per connection"}[self.mode]
         extra = (f", {self.smp} processes" if self.smp > 1 else "") + \
-                (f", {self.ips} source addresses" if self.ips else "")
+                (f", {self.ips} source addresses" if self.ips else "") + \
+                (f", on ustack {self.ip} over " +
+                 {"tap": f"tap {self.tap}", "memif": f"memif {self.memif}"}.get(self.driver,
+                                                                                "dpdk")
+                 if self.backend == "ustack" else "")
         proto = f"script {self.script}" if self.protocol == "script" else self.protocol
         size = f"up to {self.length} B" if self.protocol == "script" else f"{self.length} B"
         return (f"{proto} to {self.dest}: {self.connections:,} connections "
                 f"(setup {self.setup:g} s, wait {self.wait:g} s), {sched}, "
                 f"{size}, high share {self.ratio:g}, "
                 f"{self.duration:g} s measured{extra}")
+
+
+def ustack_net(ip: str | None) -> ipaddress.IPv4Interface:
+    """--ip ADDR/PREFIX of a ustack client, checked."""
+    if not ip:
+        raise ConfigError("--backend ustack needs the client stack's own address: "
+                          "--ip ADDR/PREFIX (e.g. --ip 198.18.1.1/16)")
+    if "/" not in ip:
+        raise ConfigError(f"--ip: expected ADDR/PREFIX (e.g. 198.18.1.1/16), got {ip!r}")
+    try:
+        net = ipaddress.IPv4Interface(ip)
+    except ValueError:
+        raise ConfigError(f"--ip: expected ADDR/PREFIX (e.g. 198.18.1.1/16), got {ip!r}") \
+            from None
+    if not 1 <= net.network.prefixlen <= 30:
+        raise ConfigError(f"--ip: the prefix must be 1..30, got /{net.network.prefixlen}")
+    if net.ip in (net.network.network_address, net.network.broadcast_address):
+        raise ConfigError(f"--ip: {net.ip} is the network's own or broadcast address")
+    return net
 
 
 def parse_dest(text: str | None, allow_remote: bool = False) -> tuple[str, int]:
@@ -177,14 +213,70 @@ def validate(**kw) -> LoadOptions:
         _need(o.ips > 0, "--src names the first of the --ips source addresses: give --ips K")
         _need(src.is_loopback == ipaddress.IPv4Address(o.host).is_loopback,
               f"--src {o.src} and --dest {o.host} must both be loopback addresses or neither")
-    _need(not o.ips or o.src or ipaddress.IPv4Address(o.host).is_loopback,
+    _need(not o.ips or o.src or o.backend == "ustack" or
+          ipaddress.IPv4Address(o.host).is_loopback,
           "--ips binds source addresses in 127.0.0.0/8, so --dest must be a loopback address "
           "(or give --src, the first of this host's addresses to use)")
     _need(o.connect_inflight >= 1, f"--connect-inflight must be at least 1, got "
                                    f"{o.connect_inflight}")
+    _need(o.backend in BACKENDS, f"--backend: expected one of {', '.join(BACKENDS)}, "
+                                 f"got {o.backend!r}")
+    if o.backend == "ustack":
+        _check_ustack(o)
+    else:
+        for flag, v in (("--ip", o.ip), ("--gateway", o.gateway), ("--memif", o.memif)):
+            _need(v is None, f"{flag} is the ustack client's: give --backend ustack")
+        _need(o.loss == 0, "--loss is injected by the ustack client: give --backend ustack")
     if o.plot and not o.plot.lower().endswith(".png"):
         raise ConfigError(f"--plot writes a PNG image: name it FILE.png, got {o.plot!r}")
     return o
+
+
+def _check_ustack(o: LoadOptions) -> None:
+    net = ustack_net(o.ip)
+    _need(o.driver in ("tap", "dpdk", "memif"),
+          f"--driver: expected tap, dpdk or memif, got {o.driver!r}")
+    _need(o.driver != "memif" or o.memif, "--driver memif needs --memif PATH, the socket "
+                                          "the server's `qstack serve --driver memif` made")
+    _need(o.memif is None or o.driver == "memif", "--memif is for --driver memif")
+    if o.memif is not None:
+        why = memif.path_problem(o.memif)
+        _need(why is None, f"--memif: {why}")
+    _need(0 < len(o.tap.encode()) < 16, f"--tap: a device name of 1..15 bytes, got {o.tap!r}")
+    _need(o.driver != "dpdk" or o.eal, "--driver dpdk needs --eal ARGS, e.g. --eal '--no-huge "
+                                       "-m 256 --no-pci --file-prefix qsl --vdev=net_memif0,"
+                                       "role=client,socket=/run/qs.sock,socket-abstract=no'")
+    _need(o.eal is None or o.driver == "dpdk", "--eal is for --driver dpdk")
+    _need(o.eal is None or len(o.eal.encode()) < 1024, "--eal: at most 1023 bytes")
+    _need(o.smp == 1, f"--smp: the ustack client runs in one process (its stack owns the "
+                      f"device), got --smp {o.smp}")
+    _need(o.src is None, "--src is the kernel client's; the ustack client's addresses are "
+                         "--ip and --ips")
+    dest = ipaddress.IPv4Address(o.host)
+    first, last = ustack_sources(o)[0], ustack_sources(o)[-1]
+    _need(last in net.network and last != net.network.broadcast_address,
+          f"--ips {o.ips}: {first}..{last} does not fit in --ip's subnet {net.network} "
+          f"(short of its broadcast address)")
+    _need(not int(first) <= int(dest) <= int(last),
+          f"--dest {dest} is one of the client stack's own addresses (--ip, --ips)")
+    if o.gateway is not None:
+        try:
+            gw = ipaddress.IPv4Address(o.gateway)
+        except ValueError:
+            raise ConfigError(f"--gateway: expected an IPv4 address, got {o.gateway!r}") \
+                from None
+        _need(gw in net.network, f"--gateway {gw} is not in --ip's subnet {net.network}")
+    else:
+        _need(dest in net.network, f"--dest {dest} is not in --ip's subnet {net.network} "
+                                   f"and no --gateway is given")
+    _need(0.0 <= o.loss < 1.0, f"--loss is a share of frames, 0..1, got {o.loss}")
+
+
+def ustack_sources(o: LoadOptions) -> list[ipaddress.IPv4Address]:
+    """The ustack client's addresses: --ip and the next --ips - 1 (K in all,
+    consecutive; the stack owns them all and answers ARP for each)."""
+    ip = ipaddress.IPv4Interface(o.ip).ip
+    return [ip + i for i in range(max(o.ips, 1))]
 
 
 def source_addresses(k: int, first: str | None = None) -> list[str]:
@@ -235,6 +327,8 @@ def check_limits(o: LoadOptions, nofile: tuple[int, int],
     is needed (up to hard) before the processes start.
     """
     notes = []
+    if o.backend == "ustack":
+        return _check_ustack_limits(o)
     per_proc = max(n for _, n in plan_processes(o))
     need = per_proc + FD_RESERVE
     soft, hard = nofile
@@ -264,3 +358,19 @@ def check_limits(o: LoadOptions, nofile: tuple[int, int],
         notes.append(f"{per_source:,} of {ports:,} source ports per address in use: close to "
                      f"the limit (connections in TIME_WAIT count too); --ips spreads them")
     return notes
+
+
+def _check_ustack_limits(o: LoadOptions) -> list[str]:
+    """A ustack client holds no file per connection; its limit is 4-tuples:
+    each of its source addresses has ports USTACK_PORTS to the destination."""
+    lo, hi = USTACK_PORTS
+    ports = hi - lo + 1
+    sources = max(o.ips, 1)
+    per_source = math.ceil(o.connections / sources)
+    if per_source > ports:
+        k = math.ceil(o.connections / ports)
+        raise ConfigError(
+            f"{o.connections:,} connections to {o.dest} need {per_source:,} source ports per "
+            f"source address, but one address has {ports:,} ({lo}-{hi}); use --ips {k} or "
+            f"more")
+    return []

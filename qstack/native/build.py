@@ -23,12 +23,13 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cffibuild import HERE, builder, compile_in_place, sources  # noqa: E402
+from cffibuild import COMMON, HERE, builder, compile_in_place, sources  # noqa: E402
 
-# The user-space TCP/IP stack is part of the core (backend "ustack"); its
-# test harness (harness/) and the DPDK driver module (dpdk.c, built on its
-# own where DPDK exists) are not.
-USTACK = sources("ustack")
+# The user-space TCP/IP stack is part of the core (backend "ustack"), with
+# the host code it shares with the load generator (common/ustack_host.c);
+# its test harness (harness/) and the DPDK driver module (dpdk.c, built on
+# its own where DPDK exists) are not.
+USTACK = sources("ustack") + [os.path.join(COMMON, "ustack_host.c")]
 
 
 def have_liburing():
@@ -66,7 +67,7 @@ if not URING:
     print("liburing not found (Debian: apt-get install liburing-dev): "
           "the uring backend is not built", file=sys.stderr)
 
-ffibuilder = builder("_native", ("qsprio.h", "qstack.h"), "src", direct=__name__ == "__main__",
+ffibuilder = builder("_native", ("qsprio.h", "ustack_settings.h", "qstack.h"), "src", direct=__name__ == "__main__",
                      libraries=["pthread", "dl"] + (["uring"] if URING else []),
                      extra_sources=USTACK + (LLHTTP or []),
                      extra_include=[os.path.join(HERE, "ustack")] + ([LLHTTP_INC] if LLHTTP else []),

@@ -11,9 +11,16 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cffibuild import builder, compile_in_place  # noqa: E402
+from cffibuild import COMMON, HERE, builder, compile_in_place, sources  # noqa: E402
 
-ffibuilder = builder("_loadgen", "qsload.h", "loadgen", direct=__name__ == "__main__")
+# The ustack backend (loadgen/ql_be_ustack.c) runs qstack's own TCP/IP
+# stack, set up by the host code the server's ustack backend uses
+# (common/ustack_host.c): the same sources as in qstack._native.
+USTACK = sources("ustack") + [os.path.join(COMMON, "ustack_host.c")]
+
+ffibuilder = builder("_loadgen", ("ustack_settings.h", "qsload.h"), "loadgen",
+                     direct=__name__ == "__main__", libraries=["dl"], extra_sources=USTACK,
+                     extra_include=[os.path.join(HERE, "ustack")])
 # The script protocol's callbacks (qsl_config.build / .match): C functions
 # that cffi generates, which take the GIL and call the @ffi.def_extern
 # functions of qstack/loadgen/script.py.  They are not in qsload.h because

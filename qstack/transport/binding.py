@@ -242,7 +242,8 @@ class UstackCore(NativeCore):
         _ustack_settings(cfg.ustack, self.settings)
 
     def where(self, addresses, port):
-        return f"{self.settings['ip']}:{port} on ustack/{self.settings['driver']}"
+        name = self.settings.get("name", self.settings["driver"])
+        return f"{self.settings['ip']}:{port} on ustack/{name}"
 
 
 # The backends by name: a new backend is a C table entry and a class here.

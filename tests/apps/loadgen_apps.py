@@ -3,7 +3,8 @@
 Serve with ``--framing fixed:64 --priority offset=5,value=0x01`` (echo) so
 that each message of `qstack load` is one request with its priority.  A
 64-byte message starting with b"STATS" is answered with the counts so far
-(``"<high> <low> <requests> <heartbeats>\\n"``, padded to 64 bytes).
+(``"<high> <low> <requests> <heartbeats> <peer addresses>\\n"``, padded to 64
+bytes; peer addresses: the distinct ones `counting` saw).
 """
 
 import gevent
@@ -12,11 +13,13 @@ DELAY = 0.020          # sleepy: seconds every request takes
 IOTEP_REPLY = 32       # iotep: bytes in a reply to a request
 
 _counts = {"high": 0, "low": 0, "requests": 0, "heartbeats": 0}
+_peers = set()         # counting: the distinct peer addresses seen
 
 
 def _stats_reply():
     c = _counts
-    return b"%d %d %d %d\n" % (c["high"], c["low"], c["requests"], c["heartbeats"])
+    return b"%d %d %d %d %d\n" % (c["high"], c["low"], c["requests"], c["heartbeats"],
+                                   len(_peers))
 
 
 def _count(req):
@@ -28,6 +31,9 @@ def counting(req):
     if bytes(req.data[:5]) == b"STATS":
         return _stats_reply().ljust(len(req.data), b" ")
     _count(req)
+    peer = req.conn.peer
+    if peer:
+        _peers.add(peer[0])
     return req.data
 
 

@@ -1,12 +1,14 @@
 /*
  * qsload.h -- the ABI of the load generator engine (qstack._loadgen).
  *
- * Like qstack.h, cffi reads this file verbatim (qstack/native/build_loadgen.py):
- * declarations only, no #include, no #ifdef, integer constants as the only
- * macros.  C files include <stdint.h> before it.
+ * Like qstack.h, cffi reads this file verbatim (qstack/native/build_loadgen.py),
+ * after ustack_settings.h (the user-space stack's settings, shared with the
+ * server's ABI): declarations only, no #include, no #ifdef, integer
+ * constants as the only macros.  C files include <stdint.h> and
+ * ustack_settings.h before it.
  *
  * One engine drives one process's share of the connections from the calling
- * thread: qsl_engine_run() runs the event loop (epoll, connects, timed sends,
+ * thread: qsl_engine_run() runs the event loop (connects, timed sends,
  * replies) until a deadline and returns; cffi releases the GIL around the
  * call, so Python only wakes up between calls (progress lines, marks,
  * histogram snapshots).  Several processes (--smp) each own an engine; their
@@ -50,6 +52,12 @@
 /* histograms of an engine */
 #define QSL_HIST_WINDOW 0         /* requests sent inside the measured window */
 #define QSL_HIST_INTERVAL 1       /* the same since the last interval export */
+
+/* the sockets under the engine (qsl_config.backend) */
+#define QSL_BACKEND_KERNEL 0      /* kernel sockets, epoll (loadgen/ql_be_kernel.c) */
+#define QSL_BACKEND_USTACK 1      /* qstack's own TCP/IP stack over a driver (qsl_config.ustack),
+                                     the same stack and set-up as the server's ustack backend:
+                                     no file descriptor per connection (ql_be_ustack.c) */
 
 /* qsl_engine_run results */
 #define QSL_RUN_UNTIL 0           /* the deadline passed; call again */
@@ -110,6 +118,10 @@ typedef struct qsl_config {
     int32_t (*build)(uint32_t g, uint32_t seq, int32_t high, uint8_t *buf, uint32_t cap);
     int64_t (*match)(uint32_t g, const uint8_t *buf, uint32_t len, uint32_t *seqs,
                      uint32_t cap, uint32_t *nseqs);
+    int32_t backend;              /* QSL_BACKEND_* */
+    qs_ustack_settings ustack;    /* QSL_BACKEND_USTACK: the stack's driver, address and sizes
+                                     (ustack_settings.h); sources must be among the
+                                     addresses it owns (ustack.ip, ip_count of them) */
 } qsl_config;
 
 /* Counters of one engine since it started; all cumulative. */

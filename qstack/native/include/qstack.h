@@ -2,9 +2,11 @@
  * qstack.h -- the one door between the native stack and Python.
  *
  * cffi reads this file verbatim (qstack/native/build.py) after qsprio.h
- * (levels, native rules), so it holds only declarations cffi can parse: no
- * #include, no #ifdef, no macros other than integer constants.  C files
- * include <stdint.h> and qsprio.h before it (src/qs_int.h).
+ * (levels, native rules) and ustack_settings.h (the user-space stack's
+ * settings, which the load generator takes too), so it holds only
+ * declarations cffi can parse: no #include, no #ifdef, no macros other
+ * than integer constants.  C files include <stdint.h>, qsprio.h and
+ * ustack_settings.h before it (src/qs_int.h).
  *
  * Threads.  A qs_core owns one stack thread (the "stack") and is driven by one
  * Python thread (the "hub").  They share nothing but:
@@ -108,12 +110,11 @@
 #define QS_CMD_STOP_ACCEPT 8  /* close every listening socket (conn ignored) */
 #define QS_CMD_STOP_READ 9    /* stop reading every connection (graceful shutdown) */
 
-/* backends (qs_config.backend) and ustack drivers (qs_ustack_settings.driver) */
+/* backends (qs_config.backend); the ustack's drivers and settings are
+ * ustack_settings.h's (QS_DRIVER_*, qs_ustack_settings) */
 #define QS_BACKEND_KERNEL 0 /* kernel sockets, epoll */
 #define QS_BACKEND_USTACK 1 /* qstack's own TCP/IP over a driver */
 #define QS_BACKEND_URING 2  /* kernel sockets, io_uring */
-#define QS_DRIVER_TAP 1     /* Linux TAP device (/dev/net/tun) */
-#define QS_DRIVER_DPDK 2    /* a DPDK poll-mode driver (qstack/_qsdpdk.so) */
 
 /* command flags */
 #define QS_F_NOTIFY 1       /* emit QS_EV_WRITABLE once this conn has nothing left to send */
@@ -168,26 +169,6 @@ typedef struct qs_http_rule {
     char name[64];
     char value[192];
 } qs_http_rule;
-
-/* The user-space stack's settings (backend QS_BACKEND_USTACK). */
-typedef struct qs_ustack_settings {
-    int32_t driver;           /* QS_DRIVER_* */
-    char tap[16];             /* TAP device name (created if missing) */
-    int32_t multiqueue;       /* 1: attach one queue of a multi-queue TAP device */
-    char eal[1024];           /* DPDK EAL arguments, whitespace-separated */
-    char dpdk_lib[512];       /* path of the DPDK driver module */
-    uint8_t mac[6];           /* all zero: the device's own (DPDK), else 02:00 + the IP */
-    uint32_t ip;              /* host byte order */
-    int32_t prefix_len;       /* 1..32 */
-    uint32_t gateway;         /* 0 = none */
-    uint32_t max_conns;       /* control blocks at most (flow table size) */
-    uint32_t buffers;         /* packet buffers of the stack's pool */
-    uint32_t snd_buf;         /* bytes queued for sending per connection */
-    uint32_t rcv_buf;         /* receive window per connection */
-    uint32_t syn_backlog;     /* half-open connections per listener */
-    double loss, dup, reorder, corrupt;   /* injected faults, both ways (0: none) */
-    uint64_t fault_seed;
-} qs_ustack_settings;
 
 typedef struct qs_config {
     int32_t levels;           /* 1..QS_MAX_LEVELS */

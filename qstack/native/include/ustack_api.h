@@ -29,6 +29,8 @@ typedef struct qs_ustack_config {
     uint8_t mac[6];
     uint32_t ip;              /* host byte order */
     int32_t prefix_len;       /* 1..32 */
+    uint32_t ip_count;        /* addresses owned: ip .. ip + ip_count - 1, on the subnet
+                                 (0 = 1): a client's source addresses (qs_tcp_connect_from) */
     uint32_t gateway;         /* 0 = none */
     uint32_t buf_size;        /* bytes per pool buffer, header included (>= 1600) */
     uint32_t buf_count;       /* pool buffers, allocated up front */
@@ -64,6 +66,7 @@ typedef struct qs_ustack_config {
                                  (its queues together); 0: 16 */
     uint32_t conn_max_bufs;   /* buffers one connection's queues keep at most;
                                  0: (buf_count - reserve) / 32 */
+    int32_t timestamps;       /* 1: offer timestamps, and PAWS (RFC 7323 3-5) */
 } qs_ustack_config;
 
 typedef struct qs_ustack_stats {
@@ -96,6 +99,8 @@ typedef struct qs_ustack_stats {
     uint64_t tcp_tw_overflow; /* connections that closed without TIME-WAIT: max_conns
                                  records were held already */
     uint64_t tw_bytes;        /* sizeof one TIME-WAIT record */
+    uint64_t tcp_paws_drop;   /* segments dropped by PAWS: a timestamp older than the
+                                 connection's last (RFC 7323 5.3) */
 } qs_ustack_stats;
 
 /* Faults applied to every frame one side transmits.  Rates are in [0, 1]. */

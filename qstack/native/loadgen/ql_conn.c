@@ -13,20 +13,15 @@
  * the same for everyone, so the queue is a FIFO ordered by due time.  No
  * attempt starts at or after t_end.  Every failure is counted by cause
  * (qsl_stats.err_*), which is how the Python side reports limits in words.
+ *
+ * The sockets are the backend's (struct ql_backend): the source
+ * address and port rules live there.
  */
 #include <errno.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
-#include <unistd.h>
 
 #include "ql_int.h"
-
-#ifndef IP_BIND_ADDRESS_NO_PORT
-#define IP_BIND_ADDRESS_NO_PORT 24
-#endif
 
 void ql_conn_count_error(struct qsl_engine *e, int err)
 {
@@ -64,12 +59,10 @@ static void unpend(struct qsl_engine *e, uint32_t i)
     }
 }
 
-static void close_fd(struct qsl_engine *e, struct ql_conn *c)
+static void close_fd(struct qsl_engine *e, struct ql_conn *c, int64_t now)
 {
-    if (c->fd >= 0) {
-        close(c->fd);   /* also leaves the epoll set */
-        c->fd = -1;
-    }
+    if (c->open)
+        e->be->close(e, c, now);
 }
 
 /* Forget what was in flight; replies to it can never be matched now. */
@@ -98,7 +91,7 @@ static void attempt_failed(struct qsl_engine *e, struct ql_conn *c, int err, int
         unpend(e, (uint32_t)(c - e->conns));
         e->st.connecting--;
     }
-    close_fd(e, c);
+    close_fd(e, c, now);
     retry_later(e, c, now);
 }
 
@@ -114,16 +107,16 @@ void ql_conn_drop(struct qsl_engine *e, struct ql_conn *c, int err, int64_t now)
     e->st.connected--;
     if (err)
         ql_conn_count_error(e, err);
-    close_fd(e, c);
+    close_fd(e, c, now);
     reset_io(e, c);
     retry_later(e, c, now);
 }
 
 static void established(struct qsl_engine *e, struct ql_conn *c, int64_t now)
 {
-    struct epoll_event ev = { .events = EPOLLIN, .data.u64 = (uint64_t)(c - e->conns) };
-    if (epoll_ctl(e->ep, EPOLL_CTL_MOD, c->fd, &ev) < 0) {
-        attempt_failed(e, c, errno, now);
+    int rc = e->be->established(e, c);
+    if (rc < 0) {
+        attempt_failed(e, c, -rc, now);
         return;
     }
     if (c->state == QL_CONNECTING) {
@@ -138,43 +131,8 @@ static void established(struct qsl_engine *e, struct ql_conn *c, int64_t now)
     ql_engine_on_up(e, c, now);
 }
 
-/*
- * Source address and port.  Left to itself, connect() searches the
- * ephemeral range for a port whose 4-tuple is free, at a cost that grows
- * with the ports in use: at 15,000 connections from one address that search
- * was 70% of the client's CPU.  With explicit sources each connection binds
- * its own (address, port) -- unique by construction, so the search is
- * skipped.  A port someone else holds (EADDRINUSE) or a 4-tuple still in
- * TIME_WAIT (EADDRNOTAVAIL at connect) makes that connection fall back to
- * IP_BIND_ADDRESS_NO_PORT: the kernel picks the port at connect() time, per
- * 4-tuple, so one address still offers the whole range to each destination.
- */
-static int bind_source(struct qsl_engine *e, struct ql_conn *c, int fd)
-{
-    const qsl_config *cfg = &e->cfg;
-    int one = 1;
-    struct sockaddr_in src = { .sin_family = AF_INET,
-        .sin_addr.s_addr = htonl(e->sources[c->g % cfg->nsources]) };
-    if (cfg->port_lo && cfg->port_hi >= cfg->port_lo && !c->kernel_port) {
-        uint32_t nports = cfg->port_hi - cfg->port_lo + 1;
-        src.sin_port = htons((uint16_t)(cfg->port_lo + (c->g / cfg->nsources) % nports));
-        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-        if (bind(fd, (struct sockaddr *)&src, sizeof(src)) == 0)
-            return 0;
-        if (errno != EADDRINUSE)
-            return -errno;
-        c->kernel_port = 1;
-        src.sin_port = 0;
-    }
-    setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof(one));
-    if (bind(fd, (struct sockaddr *)&src, sizeof(src)) < 0)
-        return -errno;
-    return 0;
-}
-
 static void start_attempt(struct qsl_engine *e, struct ql_conn *c, int64_t now)
 {
-    const qsl_config *cfg = &e->cfg;
     e->st.attempts++;
     if (c->tried)
         e->st.retries++;
@@ -183,53 +141,16 @@ static void start_attempt(struct qsl_engine *e, struct ql_conn *c, int64_t now)
     c->t_wait = now;
     e->pending[e->npending++] = (uint32_t)(c - e->conns);
     e->st.connecting++;
-again:;
-    int explicit_port = cfg->nsources && cfg->port_lo && !c->kernel_port;
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (fd < 0) {
-        attempt_failed(e, c, errno, now);
-        return;
-    }
-    c->fd = fd;
-    int one = 1;
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-    if (cfg->nsources) {
-        int rc = bind_source(e, c, fd);
-        if (rc < 0) {
-            attempt_failed(e, c, -rc, now);
-            return;
-        }
-    }
-    struct sockaddr_in dst = { .sin_family = AF_INET, .sin_port = htons((uint16_t)cfg->dest_port),
-                               .sin_addr.s_addr = htonl(cfg->dest_addr) };
-    struct epoll_event ev = { .events = EPOLLOUT, .data.u64 = (uint64_t)(c - e->conns) };
-    if (epoll_ctl(e->ep, EPOLL_CTL_ADD, fd, &ev) < 0) {
-        attempt_failed(e, c, errno, now);
-        return;
-    }
-    if (connect(fd, (struct sockaddr *)&dst, sizeof(dst)) == 0) {
+    int rc = e->be->connect(e, c, now);
+    if (rc < 0)
+        attempt_failed(e, c, -rc, now);
+    else if (rc == 1)
         established(e, c, now);
-        return;
-    }
-    int err = errno;
-    if (err == EINPROGRESS)
-        return;
-    if (explicit_port && (err == EADDRNOTAVAIL || err == EADDRINUSE)) {
-        /* Its 4-tuple is taken (a TIME_WAIT from an earlier run?): let the
-         * kernel pick a port for this connection from now on. */
-        close_fd(e, c);
-        c->kernel_port = 1;
-        goto again;
-    }
-    attempt_failed(e, c, err, now);
 }
 
 void ql_conn_on_connect_event(struct qsl_engine *e, struct ql_conn *c, int64_t now)
 {
-    int err = 0;
-    socklen_t len = sizeof(err);
-    if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
-        err = errno;
+    int err = e->be->connect_result(e, c);
     if (err)
         attempt_failed(e, c, err, now);
     else

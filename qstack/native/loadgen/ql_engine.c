@@ -37,15 +37,17 @@
  * every later reply and charging them its wait; by counter, a later reply
  * never matches it at all.  A reply that fails its
  * check, or that nobody asked for, drops the connection: the byte stream can
- * no longer be trusted.  Level-triggered epoll, one read per event, EPOLLOUT
- * armed only while a connection has unsent bytes.
+ * no longer be trusted.  Level-triggered events, one read per event, OUT
+ * asked for only while a connection has unsent bytes.
+ *
+ * The sockets belong to a backend (struct ql_backend, picked by
+ * qsl_config.backend): kernel sockets under epoll (ql_be_kernel.c), or
+ * qstack's own TCP/IP stack (ql_be_ustack.c).  The engine never asks which.
  */
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
 #include <time.h>
-#include <unistd.h>
 
 #include "ql_int.h"
 
@@ -127,11 +129,9 @@ static int64_t cursor_time(const struct qsl_engine *e)
 
 static void arm_out(struct qsl_engine *e, struct ql_conn *c, int want)
 {
-    if (want == c->out_armed || c->fd < 0)
+    if (want == c->out_armed || !c->open)
         return;
-    struct epoll_event ev = { .events = EPOLLIN | (want ? EPOLLOUT : 0),
-                              .data.u64 = local_of(e, c) };
-    if (epoll_ctl(e->ep, EPOLL_CTL_MOD, c->fd, &ev) == 0)
+    if (e->be->want_out(e, c, want) == 0)
         c->out_armed = (uint8_t)want;
 }
 
@@ -155,20 +155,16 @@ static int keep_unsent(struct ql_conn *c, const uint8_t *p, uint32_t n)
 }
 
 /* Write what is unsent; returns 0 or -errno (the caller drops). */
-static int flush(struct qsl_engine *e, struct ql_conn *c)
+static int flush(struct qsl_engine *e, struct ql_conn *c, int64_t now)
 {
     while (c->tx_off < c->tx_len) {
-        ssize_t n = send(c->fd, c->tx + c->tx_off, c->tx_len - c->tx_off, MSG_NOSIGNAL);
-        if (n > 0) {
-            c->tx_off += (uint32_t)n;
-            e->st.tx_bytes += (uint64_t)n;
-        } else if (n < 0 && errno == EINTR) {
-            continue;
-        } else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+        int64_t n = e->be->send(e, c, c->tx + c->tx_off, c->tx_len - c->tx_off, now);
+        if (n == -EAGAIN)
             break;
-        } else {
-            return n < 0 ? -errno : -EPIPE;
-        }
+        if (n < 0)
+            return (int)n;
+        c->tx_off += (uint32_t)n;
+        e->st.tx_bytes += (uint64_t)n;
     }
     if (c->tx_off == c->tx_len)
         c->tx_off = c->tx_len = 0;
@@ -176,12 +172,13 @@ static int flush(struct qsl_engine *e, struct ql_conn *c)
     return 0;
 }
 
-static int write_msg(struct qsl_engine *e, struct ql_conn *c, const uint8_t *p, uint32_t len)
+static int write_msg(struct qsl_engine *e, struct ql_conn *c, const uint8_t *p, uint32_t len,
+                     int64_t now)
 {
     if (c->tx_len == 0) {
-        ssize_t n = send(c->fd, p, len, MSG_NOSIGNAL);
-        if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
-            return -errno;
+        int64_t n = e->be->send(e, c, p, len, now);
+        if (n < 0 && n != -EAGAIN)
+            return (int)n;
         if (n > 0) {
             e->st.tx_bytes += (uint64_t)n;
             p += n;
@@ -242,7 +239,7 @@ static int send_one(struct qsl_engine *e, struct ql_conn *c, uint64_t k, int64_t
         e->st.late_sends++;
     if (now > t && (uint64_t)(now - t) > e->st.max_lag_ns)
         e->st.max_lag_ns = (uint64_t)(now - t);
-    int rc = len > 0 ? write_msg(e, c, e->scratch, (uint32_t)len) : 0;
+    int rc = len > 0 ? write_msg(e, c, e->scratch, (uint32_t)len, now) : 0;
     if (rc < 0)
         ql_conn_drop(e, c, -rc, now);
     return rc;
@@ -525,7 +522,7 @@ static int consume(struct qsl_engine *e, struct ql_conn *c, const uint8_t *p, si
 
 static void on_readable(struct qsl_engine *e, struct ql_conn *c, int64_t now)
 {
-    ssize_t n = recv(c->fd, e->rxbuf, RXBUF, 0);
+    int64_t n = e->be->recv(e, c, e->rxbuf, RXBUF, now);
     if (n > 0) {
         e->st.rx_bytes += (uint64_t)n;
         int rc = consume(e, c, e->rxbuf, (size_t)n, now);
@@ -539,8 +536,8 @@ static void on_readable(struct qsl_engine *e, struct ql_conn *c, int64_t now)
             pump(e, c, now);
     } else if (n == 0) {
         ql_conn_drop(e, c, 0, now);
-    } else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
-        ql_conn_drop(e, c, errno, now);
+    } else if (n != -EAGAIN) {
+        ql_conn_drop(e, c, (int)-n, now);
     }
 }
 
@@ -552,14 +549,14 @@ static void on_event(struct qsl_engine *e, struct ql_conn *c, uint32_t events, i
     }
     if (c->state != QL_UP)
         return;
-    if (events & EPOLLOUT) {
-        int rc = flush(e, c);
+    if (events & QL_EV_OUT) {
+        int rc = flush(e, c, now);
         if (rc < 0) {
             ql_conn_drop(e, c, -rc, now);
             return;
         }
     }
-    if (events & (EPOLLIN | EPOLLERR | EPOLLHUP))
+    if (events & QL_EV_IN)
         on_readable(e, c, now);
 }
 
@@ -597,30 +594,21 @@ static int64_t next_deadline(const struct qsl_engine *e, int64_t now, int64_t un
  * idle time, which gives the client's real load even though it then shows
  * 100% CPU.
  */
-static int wait_events(struct qsl_engine *e, struct epoll_event *evs, int64_t wait_ns)
+static int wait_events(struct qsl_engine *e, struct ql_event *evs, int64_t wait_ns)
 {
     if (wait_ns < e->cfg.spin_ns) {
         int64_t t = qsl_now_ns();
-        int n = epoll_wait(e->ep, evs, MAX_EVENTS, 0);
+        int n = e->be->wait(e, evs, MAX_EVENTS, 0);
         if (n == 0 && in_window(e, t))
             e->st.idle_ns += (uint64_t)(qsl_now_ns() - t);
         return n;
     }
-    if (!e->no_pwait2) {
-        struct timespec ts = { .tv_sec = (time_t)(wait_ns / QL_S),
-                               .tv_nsec = (long)(wait_ns % QL_S) };
-        int n = epoll_pwait2(e->ep, evs, MAX_EVENTS, &ts, NULL);
-        if (n >= 0 || errno != ENOSYS)
-            return n;
-        e->no_pwait2 = 1;
-    }
-    /* Millisecond fallback: round up, the deadline check loops again. */
-    return epoll_wait(e->ep, evs, MAX_EVENTS, (int)((wait_ns + QL_MS - 1) / QL_MS));
+    return e->be->wait(e, evs, MAX_EVENTS, wait_ns);
 }
 
 int qsl_engine_run(qsl_engine *e, int64_t until)
 {
-    struct epoll_event evs[MAX_EVENTS];
+    struct ql_event evs[MAX_EVENTS];
     if (e->done)
         return QSL_RUN_DONE;
     for (;;) {
@@ -637,13 +625,13 @@ int qsl_engine_run(qsl_engine *e, int64_t until)
         int64_t deadline = next_deadline(e, now, until);
         int n = wait_events(e, evs, deadline > now ? deadline - now : 0);
         if (n < 0) {
-            if (errno == EINTR)
+            if (n == -EINTR)
                 return QSL_RUN_UNTIL;   /* let Python see its signal */
-            return -errno;
+            return n;
         }
         now = qsl_now_ns();
         for (int i = 0; i < n; i++)
-            on_event(e, &e->conns[evs[i].data.u64], evs[i].events, now);
+            on_event(e, &e->conns[evs[i].conn], evs[i].events, now);
     }
 }
 
@@ -671,7 +659,8 @@ static int valid(const qsl_config *c)
         c->ratio < 0 || c->ratio > 1 || c->burst == 0 || c->connect_inflight == 0 ||
         c->setup_ns < 0 || c->drain_ns < 0 || c->retry_ns <= 0 ||
         c->connect_timeout_ns <= 0 || c->t_send < c->t_start || c->t_meas < c->t_send ||
-        c->t_end < c->t_meas || c->spin_ns < 0 || (c->nsources && !c->sources))
+        c->t_end < c->t_meas || c->spin_ns < 0 || (c->nsources && !c->sources) ||
+        (c->backend != QSL_BACKEND_KERNEL && c->backend != QSL_BACKEND_USTACK))
         return 0;
     if (c->protocol == QSL_PROTO_ECHO) {
         if (c->msg_len < QSL_ECHO_HEADER || c->msg_len > 65535)
@@ -701,7 +690,8 @@ int qsl_engine_new(const qsl_config *cfg, qsl_engine **out)
     if (!e)
         return -ENOMEM;
     e->cfg = *cfg;
-    e->ep = -1;
+    e->be = cfg->backend == QSL_BACKEND_USTACK ? &ql_backend_ustack
+                                                     : &ql_backend_kernel;
     if (e->cfg.protocol == QSL_PROTO_ECHO)
         e->cfg.reply_len = e->cfg.msg_len;
     if (e->cfg.mode == QSL_MODE_EPOCH)
@@ -724,21 +714,20 @@ int qsl_engine_new(const qsl_config *cfg, qsl_engine **out)
     for (int l = 0; l < QSL_LEVELS && ok; l++)
         for (int w = 0; w < 2 && ok; w++)
             ok = (e->hist[l][w] = malloc(sizeof(struct ql_hist))) != NULL;
-    if (ok && (e->ep = epoll_create1(EPOLL_CLOEXEC)) < 0) {
-        int err = errno;
-        qsl_engine_free(e);
-        return -err;
-    }
     if (!ok) {
         qsl_engine_free(e);
         return -ENOMEM;
+    }
+    int rc = e->be->init(e);
+    if (rc < 0) {
+        qsl_engine_free(e);
+        return rc;
     }
     for (int l = 0; l < QSL_LEVELS; l++)
         for (int w = 0; w < 2; w++)
             ql_hist_reset(e->hist[l][w]);
     ql_msg_pattern_init(e->pattern, cfg->msg_len);
     for (size_t i = 0; i < n; i++) {
-        e->conns[i].fd = -1;
         e->conns[i].g = cfg->first_conn + (uint32_t)i;
         e->conns[i].out = &e->outs[i * cfg->window];
     }
@@ -778,17 +767,14 @@ void qsl_engine_free(qsl_engine *e)
 {
     if (!e)
         return;
+    if (e->be_state)
+        e->be->destroy(e);      /* closes what is still open */
     if (e->conns) {
         for (uint32_t i = 0; i < e->cfg.nconns; i++) {
-            struct ql_conn *c = &e->conns[i];
-            if (c->fd >= 0)
-                close(c->fd);
-            free(c->tx);
-            free(c->rx);
+            free(e->conns[i].tx);
+            free(e->conns[i].rx);
         }
     }
-    if (e->ep >= 0)
-        close(e->ep);
     for (int l = 0; l < QSL_LEVELS; l++)
         for (int w = 0; w < 2; w++)
             free(e->hist[l][w]);

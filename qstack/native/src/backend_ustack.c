@@ -22,6 +22,9 @@
  * (TAP), a timerfd armed for the stack's next timer (or, for a poll-mode
  * driver with no fd, a short poll interval) and, threaded, the stack
  * eventfd.  Inline, the same epoll fd is what the hub's loop watches.
+ * The stack, its driver, its timer and that epoll set are set up by
+ * common/ustack_host.c, which the load generator's ustack backend uses
+ * too (the client end of the same stack).
  *
  * Priority.  The stack classifies each frame with the same native rules
  * and processes a burst level 0 first (ustack/prio.c), so the readable
@@ -33,29 +36,21 @@
  * grace period; what is still open then is reset, so no peer hangs.
  */
 #include "conn.h"
-#include "ustack.h"
+#include "ustack_host.h"
 #include <stdlib.h>
 #include <string.h>
 #include <errno.h>
 #include <unistd.h>
 #include <arpa/inet.h>
 #include <sys/epoll.h>
-#include <sys/random.h>
-#include <sys/timerfd.h>
 
-#define U_POLL_ROUNDS 16             /* stack polls per iteration at most */
-#define U_POLL_MODE_NS 50000LL       /* poll-mode driver: look again after 50 us idle */
-#define U_TAG_DRV 1
-#define U_TAG_TIMER 2
-#define U_TAG_WAKE 3
+#define U_TAG_WAKE QS_UHOST_TAG_USER
 #define QC_READY QC_BACKEND_A        /* on the ready list */
 #define QC_DOWN QC_BACKEND_B         /* the stack reported the connection closed */
 
 typedef struct qs_ubackend {
     qs_conns conns;                  /* first: the connection table is the backend's base */
-    qs_ustack s;
-    int ep, timer_fd, drv_fd;
-    int64_t timer_at;                /* what timer_fd is armed for, 0 if disarmed */
+    qs_uhost h;                      /* the stack, its driver, timer and epoll set */
     uint16_t ports[QS_MAX_LISTEN];
     int nports;
     int64_t *ready;                  /* conn ids with socket work */
@@ -110,7 +105,7 @@ static void on_sock(qs_ubackend *u, qs_conn *c)
         return;
     }
     if ((c->mask & QS_WANT_OUT) && (c->flags & QC_WANT_OUT) &&
-        ((c->flags & QC_DOWN) || qs_tcp_send_space(&u->s, c->sock) > 0))
+        ((c->flags & QC_DOWN) || qs_tcp_send_space(&u->h.s, c->sock) > 0))
         qs_conn_writable(conns, c);
 }
 
@@ -135,7 +130,7 @@ static int64_t us_read(qs_conns *conns, qs_conn *c, uint8_t *p, uint64_t len)
 {
     qs_ubackend *u = (qs_ubackend *)conns;
     uint32_t n = len > (1u << 30) ? 1u << 30 : (uint32_t)len;
-    int r = qs_tcp_recv(&u->s, c->sock, p, n, conns->now);
+    int r = qs_tcp_recv(&u->h.s, c->sock, p, n, conns->now);
     if (r > 0)
         return r;
     if (c->flags & QC_DOWN)
@@ -149,7 +144,7 @@ static int64_t us_writev(qs_conns *conns, qs_conn *c, const struct iovec *iov, i
     int64_t total = 0;
     for (int i = 0; i < n; i++) {
         uint32_t len = iov[i].iov_len > (1u << 30) ? 1u << 30 : (uint32_t)iov[i].iov_len;
-        int r = qs_tcp_send(&u->s, c->sock, iov[i].iov_base, len, conns->now);
+        int r = qs_tcp_send(&u->h.s, c->sock, iov[i].iov_base, len, conns->now);
         if (r < 0) {
             if (total)
                 return total;
@@ -166,7 +161,7 @@ static void us_want(qs_conns *conns, qs_conn *c, uint32_t want)
 {
     qs_ubackend *u = (qs_ubackend *)conns;
     if (((want & QS_WANT_IN) && has_input(c)) ||
-        ((want & QS_WANT_OUT) && qs_tcp_send_space(&u->s, c->sock) > 0))
+        ((want & QS_WANT_OUT) && qs_tcp_send_space(&u->h.s, c->sock) > 0))
         ready_add(u, c);
 }
 
@@ -189,9 +184,9 @@ static void us_close(qs_conns *conns, qs_conn *c, int abort)
     qs_tcb *t = c->sock;
     t->user = 0;                     /* no more reports for this conn */
     if (abort)
-        qs_tcp_abort(&u->s, t, conns->now);
+        qs_tcp_abort(&u->h.s, t, conns->now);
     else
-        qs_tcp_close(&u->s, t, conns->now); /* FIN after the queued bytes */
+        qs_tcp_close(&u->h.s, t, conns->now); /* FIN after the queued bytes */
     slot_put(u, c->slot);
 }
 
@@ -199,7 +194,7 @@ static void us_stop_accept(qs_conns *conns)
 {
     qs_ubackend *u = (qs_ubackend *)conns;
     for (int i = 0; i < u->nports; i++)
-        qs_tcp_unlisten(&u->s, u->ports[i]);
+        qs_tcp_unlisten(&u->h.s, u->ports[i]);
     u->nports = 0;
 }
 
@@ -217,7 +212,7 @@ static void on_accepted(void *ctx, qs_tcb *t, int port)
     qs_conn *c = qs_conn_new(&u->conns, slot, t);
     if (!c) {
         slot_put(u, slot);
-        qs_tcp_abort(&u->s, t, u->conns.now);
+        qs_tcp_abort(&u->h.s, t, u->conns.now);
         return;
     }
     t->user = (uint64_t)c->id;
@@ -254,67 +249,6 @@ static const qs_tcp_app_ops app_ops = {
 
 /* ---------------------------------------------------------------- set-up */
 
-static int open_driver(const qs_ustack_settings *g, qs_netdrv **out)
-{
-    int err = 0;
-    if (g->driver == QS_DRIVER_TAP)
-        *out = qs_tap_open(g->tap, g->multiqueue ? QS_TAP_MULTIQUEUE : 0, &err);
-    else if (g->driver == QS_DRIVER_DPDK)
-        *out = qs_dpdk_open(g->dpdk_lib, g->eal, &err);
-    else
-        return -EINVAL;
-    return *out ? 0 : err ? err : -ENODEV;
-}
-
-/* The fault injector around the stack's driver (after qs_ustack_init: it
- * takes the pool the stack gave the driver). */
-static int inject_faults(qs_ustack *s, const qs_ustack_settings *g)
-{
-    if (!(g->loss > 0 || g->dup > 0 || g->reorder > 0 || g->corrupt > 0))
-        return 0;
-    qs_fault_config f = {.loss = g->loss, .dup = g->dup, .reorder = g->reorder, .corrupt = g->corrupt,
-                   .reorder_ns = 2000000, .seed = g->fault_seed, .rx = 1};
-    return qs_fault_rewrap(&s->drv, &f);
-}
-
-/* The stack's settings: its defaults (stack.c), then ours. */
-static void stack_config(const qs_config *cfg, qs_netdrv *drv, qs_ustack_config *q)
-{
-    const qs_ustack_settings *g = &cfg->ustack;
-    qs_ustack_config_default(q);
-    static const uint8_t zero[6];
-    if (memcmp(g->mac, zero, 6))
-        memcpy(q->mac, g->mac, 6);
-    else if (qs_netdrv_mac(drv, q->mac) < 0) {
-        /* locally administered 02:00 + the address: the same in every core
-         * process on one device and across restarts, so neighbours' caches
-         * stay right */
-        uint8_t mac[6] = {0x02, 0x00, (uint8_t)(g->ip >> 24), (uint8_t)(g->ip >> 16),
-                          (uint8_t)(g->ip >> 8), (uint8_t)g->ip};
-        memcpy(q->mac, mac, 6);
-    }
-    q->ip = g->ip;
-    q->prefix_len = g->prefix_len;
-    q->gateway = g->gateway;
-    q->buf_count = g->buffers;
-    q->max_conns = g->max_conns;
-    q->syn_backlog = g->syn_backlog;
-    q->snd_buf = g->snd_buf;
-    q->rcv_buf = g->rcv_buf;
-    if (getrandom(&q->secret, sizeof(q->secret), 0) != sizeof(q->secret))
-        q->secret = (uint64_t)qs_now_ns();
-    q->levels = cfg->levels;
-    q->nrules = cfg->nrules;
-    memcpy(q->rules, cfg->rules, sizeof(q->rules));   /* one qs_rule type (qsprio.h) */
-    q->default_level = cfg->default_level;
-}
-
-static int ep_add(int ep, int fd, uint64_t tag)
-{
-    struct epoll_event e = {.events = EPOLLIN, .data.u64 = tag};
-    return epoll_ctl(ep, EPOLL_CTL_ADD, fd, &e) < 0 ? -errno : 0;
-}
-
 static void u_destroy(qs_core *core);
 
 static int u_init(qs_core *core)
@@ -322,41 +256,22 @@ static int u_init(qs_core *core)
     qs_ubackend *u = calloc(1, sizeof(*u));
     if (!u)
         return -ENOMEM;
-    u->ep = u->timer_fd = u->drv_fd = -1;
+    u->h.ep = u->h.timer_fd = u->h.drv_fd = -1;
     core->be_state = u;
     int rc = qs_conns_init(&u->conns, core, &ustack_io, 1024);
-    qs_netdrv *drv = NULL;
-    if (rc == 0)
-        rc = open_driver(&core->cfg.ustack, &drv);
     if (rc == 0) {
-        qs_ustack_config q;
-        stack_config(&core->cfg, drv, &q);
-        rc = qs_ustack_init(&u->s, &q, drv, &app_ops, u);
-        if (rc < 0) {
-            drv->ops->destroy(drv);
-            memset(&u->s, 0, sizeof(u->s));
-        }
+        const qs_config *cfg = &core->cfg;
+        qs_uhost_prio prio = {.levels = cfg->levels, .nrules = cfg->nrules,
+                              .default_level = cfg->default_level, .rules = cfg->rules};
+        rc = qs_uhost_open(&u->h, &cfg->ustack, &prio, &app_ops, u);
     }
-    if (rc == 0)
-        rc = inject_faults(&u->s, &core->cfg.ustack);
-    if (rc == 0) {
-        u->drv_fd = qs_netdrv_fd(u->s.drv);
-        u->ep = epoll_create1(EPOLL_CLOEXEC);
-        u->timer_fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
-        if (u->ep < 0 || u->timer_fd < 0)
-            rc = -errno;
-    }
-    if (rc == 0)
-        rc = ep_add(u->ep, u->timer_fd, U_TAG_TIMER);
-    if (rc == 0 && u->drv_fd >= 0)
-        rc = ep_add(u->ep, u->drv_fd, U_TAG_DRV);
     if (rc == 0 && !core->cfg.inline_stack)
-        rc = ep_add(u->ep, core->stack_efd, U_TAG_WAKE);
+        rc = qs_uhost_watch(&u->h, core->stack_efd, U_TAG_WAKE);
     if (rc < 0) {
         u_destroy(core);
         return rc;
     }
-    core->poll_fd = u->ep;
+    core->poll_fd = u->h.ep;
     return 0;
 }
 
@@ -369,7 +284,7 @@ static int u_listen(qs_core *core, const qs_listen_spec *spec)
         return -EINVAL;              /* no kernel sockets here, and no port of fd's */
     if (u->nports == QS_MAX_LISTEN)
         return -ENOSPC;
-    int rc = qs_tcp_listen(&u->s, (uint16_t)port, 0);
+    int rc = qs_tcp_listen(&u->h.s, (uint16_t)port, 0);
     if (rc < 0)
         return rc;
     u->ports[u->nports++] = (uint16_t)port;
@@ -380,9 +295,9 @@ static int u_listen(qs_core *core, const qs_listen_spec *spec)
 
 static void snapshot(qs_ubackend *u)
 {
-    const qs_ustack_stats *st = &u->s.st;
-    QS_SET(u->snap_conns, u->s.nconns);
-    QS_SET(u->snap_bufs, u->s.pool.in_use);
+    const qs_ustack_stats *st = &u->h.s.st;
+    QS_SET(u->snap_conns, u->h.s.nconns);
+    QS_SET(u->snap_bufs, u->h.s.pool.in_use);
     QS_SET(u->snap_rx, st->rx_frames);
     QS_SET(u->snap_tx, st->tx_frames);
     QS_SET(u->snap_drops, st->drv_drop + st->eth_short + st->eth_bad_dst + st->ip_bad_hdr +
@@ -391,43 +306,14 @@ static void snapshot(qs_ubackend *u)
     QS_SET(u->snap_rexmit, st->tcp_rexmit);
 }
 
-/* Frames and timers: bursts until the driver has no more (bounded). */
 static int poll_stack(qs_ubackend *u)
 {
-    int work = 0;
-    for (int i = 0; i < U_POLL_ROUNDS; i++) {
-        int n = qs_ustack_poll(&u->s, u->conns.now);
-        if (n <= 0)
-            break;
-        work += n;
-    }
-    return work;
+    return qs_uhost_poll(&u->h, u->conns.now);
 }
 
-/* Arm the timerfd for the stack's next deadline (or the poll interval of a
- * driver without an fd).  Re-arming (or disarming) also clears an expiry,
- * so a fired timer never keeps the epoll set readable. */
 static void arm_timer(qs_ubackend *u, int busy)
 {
-    int64_t at = qs_ustack_next_event(&u->s);
-    if (u->drv_fd < 0 || busy) {
-        int64_t soon = u->conns.now + (busy ? 1 : U_POLL_MODE_NS);
-        if (soon < at)
-            at = soon;
-    }
-    if (at == INT64_MAX)
-        at = 0;
-    /* armed for sooner and not fired yet: leave it (waking early is harmless,
-     * and every ACK pushing an RTO back would otherwise cost a syscall) */
-    if (u->timer_at > u->conns.now && (at == 0 || u->timer_at <= at))
-        return;
-    if (!at && !u->timer_at)
-        return;
-    if (at && at <= u->conns.now)
-        at = u->conns.now + 1;
-    struct itimerspec its = {.it_value = {.tv_sec = at / 1000000000, .tv_nsec = at % 1000000000}};
-    timerfd_settime(u->timer_fd, TFD_TIMER_ABSTIME, &its, NULL);
-    u->timer_at = at;
+    qs_uhost_arm(&u->h, u->conns.now, busy);
 }
 
 /* One round of socket work: the stack, then the conns it made ready. */
@@ -447,7 +333,7 @@ static void u_wait(qs_ubackend *u, int timeout_ms)
 {
     struct epoll_event evs[4];
     int64_t t0 = qs_now_ns();
-    int n = qs_sys_epoll_wait(u->ep, evs, 4, timeout_ms);
+    int n = qs_sys_epoll_wait(u->h.ep, evs, 4, timeout_ms);
     u->conns.now = qs_now_ns();
     if (u->conns.core->cfg.inline_stack)
         u->conns.core->step_idle_ns += u->conns.now - t0;
@@ -486,12 +372,12 @@ static void u_quit(qs_ubackend *u)
     qs_conns_publish(conns);
     /* ... acknowledged by the peers, within the grace period (a frame or a
      * timer ends each wait early; the flow table is walked once per wait) */
-    while (u->s.nconns && qs_tcp_any_busy(&u->s) && (conns->now = qs_now_ns()) < deadline) {
+    while (u->h.s.nconns && qs_tcp_any_busy(&u->h.s) && (conns->now = qs_now_ns()) < deadline) {
         u_net_round(u);
         arm_timer(u, 0);
         u_wait(u, 10);
     }
-    qs_tcp_reset_all(&u->s, conns->now);
+    qs_tcp_reset_all(&u->h.s, conns->now);
     snapshot(u);
     if (!core->cfg.inline_stack)
         qs_core_wake_hub(core);
@@ -566,16 +452,7 @@ static void u_destroy(qs_core *core)
         return;
     if (u->conns.conns)
         qs_conn_drop_all(&u->conns);
-    if (u->s.drv) {
-        u->s.drv->ops->destroy(u->s.drv);   /* the driver holds frames of the pool */
-        u->s.drv = NULL;
-    }
-    if (u->s.pool.slab)
-        qs_ustack_destroy(&u->s);
-    if (u->ep >= 0)
-        close(u->ep);
-    if (u->timer_fd >= 0)
-        close(u->timer_fd);
+    qs_uhost_close(&u->h);
     core->poll_fd = -1;
     qs_conns_destroy(&u->conns);
     free(u->ready);
@@ -591,7 +468,7 @@ static void u_stats(qs_core *core, qs_stats *o)
         return;
     o->net_conns = QS_GET(u->snap_conns);
     o->net_bufs_in_use = QS_GET(u->snap_bufs);
-    o->net_bufs_total = u->s.pool.count;
+    o->net_bufs_total = u->h.s.pool.count;
     o->net_rx_frames = QS_GET(u->snap_rx);
     o->net_tx_frames = QS_GET(u->snap_tx);
     o->net_drops = QS_GET(u->snap_drops);

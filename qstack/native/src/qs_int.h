@@ -31,6 +31,7 @@
 #include <pthread.h>
 #include <time.h>
 #include "qsprio.h"
+#include "ustack_settings.h"
 #include "qstack.h"
 
 /* http.c: the most bytes one HTTP request may span (head, body and chunk

@@ -70,8 +70,8 @@ static qs_arp_entry *claim(qs_ustack *s, uint32_t ip, int64_t now)
     return victim;
 }
 
-static int send_arp(qs_ustack *s, int oper, const uint8_t *tha, uint32_t tpa, const uint8_t *dst,
-                    int64_t now);
+static int send_arp(qs_ustack *s, int oper, uint32_t spa, const uint8_t *tha, uint32_t tpa,
+                    const uint8_t *dst, int64_t now);
 
 /* a slot for ip that holds nothing alive (free, expired or pending), else
  * NULL: what gleaning may take, so that IPv4 packets from many forged
@@ -125,7 +125,7 @@ void qs_arp_add_static(qs_ustack *s, uint32_t ip, const uint8_t *mac)
 void qs_arp_glean(qs_ustack *s, uint32_t ip, const uint8_t *mac, int64_t now)
 {
     static const uint8_t zero[6];
-    if ((mac[0] & 1) || ip == s->cfg.ip)
+    if ((mac[0] & 1) || qs_ip_is_ours(s, ip))
         return;
     qs_arp_entry *e = find(s, ip);
     if (e && e->state == ST_OK) {
@@ -135,7 +135,7 @@ void qs_arp_glean(qs_ustack *s, uint32_t ip, const uint8_t *mac, int64_t now)
             s->st.arp_glean_refused++;
             if (now >= e->probe_at) {
                 e->probe_at = now + ARP_RETRY_NS;
-                send_arp(s, 1, zero, ip, qs_eth_bcast, now);
+                send_arp(s, 1, s->cfg.ip, zero, ip, qs_eth_bcast, now);
             }
             return;
         }
@@ -158,8 +158,8 @@ void qs_arp_destroy(qs_ustack *s)
             entry_clear(s, &s->arp[i]);
 }
 
-static int send_arp(qs_ustack *s, int oper, const uint8_t *tha, uint32_t tpa, const uint8_t *dst,
-                    int64_t now)
+static int send_arp(qs_ustack *s, int oper, uint32_t spa, const uint8_t *tha, uint32_t tpa,
+                    const uint8_t *dst, int64_t now)
 {
     qs_mbuf *m = qs_mbuf_alloc(&s->pool);
     if (!m)
@@ -171,7 +171,7 @@ static int send_arp(qs_ustack *s, int oper, const uint8_t *tha, uint32_t tpa, co
     p[5] = 4;
     qs_put16(p + 6, (uint16_t)oper);
     memcpy(p + 8, s->cfg.mac, 6);
-    qs_put32(p + 14, s->cfg.ip);
+    qs_put32(p + 14, spa);
     memcpy(p + 18, tha, 6);
     qs_put32(p + 24, tpa);
     m->len = 28;
@@ -194,12 +194,12 @@ int qs_arp_input(qs_ustack *s, qs_mbuf *m, int64_t now)
     memcpy(sha, p + 8, 6);
     uint32_t spa = qs_get32(p + 14), tpa = qs_get32(p + 24);
     qs_mbuf_free(&s->pool, m);
-    if (spa == 0 || spa == s->cfg.ip)      /* probes and conflicts: never cache */
+    if (spa == 0 || qs_ip_is_ours(s, spa)) /* probes and conflicts: never cache */
         return 0;
     qs_arp_entry *e = find(s, spa);
     if (e && e->expires != INT64_MAX)      /* merge (static entries stay) */
         resolved(e, sha, now);
-    if (tpa != s->cfg.ip)
+    if (!qs_ip_is_ours(s, tpa))
         return 0;
     if (!e) {
         e = claim(s, spa, now);
@@ -209,7 +209,7 @@ int qs_arp_input(qs_ustack *s, qs_mbuf *m, int64_t now)
     if (e->state == ST_OK)
         flush_queue(s, e, now);
     if (oper == 1)
-        send_arp(s, 2, sha, spa, sha, now);
+        send_arp(s, 2, tpa, sha, spa, sha, now);   /* from the address asked for */
     return 0;
 }
 
@@ -245,7 +245,7 @@ int qs_arp_resolve_output(qs_ustack *s, qs_mbuf *m, uint32_t nh, int64_t now)
     if (now >= e->expires) {
         static const uint8_t zero[6];
         e->expires = now + ARP_RETRY_NS;
-        send_arp(s, 1, zero, nh, qs_eth_bcast, now);
+        send_arp(s, 1, s->cfg.ip, zero, nh, qs_eth_bcast, now);
     }
     return 0;
 }

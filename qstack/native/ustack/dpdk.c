@@ -35,6 +35,8 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
 #include <rte_eal.h>
 #include <rte_errno.h>
 #include <rte_ethdev.h>
@@ -273,6 +275,26 @@ out:
     return rc;
 }
 
+/* A memif client cannot start until its server has made the socket
+ * (DPDK's memif fails the start: "Failed to connect socket"), and the two
+ * processes may start in either order: a memif port's start is retried
+ * every 100 ms for up to PEER_WAIT_MS. */
+#define PEER_WAIT_MS 30000
+
+static int start_port(uint16_t port)
+{
+    struct rte_eth_dev_info info;
+    int rc = rte_eth_dev_start(port);
+    if (rc >= 0 || rte_eth_dev_info_get(port, &info) < 0 || !info.driver_name ||
+        strcmp(info.driver_name, "net_memif"))
+        return rc;
+    for (int waited = 0; rc < 0 && waited < PEER_WAIT_MS; waited += 100) {
+        usleep(100 * 1000);
+        rc = rte_eth_dev_start(port);
+    }
+    return rc;
+}
+
 static int setup_port(uint16_t port, struct rte_mempool *mp, const qs_dpdk_env *env)
 {
     struct rte_eth_conf conf;
@@ -292,7 +314,7 @@ static int setup_port(uint16_t port, struct rte_mempool *mp, const qs_dpdk_env *
     if ((rc = rte_eth_tx_queue_setup(port, 0, ntx, (unsigned)sock, NULL)) < 0)
         goto fail;
     what = "rte_eth_dev_start";
-    if ((rc = rte_eth_dev_start(port)) < 0)
+    if ((rc = start_port(port)) < 0)
         goto fail;
     return 0;
 fail:

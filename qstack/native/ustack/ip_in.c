@@ -10,6 +10,13 @@
  */
 #include "ustack.h"
 
+/* One of our addresses: cfg.ip .. cfg.ip + ip_count - 1 (a load
+ * generator's many source addresses, each with its own ports). */
+int qs_ip_is_ours(const qs_ustack *s, uint32_t addr)
+{
+    return addr - s->cfg.ip < (s->cfg.ip_count ? s->cfg.ip_count : 1u);
+}
+
 int qs_ip_input(qs_ustack *s, qs_mbuf *m, int64_t now)
 {
     const uint8_t *p = qs_mbuf_ptr(m);
@@ -37,7 +44,7 @@ int qs_ip_input(qs_ustack *s, qs_mbuf *m, int64_t now)
         goto drop;
     }
     uint32_t src = qs_get32(p + 12), dst = qs_get32(p + 16);
-    if (dst != s->cfg.ip) {
+    if (!qs_ip_is_ours(s, dst)) {
         s->st.ip_not_mine++;
         goto drop;
     }

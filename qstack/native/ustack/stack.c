@@ -25,6 +25,7 @@ void qs_ustack_config_default(qs_ustack_config *c)
     c->mss = 1460;
     c->wscale = 7;
     c->sack = 1;                       /* both directions (RFC 2018, RFC 6675) */
+    c->timestamps = 1;                 /* RFC 7323, as Linux */
     c->init_rto_ms = 1000;             /* RFC 6298 2.1 */
     c->min_rto_ms = 200;
     c->max_rto_ms = 60000;
@@ -49,7 +50,7 @@ int qs_config_check(const qs_ustack_config *c)
     if (c->buf_size < 1600 || c->buf_size > 65535 || c->buf_count < 16)
         return -EINVAL;
     if (c->mss < 536 || c->mss > 1460 || c->wscale < -1 || c->wscale > 14 || c->sack < 0 ||
-        c->sack > 1)
+        c->sack > 1 || c->timestamps < 0 || c->timestamps > 1)
         return -EINVAL;
     if (!c->max_conns || !c->syn_backlog || c->syncookies < 0 || c->syncookies > 2)
         return -EINVAL;

@@ -50,29 +50,40 @@ int qs_tcp_unlisten(qs_ustack *s, uint16_t port)
 qs_tcb *qs_tcp_connect(qs_ustack *s, uint32_t raddr, uint16_t rport, uint16_t lport,
                        uint64_t user, int64_t now, int *err)
 {
+    return qs_tcp_connect_from(s, s->cfg.ip, raddr, rport, lport, user, now, err);
+}
+
+/* From laddr, one of the stack's addresses (cfg.ip_count of them). */
+qs_tcb *qs_tcp_connect_from(qs_ustack *s, uint32_t laddr, uint32_t raddr, uint16_t rport,
+                            uint16_t lport, uint64_t user, int64_t now, int *err)
+{
     *err = 0;
     if (!rport || !raddr) {
         *err = -EINVAL;
         return NULL;
     }
+    if (!qs_ip_is_ours(s, laddr)) {
+        *err = -EADDRNOTAVAIL;
+        return NULL;
+    }
     if (!lport) {   /* ephemeral: the next free port in 32768..60999 (RFC 6056 style range) */
         for (int tries = 0; tries < 28232 && !lport; tries++) {
             uint16_t p = (uint16_t)(32768 + (s->next_port++ % 28232));
-            if (!qs_tcp_lookup(s, s->cfg.ip, p, raddr, rport) && !qs_tcp_listener(s, p) &&
-                !qs_tw_lookup(s, s->cfg.ip, p, raddr, rport))
+            if (!qs_tcp_lookup(s, laddr, p, raddr, rport) && !qs_tcp_listener(s, p) &&
+                !qs_tw_lookup(s, laddr, p, raddr, rport))
                 lport = p;
         }
         if (!lport) {
             *err = -EADDRNOTAVAIL;
             return NULL;
         }
-    } else if (qs_tcp_lookup(s, s->cfg.ip, lport, raddr, rport) ||
-               qs_tw_lookup(s, s->cfg.ip, lport, raddr, rport)) {
+    } else if (qs_tcp_lookup(s, laddr, lport, raddr, rport) ||
+               qs_tw_lookup(s, laddr, lport, raddr, rport)) {
         *err = -EADDRINUSE;
         return NULL;
     }
     qs_ustack_enter(s);
-    qs_tcb *t = qs_tcp_tcb_new(s, s->cfg.ip, lport, raddr, rport);
+    qs_tcb *t = qs_tcp_tcb_new(s, laddr, lport, raddr, rport);
     if (!t) {
         *err = -ENOMEM;
         qs_ustack_leave(s);
@@ -81,7 +92,7 @@ qs_tcb *qs_tcp_connect(qs_ustack *s, uint32_t raddr, uint16_t rport, uint16_t lp
     t->user = user;
     t->state = QS_TCP_SYN_SENT;
     s->st.tcp_active_opens++;
-    t->iss = qs_tcp_iss(s, s->cfg.ip, lport, raddr, rport, now);
+    t->iss = qs_tcp_iss(s, laddr, lport, raddr, rport, now);
     t->snd_una = t->iss;
     t->snd_nxt = t->snd_max = qs_seq_add(t->iss, 1);
     t->mss = qs_tcp_our_mss(s);

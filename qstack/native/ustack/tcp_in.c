@@ -48,6 +48,12 @@ static int parse_options(const uint8_t *o, uint32_t n, qs_tcp_seg *g)
             if (len != 2)
                 return -EINVAL;
             g->has_sackok = 1;                        /* RFC 2018 2 */
+        } else if (kind == 8) {
+            if (len != 10)
+                return -EINVAL;
+            g->has_ts = 1;                            /* RFC 7323 3.2 */
+            g->tsval = qs_get32(o + i + 2);
+            g->tsecr = qs_get32(o + i + 6);
         } else if (kind == 5) {
             if ((len - 2) % 8 || len < 10)
                 return -EINVAL;
@@ -65,6 +71,19 @@ static int parse_options(const uint8_t *o, uint32_t n, qs_tcp_seg *g)
         i += len;
     }
     return 0;
+}
+
+/* Both sides offered timestamps: from now on every segment carries one,
+ * and the payload of a full segment is 12 bytes shorter (RFC 7323 3.2,
+ * RFC 6691). */
+static void ts_agree(const qs_ustack *s, qs_tcb *t, const qs_tcp_seg *g, int64_t now)
+{
+    if (!g->has_ts || !s->cfg.timestamps)
+        return;
+    t->flags |= QT_TS;
+    t->ts_recent = g->tsval;
+    t->ts_recent_tick = qs_tick(now);
+    t->mss -= QS_TS_OPTLEN;               /* at least 64 before: stays positive */
 }
 
 static void listen_input(qs_ustack *s, qs_listener *l, qs_tcp_seg *g, qs_mbuf *m, int64_t now)
@@ -152,6 +171,7 @@ static void listen_input(qs_ustack *s, qs_listener *l, qs_tcp_seg *g, qs_mbuf *m
     }
     if (g->has_sackok && s->cfg.sack)
         t->flags |= QT_SACK;
+    ts_agree(s, t, g, now);
     t->snd_wnd = t->max_snd_wnd = g->wnd;      /* a SYN's window is never scaled */
     t->snd_wl1 = g->seq;
     t->snd_wl2 = t->iss;
@@ -219,6 +239,7 @@ static void syn_sent_input(qs_ustack *s, qs_tcb *t, qs_tcp_seg *g, qs_mbuf *m, i
     }
     if (g->has_sackok && s->cfg.sack)
         t->flags |= QT_SACK;
+    ts_agree(s, t, g, now);
     t->snd_wnd = t->max_snd_wnd = g->wnd;
     t->snd_wl1 = g->seq;
     t->snd_wl2 = g->ack;

@@ -131,9 +131,31 @@ static void acked_now(qs_tcb *t)
     qs_tcp_timer_clear(t, QS_TM_DELACK);
 }
 
+/* NOP NOP TS: our clock (the tick plus a per-connection offset) and the
+ * peer's last TSval (RFC 7323 3.2) */
+static uint32_t put_ts(uint8_t *o, uint32_t tsval, uint32_t tsecr)
+{
+    o[0] = 1;
+    o[1] = 1;
+    o[2] = 8;
+    o[3] = 10;
+    qs_put32(o + 4, tsval);
+    qs_put32(o + 8, tsecr);
+    return QS_TS_OPTLEN;
+}
+
+static uint32_t ts_option(const qs_tcb *t, uint8_t *o, int64_t now)
+{
+    if (!(t->flags & QT_TS))
+        return 0;
+    return put_ts(o, qs_tick(now) + t->iss.v, t->ts_recent);
+}
+
 /* SYN options: MSS always (RFC 9293 3.7.1), window scale when we offer it
- * and, on a SYN-ACK, only if the peer offered it (RFC 7323 1.3). */
-static uint32_t syn_options(const qs_ustack *s, const qs_tcb *t, int synack, uint8_t *o)
+ * and, on a SYN-ACK, only if the peer offered it (RFC 7323 1.3); the same
+ * for SACK-permitted and timestamps. */
+static uint32_t syn_options(const qs_ustack *s, const qs_tcb *t, int synack, uint8_t *o,
+                            int64_t now)
 {
     uint32_t n = 0;
     o[n++] = 2;
@@ -152,14 +174,18 @@ static uint32_t syn_options(const qs_ustack *s, const qs_tcb *t, int synack, uin
         o[n++] = 4;
         o[n++] = 2;
     }
+    if (s->cfg.timestamps && (!synack || (t->flags & QT_TS)))
+        n += put_ts(o + n, qs_tick(now) + t->iss.v, synack ? t->ts_recent : 0);
     return n;
 }
 
 /* SACK blocks (RFC 2018 3-4) for the out-of-order queue: contiguous
  * ranges, the one holding the most recent arrival first, then the others
- * in sequence order, at most 4 (no timestamps here to share the 40 bytes). */
+ * in sequence order: 4 of them fit in the 40 bytes of options, 3 beside
+ * a timestamp. */
 static uint32_t sack_options(const qs_tcb *t, uint8_t *o)
 {
+    uint32_t most = (t->flags & QT_TS) ? 3 : 4;
     if (!(t->flags & QT_SACK) || !t->oooq.head)
         return 0;
     qs_seq lo[8], hi[8];
@@ -185,7 +211,7 @@ static uint32_t sack_options(const qs_tcb *t, uint8_t *o)
     o[k++] = 5;
     o[k++] = 2;
     for (int pass = 0; pass < 2; pass++)
-        for (int i = 0; i < n && blocks < 4; i++) {
+        for (int i = 0; i < n && blocks < most; i++) {
             if ((pass == 0) != (i == first))
                 continue;
             qs_put32(o + k, lo[i].v);
@@ -203,14 +229,16 @@ int qs_tcp_send_ctl(qs_ustack *s, qs_tcb *t, uint8_t flags, qs_seq seq, int64_t 
     uint32_t optlen = 0;
     uint16_t wnd;
     if (flags & QS_TH_SYN) {
-        optlen = syn_options(s, t, (flags & QS_TH_ACK) != 0, opts);
+        optlen = syn_options(s, t, (flags & QS_TH_ACK) != 0, opts, now);
         uint32_t w = qs_tcp_rcv_window(t);
         wnd = (uint16_t)(w > 65535 ? 65535 : w);   /* never scaled in a SYN (RFC 7323 2.2) */
         t->rcv_adv = qs_seq_add(t->rcv_nxt, wnd);
     } else {
         wnd = window_field(s, t);
-        if (!(flags & QS_TH_RST))
-            optlen = sack_options(t, opts);
+        if (!(flags & QS_TH_RST)) {
+            optlen = ts_option(t, opts, now);
+            optlen += sack_options(t, opts + optlen);
+        }
     }
     if (flags & QS_TH_ACK)
         acked_now(t);
@@ -246,7 +274,8 @@ int qs_tcp_send_ack(qs_ustack *s, qs_tcb *t, int64_t now)
 
 /* One segment [seq, seq+len) of the send queue, plus FIN if asked.  SACK
  * blocks take room from the payload (RFC 6691: MSS counts data only, the
- * frame must still fit), so the segment may come out shorter.  Returns
+ * frame must still fit), so the segment may come out shorter (a timestamp
+ * has its room already: t->mss is cut by it at negotiation).  Returns
  * the sequence space sent (payload, + 1 for a FIN), or -errno. */
 int qs_tcp_send_seg(qs_ustack *s, qs_tcb *t, qs_seq seq, uint32_t len, int fin, int64_t now)
 {
@@ -256,9 +285,11 @@ int qs_tcp_send_seg(qs_ustack *s, qs_tcb *t, qs_seq seq, uint32_t len, int fin, 
     if (len > t->sndq_len - at)
         len = t->sndq_len - at;
     uint8_t opts[40];
-    uint32_t optlen = sack_options(t, opts);
-    if (optlen && len + optlen > t->mss && t->mss > optlen) {
-        len = t->mss - optlen;
+    uint32_t tslen = ts_option(t, opts, now);
+    uint32_t sacklen = sack_options(t, opts + tslen);
+    uint32_t optlen = tslen + sacklen;
+    if (sacklen && len + sacklen > t->mss && t->mss > sacklen) {
+        len = t->mss - sacklen;
         fin = 0;                          /* the FIN goes with the last byte, later */
     }
     uint8_t flags = QS_TH_ACK;
@@ -399,12 +430,14 @@ int qs_tcp_send_rst_for(qs_ustack *s, const qs_tcp_seg *g, int64_t now)
                 QS_TH_RST | QS_TH_ACK, 0, NULL, 0, NULL, 0, 0, 0, now);
 }
 
-/* An ACK for a TIME-WAIT record (tcp_tw.c) */
+/* An ACK for a TIME-WAIT record (tcp_tw.c); ts: its timestamp option, or NULL */
 int qs_tcp_send_bare_ack(qs_ustack *s, uint32_t laddr, uint16_t lport, uint32_t raddr,
                          uint16_t rport, qs_seq seq, qs_seq ack, uint16_t wnd, uint8_t prio,
-                         int64_t now)
+                         const uint32_t ts[2], int64_t now)
 {
-    return emit(s, laddr, lport, raddr, rport, seq, ack, QS_TH_ACK, wnd, NULL, 0, NULL, 0, 0,
+    uint8_t o[QS_TS_OPTLEN];
+    uint32_t n = ts ? put_ts(o, ts[0], ts[1]) : 0;
+    return emit(s, laddr, lport, raddr, rport, seq, ack, QS_TH_ACK, wnd, o, n, NULL, 0, 0,
                 prio, now);
 }
 

@@ -298,12 +298,27 @@ static void fin_in(qs_ustack *s, qs_tcb *t, int64_t now)
         s->app->eof(s->app_ctx, t);
 }
 
+static int paws_reject(const qs_tcb *t, const qs_tcp_seg *g, int64_t now)
+{
+    return g->has_ts && (t->flags & QT_TS) && !(g->flags & QS_TH_RST) &&
+           (int32_t)(g->tsval - t->ts_recent) < 0 &&
+           qs_tick(now) - t->ts_recent_tick < QS_PAWS_IDLE_MS;   /* 5.5: a TS.Recent that old is void */
+}
+
 void qs_tcp_sync_input(qs_ustack *s, qs_tcb *t, qs_tcp_seg *g, qs_mbuf *m, int64_t now)
 {
     uint32_t seglen = g->len + ((g->flags & QS_TH_SYN) ? 1 : 0) + ((g->flags & QS_TH_FIN) ? 1 : 0);
     QS_TRACE(s, t, now, QS_TR_IN, g->seq.v, g->ack.v, g->wnd << t->snd_wscale,
              g->len | (uint32_t)g->flags << 24);
-    /* 1. sequence number */
+    /* 1. sequence number, after PAWS (RFC 7323 5.3 R1): a segment whose
+     * timestamp is older than the last one is an old duplicate from a
+     * wrapped sequence space, whatever its sequence number says.  A
+     * segment without a timestamp is still taken, as Linux does. */
+    if (paws_reject(t, g, now)) {
+        s->st.tcp_paws_drop++;
+        qs_tcp_send_ack(s, t, now);
+        goto drop;
+    }
     if (!acceptable(t, g, seglen)) {
         if (g->len && qs_seq_le(qs_seq_add(g->seq, seglen), t->rcv_nxt))
             s->st.tcp_dup_data++;                 /* an old duplicate, all of it */
@@ -319,6 +334,13 @@ void qs_tcp_sync_input(qs_ustack *s, qs_tcb *t, qs_tcp_seg *g, qs_mbuf *m, int64
         goto drop;
     }
     qs_tcp_keep_touch(s, t, now);
+    /* RFC 7323 4.3: the TSval to echo is the one of the segment that
+     * advanced the left edge (SEG.SEQ <= RCV.NXT), never a later one */
+    if (g->has_ts && (t->flags & QT_TS) && qs_seq_le(g->seq, t->rcv_nxt) &&
+        (int32_t)(g->tsval - t->ts_recent) >= 0) {
+        t->ts_recent = g->tsval;
+        t->ts_recent_tick = qs_tick(now);
+    }
     /* 2. RST */
     if (g->flags & QS_TH_RST) {
         s->st.tcp_rst_rx++;

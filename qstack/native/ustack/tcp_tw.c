@@ -7,7 +7,7 @@
  * reused, and answer stray segments.  Holding a whole control block (and
  * a slot of the timer wheel) for that is what makes a server that closes
  * millions of connections pay for them twice, so once the application has
- * closed its handle the control block is freed and a 40-byte record takes
+ * closed its handle the control block is freed and a 48-byte record takes
  * its place, as Linux's inet_timewait_sock does:
  *
  *   - the records live in one array (indices, not pointers, so it grows
@@ -25,9 +25,12 @@
  * not close()) stays a control block in TIME_WAIT until it closes.
  *
  * A SYN for the 4-tuple of a record, with a sequence number beyond the old
- * connection's, ends the record and reaches the listener (RFC 9293 3.10.7.4
- * / Linux): a client reusing its port after closing first need not wait
- * 2 MSL.
+ * connection's, or with a timestamp newer than the old connection's last
+ * (RFC 6191, when both used timestamps), ends the record and reaches the
+ * listener (RFC 9293 3.10.7.4 / Linux): a client reusing its port after
+ * closing first need not wait 2 MSL.  The record keeps the timestamp state
+ * so that its ACKs still carry one (RFC 7323 3.2: once negotiated, on every
+ * segment).
  */
 #include "ustack.h"
 #include <stdlib.h>
@@ -158,6 +161,9 @@ void qs_tw_adopt(qs_ustack *s, qs_tcb *t, int64_t now)
         w->snd_nxt = t->snd_max;
         w->rcv_nxt = t->rcv_nxt;
         w->prio = t->prio;
+        w->ts = (t->flags & QT_TS) != 0;
+        w->ts_off = t->iss.v;
+        w->ts_recent = t->ts_recent;
         /* the window of our ACKs: what we last advertised, scaled as agreed */
         int32_t adv = qs_seq_diff(t->rcv_adv, t->rcv_nxt);
         uint32_t f = adv > 0 ? (uint32_t)adv >> t->rcv_wscale : 0;
@@ -175,8 +181,20 @@ void qs_tw_adopt(qs_ustack *s, qs_tcb *t, int64_t now)
 
 static int tw_ack(qs_ustack *s, const qs_tw *w, int64_t now)
 {
+    uint32_t ts[2] = {qs_tick(now) + w->ts_off, w->ts_recent};
     return qs_tcp_send_bare_ack(s, w->laddr, w->lport, w->raddr, w->rport, w->snd_nxt,
-                                w->rcv_nxt, w->wnd, w->prio, now);
+                                w->rcv_nxt, w->wnd, w->prio, w->ts ? ts : NULL, now);
+}
+
+/* Is this SYN a new incarnation of the record's 4-tuple?  Its sequence
+ * number is beyond the old connection's, or (RFC 6191) both used
+ * timestamps and its TSval is newer than the last one the old connection
+ * saw. */
+static int tw_new_incarnation(const qs_tw *w, const qs_tcp_seg *g)
+{
+    if (w->ts && g->has_ts)
+        return (int32_t)(g->tsval - w->ts_recent) > 0;
+    return qs_seq_gt(g->seq, w->rcv_nxt);
 }
 
 /* A segment for record i.  Returns 1 if it is a SYN that ends the record
@@ -189,7 +207,7 @@ int qs_tw_input(qs_ustack *s, uint32_t i, const qs_tcp_seg *g, int64_t now)
         return 0;
     }
     if (g->flags & QS_TH_SYN) {
-        if (!(g->flags & QS_TH_ACK) && qs_seq_gt(g->seq, w->rcv_nxt) &&
+        if (!(g->flags & QS_TH_ACK) && tw_new_incarnation(w, g) &&
             qs_tcp_listener(s, w->lport)) {
             tw_release(s, i);                   /* a new incarnation of the 4-tuple */
             return 1;

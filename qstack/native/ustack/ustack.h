@@ -169,6 +169,15 @@ static inline void qs_netdrv_flush(qs_netdrv *d, int64_t now)
 /* 0x8000: tcp_timer.c's "filed in the wheel" */
 #define QT_SACK       0x10000   /* both offered SACK: we report holes (RFC 2018) */
 #define QT_SACK_RCVRY 0x20000   /* QT_RECOVERY is RFC 6675's, clocked by pipe (tcp_sack.c) */
+#define QT_TS         0x40000   /* both offered timestamps: every segment carries one (RFC 7323) */
+
+/* Timestamps (RFC 7323 3-5).  Our clock is the millisecond tick plus a
+ * per-connection offset (5.4: no global clock to read off), the ISS, which
+ * is already keyed and per connection.  The option takes 12 bytes of every
+ * segment (NOP NOP kind len TSval TSecr), so the payload of a full segment
+ * is mss - 12 (the mss field is cut by that at negotiation, RFC 6691). */
+#define QS_TS_OPTLEN 12
+#define QS_PAWS_IDLE_MS (24u * 24 * 3600 * 1000)   /* TS.Recent older than 24 days is void */
 
 /* timers, qs_tcb.timers bits (deadlines in ms ticks) */
 enum { QS_TM_REXMIT, QS_TM_DELACK, QS_TM_KEEP, QS_TM_NTIMERS };
@@ -207,6 +216,7 @@ typedef struct qs_tcb {
     uint32_t t_at;                      /* tick the wheel files us under */
     uint32_t tm[QS_TM_NTIMERS];         /* deadlines, ticks */
     uint32_t rcv_buf;                   /* receive buffer size (bytes) */
+    uint32_t ts_recent, ts_recent_tick; /* QT_TS: the peer's last TSval and when (RFC 7323 4.3) */
     uint32_t sndq_len, rcvq_len;        /* bytes in sndq (from snd_una) and rcvq */
     uint32_t nbufs;                     /* pool buffers in sndq and oooq (tcp_mem.c) */
     qs_mq sndq, rcvq, oooq;
@@ -220,8 +230,9 @@ typedef struct qs_tw {
     uint16_t lport, rport;
     qs_seq snd_nxt, rcv_nxt;            /* what our ACKs carry */
     uint32_t expire;                    /* tick 2 MSL ends */
+    uint32_t ts_off, ts_recent;         /* with `ts`: our clock's offset, the peer's last TSval */
     uint16_t wnd;                       /* window field of our ACKs */
-    uint8_t prio;
+    uint8_t prio, ts;
 } qs_tw;
 
 #define QS_MAX_LISTEN 16
@@ -353,6 +364,7 @@ int64_t qs_arp_next(qs_ustack *s);          /* when qs_arp_age has work, INT64_M
 /* ip_in.c / ip_out.c / icmp.c */
 int qs_ip_input(qs_ustack *s, qs_mbuf *m, int64_t now);
 int qs_ip_output(qs_ustack *s, qs_mbuf *m, uint32_t src, uint32_t dst, uint8_t proto, int64_t now);
+int qs_ip_is_ours(const qs_ustack *s, uint32_t addr);
 int qs_icmp_input(qs_ustack *s, qs_mbuf *m, uint32_t src, uint32_t dst, int64_t now);
 
 /* tcp_in.c / tcp_sync.c */
@@ -366,6 +378,8 @@ typedef struct qs_tcp_seg {   /* a parsed segment */
     uint8_t has_mss, has_ws, ws, has_sackok;
     qs_seq sack_hi;           /* highest right edge of the SACK blocks, if has_sack */
     uint8_t has_sack, nsack;
+    uint8_t has_ts;
+    uint32_t tsval, tsecr;
     qs_seq sack_l[4], sack_r[4];   /* the first nsack blocks, as sent */
     uint16_t mss;
     uint32_t src, dst;
@@ -424,7 +438,7 @@ int qs_tcp_send_seg(qs_ustack *s, qs_tcb *t, qs_seq seq, uint32_t len, int fin, 
 int qs_tcp_send_rst_for(qs_ustack *s, const qs_tcp_seg *g, int64_t now);
 int qs_tcp_send_bare_ack(qs_ustack *s, uint32_t laddr, uint16_t lport, uint32_t raddr,
                          uint16_t rport, qs_seq seq, qs_seq ack, uint16_t wnd, uint8_t prio,
-                         int64_t now);                        /* no control block behind it */
+                         const uint32_t ts[2], int64_t now);  /* no control block behind it */
 int qs_tcp_send_synack_stateless(qs_ustack *s, const qs_tcp_seg *g, qs_seq iss, uint16_t mss, int64_t now);
 uint32_t qs_tcp_rcv_window(const qs_tcb *t);                  /* free receive space */
 void qs_tcp_ack_soon(qs_ustack *s, qs_tcb *t, int64_t now);    /* delayed ACK rules */
@@ -476,6 +490,8 @@ int qs_trace_format(const qs_ustack *s, char *out, int max);  /* oldest first; b
 /* tcp_api.c */
 int qs_tcp_listen(qs_ustack *s, uint16_t port, uint32_t backlog);
 int qs_tcp_unlisten(qs_ustack *s, uint16_t port);
+qs_tcb *qs_tcp_connect_from(qs_ustack *s, uint32_t laddr, uint32_t raddr, uint16_t rport,
+                            uint16_t lport, uint64_t user, int64_t now, int *err);
 qs_tcb *qs_tcp_connect(qs_ustack *s, uint32_t raddr, uint16_t rport, uint16_t lport,
                        uint64_t user, int64_t now, int *err);
 int qs_tcp_send(qs_ustack *s, qs_tcb *t, const uint8_t *data, uint32_t len, int64_t now);
