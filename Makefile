@@ -44,7 +44,7 @@ serve: build
 	$(BIN)/qstack serve apps.echo:handle --host $(HOST) --port $(PORT)
 
 # System packages the suite needs, installed only when missing (and only as root).
-SYSDEPS := redis-server libdpdk-dev pkg-config liburing-dev
+SYSDEPS := redis-server libdpdk-dev pkg-config liburing-dev node-llhttp wrk
 sysdeps:
 	@missing=""; for p in $(SYSDEPS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

@@ -75,6 +75,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                                    "variables (e.g. QSTACK_SERVER__PORT=9000), then flags.")
     p.add_argument("app", nargs="?", metavar="MODULE:ATTR",
                    help="the handler (default: app.handler from the config)")
+    p.add_argument("--wsgi", dest="app.wsgi", metavar="MODULE:APP", default=None,
+                   help="serve a WSGI app over HTTP/1.1 instead of a message handler "
+                        "(app.wsgi)")
     p.add_argument("--config", "-c", metavar="FILE", action="append", default=None,
                    help="YAML config (see conf/qstack.yaml and `qstack config --dump`); "
                         "repeatable, later files override earlier ones")
@@ -106,6 +109,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         ("--access-sample", "log.access_sample", float,
          "share of requests the access log writes, 0 < R <= 1"),
         ("--framing", "app.framing", str, "raw | line | fixed:N | length:N"),
+        ("--max-body", "http.max_body", int, "--wsgi: largest request body in bytes (413)"),
+        ("--max-head", "http.max_head", int,
+         "--wsgi: largest request line + headers in bytes (431)"),
+        ("--max-line", "http.max_line", int, "--wsgi: largest request line in bytes (414)"),
         ("--max-message", "app.max_message", int,
          "largest message in bytes; larger is a protocol error"),
         ("--levels", "priority.levels", int, "number of priority levels"),
@@ -129,8 +136,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="listen on HOST:PORT or unix:PATH; repeatable, every core serves "
                         "them all (server.bind, default: --host and --port)")
     p.add_argument("--priority", action="append", metavar="RULE", default=None,
-                   help="offset=N,value=N[,mask=N][,level=N]; repeatable, "
-                        "first match wins (priority.rules)")
+                   help="offset=N,value=N[,mask=N][,level=N], or with --wsgi "
+                        "path=/P, header=NAME[:VALUE] or method=M [,level=N]; "
+                        "repeatable, first match wins (priority.rules)")
     p.add_argument("--access-log", dest="log.access", action="store_true", default=None,
                    help="log a line per request of a message handler (log.access, default off)")
     p.add_argument("--stats", dest="server.stats", action="store_true", default=None,
@@ -187,9 +195,12 @@ def _serve(args: argparse.Namespace) -> int:
 
     cfg = load_layers(args.config, _overrides(args), os.environ)
     _setup_logging(args.log_level, cfg.log.format, cfg.log.file)
+    if cfg.app.wsgi is not None:
+        return _serve_wsgi(cfg)
     if cfg.app.handler is None:
         raise ConfigError("no handler given: pass MODULE:ATTR "
-                          "(e.g. qstack serve apps.echo:handle) or set app.handler")
+                          "(e.g. qstack serve apps.echo:handle), --wsgi MODULE:APP, "
+                          "or set app.handler")
     baseline = set(sys.modules)
     handler = load_callable(cfg.app.handler, "handler")
     check_handler(handler, cfg.app.handler)
@@ -199,8 +210,40 @@ def _serve(args: argparse.Namespace) -> int:
         check_handler(new, cfg.app.handler)
         return new
 
+    return _run(cfg, handler, reload_handler)
+
+
+def _serve_wsgi(cfg: Config) -> int:
+    """--wsgi MODULE:APP: the app behind qstack.app.wsgi's message handler."""
+    from qstack.app.loader import load_callable, reload_callable
+    from qstack.app.wsgi import WSGIHandler
+    from qstack.transport import lib
+    if lib.qs_http_probe() != 0:
+        raise ConfigError("app.wsgi: this build has no HTTP parser (llhttp): install it "
+                          "(Debian: apt-get install node-llhttp) and rebuild (make build)")
     from qstack import server
     if server.kernel_sockets(cfg):
+        cfg = server.check_listen(cfg)
+    spec = cfg.app.wsgi
+    baseline = set(sys.modules)
+
+    def make(app):
+        return WSGIHandler(app, server_name=cfg.server.host, server_port=cfg.server.port,
+                           multiprocess=cfg.server.cores > 1, access=cfg.log.access,
+                           access_sample=cfg.log.access_sample,
+                           server_header=cfg.http.server_header)
+
+    handler = make(load_callable(spec, "WSGI app"))
+
+    def reload_handler():
+        return make(reload_callable(spec, "WSGI app", baseline))
+
+    return _run(cfg, handler, reload_handler, checked=True)
+
+
+def _run(cfg: Config, handler, reload_handler, checked=False) -> int:
+    from qstack import server
+    if server.kernel_sockets(cfg) and not checked:
         cfg = server.check_listen(cfg)  # port 0: every core must bind the same one
     if cfg.server.cores == 1:
         return server.serve(cfg, handler, core_index=0, stats_fd=None)

@@ -63,6 +63,22 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class HttpRule:
+    """An HTTP priority rule, classified natively (served with app.wsgi):
+    kind ``path`` (the path is value or goes on below it), ``header`` (the
+    header ``name`` is present; with a value, equal to it) or ``method``."""
+    kind: str
+    value: str = ""
+    name: str = ""
+    level: int = 0
+
+    def __str__(self) -> str:
+        if self.kind == "header":
+            return f"header={self.name}" + (f":{self.value}" if self.value else "")
+        return f"{self.kind}={self.value}"
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
@@ -85,6 +101,7 @@ class ServerConfig:
 @dataclass(frozen=True)
 class AppConfig:
     handler: str | None = None
+    wsgi: str | None = None
     framing: Framing = Framing("raw", 0)
     max_message: int = 16777216
     init: str | None = None
@@ -108,6 +125,14 @@ class PriorityConfig:
     def effective_default_level(self) -> int:
         """The level of a message no rule matches (None means the lowest)."""
         return self.levels - 1 if self.default_level is None else self.default_level
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    max_line: int = 8190
+    max_head: int = 8192
+    max_body: int = 16777216
+    server_header: str = "qstack"
 
 
 @dataclass(frozen=True)
@@ -182,6 +207,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     app: AppConfig = field(default_factory=AppConfig)
     priority: PriorityConfig = field(default_factory=PriorityConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     layout: LayoutConfig = field(default_factory=LayoutConfig)
     native: NativeConfig = field(default_factory=NativeConfig)
     ustack: UstackConfig = field(default_factory=UstackConfig)
@@ -379,11 +405,17 @@ def _rules(value, key, source):
     rules = []
     for i, item in enumerate(value):
         where = f"{key}[{i}]"
+        if isinstance(item, HttpRule):
+            item = _http_rule_mapping(item)
         if isinstance(item, Rule):
             item = dataclasses.asdict(item)
         elif not isinstance(item, dict):
             raise ConfigError(f"{where}: expected a mapping with offset, value"
-                              f"[, mask, level], got {_show(item)}")
+                              f"[, mask, level] or path, header or method [, level], "
+                              f"got {_show(item)}")
+        if any(k in item for k in HTTP_RULE_KINDS):
+            rules.append(_make_http_rule(item, lambda msg, w=where: ConfigError(f"{w}.{msg}")))
+            continue
         for name in item:
             if name not in _RULE_FIELDS:
                 raise ConfigError(f"unknown key '{where}.{name}' {source}")
@@ -392,6 +424,51 @@ def _rules(value, key, source):
 
 
 _RULE_FIELDS = {"offset": 65535, "value": 255, "mask": 255, "level": MAX_LEVELS - 1}
+HTTP_RULE_KINDS = ("path", "header", "method")
+_HTTP_NAME_MAX, _HTTP_VALUE_MAX = 64, 192      # qs_http_rule's name and value
+_TCHAR = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
+                   "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def _http_rule_mapping(rule: HttpRule) -> dict:
+    if rule.kind == "header":
+        text = rule.name + (f":{rule.value}" if rule.value else "")
+    else:
+        text = rule.value
+    return {rule.kind: text, "level": rule.level}
+
+
+def _make_http_rule(fields: dict, error: Callable[[str], ConfigError]) -> HttpRule:
+    """``{path|header|method: text, level: N}`` checked into an HttpRule."""
+    kinds = [k for k in HTTP_RULE_KINDS if k in fields]
+    if len(kinds) != 1:
+        raise error(f"{kinds[1]}: a rule matches one of path, header or method")
+    kind = kinds[0]
+    for name in fields:
+        if name not in (kind, "level"):
+            raise error(f"{name}: not a field of a {kind} rule (expected {kind} and level)")
+    text = fields[kind]
+    if not isinstance(text, str) or not text:
+        raise error(f"{kind}: expected a non-empty string, got {_show(text)}")
+    level = fields.get("level", 0)
+    if not _is_int(level) or not 0 <= level <= MAX_LEVELS - 1:
+        raise error(f"level: expected an integer in 0..{MAX_LEVELS - 1}, got {_show(level)}")
+    name, value = "", text.strip()
+    if kind == "header":
+        name, _, value = (s.strip() for s in text.partition(":"))
+        if not name or not set(name) <= _TCHAR:
+            raise error(f"header: {text!r}: expected NAME or NAME:VALUE, NAME a header name")
+        if len(name.encode()) > _HTTP_NAME_MAX:
+            raise error(f"header: the name is longer than {_HTTP_NAME_MAX} bytes")
+    elif kind == "path" and not value.startswith("/"):
+        raise error(f"path: {text!r} does not start with '/'")
+    elif kind == "method" and not set(value) <= _TCHAR:
+        raise error(f"method: {text!r} is not a method name")
+    if any(ord(ch) < 32 or ord(ch) > 126 for ch in value):
+        raise error(f"{kind}: {text!r}: only printable ASCII can match")
+    if len(value.encode()) > _HTTP_VALUE_MAX:
+        raise error(f"{kind}: longer than {_HTTP_VALUE_MAX} bytes")
+    return HttpRule(kind, value, name, level)
 
 
 def _make_rule(fields: dict, error: Callable[[str], ConfigError]) -> Rule:
@@ -428,6 +505,7 @@ _SCHEMA: dict[str, dict[str, Validator]] = {
     },
     "app": {
         "handler": _optional(_spec),
+        "wsgi": _optional(_spec),
         "framing": _framing,
         "max_message": _int(1, 1 << 30),
         "init": _optional(_spec),
@@ -442,6 +520,12 @@ _SCHEMA: dict[str, dict[str, Validator]] = {
         "classifier": _optional(_spec),
         "low_share": _float(0, 1, hi_open=True),
         "reserve": _optional(_reserve),
+    },
+    "http": {
+        "max_line": _int(16, 65536),
+        "max_head": _int(64, 1 << 24),
+        "max_body": _int(0, 1 << 40),
+        "server_header": lambda v, k, s: _header_text(_str(v, k, s), k),
     },
     "layout": {
         "pin": _choice(*PINS),
@@ -490,6 +574,7 @@ _SCHEMA: dict[str, dict[str, Validator]] = {
 }
 
 _CLASSES = {"server": ServerConfig, "app": AppConfig, "priority": PriorityConfig,
+            "http": HttpConfig,
             "layout": LayoutConfig, "native": NativeConfig, "ustack": UstackConfig,
             "metrics": MetricsConfig, "log": LogConfig}
 
@@ -498,12 +583,35 @@ ALL_KEYS = tuple(f"{s}.{k}" for s, keys in _SCHEMA.items() for k in keys)
 
 # --- parsers for the CLI syntax --------------------------------------------
 
-def parse_rule(text: str) -> Rule:
-    """Parse ``offset=5,value=0x01[,mask=0xff][,level=0]`` into a Rule."""
+def _header_text(value: str, key: str) -> str:
+    if not value or any(ord(ch) < 32 or ord(ch) > 126 for ch in value):
+        raise ConfigError(f"{key}: expected printable ASCII, got {value!r}")
+    return value
+
+
+def parse_rule(text: str) -> Rule | HttpRule:
+    """Parse ``offset=5,value=0x01[,mask=0xff][,level=0]`` into a Rule, or
+    ``path=/api[,level=0]``, ``header=X-Priority:high[,level=0]``,
+    ``method=GET[,level=0]`` into an HttpRule."""
     def error(msg: str) -> ConfigError:
         return ConfigError(f"bad priority rule {text!r}: {msg}")
 
-    fields: dict[str, int] = {}
+    if text.strip().partition("=")[0].strip() in HTTP_RULE_KINDS:
+        body, sep, level = text.rpartition(",level=")
+        fields: dict[str, object] = {}
+        if sep:
+            try:
+                fields["level"] = int(level.strip(), 0)
+            except ValueError:
+                raise error(f"level: {level.strip()!r} is not an integer") from None
+        else:
+            body = text
+        kind, _, value = body.partition("=")
+        fields[kind.strip()] = value.strip()
+        return _make_http_rule(fields, error)
+
+    ints: dict[str, int] = {}
+    fields = ints
     for part in text.split(","):
         name, sep, raw = (s.strip() for s in part.partition("="))
         if not sep or not name:
@@ -660,6 +768,29 @@ def _check_together(cfg: Config) -> None:
     if pr.rules and pr.classifier is not None:
         raise ConfigError("priority.rules and priority.classifier are mutually "
                           "exclusive: use native rules or a Python classifier")
+    app, http = cfg.app, cfg.http
+    if app.wsgi is not None:
+        if app.handler is not None:
+            raise ConfigError(f"app.wsgi: serves {app.wsgi}, but app.handler is "
+                              f"{app.handler} too: give one of them")
+        if app.framing.kind != "raw":
+            raise ConfigError(f"app.framing: {app.framing} with app.wsgi: a WSGI app is "
+                              f"served over HTTP, which frames its own requests")
+        if http.max_head >= cfg.native.buf_size:
+            raise ConfigError(f"http.max_head: {http.max_head} must be below "
+                              f"native.buf_size ({cfg.native.buf_size}): a head is read "
+                              f"into one buffer")
+        if cfg.server.reply_order != "arrival":
+            raise ConfigError(f"server.reply_order: {cfg.server.reply_order} with app.wsgi: "
+                              f"HTTP/1.1 answers pipelined requests in order (arrival)")
+        if http.max_line > http.max_head:
+            raise ConfigError(f"http.max_line: {http.max_line} exceeds http.max_head "
+                              f"({http.max_head})")
+    else:
+        for i, rule in enumerate(pr.rules):
+            if isinstance(rule, HttpRule):
+                raise ConfigError(f"priority.rules[{i}]: {rule} is an HTTP rule; "
+                                  f"it needs an HTTP app (--wsgi MODULE:APP)")
     _BACKEND_CHECKS.get(cfg.server.backend, _no_check)(cfg)
     nat = cfg.native
     if nat.buf_reserve is not None and nat.buf_reserve >= nat.buf_count:

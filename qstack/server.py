@@ -31,7 +31,7 @@ import stat
 import time
 
 from .app import counters
-from .config import listen_addresses, show_address
+from .config import Rule, listen_addresses, show_address
 from .errors import ConfigError
 from . import memif
 
@@ -194,14 +194,20 @@ def _conn_hooks(app, stream, load_callable):
 
 def _native_options(cfg, stream, stack_cpu, inline, conn_events=False):
     prio, native, app = cfg.priority, cfg.native, cfg.app
-    rules = [(r.offset, r.value, r.mask, r.level) for r in prio.rules]
+    rules = [(r.offset, r.value, r.mask, r.level) for r in prio.rules if isinstance(r, Rule)]
+    http_rules = [(r.kind, r.level, r.name, r.value) for r in prio.rules
+                  if not isinstance(r, Rule)]
     default_level = prio.default_level
     if prio.classifier:
         rules, default_level = [], 0        # Python classifies everything
+    framing = dict(framing=app.framing.kind, frame_arg=app.framing.arg,
+                   max_message=app.max_message)
+    if app.wsgi is not None:
+        framing = dict(framing="http", frame_arg=cfg.http.max_head,
+                       max_message=cfg.http.max_body, max_line=cfg.http.max_line)
     return dict(
-        levels=prio.levels, rules=rules, default_level=default_level,
-        framing=app.framing.kind, frame_arg=app.framing.arg,
-        max_message=app.max_message, ring_size=native.ring_size,
+        levels=prio.levels, rules=rules, http_rules=http_rules, default_level=default_level,
+        **framing, ring_size=native.ring_size,
         cmd_ring_size=native.cmd_ring_size, buf_size=native.buf_size,
         buf_count=native.buf_count, out_high_water=native.out_high_water,
         stream_mode=stream, conn_events=conn_events, stack_cpu=stack_cpu, inline=inline,
@@ -394,7 +400,7 @@ def _serve(cfg, handler, core_index, stats_fd, listen_fds, stop_fd, owned):
     options = _native_options(cfg, stream, stack_cpu, inline, conn_events=bool(hooks))
     core = _open_core(cfg, options, listen_fds, owned)
     where = _where(core, srv)
-    if cfg.log.access and not stream:
+    if cfg.log.access and not stream and cfg.app.wsgi is None:   # WSGI logs its own
         from .app.access import access_logged
         handler = access_logged(handler, cfg.log.access_sample)
     hub_type = StreamHub if stream else Hub
@@ -658,7 +664,7 @@ class _NativeErrors:
         self.watches = {
             "protocol_errors": CounterWatch(
                 "protocol errors", "oversized or malformed messages, each connection "
-                "reset"),
+                "reset (HTTP: answered 400/413/414/431/505, then closed)"),
             "accept_errors": CounterWatch(
                 "accept errors", "accept() failed, e.g. out of file descriptors"),
             "timeouts_message": CounterWatch(

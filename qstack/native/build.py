@@ -40,6 +40,28 @@ def have_liburing():
             and ctypes.util.find_library("uring") is not None)
 
 
+# HTTP framing (QS_FRAME_HTTP) parses with llhttp.  Debian ships its C
+# sources, not a library: node-llhttp puts them in /usr/share/llhttp (the
+# header in /usr/share/include/llhttp), and they are compiled in here.
+# Without them http_absent.c takes http.c's place and `serve --wsgi` says so.
+LLHTTP_SRC = os.environ.get("QSTACK_LLHTTP_SRC", "/usr/share/llhttp")
+LLHTTP_INC = os.environ.get("QSTACK_LLHTTP_INCLUDE", "/usr/share/include/llhttp")
+
+
+def llhttp_sources():
+    """llhttp's C files, or None if they are not installed."""
+    files = [os.path.join(LLHTTP_SRC, n) for n in ("llhttp.c", "api.c", "http.c")]
+    if all(os.path.exists(f) for f in files) and \
+            os.path.exists(os.path.join(LLHTTP_INC, "llhttp.h")):
+        return files
+    return None
+
+
+LLHTTP = llhttp_sources()
+if not LLHTTP:
+    print(f"llhttp not found in {LLHTTP_SRC} (Debian: apt-get install node-llhttp): "
+          "HTTP framing (qstack serve --wsgi) is not built", file=sys.stderr)
+
 URING = have_liburing()
 if not URING:
     print("liburing not found (Debian: apt-get install liburing-dev): "
@@ -47,8 +69,10 @@ if not URING:
 
 ffibuilder = builder("_native", ("qsprio.h", "ustack_settings.h", "qstack.h"), "src", direct=__name__ == "__main__",
                      libraries=["pthread", "dl"] + (["uring"] if URING else []),
-                     extra_sources=USTACK, extra_include=[os.path.join(HERE, "ustack")],
-                     without=("backend_uring_absent.c",) if URING else ("backend_uring.c",))
+                     extra_sources=USTACK + (LLHTTP or []),
+                     extra_include=[os.path.join(HERE, "ustack")] + ([LLHTTP_INC] if LLHTTP else []),
+                     without=(("backend_uring_absent.c",) if URING else ("backend_uring.c",)) +
+                     (("http_absent.c",) if LLHTTP else ("http.c",)))
 
 if __name__ == "__main__":
     compile_in_place(ffibuilder, "_native")

@@ -33,6 +33,13 @@ FRAMINGS = {
     "line": lib.QS_FRAME_LINE,
     "fixed": lib.QS_FRAME_FIXED,
     "length": lib.QS_FRAME_LENGTH,
+    "http": lib.QS_FRAME_HTTP,
+}
+
+HTTP_RULES = {
+    "path": lib.QS_HTTP_RULE_PATH,
+    "header": lib.QS_HTTP_RULE_HEADER,
+    "method": lib.QS_HTTP_RULE_METHOD,
 }
 
 REPLY_ORDERS = {
@@ -62,7 +69,7 @@ class NativeCore:
     NO_POLL = lib.QS_STEP_NO_POLL
 
     def __init__(self, *, levels, rules=(), default_level=None, framing="raw",
-                 frame_arg=0, max_message=1 << 24, ring_size=65536,
+                 frame_arg=0, max_message=1 << 24, max_line=0, http_rules=(), ring_size=65536,
                  cmd_ring_size=65536, buf_size=16384, buf_count=8192,
                  out_high_water=4 << 20, stream_mode=False, conn_events=False, stack_cpu=-1,
                  inline=False, reply_order="arrival",
@@ -79,12 +86,21 @@ class NativeCore:
         for i, (offset, value, mask, level) in enumerate(rules):
             r = cfg.rules[i]
             r.offset, r.value, r.mask, r.level = offset, value, mask, level
+        if len(http_rules) > lib.QS_MAX_RULES:
+            raise ValueError(f"at most {lib.QS_MAX_RULES} HTTP priority rules")
+        cfg.nhttp_rules = len(http_rules)
+        for i, (kind, level, name, value) in enumerate(http_rules):
+            r = cfg.http_rules[i]
+            r.kind, r.level = HTTP_RULES[kind], level
+            r.name, r.name_len = name.encode(), len(name.encode())
+            r.value, r.value_len = value.encode(), len(value.encode())
         cfg.default_level = levels - 1 if default_level is None else default_level
         # With no rule every message gets the default level: one ring is used.
-        self.only_level = cfg.default_level if not rules else None
+        self.only_level = cfg.default_level if not rules and not http_rules else None
         cfg.framer.kind = FRAMINGS[framing]
         cfg.framer.arg = frame_arg
         cfg.framer.max_message = max_message
+        cfg.framer.max_line = max_line
         cfg.ring_size = ring_size
         cfg.cmd_ring_size = cmd_ring_size
         cfg.buf_size = buf_size

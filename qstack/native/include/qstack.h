@@ -68,6 +68,27 @@
 #define QS_FRAME_LINE 1     /* up to and including '\n' */
 #define QS_FRAME_FIXED 2    /* arg bytes each */
 #define QS_FRAME_LENGTH 3   /* arg-byte big-endian length header (1,2,4,8), then payload */
+#define QS_FRAME_HTTP 4     /* HTTP/1.x requests (llhttp, http.c): arg = most head bytes,
+                               max_line = most request-line bytes, max_message = most body bytes */
+
+/* HTTP (QS_FRAME_HTTP).  A request that breaks the framing (malformed,
+ * smuggling-prone, over a limit) becomes one last DATA event of exactly one
+ * byte, QS_HTTP_ERR_*, which no request can be (a request line alone is
+ * longer); the conn reads nothing more, and the hub answers with that
+ * status and closes.  Counted in protocol_errors. */
+#define QS_HTTP_ERR_BAD 1        /* 400: malformed, CL+TE, bad or duplicate CL, bad chunk, obs-fold, bare CR/LF */
+#define QS_HTTP_ERR_BODY 2       /* 413: body larger than max_message */
+#define QS_HTTP_ERR_LINE 3       /* 414: request line longer than max_line */
+#define QS_HTTP_ERR_HEAD 4       /* 431: head (line + headers) longer than arg */
+#define QS_HTTP_ERR_VERSION 5    /* 505: not HTTP/1.x */
+#define QS_HTTP_ERR_ENCODING 6   /* 501: a Transfer-Encoding other than chunked */
+
+/* HTTP priority rules (qs_config.http_rules), tried before the byte rules;
+ * first match wins. */
+#define QS_HTTP_RULE_PATH 1      /* the target's path equals value, or starts with it and
+                                    goes on with '/', '?' (or value ends with '/') */
+#define QS_HTTP_RULE_HEADER 2    /* header `name` (any case) is present; value: and equals it */
+#define QS_HTTP_RULE_METHOD 3    /* the method is exactly value */
 
 /* event kinds (stack -> hub) */
 #define QS_EV_DATA 1        /* a message: data at slab offset `off`, `len` bytes */
@@ -134,15 +155,28 @@ typedef struct qs_cmd {
 
 typedef struct qs_framer {
     int32_t kind;         /* QS_FRAME_* */
-    int32_t arg;          /* FIXED: size; LENGTH: header bytes */
-    uint64_t max_message; /* a larger message is a protocol error */
+    int32_t arg;          /* FIXED: size; LENGTH: header bytes; HTTP: most head bytes */
+    uint64_t max_message; /* a larger message is a protocol error (HTTP: body) */
+    uint32_t max_line;    /* HTTP: most request-line bytes */
+    uint32_t spare;
 } qs_framer;
+
+typedef struct qs_http_rule {
+    int32_t kind;         /* QS_HTTP_RULE_* */
+    int32_t level;
+    int32_t name_len;     /* HEADER: bytes of name */
+    int32_t value_len;    /* bytes of value (HEADER: 0 = presence only) */
+    char name[64];
+    char value[192];
+} qs_http_rule;
 
 typedef struct qs_config {
     int32_t levels;           /* 1..QS_MAX_LEVELS */
     int32_t nrules;
     qs_rule rules[QS_MAX_RULES];   /* qsprio.h */
     int32_t default_level;    /* level of a message no rule matches */
+    int32_t nhttp_rules;      /* QS_FRAME_HTTP only */
+    qs_http_rule http_rules[QS_MAX_RULES];
     qs_framer framer;
     uint32_t ring_size;       /* events per level ring; power of two */
     uint32_t cmd_ring_size;   /* commands per level ring; power of two */
@@ -214,6 +248,18 @@ typedef struct qs_core qs_core;
  * if unknown); -EMSGSIZE if the message is larger than max_message. */
 int64_t qs_frame_scan(const qs_framer *f, const uint8_t *data, uint64_t len,
                       uint64_t *msg_off, uint64_t *msg_len, uint64_t *need);
+
+/* HTTP framing of one request at data[0..len) (QS_FRAME_HTTP), with its
+ * priority: > 0 bytes of a complete request (head, body and chunk framing:
+ * the hub reads it again for its environ), *level set; 0 more bytes needed
+ * (*need as qs_frame_scan; *expect 1 once a complete head asks for
+ * "100-continue" and its body has not all come); < 0 refused, *status =
+ * QS_HTTP_ERR_*.  Sans-IO, as qs_frame_scan. */
+int64_t qs_http_scan(const qs_framer *f, const qs_http_rule *rules, int32_t nrules,
+                     const uint8_t *data, uint64_t len, uint64_t *need,
+                     int32_t *level, int32_t *expect, int32_t *status);
+/* Whether this build has the HTTP parser (llhttp): 0, or -ENOPKG. */
+int qs_http_probe(void);
 
 /* Header bytes prepended to every SEND_COPY and kept in front of every
  * SEND_BUF for this framer (LENGTH: arg, else 0). */

@@ -263,6 +263,47 @@ static int take_buf(qs_conns *conns, qs_conn *c)
     return 0;
 }
 
+/* HTTP framing of the request at p (http.c).  A refused request becomes a
+ * one-byte message holding its QS_HTTP_ERR_* code, written over the
+ * request's first byte (no event refers to those bytes yet), and the conn
+ * reads no more (QC_RXDONE): the hub answers with that status and closes
+ * after the replies before it.  An incomplete request whose head asks for
+ * 100-continue gets "100 Continue" once, when no earlier reply is due (it
+ * would overtake them).  Returns as qs_frame_scan (the error case: 1, the
+ * error byte, with *level the default), or -1 if the conn was reset. */
+static int64_t http_scan(qs_conns *conns, qs_conn *c, uint8_t *p, uint64_t *ml,
+                         uint64_t *need, int32_t *level)
+{
+    static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
+    qs_core *core = conns->core;
+    const qs_config *g = &core->cfg;
+    int32_t expect, status;
+    int64_t r = qs_http_scan(&g->framer, g->http_rules, g->nhttp_rules, p, c->rend - c->rstart,
+                             need, level, &expect, &status);
+    if (r > 0) {
+        *ml = (uint64_t)r;
+        c->flags &= ~QC_CONTINUED;
+        return r;
+    }
+    if (r == 0) {
+        if (expect && !(c->flags & QC_CONTINUED) && c->inflight == 0 && !c->park_head) {
+            c->flags |= QC_CONTINUED;
+            if (qs_conn_send_copy(conns, c, (const uint8_t *)cont, sizeof(cont) - 1) < 0)
+                return -1;
+        }
+        return 0;
+    }
+    QS_ADD(core->st.protocol_errors, 1);
+    qs_peer_closed(core, c->slot, c->id, QS_CLOSED_PROTOCOL);
+    p[0] = (uint8_t)status;
+    c->rend = c->rstart + 1;            /* what follows is never read */
+    c->flags |= QC_RXDONE;
+    qs_conn_update(conns, c);
+    *ml = 1;
+    *level = g->default_level;
+    return 1;
+}
+
 /* Turn complete messages into events, then make room for the next read.
  * Returns 0 if the conn may read on, 1 if it blocked, -1 if it was closed. */
 static int rx_scan(qs_conns *conns, qs_conn *c, int fair)
@@ -277,16 +318,26 @@ static int rx_scan(qs_conns *conns, qs_conn *c, int fair)
     while (c->rstart < c->rend) {
         uint64_t mo = 0, ml = 0;
         const uint8_t *p = b->data + c->rstart;
-        int64_t r = qs_frame_scan(&g->framer, p, c->rend - c->rstart, &mo, &ml, &need);
-        if (QS_UNLIKELY(r < 0)) {
-            fault_close(conns, c, &core->st.protocol_errors, QS_CLOSED_PROTOCOL, 1);
-            return -1;
+        int32_t level = -1;
+        int64_t r;
+        if (g->framer.kind == QS_FRAME_HTTP) {
+            r = http_scan(conns, c, b->data + c->rstart, &ml, &need, &level);
+            if (r < 0)
+                return -1;
+        } else {
+            r = qs_frame_scan(&g->framer, p, c->rend - c->rstart, &mo, &ml, &need);
+            if (QS_UNLIKELY(r < 0)) {
+                fault_close(conns, c, &core->st.protocol_errors, QS_CLOSED_PROTOCOL, 1);
+                return -1;
+            }
         }
         if (r == 0)
             break;
+        if (level < 0)
+            level = qs_classify(g->rules, g->nrules, g->default_level, p + mo, ml);
         qs_event ev = {
             .kind = jumbo ? QS_EV_BIGDATA : QS_EV_DATA,
-            .level = qs_classify(g->rules, g->nrules, g->default_level, p + mo, ml),
+            .level = level,
             .conn = c->id,
             .buf = (int64_t)(uintptr_t)b,
             .off = jumbo ? (int64_t)(uintptr_t)(p + mo) : (int64_t)(p + mo - core->pool.slab),
@@ -336,10 +387,16 @@ static int rx_scan(qs_conns *conns, qs_conn *c, int fair)
         }
     } else {
         uint64_t cap = need;
-        if (!cap) {                            /* LINE: double, up to max_message */
+        if (!cap) {                            /* LINE, HTTP chunked: double, up to the cap */
+            uint64_t top = g->framer.kind == QS_FRAME_HTTP ? qs_http_max_request(&g->framer)
+                                                           : g->framer.max_message;
             cap = part * 2 > g->buf_size * 2ULL ? part * 2 : g->buf_size * 2ULL;
-            if (cap > g->framer.max_message)
-                cap = g->framer.max_message;
+            if (cap > top)
+                cap = top;
+        }
+        if (cap <= part) {                     /* the framer lets no message grow past it */
+            fault_close(conns, c, &core->st.protocol_errors, QS_CLOSED_PROTOCOL, 1);
+            return -1;
         }
         uint64_t lim = g->max_large_bytes;
         if (lim && QS_GET(core->pool.large_bytes) + cap > lim) {

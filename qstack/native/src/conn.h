@@ -74,7 +74,10 @@ typedef struct qs_conn_io {
 #define QC_DIRTY     0x400u   /* on the dirty list of the current command batch */
 #define QC_COUNTED   0x800u   /* counted in paused_conns */
 #define QC_SENDING   0x4000u  /* an async send of the out queue's head is in flight */
-#define QC_NOREAD (QC_PAUSED | QC_BLOCKED | QC_HIGHWATER | QC_EOF | QC_STOPREAD | QC_CLOSING | QC_ZOMBIE)
+#define QC_RXDONE    0x8000u  /* HTTP: a refused request was the last message read */
+#define QC_CONTINUED 0x10000u /* HTTP: "100 Continue" sent for the request in progress */
+#define QC_NOREAD (QC_PAUSED | QC_BLOCKED | QC_HIGHWATER | QC_EOF | QC_STOPREAD | QC_CLOSING | \
+                   QC_ZOMBIE | QC_RXDONE)
 #define QC_PAUSEISH (QC_PAUSED | QC_BLOCKED | QC_HIGHWATER)
 
 /* One queued send.  Exactly one owner of the bytes: a buffer reference
@@ -189,6 +192,9 @@ void qs_conn_writable(qs_conns *conns, qs_conn *c);
  * bytes went, or -errno (-EAGAIN: none, the socket is full). */
 void qs_conn_sent(qs_conns *conns, qs_conn *c, int64_t res, uint64_t offered);
 void qs_conn_out_clear(qs_conns *conns, qs_conn *c);
+/* Queue a copy of len bytes and write what the socket takes now (HTTP's
+ * 100 Continue).  Returns 0, or -1 if the conn was closed. */
+int qs_conn_send_copy(qs_conns *conns, qs_conn *c, const uint8_t *p, uint64_t len);
 void qs_conn_park_clear(qs_conns *conns, qs_conn *c);
 void qs_conn_retry_owed(qs_conns *conns);
 void qs_conn_out_cache_free(qs_conns *conns);

@@ -217,6 +217,24 @@ static int out_flush(qs_conns *conns, qs_conn *c)
     return 0;
 }
 
+static void after_out(qs_conns *conns, qs_conn *c);
+
+int qs_conn_send_copy(qs_conns *conns, qs_conn *c, const uint8_t *p, uint64_t len)
+{
+    int64_t id = c->id;
+    void *h = malloc(len);
+    if (!h || out_append(conns, c, h, len, NULL, h) < 0) {
+        free(h);
+        qs_conn_close(conns, c, 1);
+        return -1;
+    }
+    memcpy(h, p, len);
+    if (out_flush(conns, c) < 0)
+        return -1;
+    after_out(conns, c);
+    return qs_conn_lookup(conns, id) == c ? 0 : -1;
+}
+
 /* Copy bytes still borrowed from the byte ring before it moves on. */
 static int unborrow(qs_conns *conns, qs_conn *c)
 {

@@ -54,6 +54,17 @@ static int config_check(const qs_config *g)
             return -EINVAL;
     if (g->default_level < 0 || g->default_level >= g->levels)
         return -EINVAL;
+    if (g->nhttp_rules < 0 || g->nhttp_rules > QS_MAX_RULES)
+        return -EINVAL;
+    for (int i = 0; i < g->nhttp_rules; i++) {
+        const qs_http_rule *r = &g->http_rules[i];
+        if (r->kind < QS_HTTP_RULE_PATH || r->kind > QS_HTTP_RULE_METHOD ||
+            r->level < 0 || r->level >= g->levels ||
+            r->name_len < 0 || r->name_len > (int32_t)sizeof(r->name) ||
+            r->value_len < 0 || r->value_len > (int32_t)sizeof(r->value) ||
+            (r->kind == QS_HTTP_RULE_HEADER ? r->name_len == 0 : r->value_len == 0))
+            return -EINVAL;
+    }
     const qs_framer *f = &g->framer;
     if (f->max_message < 1 || f->max_message > (1ULL << 40))
         return -EINVAL;
@@ -67,6 +78,13 @@ static int config_check(const qs_config *g)
         break;
     case QS_FRAME_LENGTH:
         if (f->arg != 1 && f->arg != 2 && f->arg != 4 && f->arg != 8)
+            return -EINVAL;
+        break;
+    case QS_FRAME_HTTP:
+        if (qs_http_probe() < 0)
+            return -ENOPKG;
+        if (f->arg < 64 || f->max_line < 16 || f->max_line > (uint32_t)f->arg ||
+            (uint64_t)f->arg >= g->buf_size || g->stream_mode)
             return -EINVAL;
         break;
     default:

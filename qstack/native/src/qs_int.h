@@ -34,6 +34,13 @@
 #include "ustack_settings.h"
 #include "qstack.h"
 
+/* http.c: the most bytes one HTTP request may span (head, body and chunk
+ * framing): arg + 2 * max_message + 4096.  Beyond it, 413. */
+static inline uint64_t qs_http_max_request(const qs_framer *f)
+{
+    return (uint64_t)f->arg + 2 * f->max_message + 4096;
+}
+
 #define QS_ALIGNED _Alignas(64)
 #define QS_LIKELY(x) __builtin_expect(!!(x), 1)
 #define QS_UNLIKELY(x) __builtin_expect(!!(x), 0)

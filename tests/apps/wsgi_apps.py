@@ -1,0 +1,63 @@
+"""WSGI apps the HTTP tests serve (tests/test_http.py)."""
+
+import gevent
+
+
+def hello(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"Hello, World!"]
+
+
+def echo(environ, start_response):
+    """The request back: method, path, query, priority, headers seen, body."""
+    body = environ["wsgi.input"].read()
+    info = (f"{environ['REQUEST_METHOD']} {environ['PATH_INFO']} "
+            f"q={environ['QUERY_STRING']} prio={environ['qstack.priority']} "
+            f"len={environ.get('CONTENT_LENGTH', '')} "
+            f"x={environ.get('HTTP_X_TEST', '')}\n").encode()
+    start_response("200 OK", [("Content-Type", "application/octet-stream")])
+    return [info, body]
+
+
+def big(environ, start_response):
+    """A streamed response of ?n= 64 KiB blocks (generator: no length)."""
+    n = int(environ["QUERY_STRING"].partition("=")[2] or 16)
+    start_response("200 OK", [("Content-Type", "application/octet-stream")])
+
+    def blocks():
+        for i in range(n):
+            yield bytes([65 + i % 26]) * 65536
+    return blocks()
+
+
+def sized(environ, start_response):
+    """A streamed response with the app's own Content-Length."""
+    n = 40
+    start_response("200 OK", [("Content-Length", str(n * 10000))])
+    return (b"0123456789" * 1000 for _ in range(n))
+
+
+def slow(environ, start_response):
+    gevent.sleep(float(environ["QUERY_STRING"].partition("=")[2] or 0.05))
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [environ["PATH_INFO"].encode()]
+
+
+def fails(environ, start_response):
+    raise RuntimeError("this app fails on purpose")
+
+
+def router(environ, start_response):
+    path = environ["PATH_INFO"]
+    if path.startswith("/big"):
+        return big(environ, start_response)
+    if path.startswith("/sized"):
+        return sized(environ, start_response)
+    if path.startswith("/slow"):
+        return slow(environ, start_response)
+    if path.startswith("/fail"):
+        return fails(environ, start_response)
+    if path.startswith("/close"):
+        start_response("200 OK", [("Connection", "close"), ("Content-Length", "3")])
+        return [b"bye"]
+    return echo(environ, start_response)
