@@ -232,9 +232,9 @@ def _ustack_settings(cfg):
     if us.driver in ("dpdk", "memif"):
         lib_path = dpdk_library()
         if lib_path is None:
-            raise ConfigError(f"ustack.driver: {us.driver} needs DPDK, which is not available "
-                              f"in this build (install libdpdk-dev and pkg-config, then "
-                              f"rebuild with make)")
+            raise ConfigError(f"ustack.driver: {us.driver}: DPDK is not available in this "
+                              f"build (install libdpdk-dev and pkg-config, then rebuild "
+                              f"with make)")
     if us.driver == "memif":                # DPDK's net_memif, this end the server
         try:
             memif.claim_socket(us.memif)
