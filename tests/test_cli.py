@@ -172,9 +172,12 @@ def test_ctrl_c_during_start_up_exits_130(tmp_path):
     write(tmp_path, "slowimport.py",
           "import time\nprint('importing', flush=True)\ntime.sleep(30)\n"
           "def handle(req):\n    return None\n")
+    # Ctrl-C as at a terminal: a shell starts background jobs with SIGINT
+    # ignored, and Python then never turns it into KeyboardInterrupt
     proc = subprocess.Popen([sys.executable, "-m", "qstack", "serve", "slowimport:handle"],
                             cwd=tmp_path, env=env_with_root_on_path(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert proc.stdout.readline() == "importing\n"
         proc.send_signal(signal.SIGINT)
