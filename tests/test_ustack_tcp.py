@@ -1371,6 +1371,29 @@ def test_ip_and_ethernet_checks_count_and_drop():
         n.free()
 
 
+def test_a_first_burst_of_syns_waits_for_arp_whole():
+    """A client's first batch of connects (qstack load keeps 256 in flight)
+    meets an unresolved next hop: every SYN is parked until the ARP answer
+    and then sent, none dropped.  Parking 16 dropped the rest, and each SYN
+    round of the batch met the same pending entry again: all but 16 of a
+    memif run's first connects waited out their 5 s timeout."""
+    n = Net(b={"syn_backlog": 1024})
+    try:
+        n.listen(B, 80)
+        hs = [n.connect(A, 80) for _ in range(256)]
+        n.run(20 * MS)                                 # one round trip for ARP, one for the SYNs
+        assert [n.state(A, h) for h in hs] == ["ESTABLISHED"] * 256
+        s = n.stats(A)
+        assert s.arp_queued == 256 and s.arp_drop == 0 and s.tcp_rexmit == 0
+        for h in hs:
+            n.close(A, h)
+        for hb in n.accepted(B):
+            n.close(B, hb)
+        leak_free(n)
+    finally:
+        n.free()
+
+
 def test_arp_request_reply_and_cache():
     n = Net()
     try:

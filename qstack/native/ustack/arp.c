@@ -3,8 +3,11 @@
  *
  * The cache is a small open-addressed table (QS_ARP_SLOTS, probing 8
  * slots).  A frame for an unresolved next hop waits in its entry (at most
- * QS_ARP_QLEN; the oldest is dropped: TCP retransmits anyway) while a
- * request goes out, repeated at most once a second.  Following RFC 826's
+ * QS_ARP_QLEN, and QS_ARP_PARKED_MAX in all entries; beyond, the oldest is
+ * dropped: TCP retransmits anyway) while a request goes out, repeated at
+ * most once a second.  The queue holds a load generator's whole first batch
+ * of SYNs: with 16, every SYN round of that batch met the same pending
+ * entry, and all but 16 connects waited out their timeout.  Following RFC 826's
  * "merge" rule, a packet from a sender we already know refreshes its entry
  * even if it is not for us; only packets for us create entries, so a
  * flood of foreign ARP traffic cannot evict our neighbours.
@@ -44,10 +47,22 @@ static qs_arp_entry *find(qs_ustack *s, uint32_t ip)
     return NULL;
 }
 
+static qs_mbuf *unpark(qs_ustack *s, qs_arp_entry *e)
+{
+    qs_mbuf *m = e->qhead;
+    e->qhead = m->next;
+    if (!e->qhead)
+        e->qtail = NULL;
+    m->next = NULL;
+    e->nq--;
+    s->arp_parked--;
+    return m;
+}
+
 static void entry_clear(qs_ustack *s, qs_arp_entry *e)
 {
-    for (int i = 0; i < e->nq; i++) {
-        qs_mbuf_free(&s->pool, e->q[i]);
+    while (e->qhead) {
+        qs_mbuf_free(&s->pool, unpark(s, e));
         s->st.arp_drop++;
     }
     memset(e, 0, sizeof(*e));
@@ -98,10 +113,8 @@ static void resolved(qs_arp_entry *e, const uint8_t *mac, int64_t now)
 
 static void flush_queue(qs_ustack *s, qs_arp_entry *e, int64_t now)
 {
-    int n = e->nq;
-    e->nq = 0;
-    for (int i = 0; i < n; i++)
-        qs_eth_output(s, e->q[i], e->mac, 0x0800, now);
+    while (e->qhead)
+        qs_eth_output(s, unpark(s, e), e->mac, 0x0800, now);
 }
 
 void qs_arp_add_static(qs_ustack *s, uint32_t ip, const uint8_t *mac)
@@ -232,14 +245,24 @@ int qs_arp_resolve_output(qs_ustack *s, qs_mbuf *m, uint32_t nh, int64_t now)
         qs_mbuf_free(&s->pool, m);         /* parking keeps a buffer: not from the reserve */
         m = NULL;
         s->st.arp_drop++;
-    } else if (e->nq == QS_ARP_QLEN) {     /* drop the oldest */
-        qs_mbuf_free(&s->pool, e->q[0]);
-        memmove(e->q, e->q + 1, sizeof(e->q[0]) * (QS_ARP_QLEN - 1));
-        e->nq--;
+    } else if (e->nq == QS_ARP_QLEN || s->arp_parked >= QS_ARP_PARKED_MAX) {
+        if (e->qhead) {
+            qs_mbuf_free(&s->pool, unpark(s, e));   /* drop the oldest */
+        } else {
+            qs_mbuf_free(&s->pool, m);              /* others hold them all: this one */
+            m = NULL;
+        }
         s->st.arp_drop++;
     }
     if (m) {
-        e->q[e->nq++] = m;
+        m->next = NULL;
+        if (e->qtail)
+            e->qtail->next = m;
+        else
+            e->qhead = m;
+        e->qtail = m;
+        e->nq++;
+        s->arp_parked++;
         s->st.arp_queued++;
     }
     if (now >= e->expires) {

@@ -259,18 +259,20 @@ typedef struct qs_tcp_app_ops {
 /* ------------------------------------------------------------ ARP */
 
 #define QS_ARP_SLOTS 256
-#define QS_ARP_QLEN 16
+#define QS_ARP_QLEN 256          /* frames one unresolved next hop parks: a client's first
+                                    batch of SYNs (qstack load: 256 in flight) */
+#define QS_ARP_PARKED_MAX 1024   /* parked in all: unresolved next hops cannot take the pool */
 #define QS_ARP_GIVEUP_NS 3000000000LL
 
 typedef struct qs_arp_entry {
     uint32_t ip;
     uint8_t mac[6];
     uint8_t state;            /* 0 free, 1 pending, 2 resolved */
-    uint8_t nq;
+    uint16_t nq;              /* frames parked on qhead..qtail (linked by next) */
     int64_t probe_at;         /* resolved: a disagreeing IPv4 source may ask again from then */
     int64_t expires;          /* resolved: until; pending: next request */
     int64_t born;             /* pending: first request; given up after QS_ARP_GIVEUP_NS */
-    qs_mbuf *q[QS_ARP_QLEN];  /* frames waiting for the answer */
+    qs_mbuf *qhead, *qtail;   /* frames waiting for the answer, oldest first */
 } qs_arp_entry;
 
 /* ------------------------------------------------------------ the stack */
@@ -319,6 +321,7 @@ typedef struct qs_ustack {
 
     qs_arp_entry arp[QS_ARP_SLOTS];
     int64_t arp_age_at;                 /* next qs_arp_age run */
+    uint32_t arp_parked;                /* frames parked in all entries */
 
     /* priority: frames wait here per level until the outermost entry
      * point returns (prio.c) */
