@@ -342,14 +342,8 @@ def check_limits(o: LoadOptions, nofile: tuple[int, int],
             f"the hard limit")
     lo, hi = port_range or _port_range()
     ports = hi - lo + 1
-    sources = max(o.ips, 1)
-    per_source = math.ceil(o.connections / sources)
-    if per_source > ports:
-        k = math.ceil(o.connections / ports)
-        raise ConfigError(
-            f"{o.connections:,} connections to {o.dest} need {per_source:,} source ports per "
-            f"source address, but one address has {ports:,} (net.ipv4.ip_local_port_range "
-            f"{lo}-{hi}); use --ips {k} or more to spread them over 127.0.0.0/8")
+    per_source = _check_source_ports(o, lo, hi, f"net.ipv4.ip_local_port_range {lo}-{hi}",
+                                     " to spread them over 127.0.0.0/8")
     if not o.ips and o.connections > 5000 and ipaddress.IPv4Address(o.host).is_loopback:
         notes.append(f"{o.connections:,} connections with kernel-chosen source ports: connect() "
                      f"slows down as the ports fill up (the kernel searches for a free one); "
@@ -364,13 +358,19 @@ def _check_ustack_limits(o: LoadOptions) -> list[str]:
     """A ustack client holds no file per connection; its limit is 4-tuples:
     each of its source addresses has ports USTACK_PORTS to the destination."""
     lo, hi = USTACK_PORTS
+    _check_source_ports(o, lo, hi, f"{lo}-{hi}", "")
+    return []
+
+
+def _check_source_ports(o: LoadOptions, lo: int, hi: int, where: str, how: str) -> int:
+    """The source ports one address needs (connections over --ips), or a
+    ConfigError when that is more than lo..hi holds."""
     ports = hi - lo + 1
-    sources = max(o.ips, 1)
-    per_source = math.ceil(o.connections / sources)
+    per_source = math.ceil(o.connections / max(o.ips, 1))
     if per_source > ports:
         k = math.ceil(o.connections / ports)
         raise ConfigError(
             f"{o.connections:,} connections to {o.dest} need {per_source:,} source ports per "
-            f"source address, but one address has {ports:,} ({lo}-{hi}); use --ips {k} or "
-            f"more")
-    return []
+            f"source address, but one address has {ports:,} ({where}); use --ips {k} or "
+            f"more{how}")
+    return per_source
