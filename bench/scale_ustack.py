@@ -212,13 +212,21 @@ def report(res, args):
                                                 "{:,.0f}".format(win.get("offered_per_s") or 0),
                                                 "{:,.0f}".format(win.get("responses_per_s") or 0),
                                                 win.get("incomplete")),
-                  "| priority | count | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| priority | timed from | count | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms |",
+                  "|---|---|---|---|---|---|---|---|"]
+        written = doc.get("latency_from_write_ms") or {}
         for level in ("high", "low"):
-            d = lat.get(level, {})
-            lines.append("| %s | %s | %s | %s | %s | %s | %s |" % (
-                level, "{:,}".format(d.get("count", 0)), *(_f(d.get(p)) for p in
-                                                           ("p50", "p90", "p99", "p99.9", "max"))))
+            for origin, table in (("the schedule", lat), ("its write", written)):
+                d = table.get(level)
+                if not d:
+                    continue
+                lines.append("| %s | %s | %s | %s | %s | %s | %s | %s |" % (
+                    level, origin, "{:,}".format(d.get("count", 0)),
+                    *(_f(d.get(p)) for p in ("p50", "p90", "p99", "p99.9", "max"))))
+        lines.append("(from the schedule: from the burst's start, the client's time to "
+                     "write the burst included (at worst %s ms behind); from its write: "
+                     "what a monitor on the wire sees, as QStack's HCMonitor)" %
+                     _f(doc.get("messages", {}).get("max_lag_ms")))
     m = doc.get("messages", {})
     if m:
         lines.append("messages: sent %s, responses %s, lost %s, bad replies %s" % (

@@ -287,6 +287,26 @@ def test_quantiles_match_a_known_delay(serve, tmp_path):
     assert doc["cdf_ms"]["all"][4] == pytest.approx(lat["all"]["p50"])
 
 
+def test_latency_from_the_write_leaves_out_the_clients_lateness(serve, tmp_path):
+    """Due every 10 ms, answered after 20 ms, one request in flight per
+    connection: every send waits for the previous reply, so the client falls
+    further behind its schedule all run long.  Timed from the schedule the
+    requests are charged that wait; timed from their write (what a monitor
+    on the wire sees), only the server's 20 ms."""
+    srv = serve("tests.apps.loadgen_apps:sleepy", *ECHO_SERVE)
+    res, doc = load_json(tmp_path, "--dest", f"127.0.0.1:{srv.port}", "-c", "4",
+                         "-s", "0.1", "-w", "0.1", "-e", "0.01", "-b", "4", "--window", "1",
+                         "-d", "1")
+    assert res.returncode == 0, res.stdout + res.stderr
+    delay = 20.0   # ms, tests/apps/loadgen_apps.DELAY
+    lat, written = doc["latency_ms"]["all"], doc["latency_from_write_ms"]["all"]
+    assert doc["messages"]["deferred"] > 0 and doc["messages"]["max_lag_ms"] > 5 * delay
+    assert written["count"] == lat["count"] > 0
+    assert delay <= written["min"] and written["p50"] < delay + 10, written
+    assert lat["p50"] > 3 * delay, lat
+    assert "the same from when each was written" in res.stdout
+
+
 def test_iotep_requests_get_replies_heartbeats_do_not(serve, tmp_path):
     srv = serve("tests.apps.loadgen_apps:iotep", "--framing", "fixed:40",
                 "--priority", "offset=5,value=0x01")

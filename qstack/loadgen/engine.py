@@ -186,8 +186,11 @@ class Engine:
         s = self._stats
         return {name: getattr(s, name) for name in STAT_FIELDS}
 
-    def hist(self, level: int, interval: bool = False) -> Histogram:
-        which = lib.QSL_HIST_INTERVAL if interval else lib.QSL_HIST_WINDOW
+    def hist(self, level: int, interval: bool = False, written: bool = False) -> Histogram:
+        """The window's latencies of level (interval: since the last call;
+        written: from when each request was written, not when it was due)."""
+        which = (lib.QSL_HIST_INTERVAL if interval else
+                 lib.QSL_HIST_SENT if written else lib.QSL_HIST_WINDOW)
         n = lib.qsl_engine_hist(self._e, level, which, self._info, self._idx, self._cnt,
                                 lib.QSL_HIST_BUCKETS)
         if n < 0:

@@ -184,9 +184,11 @@ def _lost_reason(o, s: dict) -> str | None:
 
 def build(o, stats: dict, hists: list[Histogram], cpu_s: float, intervals: list,
           errors: list[str], interrupted: bool = False, complete: bool = True,
-          window_s: float | None = None) -> dict:
+          window_s: float | None = None, written: list[Histogram] | None = None) -> dict:
     """The report document (what --json writes).  window_s is the measured
-    window's actual length (shorter than -d when interrupted)."""
+    window's actual length (shorter than -d when interrupted).  written: the
+    same requests timed from when they were written instead of when they were
+    due (the server's and the link's share, as HCMonitor sees it on the wire)."""
     s = stats
     window = window_s if window_s else o.duration
     incomplete = max(0, s.get("w_requests", 0) - s.get("w_responses", 0))
@@ -258,6 +260,7 @@ def build(o, stats: dict, hists: list[Histogram], cpu_s: float, intervals: list,
             "offered_per_s": offered,
         },
         "latency_ms": {name: row for name, row in latency_table(hists).items()},
+        "latency_from_write_ms": latency_table(written) if written else None,
         "cdf_ms": cdf,
         "intervals": intervals,
         "client": {"cpu": cpu_s / window if window else None,
@@ -284,6 +287,10 @@ def format_report(doc: dict) -> str:
              + (f", offered {w['offered_per_s']:,.1f} msg/s" if w["offered_per_s"] else ""),
              format_latency(doc["latency_ms"], "latency of the window's requests (from "
                             "intended send time)")]
+    if doc.get("latency_from_write_ms") and cfg["mode"] != "closed":
+        lines.append(format_latency(doc["latency_from_write_ms"], "the same from when each "
+                                    "was written (the server and the link, without the "
+                                    "client's lateness)"))
     cl = doc["client"]
     if cl["cpu"] is not None:
         lines.append(f"client CPU: {100 * cl['cpu']:.1f}% of one core over the window "

@@ -114,7 +114,8 @@ def worker(o: LoadOptions, times: EngineTimes, proc: int, first: int, count: int
                 break
         window_cpu = cpu.get("end", _cpu_s()) - cpu.get("start", _cpu_s())
         emit(("final", proc, eng.stats(), [eng.hist(0), eng.hist(1)], window_cpu,
-              (window_end - times.meas) / NS))
+              (window_end - times.meas) / NS,
+              [eng.hist(0, written=True), eng.hist(1, written=True)]))
     finally:
         eng.close()
 
@@ -169,9 +170,9 @@ class Aggregator:
                 if self.marks_out:
                     self.marks_out("#" + name)
         elif kind == "final":
-            _, _, stats, hists, cpu, window_s = msg
+            _, _, stats, hists, cpu, window_s, written = msg
             self.last_stats[proc] = stats
-            self.finals[proc] = (stats, hists, cpu, window_s)
+            self.finals[proc] = (stats, hists, cpu, window_s, written)
             self._flush_ticks()
             self._flush_logs()
         elif kind == "error":
@@ -259,10 +260,11 @@ class Aggregator:
         stats = self._sum({p: f[0] for p, f in self.finals.items()}
                           | {p: s for p, s in self.last_stats.items() if p not in self.finals})
         hists = [Histogram.merged(f[1][lvl] for f in self.finals.values()) for lvl in (0, 1)]
+        written = [Histogram.merged(f[4][lvl] for f in self.finals.values()) for lvl in (0, 1)]
         cpu = sum(f[2] for f in self.finals.values())
         window_s = max((f[3] for f in self.finals.values()), default=self.o.duration)
         return report.build(self.o, stats, hists, cpu, self.intervals, self.errors,
-                            window_s=window_s,
+                            window_s=window_s, written=written,
                             interrupted=interrupted, complete=len(self.finals) == self.nproc)
 
 

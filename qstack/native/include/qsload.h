@@ -52,6 +52,11 @@
 /* histograms of an engine */
 #define QSL_HIST_WINDOW 0         /* requests sent inside the measured window */
 #define QSL_HIST_INTERVAL 1       /* the same since the last interval export */
+#define QSL_HIST_SENT 2           /* the window's requests again, timed from when they were
+                                     written instead of when they were due: the server's and
+                                     the link's share, as a monitor on the wire would see it
+                                     (HCMonitor), without the client's own lateness */
+#define QSL_HISTS 3
 
 /* the sockets under the engine (qsl_config.backend) */
 #define QSL_BACKEND_KERNEL 0      /* kernel sockets, epoll (loadgen/ql_be_kernel.c) */

@@ -290,6 +290,15 @@ static int ut_wait(struct qsl_engine *e, struct ql_event *out, int max, int64_t 
     return take_ready(u, out, max);
 }
 
+static void ut_hold(struct qsl_engine *e, int on)
+{
+    struct ut *u = ut_of(e);
+    if (on)
+        qs_ustack_enter(&u->h.s);    /* frames wait in the stack's queues... */
+    else
+        qs_ustack_leave(&u->h.s);    /* ...and leave together, highest level first */
+}
+
 static void ut_destroy(struct qsl_engine *e)
 {
     struct ut *u = ut_of(e);
@@ -337,5 +346,6 @@ const struct ql_backend ql_backend_ustack = {
     .want_out = ut_want_out,
     .close = ut_close,
     .wait = ut_wait,
+    .hold = ut_hold,
     .destroy = ut_destroy,
 };

@@ -54,6 +54,7 @@
 #define MAX_EVENTS 1024
 #define RXBUF 65536
 #define LATE_NS QL_MS
+#define QL_LAG_US_MAX ((1 << 24) - 1)
 
 int64_t qsl_now_ns(void)
 {
@@ -219,9 +220,15 @@ static int send_one(struct qsl_engine *e, struct ql_conn *c, uint64_t k, int64_t
     } else {
         ql_msg_build(e->pattern, cfg->protocol, e->scratch, cfg->msg_len, c->g, seq, high);
     }
+    /* the moment of the write: within a burst of thousands, later than
+     * the loop's `now` by the time the sends before it took */
+    int64_t w = cfg->mode == QSL_MODE_CLOSED ? now : qsl_now_ns();
     if (expects) {
+        int64_t lag_us = w > t ? (w - t) / 1000 : 0;
         struct ql_out *o = out_at(e, c, c->out_count);
-        *o = (struct ql_out){ .t = t, .seq = seq, .level = high ? 0 : 1, .live = 1 };
+        *o = (struct ql_out){ .t = t, .seq = seq, .level = high ? 0 : 1, .live = 1,
+                              .lag_us = (uint32_t)(lag_us < QL_LAG_US_MAX ? lag_us
+                                                                          : QL_LAG_US_MAX) };
         c->out_count++;
         c->out_live++;
         e->st.outstanding++;
@@ -235,10 +242,10 @@ static int send_one(struct qsl_engine *e, struct ql_conn *c, uint64_t k, int64_t
     e->st.sent++;
     e->st.sent_high += (uint64_t)high;
     e->st.w_sent += (uint64_t)win;
-    if (now - t > LATE_NS)
+    if (w - t > LATE_NS)
         e->st.late_sends++;
-    if (now > t && (uint64_t)(now - t) > e->st.max_lag_ns)
-        e->st.max_lag_ns = (uint64_t)(now - t);
+    if (w > t && (uint64_t)(w - t) > e->st.max_lag_ns)
+        e->st.max_lag_ns = (uint64_t)(w - t);
     int rc = len > 0 ? write_msg(e, c, e->scratch, (uint32_t)len, now) : 0;
     if (rc < 0)
         ql_conn_drop(e, c, -rc, now);
@@ -316,6 +323,35 @@ static void fall_due(struct qsl_engine *e, struct ql_conn *c, int64_t now)
         e->st.deferred++;
 }
 
+static void on_event(struct qsl_engine *e, struct ql_conn *c, uint32_t events, int64_t now);
+
+/*
+ * A burst is written in slices of SLICE sends.  Writing 5,000 messages takes
+ * the client milliseconds; between slices the backend sends what the slice
+ * wrote as one batch (hold) and the replies that came in meanwhile are
+ * taken, so the first requests of a burst are on the wire, and their
+ * replies read, while the rest are still being written.
+ */
+#define SLICE 64
+
+static void slice_begin(struct qsl_engine *e)
+{
+    if (e->be->hold)
+        e->be->hold(e, 1);
+}
+
+static int64_t slice_end(struct qsl_engine *e)
+{
+    struct ql_event evs[SLICE];
+    if (e->be->hold)
+        e->be->hold(e, 0);
+    int n = e->be->wait(e, evs, SLICE, 0);
+    int64_t now = qsl_now_ns();
+    for (int i = 0; i < n; i++)
+        on_event(e, &e->conns[evs[i].conn], evs[i].events, now);
+    return now;
+}
+
 static void dispatch_due(struct qsl_engine *e, int64_t now)
 {
     const qsl_config *cfg = &e->cfg;
@@ -340,8 +376,15 @@ static void dispatch_due(struct qsl_engine *e, int64_t now)
                 lo = cfg->first_conn;
             if (hi > (uint64_t)cfg->first_conn + cfg->nconns)
                 hi = (uint64_t)cfg->first_conn + cfg->nconns;
-            for (uint64_t g = lo; g < hi; g++)
+            slice_begin(e);
+            for (uint64_t g = lo; g < hi; g++) {
                 fall_due(e, &e->conns[g - cfg->first_conn], now);
+                if ((g - lo) % SLICE == SLICE - 1 && g + 1 < hi) {
+                    now = slice_end(e);
+                    slice_begin(e);
+                }
+            }
+            now = slice_end(e);
         }
         e->cursor++;
     }
@@ -363,9 +406,11 @@ static void record(struct qsl_engine *e, const struct ql_out *o, int64_t now)
     e->st.responses++;
     e->st.responses_high += (uint64_t)(o->level == 0);
     if (in_window(e, o->t)) {
+        uint64_t lag = (uint64_t)o->lag_us * 1000;
         e->st.w_responses++;
         ql_hist_record(e->hist[o->level][QSL_HIST_WINDOW], lat);
         ql_hist_record(e->hist[o->level][QSL_HIST_INTERVAL], lat);
+        ql_hist_record(e->hist[o->level][QSL_HIST_SENT], lat > lag ? lat - lag : 0);
     }
     if (in_window(e, now))
         e->st.w_done++;
@@ -712,7 +757,7 @@ int qsl_engine_new(const qsl_config *cfg, qsl_engine **out)
     int ok = e->conns && e->outs && e->pending && e->scratch && e->pattern && e->rxbuf &&
              (!cfg->nsources || e->sources);
     for (int l = 0; l < QSL_LEVELS && ok; l++)
-        for (int w = 0; w < 2 && ok; w++)
+        for (int w = 0; w < QSL_HISTS && ok; w++)
             ok = (e->hist[l][w] = malloc(sizeof(struct ql_hist))) != NULL;
     if (!ok) {
         qsl_engine_free(e);
@@ -724,7 +769,7 @@ int qsl_engine_new(const qsl_config *cfg, qsl_engine **out)
         return rc;
     }
     for (int l = 0; l < QSL_LEVELS; l++)
-        for (int w = 0; w < 2; w++)
+        for (int w = 0; w < QSL_HISTS; w++)
             ql_hist_reset(e->hist[l][w]);
     ql_msg_pattern_init(e->pattern, cfg->msg_len);
     for (size_t i = 0; i < n; i++) {
@@ -744,7 +789,7 @@ void qsl_engine_stats(const qsl_engine *e, qsl_stats *out)
 int qsl_engine_hist(qsl_engine *e, int level, int which, qsl_hist_info *info,
                     uint32_t *idx, uint64_t *counts, int cap)
 {
-    if (level < 0 || level >= QSL_LEVELS || which < 0 || which > 1)
+    if (level < 0 || level >= QSL_LEVELS || which < 0 || which >= QSL_HISTS)
         return -EINVAL;
     struct ql_hist *h = e->hist[level][which];
     int n = 0;
@@ -776,7 +821,7 @@ void qsl_engine_free(qsl_engine *e)
         }
     }
     for (int l = 0; l < QSL_LEVELS; l++)
-        for (int w = 0; w < 2; w++)
+        for (int w = 0; w < QSL_HISTS; w++)
             free(e->hist[l][w]);
     free(e->conns);
     free(e->outs);

@@ -48,10 +48,11 @@ enum ql_state {
 
 /* One request awaiting its reply. */
 struct ql_out {
-    int64_t t;      /* intended send time: latency origin */
+    int64_t t;              /* intended send time: latency origin */
     uint32_t seq;
-    uint8_t level;
-    uint8_t live;
+    uint32_t lag_us : 24;   /* written this long after t (QSL_HIST_SENT); clamps at 16.7 s */
+    uint32_t level : 4;
+    uint32_t live : 1;
 };
 
 struct ql_conn {
@@ -118,6 +119,10 @@ struct ql_backend {
     /* Wait up to wait_ns (0: look without sleeping) for events; how many,
      * or -errno (-EINTR: a signal). */
     int (*wait)(struct qsl_engine *e, struct ql_event *evs, int max, int64_t wait_ns);
+    /* Optional (NULL: every send leaves at once).  hold(e, 1) before a run
+     * of sends, hold(e, 0) after it: the backend may keep what they write
+     * until then and send it as one batch. */
+    void (*hold)(struct qsl_engine *e, int on);
     /* the end: close every conn still open (c->open), let the stack finish
      * what it owes within a bound, free everything */
     void (*destroy)(struct qsl_engine *e);
@@ -149,7 +154,7 @@ struct qsl_engine {
     uint8_t *scratch;               /* one message */
     uint8_t *pattern;               /* echo body pattern, msg_len + 256 */
     uint8_t *rxbuf;
-    struct ql_hist *hist[QSL_LEVELS][2];
+    struct ql_hist *hist[QSL_LEVELS][QSL_HISTS];
 };
 
 /* ql_msg.c */
