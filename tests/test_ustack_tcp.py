@@ -1394,6 +1394,35 @@ def test_a_first_burst_of_syns_waits_for_arp_whole():
         n.free()
 
 
+def test_an_unanswered_arp_request_is_asked_again_by_the_timer():
+    """A lost ARP answer (a memif link loses the first frames its server
+    sends while the link comes up) is asked for again a second later by the
+    stack's timer, not by the next frame that waits: the first batch of
+    connects then waited for its SYNs' retransmission, 3 s, and met the
+    give-up that drops what waits.  (A 3 s first RTO, as RFC 1122 had it,
+    so that no SYN retransmission asks in the timer's place.)"""
+    n = Net(a={"init_rto_ms": 3000})
+    try:
+        n.listen(B, 80)
+        n.fault(B, loss=1.0)                           # B's answers are lost
+        hs = [n.connect(A, 80) for _ in range(8)]
+        n.run(100 * MS)
+        assert n.stats(A).arp_tx == 1 and n.stats(B).arp_tx == 1
+        n.fault(B)
+        n.run(1000 * MS)
+        s = n.stats(A)
+        assert s.arp_tx == 2 and s.arp_drop == 0
+        assert [n.state(A, h) for h in hs] == ["ESTABLISHED"] * 8
+        assert s.tcp_rexmit == 0                       # the parked SYNs left with the answer
+        for h in hs:
+            n.close(A, h)
+        for hb in n.accepted(B):
+            n.close(B, hb)
+        leak_free(n)
+    finally:
+        n.free()
+
+
 def test_arp_request_reply_and_cache():
     n = Net()
     try:

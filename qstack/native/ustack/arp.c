@@ -4,8 +4,12 @@
  * The cache is a small open-addressed table (QS_ARP_SLOTS, probing 8
  * slots).  A frame for an unresolved next hop waits in its entry (at most
  * QS_ARP_QLEN, and QS_ARP_PARKED_MAX in all entries; beyond, the oldest is
- * dropped: TCP retransmits anyway) while a request goes out, repeated at
- * most once a second.  The queue holds a load generator's whole first batch
+ * dropped: TCP retransmits anyway) while a request goes out, repeated
+ * once a second (RFC 1122 2.3.2.1's limit) by the stack's timer until the
+ * answer comes or QS_ARP_GIVEUP_NS passes.  Not by the frames that wait: a
+ * lost request or answer (a memif link drops the first frames its server
+ * sends while the link comes up) then cost the whole first batch of SYNs
+ * the wait for their next retransmission, 3 s, and the give-up with it.  The queue holds a load generator's whole first batch
  * of SYNs: with 16, every SYN round of that batch met the same pending
  * entry, and all but 16 connects waited out their timeout.  Following RFC 826's
  * "merge" rule, a packet from a sender we already know refreshes its entry
@@ -226,6 +230,16 @@ int qs_arp_input(qs_ustack *s, qs_mbuf *m, int64_t now)
     return 0;
 }
 
+/* Ask who has e->ip, and again in a second (qs_arp_age) if nobody says. */
+static void ask(qs_ustack *s, qs_arp_entry *e, int64_t now)
+{
+    static const uint8_t zero[6];
+    e->expires = now + ARP_RETRY_NS;
+    if (e->expires < s->arp_age_at)
+        s->arp_age_at = e->expires;
+    send_arp(s, 1, s->cfg.ip, zero, e->ip, qs_eth_bcast, now);
+}
+
 /* m holds an IPv4 packet for next hop `nh`: send it, or park it and ask. */
 int qs_arp_resolve_output(qs_ustack *s, qs_mbuf *m, uint32_t nh, int64_t now)
 {
@@ -265,17 +279,15 @@ int qs_arp_resolve_output(qs_ustack *s, qs_mbuf *m, uint32_t nh, int64_t now)
         s->arp_parked++;
         s->st.arp_queued++;
     }
-    if (now >= e->expires) {
-        static const uint8_t zero[6];
-        e->expires = now + ARP_RETRY_NS;
-        send_arp(s, 1, s->cfg.ip, zero, nh, qs_eth_bcast, now);
-    }
+    if (now >= e->expires)
+        ask(s, e, now);
     return 0;
 }
 
-/* Once a second: a next hop that has not answered for QS_ARP_GIVEUP_NS is
- * given up (its waiting frames dropped, as Linux fails a neighbour entry),
- * expired answers are forgotten. */
+/* At least once a second: a next hop that has not answered for
+ * QS_ARP_GIVEUP_NS is given up (its waiting frames dropped, as Linux fails
+ * a neighbour entry), the others still pending are asked again when their
+ * second is up, expired answers are forgotten. */
 void qs_arp_age(qs_ustack *s, int64_t now)
 {
     if (now < s->arp_age_at)
@@ -286,6 +298,10 @@ void qs_arp_age(qs_ustack *s, int64_t now)
         if ((e->state == ST_PENDING && now - e->born >= QS_ARP_GIVEUP_NS) ||
             (e->state == ST_OK && e->expires <= now))
             entry_clear(s, e);
+        else if (e->state == ST_PENDING && now >= e->expires)
+            ask(s, e, now);
+        else if (e->state == ST_PENDING && e->expires < s->arp_age_at)
+            s->arp_age_at = e->expires;
     }
 }
 
