@@ -176,6 +176,11 @@ static void listen_input(qs_ustack *s, qs_listener *l, qs_tcp_seg *g, qs_mbuf *m
     t->snd_wl1 = g->seq;
     t->snd_wl2 = t->iss;
     qs_tcp_cc_init(s, t);
+    /* time the SYN-ACK, as a client times its SYN: the server's first RTT
+     * sample (tcp_sync.c takes it from the handshake's last ACK) */
+    t->flags |= QT_TIMING;
+    t->rtt_seq = t->iss;
+    t->rtt_t0 = qs_tick(now);
     /* data on a SYN is not queued: the peer sends it again once we ACK only the SYN */
     qs_tcp_send_ctl(s, t, QS_TH_SYN | QS_TH_ACK, t->iss, now);
     qs_tcp_rexmit_arm(s, t, now);
@@ -246,9 +251,7 @@ static void syn_sent_input(qs_ustack *s, qs_tcb *t, qs_tcp_seg *g, qs_mbuf *m, i
     qs_tcp_cc_init(s, t);
     if (ack_ok) {
         t->snd_una = g->ack;
-        if ((t->flags & QT_TIMING) && !t->nrexmit)
-            qs_tcp_rtt_sample(s, t, qs_tick(now) - t->rtt_t0);
-        t->flags &= (uint32_t)~QT_TIMING;
+        qs_tcp_handshake_rtt(s, t, g, now);
         qs_tcp_set_state(s, t, QS_TCP_ESTABLISHED);
         established_from_handshake(s, t, now);
         t->flags |= QT_ACCEPTED | QT_ACK_NOW;

@@ -26,6 +26,7 @@
 #include "ustack.h"
 
 #define CHALLENGE_PER_SEC 1000
+#define HANDSHAKE_RTT_MAX_MS 60000
 
 static uint32_t adv_window(const qs_tcb *t)
 {
@@ -210,6 +211,30 @@ static void pull_ooo(qs_ustack *s, qs_tcb *t)
     }
 }
 
+/*
+ * The first RTT sample, from the segment that completes our side of the
+ * handshake: the SYN-ACK for a client, the ACK of the SYN-ACK for a server
+ * (as Linux's tcp_synack_rtt_meas).  Its TSecr echoes the SYN or SYN-ACK it
+ * answers, so it holds even after a retransmission; without timestamps,
+ * the timed SYN or SYN-ACK if it was sent once (Karn).  A SYN-cookie
+ * connection runs without timestamps and was timed by nobody: no sample.  Without it a server's RTO
+ * stayed at init_rto_ms until its first reply was acknowledged, and a
+ * reply whose last segment was lost waited 1 s, then 2, 4 ...; a client
+ * whose SYN was resent started at 3 s (RFC 6298 5.7), and its first lost
+ * request waited 3 s, then 6.
+ */
+void qs_tcp_handshake_rtt(qs_ustack *s, qs_tcb *t, const qs_tcp_seg *g, int64_t now)
+{
+    uint32_t rtt = UINT32_MAX;
+    if ((t->flags & QT_TS) && g->has_ts && g->tsecr)
+        rtt = qs_tick(now) + t->iss.v - g->tsecr;     /* our clock: tick + iss */
+    else if ((t->flags & QT_TIMING) && !t->nrexmit)
+        rtt = qs_tick(now) - t->rtt_t0;
+    t->flags &= (uint32_t)~QT_TIMING;
+    if (rtt <= HANDSHAKE_RTT_MAX_MS)                  /* else not an echo of ours */
+        qs_tcp_rtt_sample(s, t, rtt);
+}
+
 /* Step 5.  Takes m.  *fin_ok is cleared if the FIN was cut off the segment. */
 static void data_in(qs_ustack *s, qs_tcb *t, const qs_tcp_seg *g, qs_mbuf *m, int *fin_ok,
                     int64_t now)
@@ -381,6 +406,7 @@ void qs_tcp_sync_input(qs_ustack *s, qs_tcb *t, qs_tcp_seg *g, qs_mbuf *m, int64
             goto drop;
         }
         qs_tcp_set_state(s, t, QS_TCP_ESTABLISHED);
+        qs_tcp_handshake_rtt(s, t, g, now);
         t->snd_wnd = g->wnd << t->snd_wscale;
         t->max_snd_wnd = t->snd_wnd > t->max_snd_wnd ? t->snd_wnd : t->max_snd_wnd;
         t->snd_wl1 = g->seq;

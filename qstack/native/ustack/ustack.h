@@ -390,6 +390,7 @@ typedef struct qs_tcp_seg {   /* a parsed segment */
 } qs_tcp_seg;
 
 void qs_tcp_handshake_done(qs_ustack *s, qs_tcb *t, int64_t now);
+void qs_tcp_handshake_rtt(qs_ustack *s, qs_tcb *t, const qs_tcp_seg *g, int64_t now);
 void qs_tcp_sync_input(qs_ustack *s, qs_tcb *t, qs_tcp_seg *g, qs_mbuf *m, int64_t now);
 
 /* tcp_flow.c */
