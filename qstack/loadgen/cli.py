@@ -109,7 +109,8 @@ def add_load_parser(sub: argparse._SubParsersAction) -> None:
     a("--driver", choices=("tap", "dpdk", "memif"),
       help="ustack: the device driver (default tap; memif: shared memory with a "
            "`qstack serve --driver memif`)")
-    a("--memif", metavar="PATH", help="ustack on memif: the socket of the server's memif link")
+    a("--memif", metavar="PATH", help="ustack on memif: the socket of the server's memif link "
+                                      "(a server of N cores has N links: give --smp N)")
     a("--eal", metavar="ARGS", help="ustack on dpdk: DPDK EAL arguments (a port: a --vdev "
                                     "such as net_memif0,role=client,...)")
     a("--tap", metavar="NAME", help="ustack: the TAP device (default qsl0; created if missing)")
