@@ -18,6 +18,9 @@ qst-s, the client's 198.18.1.1 on qst-c; nothing leaves the namespace.
      memif    the same two ends joined by DPDK's net_memif instead (shared
               memory, no kernel at all; a fresh server per round, as a memif
               server takes one client link at a time)
+     memif2   the memif pair on both CPUs: qstack serve --cores 2 (one memif
+              link per core, each core pinned by the server's layout) and
+              qstack load --smp 2 (process k on link k), no taskset
    Prints req/s, p50/p99, the client's CPU per request, and each pair's
    median req/s as a ratio to the kernel pair's.
 
@@ -47,20 +50,22 @@ def memif_sock():
 
 
 def start_server(backend, port):
+    memif_srv = ["--backend", "ustack", "--driver", "memif", "--memif", memif_sock(),
+                 "--ip", SERVER + "/16"]
     where = {"kernel": ["--host", "127.0.0.1"],
              "ustack": ["--backend", "ustack", "--tap", "qst-s", "--ip", SERVER + "/16"],
-             "memif": ["--backend", "ustack", "--driver", "memif", "--memif", memif_sock(),
-                       "--ip", SERVER + "/16"]}[backend]
-    p = subprocess.Popen(["taskset", "-c", "0", PY, "-m", "qstack", "serve", "apps.echo:handle",
+             "memif": memif_srv, "memif2": memif_srv + ["--cores", "2"]}[backend]
+    pin = [] if backend == "memif2" else ["taskset", "-c", "0"]
+    p = subprocess.Popen([*pin, PY, "-m", "qstack", "serve", "apps.echo:handle",
                           "--framing", "fixed:64", "--port", str(port), *where], cwd=REPO,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     host = "127.0.0.1" if backend == "kernel" else SERVER
     import socket
     deadline = time.monotonic() + 20
-    if backend == "memif":           # no kernel path to it: wait for its socket
+    if backend.startswith("memif"):  # no kernel path to it: wait for its socket(s)
         from qstack import memif
         while time.monotonic() < deadline:
-            if memif.listening(memif_sock()):
+            if memif.served_links(memif_sock()):
                 return p, host
             time.sleep(0.1)
     while time.monotonic() < deadline:
@@ -83,10 +88,12 @@ def stop(p):
 
 
 def echo_round(backend, host, port, conns, duration):
-    client = {"kernel": [], "ustack": USTACK_CLIENT,
-              "memif": ["--backend", "ustack", "--driver", "memif", "--memif", memif_sock(),
-                        "--ip", CLIENT + "/16"]}[backend]
-    out = subprocess.run(["taskset", "-c", "1", PY, "-m", "qstack", "load", *client, "--dest",
+    memif_cl = ["--backend", "ustack", "--driver", "memif", "--memif", memif_sock(),
+                "--ip", CLIENT + "/16"]
+    client = {"kernel": [], "ustack": USTACK_CLIENT, "memif": memif_cl,
+              "memif2": memif_cl + ["--smp", "2"]}[backend]
+    pin = [] if backend == "memif2" else ["taskset", "-c", "1"]
+    out = subprocess.run([*pin, PY, "-m", "qstack", "load", *client, "--dest",
                           f"{host}:{port}", "--closed", "-c", str(conns), "-l", "64", "-s", "0.5",
                           "-w", "0.5", "-d", str(duration), "--json", "-", "-q"], cwd=REPO,
                          capture_output=True, text=True, timeout=duration + 60)
@@ -143,7 +150,7 @@ def main():
     if not memif_ok:
         print("no DPDK in this build: the memif pair is left out")
     net = BridgedTaps()
-    result = {"echo": {"kernel": [], "ustack": [], "memif": []}, "hold": {}}
+    result = {"echo": {"kernel": [], "ustack": [], "memif": [], "memif2": []}, "hold": {}}
     try:
         with net.entered():
             servers = {b: start_server(b, 7100 + i) + (7100 + i,)
@@ -155,14 +162,14 @@ def main():
                         row = echo_round(b, host, port, a.conns, a.duration)
                         result["echo"][b].append(row)
                         show(r, b, row)
-                    if memif_ok:
-                        mp, host, port = start_server("memif", 7102) + (7102,)
+                    for b in ("memif", "memif2") if memif_ok else ():
+                        mp, host, port = start_server(b, 7102) + (7102,)
                         try:
-                            row = echo_round("memif", host, port, a.conns, a.duration)
+                            row = echo_round(b, host, port, a.conns, a.duration)
                         finally:
                             stop(mp)
-                        result["echo"]["memif"].append(row)
-                        show(r, "memif", row)
+                        result["echo"][b].append(row)
+                        show(r, b, row)
                 _, host, port = servers["ustack"]
                 counts = [int(x) for x in a.hold.split(",") if x]
                 for n in counts:
@@ -180,7 +187,7 @@ def main():
     finally:
         net.close()
     med = {}
-    for b in ("kernel", "ustack", "memif"):
+    for b in ("kernel", "ustack", "memif", "memif2"):
         rows = sorted(x["rps"] for x in result["echo"][b])
         if rows:
             med[b] = rows[len(rows) // 2]

@@ -4,7 +4,7 @@ held and served on one machine, as QStack's server on QStack and MCC on mTCP.
     .venv/bin/python bench/scale.py --backend ustack [--connections 1000000]
         [--ips K] [--setup 2] [--wait 10] [--epoch 60] [--burst 5000]
         [--ratio 0.05] [--warmup 2] [--duration 20] [--plot docs/scale-ustack.png]
-        [--json FILE] [--quick]
+        [--json FILE] [--quick] [--cores N]
 
 End to end:
 
@@ -24,6 +24,12 @@ End to end:
    minus the RSS before the first connection, over the connections.
 4. Writes the report, the JSON and a picture (connections and RSS against
    time).
+
+``--cores N``: the server runs N cores, one memif link each (socket
+PATH.kofN), and the load generator N processes (``--smp N``), process k
+on link k; both are then left on every CPU (the server pins its own
+cores) instead of --server-cpu / --client-cpu, and RSS is summed over
+each side's processes.
 
 Needs root (EAL) and a build with DPDK; it says so otherwise.  Long: wrap it
 in ``flock /tmp/qstack-bench.lock`` on a shared machine.
@@ -93,14 +99,18 @@ def run(args):
     serve = [py, "-m", "qstack", "serve", "apps.echo:handle", "--config", conf,
              "--backend", "ustack",
              "--driver", "memif", "--memif", sock, "--ip", SERVER_IP + "/15", "--port", "7",
-             "--framing", "fixed:64", "--priority", "offset=5,value=0x01"]
-    print("server: taskset -c %d %s" % (args.server_cpu, " ".join(serve[1:])), flush=True)
-    server = h.Server("qstack", serve, args.server_cpu, log_path=log_path)
+             "--framing", "fixed:64", "--priority", "offset=5,value=0x01",
+             "--cores", str(args.cores)]
+    server_cpu, client_cpu = args.server_cpu, args.client_cpu
+    if args.cores > 1:               # one link per core: both sides on every CPU
+        server_cpu = client_cpu = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+    print("server: taskset -c %s %s" % (server_cpu, " ".join(serve[1:])), flush=True)
+    server = h.Server("qstack", serve, server_cpu, log_path=log_path)
     load_proc = sampler = None
     out = {"args": vars(args)}
     try:
         deadline = time.monotonic() + 60
-        while not memif.listening(sock):
+        while not memif.served_links(sock):
             if not server.alive() or time.monotonic() > deadline:
                 raise RuntimeError("qstack serve did not come up:\n" + server.log_tail())
             time.sleep(0.1)
@@ -112,10 +122,10 @@ def run(args):
                 "-c", str(args.connections), "-s", str(args.setup), "-w", str(args.wait),
                 "-e", str(args.epoch), "-b", str(args.burst), "-l", "64", "-r", str(args.ratio),
                 "--warmup", str(args.warmup), "-d", str(args.duration), "--log-duration", "0",
-                "--marks", "--json", doc_path]
-        print("load:   taskset -c %d %s" % (args.client_cpu, " ".join(load[1:])), flush=True)
+                "--marks", "--json", doc_path, "--smp", str(args.cores)]
+        print("load:   taskset -c %s %s" % (client_cpu, " ".join(load[1:])), flush=True)
         t0 = time.monotonic()
-        load_proc = subprocess.Popen(h.pin_prefix(args.client_cpu) + load, cwd=h.REPO,
+        load_proc = subprocess.Popen(h.pin_prefix(client_cpu) + load, cwd=h.REPO,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, start_new_session=True)
         sampler = Sampler(server.pid, load_proc.pid)
@@ -199,11 +209,13 @@ def report(res, args):
         lines += ["", "memory per held connection (%s connections up and idle):" %
                   "{:,}".format(k), "| process | RSS idle | RSS held | per connection |",
                   "|---|---|---|---|",
-                  "| server (`qstack serve`, ustack on memif) | %.0f MB | %.0f MB | **%s B** |" % (
+                  "| server (`qstack serve`, ustack on memif%s) | %.0f MB | %.0f MB | **%s B** |" % (
+                      ", %d cores" % args.cores if args.cores > 1 else "",
                       res["idle_server_rss"] / 1e6, held["server_rss"] / 1e6,
                       "{:,.0f}".format((held["server_rss"] - res["idle_server_rss"]) / k)),
-                  "| client (`qstack load`, ustack on memif) | - | %.0f MB | **%s B** (all of "
-                  "its RSS) |" % (held["load_rss"] / 1e6,
+                  "| client (`qstack load`, ustack on memif%s) | - | %.0f MB | **%s B** (all of "
+                  "its RSS) |" % (", %d processes" % args.cores if args.cores > 1 else "",
+                                  held["load_rss"] / 1e6,
                                   "{:,.0f}".format(held["load_rss"] / k))]
     lat = doc.get("latency_ms", {})
     if lat:
@@ -287,6 +299,8 @@ def parse_args(argv):
     ap.add_argument("--duration", type=float, default=20.0)
     ap.add_argument("--server-cpu", type=int, default=0)
     ap.add_argument("--client-cpu", type=int, default=1)
+    ap.add_argument("--cores", type=int, default=1,
+                    help="server cores, one memif link each, and as many load processes")
     ap.add_argument("--json", default=os.path.join(RESULTS, "scale-ustack.json"))
     ap.add_argument("--plot", default=None, help="write the picture here (PNG)")
     ap.add_argument("--quick", action="store_true", help="100,000 connections, short phases")

@@ -123,7 +123,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         ("--driver", "ustack.driver", str, "ustack device driver: tap | dpdk | memif"),
         ("--tap", "ustack.tap", str, "ustack TAP device name"),
         ("--eal", "ustack.eal", str, "ustack DPDK EAL arguments"),
-        ("--memif", "ustack.memif", str, "ustack memif socket path (--driver memif)"),
+        ("--memif", "ustack.memif", str, "ustack memif socket path (--driver memif; with "
+                                            "--cores N, one link per core: PATH.kofN)"),
         ("--ip", "ustack.ip", str, "ustack address/prefix, e.g. 198.18.0.2/24"),
         ("--gateway", "ustack.gateway", str, "ustack default gateway"),
         ("--mac", "ustack.mac", str, "ustack MAC address"),

@@ -817,7 +817,7 @@ def _check_ustack(cfg: Config) -> None:
         if us.eal:
             raise ConfigError("ustack.eal: the memif driver makes its own EAL arguments; "
                               "--eal is for --driver dpdk")
-        why = memif_path_problem(us.memif)
+        why = memif_path_problem(us.memif, cfg.server.cores)
         if why:
             raise ConfigError(f"ustack.memif: {why}")
     elif us.memif:
@@ -831,9 +831,10 @@ def _check_ustack(cfg: Config) -> None:
     if cfg.server.host.startswith(UNIX_PREFIX):
         raise ConfigError("server.host: the user-space stack has no Unix sockets; "
                           "unix:PATH is for the kernel backend")
-    if cfg.server.cores != 1 and us.driver != "tap":
-        raise ConfigError(f"server.cores: the {us.driver} driver serves one port from one "
-                          f"core for now, got {cfg.server.cores}")
+    if cfg.server.cores != 1 and us.driver == "dpdk":
+        raise ConfigError(f"server.cores: the dpdk driver serves one port from one "
+                          f"core for now, got {cfg.server.cores} (--driver memif gives "
+                          f"each core a link of its own)")
     if us.gateway is not None:
         import ipaddress
         here = ipaddress.IPv4Network(str(us.ip), strict=False)

@@ -225,8 +225,9 @@ def dpdk_library():
     return found[0] if found else None
 
 
-def _ustack_settings(cfg):
-    """The user-space stack's settings as qstack.transport takes them."""
+def _ustack_settings(cfg, core_index=0):
+    """The user-space stack's settings as qstack.transport takes them
+    (core `core_index` of server.cores: on memif, link core_index)."""
     us = cfg.ustack
     lib_path, driver, eal, mac = None, us.driver, us.eal, us.mac
     if us.driver in ("dpdk", "memif"):
@@ -236,11 +237,12 @@ def _ustack_settings(cfg):
                               f"build (install libdpdk-dev and pkg-config, then rebuild "
                               f"with make)")
     if us.driver == "memif":                # DPDK's net_memif, this end the server
+        links = cfg.server.cores            # one link per core (qstack/memif.py)
         try:
-            memif.claim_socket(us.memif)
+            memif.claim_socket(us.memif, core_index, links)
         except OSError as e:
             raise ConfigError(f"ustack.memif: {e.strerror}") from None
-        driver, eal = "dpdk", memif.eal_args(us.memif, "server")
+        driver, eal = "dpdk", memif.eal_args(us.memif, "server", core_index, links)
         # memif gives both ends of a link the same default MAC: take 02:00
         # and the address, as on TAP and as the load generator's client does
         mac = us.mac or memif.mac_for(us.ip.address)
@@ -252,24 +254,25 @@ def _ustack_settings(cfg):
                 reorder=us.reorder, corrupt=us.corrupt, fault_seed=us.fault_seed)
 
 
-def _uring_error(cfg, exc):
+def _uring_error(cfg, exc, core_index=0):
     """The one line that says why io_uring cannot serve here (the probe's
     words: a build without liburing, or the kernel's refusal)."""
     return ConfigError(f"server.backend: uring: {exc.strerror or exc}; "
                        f"--backend kernel (or auto) serves without it")
 
 
-def _ustack_error(cfg, exc):
+def _ustack_error(cfg, exc, core_index=0):
     """The one line that says why the user-space stack could not start."""
     us = cfg.ustack
-    dev = {"tap": f"TAP device {us.tap}", "memif": f"the memif port at {us.memif}"}.get(
+    link = memif.link_path(us.memif, core_index, cfg.server.cores) if us.memif else None
+    dev = {"tap": f"TAP device {us.tap}", "memif": f"the memif port at {link}"}.get(
         us.driver, "the DPDK port")
     why = {
         errno.EPERM: f"opening {dev} needs root (CAP_NET_ADMIN)",
         errno.EACCES: f"opening {dev} needs root (CAP_NET_ADMIN)",
         errno.ENOENT: "/dev/net/tun is missing (no TUN/TAP support here)"
                       if us.driver == "tap" else "no DPDK port found (check --eal)"
-                      if us.driver == "dpdk" else f"DPDK made no memif port at {us.memif}",
+                      if us.driver == "dpdk" else f"DPDK made no memif port at {link}",
         errno.EBUSY: f"{dev} is busy (another process has it open)",
         errno.EINVAL: f"{dev} is not a multi-queue device, which --cores "
                       f"{cfg.server.cores} needs (ip tuntap add dev {us.tap} mode tap multi_queue)"
@@ -398,7 +401,7 @@ def _serve(cfg, handler, core_index, stats_fd, listen_fds, stop_fd, owned):
         log.info("metrics on http://%s:%d/metrics", *metrics_sock.getsockname()[:2])
     hooks = _conn_hooks(cfg.app, stream, load_callable)
     options = _native_options(cfg, stream, stack_cpu, inline, conn_events=bool(hooks))
-    core = _open_core(cfg, options, listen_fds, owned)
+    core = _open_core(cfg, options, listen_fds, owned, core_index)
     where = _where(core, srv)
     if cfg.log.access and not stream and cfg.app.wsgi is None:   # WSGI logs its own
         from .app.access import access_logged
@@ -550,7 +553,7 @@ def _serve(cfg, handler, core_index, stats_fd, listen_fds, stop_fd, owned):
     return EXIT_DROPPED if dropped[0] else 0
 
 
-def _open_core(cfg, options, listen_fds, owned):
+def _open_core(cfg, options, listen_fds, owned, core_index=0):
     """This core's NativeCore, listening on every listen address (kernel
     sockets) or on server.port (ustack).  One path for every backend
     (qstack.transport.open_core); what a backend adds are its own settings
@@ -577,13 +580,13 @@ def _open_core(cfg, options, listen_fds, owned):
                 raise
     try:
         core = open_core(srv.backend, **options,
-                         **_BACKEND_SETTINGS.get(srv.backend, _no_settings)(cfg))
+                         **_BACKEND_SETTINGS.get(srv.backend, _no_settings)(cfg, core_index))
     except (OSError, ValueError) as exc:
         for sock, _ in socks:
             sock.close()
         explain = _BACKEND_ERRORS.get(srv.backend)
         if isinstance(exc, OSError) and explain is not None:
-            raise explain(cfg, exc) from None
+            raise explain(cfg, exc, core_index) from None
         raise ConfigError(f"{srv.backend}: cannot create the native core: {exc}") from None
     try:
         if not socks:
@@ -606,13 +609,13 @@ def _where(core, srv):
     return core.where([show_address(a) for a in listen_addresses(srv)], srv.port)
 
 
-def _no_settings(cfg):
+def _no_settings(cfg, core_index):
     return {}
 
 
 # A backend's settings beyond the common options, from its config section,
 # and the words for its start-up errors (OSError -> ConfigError).
-_BACKEND_SETTINGS = {"ustack": lambda cfg: {"settings": _ustack_settings(cfg)}}
+_BACKEND_SETTINGS = {"ustack": lambda cfg, core: {"settings": _ustack_settings(cfg, core)}}
 _BACKEND_ERRORS = {"ustack": _ustack_error, "uring": _uring_error}
 
 

@@ -340,6 +340,7 @@ def test_layers_env_errors_name_the_variable():
 
 
 def test_memif_driver_checks(tmp_path):
+    from qstack import memif
     base = {"server.backend": "ustack", "ustack.ip": "198.18.0.2/24", "ustack.driver": "memif"}
     assert error_of(overrides=base) == ("ustack.memif: the memif driver needs the path of its "
                                         "socket, e.g. --memif /run/qstack.memif")
@@ -352,8 +353,16 @@ def test_memif_driver_checks(tmp_path):
         "ustack.memif: /no/such/dir is not a directory"
     assert error_of(overrides={**ok, "ustack.driver": "tap"}) == \
         "ustack.memif: only the memif driver has a socket path (ustack.driver is tap)"
-    assert error_of(overrides={**ok, "server.cores": 2}).startswith(
-        "server.cores: the memif driver serves one port from one core")
+    # one memif link per core: --cores 2 is two sockets, PATH.0of2 and PATH.1of2
+    assert load_config(None, {**ok, "server.cores": 2}).server.cores == 2
+    long = str(tmp_path / ("s" * (memif.SUN_PATH_MAX - len(str(tmp_path)) - 1)))
+    assert load_config(None, {**ok, "ustack.memif": long}).ustack.memif == long
+    assert error_of(overrides={**ok, "ustack.memif": long, "server.cores": 2}) == (
+        f"ustack.memif: {long}.1of2 is longer than a Unix socket path can be "
+        f"({memif.SUN_PATH_MAX} bytes)")
+    assert error_of(overrides={**ok, "ustack.driver": "dpdk", "ustack.memif": None,
+                               "ustack.eal": "--no-huge", "server.cores": 2}).startswith(
+        "server.cores: the dpdk driver serves one port from one core")
 
 
 def test_memif_eal_arguments_and_stale_socket(tmp_path):
@@ -377,3 +386,34 @@ def test_memif_eal_arguments_and_stale_socket(tmp_path):
     open(path, "w").close()
     with pytest.raises(OSError, match="is not a socket"):
         memif.claim_socket(path)
+
+
+def test_memif_one_link_per_core(tmp_path):
+    """--cores N: core k's link is PATH.kofN with memif id k; a server of
+    N links is told from any one of its sockets, and a server of another
+    size on the same PATH is refused."""
+    import socket
+    from qstack import memif
+    path = str(tmp_path / "qs.memif")
+    assert memif.link_path(path) == path
+    assert memif.link_path(path, 1, 2) == path + ".1of2"
+    assert memif.eal_args(path, "server", 1, 2) == (
+        "--no-huge -m 256 --no-pci --vdev=net_memif0,role=server,id=1,rsize=14,"
+        f"socket-abstract=no,socket={path}.1of2")
+    with pytest.raises(ValueError):
+        memif.link_path(path, 2, 2)
+    assert memif.served_links(path) == {}
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.bind(path + ".1of2")              # core 1 of 2 is up, core 0 not yet
+    s.listen(1)
+    try:
+        assert memif.served_links(path) == {2: path + ".1of2"}
+        assert memif.wait_links(path, 0) == {2: path + ".1of2"}
+        memif.claim_socket(path, 0, 2)               # a sibling core: fine
+        for link, links in ((0, 1), (0, 3), (1, 2)):
+            with pytest.raises(OSError, match=f"another memif server is listening on "
+                                              f"{path}.1of2"):
+                memif.claim_socket(path, link, links)
+    finally:
+        s.close()
+    assert memif.served_links(path) == {}            # stale: nobody accepts

@@ -345,3 +345,58 @@ def test_ustack_client_over_memif(tmp_path):
     assert srv.returncode == 0 and "buffers in use 0" in err, err[-2000:]
     assert "packet buffers in use 0" in err, err[-2000:]
     assert "stopped: 1000 requests" in err, err[-2000:]     # the server's own count
+
+
+def test_memif_one_link_per_core(tmp_path):
+    """`qstack serve --cores 2 --driver memif` gives each core a memif link
+    of its own (PATH.0of2, PATH.1of2), `qstack load --smp 2` attaches load
+    process k to link k: every request answered, each core serves its
+    link's half.  A load generator of another size is refused in one line
+    before it starts."""
+    from netns import why_not
+    from qstack import memif
+    from qstack.loadgen.engine import dpdk_library
+    if why_not() or dpdk_library() is None:
+        pytest.skip(why_not() or "this build has no DPDK driver (no libdpdk found)")
+    import re
+    import signal
+    import time
+    sock = str(tmp_path / "memif.sock")
+    srv = subprocess.Popen(
+        [sys.executable, "-m", "qstack", "serve", "apps.echo:handle", *ECHO_SERVE,
+         "--backend", "ustack", "--driver", "memif", "--memif", sock, "--ip", SERVER_IP + "/16",
+         "--port", "8000", "--cores", "2"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    client = ("--backend", "ustack", "--driver", "memif", "--memif", sock,
+              "--ip", CLIENT_IP + "/16", "--dest", f"{SERVER_IP}:8000")
+    try:
+        deadline = time.monotonic() + 60
+        while not any(memif.listening(f"{sock}.{k}of2") for k in range(2)):   # it is up
+            assert srv.poll() is None and time.monotonic() < deadline, srv.stderr.read()[-2000:]
+            time.sleep(0.05)
+        res = subprocess.run([sys.executable, "-m", "qstack", "load", *client, "-c", "20",
+                              "-d", "1"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert_one_error(res, "--smp 1: the memif server at", "has 2 links", "run --smp 2")
+        res = subprocess.run(
+            [sys.executable, "-m", "qstack", "load", *client, "--smp", "2", "-c", "200",
+             "-s", "0.5", "-w", "1", "-e", "0.2", "-b", "20", "-r", "0.3", "-d", "1",
+             "--json", str(tmp_path / "out.json"), "-q"],
+            cwd=ROOT, capture_output=True, text=True, timeout=90)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+        doc = json.loads((tmp_path / "out.json").read_text())
+        m = doc["messages"]
+        assert doc["connections"]["max_connected"] == 200
+        assert m["sent"] == m["responses"] == 1000 and m["bad_replies"] == m["lost"] == 0
+    finally:
+        if srv.poll() is None:
+            srv.send_signal(signal.SIGTERM)
+        try:
+            _, err = srv.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            srv.kill()
+            _, err = srv.communicate()
+    assert srv.returncode == 0, err[-2000:]
+    served = {int(k): int(n) for k, n in re.findall(r"core (\d) stopped: (\d+) requests", err)}
+    assert served == {0: 500, 1: 500}, err[-3000:]      # 100 connections on each link
+    assert len(re.findall(r"packet buffers in use 0", err)) == 2, err[-3000:]
+    assert not os.path.exists(sock + ".0of2") and not os.path.exists(sock + ".1of2")

@@ -109,7 +109,8 @@ def add_load_parser(sub: argparse._SubParsersAction) -> None:
     a("--driver", choices=("tap", "dpdk", "memif"),
       help="ustack: the device driver (default tap; memif: shared memory with a "
            "`qstack serve --driver memif`)")
-    a("--memif", metavar="PATH", help="ustack on memif: the socket of the server's memif link")
+    a("--memif", metavar="PATH", help="ustack on memif: the socket of the server's memif link "
+                                      "(a server of N cores has N links: give --smp N)")
     a("--eal", metavar="ARGS", help="ustack on dpdk: DPDK EAL arguments (a port: a --vdev "
                                     "such as net_memif0,role=client,...)")
     a("--tap", metavar="NAME", help="ustack: the TAP device (default qsl0; created if missing)")
@@ -124,7 +125,8 @@ def add_load_parser(sub: argparse._SubParsersAction) -> None:
       help="before the run, wait up to S s for --dest to accept a connection (default 0: "
            "a closed port fails at once instead of being retried for the whole window)")
     a("--no-check", action="store_true",
-      help="skip that check: connections refused are retried for the whole window")
+      help="skip that check: connections refused are retried for the whole window "
+           "(memif: skip the wait for the server's links and the check of --smp against them)")
     p.set_defaults(run=_load)
 
 
@@ -150,6 +152,30 @@ def probe(host: str, port: int, wait: float) -> str | None:
         if time.monotonic() >= deadline:
             return why
         time.sleep(0.1)
+
+
+def memif_links(o, wait: float) -> str | None:
+    """Wait up to `wait` s for the memif server at --memif; None once it is
+    there with one link per load process.  A server of another number of
+    links (cores) is a ConfigError: one load process per link, process k on
+    link k, so --smp must equal the server's --cores.  Why not, if no
+    server came."""
+    from qstack import memif
+    found = memif.wait_links(o.memif, wait)
+    if not found:
+        return (f"no memif server is accepting at {o.memif} after waiting {wait:g} s (start "
+                f"`qstack serve --driver memif --memif {o.memif}` first, or pass --no-check "
+                f"to let the engine wait 30 s for it)")
+    if len(found) > 1:
+        raise ConfigError(f"--memif {o.memif}: memif servers with "
+                          f"{' and '.join(str(n) for n in sorted(found))} links both listen "
+                          f"there ({', '.join(found.values())}); stop one")
+    (n, at), = found.items()
+    if n != o.smp:
+        raise ConfigError(
+            f"--smp {o.smp}: the memif server at {o.memif} has {n} link{'s' if n > 1 else ''}, "
+            f"one per core ({at} is one); run --smp {n}: one load process per link")
+    return None
 
 
 FIELDS = ("connections", "setup", "wait", "epoch", "burst", "length", "ratio", "duration",
@@ -230,6 +256,12 @@ def _load(args: argparse.Namespace) -> int:
         print(f"qstack load: cannot connect to {o.dest}{waited}: {why} (start the server "
               f"first, or pass --wait-server S to wait for it)", file=sys.stderr, flush=True)
         return 1
+    if o.backend == "ustack" and o.driver == "memif" and not args.no_check:
+        from qstack.memif import PEER_WAIT_S
+        why = memif_links(o, max(args.wait_server, PEER_WAIT_S))
+        if why is not None:
+            print(f"qstack load: {why}", file=sys.stderr, flush=True)
+            return 1
     if not o.quiet:
         say("qstack load: " + o.describe())
     for n in notes:

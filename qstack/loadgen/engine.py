@@ -49,16 +49,20 @@ USTACK_BUFFERS = (4096, 65536)      # packet buffers at least, at most (2 KiB ea
 USTACK_SNDRCV = 262144              # bytes queued per connection, each way
 
 
-def _ustack(cfg, o):
-    """Fill cfg for the ustack backend; returns what must stay alive until
-    qsl_engine_new has copied it (the sources)."""
+def _ustack(cfg, o, link):
+    """Fill cfg for the ustack backend (on memif, link `link` of --smp);
+    returns what must stay alive until qsl_engine_new has copied it (the
+    sources)."""
     from qstack.loadgen.options import USTACK_PORTS, ustack_net
     net = ustack_net(o.ip)
     cfg.backend = lib.QSL_BACKEND_USTACK
     u = cfg.ustack
     if o.driver in ("dpdk", "memif"):
         u.driver = lib.QS_DRIVER_DPDK
-        u.eal = (memif.eal_args(o.memif, "client") if o.driver == "memif" else o.eal).encode()
+        # memif: this process is the client of the server core's link of
+        # the same number (one link per core, one load process per link)
+        u.eal = (memif.eal_args(o.memif, "client", link, o.smp) if o.driver == "memif"
+                 else o.eal).encode()
         u.dpdk_lib = (dpdk_library() or "").encode()
         # 02:00 + the address, as a TAP device gets: a memif port's own
         # address is the same at both ends of the pair
@@ -69,8 +73,8 @@ def _ustack(cfg, o):
     u.ip = int(net.ip)
     u.prefix_len = net.network.prefixlen
     u.gateway = int(ipaddress.IPv4Address(o.gateway)) if o.gateway else 0
-    u.max_conns = o.connections + 1024
-    u.buffers = max(USTACK_BUFFERS[0], min(USTACK_BUFFERS[1], 8 * o.connections))
+    u.max_conns = cfg.nconns + 1024     # this process's share
+    u.buffers = max(USTACK_BUFFERS[0], min(USTACK_BUFFERS[1], 8 * cfg.nconns))
     u.snd_buf = u.rcv_buf = USTACK_SNDRCV
     u.syn_backlog = 128                 # no listener: the stack requires one anyway
     u.loss = o.loss
@@ -96,16 +100,18 @@ def dpdk_library():
     return found[0] if found else None
 
 
-def _ustack_error(o, err: int) -> str:
+def _ustack_error(o, err: int, link: int = 0) -> str:
     import errno
     import os
     why = {errno.EPERM: "needs root (CAP_NET_ADMIN)", errno.EACCES: "needs root (CAP_NET_ADMIN)",
            errno.ENOENT: "/dev/net/tun is missing", errno.EBUSY: "the device is busy (another "
            "process has it open)"}.get(err, os.strerror(err))
     if o.driver == "memif":
-        why = {errno.ENODEV: f"DPDK made no memif port at {o.memif}",
+        at = memif.link_path(o.memif, link, o.smp)
+        why = {errno.ENODEV: f"DPDK made no memif port at {at}",
                errno.ENOTSUP: "DPDK is not available in this build"}.get(err, os.strerror(err))
-        return (f"the ustack client could not start memif at {o.memif} (is `qstack serve "
+        cores = f" --cores {o.smp}" if o.smp > 1 else ""
+        return (f"the ustack client could not start memif at {at} (is `qstack serve{cores} "
                 f"--driver memif --memif {o.memif}` up? it waits 30 s for it): {why}")
     if o.driver == "dpdk":
         why = {errno.ENODEV: "DPDK found no port (check --eal)",
@@ -115,7 +121,7 @@ def _ustack_error(o, err: int) -> str:
 
 
 class Engine:
-    def __init__(self, o, times: EngineTimes, first: int, count: int):
+    def __init__(self, o, times: EngineTimes, first: int, count: int, link: int = 0):
         cfg = ffi.new("qsl_config *")
         cfg.dest_addr = int(ipaddress.IPv4Address(o.host))
         cfg.dest_port = o.port
@@ -158,12 +164,12 @@ class Engine:
         cfg.spin_ns = int(o.spin * NS)
         cfg.reply_timeout_ns = int(o.reply_timeout * NS)
         if o.backend == "ustack":
-            keep = _ustack(cfg, o)   # noqa: F841 (alive until qsl_engine_new copied it)
+            keep = _ustack(cfg, o, link)   # noqa: F841 (alive until qsl_engine_new copied it)
         out = ffi.new("qsl_engine **")
         rc = lib.qsl_engine_new(cfg, out)
         if rc < 0:
             if o.backend == "ustack":
-                raise OSError(-rc, _ustack_error(o, -rc))
+                raise OSError(-rc, _ustack_error(o, -rc, link))
             raise OSError(-rc, "qsl_engine_new refused the configuration or ran out of memory")
         self._e = out[0]
         self._stats = ffi.new("qsl_stats *")

@@ -240,7 +240,7 @@ def _check_ustack(o: LoadOptions) -> None:
                                           "the server's `qstack serve --driver memif` made")
     _need(o.memif is None or o.driver == "memif", "--memif is for --driver memif")
     if o.memif is not None:
-        why = memif.path_problem(o.memif)
+        why = memif.path_problem(o.memif, o.smp)
         _need(why is None, f"--memif: {why}")
     _need(0 < len(o.tap.encode()) < 16, f"--tap: a device name of 1..15 bytes, got {o.tap!r}")
     _need(o.driver != "dpdk" or o.eal, "--driver dpdk needs --eal ARGS, e.g. --eal '--no-huge "
@@ -248,8 +248,9 @@ def _check_ustack(o: LoadOptions) -> None:
                                        "role=client,socket=/run/qs.sock,socket-abstract=no'")
     _need(o.eal is None or o.driver == "dpdk", "--eal is for --driver dpdk")
     _need(o.eal is None or len(o.eal.encode()) < 1024, "--eal: at most 1023 bytes")
-    _need(o.smp == 1, f"--smp: the ustack client runs in one process (its stack owns the "
-                      f"device), got --smp {o.smp}")
+    _need(o.smp == 1 or o.driver == "memif",
+          f"--smp: the ustack client on {o.driver} runs in one process (its stack owns the "
+          f"device; --driver memif runs one per server core), got --smp {o.smp}")
     _need(o.src is None, "--src is the kernel client's; the ustack client's addresses are "
                          "--ip and --ips")
     dest = ipaddress.IPv4Address(o.host)

@@ -62,7 +62,7 @@ def worker(o: LoadOptions, times: EngineTimes, proc: int, first: int, count: int
            stop: _Stop) -> None:
     """Drive one engine from start to final report."""
     try:
-        eng = Engine(o, times, first, count)
+        eng = Engine(o, times, first, count, link=proc)   # memif: process k on link k
     except OSError as e:
         emit(("error", proc, f"could not start the engine: {e.strerror or e}"))
         return

@@ -32,7 +32,13 @@
  * (tens of thousands of FINs at once would overflow the device's queue and
  * wait out retransmission timeouts), lets the stack exchange the FINs both
  * ways for at most QU_LINGER_NS, then resets what is left (no peer hangs)
- * and frees the stack.
+ * and frees the stack.  On a DPDK port it keeps polling QU_SETTLE_NS more
+ * first: a memif server drops the frames still in the ring when its
+ * client leaves, so the last ACKs of the FIN exchange could be lost and
+ * the server would retransmit its FINs to nobody until it gives up (seen
+ * with one load process per server core, four processes on two CPUs);
+ * staying past the server's first retransmission (its RTO, at least
+ * 200 ms) lets the TIME-WAIT records answer it.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -49,6 +55,7 @@
 #define QU_DOWN 0x08u        /* the stack closed it: err says why */
 #define QU_WANT_OUT 0x10u
 #define QU_LINGER_NS 3000000000LL
+#define QU_SETTLE_NS 300000000LL
 #define QU_CLOSE_INFLIGHT 4096u   /* closing control blocks at once, at the end */
 
 struct ut {
@@ -318,6 +325,14 @@ static void ut_destroy(struct qsl_engine *e)
                 ut_close(e, &e->conns[next], now);
                 open--;
             }
+        struct epoll_event evs[4];
+        qs_uhost_arm(&u->h, now, 0);
+        epoll_wait(u->h.ep, evs, 4, 1);
+        now = now_ns();
+        qs_uhost_poll(&u->h, now);
+    }
+    int64_t settle = now + QU_SETTLE_NS;
+    while (e->cfg.ustack.driver == QS_DRIVER_DPDK && !open && !u->h.s.nconns && now < settle) {
         struct epoll_event evs[4];
         qs_uhost_arm(&u->h, now, 0);
         epoll_wait(u->h.ep, evs, 4, 1);
