@@ -1,6 +1,7 @@
 """Real servers for the tests: `qstack serve` in a child process on 127.0.0.1."""
 
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -122,6 +123,7 @@ class Server:
         self.proc = subprocess.Popen(self.args, cwd=cwd, env={**os.environ, **env},
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.stderr = ""
+        self._early = {"stdout": b"", "stderr": b""}    # read by read_until()
         if net is not None and not net.persistent:
             net.bring_up(self.proc)      # the server made the device (DPDK net_tap)
         elif ustack is not None and "--tap" in ustack:
@@ -134,6 +136,26 @@ class Server:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return s
 
+    def read_until(self, stream, pred, timeout=15.0):
+        """Read the running server's "stdout" or "stderr" until pred(text so
+        far) holds (bounded); returns the text.  stop() still returns all of
+        it in .stdout and .stderr."""
+        fd = (self.proc.stdout if stream == "stdout" else self.proc.stderr).fileno()
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self._early[stream].decode(errors="replace")
+            if pred(text):
+                return text
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"server {stream} not as expected within {timeout}s: "
+                                     f"{text[-2000:]}")
+            if select.select([fd], [], [], min(left, 0.1))[0]:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    raise AssertionError(f"server closed its {stream}: {text[-2000:]}")
+                self._early[stream] += chunk
+
     def stop(self, sig=signal.SIGTERM, timeout=20.0):
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -143,8 +165,8 @@ class Server:
             self.proc.kill()
             out, err = self.proc.communicate()
             raise AssertionError("server did not stop in time")
-        self.stdout = out.decode(errors="replace")
-        self.stderr = err.decode(errors="replace")
+        self.stdout = (self._early["stdout"] + out).decode(errors="replace")
+        self.stderr = (self._early["stderr"] + err).decode(errors="replace")
         return self.proc.returncode
 
 
