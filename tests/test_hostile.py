@@ -30,6 +30,12 @@ PROBE_P99 = 0.1        # s: the issue's bound for a well-behaved client
 PROBE_MAX = 1.0
 
 
+@pytest.fixture(autouse=True)
+def short_accept_linger(monkeypatch):
+    """hostile.run()'s servers stop as the serve fixture's do (conftest.py)."""
+    monkeypatch.setenv("QSTACK_TEST_ACCEPT_LINGER", "0.02")
+
+
 @pytest.fixture(params=["kernel", "ustack"])
 def tap(request):
     """None on the kernel backend; the TAP device of an entered namespace
