@@ -43,10 +43,18 @@ def tap(request):
     if request.param == "kernel":
         yield None
         return
+    from conftest import wait_tap
     from netns import entered_tap, why_not
     if why_not():
         pytest.skip(why_not())
-    with entered_tap() as dev:
+    listening = hostile.wait_listening
+
+    def wait_listening(proc, host, port, timeout=15.0):
+        wait_tap(dev, proc)              # as the serve fixture does (conftest.py)
+        listening(proc, host, port, timeout)
+
+    with entered_tap() as dev, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hostile, "wait_listening", wait_listening)
         yield dev
 
 
