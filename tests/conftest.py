@@ -1,6 +1,7 @@
 """Real servers for the tests: `qstack serve` in a child process on 127.0.0.1."""
 
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -42,6 +43,49 @@ def free_port():
         return s.getsockname()[1]
 
 
+def _children(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
+def tap_attached(pid, dev):
+    """How many of process pid and its children (supervised cores) hold TAP
+    device dev open (/proc/PID/fdinfo of a /dev/net/tun says which)."""
+    n = 0
+    for p in (pid, *_children(pid)):
+        try:
+            fds = os.listdir(f"/proc/{p}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{p}/fd/{fd}") != "/dev/net/tun":
+                    continue
+                with open(f"/proc/{p}/fdinfo/{fd}") as f:
+                    if f"iff:\t{dev}\n" in f.read():
+                        n += 1
+                        break
+            except OSError:
+                pass
+    return n
+
+
+def wait_tap(dev, proc, cores=1, timeout=15.0):
+    """Wait (bounded) until the server's cores have opened its TAP device: a
+    connect before that sends its ARP request into a device nobody reads,
+    and Linux asks again only a second later (the first connect then times
+    out); on a multi-queue device, a flow steered to the queue of a core
+    not yet attached is lost."""
+    deadline = time.monotonic() + timeout
+    while tap_attached(proc.pid, dev) < cores:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            return                       # wait_port says why
+        time.sleep(0.01)
+
+
 def wait_port(port, proc, timeout=15.0, host="127.0.0.1"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -74,17 +118,43 @@ class Server:
                      "--ip", STACK_IP + "/24"]
         self.addr = (self.host, self.port)
         self.args = [*wrap, sys.executable, "-m", "qstack", "serve", app, *where, *args]
-        self.proc = subprocess.Popen(self.args, cwd=cwd, env={**os.environ, **(env or {})},
+        # a stopping server's 0.25 s accept linger, shortened (qstack/server.py)
+        env = {"QSTACK_TEST_ACCEPT_LINGER": "0.02", **(env or {})}
+        self.proc = subprocess.Popen(self.args, cwd=cwd, env={**os.environ, **env},
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.stderr = ""
+        self._early = {"stdout": b"", "stderr": b""}    # read by read_until()
         if net is not None and not net.persistent:
             net.bring_up(self.proc)      # the server made the device (DPDK net_tap)
+        elif ustack is not None and "--tap" in ustack:
+            cores = int(args[args.index("--cores") + 1]) if "--cores" in args else 1
+            wait_tap(ustack[ustack.index("--tap") + 1], self.proc, cores)
         wait_port(self.port, self.proc, host=self.host)
 
     def connect(self, timeout=10.0):
         s = socket.create_connection(self.addr, timeout=timeout)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return s
+
+    def read_until(self, stream, pred, timeout=15.0):
+        """Read the running server's "stdout" or "stderr" until pred(text so
+        far) holds (bounded); returns the text.  stop() still returns all of
+        it in .stdout and .stderr."""
+        fd = (self.proc.stdout if stream == "stdout" else self.proc.stderr).fileno()
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self._early[stream].decode(errors="replace")
+            if pred(text):
+                return text
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"server {stream} not as expected within {timeout}s: "
+                                     f"{text[-2000:]}")
+            if select.select([fd], [], [], min(left, 0.1))[0]:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    raise AssertionError(f"server closed its {stream}: {text[-2000:]}")
+                self._early[stream] += chunk
 
     def stop(self, sig=signal.SIGTERM, timeout=20.0):
         if self.proc.poll() is None:
@@ -95,8 +165,8 @@ class Server:
             self.proc.kill()
             out, err = self.proc.communicate()
             raise AssertionError("server did not stop in time")
-        self.stdout = out.decode(errors="replace")
-        self.stderr = err.decode(errors="replace")
+        self.stdout = (self._early["stdout"] + out).decode(errors="replace")
+        self.stderr = (self._early["stderr"] + err).decode(errors="replace")
         return self.proc.returncode
 
 

@@ -3,6 +3,7 @@ addresses (--bind, repeatable; server.bind), kernel backend.  Real servers,
 real sockets; every server a test starts is stopped by its fixture."""
 
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -40,6 +41,17 @@ class Run:
         self.proc = subprocess.Popen(self.args, cwd=ROOT, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE)
         self.stderr = ""
+        self.early = b""                # stderr read while it runs (err_so_far)
+
+    def err_so_far(self):
+        """What the server has written to stderr so far (never blocks)."""
+        fd = self.proc.stderr.fileno()
+        while select.select([fd], [], [], 0)[0]:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            self.early += chunk
+        return self.early.decode(errors="replace")
 
     def stop(self, timeout=20.0):
         if self.proc.poll() is None:
@@ -50,7 +62,7 @@ class Run:
             self.proc.kill()
             self.proc.communicate()
             raise AssertionError("server did not stop in time")
-        self.stderr = err.decode(errors="replace")
+        self.stderr = (self.early + err).decode(errors="replace")
         return self.proc.returncode
 
 
@@ -198,12 +210,17 @@ def test_reload_keeps_unix_and_tcp(run, sock_path):
     wait_unix(sock_path, r.proc)
     wait_port(port, r.proc)
     r.proc.send_signal(signal.SIGHUP)
-    # both addresses answer through the reload and after it
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
+    # both addresses answer through the reload and after it: until both old
+    # cores have exited, then ten rounds more (bounded)
+    deadline = time.monotonic() + 30
+    after = 10
+    while after:
+        assert time.monotonic() < deadline, r.err_so_far()[-2000:]
         assert echo_unix(sock_path) == b"hello\n"
         assert echo_tcp(port) == b"hello\n"
-        time.sleep(0.1)
+        if r.err_so_far().count("old core ") >= 2:
+            after -= 1
+        time.sleep(0.02)
     run.stop_all()
     assert "SIGHUP: reloading" in r.stderr
     assert not os.path.exists(sock_path)

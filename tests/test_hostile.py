@@ -30,6 +30,12 @@ PROBE_P99 = 0.1        # s: the issue's bound for a well-behaved client
 PROBE_MAX = 1.0
 
 
+@pytest.fixture(autouse=True)
+def short_accept_linger(monkeypatch):
+    """hostile.run()'s servers stop as the serve fixture's do (conftest.py)."""
+    monkeypatch.setenv("QSTACK_TEST_ACCEPT_LINGER", "0.02")
+
+
 @pytest.fixture(params=["kernel", "ustack"])
 def tap(request):
     """None on the kernel backend; the TAP device of an entered namespace
@@ -37,10 +43,18 @@ def tap(request):
     if request.param == "kernel":
         yield None
         return
+    from conftest import wait_tap
     from netns import entered_tap, why_not
     if why_not():
         pytest.skip(why_not())
-    with entered_tap() as dev:
+    listening = hostile.wait_listening
+
+    def wait_listening(proc, host, port, timeout=15.0):
+        wait_tap(dev, proc)              # as the serve fixture does (conftest.py)
+        listening(proc, host, port, timeout)
+
+    with entered_tap() as dev, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hostile, "wait_listening", wait_listening)
         yield dev
 
 

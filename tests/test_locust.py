@@ -1,6 +1,6 @@
 """loadtests/locustfile.py: Locust's TCP users against a live qstack server.
 
-Each test runs Locust for a few seconds (headless, then distributed with one
+Each test runs Locust for a second (headless, then distributed with one
 worker) and reads its final stats (``--json-file``): there must be requests
 of both priorities and no failures, and the server's own count per priority
 level (its native rule on byte 5) must agree with the names Locust gave them.
@@ -57,7 +57,7 @@ def check_priorities(stats, kind, srv, size):
 def test_headless_echo_both_priorities_no_failures(serve, tmp_path):
     srv = serve("tests.apps.loadgen_apps:counting", *ECHO_SERVE)
     out = tmp_path / "stats"
-    res = locust("--headless", "-u", str(USERS), "-r", str(USERS), "-t", "3s",
+    res = locust("--headless", "-u", str(USERS), "-r", str(USERS), "-t", "1s",
                  "--host", f"tcp://127.0.0.1:{srv.port}", "--high-ratio", "0.3",
                  "--epoch", "0.05", "--only-summary", "--json-file", str(out))
     assert res.returncode == 0, res.stderr[-3000:]
@@ -69,7 +69,7 @@ def test_headless_iotep_requests_and_heartbeats(serve, tmp_path):
     srv = serve("tests.apps.loadgen_apps:iotep", "--framing", "fixed:40",
                 "--priority", "offset=5,value=0x01")
     out = tmp_path / "stats"
-    res = locust("--headless", "-u", str(USERS), "-r", str(USERS), "-t", "3s",
+    res = locust("--headless", "-u", str(USERS), "-r", str(USERS), "-t", "1s",
                  "--host", f"127.0.0.1:{srv.port}", "--protocol", "iotep",
                  "--msg-len", "40", "--reply-len", "32", "--high-ratio", "0.5",
                  "--epoch", "0.1", "--only-summary", "--json-file", str(out))
@@ -88,7 +88,7 @@ def test_distributed_master_and_worker(serve, tmp_path):
         [sys.executable, "-m", "locust", "-f", LOCUSTFILE, "--master", "--headless",
          "--master-bind-host", "127.0.0.1", "--master-bind-port", port,
          "--expect-workers", "1", "--expect-workers-max-wait", "30",
-         "-u", str(USERS), "-r", str(USERS), "-t", "3s",
+         "-u", str(USERS), "-r", str(USERS), "-t", "1s",
          "--host", f"tcp://127.0.0.1:{srv.port}", "--high-ratio", "0.3", "--epoch", "0.05",
          "--only-summary", "--json-file", str(out)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

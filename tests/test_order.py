@@ -111,16 +111,17 @@ def test_send_and_close_in_the_request_place(serve):
 
 def test_reset_with_parked_replies_leaks_nothing(serve):
     server = serve(APP, *LINE)
-    for _ in range(5):
-        s = server.connect()
+    socks = [server.connect() for _ in range(5)]
+    for s in socks:
         # the first reply is slow: the rest park behind it (copies and
         # zero-copy buffers), then the client resets the connection
         s.sendall(b"s 300 0\n" + b"".join(b"%s 1 %d\n" % (b"se"[i % 2:i % 2 + 1], i)
                                           for i in range(1, 40)))
-        time.sleep(0.1)
+    time.sleep(0.1)
+    for s in socks:                                  # the five at once, not one by one
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         s.close()
-    time.sleep(0.5)                                  # the slow replies find no conn
+    time.sleep(0.4)                                  # the slow replies find no conn
     with server.connect() as s:
         s.sendall(b"e 0 still-serving\n")
         assert replies(s, 1) == ["e 0 still-serving"]

@@ -8,6 +8,7 @@ Every test's server must stop with exit 0 and all pool buffers returned
 """
 
 import os
+import select
 import socket
 import struct
 import threading
@@ -34,9 +35,10 @@ def echo_ok(server, payload=b"still serving\n"):
         assert recv_exact(s, len(payload)) == payload
 
 
-def test_thousand_connections_hundred_messages_each(serve):
+def test_thousand_connections_fifty_messages_each(serve):
+    # 50 messages a connection: every length the pattern makes (j % 50)
     server = serve("apps.echo:handle", "--workers", "64")
-    nconn, nmsg = 1000, 100
+    nconn, nmsg = 1000, 50
     errors = []
 
     def client(i):
@@ -153,17 +155,29 @@ def test_handler_returning_str_is_an_error_not_a_crash(serve):
     assert "non-bytes reply" in server.stderr
 
 
-def test_blocked_handler_suspends_only_its_worker(serve):
-    server = serve("tests.apps.behaviors:sleepy", "--workers", "4", "--framing", "line")
+def wait_started(gate, n=1, timeout=10.0):
+    """Wait until n handlers are holding at the gate (behaviors.hold())."""
+    deadline = time.monotonic() + timeout
+    while len(list(gate.parent.glob(gate.name + ".started.*"))) < n:
+        assert time.monotonic() < deadline, f"fewer than {n} handlers started holding"
+        time.sleep(0.005)
+
+
+def test_blocked_handler_suspends_only_its_worker(serve, tmp_path):
+    # the slow request holds its worker until the gate opens, which happens
+    # only after the echoes: had they waited for it, they would time out
+    gate = tmp_path / "gate"
+    server = serve("tests.apps.behaviors:sleepy", "--workers", "4", "--framing", "line",
+                   env={"QSTACK_TEST_GATE": str(gate)})
     with server.connect() as slow, server.connect() as fast:
-        slow.sendall(b"sleep\n")
-        time.sleep(0.1)
-        t0 = time.monotonic()
+        slow.sendall(b"hold\n")
+        wait_started(gate)
         for i in range(50):
             fast.sendall(b"ping %d\n" % i)
             assert recv_line(fast) == b"ping %d\n" % i
-        assert time.monotonic() - t0 < 0.9, "echoes waited for the sleeping handler"
-        assert recv_line(slow) == b"slept\n"
+        assert not select.select([slow], [], [], 0)[0], "the held request replied early"
+        gate.touch()
+        assert recv_line(slow) == b"held\n"
 
 
 def test_cooperative_socket_in_handler(serve):
@@ -174,10 +188,13 @@ def test_cooperative_socket_in_handler(serve):
     lsock.listen(4)
     port = lsock.getsockname()[1]
 
+    dialed, answer = threading.Event(), threading.Event()
+
     def slow_peer():
         c, _ = lsock.accept()
         c.recv(1)
-        time.sleep(0.5)
+        dialed.set()
+        answer.wait(10)                 # answers only once the other was served
         c.sendall(b"late\n")
         c.close()
 
@@ -186,9 +203,11 @@ def test_cooperative_socket_in_handler(serve):
     server = serve("tests.apps.behaviors:sleepy", "--workers", "4", "--framing", "line")
     with server.connect() as dialer, server.connect() as other:
         dialer.sendall(b"dial %d\n" % port)
-        time.sleep(0.05)
+        assert dialed.wait(10), "the handler did not dial"
         other.sendall(b"hello\n")
         assert recv_line(other) == b"hello\n"       # served while the dial waits
+        assert not select.select([dialer], [], [], 0)[0]
+        answer.set()
         assert recv_line(dialer) == b"late\n"
     t.join(5)
     lsock.close()
@@ -202,7 +221,10 @@ def _prio_run(server, tmp_path, workers, n_high, n_low):
     holders = [server.connect() for _ in range(workers)]
     for h in holders:
         h.sendall(b"hold\n")
-    time.sleep(0.3)                                  # every worker is now busy
+    # every worker level 1 may use is now busy (the default reserve keeps a
+    # quarter for level 0: those holds wait queued)
+    from qstack.coro.runqueue import default_reserve
+    wait_started(gate, workers - default_reserve(workers, 2)[0])
     lows = [server.connect() for _ in range(n_low)]
     highs = [server.connect() for _ in range(n_high)]
     for s in lows:
@@ -268,13 +290,21 @@ def test_stream_handler_closes(serve):
 
 
 def test_sigint_drains_in_flight_requests(serve, tmp_path):
-    server = serve("tests.apps.behaviors:sleepy", "--framing", "line")
+    gate = tmp_path / "gate"
+    server = serve("tests.apps.behaviors:sleepy", "--framing", "line",
+                   env={"QSTACK_TEST_GATE": str(gate)})
     s = server.connect()
-    s.sendall(b"sleep\n")
-    time.sleep(0.2)
+    s.sendall(b"hold\n")
+    wait_started(gate)                         # the request is in its handler
     import signal
     server.proc.send_signal(signal.SIGINT)
-    assert recv_line(s) == b"slept\n"          # the in-flight request finished
+    server.read_until("stderr", lambda err: "SIGINT: stopping" in err)
+    # a server that did not wait for the request would be gone by now (its
+    # accept linger is 0.02 s here)
+    time.sleep(0.5)
+    assert server.proc.poll() is None, "stopped with a request in flight"
+    gate.touch()                               # it finishes only after the SIGINT
+    assert recv_line(s) == b"held\n"           # the in-flight request finished
     s.close()
     assert server.proc.wait(10) == 0
 
@@ -308,12 +338,14 @@ def test_stream_handlers_many_connections(serve):
 
 
 def test_stats_lines_report_traffic_per_level(serve):
-    server = serve("apps.echo:handle", "--stats", "--framing", "line", *PRIO)
+    server = serve("apps.echo:handle", "--stats", "--stats-interval", "0.1", "--framing",
+                   "line", *PRIO)
     with server.connect() as s:
         for i in range(200):
             s.sendall(b"H high\n" if i % 2 else b"low\n")
             recv_line(s)
-    time.sleep(1.5)
+    server.read_until("stdout", lambda out: any(ln.startswith("core 0")
+                                                for ln in out.splitlines()))
     code = server.stop()
     assert code == 0
     lines = [ln for ln in server.stdout.splitlines() if ln.startswith("core 0")]

@@ -421,7 +421,10 @@ def test_sighup_reloads_the_handler_without_losing_a_request(tmp_path):
     try:
         old = pids_by_connecting(port, lambda s: len(s) >= 1, sup=sup)
         client.start()
-        time.sleep(0.5)
+        deadline = time.monotonic() + 20
+        while len(client.replies) < 50:   # the old version serves a while
+            assert time.monotonic() < deadline, client.failures[:5]
+            time.sleep(0.01)
         app.write_text(RELOAD_APP % "two-the-new-one")  # new size: no stale .pyc
         sup.p.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 20
@@ -429,7 +432,13 @@ def test_sighup_reloads_the_handler_without_losing_a_request(tmp_path):
             if client.replies and client.replies[-1][0] == b"two-the-new-one":
                 break
             time.sleep(0.05)
-        time.sleep(1.0)                   # and keep sending while the old cores stop
+        # and keep sending while the old cores stop: until they are gone and
+        # 200 replies have come after the first new one (bounded)
+        first = len(client.replies)
+        deadline = time.monotonic() + 20
+        while (any(alive(int(p)) for p in old) or len(client.replies) < first + 200) \
+                and time.monotonic() < deadline:
+            time.sleep(0.02)
         client.stop.set()
         client.join(timeout=10)
         assert not client.failures, client.failures[:5]

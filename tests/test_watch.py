@@ -57,7 +57,7 @@ def test_blocking_handler_logs_one_warning_with_its_stack(serve, case):
         for i in range(20):                 # served at once afterwards, no warning
             s.sendall(b"ping %d\n" % i)
             assert recv_line(s) == b"ping %d\n" % i
-    time.sleep(0.3)
+    server.read_until("stderr", lambda err: "the hub is back" in err)
     assert server.stop() == 0
     err = server.stderr
     assert err.count(BLOCKED) == 1, err
@@ -142,7 +142,9 @@ def test_stats_and_log_show_protocol_errors_after_an_oversized_frame(serve):
         with pytest.raises((ConnectionResetError, EOFError)):
             if not s.recv(10):
                 raise EOFError
-    time.sleep(1.6)                         # a stats line and a check of the counter
+    # a stats line and a check of the counter (each once a second)
+    server.read_until("stdout", lambda out: "protocol_errors 1" in out)
+    server.read_until("stderr", lambda err: "new protocol errors" in err)
     assert server.stop() == 0
     lines = [ln for ln in server.stdout.splitlines() if ln.startswith("core 0")]
     assert lines and "protocol_errors 1" in lines[-1], server.stdout

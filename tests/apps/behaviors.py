@@ -9,18 +9,27 @@ from gevent import socket as gsocket
 import qstack
 
 _seq = itertools.count()
+_holds = itertools.count()
+
+
+def hold():
+    """Wait (cooperatively) for the gate file named by $QSTACK_TEST_GATE,
+    keeping this worker busy; on the way in, create <gate>.started.<n> so a
+    test can see the handler is running."""
+    gate = os.environ["QSTACK_TEST_GATE"]
+    open(f"{gate}.started.{next(_holds)}", "w").close()
+    for _ in range(3000):                   # bounded: 30 s at most
+        if os.path.exists(gate):
+            break
+        gevent.sleep(0.01)
+    return b"held\n"
 
 
 def seq(req):
     """Reply with the order in which requests were served; b"hold" waits for
-    the gate file named by $QSTACK_TEST_GATE, keeping its worker busy."""
+    the gate file (hold()), keeping its worker busy."""
     if bytes(req.data[:4]) == b"hold":
-        gate = os.environ["QSTACK_TEST_GATE"]
-        for _ in range(3000):               # bounded: 30 s at most
-            if os.path.exists(gate):
-                break
-            gevent.sleep(0.01)
-        return b"held\n"
+        return hold()
     return b"%d %d\n" % (next(_seq), req.priority)
 
 
@@ -33,8 +42,11 @@ def boom(req):
 
 def sleepy(req):
     """b"sleep" sleeps cooperatively; b"dial PORT" uses a cooperative socket
-    to a local server that answers after a delay; the rest echo."""
+    to a local server that answers after a delay; b"hold" waits for the gate
+    file (hold()); the rest echo."""
     data = bytes(req.data)
+    if data.startswith(b"hold"):
+        return hold()
     if data.startswith(b"sleep"):
         gevent.sleep(1.0)
         return b"slept\n"
