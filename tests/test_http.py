@@ -9,6 +9,7 @@ import http.client
 import os
 import selectors
 import socket
+import time
 
 import pytest
 
@@ -509,3 +510,81 @@ def test_sighup_reloads_the_wsgi_app(tmp_path):
             p.communicate()
     assert p.returncode == 0, err.decode()[-2000:]
     assert b"SIGHUP: reloading" in err
+
+
+def _flood_count(server):
+    c = client(server)
+    c.request("GET", "/flood/count")
+    blocks, done, aborted = map(int, c.getresponse().read().split())
+    c.close()
+    return blocks, done, aborted
+
+
+def _settled(server, until=lambda n: False, stable=3):
+    """/flood/count once it stops moving (``stable`` more equal looks 0.2 s
+    apart; None: never) or ``until`` holds; bounded: 50 looks."""
+    last, same = None, 0
+    for _ in range(50):
+        now = _flood_count(server)
+        if until(now):
+            return now
+        same = same + 1 if now == last else 0
+        if stable is not None and same >= stable:
+            return now
+        last = now
+        time.sleep(0.2)
+    return now
+
+
+def test_streamed_response_waits_for_a_slow_reader(server):
+    """A generator of 64 MiB to a client that reads nothing: the worker
+    stops pulling blocks once about SEND_HIGH_WATER is queued and the
+    kernel's buffers are full (gunicorn blocks in send; without the wait
+    the whole body was made and queued in the stack).  Then the client
+    reads: every byte comes, in order, and the generator finishes."""
+    n = 1024
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(10)
+    s.connect((server.host, server.port))
+    s.sendall(f"GET /flood?n={n} HTTP/1.1\r\nHost: h\r\n\r\n".encode())
+    blocks, done, _ = _settled(server)
+    assert done == 0 and blocks < n // 2, f"{blocks} of {n} blocks made for a non-reader"
+    got = b""
+    while b"\r\n\r\n" not in got:
+        got += s.recv(65536)
+    head, _, got = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK")
+    total, i = len(got), 0
+    pending = got
+    while total < n * 65536:
+        chunk = s.recv(1 << 20)
+        assert chunk, f"closed after {total} bytes"
+        total += len(chunk)
+        pending += chunk
+        while len(pending) >= 65536:
+            assert pending[:65536] == bytes([65 + i % 26]) * 65536, f"block {i}"
+            pending = pending[65536:]
+            i += 1
+    s.close()
+    assert total == n * 65536 and i == n
+    assert _settled(server, until=lambda c: c[1] == 1)[:2] == (n, 1)
+
+
+def test_non_reader_of_a_streamed_response_is_reset_and_the_app_closed(serve):
+    """server.write_timeout still applies: the stack resets a client that
+    reads nothing, and the waiting worker closes the app's iterator
+    (without the wait the generator ran to its end instead)."""
+    server = serve(ROUTER, "--write-timeout", "1")
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(10)
+    s.connect((server.host, server.port))
+    s.sendall(b"GET /flood?n=1024 HTTP/1.1\r\nHost: h\r\n\r\n")
+    blocks, done, aborted = _settled(server, until=lambda c: c[1] + c[2] > 0, stable=None)
+    s.close()
+    assert (done, aborted) == (0, 1) and blocks < 512
+    c = client(server)                              # the worker is free again
+    c.request("GET", "/after")
+    assert c.getresponse().read().startswith(b"GET /after ")
+    c.close()

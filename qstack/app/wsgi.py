@@ -45,6 +45,7 @@ __all__ = ["WSGIHandler"]
 access_log = logging.getLogger("qstack.access")
 
 STREAM_AFTER = 65536    # bytes of an unfinished body buffered before streaming starts
+SEND_HIGH_WATER = 256 << 10     # a streamed body this far ahead of the client: wait
 
 _ERRORS = {
     1: (400, "Bad Request"),
@@ -117,6 +118,37 @@ def _dechunk(data: bytes, start: int) -> bytes:
         pos = eol + 2
         out.append(data[pos:pos + size])
         pos += size + 2
+
+
+class _Sender:
+    """A streamed body's sends, with backpressure as gunicorn has it (a
+    blocking write): once more than SEND_HIGH_WATER bytes are queued and
+    unsent, the worker greenlet waits until the stack has written them all
+    (QS_EV_WRITABLE), so a slow reader holds at most that much here, plus
+    what the kernel buffers.  The wait asks again every second; the stack
+    resets a client that reads nothing for server.write_timeout, and then
+    the wait raises ConnectionResetError: the app's iterator is closed.
+
+    Not covered: bytes parked behind the reply to an earlier pipelined
+    request still running count as written (the stack's WRITABLE looks at
+    its out queue only), so they are bounded by that other request, not here."""
+
+    __slots__ = ("conn", "hub", "id", "level", "unsent")
+
+    def __init__(self, req):
+        self.conn = req.conn
+        self.hub = req._hub
+        self.id = req.conn_id
+        self.level = req.priority
+        self.unsent = 0
+
+    def send(self, data):
+        self.conn.send(data)
+        self.unsent += len(data)
+        if self.unsent > SEND_HIGH_WATER:
+            while not self.hub.wait_writable(self.id, self.level):
+                pass
+            self.unsent = 0
 
 
 class _StartResponse:
@@ -324,13 +356,13 @@ class WSGIHandler:
             # streaming: the head, what we have, then the rest as it comes
             head, keep, chunked = self._head(sr.status, sr.headers, protocol, keep, None,
                                              head_only)
-            send = req.conn.send
             sr.sent = True
             if head_only:
-                send(head)
+                req.conn.send(head)
                 for _ in it:
                     pass
             else:
+                send = _Sender(req).send
                 body = b"".join(chunks)
                 send(head + (b"%x\r\n%s\r\n" % (len(body), body) if chunked else body))
                 sent = len(body)
@@ -343,6 +375,11 @@ class WSGIHandler:
             if t0 > 0.0:
                 self._access(req, env, sr.status, sent, t0)
             return b"0\r\n\r\n" if chunked and not head_only else None
+        except ConnectionResetError:
+            # the client went away while we waited to write (or the stack
+            # reset it after server.write_timeout): not the app's error
+            req.conn.close()
+            return None
         except Exception as exc:
             self._failed(req, exc)
             req.conn.close()

@@ -99,6 +99,7 @@ EV_DATA = lib.QS_EV_DATA
 EV_BIGDATA = lib.QS_EV_BIGDATA
 ACCEPTED = lib.QS_EV_ACCEPTED
 CLOSED = lib.QS_EV_CLOSED
+WRITABLE = lib.QS_EV_WRITABLE
 SEND_BUF = lib.QS_CMD_SEND_BUF
 SEND_COPY = lib.QS_CMD_SEND_COPY
 DONE = lib.QS_CMD_DONE
@@ -153,6 +154,7 @@ class Hub:
         # app.on_connect / app.on_close: called for ACCEPTED / CLOSED events
         # (the core reports them when a hook is set, core.conn_events)
         self._conn_hooks = {ACCEPTED: on_connect, CLOSED: on_close}
+        self._writable_waiters = {}     # conn -> wake(ln), see wait_writable
         self.send_level = core.levels - 1 if send_level is None else send_level
         self._ghub = get_hub()
         self._loop = self._ghub.loop
@@ -225,7 +227,9 @@ class Hub:
                 if n == batch:
                     drained = False
                 moved += n
-                if self._classifier is None:
+                if self._writable_waiters:
+                    q.extend(self._take_writable(iter_events(view[:n * EVENT_SIZE])))
+                elif self._classifier is None:
                     q.extend(iter_events(view[:n * EVENT_SIZE]))
                 else:
                     self._classify(iter_events(view[:n * EVENT_SIZE]))
@@ -642,7 +646,7 @@ class Hub:
                 continue
             if kind > EV_BIGDATA:
                 # a connection came or went: app.on_connect / app.on_close
-                self._conn_event(me, kind, level, conn)
+                self._conn_event(me, kind, level, conn, ln)
                 if self._leader is not me:
                     self._schedule_run()
                     return
@@ -703,10 +707,16 @@ class Hub:
                 self._yield()           # callbacks and timers get a turn
                 self._arm()
 
-    def _conn_event(self, me, kind, level, conn):
+    def _conn_event(self, me, kind, level, conn, ln=0):
         """Run the hook of an ACCEPTED or CLOSED event, as a request: on this
         worker, at the event's level, counted busy; an exception is a handler
-        error (counted and logged, rate-limited), never a crash."""
+        error (counted and logged, rate-limited), never a crash.  A WRITABLE
+        event wakes whoever waits for it (wait_writable)."""
+        if kind == WRITABLE:
+            wake = self._writable_waiters.pop(conn, None)
+            if wake is not None:
+                wake(ln)        # ln -1: the conn is gone
+            return
         hook = self._conn_hooks.get(kind)
         if hook is None:
             return
@@ -764,6 +774,62 @@ class Hub:
     def conn_close(self, conn, slot=None):
         """slot as for conn_send: close right after that request's reply."""
         self.post(CLOSE, self.send_level, conn, flags=slot[0] if slot else 0)
+
+    def _take_writable(self, events):
+        """The events but the WRITABLEs someone waits for: those wake their
+        waiter at once.  A WRITABLE must not wait for a worker to pop it: the
+        workers may all be blocked waiting for one (a streamed body each)."""
+        waiters = self._writable_waiters
+        out = []
+        for ev in events:
+            if ev[0] == WRITABLE and ev[2] in waiters:
+                waiters.pop(ev[2])(ev[5])
+            else:
+                out.append(ev)
+        if self._classifier is not None:
+            self._classify(out)
+            return ()
+        return out
+
+    def _rescue_writable(self):
+        """Take the WRITABLEs someone waits for from the rings and the queues
+        (wait_writable timed out: maybe no worker was free to pop them)."""
+        if self._native_gone:
+            return
+        self._refill()
+        waiters = self._writable_waiters
+        for q in self._queues:
+            if waiters and any(ev[0] == WRITABLE and ev[2] in waiters for ev in q):
+                keep = [ev for ev in q if not (ev[0] == WRITABLE and ev[2] in waiters)]
+                for ev in q:
+                    if ev[0] == WRITABLE and ev[2] in waiters:
+                        waiters.pop(ev[2])(ev[5])
+                q.clear()
+                q.extend(keep)
+
+    def wait_writable(self, conn, level, timeout=1.0):
+        """Block the calling greenlet until the stack has written everything
+        queued on ``conn`` (a WRITABLE event), at most ``timeout`` seconds.
+        Returns True when written, False on the timeout, and raises
+        ConnectionResetError once the conn is gone.  The caller's last send
+        should carry QS_F_NOTIFY; this asks again with an empty send (a
+        notification lost to a full ring, or armed on a conn already gone,
+        still comes: the stack answers a NOTIFY for a gone conn too)."""
+        from gevent.event import AsyncResult
+        res = AsyncResult()
+        self._writable_waiters[conn] = res.set
+        self.post(SEND_COPY, level, conn, data=b"", flags=lib.QS_F_NOTIFY)
+        ln = res.wait(timeout)
+        if not res.ready():
+            self._rescue_writable()
+            ln = res.value
+        if not res.ready():
+            if self._writable_waiters.get(conn) == res.set:
+                del self._writable_waiters[conn]
+            return False
+        if ln < 0:
+            raise ConnectionResetError(f"connection {conn:#x} is closed")
+        return True
 
     def conn_peer(self, conn):
         """``(host, port)`` of the connection's peer, or None if unknown."""

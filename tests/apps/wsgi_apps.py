@@ -37,6 +37,28 @@ def sized(environ, start_response):
     return (b"0123456789" * 1000 for _ in range(n))
 
 
+FLOOD = {"blocks": 0, "done": 0, "aborted": 0}
+
+
+def flood(environ, start_response):
+    """?n= blocks of 64 KiB from a generator, counted as they are made:
+    /flood/count tells how far it got (a slow reader must hold it back)."""
+    n = int(environ["QUERY_STRING"].partition("=")[2] or 1024)
+    start_response("200 OK", [("Content-Type", "application/octet-stream"),
+                              ("Content-Length", str(n * 65536))])
+
+    def blocks():
+        finished = False
+        try:
+            for i in range(n):
+                FLOOD["blocks"] += 1
+                yield bytes([65 + i % 26]) * 65536
+            finished = True
+        finally:
+            FLOOD["done" if finished else "aborted"] += 1
+    return blocks()
+
+
 def slow(environ, start_response):
     gevent.sleep(float(environ["QUERY_STRING"].partition("=")[2] or 0.05))
     start_response("200 OK", [("Content-Type", "text/plain")])
@@ -49,6 +71,11 @@ def fails(environ, start_response):
 
 def router(environ, start_response):
     path = environ["PATH_INFO"]
+    if path == "/flood/count":
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"%d %d %d" % (FLOOD["blocks"], FLOOD["done"], FLOOD["aborted"])]
+    if path.startswith("/flood"):
+        return flood(environ, start_response)
     if path.startswith("/big"):
         return big(environ, start_response)
     if path.startswith("/sized"):

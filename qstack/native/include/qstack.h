@@ -96,7 +96,8 @@
 #define QS_EV_ACCEPTED 3    /* stream mode, or conn_events: new connection */
 #define QS_EV_EOF 4         /* stream mode only: peer shut down its sending side */
 #define QS_EV_CLOSED 5      /* stream mode, or conn_events: connection gone, no more events */
-#define QS_EV_WRITABLE 6    /* unsent bytes fell to zero after a send flagged QS_F_NOTIFY */
+#define QS_EV_WRITABLE 6    /* unsent bytes fell to zero after a send flagged QS_F_NOTIFY;
+                               len -1: the conn is gone (closed, or was when the command came) */
 
 /* command ops (hub -> stack) */
 #define QS_CMD_SEND_BUF 1   /* send [off, off+len) of buffer `buf` (slab offset, or address for

@@ -577,6 +577,12 @@ void qs_conn_close(qs_conns *conns, qs_conn *c, int abort)
         QS_SUB(core->st.paused_conns, 1);
     QS_SUB(core->st.conns_open, 1);
     QS_ADD(core->st.conns_closed, 1);
+    if (c->flags & QC_NOTIFY) {
+        /* a sender waits for WRITABLE (a WSGI body over its high water):
+         * it comes now, saying the conn is gone (len -1) */
+        qs_event ev = {.kind = QS_EV_WRITABLE, .level = c->notify_level, .conn = c->id, .len = -1};
+        (void)qs_conn_emit(conns, &ev);
+    }
     if (core->cfg.stream_mode || core->cfg.conn_events) {
         qs_event ev = {.kind = QS_EV_CLOSED, .level = conn_event_level(core, QS_EV_CLOSED), .conn = c->id};
         c->flags = QC_ZOMBIE;
