@@ -59,6 +59,34 @@ def flood(environ, start_response):
     return blocks()
 
 
+UPLOAD = {"read": 0, "gate": None}
+
+
+def upload(environ, start_response):
+    """Reads the body in 64 KiB pieces, counting them as it goes
+    (/upload/progress tells), waiting at ?hold=1 after the first piece
+    until /upload/release; answers the body's length and sha256."""
+    import hashlib
+    from gevent.event import Event
+    inp = environ["wsgi.input"]
+    UPLOAD["read"] = 0
+    if "hold=1" in environ["QUERY_STRING"]:
+        UPLOAD["gate"] = Event()
+    h, n = hashlib.sha256(), 0
+    while True:
+        piece = inp.read(65536)
+        if not piece:
+            break
+        h.update(piece)
+        n += len(piece)
+        UPLOAD["read"] = n
+        if UPLOAD["gate"] is not None:
+            UPLOAD["gate"].wait(30)
+            UPLOAD["gate"] = None
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"%d %s %s" % (n, h.hexdigest().encode(), type(inp).__name__.encode())]
+
+
 def slow(environ, start_response):
     gevent.sleep(float(environ["QUERY_STRING"].partition("=")[2] or 0.05))
     start_response("200 OK", [("Content-Type", "text/plain")])
@@ -71,6 +99,16 @@ def fails(environ, start_response):
 
 def router(environ, start_response):
     path = environ["PATH_INFO"]
+    if path == "/upload/progress":
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"%d" % UPLOAD["read"]]
+    if path == "/upload/release":
+        if UPLOAD["gate"] is not None:
+            UPLOAD["gate"].set()
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+    if path.startswith("/upload"):
+        return upload(environ, start_response)
     if path == "/flood/count":
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [b"%d %d %d" % (FLOOD["blocks"], FLOOD["done"], FLOOD["aborted"])]

@@ -98,6 +98,13 @@
 #define QS_EV_CLOSED 5      /* stream mode, or conn_events: connection gone, no more events */
 #define QS_EV_WRITABLE 6    /* unsent bytes fell to zero after a send flagged QS_F_NOTIFY;
                                len -1: the conn is gone (closed, or was when the command came) */
+#define QS_EV_BODY 7        /* HTTP: more body of the request seq = aux >> QS_SEQ_SHIFT, whose
+                               head came as its message: `len` bytes at address `off` (chunk
+                               framing removed), `buf` to RELEASE; aux & QS_BODY_LAST: the
+                               body is complete; aux & QS_BODY_ERR: it never will be (buf 0,
+                               off = QS_HTTP_ERR_*, or 0: the peer left) */
+#define QS_BODY_LAST 1
+#define QS_BODY_ERR 2
 
 /* command ops (hub -> stack) */
 #define QS_CMD_SEND_BUF 1   /* send [off, off+len) of buffer `buf` (slab offset, or address for
