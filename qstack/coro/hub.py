@@ -953,10 +953,11 @@ class Hub:
         """Block the calling greenlet until the stack has written everything
         queued on ``conn`` (a WRITABLE event), at most ``timeout`` seconds.
         Returns True when written, False on the timeout, and raises
-        ConnectionResetError once the conn is gone.  The caller's last send
-        should carry QS_F_NOTIFY; this asks again with an empty send (a
-        notification lost to a full ring, or armed on a conn already gone,
-        still comes: the stack answers a NOTIFY for a gone conn too)."""
+        ConnectionResetError once the conn is gone.  It asks with an empty
+        send flagged QS_F_NOTIFY (queued after the caller's sends at that
+        level); the stack answers a NOTIFY for a conn already gone too, so
+        calling again after a False (a WRITABLE lost to a full ring) is
+        always answered."""
         from gevent.event import AsyncResult
         res = AsyncResult()
         self._writable_waiters[conn] = res.set
