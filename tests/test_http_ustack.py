@@ -1,9 +1,10 @@
 """`qstack serve --wsgi` on the user-space stack (ustack over a TAP device
 in a namespace of the test's own, tests/netns.py), answered by http.client
-over Linux's TCP: keep-alive, a request body, pipelining, a streamed
-response.  The HTTP framing lives in the connection layer every backend
+over Linux's TCP: keep-alive, a request body (small, and streamed),
+pipelining, a streamed response.  The HTTP framing lives in the connection layer every backend
 shares; this checks the WSGI server end to end over qstack's own TCP/IP."""
 
+import hashlib
 import http.client
 import socket
 
@@ -34,6 +35,11 @@ def test_wsgi_over_ustack_tap(serve):
             assert r.status == 200
             assert r.read() == b"POST /api/pay q=x=1 prio=0 len=3000 x=u\n" + b"y" * 3000
             sock = c.sock
+            up = bytes(range(256)) * 4096               # 1 MiB: a streamed request body
+            c.request("POST", "/upload", body=up)
+            r = c.getresponse()
+            assert r.read() == b"%d %s _BodyInput" % (len(up), hashlib.sha256(up).hexdigest()
+                                                      .encode())
             c.request("GET", "/big?n=40")               # 2.5 MiB, streamed, chunked
             r = c.getresponse()
             body = r.read()
