@@ -261,7 +261,9 @@ int64_t qs_frame_scan(const qs_framer *f, const uint8_t *data, uint64_t len,
  * priority: > 0 bytes of a complete request (head, body and chunk framing:
  * the hub reads it again for its environ), *level set; 0 more bytes needed
  * (*need as qs_frame_scan; *expect 1 once a complete head asks for
- * "100-continue" and its body has not all come); < 0 refused, *status =
+ * "100-continue" and its body has not all come; *level set once the head
+ * is complete: a streamed body's head is classified with it); < 0
+ * refused, *status =
  * QS_HTTP_ERR_*.  Sans-IO, as qs_frame_scan. */
 int64_t qs_http_scan(const qs_framer *f, const qs_http_rule *rules, int32_t nrules,
                      const uint8_t *data, uint64_t len, uint64_t *need,
