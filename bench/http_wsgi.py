@@ -1,8 +1,8 @@
-"""HTTP/1.1 WSGI servers side by side: qstack --wsgi vs granian and gunicorn.
+"""HTTP/1.1 WSGI servers side by side: qstack --wsgi vs granian, gunicorn, uvicorn.
 
     flock /tmp/qstack-bench.lock .venv/bin/python bench/http_wsgi.py \\
         [--rounds 3] [--duration 10] [--conns 100] [--apps hello,flask]
-        [--servers qstack,granian,gunicorn] [--json FILE]
+        [--servers qstack,granian,gunicorn,uvicorn] [--json FILE]
 
 Each server runs alone, pinned to CPU 0 (taskset), serving the same app
 from bench/http_apps.py: ``hello`` (a bare WSGI callable, 13-byte body) or
@@ -17,7 +17,12 @@ Servers:
   runs inline, as on one CPU it should);
 - granian: ``granian --interface wsgi --workers 1`` (its Rust HTTP core;
   the fastest WSGI server we know);
-- gunicorn: ``gunicorn -k gevent -w 1`` (greenlets, the closest in spirit).
+- gunicorn: ``gunicorn -k gevent -w 1`` (greenlets, the closest in spirit);
+- uvicorn: ``uvicorn --loop uvloop --http httptools`` (llhttp and uvloop)
+  serving the raw ASGI twin of the app (``hello_asgi``, ``prio_asgi``);
+  Flask through its WSGI interface (``--interface wsgi``, a thread pool).
+
+The open-loop 2x overload run of the issue is bench/http_overload.py.
 """
 
 import argparse
@@ -37,6 +42,7 @@ REPO = os.path.dirname(BENCH)
 BIN = os.path.dirname(sys.executable)
 APPS = {"hello": "bench.http_apps:hello", "flask": "bench.http_apps:flask_app",
         "prio": "bench.http_apps:prio"}
+ASGI = {"hello": "bench.http_apps:hello_asgi", "prio": "bench.http_apps:prio_asgi"}
 URGENT_LUA = os.path.join(BENCH, "http_urgent.lua")
 
 
@@ -58,6 +64,11 @@ def command(server, app, port):
     if server == "gunicorn":
         return [os.path.join(BIN, "gunicorn"), "-k", "gevent", "-w", "1",
                 "-b", f"127.0.0.1:{port}", "--log-level", "warning", spec]
+    if server == "uvicorn":
+        iface = ["--interface", "asgi3"] if app in ASGI else ["--interface", "wsgi"]
+        return [os.path.join(BIN, "uvicorn"), "--loop", "uvloop", "--http", "httptools",
+                "--workers", "1", "--host", "127.0.0.1", "--port", str(port),
+                "--log-level", "warning", "--no-access-log", *iface, ASGI.get(app, spec)]
     raise ValueError(server)
 
 
@@ -146,10 +157,11 @@ def main():
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--conns", type=int, default=100)
     ap.add_argument("--apps", default="hello,flask")
-    ap.add_argument("--servers", default="qstack,granian,gunicorn")
+    ap.add_argument("--servers", default="qstack,granian,gunicorn,uvicorn")
     ap.add_argument("--priority", action="store_true",
                     help="instead: /api/urgent latency while the 1 ms path saturates the "
-                         "server (servers qstack,qstack-off,granian,gunicorn)")
+                         "server (servers qstack,qstack-off,granian,gunicorn; closed loop: see "
+                         "bench/http_overload.py for the open-loop run)")
     ap.add_argument("--json")
     a = ap.parse_args()
     if a.priority:
@@ -192,7 +204,7 @@ def main():
 
 def main_priority(a):
     servers = ["qstack", "qstack-off", "granian", "gunicorn"] \
-        if a.servers == "qstack,granian,gunicorn" else a.servers.split(",")
+        if a.servers == "qstack,granian,gunicorn,uvicorn" else a.servers.split(",")
     results = {}
     for r in range(a.rounds):
         for server in servers:

@@ -9,6 +9,7 @@ import http.client
 import os
 import selectors
 import socket
+import time
 
 import pytest
 
@@ -509,3 +510,225 @@ def test_sighup_reloads_the_wsgi_app(tmp_path):
             p.communicate()
     assert p.returncode == 0, err.decode()[-2000:]
     assert b"SIGHUP: reloading" in err
+
+
+def _flood_count(server):
+    c = client(server)
+    c.request("GET", "/flood/count")
+    blocks, done, aborted = map(int, c.getresponse().read().split())
+    c.close()
+    return blocks, done, aborted
+
+
+def _settled(server, until=lambda n: False, stable=3):
+    """/flood/count once it stops moving (``stable`` more equal looks 0.2 s
+    apart; None: never) or ``until`` holds; bounded: 50 looks."""
+    last, same = None, 0
+    for _ in range(50):
+        now = _flood_count(server)
+        if until(now):
+            return now
+        same = same + 1 if now == last else 0
+        if stable is not None and same >= stable:
+            return now
+        last = now
+        time.sleep(0.2)
+    return now
+
+
+def test_streamed_response_waits_for_a_slow_reader(server):
+    """A generator of 64 MiB to a client that reads nothing: the worker
+    stops pulling blocks once about SEND_HIGH_WATER is queued and the
+    kernel's buffers are full (gunicorn blocks in send; without the wait
+    the whole body was made and queued in the stack).  Then the client
+    reads: every byte comes, in order, and the generator finishes."""
+    n = 1024
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(10)
+    s.connect((server.host, server.port))
+    s.sendall(f"GET /flood?n={n} HTTP/1.1\r\nHost: h\r\n\r\n".encode())
+    blocks, done, _ = _settled(server)
+    assert done == 0 and blocks < n // 2, f"{blocks} of {n} blocks made for a non-reader"
+    got = b""
+    while b"\r\n\r\n" not in got:
+        got += s.recv(65536)
+    head, _, got = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK")
+    total, i = len(got), 0
+    pending = got
+    while total < n * 65536:
+        chunk = s.recv(1 << 20)
+        assert chunk, f"closed after {total} bytes"
+        total += len(chunk)
+        pending += chunk
+        while len(pending) >= 65536:
+            assert pending[:65536] == bytes([65 + i % 26]) * 65536, f"block {i}"
+            pending = pending[65536:]
+            i += 1
+    s.close()
+    assert total == n * 65536 and i == n
+    assert _settled(server, until=lambda c: c[1] == 1)[:2] == (n, 1)
+
+
+def test_non_reader_of_a_streamed_response_is_reset_and_the_app_closed(serve):
+    """server.write_timeout still applies: the stack resets a client that
+    reads nothing, and the waiting worker closes the app's iterator
+    (without the wait the generator ran to its end instead)."""
+    server = serve(ROUTER, "--write-timeout", "1")
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(10)
+    s.connect((server.host, server.port))
+    s.sendall(b"GET /flood?n=1024 HTTP/1.1\r\nHost: h\r\n\r\n")
+    blocks, done, aborted = _settled(server, until=lambda c: c[1] + c[2] > 0, stable=None)
+    s.close()
+    assert (done, aborted) == (0, 1) and blocks < 512
+    c = client(server)                              # the worker is free again
+    c.request("GET", "/after")
+    assert c.getresponse().read().startswith(b"GET /after ")
+    c.close()
+
+
+# --- streamed request bodies ------------------------------------------------
+
+def _get(server, path):
+    c = client(server)
+    c.request("GET", path)
+    body = c.getresponse().read()
+    c.close()
+    return body
+
+
+def _wait_for(server, path, until):
+    """GET ``path`` until ``until(body)``: at most 50 looks, 0.1 s apart."""
+    for _ in range(50):
+        body = _get(server, path)
+        if until(body):
+            return body
+        time.sleep(0.1)
+    return body
+
+
+def test_app_reads_the_body_while_it_arrives(layered):
+    """Half of a 1 MiB body is sent; the app has already read from it (it
+    streams: head first, then the body as it comes) before the rest is
+    sent; then every byte arrives in order, and a pipelined request after
+    it is answered in its turn."""
+    import hashlib
+    server = layered()
+    body = hashlib.sha256(b"seed").digest() * (1 << 15)       # 1 MiB
+    with server.connect() as s:
+        s.settimeout(10)
+        s.sendall(b"POST /upload HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n"
+                  % len(body) + body[:len(body) // 2])
+        seen = int(_wait_for(server, "/upload/progress", lambda b: int(b) > 0))
+        assert 0 < seen <= len(body) // 2, "the app did not start before the body was whole"
+        s.sendall(body[len(body) // 2:] + b"GET /next HTTP/1.1\r\nHost: h\r\n\r\n")
+        st, _, got, rest = read_response(s)
+        st2, _, got2, _ = read_response(s, rest)
+    assert st == "HTTP/1.1 200 OK"
+    assert got == b"%d %s _BodyInput" % (len(body), hashlib.sha256(body).hexdigest().encode())
+    assert st2 == "HTTP/1.1 200 OK" and got2.startswith(b"GET /next ")
+
+
+def test_chunked_body_streams_dechunked(server):
+    """A 3 MiB chunked body in uneven chunks (sizes with extensions, split
+    across writes) reaches the app de-chunked, then the connection goes on."""
+    import hashlib
+    import random
+    rng = random.Random(5)
+    data = rng.randbytes(3 << 20)
+    wire, pos = [], 0
+    while pos < len(data):
+        n = min(rng.randint(1, 200000), len(data) - pos)
+        ext = b";x=1" if n % 3 == 0 else b""
+        wire.append(b"%x%s\r\n%s\r\n" % (n, ext, data[pos:pos + n]))
+        pos += n
+    wire = b"".join(wire) + b"0\r\nX-Trailer: t\r\n\r\n"
+    with server.connect() as s:
+        s.settimeout(10)
+        s.sendall(b"POST /upload HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for i in range(0, len(wire), 77777):
+            s.sendall(wire[i:i + 77777])
+        s.sendall(b"GET /next HTTP/1.1\r\nHost: h\r\n\r\n")
+        st, _, got, rest = read_response(s)
+        st2, _, got2, _ = read_response(s, rest)
+    assert st == "HTTP/1.1 200 OK"
+    assert got == b"%d %s _BodyInput" % (len(data), hashlib.sha256(data).hexdigest().encode())
+    assert got2.startswith(b"GET /next ")
+
+
+def test_body_backpressure_holds_the_client(serve):
+    """An app that takes one piece of a 64 MiB body and waits: the server
+    stops reading (the conn is paused, TCP pushes back), so the client can
+    send no more than the kernel's buffers hold (without the pause the
+    stack read it all into its pool).  Released, the app reads every byte."""
+    import hashlib
+    import threading
+    server = serve(ROUTER, "--max-body", str(1 << 30))
+    total = 64 << 20
+    block = hashlib.sha256(b"b").digest() * 2048                # 64 KiB
+    sent = [0]
+    s = server.connect()
+    s.settimeout(30)
+
+    def sender():
+        try:
+            s.sendall(b"POST /upload?hold=1 HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n"
+                      % total)
+            for _ in range(total // len(block)):
+                s.sendall(block)
+                sent[0] += len(block)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=sender, daemon=True)
+    t.start()
+    last, same = -1, 0
+    for _ in range(100):                    # until the sender stops moving
+        time.sleep(0.1)
+        same = same + 1 if sent[0] == last else 0
+        last = sent[0]
+        if same >= 5:
+            break
+    assert sent[0] < total // 2, f"{sent[0]} of {total} bytes taken from a client while the app waits"
+    assert _get(server, "/upload/release") == b"ok"
+    t.join(30)
+    st, _, got, _ = read_response(s)
+    s.close()
+    assert sent[0] == total, (st, got)
+    h = hashlib.sha256()
+    for _ in range(total // len(block)):
+        h.update(block)
+    assert got == b"%d %s _BodyInput" % (total, h.hexdigest().encode())
+
+
+def test_streamed_body_limits_and_100_continue(serve):
+    server = serve(ROUTER, "--max-body", "300000")
+    with server.connect() as s:                 # 100-continue, then a streamed body
+        s.settimeout(10)
+        s.sendall(b"PUT /upload HTTP/1.1\r\nHost: h\r\nContent-Length: 200000\r\n"
+                  b"Expect: 100-continue\r\n\r\n")
+        assert recv_exact(s, 25) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        s.sendall(b"z" * 200000)
+        st, _, got, _ = read_response(s)
+        assert st == "HTTP/1.1 200 OK" and got.startswith(b"200000 ")
+    with server.connect() as s:                 # chunked past max_body: 413 amid the body
+        s.settimeout(10)
+        s.sendall(b"POST /upload HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n")
+        try:
+            for _ in range(40):
+                s.sendall(b"2710\r\n" + b"q" * 10000 + b"\r\n")
+        except OSError:
+            pass
+        st, _, _, _ = read_response(s)
+        assert st == "HTTP/1.1 413 Content Too Large"
+        assert closed(s)
+    with server.connect() as s:                 # a bad chunk amid a streamed body: 400
+        s.settimeout(10)
+        s.sendall(b"POST /upload HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  + b"2710\r\n" + b"q" * 10000 + b"\r\n" + b"2710\r\n" + b"q" * 10000
+                  + b"\r\nzz\r\n")
+        st, _, _, _ = read_response(s)
+        assert st == "HTTP/1.1 400 Bad Request"

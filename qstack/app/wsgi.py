@@ -45,6 +45,7 @@ __all__ = ["WSGIHandler"]
 access_log = logging.getLogger("qstack.access")
 
 STREAM_AFTER = 65536    # bytes of an unfinished body buffered before streaming starts
+SEND_HIGH_WATER = 256 << 10     # a streamed body this far ahead of the client: wait
 
 _ERRORS = {
     1: (400, "Bad Request"),
@@ -105,6 +106,100 @@ class _NoBody:
 _NO_BODY = _NoBody()
 
 
+class _BodyError(OSError):
+    """A streamed body that will not complete: the stack refused it
+    (.status, a QS_HTTP_ERR_* code: answered 400/413 if the app lets it
+    through) or the client left (.status 0)."""
+
+    def __init__(self, status, text):
+        super().__init__(text)
+        self.status = status
+
+
+class _BodyInput:
+    """wsgi.input of a streamed body (one too large for a pool buffer: see
+    http.c "Streamed request bodies").  read() takes the pieces the stack
+    sends as they come; the conn is paused while the app leaves more than
+    BODY_PAUSE_AT bytes (hub.py) untaken, so a slow app holds little."""
+
+    __slots__ = ("_hub", "_conn", "_seq", "_level", "_buf", "done")
+
+    def __init__(self, req):
+        self._hub = req._hub
+        self._conn = req.conn_id
+        self._seq = req.seq >> 8        # QS_SEQ_SHIFT
+        self._level = req.priority
+        self._buf = bytearray()
+        self.done = False
+
+    def _more(self):
+        """Append the next piece to _buf; False at the end of the body."""
+        if self.done:
+            return False
+        try:
+            data, last = self._hub.body_read(self._conn, self._seq, self._level)
+        except ConnectionResetError as exc:
+            self.done = True
+            raise _BodyError(0, str(exc)) from None
+        except Exception as exc:            # hub.BodyRefused
+            status = getattr(exc, "status", None)
+            if status is None:
+                raise
+            self.done = True
+            raise _BodyError(status, str(exc)) from None
+        self._buf += data
+        if last:
+            self.done = True
+        return True
+
+    def read(self, size=-1):
+        buf = self._buf
+        if size is None or size < 0:
+            while self._more():
+                pass
+            out = bytes(buf)
+            buf.clear()
+            return out
+        while len(buf) < size and self._more():
+            pass
+        out = bytes(buf[:size])
+        del buf[:size]
+        return out
+
+    def readline(self, size=-1):
+        buf = self._buf
+        while True:
+            nl = buf.find(b"\n")
+            if nl >= 0 or (size is not None and 0 <= size <= len(buf)) or not self._more():
+                break
+        end = nl + 1 if nl >= 0 else len(buf)
+        if size is not None and size >= 0:
+            end = min(end, size)
+        out = bytes(buf[:end])
+        del buf[:end]
+        return out
+
+    def readlines(self, hint=-1):
+        lines, n = [], 0
+        while True:
+            line = self.readline()
+            if not line:
+                return lines
+            lines.append(line)
+            n += len(line)
+            if hint is not None and 0 < hint <= n:
+                return lines
+
+    def __iter__(self):
+        return iter(self.readline, b"")
+
+    def finish(self):
+        """The request is over: the stack's pieces not taken go back."""
+        if not self.done:
+            self.done = True
+            self._hub.body_done(self._conn, self._seq)
+
+
 def _dechunk(data: bytes, start: int) -> bytes:
     """The body of a chunked request llhttp has validated (sizes, CRLFs)."""
     out = []
@@ -117,6 +212,37 @@ def _dechunk(data: bytes, start: int) -> bytes:
         pos = eol + 2
         out.append(data[pos:pos + size])
         pos += size + 2
+
+
+class _Sender:
+    """A streamed body's sends, with backpressure as gunicorn has it (a
+    blocking write): once more than SEND_HIGH_WATER bytes are queued and
+    unsent, the worker greenlet waits until the stack has written them all
+    (QS_EV_WRITABLE), so a slow reader holds at most that much here, plus
+    what the kernel buffers.  The wait asks again every second; the stack
+    resets a client that reads nothing for server.write_timeout, and then
+    the wait raises ConnectionResetError: the app's iterator is closed.
+
+    Not covered: bytes parked behind the reply to an earlier pipelined
+    request still running count as written (the stack's WRITABLE looks at
+    its out queue only), so they are bounded by that other request, not here."""
+
+    __slots__ = ("conn", "hub", "id", "level", "unsent")
+
+    def __init__(self, req):
+        self.conn = req.conn
+        self.hub = req._hub
+        self.id = req.conn_id
+        self.level = req.priority
+        self.unsent = 0
+
+    def send(self, data):
+        self.conn.send(data)
+        self.unsent += len(data)
+        if self.unsent > SEND_HIGH_WATER:
+            while not self.hub.wait_writable(self.id, self.level):
+                pass
+            self.unsent = 0
 
 
 class _StartResponse:
@@ -234,7 +360,13 @@ class WSGIHandler:
         if peer:
             env["REMOTE_ADDR"], env["REMOTE_PORT"] = peer
         body_start = head_end + 4
-        if "HTTP_TRANSFER_ENCODING" in env:
+        body_in = None
+        if body_start == len(raw) and ("HTTP_TRANSFER_ENCODING" in env or
+                                       env.get("CONTENT_LENGTH", "0") not in ("", "0")):
+            # the head alone: the body streams (a large one, http.c)
+            body_in = env["wsgi.input"] = _BodyInput(req)
+            env["wsgi.input_terminated"] = True
+        elif "HTTP_TRANSFER_ENCODING" in env:
             body = _dechunk(raw, body_start)
             env["CONTENT_LENGTH"] = str(len(body))
             env["wsgi.input"] = io.BytesIO(body)
@@ -247,19 +379,28 @@ class WSGIHandler:
             keep = conn_hdr is None or "close" not in conn_hdr.lower()
         else:
             keep = conn_hdr is not None and "keep-alive" in conn_hdr.lower()
-        return self._respond(req, env, method, protocol, keep)
+        if body_in is None:
+            return self._respond(req, env, method, protocol, keep)
+        try:
+            return self._respond(req, env, method, protocol, keep, body_in)
+        finally:
+            body_in.finish()
 
-    def _respond(self, req, env, method, protocol, keep):
+    def _respond(self, req, env, method, protocol, keep, body_in=None):
         sr = _StartResponse()
         t0 = 0.0
         if self.access:
             t0 = time.time() if self._sample >= 1.0 or random() < self._sample else -1.0
         try:
             result = self.app(env, sr)
+        except _BodyError as exc:
+            return self._body_failed(req, exc)
         except Exception as exc:
             self._failed(req, exc)
             req.conn.close()
             return _500
+        if body_in is not None and not body_in.done:
+            keep = False        # the rest of the body is not read: close after the reply
         if type(result) is list and sr.writes is None and sr.status is not None:
             # The common shape (a list of bytes): one reply with its length.
             try:
@@ -290,9 +431,9 @@ class WSGIHandler:
             if t0 > 0.0:
                 self._access(req, env, sr.status, len(body), t0)
             return head + body
-        return self._respond_iter(req, env, method, protocol, keep, sr, result, t0)
+        return self._respond_iter(req, env, method, protocol, keep, sr, result, t0, body_in)
 
-    def _respond_iter(self, req, env, method, protocol, keep, sr, result, t0):
+    def _respond_iter(self, req, env, method, protocol, keep, sr, result, t0, body_in):
         """Any other iterable: buffered up to STREAM_AFTER, then streamed."""
         chunks = sr.writes or []
         size = sum(map(len, chunks))
@@ -311,6 +452,8 @@ class WSGIHandler:
                         break
             if sr.status is None:
                 raise RuntimeError("the WSGI app returned without calling start_response")
+            if body_in is not None and not body_in.done:
+                keep = False
             if not streamed:
                 head, keep, _ = self._head(sr.status, sr.headers, protocol, keep, size,
                                            head_only)
@@ -324,13 +467,13 @@ class WSGIHandler:
             # streaming: the head, what we have, then the rest as it comes
             head, keep, chunked = self._head(sr.status, sr.headers, protocol, keep, None,
                                              head_only)
-            send = req.conn.send
             sr.sent = True
             if head_only:
-                send(head)
+                req.conn.send(head)
                 for _ in it:
                     pass
             else:
+                send = _Sender(req).send
                 body = b"".join(chunks)
                 send(head + (b"%x\r\n%s\r\n" % (len(body), body) if chunked else body))
                 sent = len(body)
@@ -338,11 +481,23 @@ class WSGIHandler:
                     if chunk:
                         send(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
                         sent += len(chunk)
+            if body_in is not None and not body_in.done:
+                keep = False
             if not keep:
                 req.conn.close()
             if t0 > 0.0:
                 self._access(req, env, sr.status, sent, t0)
             return b"0\r\n\r\n" if chunked and not head_only else None
+        except _BodyError as exc:
+            if sr.sent:
+                req.conn.close()
+                return None
+            return self._body_failed(req, exc)
+        except ConnectionResetError:
+            # the client went away while we waited to write (or the stack
+            # reset it after server.write_timeout): not the app's error
+            req.conn.close()
+            return None
         except Exception as exc:
             self._failed(req, exc)
             req.conn.close()
@@ -404,6 +559,13 @@ class WSGIHandler:
             parts.append("Connection: keep-alive\r\n")
         parts.append("\r\n")
         return "".join(parts).encode("latin-1"), keep, chunked
+
+    def _body_failed(self, req, exc):
+        """The app let a _BodyError through: the stack's refusal is answered
+        with its status (it counted and logged it); a client that left gets
+        nothing.  The connection closes either way."""
+        req.conn.close()
+        return _ERROR_REPLY.get(exc.status) if exc.status else None
 
     def _refused(self, req, code):
         req.conn.close()

@@ -77,6 +77,7 @@ the layouts match, such an event tuple *is* its own command.
 import logging
 import os
 import time
+from collections import deque
 from time import monotonic
 from itertools import starmap
 from struct import Struct
@@ -99,6 +100,13 @@ EV_DATA = lib.QS_EV_DATA
 EV_BIGDATA = lib.QS_EV_BIGDATA
 ACCEPTED = lib.QS_EV_ACCEPTED
 CLOSED = lib.QS_EV_CLOSED
+WRITABLE = lib.QS_EV_WRITABLE
+EV_BODY = lib.QS_EV_BODY
+BODY_LAST = lib.QS_BODY_LAST
+BODY_ERR = lib.QS_BODY_ERR
+SEQ_SHIFT = lib.QS_SEQ_SHIFT
+BODY_PAUSE_AT = 64 << 10    # a streamed body's bytes held for its app: pause the conn
+BODY_RESUME_AT = 16 << 10   # ... until the app has taken all but this many
 SEND_BUF = lib.QS_CMD_SEND_BUF
 SEND_COPY = lib.QS_CMD_SEND_COPY
 DONE = lib.QS_CMD_DONE
@@ -115,6 +123,27 @@ SLICE = 0.0005      # s: the scheduler runs lower levels this long, then lets th
 HOT_BATCH = 4       # inline: a refill this big means more is coming; poll at once
 POLL_EVERY = 0.0005 # s: while the scheduler runs this long, read the sockets again
 _pack_cmd = Struct("8q").pack
+
+
+class BodyRefused(Exception):
+    """A streamed request body the stack refused: .status is QS_HTTP_ERR_*."""
+
+    def __init__(self, status):
+        super().__init__(f"request body refused (QS_HTTP_ERR {status})")
+        self.status = status
+
+
+class _Body:
+    """A streamed request body's events, waiting for its handler."""
+
+    __slots__ = ("events", "held", "paused", "wake", "level")
+
+    def __init__(self, level):
+        self.events = deque()
+        self.held = 0
+        self.paused = False
+        self.wake = None
+        self.level = level
 
 
 class Hub:
@@ -153,6 +182,9 @@ class Hub:
         # app.on_connect / app.on_close: called for ACCEPTED / CLOSED events
         # (the core reports them when a hook is set, core.conn_events)
         self._conn_hooks = {ACCEPTED: on_connect, CLOSED: on_close}
+        self._writable_waiters = {}     # conn -> wake(ln), see wait_writable
+        self._bodies = {}               # (conn, seq) -> _Body, see body_read
+        self._bodies_done = set()       # (conn, seq) whose handler left the body unread
         self.send_level = core.levels - 1 if send_level is None else send_level
         self._ghub = get_hub()
         self._loop = self._ghub.loop
@@ -225,7 +257,9 @@ class Hub:
                 if n == batch:
                     drained = False
                 moved += n
-                if self._classifier is None:
+                if self._writable_waiters or self._bodies:
+                    q.extend(self._take_side(iter_events(view[:n * EVENT_SIZE])))
+                elif self._classifier is None:
                     q.extend(iter_events(view[:n * EVENT_SIZE]))
                 else:
                     self._classify(iter_events(view[:n * EVENT_SIZE]))
@@ -641,8 +675,11 @@ class Hub:
                 self._arm()
                 continue
             if kind > EV_BIGDATA:
-                # a connection came or went: app.on_connect / app.on_close
-                self._conn_event(me, kind, level, conn)
+                if kind >= WRITABLE:
+                    self._side_event(ev)    # for a request in progress
+                else:
+                    # a connection came or went: app.on_connect / app.on_close
+                    self._conn_event(me, kind, level, conn)
                 if self._leader is not me:
                     self._schedule_run()
                     return
@@ -764,6 +801,178 @@ class Hub:
     def conn_close(self, conn, slot=None):
         """slot as for conn_send: close right after that request's reply."""
         self.post(CLOSE, self.send_level, conn, flags=slot[0] if slot else 0)
+
+    # -- events for a request in progress: WRITABLE, BODY --------------------
+    #
+    # A handler waiting for one is blocked in its worker, so these must not
+    # wait for a worker to pop them: every worker may be waiting (a streamed
+    # response or request body each).  While anyone waits, _refill routes
+    # them as they come off the rings (_take_side); a wait that times out
+    # looks through the rings and the queues itself (_rescue_side).
+
+    def _side_event(self, ev):
+        if ev[0] == EV_BODY:
+            self._route_body(ev)
+            return
+        wake = self._writable_waiters.pop(ev[2], None)
+        if wake is not None:
+            wake(ev[5])         # len -1: the conn is gone
+
+    def _is_side(self, ev):
+        return ev[0] == EV_BODY or (ev[0] == WRITABLE and ev[2] in self._writable_waiters)
+
+    def _take_side(self, events):
+        out = []
+        for ev in events:
+            if ev[0] >= WRITABLE and self._is_side(ev):
+                self._side_event(ev)
+            else:
+                out.append(ev)
+        if self._classifier is not None:
+            self._classify(out)
+            return ()
+        return out
+
+    def _rescue_side(self):
+        if self._native_gone:
+            return
+        self._refill()
+        for q in self._queues:
+            if any(ev[0] >= WRITABLE and self._is_side(ev) for ev in q):
+                keep = [ev for ev in q if not (ev[0] >= WRITABLE and self._is_side(ev))]
+                mine = [ev for ev in q if ev[0] >= WRITABLE and self._is_side(ev)]
+                q.clear()
+                q.extend(keep)
+                for ev in mine:
+                    self._side_event(ev)
+
+    def _new_body(self, key, level):
+        """A body's inbox, with its events that came while nobody routed
+        them (no inbox existed: they went to the queues), in their order.
+        From now on _refill routes every BODY as it comes, so none can
+        overtake these."""
+        b = self._bodies[key] = _Body(level)
+        conn, seq = key
+        for q in self._queues:
+            if any(ev[0] == EV_BODY and ev[2] == conn for ev in q):
+                mine = [ev for ev in q if ev[0] == EV_BODY and ev[2] == conn
+                        and ev[7] >> SEQ_SHIFT == seq]
+                if mine:
+                    keep = [ev for ev in q if not (ev[0] == EV_BODY and ev[2] == conn
+                                                   and ev[7] >> SEQ_SHIFT == seq)]
+                    q.clear()
+                    q.extend(keep)
+                    for ev in mine:
+                        b.events.append(ev)
+                        b.held += ev[5]
+        return b
+
+    def _route_body(self, ev):
+        conn, buf, aux = ev[2], ev[3], ev[7]
+        key = (conn, aux >> SEQ_SHIFT)
+        b = self._bodies.get(key)
+        if b is None:
+            if key in self._bodies_done:        # its handler is gone: drop it
+                if buf:
+                    self.post(RELEASE, ev[1], conn, buf)
+                if aux & (BODY_LAST | BODY_ERR):
+                    self._bodies_done.discard(key)
+                return
+            b = self._new_body(key, ev[1])
+        b.events.append(ev)
+        b.held += ev[5]
+        if b.held > BODY_PAUSE_AT and not b.paused:
+            b.paused = True
+            self.post(lib.QS_CMD_PAUSE, b.level, conn)
+        wake = b.wake
+        if wake is not None:
+            b.wake = None
+            wake(True)
+
+    def body_read(self, conn, seq, level):
+        """The next piece of the streamed body of request ``seq`` (its
+        number, req.seq >> QS_SEQ_SHIFT) on ``conn``: (bytes, last).  Blocks
+        the calling greenlet until it comes.  Raises BodyRefused(status) if
+        the stack refused the body (400, 413), ConnectionResetError if the
+        peer left first.  Backpressure: the conn is paused while more than
+        BODY_PAUSE_AT bytes wait here."""
+        key = (conn, seq)
+        b = self._bodies.get(key)
+        if b is None:
+            b = self._new_body(key, level)
+        while not b.events:
+            from gevent.event import AsyncResult
+            res = AsyncResult()
+            b.wake = res.set
+            res.wait(1.0)
+            if not res.ready():
+                b.wake = None
+                self._rescue_side()
+                if not b.events:
+                    # nothing for a second: is the conn still there?  (a BODY
+                    # telling it left may have found its ring full)
+                    self.wait_writable(conn, level)
+        ev = b.events.popleft()
+        buf, off, ln, aux = ev[3], ev[4], ev[5], ev[7]
+        b.held -= ln
+        if aux & BODY_ERR:
+            del self._bodies[key]
+            if off == 0:
+                raise ConnectionResetError(f"connection {conn:#x} closed amid the body")
+            raise BodyRefused(off)
+        data = jumbo_view(off, ln).tobytes() if ln else b""
+        if buf:
+            self.post(RELEASE, level, conn, buf)
+        if aux & BODY_LAST:
+            del self._bodies[key]
+            if b.paused:
+                self.post(lib.QS_CMD_RESUME, level, conn)
+            return data, True
+        if b.paused and b.held <= BODY_RESUME_AT:
+            b.paused = False
+            self.post(lib.QS_CMD_RESUME, level, conn)
+        return data, False
+
+    def body_done(self, conn, seq):
+        """The handler of request ``seq`` is done with its body, read or not:
+        what is held goes back, what comes later is dropped on arrival."""
+        key = (conn, seq)
+        b = self._bodies.pop(key, None)
+        ended = False
+        if b is not None:
+            for ev in b.events:
+                if ev[3]:
+                    self.post(RELEASE, ev[1], conn, ev[3])
+                ended = ended or bool(ev[7] & (BODY_LAST | BODY_ERR))
+        if not ended:
+            if len(self._bodies_done) > 65536:
+                self._bodies_done.clear()       # conns long gone: only memory
+            self._bodies_done.add(key)
+
+    def wait_writable(self, conn, level, timeout=1.0):
+        """Block the calling greenlet until the stack has written everything
+        queued on ``conn`` (a WRITABLE event), at most ``timeout`` seconds.
+        Returns True when written, False on the timeout, and raises
+        ConnectionResetError once the conn is gone.  It asks with an empty
+        send flagged QS_F_NOTIFY (queued after the caller's sends at that
+        level); the stack answers a NOTIFY for a conn already gone too, so
+        calling again after a False (a WRITABLE lost to a full ring) is
+        always answered."""
+        from gevent.event import AsyncResult
+        res = AsyncResult()
+        self._writable_waiters[conn] = res.set
+        self.post(SEND_COPY, level, conn, data=b"", flags=lib.QS_F_NOTIFY)
+        ln = res.wait(timeout)
+        if not res.ready():
+            self._rescue_side()
+            ln = res.value
+        if not res.ready():
+            if self._writable_waiters.get(conn) == res.set:
+                del self._writable_waiters[conn]
+            return False
+        if ln < 0:
+            raise ConnectionResetError(f"connection {conn:#x} is closed")
+        return True
 
     def conn_peer(self, conn):
         """``(host, port)`` of the connection's peer, or None if unknown."""

@@ -37,6 +37,56 @@ def sized(environ, start_response):
     return (b"0123456789" * 1000 for _ in range(n))
 
 
+FLOOD = {"blocks": 0, "done": 0, "aborted": 0}
+
+
+def flood(environ, start_response):
+    """?n= blocks of 64 KiB from a generator, counted as they are made:
+    /flood/count tells how far it got (a slow reader must hold it back)."""
+    n = int(environ["QUERY_STRING"].partition("=")[2] or 1024)
+    start_response("200 OK", [("Content-Type", "application/octet-stream"),
+                              ("Content-Length", str(n * 65536))])
+
+    def blocks():
+        finished = False
+        try:
+            for i in range(n):
+                FLOOD["blocks"] += 1
+                yield bytes([65 + i % 26]) * 65536
+            finished = True
+        finally:
+            FLOOD["done" if finished else "aborted"] += 1
+    return blocks()
+
+
+UPLOAD = {"read": 0, "gate": None}
+
+
+def upload(environ, start_response):
+    """Reads the body in 64 KiB pieces, counting them as it goes
+    (/upload/progress tells), waiting at ?hold=1 after the first piece
+    until /upload/release; answers the body's length and sha256."""
+    import hashlib
+    from gevent.event import Event
+    inp = environ["wsgi.input"]
+    UPLOAD["read"] = 0
+    if "hold=1" in environ["QUERY_STRING"]:
+        UPLOAD["gate"] = Event()
+    h, n = hashlib.sha256(), 0
+    while True:
+        piece = inp.read(65536)
+        if not piece:
+            break
+        h.update(piece)
+        n += len(piece)
+        UPLOAD["read"] = n
+        if UPLOAD["gate"] is not None:
+            UPLOAD["gate"].wait(30)
+            UPLOAD["gate"] = None
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"%d %s %s" % (n, h.hexdigest().encode(), type(inp).__name__.encode())]
+
+
 def slow(environ, start_response):
     gevent.sleep(float(environ["QUERY_STRING"].partition("=")[2] or 0.05))
     start_response("200 OK", [("Content-Type", "text/plain")])
@@ -49,6 +99,21 @@ def fails(environ, start_response):
 
 def router(environ, start_response):
     path = environ["PATH_INFO"]
+    if path == "/upload/progress":
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"%d" % UPLOAD["read"]]
+    if path == "/upload/release":
+        if UPLOAD["gate"] is not None:
+            UPLOAD["gate"].set()
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+    if path.startswith("/upload"):
+        return upload(environ, start_response)
+    if path == "/flood/count":
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"%d %d %d" % (FLOOD["blocks"], FLOOD["done"], FLOOD["aborted"])]
+    if path.startswith("/flood"):
+        return flood(environ, start_response)
     if path.startswith("/big"):
         return big(environ, start_response)
     if path.startswith("/sized"):

@@ -96,7 +96,15 @@
 #define QS_EV_ACCEPTED 3    /* stream mode, or conn_events: new connection */
 #define QS_EV_EOF 4         /* stream mode only: peer shut down its sending side */
 #define QS_EV_CLOSED 5      /* stream mode, or conn_events: connection gone, no more events */
-#define QS_EV_WRITABLE 6    /* unsent bytes fell to zero after a send flagged QS_F_NOTIFY */
+#define QS_EV_WRITABLE 6    /* unsent bytes fell to zero after a send flagged QS_F_NOTIFY;
+                               len -1: the conn is gone (closed, or was when the command came) */
+#define QS_EV_BODY 7        /* HTTP: more body of the request seq = aux >> QS_SEQ_SHIFT, whose
+                               head came as its message: `len` bytes at address `off` (chunk
+                               framing removed), `buf` to RELEASE; aux & QS_BODY_LAST: the
+                               body is complete; aux & QS_BODY_ERR: it never will be (buf 0,
+                               off = QS_HTTP_ERR_*, or 0: the peer left) */
+#define QS_BODY_LAST 1
+#define QS_BODY_ERR 2
 
 /* command ops (hub -> stack) */
 #define QS_CMD_SEND_BUF 1   /* send [off, off+len) of buffer `buf` (slab offset, or address for
@@ -253,7 +261,9 @@ int64_t qs_frame_scan(const qs_framer *f, const uint8_t *data, uint64_t len,
  * priority: > 0 bytes of a complete request (head, body and chunk framing:
  * the hub reads it again for its environ), *level set; 0 more bytes needed
  * (*need as qs_frame_scan; *expect 1 once a complete head asks for
- * "100-continue" and its body has not all come); < 0 refused, *status =
+ * "100-continue" and its body has not all come; *level set once the head
+ * is complete: a streamed body's head is classified with it); < 0
+ * refused, *status =
  * QS_HTTP_ERR_*.  Sans-IO, as qs_frame_scan. */
 int64_t qs_http_scan(const qs_framer *f, const qs_http_rule *rules, int32_t nrules,
                      const uint8_t *data, uint64_t len, uint64_t *need,

@@ -248,8 +248,8 @@ static int stash(qs_conns *conns, qs_conn *c, uint64_t part)
 static int take_buf(qs_conns *conns, qs_conn *c)
 {
     qs_core *core = conns->core;
-    if (core->pool.nfree <= (c->part_len ? core->cfg.buf_reserve : 0))
-        return -1;
+    if (core->pool.nfree <= (c->part_len || c->hb ? core->cfg.buf_reserve : 0))
+        return -1;                     /* (a streaming body is amid its message too) */
     qs_buf *b = qs_pool_get(&core->pool);
     c->rbuf = b;
     c->rstart = 0;
@@ -304,6 +304,111 @@ static int64_t http_scan(qs_conns *conns, qs_conn *c, uint8_t *p, uint64_t *ml,
     return 1;
 }
 
+/* A streamed request body (http.c, "Streamed request bodies").  The hub
+ * RELEASEs each BODY event's buffer; it PAUSEs the conn while the app has
+ * not taken what it holds (backpressure: TCP pushes back), so a body never
+ * needs more than a few pool buffers here.  t_partial stays set from the
+ * head on: server.message_timeout bounds the whole request, as before. */
+static int http_body_emit(qs_conns *conns, qs_conn *c, qs_event *ev, int fair)
+{
+    if ((fair ? emit_fair(conns, ev) : qs_conn_emit(conns, ev)) < 0) {
+        hold(conns, c, ev);
+        return 1;
+    }
+    return 0;
+}
+
+/* The body will not complete: tell the hub (BODY with QS_BODY_ERR) and
+ * forget it.  status 0: the peer left.  A full ring loses the news: the
+ * hub's reader asks the stack again (wsgi.py). */
+static void http_body_abort(qs_conns *conns, qs_conn *c, int32_t status)
+{
+    qs_http_body *h = c->hb;
+    qs_event ev = {.kind = QS_EV_BODY, .level = qs_http_body_level(h), .conn = c->id,
+                   .off = status,
+                   .aux = (int64_t)((qs_http_body_seq(h) << QS_SEQ_SHIFT) | QS_BODY_ERR)};
+    c->hb = NULL;
+    qs_http_body_free(h);
+    (void)qs_conn_emit(conns, &ev);
+}
+
+/* The next piece of a streamed body from rbuf.  Returns 0 to go on (a
+ * refused body: the hub answers 400/413 and closes; nothing more is read),
+ * 1 if the conn blocked (an event held). */
+static int http_body_rx(qs_conns *conns, qs_conn *c, qs_buf *b)
+{
+    qs_core *core = conns->core;
+    qs_http_body *h = c->hb;
+    uint8_t *p = b->data + c->rstart;
+    uint64_t blen;
+    int32_t done, status;
+    int64_t used = qs_http_body_feed(h, p, c->rend - c->rstart, &blen, &done, &status);
+    if (used < 0) {
+        QS_ADD(core->st.protocol_errors, 1);
+        qs_peer_closed(core, c->slot, c->id, QS_CLOSED_PROTOCOL);
+        http_body_abort(conns, c, status);
+        c->rstart = c->rend;            /* what follows is never read */
+        c->flags |= QC_RXDONE;
+        qs_conn_update(conns, c);
+        return 0;
+    }
+    c->rstart += (uint64_t)used;
+    if (!blen && !done)
+        return 0;
+    qs_event ev = {.kind = QS_EV_BODY, .level = qs_http_body_level(h), .conn = c->id,
+                   .buf = (int64_t)(uintptr_t)b, .off = (int64_t)(uintptr_t)p,
+                   .len = (int64_t)blen, .t_rx = c->t_read,
+                   .aux = (int64_t)((qs_http_body_seq(h) << QS_SEQ_SHIFT) |
+                                    (done ? QS_BODY_LAST : 0))};
+    if (done) {
+        c->hb = NULL;
+        qs_http_body_free(h);
+        c->t_partial = 0;
+    }
+    qs_pool_ref(b);
+    return http_body_emit(conns, c, &ev, 1);
+}
+
+/* A request whose whole would not fit one pool buffer: if its head is
+ * complete, the head becomes its message and the body streams.  Returns
+ * 0 (streaming now, or not: c->hb says), 1 blocked, -1 closed. */
+static int http_body_begin(qs_conns *conns, qs_conn *c, qs_buf *b, int jumbo, int32_t level)
+{
+    qs_core *core = conns->core;
+    const qs_config *g = &core->cfg;
+    qs_http_body *h = qs_http_body_new();
+    if (!h)
+        return 0;                       /* gathered whole, as before */
+    uint8_t *p = b->data + c->rstart;
+    uint64_t part = c->rend - c->rstart;
+    if (level < 0)              /* no HTTP rule matched: the byte rules, as for a whole one */
+        level = qs_classify(g->rules, g->nrules, g->default_level, p, part);
+    int64_t hl = qs_http_body_start(h, &g->framer, p, part, c->rx_seq + conns->seq_step,
+                                    level);
+    if (hl <= 0) {
+        qs_http_body_free(h);
+        return 0;
+    }
+    c->hb = h;
+    c->flags &= ~QC_CONTINUED;          /* (sent, if asked: http_scan) */
+    if (!c->t_partial)
+        c->t_partial = c->t_read;
+    qs_event ev = {
+        .kind = jumbo ? QS_EV_BIGDATA : QS_EV_DATA,
+        .level = level,
+        .conn = c->id,
+        .buf = (int64_t)(uintptr_t)b,
+        .off = jumbo ? (int64_t)(uintptr_t)p : (int64_t)(p - core->pool.slab),
+        .len = hl,
+        .t_rx = c->t_read,
+        .aux = (int64_t)((c->rx_seq += conns->seq_step) << QS_SEQ_SHIFT),
+    };
+    qs_pool_ref(b);
+    c->inflight++;
+    c->rstart += (uint64_t)hl;
+    return http_body_emit(conns, c, &ev, 1);
+}
+
 /* Turn complete messages into events, then make room for the next read.
  * Returns 0 if the conn may read on, 1 if it blocked, -1 if it was closed. */
 static int rx_scan(qs_conns *conns, qs_conn *c, int fair)
@@ -321,9 +426,23 @@ static int rx_scan(qs_conns *conns, qs_conn *c, int fair)
         int32_t level = -1;
         int64_t r;
         if (g->framer.kind == QS_FRAME_HTTP) {
+            if (c->hb) {
+                int k = http_body_rx(conns, c, b);
+                if (k)
+                    return k;
+                continue;
+            }
             r = http_scan(conns, c, b->data + c->rstart, &ml, &need, &level);
             if (r < 0)
                 return -1;
+            if (r == 0 && (need > g->buf_size ||
+                           (!need && c->rend - c->rstart >= g->buf_size / 2))) {
+                int k = http_body_begin(conns, c, b, jumbo, level);
+                if (k)
+                    return k;
+                if (c->hb)
+                    continue;
+            }
         } else {
             r = qs_frame_scan(&g->framer, p, c->rend - c->rstart, &mo, &ml, &need);
             if (QS_UNLIKELY(r < 0)) {
@@ -359,7 +478,8 @@ static int rx_scan(qs_conns *conns, qs_conn *c, int fair)
             c->rbuf = NULL;
             c->rstart = c->rend = 0;
         }
-        c->t_partial = 0;
+        if (!c->hb)
+            c->t_partial = 0;
         return 0;
     }
     /* a partial message [rstart, rend) */
@@ -432,6 +552,8 @@ static void on_eof(qs_conns *conns, qs_conn *c)
     }
     part_free(conns, c);
     c->t_partial = 0;
+    if (c->hb)
+        http_body_abort(conns, c, 0);
     if (core->cfg.stream_mode) {
         qs_event ev = {.kind = QS_EV_EOF, .level = core->cfg.levels - 1, .conn = c->id};
         if (emit_fair(conns, &ev) < 0) {
@@ -577,6 +699,14 @@ void qs_conn_close(qs_conns *conns, qs_conn *c, int abort)
         QS_SUB(core->st.paused_conns, 1);
     QS_SUB(core->st.conns_open, 1);
     QS_ADD(core->st.conns_closed, 1);
+    if (c->hb)
+        http_body_abort(conns, c, 0);
+    if (c->flags & QC_NOTIFY) {
+        /* a sender waits for WRITABLE (a WSGI body over its high water):
+         * it comes now, saying the conn is gone (len -1) */
+        qs_event ev = {.kind = QS_EV_WRITABLE, .level = c->notify_level, .conn = c->id, .len = -1};
+        (void)qs_conn_emit(conns, &ev);
+    }
     if (core->cfg.stream_mode || core->cfg.conn_events) {
         qs_event ev = {.kind = QS_EV_CLOSED, .level = conn_event_level(core, QS_EV_CLOSED), .conn = c->id};
         c->flags = QC_ZOMBIE;

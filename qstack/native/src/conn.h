@@ -133,6 +133,7 @@ struct qs_conn {
     int64_t t_out;                 /* last write progress (or queue start) */
     struct qs_conn *blk_prev, *blk_next;
     void *sock;                    /* ustack: the control block */
+    struct qs_http_body *hb;       /* HTTP: a request body still streaming (http.c) */
     qs_event pending;
 };
 

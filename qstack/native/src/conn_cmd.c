@@ -516,8 +516,15 @@ static void exec_cmd(qs_conns *conns, const qs_cmd *cmd, int l, int64_t now, int
         goto drop;
     }
     c = qs_conn_lookup(conns, cmd->conn);
-    if (!c)
-        goto drop;                     /* stale: the conn is gone */
+    if (!c) {                          /* stale: the conn is gone */
+        if (cmd->flags & QS_F_NOTIFY) {
+            /* whoever waits for WRITABLE learns it never will be (len -1);
+             * a full ring loses it: the waiter asks again (wsgi.py) */
+            qs_event ev = {.kind = QS_EV_WRITABLE, .level = l, .conn = cmd->conn, .len = -1};
+            (void)qs_conn_emit(conns, &ev);
+        }
+        goto drop;
+    }
     int completes = b && (op == QS_CMD_SEND_BUF || op == QS_CMD_SEND_COPY || op == QS_CMD_DONE);
     if (completes)
         c->inflight--;

@@ -34,6 +34,7 @@
 #include "qs_int.h"
 #include <errno.h>
 #include <string.h>
+#include <stdlib.h>
 #include "llhttp.h"
 
 typedef struct scan {
@@ -318,8 +319,170 @@ int64_t qs_http_scan(const qs_framer *f, const qs_http_rule *rules, int32_t nrul
         if ((s.p.flags & F_CONTENT_LENGTH) && !(s.p.flags & F_CHUNKED))
             *need = s.head_len + s.clen;
         *expect = s.expect;
+        *level = s.best < nrules ? rules[s.best].level : -1;   /* for a streamed body */
         return 0;
     }
     *status = s.status ? s.status : QS_HTTP_ERR_BAD;
     return *status == QS_HTTP_ERR_BAD ? -EPROTO : -EMSGSIZE;
+}
+
+
+/*
+ * Streamed request bodies.  A request too large for one pool buffer is not
+ * gathered into a jumbo buffer: once its head is complete (and validated by
+ * qs_http_scan above) the head goes to the hub as the request's message,
+ * and the body follows as QS_EV_BODY events, one per read, de-chunked here
+ * in place.  The conn keeps a qs_http_body meanwhile: for Content-Length
+ * the bytes still to come; for chunked an llhttp parser that lives across
+ * reads (llhttp is a streaming parser: spans cut by a read's end are
+ * delivered in pieces).  The chunk framing gets the same CR/LF check as in
+ * qs_http_scan, carried across reads by the byte before each read.
+ */
+struct qs_http_body {
+    llhttp_t p;                 /* first: the callbacks cast it back */
+    const qs_framer *f;
+    const uint8_t *data, *end, *chk;
+    uint8_t *out;               /* where the next body byte goes (compaction) */
+    uint64_t left;              /* Content-Length: body bytes still to come */
+    uint64_t total;             /* body bytes so far (max_message) */
+    uint64_t seq;               /* the request's seq (conn.c) */
+    int32_t level;              /* its level (conn.c) */
+    int32_t chunked, in_head, done, status;
+    uint8_t prev;               /* last byte of the previous read if it was framing, else 0 */
+};
+
+static int body_crlf_ok(qs_http_body *h, const uint8_t *a, const uint8_t *b)
+{
+    for (const uint8_t *q = a; q < b; q++) {
+        if (*q == '\r') {
+            if (q + 1 < h->end && q[1] != '\n')
+                return 0;
+        } else if (*q == '\n') {
+            uint8_t before = q > h->data ? q[-1] : h->prev;
+            if (before != '\r' || (q > h->data && q - 1 < a))
+                return 0;       /* the byte before is body, not framing */
+        }
+    }
+    return 1;
+}
+
+static int body_headers_complete(llhttp_t *p)
+{
+    qs_http_body *h = (qs_http_body *)p;
+    return h->in_head ? HPE_PAUSED : 0;
+}
+
+static int body_on_body(llhttp_t *p, const char *at, size_t n)
+{
+    qs_http_body *h = (qs_http_body *)p;
+    const uint8_t *u = (const uint8_t *)at;
+    if (!body_crlf_ok(h, h->chk, u)) {
+        h->status = QS_HTTP_ERR_BAD;
+        return -1;
+    }
+    h->total += n;
+    if (h->total > h->f->max_message) {
+        h->status = QS_HTTP_ERR_BODY;
+        return -1;
+    }
+    memmove(h->out, u, n);      /* out <= u: the framing before it was checked */
+    h->out += n;
+    h->chk = u + n;
+    return 0;
+}
+
+static int body_message_complete(llhttp_t *p)
+{
+    ((qs_http_body *)p)->done = 1;
+    return HPE_PAUSED;
+}
+
+static const llhttp_settings_t body_settings = {
+    .on_headers_complete = body_headers_complete,
+    .on_body = body_on_body,
+    .on_message_complete = body_message_complete,
+};
+
+qs_http_body *qs_http_body_new(void)
+{
+    return calloc(1, sizeof(qs_http_body));
+}
+
+void qs_http_body_free(qs_http_body *h)
+{
+    free(h);
+}
+
+uint64_t qs_http_body_seq(const qs_http_body *h)
+{
+    return h->seq;
+}
+
+int32_t qs_http_body_level(const qs_http_body *h)
+{
+    return h->level;
+}
+
+int64_t qs_http_body_start(qs_http_body *h, const qs_framer *f, const uint8_t *data,
+                           uint64_t len, uint64_t seq, int32_t level)
+{
+    memset(h, 0, sizeof(*h));
+    llhttp_init(&h->p, HTTP_REQUEST, &body_settings);
+    h->f = f;
+    h->in_head = 1;
+    h->seq = seq;
+    h->level = level;
+    llhttp_errno_t e = llhttp_execute(&h->p, (const char *)data, len);
+    if (e != HPE_PAUSED || h->done)
+        return 0;               /* no complete head (or already a whole request) */
+    const char *pos = llhttp_get_error_pos(&h->p);
+    h->in_head = 0;
+    h->chunked = !!(h->p.flags & F_CHUNKED);
+    if (!h->chunked) {
+        if (!(h->p.flags & F_CONTENT_LENGTH) || h->p.content_length == 0)
+            return 0;           /* no body to stream */
+        h->left = h->p.content_length;
+    }
+    llhttp_resume(&h->p);
+    h->prev = '\n';             /* the head ended with CRLF */
+    return (int64_t)(pos - (const char *)data);
+}
+
+int64_t qs_http_body_feed(qs_http_body *h, uint8_t *data, uint64_t len, uint64_t *body_len,
+                          int32_t *done, int32_t *status)
+{
+    *body_len = 0;
+    *done = 0;
+    *status = 0;
+    if (!h->chunked) {
+        uint64_t n = len < h->left ? len : h->left;
+        h->left -= n;
+        h->total += n;
+        *body_len = n;
+        *done = h->left == 0;
+        return (int64_t)n;
+    }
+    h->data = h->chk = data;
+    h->end = data + len;
+    h->out = data;
+    if (h->prev == '\r' && len && data[0] != '\n') {
+        *status = QS_HTTP_ERR_BAD;
+        return -EPROTO;
+    }
+    llhttp_errno_t e = llhttp_execute(&h->p, (const char *)data, len);
+    const uint8_t *stop = h->end;
+    if (e == HPE_PAUSED && h->done)
+        stop = (const uint8_t *)llhttp_get_error_pos(&h->p);
+    else if (e != HPE_OK) {
+        *status = h->status ? h->status : QS_HTTP_ERR_BAD;
+        return *status == QS_HTTP_ERR_BODY ? -EMSGSIZE : -EPROTO;
+    }
+    if (!body_crlf_ok(h, h->chk, stop)) {
+        *status = QS_HTTP_ERR_BAD;
+        return -EPROTO;
+    }
+    h->prev = h->chk < stop ? stop[-1] : 0;     /* the read ended in framing, or in body */
+    *body_len = (uint64_t)(h->out - data);
+    *done = h->done;
+    return (int64_t)(stop - data);
 }

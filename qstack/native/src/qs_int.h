@@ -41,6 +41,22 @@ static inline uint64_t qs_http_max_request(const qs_framer *f)
     return (uint64_t)f->arg + 2 * f->max_message + 4096;
 }
 
+/* http.c: a request body streamed to the hub as QS_EV_BODY events (see
+ * there).  A conn holds one while such a body is still coming. */
+typedef struct qs_http_body qs_http_body;
+qs_http_body *qs_http_body_new(void);
+void qs_http_body_free(qs_http_body *h);
+uint64_t qs_http_body_seq(const qs_http_body *h);
+int32_t qs_http_body_level(const qs_http_body *h);
+/* > 0: the head's length, and h streams the body after it; 0: no complete
+ * head, or no body to stream. */
+int64_t qs_http_body_start(qs_http_body *h, const qs_framer *f, const uint8_t *data,
+                           uint64_t len, uint64_t seq, int32_t level);
+/* Body bytes of data[0..len) moved to its front (*body_len of them); returns
+ * the bytes used (less than len only once *done); < 0 refused, *status. */
+int64_t qs_http_body_feed(qs_http_body *h, uint8_t *data, uint64_t len, uint64_t *body_len,
+                          int32_t *done, int32_t *status);
+
 #define QS_ALIGNED _Alignas(64)
 #define QS_LIKELY(x) __builtin_expect(!!(x), 1)
 #define QS_UNLIKELY(x) __builtin_expect(!!(x), 0)
