@@ -4,9 +4,11 @@ held and served on one machine, as QStack's server on QStack and MCC on mTCP.
     .venv/bin/python bench/scale.py --backend ustack [--connections 1000000]
         [--ips K] [--setup 2] [--wait 10] [--epoch 60] [--burst 5000]
         [--ratio 0.05] [--warmup 2] [--duration 20] [--plot docs/scale-ustack.png]
-        [--json FILE] [--quick] [--cores N]
+        [--json FILE] [--quick] [--cores N] [--app echo|iotep] [--redis R]
 
-End to end:
+End to end (``--app iotep``: apps.iotepserver as conf/iotepserver.yaml ships
+it, on --redis redis-servers started for the run, against ``qstack load
+--protocol iotep``; only its requests have replies, hence latencies):
 
 1. ``qstack serve apps.echo:handle --backend ustack --driver memif`` pinned
    to --server-cpu: the server's stack on DPDK's net_memif, shared memory,
@@ -94,12 +96,28 @@ def run(args):
     log_path = os.path.join(RESULTS, "logs", "scale-ustack-server.log")
     doc_path = os.path.join(RESULTS, "scale-ustack-load.json")
     conf = os.path.join(tmp, "serve.yaml")       # the flow table: every connection, and room
-    with open(conf, "w") as f:
-        f.write("ustack:\n  max_concurrency: %d\n" % max(1 << 20, args.connections + 65536))
-    serve = [py, "-m", "qstack", "serve", "apps.echo:handle", "--config", conf,
+    flows = max(1 << 20, args.connections + 65536)
+    redis_dir = None
+    if args.app == "iotep":
+        # apps.iotepserver as shipped (conf/iotepserver.yaml), on Redis
+        import yaml
+        redis_dir = os.path.join(tmp, "redis")
+        subprocess.run([py, "-m", "qstack", "redis", "up", str(args.redis), "--dir", redis_dir],
+                       cwd=h.REPO, check=True, stdout=subprocess.DEVNULL)
+        with open(os.path.join(h.REPO, "conf", "iotepserver.yaml")) as f:
+            cfg = yaml.safe_load(f)
+        cfg["app"]["settings"].update(redis_dir=redis_dir, redis_count=args.redis)
+        cfg.setdefault("ustack", {})["max_concurrency"] = flows
+        with open(conf, "w") as f:
+            yaml.safe_dump(cfg, f)
+        app = []
+    else:
+        with open(conf, "w") as f:
+            f.write("ustack:\n  max_concurrency: %d\n" % flows)
+        app = ["apps.echo:handle", "--framing", "fixed:64", "--priority", "offset=5,value=0x01"]
+    serve = [py, "-m", "qstack", "serve", *app, "--config", conf,
              "--backend", "ustack",
              "--driver", "memif", "--memif", sock, "--ip", SERVER_IP + "/15", "--port", "7",
-             "--framing", "fixed:64", "--priority", "offset=5,value=0x01",
              "--cores", str(args.cores)]
     server_cpu, client_cpu = args.server_cpu, args.client_cpu
     if args.cores > 1:               # one link per core: both sides on every CPU
@@ -120,7 +138,8 @@ def run(args):
                 "--memif", sock, "--ip", CLIENT_IP + "/15",
                 "--ips", str(args.ips), "--dest", "%s:7" % SERVER_IP,
                 "-c", str(args.connections), "-s", str(args.setup), "-w", str(args.wait),
-                "-e", str(args.epoch), "-b", str(args.burst), "-l", "64", "-r", str(args.ratio),
+                "-e", str(args.epoch), "-b", str(args.burst), "-r", str(args.ratio),
+                *(["--protocol", "iotep"] if args.app == "iotep" else ["-l", "64"]),
                 "--warmup", str(args.warmup), "-d", str(args.duration), "--log-duration", "0",
                 "--marks", "--json", doc_path, "--smp", str(args.cores)]
         print("load:   taskset -c %s %s" % (client_cpu, " ".join(load[1:])), flush=True)
@@ -163,6 +182,9 @@ def run(args):
             load_proc.kill()
             load_proc.wait()
         code = server.stop(timeout=20)
+        if redis_dir:
+            subprocess.run([py, "-m", "qstack", "redis", "down", "--dir", redis_dir],
+                           cwd=h.REPO, stdout=subprocess.DEVNULL)
     try:
         with open(doc_path) as f:
             loaddoc = json.load(f)
@@ -285,6 +307,9 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", choices=["ustack"], default="ustack")
+    ap.add_argument("--app", choices=["echo", "iotep"], default="echo",
+                    help="the server: apps.echo, or apps.iotepserver on --redis redis-servers")
+    ap.add_argument("--redis", type=int, default=4, help="redis-servers for --app iotep")
     ap.add_argument("--connections", "-c", type=int, default=1_000_000)
     ap.add_argument("--ips", type=int, default=0,
                     help="client addresses (default: enough for the ports, +1)")
