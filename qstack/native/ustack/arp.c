@@ -63,8 +63,17 @@ static qs_mbuf *unpark(qs_ustack *s, qs_arp_entry *e)
     return m;
 }
 
+/* Every change of an entry's state goes through here: the count of
+ * pending entries makes qs_arp_next, asked on every poll, O(1). */
+static void set_state(qs_ustack *s, qs_arp_entry *e, uint8_t state)
+{
+    s->arp_pending += (state == ST_PENDING) - (e->state == ST_PENDING);
+    e->state = state;
+}
+
 static void entry_clear(qs_ustack *s, qs_arp_entry *e)
 {
+    set_state(s, e, ST_FREE);
     while (e->qhead) {
         qs_mbuf_free(&s->pool, unpark(s, e));
         s->st.arp_drop++;
@@ -108,10 +117,10 @@ static qs_arp_entry *claim_spare(qs_ustack *s, uint32_t ip, int64_t now)
     return NULL;
 }
 
-static void resolved(qs_arp_entry *e, const uint8_t *mac, int64_t now)
+static void resolved(qs_ustack *s, qs_arp_entry *e, const uint8_t *mac, int64_t now)
 {
     memcpy(e->mac, mac, 6);
-    e->state = ST_OK;
+    set_state(s, e, ST_OK);
     e->expires = now + ARP_TTL_NS;
 }
 
@@ -128,7 +137,7 @@ void qs_arp_add_static(qs_ustack *s, uint32_t ip, const uint8_t *mac)
         e = claim(s, ip, 0);
     e->ip = ip;
     memcpy(e->mac, mac, 6);
-    e->state = ST_OK;
+    set_state(s, e, ST_OK);
     e->expires = INT64_MAX;
 }
 
@@ -164,7 +173,7 @@ void qs_arp_glean(qs_ustack *s, uint32_t ip, const uint8_t *mac, int64_t now)
             return;                    /* never evicts a live entry */
         e->ip = ip;
     }
-    resolved(e, mac, now);
+    resolved(s, e, mac, now);
     flush_queue(s, e, now);
 }
 
@@ -215,13 +224,13 @@ int qs_arp_input(qs_ustack *s, qs_mbuf *m, int64_t now)
         return 0;
     qs_arp_entry *e = find(s, spa);
     if (e && e->expires != INT64_MAX)      /* merge (static entries stay) */
-        resolved(e, sha, now);
+        resolved(s, e, sha, now);
     if (!qs_ip_is_ours(s, tpa))
         return 0;
     if (!e) {
         e = claim(s, spa, now);
         e->ip = spa;
-        resolved(e, sha, now);
+        resolved(s, e, sha, now);
     }
     if (e->state == ST_OK)
         flush_queue(s, e, now);
@@ -251,7 +260,7 @@ int qs_arp_resolve_output(qs_ustack *s, qs_mbuf *m, uint32_t nh, int64_t now)
         e->ip = nh;
     }
     if (e->state != ST_PENDING) {
-        e->state = ST_PENDING;
+        set_state(s, e, ST_PENDING);
         e->expires = 0;
         e->born = now;
     }
@@ -307,8 +316,5 @@ void qs_arp_age(qs_ustack *s, int64_t now)
 
 int64_t qs_arp_next(qs_ustack *s)
 {
-    for (int i = 0; i < QS_ARP_SLOTS; i++)
-        if (s->arp[i].state == ST_PENDING)
-            return s->arp_age_at;
-    return INT64_MAX;
+    return s->arp_pending ? s->arp_age_at : INT64_MAX;
 }

@@ -322,6 +322,7 @@ typedef struct qs_ustack {
     qs_arp_entry arp[QS_ARP_SLOTS];
     int64_t arp_age_at;                 /* next qs_arp_age run */
     uint32_t arp_parked;                /* frames parked in all entries */
+    uint32_t arp_pending;               /* entries waiting for an answer */
 
     /* priority: frames wait here per level until the outermost entry
      * point returns (prio.c) */
