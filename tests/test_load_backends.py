@@ -339,7 +339,12 @@ def test_ustack_client_over_memif(tmp_path):
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
         doc = json.loads((tmp_path / "out.json").read_text())
         m = doc["messages"]
-        assert doc["connections"]["max_connected"] == 2000, (doc["connections"], m)
+        # every connection connected but for those whose handshake lost its
+        # frames three times (1% and 2% each way): the 4 s retransmission
+        # may outlast the run; none failed, none dropped
+        c = doc["connections"]
+        assert c["max_connected"] >= 1990 and c["drops"] == 0, (c, m)
+        assert not any(c["errors"].values()), c
         # a connection whose handshake lost its frames twice may still be
         # connecting when its first message falls due: skipped, never lost
         assert m["sent"] + m["missed"] == 4000 and m["sent"] > 3900
