@@ -37,14 +37,13 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from http_wsgi import BIN, REPO, free_port, wait_http, wrk  # noqa: E402
+from http_wsgi import BIN, REPO, free_port, stop_group, wait_http, wrk  # noqa: E402
 
 URGENT_EVERY = 20       # 5% of the requests
 # uvloop's loop.time() is libuv's cached millisecond clock (read once per
@@ -188,12 +187,7 @@ def run(server, a):
         res["capacity_per_s"] = cap
         return res
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
 
 
 def main():

@@ -125,12 +125,7 @@ def run_prio(server, conns, duration):
         out, _ = bulk.communicate(timeout=duration + 60)
         return {"urgent": urgent, "bulk": parse_wrk(out)}
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
 
 
 def run_one(server, app, conns, duration):
@@ -143,12 +138,17 @@ def run_one(server, app, conns, duration):
         wrk(port, conns, 2)                     # warm-up
         return wrk(port, conns, duration)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
+
+
+def stop_group(proc):
+    """SIGTERM a server's process group, SIGKILL it after 15 s."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def main():

@@ -299,6 +299,18 @@ def test_ustack_client_source_addresses_must_fit_the_subnet():
     assert_one_error(res, "--dest 198.18.0.2 is one of the client stack's own addresses")
 
 
+def _stop_server(srv):
+    """SIGTERM a `qstack serve` child (killed after 30 s); its stderr."""
+    import signal
+    if srv.poll() is None:
+        srv.send_signal(signal.SIGTERM)
+    try:
+        return srv.communicate(timeout=30)[1]
+    except subprocess.TimeoutExpired:
+        srv.kill()
+        return srv.communicate()[1]
+
+
 def test_ustack_client_over_memif(tmp_path):
     """Both ends on qstack's TCP over DPDK's net_memif: shared memory between
     the two processes, no kernel network at all (no namespace needed).
@@ -313,7 +325,6 @@ def test_ustack_client_over_memif(tmp_path):
     from qstack.loadgen.engine import dpdk_library
     if why_not() or dpdk_library() is None:
         pytest.skip(why_not() or "this build has no DPDK driver (no libdpdk found)")
-    import signal
     import time
     sock = str(tmp_path / "memif.sock")
     conf = tmp_path / "faults.yaml"
@@ -352,13 +363,7 @@ def test_ustack_client_over_memif(tmp_path):
         assert m["tx_bytes"] == m["rx_bytes"] == m["sent"] * 3000
         assert doc["config"]["driver"] == "memif" and doc["config"]["memif"] == sock
     finally:
-        if srv.poll() is None:
-            srv.send_signal(signal.SIGTERM)
-        try:
-            _, err = srv.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            srv.kill()
-            _, err = srv.communicate()
+        err = _stop_server(srv)
     assert srv.returncode == 0 and "buffers in use 0" in err, err[-2000:]
     assert "packet buffers in use 0" in err, err[-2000:]
     assert f"stopped: {m['sent']} requests" in err, err[-2000:]     # the server's own count
@@ -378,7 +383,6 @@ def test_memif_one_link_per_core(tmp_path):
     if why_not() or dpdk_library() is None:
         pytest.skip(why_not() or "this build has no DPDK driver (no libdpdk found)")
     import re
-    import signal
     import time
     sock = str(tmp_path / "memif.sock")
     srv = subprocess.Popen(
@@ -407,13 +411,7 @@ def test_memif_one_link_per_core(tmp_path):
         assert doc["connections"]["max_connected"] == 200
         assert m["sent"] == m["responses"] == 1000 and m["bad_replies"] == m["lost"] == 0
     finally:
-        if srv.poll() is None:
-            srv.send_signal(signal.SIGTERM)
-        try:
-            _, err = srv.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            srv.kill()
-            _, err = srv.communicate()
+        err = _stop_server(srv)
     assert srv.returncode == 0, err[-2000:]
     served = {int(k): int(n) for k, n in re.findall(r"core (\d) stopped: (\d+) requests", err)}
     assert served == {0: 500, 1: 500}, err[-3000:]      # 100 connections on each link
