@@ -10,6 +10,7 @@ int64s), so the hub's packing and unpacking run as in production.
 """
 
 import os
+import time
 import struct
 from collections import deque
 
@@ -133,3 +134,46 @@ class FakeCore:
 
     def close(self):
         os.close(self.wake_fd)
+
+
+class InlineFakeCore(FakeCore):
+    """The inline layout: no stack thread, the hub reads "the sockets" itself
+    with step().  Messages wait on a wire until a step moves them into the
+    rings, at most ``chunk`` per step (a step reads a bounded batch of frames);
+    each step that moves something costs ``step_cost`` seconds of CPU, as
+    reading a thousand frames does.  ``log`` records ("step", [names]) and,
+    through note(), whatever the test's handler adds, in order."""
+
+    def __init__(self, levels=2, chunk=8, step_cost=0.0, **kw):
+        super().__init__(levels=levels, **kw)
+        self.inline = True
+        self.wire = deque()
+        self.chunk, self.step_cost = chunk, step_cost
+        self.log = []
+
+    def send(self, conn, data, level):
+        """A message reaches the wire; the hub sees it at its next step."""
+        self.wire.append((conn, data, level))
+        os.eventfd_write(self.wake_fd, 1)       # the poll fd turns readable
+
+    def note(self, what):
+        self.log.append(what)
+
+    def step(self, timeout):
+        if timeout == lib.QS_STEP_NO_POLL or not self.wire:
+            return 0
+        moved = []
+        while self.wire and len(moved) < self.chunk:
+            conn, data, level = self.wire.popleft()
+            self.arrive(conn, data, level)
+            moved.append(data)
+        if not self.wire:
+            try:
+                os.eventfd_read(self.wake_fd)
+            except BlockingIOError:
+                pass
+        self.log.append(("step", moved))
+        until = time.monotonic() + self.step_cost
+        while time.monotonic() < until:
+            pass
+        return len(moved)

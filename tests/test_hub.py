@@ -14,9 +14,9 @@ import gevent.event
 import pytest
 
 import qstack
-from fakecore import FakeCore
+from fakecore import FakeCore, InlineFakeCore
 from qstack.app import Connection, Request
-from qstack.coro.hub import YIELD_AFTER, Hub
+from qstack.coro.hub import POLL_EVERY, YIELD_AFTER, Hub
 from qstack.transport import lib
 
 
@@ -406,3 +406,32 @@ def test_high_arrival_waits_for_one_long_low_request_not_a_run_of_them(hub):
     settle()
     assert len(started) == 13
     assert started.index(b"high") <= 2, started
+
+
+def test_inline_high_work_in_hand_goes_before_reading_more(hub):
+    # The inline layout at the start of a burst: each step reads a chunk of
+    # frames (here 8: one high, seven low) and takes longer than the poll
+    # interval and the leader's yield interval, as reading a thousand frames
+    # does.  Every high message a step read must be answered before the next
+    # step reads more: reading on while a high request waits in hand made
+    # the highs of a 5,000-message burst wait for the whole burst to be read.
+    core = InlineFakeCore(chunk=8, step_cost=1.2 * max(POLL_EVERY, YIELD_AFTER))
+
+    def handler(req):
+        core.note(("handled", bytes(req.data)))
+        return req.data
+
+    hub(core, handler, workers=4, reserve=[0])
+    for k in range(4):
+        core.send(100 + 8 * k, b"high%d" % k, 0)
+        for i in range(1, 8):
+            core.send(100 + 8 * k + i, b"low%d.%d" % (k, i), 1)
+    deadline = time.monotonic() + 5
+    while len(core.replies()) < 32 and time.monotonic() < deadline:
+        gevent.sleep(0.01)
+    assert len(core.replies()) == 32
+    steps = [i for i, e in enumerate(core.log) if e[0] == "step"]
+    for k, at in enumerate(steps[:-1]):
+        high = b"high%d" % k
+        assert high in core.log[at][1]
+        assert ("handled", high) in core.log[at:steps[k + 1]], core.log

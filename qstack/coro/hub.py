@@ -247,8 +247,8 @@ class Hub:
             self._flush()
             if step or self._hot:
                 self._poll_due = False
-                self._next_poll = monotonic() + POLL_EVERY
                 self._core_step(0)
+                self._next_poll = monotonic() + POLL_EVERY
         moved = 0
         drained = self._inline
         for level, q in self._polled:
@@ -297,31 +297,50 @@ class Hub:
 
     def _next(self):
         """The next event by priority that may take a worker now (see
-        reserve), refilling from the rings as needed; None if there is none."""
+        reserve), refilling from the rings as needed; None if there is none.
+
+        Level-0 work in hand that may start goes first: neither a due poll
+        nor the rings are looked at until it is done (a step reads up to a
+        thousand frames, most of them lower-level work)."""
         queues = self._queues
-        if self._poll_due:
-            self._refill(True)
-        elif not queues[0]:
-            top = 1
-            while top < self._levels and not queues[top]:
-                top += 1
-            if top == self._levels or (not self._drained and self._pending_above(top)):
-                self._refill()
-        return self._rq.pop(self._below[self._busy])
+        below = self._below[self._busy]
+        if not queues[0] or not below:
+            if self._poll_due:
+                self._refill(True)
+            elif not queues[0]:
+                top = 1
+                while top < self._levels and not queues[top]:
+                    top += 1
+                if top == self._levels or (not self._drained and self._pending_above(top)):
+                    self._refill()
+        return self._rq.pop(below)
 
     def _work_top(self):
         """The highest level with work that may take a worker now, or
-        ``levels`` if none (what the leader's next pop would find)."""
-        if self._poll_due:
-            self._refill(True)
-        below = self._below[self._busy]
-        if not self._drained and self._pending_above(below):
-            self._refill()
+        ``levels`` if none (what the leader's next pop would find).
+
+        Inline, level-0 work in hand that may start is served before
+        anything is read: neither the rings nor a due poll are looked at,
+        and otherwise the rings only for levels above the best in hand.
+        (Threaded, the rings are drained of every level that may start, as
+        sleep_below's handshake in _run expects.)"""
         queues = self._queues
-        for level in range(below):
-            if queues[level]:
-                return level
-        return self._levels
+        below = self._below[self._busy]
+        top = 0
+        while top < below and not queues[top]:
+            top += 1
+        if self._inline:
+            if top == 0 and below:
+                return 0
+            above = top
+        else:
+            above = below
+        if self._poll_due or (not self._drained and self._pending_above(above)):
+            self._refill(self._poll_due)
+            top = 0
+            while top < below and not queues[top]:
+                top += 1
+        return top if top < below else self._levels
 
     def queued(self):
         """Requests taken from the rings and waiting for a worker, per level."""
