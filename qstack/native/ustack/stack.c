@@ -10,7 +10,9 @@
  */
 #include "ustack.h"
 
-#define RX_BURST 64
+#define RX_BURST 64          /* frames through the layers per poll */
+#define RX_READ (4 * RX_BURST)  /* frames read from the driver per poll, with levels */
+#define RX_BACKLOG_MAX 4096     /* read and not yet through the layers, at most */
 
 void qs_ustack_config_default(qs_ustack_config *c)
 {
@@ -99,6 +101,9 @@ int qs_ustack_init(qs_ustack *s, const qs_ustack_config *cfg, qs_netdrv *drv,
     s->ip_id = (uint16_t)splitmix(&x);
     if ((rc = qs_mpool_init(&s->pool, cfg->buf_size, cfg->buf_count)) < 0)
         return rc;
+    s->rx_backlog_max = cfg->buf_count / 8 < RX_BACKLOG_MAX ? cfg->buf_count / 8 : RX_BACKLOG_MAX;
+    if (s->rx_backlog_max < RX_BURST)
+        s->rx_backlog_max = RX_BURST;
     qs_mem_init(s);
     if ((rc = qs_tcp_flow_init(s)) < 0) {
         qs_mpool_destroy(&s->pool);
@@ -115,8 +120,11 @@ int qs_ustack_init(qs_ustack *s, const qs_ustack_config *cfg, qs_netdrv *drv,
  * may hold frames of this pool) must be destroyed before. */
 void qs_ustack_destroy(qs_ustack *s)
 {
-    for (int l = 0; l < QS_MAX_LEVELS; l++)
+    for (int l = 0; l < QS_MAX_LEVELS; l++) {
         qs_mq_free(&s->pool, &s->txq[l]);
+        qs_mq_free(&s->pool, &s->rxq[l]);
+    }
+    s->rx_backlog = 0;
     qs_arp_destroy(s);
     qs_tcp_flow_destroy(s);
     qs_mpool_destroy(&s->pool);
@@ -145,33 +153,63 @@ int qs_ustack_input(qs_ustack *s, qs_mbuf *m, int64_t now)
     return rc;
 }
 
+static void frame_in(qs_ustack *s, qs_mbuf *m, int64_t now)
+{
+    s->st.rx_frames++;
+    s->st.rx_bytes += m->len;
+    qs_eth_input(s, m, now);
+}
+
+/*
+ * With several levels a poll reads ahead: up to RX_READ frames from the
+ * driver, each classified (a byte compare, prio.c) and queued by level,
+ * then RX_BURST of the queued ones go through the layers, highest level
+ * first.  A burst of thousands of requests is read four times faster than
+ * it is served, so a high-priority one near its end is taken up in the
+ * first polls after it arrived, not after every frame ahead of it in the
+ * driver's ring (QStack classifies at the driver for the same reason).  At
+ * most rx_backlog_max frames wait (an eighth of the pool, up to 4,096);
+ * beyond, the driver's ring holds the rest.  Frames of one level keep
+ * their order; across levels they may pass each other, as they did within
+ * a burst before.  One level: the burst goes straight through.
+ */
 int qs_ustack_poll(qs_ustack *s, int64_t now)
 {
     qs_mbuf *burst[RX_BURST];
     int work = 0;
     qs_ustack_enter(s);
-    if (s->drv) {
+    if (s->drv && s->cfg.levels <= 1) {
         int n = s->drv->ops->rx(s->drv, burst, RX_BURST, now);
-        if (s->cfg.levels > 1 && n > 1) {
-            /* a stable counting sort of the burst by level: level 0 first */
-            qs_mbuf *sorted[RX_BURST];
-            int count[QS_MAX_LEVELS + 1] = {0};
+        for (int i = 0; i < n; i++)
+            frame_in(s, burst[i], now);
+        work += n > 0 ? n : 0;
+    } else if (s->drv) {
+        for (int read = 0; read < RX_READ && s->rx_backlog < s->rx_backlog_max;) {
+            uint32_t room = s->rx_backlog_max - s->rx_backlog;
+            int want = room < RX_BURST ? (int)room : RX_BURST;
+            int n = s->drv->ops->rx(s->drv, burst, want, now);
             for (int i = 0; i < n; i++) {
                 burst[i]->prio = (uint8_t)qs_prio_classify(s, burst[i]);
-                count[burst[i]->prio + 1]++;
+                qs_mq_push(&s->rxq[burst[i]->prio], burst[i]);
             }
-            for (int l = 1; l <= QS_MAX_LEVELS; l++)
-                count[l] += count[l - 1];
-            for (int i = 0; i < n; i++)
-                sorted[count[burst[i]->prio]++] = burst[i];
-            memcpy(burst, sorted, sizeof(burst[0]) * (size_t)n);
+            if (n <= 0)
+                break;
+            s->rx_backlog += (uint32_t)n;
+            read += n;
+            work += n;
+            if (n < want)
+                break;
         }
-        for (int i = 0; i < n; i++) {
-            s->st.rx_frames++;
-            s->st.rx_bytes += burst[i]->len;
-            qs_eth_input(s, burst[i], now);
+        int done = 0;
+        for (int l = 0; l < s->cfg.levels && done < RX_BURST; l++) {
+            qs_mbuf *m;
+            while (done < RX_BURST && (m = qs_mq_pop(&s->rxq[l]))) {
+                s->rx_backlog--;
+                frame_in(s, m, now);
+                done++;
+            }
         }
-        work += n > 0 ? n : 0;
+        work += done;
     }
     work += qs_tcp_timer_advance(s, now);
     work += qs_tw_expire(s, now);
@@ -182,6 +220,8 @@ int qs_ustack_poll(qs_ustack *s, int64_t now)
 
 int64_t qs_ustack_next_event(qs_ustack *s)
 {
+    if (s->rx_backlog)
+        return 1;                       /* frames read and waiting: at once */
     int64_t a = s->drv ? s->drv->ops->next_due(s->drv) : INT64_MAX;
     int64_t b = qs_tcp_timer_next(s), c = qs_arp_next(s), d = qs_tw_next(s);
     a = a < b ? a : b;

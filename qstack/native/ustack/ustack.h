@@ -328,6 +328,11 @@ typedef struct qs_ustack {
      * point returns (prio.c) */
     qs_mq txq[QS_MAX_LEVELS];
     int64_t tx_now;
+    /* ... and on the way in, with several levels: frames read from the
+     * driver and classified, waiting for the layers, highest level first
+     * (stack.c) */
+    qs_mq rxq[QS_MAX_LEVELS];
+    uint32_t rx_backlog, rx_backlog_max;
 
     qs_trace *trace;
 } qs_ustack;
