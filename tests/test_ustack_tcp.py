@@ -1622,6 +1622,41 @@ def test_a_high_request_behind_a_deep_burst_is_taken_up_first():
         n.free()
 
 
+def test_a_poll_that_took_up_high_frames_ends_the_host_loops_polls():
+    """A host loop polls the stack up to 16 times before its requests go
+    up; with levels it stops after a poll that put level-0 frames through.
+    Here 200 low requests and then a high one wait in the driver's queue:
+    the first poll takes up the high one (read-ahead) and the loop ends
+    there, with most of the lows still queued, instead of putting all 201
+    through first.  A memif server's own high p50 under bursts of 5,000
+    went from about 2 ms to 0.2 ms with it."""
+    b = {"levels": 2, "default_level": 1, "rules": [(0, 0xff, ord("H"), 0)],
+         "max_conns": 512, "syn_backlog": 512}
+    n = Net(a={"max_conns": 512}, b=b)
+    try:
+        n.listen(B, 80)
+        lows = [n.pair() for _ in range(200)]
+        high, high_b = n.pair()
+        readable_log(n, B)
+        for low, _ in lows:
+            assert n.send(A, low, b"L" * 100) == 100
+        assert n.send(A, high, b"H" * 100) == 100
+        lib.qsu_net_poll_side(n.n, A, 16)            # A's segments onto the wire
+        assert lib.qsu_net_poll_side(n.n, B, 16) > 0
+        first = readable_log(n, B)
+        assert first and first[0] == high_b
+        assert len(first) < 201, len(first)
+        n.run(5 * MS)
+        rest = readable_log(n, B)
+        assert sorted(first + rest) == sorted([lb for _, lb in lows] + [high_b])
+        for (low, low_b) in lows + [(high, high_b)]:
+            n.close(A, low), n.close(B, low_b)
+        n.run(100 * MS)
+        leak_free(n)
+    finally:
+        n.free()
+
+
 def test_high_priority_sends_leave_first():
     n, (low, low_b), (high, high_b) = prio_net(2)
     try:

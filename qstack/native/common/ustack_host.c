@@ -137,14 +137,7 @@ int qs_uhost_open(qs_uhost *h, const qs_ustack_settings *g, const qs_uhost_prio 
 
 int qs_uhost_poll(qs_uhost *h, int64_t now)
 {
-    int work = 0;
-    for (int i = 0; i < POLL_ROUNDS; i++) {
-        int n = qs_ustack_poll(&h->s, now);
-        if (n <= 0)
-            break;
-        work += n;
-    }
-    return work;
+    return qs_ustack_poll_rounds(&h->s, now, POLL_ROUNDS);
 }
 
 /* Re-arming (or disarming) also clears an expiry, so a fired timer never

@@ -300,6 +300,18 @@ static int step_clock(qsu_net *n, int64_t limit)
     return 1;
 }
 
+/* One side's host loop wakes for its next event (a frame due off the wire,
+ * a timer) and polls once, up to `rounds` stack polls; the other side is
+ * left alone. */
+int64_t qsu_net_poll_side(qsu_net *n, int side, int rounds)
+{
+    qs_ustack *s = &n->sd[side & 1].s;
+    int64_t nx = qs_ustack_next_event(s);
+    if (nx != INT64_MAX && nx > n->now)
+        n->now = nx;
+    return qs_ustack_poll_rounds(s, n->now, rounds);
+}
+
 int64_t qsu_net_run(qsu_net *n, int64_t dt_ns)
 {
     int64_t end = n->now + dt_ns, total = pump(n);

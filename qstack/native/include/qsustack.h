@@ -66,6 +66,7 @@ int64_t qsu_net_now(qsu_net *n);
 /* Run both stacks for dt_ns of fake time: deliver frames and fire timers at
  * their times.  Returns how many frames and timers were handled. */
 int64_t qsu_net_run(qsu_net *n, int64_t dt_ns);
+int64_t qsu_net_poll_side(qsu_net *n, int side, int rounds);
 /* Run until nothing is in flight and no timer is due within idle_ns, at most
  * max_ns; returns the fake time used, or -ETIMEDOUT. */
 int64_t qsu_net_settle(qsu_net *n, int64_t idle_ns, int64_t max_ns);

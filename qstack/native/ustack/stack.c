@@ -177,6 +177,7 @@ int qs_ustack_poll(qs_ustack *s, int64_t now)
 {
     qs_mbuf *burst[RX_BURST];
     int work = 0;
+    s->rx_top_done = 0;
     qs_ustack_enter(s);
     if (s->drv && s->cfg.levels <= 1) {
         int n = s->drv->ops->rx(s->drv, burst, RX_BURST, now);
@@ -208,6 +209,8 @@ int qs_ustack_poll(qs_ustack *s, int64_t now)
                 frame_in(s, m, now);
                 done++;
             }
+            if (l == 0)
+                s->rx_top_done = (uint32_t)done;
         }
         work += done;
     }
@@ -215,6 +218,23 @@ int qs_ustack_poll(qs_ustack *s, int64_t now)
     work += qs_tw_expire(s, now);
     qs_arp_age(s, now);
     qs_ustack_leave(s);
+    return work;
+}
+
+/* Up to `rounds` polls, but none after one that found nothing, or that put
+ * level-0 frames through: their requests go up now, not after a thousand
+ * more frames of lower levels (the read-ahead took them up first). */
+int qs_ustack_poll_rounds(qs_ustack *s, int64_t now, int rounds)
+{
+    int work = 0;
+    for (int i = 0; i < rounds; i++) {
+        int n = qs_ustack_poll(s, now);
+        if (n <= 0)
+            break;
+        work += n;
+        if (s->rx_top_done && s->cfg.levels > 1)
+            break;
+    }
     return work;
 }
 

@@ -333,6 +333,7 @@ typedef struct qs_ustack {
      * (stack.c) */
     qs_mq rxq[QS_MAX_LEVELS];
     uint32_t rx_backlog, rx_backlog_max;
+    uint32_t rx_top_done;           /* level-0 frames the last poll put through */
 
     qs_trace *trace;
 } qs_ustack;
@@ -346,6 +347,7 @@ int qs_ustack_init(qs_ustack *s, const qs_ustack_config *cfg, qs_netdrv *drv,
 void qs_ustack_destroy(qs_ustack *s);
 int qs_ustack_input(qs_ustack *s, qs_mbuf *m, int64_t now);   /* takes m */
 int qs_ustack_poll(qs_ustack *s, int64_t now);                /* rx burst + timers */
+int qs_ustack_poll_rounds(qs_ustack *s, int64_t now, int rounds);  /* polls; stops after level 0 */
 int64_t qs_ustack_next_event(qs_ustack *s);                   /* INT64_MAX if none */
 void qs_ustack_enter(qs_ustack *s);
 void qs_ustack_leave(qs_ustack *s);
