@@ -833,11 +833,16 @@ static int ur_pending(qs_tp *n)
     return u->ready.n || (u->starved.n && u->nholes && buf_spare(u));
 }
 
-/* The sends writev prepared are made now, and their completions taken
- * (the same single enter: received data found too is reported). */
+/* What the owner's commands left: buffers back in the ring, rx queues of
+ * sockets that read again delivered, and the sends writev prepared made
+ * now, their completions taken (the same single enter: received data
+ * found too is reported). */
 static void ur_flush(qs_tp *n)
 {
     ur *u = (ur *)n;
+    refill(u);
+    if (u->ready.n)
+        feed_ready(u);                 /* conns that read again (a resume) */
     if (io_uring_sq_ready(&u->ring))
         ur_wait(n, 0, QS_TP_STALE);
 }
