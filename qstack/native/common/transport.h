@@ -184,7 +184,9 @@ struct qs_transport {
     void (*drain)(qs_tp *n, int64_t deadline);
     void (*destroy)(qs_tp *n);          /* every socket must be closed first */
     void (*stats)(qs_tp *n, qs_tp_stats *out);   /* optional; any thread */
-    int async_writes;                   /* writev may answer -EINPROGRESS */
+    int async_writes;                   /* writev may answer -EINPROGRESS (to an owner
+                                           with sent(); a QS_TP_CLIENT owner gets
+                                           plain writes) */
     /* a wait that found work should be followed by a look (timeout 0)
      * before any sleep: a poll-mode driver has no fd to wake the owner */
     int poll_after_work;
