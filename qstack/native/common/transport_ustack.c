@@ -370,6 +370,8 @@ static int ut_wait(qs_tp *n, int64_t timeout_ns, uint32_t flags)
             polled = 1;
         }
         if (!work && !u->nready) {
+            if (!(n->flags & QS_TP_CLIENT))
+                snapshot(u);           /* the counters stats() reads while we sleep */
             sleep_ns(u, timeout_ns);
             polled = 0;
         }
@@ -378,9 +380,10 @@ static int ut_wait(qs_tp *n, int64_t timeout_ns, uint32_t flags)
         work += qs_uhost_poll(&u->h, *o->now);
     if (u->nready)
         work += run_ready(u);
-    snapshot(u);
-    if (n->flags & QS_TP_INLINE)
+    if (n->flags & QS_TP_INLINE) {
+        snapshot(u);
         qs_uhost_arm(&u->h, *o->now, u->nready > 0);   /* still ready: the owner wakes at once */
+    }
     return work;
 }
 

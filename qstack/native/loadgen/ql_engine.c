@@ -357,8 +357,7 @@ static int64_t slice_end(struct qsl_engine *e)
 {
     if (e->tp->t->hold)
         e->tp->t->hold(e->tp, 0);
-    e->now = qsl_now_ns();
-    e->tp->t->wait(e->tp, 0, QS_TP_STALE);
+    e->tp->t->wait(e->tp, 0, QS_TP_STALE);   /* the clock is read before any report */
     return qsl_now_ns();
 }
 
