@@ -1,5 +1,6 @@
-"""`qstack load` on its two backends: kernel sockets, and qstack's own TCP
-client (ustack) against `qstack serve --backend ustack`.
+"""`qstack load` on the entries of the transport table: kernel sockets
+(epoll, io_uring), and qstack's own TCP client (ustack) against `qstack
+serve --backend ustack`.
 
     .venv/bin/python bench/load_backends.py [--rounds 3] [--conns 100] [--duration 5]
         [--hold 20000,60000] [--json FILE]
@@ -12,6 +13,8 @@ qst-s, the client's 198.18.1.1 on qst-c; nothing leaves the namespace.
    CPU 0 and the client on CPU 1, --rounds rounds each, in turn:
      kernel   qstack serve (kernel backend) on 127.0.0.1, qstack load on
               kernel sockets (loopback)
+     uring    qstack serve --backend uring on 127.0.0.1, qstack load
+              --backend uring: both ends on io_uring (loopback)
      ustack   qstack serve --backend ustack on qst-s, qstack load
               --backend ustack on qst-c: both ends on qstack's own TCP, every
               frame through /dev/net/tun and the kernel's bridge
@@ -53,13 +56,14 @@ def start_server(backend, port):
     memif_srv = ["--backend", "ustack", "--driver", "memif", "--memif", memif_sock(),
                  "--ip", SERVER + "/16"]
     where = {"kernel": ["--host", "127.0.0.1"],
+             "uring": ["--host", "127.0.0.1", "--backend", "uring"],
              "ustack": ["--backend", "ustack", "--tap", "qst-s", "--ip", SERVER + "/16"],
              "memif": memif_srv, "memif2": memif_srv + ["--cores", "2"]}[backend]
     pin = [] if backend == "memif2" else ["taskset", "-c", "0"]
     p = subprocess.Popen([*pin, PY, "-m", "qstack", "serve", "apps.echo:handle",
                           "--framing", "fixed:64", "--port", str(port), *where], cwd=REPO,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    host = "127.0.0.1" if backend == "kernel" else SERVER
+    host = "127.0.0.1" if backend in ("kernel", "uring") else SERVER
     import socket
     deadline = time.monotonic() + 20
     if backend.startswith("memif"):  # no kernel path to it: wait for its socket(s)
@@ -90,7 +94,8 @@ def stop(p):
 def echo_round(backend, host, port, conns, duration):
     memif_cl = ["--backend", "ustack", "--driver", "memif", "--memif", memif_sock(),
                 "--ip", CLIENT + "/16"]
-    client = {"kernel": [], "ustack": USTACK_CLIENT, "memif": memif_cl,
+    client = {"kernel": [], "uring": ["--backend", "uring"], "ustack": USTACK_CLIENT,
+              "memif": memif_cl,
               "memif2": memif_cl + ["--smp", "2"]}[backend]
     pin = [] if backend == "memif2" else ["taskset", "-c", "1"]
     out = subprocess.run([*pin, PY, "-m", "qstack", "load", *client, "--dest",
@@ -150,20 +155,21 @@ def main():
     if not memif_ok:
         print("no DPDK in this build: the memif pair is left out")
     net = BridgedTaps()
-    result = {"echo": {"kernel": [], "ustack": [], "memif": [], "memif2": []}, "hold": {}}
+    pairs = ("kernel", "uring", "ustack")
+    result = {"echo": {b: [] for b in (*pairs, "memif", "memif2")}, "hold": {}}
     try:
         with net.entered():
             servers = {b: start_server(b, 7100 + i) + (7100 + i,)
-                       for i, b in enumerate(("kernel", "ustack"))}
+                       for i, b in enumerate(pairs)}
             try:
                 for r in range(a.rounds):
-                    for b in ("kernel", "ustack"):
+                    for b in pairs:
                         _, host, port = servers[b]
                         row = echo_round(b, host, port, a.conns, a.duration)
                         result["echo"][b].append(row)
                         show(r, b, row)
                     for b in ("memif", "memif2") if memif_ok else ():
-                        mp, host, port = start_server(b, 7102) + (7102,)
+                        mp, host, port = start_server(b, 7103) + (7103,)
                         try:
                             row = echo_round(b, host, port, a.conns, a.duration)
                         finally:
@@ -187,7 +193,7 @@ def main():
     finally:
         net.close()
     med = {}
-    for b in ("kernel", "ustack", "memif", "memif2"):
+    for b in (*pairs, "memif", "memif2"):
         rows = sorted(x["rps"] for x in result["echo"][b])
         if rows:
             med[b] = rows[len(rows) // 2]

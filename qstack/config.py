@@ -929,5 +929,5 @@ def _bind_list(value, key):
     return tuple(items)
 
 
-MAX_LISTEN = 16     # backend_kernel.c QS_MAX_LISTEN
+MAX_LISTEN = 16     # common/transport_kernel.c KT_MAX_LISTEN
 UNIX_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux

@@ -1,10 +1,14 @@
 """One load-generator suite, run on every transport of the engine.
 
-`qstack load --backend kernel` (kernel sockets on loopback, against
-`qstack serve` on 127.0.0.1) and `qstack load --backend ustack` (qstack's
-own TCP client on a TAP device, against `qstack serve --backend ustack` on
-another TAP device of the same bridge, in a namespace the test creates)
-run the same schedules and must give the same counts, reports and CDFs.
+The engine runs over the transport table the server core runs over
+(qstack/native/common/transport.h), and each entry gets the same suite,
+with the server on the same entry: `qstack load --backend kernel` (kernel
+sockets under epoll, on loopback, against `qstack serve --backend kernel`
+on 127.0.0.1), `--backend uring` (kernel sockets under io_uring, against
+`qstack serve --backend uring`) and `--backend ustack` (qstack's own TCP
+client on a TAP device, against `qstack serve --backend ustack` on another
+TAP device of the same bridge, in a namespace the test creates) run the
+same schedules and must give the same counts, reports and CDFs.
 Every server stops cleanly with no buffer leaked (conftest's serve()).
 
 Why a bridge of two TAP devices: both ends are real processes on real
@@ -37,11 +41,11 @@ class Bench:
 
     def __init__(self, backend, serve, net=None):
         self.backend, self._serve, self.net = backend, serve, net
-        self.client = USTACK_CLIENT if backend == "ustack" else ()
+        self.client = USTACK_CLIENT if backend == "ustack" else ("--backend", backend)
 
     def serve(self, app, *args):
-        if self.backend == "kernel":
-            return self._serve(app, *args)
+        if self.backend != "ustack":
+            return self._serve(app, "--backend", self.backend, *args)
         # "--ip" after the fixture's own /24 (the last one counts): the client's
         # 198.18.1.1 must be on the server's subnet
         return self._serve(app, "--ip", SERVER_IP + "/16", *args, ustack=["--tap", "qst-s"])
@@ -60,8 +64,11 @@ class Bench:
 
 @contextlib.contextmanager
 def make_bench(backend, serve):
-    if backend == "kernel":
-        yield Bench("kernel", serve)
+    if backend != "ustack":
+        from qstack.transport import uring_refusal
+        if backend == "uring" and uring_refusal():
+            pytest.skip(uring_refusal())
+        yield Bench(backend, serve)
         return
     from netns import BridgedTaps, why_not
     if why_not():
@@ -75,7 +82,7 @@ def make_bench(backend, serve):
         net.close()
 
 
-@pytest.fixture(params=["kernel", "ustack"])
+@pytest.fixture(params=["kernel", "uring", "ustack"])
 def bench(request, serve):
     with make_bench(request.param, serve) as b:
         yield b
@@ -219,7 +226,8 @@ def test_ustack_client_bad_input_is_one_line():
 
 def test_ustack_client_holds_its_connections_without_files(bench, tmp_path):
     """5,000 connections from a client allowed 256 open files: the kernel
-    client is refused up front, the ustack client holds them all."""
+    clients (epoll, io_uring) are refused up front, the ustack client holds
+    them all."""
     srv = bench.serve("tests.apps.loadgen_apps:counting", *ECHO_SERVE)
     n = 5000
 
@@ -231,7 +239,7 @@ def test_ustack_client_holds_its_connections_without_files(bench, tmp_path):
                           dest(srv), "-c", str(n), "-s", "1", "-w", "0.5", "-e", "1", "-b", "500",
                           "-d", "2", "--json", "-", "-q"], cwd=ROOT, capture_output=True,
                          text=True, timeout=90, preexec_fn=few_files)
-    if bench.backend == "kernel":
+    if bench.backend in ("kernel", "uring"):
         assert_one_error(res, "open files", "limit is 256")
         return
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]

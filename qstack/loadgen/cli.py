@@ -103,9 +103,11 @@ def add_load_parser(sub: argparse._SubParsersAction) -> None:
       help="print '#start' and '#end' on stdout as the window opens and closes")
     a("--spin", type=float, metavar="S",
       help="poll instead of sleeping when the next send is within S s (default 0)")
-    a("--backend", choices=("kernel", "ustack"),
-      help="the client's network stack: kernel sockets (default) or qstack's own TCP/IP "
-           "(ustack: no file per connection; needs --ip, a device of its own, root)")
+    a("--backend", choices=("kernel", "uring", "ustack"),
+      help="the client's network stack, an entry of the server's transport table: kernel "
+           "sockets under epoll (default), kernel sockets under io_uring (uring), or "
+           "qstack's own TCP/IP (ustack: no file per connection; needs --ip, a device of "
+           "its own, root)")
     a("--driver", choices=("tap", "dpdk", "memif"),
       help="ustack: the device driver (default tap; memif: shared memory with a "
            "`qstack serve --driver memif`)")

@@ -10,7 +10,9 @@ deadline, so a Python thread (or a signal) gets its turn at least that often.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import os
 
 from qstack import memif
 from qstack._loadgen import ffi, lib
@@ -47,6 +49,14 @@ class EngineTimes:
 # fill), the server's per-connection buffer limits.
 USTACK_BUFFERS = (4096, 65536)      # packet buffers at least, at most (2 KiB each)
 USTACK_SNDRCV = 262144              # bytes queued per connection, each way
+
+
+def _uring_error(err: int) -> str:
+    """Why the uring transport would not open, in words."""
+    if err == errno.ENOPKG:
+        return "--backend uring: this build has no uring transport (liburing-dev was absent)"
+    return (f"--backend uring: the kernel refuses io_uring: {errno.errorcode.get(err, err)} "
+            f"({os.strerror(err)})")
 
 
 def _ustack(cfg, o, link):
@@ -165,11 +175,15 @@ class Engine:
         cfg.reply_timeout_ns = int(o.reply_timeout * NS)
         if o.backend == "ustack":
             keep = _ustack(cfg, o, link)   # noqa: F841 (alive until qsl_engine_new copied it)
+        elif o.backend == "uring":
+            cfg.backend = lib.QSL_BACKEND_URING
         out = ffi.new("qsl_engine **")
         rc = lib.qsl_engine_new(cfg, out)
         if rc < 0:
             if o.backend == "ustack":
                 raise OSError(-rc, _ustack_error(o, -rc, link))
+            if o.backend == "uring":
+                raise OSError(-rc, _uring_error(-rc))
             raise OSError(-rc, "qsl_engine_new refused the configuration or ran out of memory")
         self._e = out[0]
         self._stats = ffi.new("qsl_stats *")

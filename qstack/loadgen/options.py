@@ -19,7 +19,7 @@ from qstack import memif
 from qstack.errors import ConfigError
 
 PROTOCOLS = ("echo", "iotep", "script")   # script: --script FILE (script.py)
-BACKENDS = ("kernel", "ustack")           # the network stack under the engine (qsload.h)
+BACKENDS = ("kernel", "uring", "ustack")  # the transport under the engine (qsload.h)
 USTACK_PORTS = (1024, 65535)              # a ustack client's own source ports: no kernel range
 GRAINS = ("message", "connection")
 # Open files a process needs besides its connections: stdio, the epoll fd,

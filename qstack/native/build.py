@@ -13,8 +13,8 @@ first, and the test file must not rebuild it):
 setup.py lists ``qstack/native/build.py:ffibuilder`` in cffi_modules; see
 cffibuild.py for what all builders share.
 
-The uring backend needs liburing (Debian: liburing-dev, which `make test`
-installs).  Without it the backend is not built: backend_uring_absent.c
+The uring transport needs liburing (Debian: liburing-dev, which `make test`
+installs).  Without it the transport is not built: transport_uring_absent.c
 takes its place, qs_uring_probe says -ENOPKG, and --backend auto serves on
 the kernel backend.
 """
@@ -23,21 +23,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cffibuild import COMMON, HERE, builder, compile_in_place, sources  # noqa: E402
-
-# The user-space TCP/IP stack is part of the core (backend "ustack"), with
-# the host code it shares with the load generator (common/ustack_host.c);
-# its test harness (harness/) and the DPDK driver module (dpdk.c, built on
-# its own where DPDK exists) are not.
-USTACK = sources("ustack") + [os.path.join(COMMON, "ustack_host.c")]
-
-
-def have_liburing():
-    """liburing's header and library, where the compiler looks by default."""
-    import ctypes.util
-    return (any(os.path.exists(os.path.join(d, "liburing.h"))
-                for d in ("/usr/include", "/usr/local/include"))
-            and ctypes.util.find_library("uring") is not None)
+from cffibuild import HERE, builder, compile_in_place, have_liburing, transport_sources  # noqa: E402
 
 
 # HTTP framing (QS_FRAME_HTTP) parses with llhttp.  Debian ships its C
@@ -67,12 +53,17 @@ if not URING:
     print("liburing not found (Debian: apt-get install liburing-dev): "
           "the uring backend is not built", file=sys.stderr)
 
+# The transport table and its entries (common/transport*.c), with the
+# user-space TCP/IP stack the ustack entry runs; the stack's test harness
+# (harness/) and the DPDK driver module (dpdk.c, built on its own where DPDK
+# exists) are not part of the core.
+TRANSPORT = transport_sources(URING)
+
 ffibuilder = builder("_native", ("qsprio.h", "ustack_settings.h", "qstack.h"), "src", direct=__name__ == "__main__",
                      libraries=["pthread", "dl"] + (["uring"] if URING else []),
-                     extra_sources=USTACK + (LLHTTP or []),
+                     extra_sources=TRANSPORT + (LLHTTP or []),
                      extra_include=[os.path.join(HERE, "ustack")] + ([LLHTTP_INC] if LLHTTP else []),
-                     without=(("backend_uring_absent.c",) if URING else ("backend_uring.c",)) +
-                     (("http_absent.c",) if LLHTTP else ("http.c",)))
+                     without=("http_absent.c",) if LLHTTP else ("http.c",))
 
 if __name__ == "__main__":
     compile_in_place(ffibuilder, "_native")

@@ -11,15 +11,18 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cffibuild import COMMON, HERE, builder, compile_in_place, sources  # noqa: E402
+from cffibuild import HERE, builder, compile_in_place, have_liburing, transport_sources  # noqa: E402
 
-# The ustack backend (loadgen/ql_be_ustack.c) runs qstack's own TCP/IP
-# stack, set up by the host code the server's ustack backend uses
-# (common/ustack_host.c): the same sources as in qstack._native.
-USTACK = sources("ustack") + [os.path.join(COMMON, "ustack_host.c")]
+# The engine runs over the transport table the server core runs over
+# (common/transport.h): the same sources as in qstack._native, so
+# --backend kernel, uring and ustack are the server's own entries.
+URING = have_liburing()
+TRANSPORT = transport_sources(URING)
 
 ffibuilder = builder("_loadgen", ("ustack_settings.h", "qsload.h"), "loadgen",
-                     direct=__name__ == "__main__", libraries=["dl"], extra_sources=USTACK,
+                     direct=__name__ == "__main__",
+                     libraries=["dl"] + (["uring"] if URING else []),
+                     extra_sources=TRANSPORT,
                      extra_include=[os.path.join(HERE, "ustack")])
 # The script protocol's callbacks (qsl_config.build / .match): C functions
 # that cffi generates, which take the GIL and call the @ffi.def_extern

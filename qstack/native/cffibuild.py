@@ -58,6 +58,27 @@ def sources(src_dir, exclude=()):
             if not os.path.basename(p).startswith(skip)]
 
 
+def have_liburing():
+    """liburing's header and library, where the compiler looks by default."""
+    import ctypes.util
+    return (any(os.path.exists(os.path.join(d, "liburing.h"))
+                for d in ("/usr/include", "/usr/local/include"))
+            and ctypes.util.find_library("uring") is not None)
+
+
+def transport_sources(uring):
+    """The transport table (common/transport.h) with its three entries, and
+    what the ustack entry runs: qstack's own TCP/IP stack (ustack/) and the
+    host code around it.  Both the core and the load generator link these:
+    one table under both.  Without liburing, transport_uring_absent.c takes
+    transport_uring.c's place (the entry exists and refuses to open)."""
+    common = [os.path.join(COMMON, n) for n in
+              ("transport_sock.c", "transport_kernel.c", "transport_ustack.c",
+               "transport_uring.c" if uring else "transport_uring_absent.c",
+               "ustack_host.c")]
+    return sources("ustack") + common
+
+
 def _cdef_text(header):
     """A header as cffi reads it: C's include guard (#pragma once) dropped."""
     with open(os.path.join(INCLUDE, header)) as f:

@@ -202,7 +202,7 @@ class NativeCore:
 
 
 class KernelCore(NativeCore):
-    """Kernel sockets under epoll (backend_kernel.c)."""
+    """Kernel sockets under epoll (common/transport_kernel.c)."""
 
     name = "kernel"
     BACKEND = lib.QS_BACKEND_KERNEL
@@ -210,7 +210,7 @@ class KernelCore(NativeCore):
 
 
 class UringCore(NativeCore):
-    """Kernel sockets driven by io_uring (backend_uring.c): multishot accept
+    """Kernel sockets driven by io_uring (common/transport_uring.c): multishot accept
     and receive into pool buffers, one io_uring_enter per loop step."""
 
     name = "uring"
@@ -225,7 +225,7 @@ class UringCore(NativeCore):
 
 
 class UstackCore(NativeCore):
-    """qstack's own TCP/IP over a TAP or DPDK driver (backend_ustack.c).
+    """qstack's own TCP/IP over a TAP or DPDK driver (common/transport_ustack.c).
 
     ``settings`` is the stack's settings as a plain dict (the fields of
     qs_ustack_settings; see qstack.server)."""

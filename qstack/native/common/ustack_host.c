@@ -1,7 +1,8 @@
 /*
  * ustack_host.c -- one user-space stack in a process (ustack_host.h): the
- * set-up and the sleep both ends of qstack share, the server's ustack
- * backend and the load generator's ustack backend.
+ * set-up and the sleep both ends of qstack share, through the ustack
+ * transport (transport_ustack.c) under the server core and the load
+ * generator.
  */
 #include "ustack_host.h"
 

@@ -2,11 +2,11 @@
  * ustack_host.h -- one user-space stack in a process: its driver, its
  * settings, its timer and the epoll set it sleeps on.
  *
- * What the server's ustack backend (src/backend_ustack.c) and the load
- * generator's ustack backend (loadgen/ql_be_ustack.c) share, so that both
- * ends of a connection run the same stack set up the same way from the
- * same settings (include/ustack_settings.h): passive open on one side,
- * active open on the other, one table of defaults.
+ * What the ustack transport (common/transport_ustack.c) sets up, for the
+ * server core and the load generator alike, so that both ends of a
+ * connection run the same stack set up the same way from the same
+ * settings (include/ustack_settings.h): passive open on one side, active
+ * open on the other, one table of defaults.
  *
  * The epoll set holds the driver's fd (TAP; a poll-mode DPDK port has
  * none) and a timerfd armed for the stack's next TCP timer; the user adds

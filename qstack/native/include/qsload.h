@@ -58,11 +58,14 @@
                                      (HCMonitor), without the client's own lateness */
 #define QSL_HISTS 3
 
-/* the sockets under the engine (qsl_config.backend) */
-#define QSL_BACKEND_KERNEL 0      /* kernel sockets, epoll (loadgen/ql_be_kernel.c) */
+/* the sockets under the engine (qsl_config.backend): an entry of the
+ * transport table the server core runs over (common/transport.h), the
+ * same numbers as qstack.h's QS_BACKEND_* */
+#define QSL_BACKEND_KERNEL 0      /* kernel sockets, epoll */
 #define QSL_BACKEND_USTACK 1      /* qstack's own TCP/IP stack over a driver (qsl_config.ustack),
                                      the same stack and set-up as the server's ustack backend:
-                                     no file descriptor per connection (ql_be_ustack.c) */
+                                     no file descriptor per connection */
+#define QSL_BACKEND_URING 2       /* kernel sockets, io_uring (where liburing was built in) */
 
 /* qsl_engine_run results */
 #define QSL_RUN_UNTIL 0           /* the deadline passed; call again */

@@ -2,7 +2,7 @@
  * ustack_api.h -- the public types of qstack's user-space TCP/IP stack
  * (ustack/): its settings, its counters, its TCP states and the fault
  * injector's settings.  The stack's own code (ustack/ustack.h), the
- * backend that serves on it (src/backend_ustack.c) and the test harness
+ * transport that serves on it (common/transport_ustack.c) and the test harness
  * (qsustack.h) all take them from here; nothing here belongs to a harness.
  *
  * cffi reads this file verbatim after qsprio.h (cffibuild.py: a module's

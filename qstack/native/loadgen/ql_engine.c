@@ -40,19 +40,25 @@
  * no longer be trusted.  Level-triggered events, one read per event, OUT
  * asked for only while a connection has unsent bytes.
  *
- * The sockets belong to a backend (struct ql_backend, picked by
- * qsl_config.backend): kernel sockets under epoll (ql_be_kernel.c), or
- * qstack's own TCP/IP stack (ql_be_ustack.c).  The engine never asks which.
+ * The sockets belong to a transport (common/transport.h, the table the
+ * server core runs over too; qsl_config.backend picks the entry): kernel
+ * sockets under epoll, kernel sockets under io_uring, or qstack's own
+ * TCP/IP stack.  The engine never asks which.  The transport reports
+ * readiness through the callbacks at the end of this file, from inside
+ * its wait.
  */
 #include <errno.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
 #include "ql_int.h"
 
-#define MAX_EVENTS 1024
 #define RXBUF 65536
+#define URING_BUF 16384     /* uring: the transport's receive buffers */
+#define CLOSE_INFLIGHT 4096u   /* connections closing at once, at the end */
+#define LINGER_NS 3000000000LL
 #define LATE_NS QL_MS
 #define QL_LAG_US_MAX ((1 << 24) - 1)
 
@@ -132,8 +138,8 @@ static void arm_out(struct qsl_engine *e, struct ql_conn *c, int want)
 {
     if (want == c->out_armed || !c->open)
         return;
-    if (e->be->want_out(e, c, want) == 0)
-        c->out_armed = (uint8_t)want;
+    e->tp->t->want(e->tp, &c->sock, QS_TP_IN | (want ? QS_TP_OUT : 0));
+    c->out_armed = (uint8_t)want;
 }
 
 static int keep_unsent(struct ql_conn *c, const uint8_t *p, uint32_t n)
@@ -155,11 +161,18 @@ static int keep_unsent(struct ql_conn *c, const uint8_t *p, uint32_t n)
     return 0;
 }
 
+static int64_t send_some(struct qsl_engine *e, struct ql_conn *c, const uint8_t *p, uint32_t len,
+                         int64_t now)
+{
+    struct iovec v = {.iov_base = (void *)p, .iov_len = len};
+    return e->tp->t->writev(e->tp, &c->sock, &v, 1, now);
+}
+
 /* Write what is unsent; returns 0 or -errno (the caller drops). */
 static int flush(struct qsl_engine *e, struct ql_conn *c, int64_t now)
 {
     while (c->tx_off < c->tx_len) {
-        int64_t n = e->be->send(e, c, c->tx + c->tx_off, c->tx_len - c->tx_off, now);
+        int64_t n = send_some(e, c, c->tx + c->tx_off, c->tx_len - c->tx_off, now);
         if (n == -EAGAIN)
             break;
         if (n < 0)
@@ -177,7 +190,7 @@ static int write_msg(struct qsl_engine *e, struct ql_conn *c, const uint8_t *p, 
                      int64_t now)
 {
     if (c->tx_len == 0) {
-        int64_t n = e->be->send(e, c, p, len, now);
+        int64_t n = send_some(e, c, p, len, now);
         if (n < 0 && n != -EAGAIN)
             return (int)n;
         if (n > 0) {
@@ -336,20 +349,16 @@ static void on_event(struct qsl_engine *e, struct ql_conn *c, uint32_t events, i
 
 static void slice_begin(struct qsl_engine *e)
 {
-    if (e->be->hold)
-        e->be->hold(e, 1);
+    if (e->tp->t->hold)
+        e->tp->t->hold(e->tp, 1);
 }
 
 static int64_t slice_end(struct qsl_engine *e)
 {
-    struct ql_event evs[SLICE];
-    if (e->be->hold)
-        e->be->hold(e, 0);
-    int n = e->be->wait(e, evs, SLICE, 0);
-    int64_t now = qsl_now_ns();
-    for (int i = 0; i < n; i++)
-        on_event(e, &e->conns[evs[i].conn], evs[i].events, now);
-    return now;
+    if (e->tp->t->hold)
+        e->tp->t->hold(e->tp, 0);
+    e->tp->t->wait(e->tp, 0, QS_TP_STALE);   /* the clock is read before any report */
+    return qsl_now_ns();
 }
 
 static void dispatch_due(struct qsl_engine *e, int64_t now)
@@ -567,7 +576,7 @@ static int consume(struct qsl_engine *e, struct ql_conn *c, const uint8_t *p, si
 
 static void on_readable(struct qsl_engine *e, struct ql_conn *c, int64_t now)
 {
-    int64_t n = e->be->recv(e, c, e->rxbuf, RXBUF, now);
+    int64_t n = e->tp->t->read(e->tp, &c->sock, e->rxbuf, RXBUF, now);
     if (n > 0) {
         e->st.rx_bytes += (uint64_t)n;
         int rc = consume(e, c, e->rxbuf, (size_t)n, now);
@@ -594,14 +603,14 @@ static void on_event(struct qsl_engine *e, struct ql_conn *c, uint32_t events, i
     }
     if (c->state != QL_UP)
         return;
-    if (events & QL_EV_OUT) {
+    if (events & QS_TP_OUT) {
         int rc = flush(e, c, now);
         if (rc < 0) {
             ql_conn_drop(e, c, -rc, now);
             return;
         }
     }
-    if (events & QL_EV_IN)
+    if (events & (QS_TP_IN | QS_TP_HUP))
         on_readable(e, c, now);
 }
 
@@ -639,21 +648,21 @@ static int64_t next_deadline(const struct qsl_engine *e, int64_t now, int64_t un
  * idle time, which gives the client's real load even though it then shows
  * 100% CPU.
  */
-static int wait_events(struct qsl_engine *e, struct ql_event *evs, int64_t wait_ns)
+static int wait_events(struct qsl_engine *e, int64_t now, int64_t wait_ns)
 {
+    e->now = now;
     if (wait_ns < e->cfg.spin_ns) {
         int64_t t = qsl_now_ns();
-        int n = e->be->wait(e, evs, MAX_EVENTS, 0);
+        int n = e->tp->t->wait(e->tp, 0, QS_TP_STALE);
         if (n == 0 && in_window(e, t))
             e->st.idle_ns += (uint64_t)(qsl_now_ns() - t);
         return n;
     }
-    return e->be->wait(e, evs, MAX_EVENTS, wait_ns);
+    return e->tp->t->wait(e->tp, wait_ns, QS_TP_STALE);
 }
 
 int qsl_engine_run(qsl_engine *e, int64_t until)
 {
-    struct ql_event evs[MAX_EVENTS];
     if (e->done)
         return QSL_RUN_DONE;
     for (;;) {
@@ -668,15 +677,12 @@ int qsl_engine_run(qsl_engine *e, int64_t until)
         if (now >= until)
             return QSL_RUN_UNTIL;
         int64_t deadline = next_deadline(e, now, until);
-        int n = wait_events(e, evs, deadline > now ? deadline - now : 0);
+        int n = wait_events(e, now, deadline > now ? deadline - now : 0);
         if (n < 0) {
             if (n == -EINTR)
                 return QSL_RUN_UNTIL;   /* let Python see its signal */
             return n;
         }
-        now = qsl_now_ns();
-        for (int i = 0; i < n; i++)
-            on_event(e, &e->conns[evs[i].conn], evs[i].events, now);
     }
 }
 
@@ -695,6 +701,77 @@ void qsl_engine_stop(qsl_engine *e, int64_t drain_ns)
     e->cfg.drain_ns = final > e->cfg.t_end ? final - e->cfg.t_end : 0;
 }
 
+/* ---- the transport -------------------------------------------------------- */
+
+static qs_tp_sock *tp_lookup(void *ctx, uint64_t token)
+{
+    struct qsl_engine *e = ctx;
+    uint32_t i = (uint32_t)(token & 0xffffffffu) - 1;
+    if (i >= e->cfg.nconns)
+        return NULL;
+    struct ql_conn *c = &e->conns[i];
+    return c->open && c->sock.token == token ? &c->sock : NULL;
+}
+
+static void tp_ready(void *ctx, qs_tp_sock *s, uint32_t ev)
+{
+    struct qsl_engine *e = ctx;
+    struct ql_conn *c = (struct ql_conn *)((char *)s - offsetof(struct ql_conn, sock));
+    on_event(e, c, ev, e->now);
+}
+
+static int open_transport(struct qsl_engine *e)
+{
+    const qsl_config *cfg = &e->cfg;
+    const qs_transport *t = cfg->backend == QSL_BACKEND_USTACK ? &qs_transport_ustack
+                            : cfg->backend == QSL_BACKEND_URING ? &qs_transport_uring
+                            : &qs_transport_kernel;
+    /* the client classifies nothing: one level */
+    qs_tp_params p = {.flags = QS_TP_CLIENT, .wake_fd = -1, .buf_size = URING_BUF,
+                      .nbufs = 512, .ustack = &cfg->ustack,
+                      .levels = 1, .nrules = 0, .default_level = 0, .rules = NULL};
+    qs_tp_owner o = {.ctx = e, .lookup = tp_lookup, .ready = tp_ready, .now = &e->now};
+    e->now = qsl_now_ns();
+    return t->open(&e->tp, &p, &o);
+}
+
+/*
+ * The end: close every connection still open.  A transport that holds the
+ * connections itself (ustack: control blocks, not kernel sockets) closes
+ * them CLOSE_INFLIGHT at a time (tens of thousands of FINs at once would
+ * overflow the device's queue and wait out retransmission timeouts) while
+ * it runs, for at most LINGER_NS; then it drains (the FIN exchanges, and
+ * a reset for what is left: no peer hangs) and goes.
+ */
+static void close_transport(struct qsl_engine *e)
+{
+    qs_tp *tp = e->tp;
+    uint32_t n = e->conns ? e->cfg.nconns : 0, next = 0, open = 0;
+    int64_t now = qsl_now_ns(), deadline = now + LINGER_NS;
+    for (uint32_t i = 0; i < n; i++)
+        open += e->conns[i].open;
+    while (tp->t->socks && (open || tp->t->socks(tp)) && now < deadline) {
+        for (; open && next < n && tp->t->socks(tp) < open + CLOSE_INFLIGHT; next++)
+            if (e->conns[next].open) {
+                tp->t->close(tp, &e->conns[next].sock, 0, now);
+                e->conns[next].open = 0;
+                open--;
+            }
+        e->now = now;
+        tp->t->wait(tp, QL_MS, 0);
+        now = qsl_now_ns();
+    }
+    for (; next < n; next++)             /* out of time (or nothing to wait for) */
+        if (e->conns[next].open) {
+            tp->t->close(tp, &e->conns[next].sock, 0, now);
+            e->conns[next].open = 0;
+        }
+    if (tp->t->drain)
+        tp->t->drain(tp, deadline);
+    tp->t->destroy(tp);
+    e->tp = NULL;
+}
+
 /* ---- lifecycle ------------------------------------------------------------ */
 
 static int valid(const qsl_config *c)
@@ -705,7 +782,8 @@ static int valid(const qsl_config *c)
         c->setup_ns < 0 || c->drain_ns < 0 || c->retry_ns <= 0 ||
         c->connect_timeout_ns <= 0 || c->t_send < c->t_start || c->t_meas < c->t_send ||
         c->t_end < c->t_meas || c->spin_ns < 0 || (c->nsources && !c->sources) ||
-        (c->backend != QSL_BACKEND_KERNEL && c->backend != QSL_BACKEND_USTACK))
+        (c->backend != QSL_BACKEND_KERNEL && c->backend != QSL_BACKEND_USTACK &&
+         c->backend != QSL_BACKEND_URING))
         return 0;
     if (c->protocol == QSL_PROTO_ECHO) {
         if (c->msg_len < QSL_ECHO_HEADER || c->msg_len > 65535)
@@ -735,8 +813,6 @@ int qsl_engine_new(const qsl_config *cfg, qsl_engine **out)
     if (!e)
         return -ENOMEM;
     e->cfg = *cfg;
-    e->be = cfg->backend == QSL_BACKEND_USTACK ? &ql_backend_ustack
-                                                     : &ql_backend_kernel;
     if (e->cfg.protocol == QSL_PROTO_ECHO)
         e->cfg.reply_len = e->cfg.msg_len;
     if (e->cfg.mode == QSL_MODE_EPOCH)
@@ -763,7 +839,7 @@ int qsl_engine_new(const qsl_config *cfg, qsl_engine **out)
         qsl_engine_free(e);
         return -ENOMEM;
     }
-    int rc = e->be->init(e);
+    int rc = open_transport(e);
     if (rc < 0) {
         qsl_engine_free(e);
         return rc;
@@ -812,8 +888,8 @@ void qsl_engine_free(qsl_engine *e)
 {
     if (!e)
         return;
-    if (e->be_state)
-        e->be->destroy(e);      /* closes what is still open */
+    if (e->tp)
+        close_transport(e);     /* closes what is still open */
     if (e->conns) {
         for (uint32_t i = 0; i < e->cfg.nconns; i++) {
             free(e->conns[i].tx);

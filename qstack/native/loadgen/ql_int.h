@@ -5,9 +5,12 @@
  *   ql_msg.c     message formats, priority draws, the burst schedule (pure)
  *   ql_conn.c    connects, retries, drops: the life of a connection
  *   ql_engine.c  the event loop: schedules, sends, replies, accounting
- *   ql_be_*.c    backends: the network stacks under it (struct ql_backend):
- *                kernel (epoll over kernel sockets), ustack (qstack's own
- *                TCP/IP, the server's ustack backend's stack and host code)
+ *
+ * The sockets under it are the transport table's (common/transport.h):
+ * the server core's own entries, kernel (epoll), uring (io_uring) and
+ * ustack (qstack's own TCP/IP, active open), picked by qsl_config.backend.
+ * A connection's socket is the qs_tp_sock inside it, named by a token of
+ * its local index and a generation (ql_conn_token).
  *
  * Conventions (STYLE.md): ql_ prefix inside, qsl_ at the ABI, -errno on
  * failure, time passed in as CLOCK_MONOTONIC ns; the pure parts never read
@@ -21,6 +24,7 @@
 
 #include "ustack_settings.h"
 #include "qsload.h"
+#include "transport.h"
 
 #define QL_MS 1000000ll
 #define QL_S 1000000000ll
@@ -56,13 +60,11 @@ struct ql_out {
 };
 
 struct ql_conn {
-    union {
-        int fd;             /* kernel: the socket */
-        void *sock;         /* ustack: the control block */
-    };
-    uint8_t open;           /* the backend holds a socket for it */
+    qs_tp_sock sock;        /* the transport's socket (while open) */
+    uint32_t gen;           /* attempts made: the token's generation */
+    uint8_t open;           /* the transport holds a socket for it */
     uint8_t state;
-    uint8_t out_armed;      /* the backend reports it writable (want_out) */
+    uint8_t out_armed;      /* it wants OUT: unsent bytes */
     uint8_t tried;          /* at least one attempt made: later ones are retries */
     uint8_t kernel_port;    /* its explicit source port was busy: let the kernel pick */
     uint32_t g;             /* global index */
@@ -78,66 +80,23 @@ struct ql_conn {
     uint32_t rx_len;
 };
 
-/* ---- backends ------------------------------------------------------------ */
+/* ---- the transport ------------------------------------------------------- */
 
-#define QL_EV_IN 1u     /* readable, end of stream or an error: recv says which */
-#define QL_EV_OUT 2u    /* writable, or (CONNECTING) the connect settled */
-
-struct ql_event {
-    uint32_t conn;      /* local index */
-    uint32_t events;    /* QL_EV_* */
-};
-
-/*
- * The sockets under the engine, one table per network stack, as the
- * server's connection layer has qs_conn_io: the engine decides what to
- * send and when; a backend opens, moves bytes and reports readiness,
- * level-triggered (a conn with bytes left after a recv, or room while it
- * wants OUT, is reported again).  Every function returns -errno on failure.
- */
-struct ql_backend {
-    const char *name;
-    int (*init)(struct qsl_engine *e);
-    /* Open c towards cfg.dest (its source: see qsl_config.sources).
-     * 1: established at once, 0: in progress (an OUT event follows),
-     * -errno: failed, nothing is open. */
-    int (*connect)(struct qsl_engine *e, struct ql_conn *c, int64_t now);
-    /* After the OUT event of a connect: 0 established, else the errno. */
-    int (*connect_result)(struct qsl_engine *e, struct ql_conn *c);
-    /* c is established: report IN from now on (0, or -errno). */
-    int (*established)(struct qsl_engine *e, struct ql_conn *c);
-    /* bytes taken (> 0, maybe short), -EAGAIN (no room), other -errno: lost */
-    int64_t (*send)(struct qsl_engine *e, struct ql_conn *c, const uint8_t *p, uint32_t len,
-                    int64_t now);
-    /* > 0 bytes, 0 end of stream, -EAGAIN, other -errno: lost */
-    int64_t (*recv)(struct qsl_engine *e, struct ql_conn *c, uint8_t *p, uint32_t cap,
-                    int64_t now);
-    /* report OUT while c has unsent bytes (0, or -errno: left as it was) */
-    int (*want_out)(struct qsl_engine *e, struct ql_conn *c, int on);
-    /* let go of c's socket (it leaves the interest set) */
-    void (*close)(struct qsl_engine *e, struct ql_conn *c, int64_t now);
-    /* Wait up to wait_ns (0: look without sleeping) for events; how many,
-     * or -errno (-EINTR: a signal). */
-    int (*wait)(struct qsl_engine *e, struct ql_event *evs, int max, int64_t wait_ns);
-    /* Optional (NULL: every send leaves at once).  hold(e, 1) before a run
-     * of sends, hold(e, 0) after it: the backend may keep what they write
-     * until then and send it as one batch. */
-    void (*hold)(struct qsl_engine *e, int on);
-    /* the end: close every conn still open (c->open), let the stack finish
-     * what it owes within a bound, free everything */
-    void (*destroy)(struct qsl_engine *e);
-};
-
-extern const struct ql_backend ql_backend_kernel;
-extern const struct ql_backend ql_backend_ustack;
+/* A socket's name in the transport's reports: the local index + 1 and the
+ * attempt's generation, so a late report for an earlier attempt of the
+ * same connection finds nothing (ql_engine.c's lookup).  Below 2^56. */
+static inline uint64_t ql_conn_token(uint32_t local, uint32_t gen)
+{
+    return ((uint64_t)(gen & 0xffffff) << 32) | ((uint64_t)local + 1);
+}
 
 struct qsl_engine {
     qsl_config cfg;
     uint32_t *sources;
     struct ql_conn *conns;
     struct ql_out *outs;
-    const struct ql_backend *be;
-    void *be_state;
+    qs_tp *tp;                      /* the transport: its sockets and its waits */
+    int64_t now;                    /* the clock the transport refreshes before reports */
     qsl_stats st;
     /* connects */
     uint32_t next_initial;          /* local index of the next first attempt */

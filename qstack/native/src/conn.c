@@ -117,10 +117,8 @@ void qs_conn_update(qs_conns *conns, qs_conn *c)
         want |= QS_WANT_IN;
     if (c->flags & QC_WANT_OUT)
         want |= QS_WANT_OUT;
-    if (want != c->mask) {
-        conns->io->want(conns, c, want);
-        c->mask = want;
-    }
+    if (want != c->sock.want)
+        conns->tp->t->want(conns->tp, &c->sock, want);
     int paused = !!(c->flags & QC_PAUSEISH);
     if (paused != !!(c->flags & QC_COUNTED)) {
         c->flags ^= QC_COUNTED;
@@ -578,7 +576,8 @@ void qs_conn_readable(qs_conns *conns, qs_conn *c)
         return;
     }
     qs_buf *b = c->rbuf;
-    int64_t n = conns->io->read(conns, c, b->data + c->rend, b->cap - c->rend);
+    int64_t n = conns->tp->t->read(conns->tp, &c->sock, b->data + c->rend, b->cap - c->rend,
+                                   conns->now);
     if (n > 0) {
         c->rend += (uint64_t)n;
         c->t_read = conns->now;         /* one clock read per iteration */
@@ -647,18 +646,43 @@ static int table_fit(qs_conns *conns, int slot)
     return 0;
 }
 
-qs_conn *qs_conn_new(qs_conns *conns, int slot, void *sock)
+static int slot_take(qs_conns *conns, const qs_tp_sock *s)
+{
+    if (s->fd >= 0)
+        return s->fd;
+    return conns->nfree ? conns->free_slots[--conns->nfree] : (int)conns->next_slot++;
+}
+
+static void slot_put(qs_conns *conns, int slot)
+{
+    if (conns->nfree == conns->free_cap) {
+        uint32_t cap = conns->free_cap ? conns->free_cap * 2 : 1024;
+        int32_t *f = realloc(conns->free_slots, cap * sizeof(*f));
+        if (!f)
+            return;                    /* the slot is lost, not reused */
+        conns->free_slots = f;
+        conns->free_cap = cap;
+    }
+    conns->free_slots[conns->nfree++] = slot;
+}
+
+qs_conn *qs_conn_new(qs_conns *conns, const qs_tp_sock *s)
 {
     qs_core *core = conns->core;
     qs_conn *c = NULL;
+    int slot = slot_take(conns, s);
     if (slot < 0 || slot >= (1 << 24) || table_fit(conns, slot) || !(c = calloc(1, sizeof(*c)))) {
+        if (s->fd < 0 && slot >= 0)
+            slot_put(conns, slot);
         QS_ADD(core->st.accept_errors, 1);
         return NULL;
     }
     conns->gen++;
     c->id = ((int64_t)conns->gen << 24) | slot;
     c->slot = slot;
-    c->sock = sock;
+    c->sock = *s;
+    c->sock.token = (uint64_t)c->id;
+    c->sock.want = 0;
     c->blk_on = -1;
     c->tx_seq = 1;
     c->t_read = conns->now;            /* the idle timeout counts from here */
@@ -683,8 +707,11 @@ void qs_conn_close(qs_conns *conns, qs_conn *c, int abort)
     qs_core *core = conns->core;
     if (c->flags & QC_ZOMBIE)
         return;
-    conns->io->close(conns, c, abort); /* also stops every report on it */
+    int fdless = c->sock.fd < 0;
+    conns->tp->t->close(conns->tp, &c->sock, abort, conns->now); /* also stops every report */
     conns->conns[c->slot] = NULL;
+    if (fdless)
+        slot_put(conns, c->slot);
     if (c->rbuf)
         qs_pool_unref(&core->pool, c->rbuf);
     c->rbuf = NULL;
@@ -803,11 +830,10 @@ void qs_conn_drop_all(qs_conns *conns)
     }
 }
 
-int qs_conns_init(qs_conns *conns, qs_core *core, const qs_conn_io *io, uint32_t slots)
+int qs_conns_init(qs_conns *conns, qs_core *core, uint32_t slots)
 {
     memset(conns, 0, sizeof(*conns));
     conns->core = core;
-    conns->io = io;
     conns->seq_step = !core->cfg.stream_mode && core->cfg.reply_order == QS_ORDER_ARRIVAL;
     for (int i = 0; i <= QS_LARGE_WAIT; i++)
         conns->blk[i].blk_next = conns->blk[i].blk_prev = &conns->blk[i];
@@ -824,6 +850,8 @@ void qs_conns_destroy(qs_conns *conns)
     qs_conn_out_cache_free(conns);
     free(conns->conns);
     free(conns->owed);
+    free(conns->free_slots);
+    conns->free_slots = NULL;
     conns->conns = NULL;
     conns->owed = NULL;
 }

@@ -1,19 +1,21 @@
 /*
- * conn.h -- the connection layer both backends share: framing into events,
- * backpressure, commands and out queues, close (conn.c, conn_cmd.c).
+ * conn.h -- the connection layer every transport shares: framing into
+ * events, backpressure, commands and out queues, close (conn.c,
+ * conn_cmd.c), driven by the stack loop (loop.c).
  *
- * One application side over two network stacks (as Seastar has one API over
- * its posix and native stacks): a backend owns the sockets and tells this
- * layer what happened (a conn was accepted, is readable, is writable); this
- * layer moves bytes through the small socket table a backend provides,
- * qs_conn_io.  The kernel backend (backend_kernel.c) implements it with
- * read/sendmsg/epoll_ctl on fds; the user-space backend (backend_ustack.c)
- * with qstack's own TCP, where a conn's socket is a control block.
+ * One application side over every network stack (as Seastar has one API
+ * over its posix and native stacks): a transport (common/transport.h, the
+ * table the load generator drives too) owns the sockets and tells this
+ * layer, through loop.c's callbacks, what happened (a conn was accepted, is
+ * readable, is writable, a send ended); this layer moves bytes through the
+ * transport's read/writev/want/close.  A conn's socket is the qs_tp_sock
+ * inside it (kernel, uring: an fd; ustack: a control block), named by the
+ * conn's id.
  *
  * The layer's state is one qs_conns per core: the connection table (conns
  * by slot) and what hangs off it (blocked lists, out-queue caches, the
  * timeout sweep); its functions are qs_conn_* for one connection and
- * qs_conns_* for the table.  A backend's own state starts with it.
+ * qs_conns_* for the table.
  *
  * Everything here is touched by the stack thread only (or the hub's thread
  * in the inline layout).
@@ -23,6 +25,7 @@
 
 #include <sys/uio.h>
 #include "qs_int.h"
+#include "transport.h"
 
 #define QS_CMD_BATCH 256
 #define QS_IOV_MAX 64
@@ -30,35 +33,12 @@
 #define QS_LARGE_WAIT (QS_MAX_LEVELS + 1)  /* ... waiting for room under max_large_bytes */
 #define QS_SWEEP_NS 1000000000LL           /* every conn's timeouts looked at once a second */
 
-/* what a conn wants from its socket (qs_conn.mask) */
-#define QS_WANT_IN 1u
-#define QS_WANT_OUT 4u
+/* what a conn wants from its socket (qs_conn.sock.want) */
+#define QS_WANT_IN QS_TP_IN
+#define QS_WANT_OUT QS_TP_OUT
 
 typedef struct qs_conns qs_conns;
 typedef struct qs_conn qs_conn;
-
-/* The socket operations of a backend.  Each returns -errno on failure;
- * -EAGAIN means "not now" (the backend reports the conn again when it can
- * go on: readable, or writable while it wants QS_WANT_OUT). */
-typedef struct qs_conn_io {
-    /* > 0 bytes read, 0 end of stream, -EAGAIN, other -errno: conn lost */
-    int64_t (*read)(qs_conns *conns, qs_conn *c, uint8_t *p, uint64_t len);
-    /* bytes taken (may be short), -EAGAIN, other -errno: conn lost; or, a
-     * backend with async_writes, -EINPROGRESS: it took the iovecs for a
-     * send that ends later with qs_conn_sent (the bytes stay put, owned
-     * by the out queue, until then) */
-    int64_t (*writev)(qs_conns *conns, qs_conn *c, const struct iovec *iov, int n);
-    /* the conn's wants changed (QS_WANT_*; 0: neither) */
-    void (*want)(qs_conns *conns, qs_conn *c, uint32_t want);
-    /* let go of the socket: gracefully, or with a reset if abort */
-    void (*close)(qs_conns *conns, qs_conn *c, int abort);
-    /* close every listener (QS_CMD_STOP_ACCEPT, shutdown) */
-    void (*stop_accept)(qs_conns *conns);
-    /* writev may answer -EINPROGRESS; then nothing borrowed from a byte
-     * ring is ever handed to it (copied first: the ring moves on after
-     * the command batch, before the send is made) */
-    int async_writes;
-} qs_conn_io;
 
 /* conn flags */
 #define QC_PAUSED    0x001u   /* PAUSE command */
@@ -112,10 +92,8 @@ struct qs_conn {
     int64_t id;
     int slot;                      /* index in conns->conns (kernel: the fd) */
     uint32_t flags;
-    uint32_t mask;                 /* QS_WANT_* last told to the backend */
     int8_t blk_on;                 /* blocked list index, -1 if none */
     int8_t notify_level;
-    int32_t sock_err;              /* ustack: -errno the connection ended with */
     qs_buf *rbuf;                  /* receive buffer, only while a message is partial */
     uint64_t rstart, rend;         /* unscanned bytes in rbuf */
     int64_t inflight;              /* DATA events the hub has not answered */
@@ -132,18 +110,14 @@ struct qs_conn {
     int64_t t_partial;             /* when the unfinished message started, 0: none */
     int64_t t_out;                 /* last write progress (or queue start) */
     struct qs_conn *blk_prev, *blk_next;
-    void *sock;                    /* ustack: the control block */
+    qs_tp_sock sock;               /* the transport's socket; token = id */
     struct qs_http_body *hb;       /* HTTP: a request body still streaming (http.c) */
     qs_event pending;
 };
 
-/* conn flags a backend may use for its own bookkeeping */
-#define QC_BACKEND_A 0x1000u
-#define QC_BACKEND_B 0x2000u
-
 struct qs_conns {
     qs_core *core;
-    const qs_conn_io *io;
+    qs_tp *tp;                     /* the transport (loop.c opens it) */
     qs_conn **conns;               /* indexed by slot */
     uint32_t nconns;
     uint32_t gen;
@@ -164,18 +138,20 @@ struct qs_conns {
     unsigned touched;              /* event rings with unpublished events */
     int stop_read, quitting;
     uint64_t seq_step;             /* 1: number messages (reply_order arrival), 0: don't */
+    int32_t *free_slots;           /* slots of closed fd-less conns, reused first */
+    uint32_t nfree, free_cap, next_slot;
     int64_t now;                   /* CLOCK_MONOTONIC of the current iteration: the only
                                       clock read on the data path (t_rx, latency) */
 };
 
 /* conn.c */
-int qs_conns_init(qs_conns *conns, qs_core *core, const qs_conn_io *io, uint32_t slots);
+int qs_conns_init(qs_conns *conns, qs_core *core, uint32_t slots);
 void qs_conns_destroy(qs_conns *conns);      /* after qs_conn_drop_all */
 qs_conn *qs_conn_lookup(qs_conns *conns, int64_t id);
-/* A new connection in `slot` (free in the table); its socket is `sock`
- * (kernel: slot is the fd).  Returns the conn or NULL (no memory, slot out
- * of range): the caller then closes the socket itself. */
-qs_conn *qs_conn_new(qs_conns *conns, int slot, void *sock);
+/* A new connection over the transport's socket s (its slot: the fd, or a
+ * free slot for a socket without one).  Returns the conn or NULL (no
+ * memory, slot out of range): the caller then closes the socket itself. */
+qs_conn *qs_conn_new(qs_conns *conns, const qs_tp_sock *s);
 void qs_conn_readable(qs_conns *conns, qs_conn *c);
 int qs_conn_adopt(qs_conns *conns, qs_conn *c, qs_buf *b, uint64_t n);  /* 0: took b */
 void qs_conn_close(qs_conns *conns, qs_conn *c, int abort);
@@ -201,7 +177,7 @@ void qs_conn_retry_owed(qs_conns *conns);
 void qs_conn_out_cache_free(qs_conns *conns);
 void qs_conns_stop_reading(qs_conns *conns);
 
-/* Shared pieces of a backend's loop (conn.c). */
+/* Pieces of the stack loop (conn.c; loop.c puts them together). */
 int qs_conns_publish(qs_conns *conns); /* publish put() events in level order; how many */
 int qs_conns_owed_ready(qs_conns *conns);    /* a WRITABLE owed has ring room now */
 int qs_conns_cmds_waiting(qs_conns *conns);

@@ -192,7 +192,7 @@ static int out_flush(qs_conns *conns, qs_conn *c)
             iov[n].iov_len = o->len;
             total += o->len;
         }
-        int64_t w = conns->io->writev(conns, c, iov, n);
+        int64_t w = conns->tp->t->writev(conns->tp, &c->sock, iov, n, conns->now);
         if (w < 0) {
             if (w == -EINPROGRESS) {
                 c->flags |= QC_SENDING;
@@ -507,7 +507,7 @@ static void exec_cmd(qs_conns *conns, const qs_cmd *cmd, int l, int64_t now, int
     qs_conn *c = NULL;
     switch (op) {
     case QS_CMD_STOP_ACCEPT:
-        conns->io->stop_accept(conns);
+        conns->tp->t->stop_accept(conns->tp);
         goto drop;
     case QS_CMD_STOP_READ:
         stop_read_all(conns);
@@ -630,7 +630,7 @@ static void flush_dirty(qs_conns *conns)
         if (!c)
             continue;
         c->flags &= ~QC_DIRTY;
-        if (conns->io->async_writes && c->oq_borrow && unborrow(conns, c) < 0)
+        if (conns->tp->t->async_writes && c->oq_borrow && unborrow(conns, c) < 0)
             continue;
         if (c->oq_head && !(c->flags & QC_WANT_OUT) && out_flush(conns, c) < 0)
             continue;

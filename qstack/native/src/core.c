@@ -130,9 +130,6 @@ qs_core *qs_core_new(const qs_config *cfg, int *err)
     memset(c, 0, sizeof(*c));
     c->cfg = *cfg;
     c->hdr_len = qs_frame_header_len(&cfg->framer);
-    c->be = cfg->backend == QS_BACKEND_USTACK ? &qs_backend_ustack
-            : cfg->backend == QS_BACKEND_URING ? &qs_backend_uring
-            : &qs_backend_kernel;
     c->hub_efd = c->stack_efd = c->poll_fd = -1;
     rc = qs_pool_init(&c->pool, cfg->buf_size, cfg->buf_count);
     for (int l = 0; rc == 0 && l < cfg->levels; l++) {
@@ -151,7 +148,7 @@ qs_core *qs_core_new(const qs_config *cfg, int *err)
     if (rc == 0)
         rc = qs_peers_init(c);
     if (rc == 0)
-        rc = c->be->init(c);
+        rc = qs_loop_init(c);
     if (rc) {
         qs_core_free(c);
         if (err)
@@ -169,7 +166,7 @@ int qs_core_listen(qs_core *c, const qs_listen_spec *spec)
         return -EBUSY;
     if (!spec || spec->port < 0 || spec->port > 65535)
         return -EINVAL;
-    return c->be->listen(c, spec);
+    return qs_loop_listen(c, spec);
 }
 
 static void *stack_main(void *arg)
@@ -177,7 +174,7 @@ static void *stack_main(void *arg)
     qs_core *c = arg;
     struct timespec ts;
     pthread_setname_np(pthread_self(), "qs-stack");
-    c->be->run(c);
+    qs_loop_run(c);
     clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
     QS_SET(c->final_cpu_ns, (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec);
     return NULL;
@@ -225,8 +222,8 @@ int qs_core_shutdown(qs_core *c, int64_t grace_ns)
         return 0;
     if (!c->started) {
         /* never ran: just close the listeners */
-        if (c->be_state)
-            c->be->destroy(c);
+        if (c->loop)
+            qs_loop_destroy(c);
         c->joined = 1;
         return 0;
     }
@@ -235,7 +232,7 @@ int qs_core_shutdown(qs_core *c, int64_t grace_ns)
     if (c->cfg.inline_stack) {
         /* the quit sequence, here in the hub's thread: run() sees quit set */
         uint64_t t0 = thread_cpu_ns();
-        c->be->run(c);
+        qs_loop_run(c);
         QS_ADD(c->step_cpu_ns, thread_cpu_ns() - t0);
         c->joined = 1;
         return 0;
@@ -253,8 +250,8 @@ void qs_core_free(qs_core *c)
         return;
     if (c->started && !c->joined)
         qs_core_shutdown(c, 0);
-    if (c->be_state)
-        c->be->destroy(c);
+    if (c->loop)
+        qs_loop_destroy(c);
     for (int l = 0; l < QS_MAX_LEVELS; l++) {
         qs_ring_destroy(&c->ev[l]);
         qs_ring_destroy(&c->cmd[l]);
@@ -289,7 +286,7 @@ int qs_core_stack_may_sleep(qs_core *c, int want_space)
     atomic_store_explicit(&c->stack_want_space, want_space, memory_order_relaxed);
     atomic_store_explicit(&c->stack_sleeping, 1, memory_order_relaxed);
     atomic_thread_fence(memory_order_seq_cst);
-    if (c->be->has_work(c) || atomic_load_explicit(&c->quit, memory_order_relaxed)) {
+    if (qs_loop_has_work(c) || atomic_load_explicit(&c->quit, memory_order_relaxed)) {
         atomic_exchange(&c->stack_sleeping, 0);
         return 0;
     }
@@ -515,8 +512,7 @@ int qs_core_stats(qs_core *c, qs_stats *o)
         for (int b = 0; b < QS_LAT_BUCKETS; b++)
             o->lat[l][b] = QS_GET(s->lat[l][b]);
     }
-    if (c->be->stats)
-        c->be->stats(c, o);
+    qs_loop_stats(c, o);
     return 0;
 }
 
@@ -534,12 +530,12 @@ int qs_core_step(qs_core *c, int timeout_ms)
         return -ESHUTDOWN;
 #ifdef QS_STEP_CPU_EXACT
     uint64_t t0 = thread_cpu_ns();
-    int n = c->be->step(c, timeout_ms);
+    int n = qs_loop_step(c, timeout_ms);
     QS_ADD(c->step_cpu_ns, thread_cpu_ns() - t0);
 #else
     int64_t t0 = qs_now_ns();
     c->step_idle_ns = 0;
-    int n = c->be->step(c, timeout_ms);
+    int n = qs_loop_step(c, timeout_ms);
     int64_t d = qs_now_ns() - t0 - c->step_idle_ns;
     if (d > 0)
         QS_ADD(c->step_cpu_ns, d);

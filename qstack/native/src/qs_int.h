@@ -11,13 +11,14 @@
  *   latency.c            latency histogram buckets (common/hist.h's layout)
  *   core.c               the hub-side API (poll, submit, sleep, stats,
  *                        lifecycle) and the stack's side of the sleep handshake
- *   conn.h                the connection layer both backends share:
+ *   conn.h                the connection layer every transport shares:
  *     conn.c             connections: accept, receive, close, backpressure, timeouts
  *     conn_cmd.c         commands, out queues, reply order
- *   backend_kernel.c     backend "kernel": epoll over kernel sockets
- *   backend_ustack.c     backend "ustack": qstack's own TCP/IP (ustack/)
- *   backend_uring.c      backend "uring": io_uring over kernel sockets (liburing);
- *                        backend_uring_absent.c in its place in a build without it
+ *   loop.c               the stack loop: the connection layer over the transport,
+ *                        threaded or inline, and the quit sequence
+ * The sockets are the transport's (common/transport.h: one table, kernel,
+ * uring and ustack entries, the load generator's too), picked by
+ * qs_config.backend.
  */
 #ifndef QS_INT_H
 #define QS_INT_H
@@ -108,44 +109,34 @@ struct qs_astats {
 };
 
 struct qs_core;
+struct qs_conns;
 
-/* A network stack behind the core.  The core owns the rings, the pool, the
- * wakeup protocol and the thread; a backend owns sockets (or a user-space
- * TCP/IP stack) and runs the stack loop.  Three entries, picked by
- * qs_config.backend: qs_backend_kernel (epoll over kernel sockets),
- * qs_backend_uring (io_uring over kernel sockets) and qs_backend_ustack
- * (qstack's own TCP/IP over TAP or DPDK).
- *
- * Two layouts drive the same backend:
- *   threaded  run() is the stack thread's body: iterations plus the sleep
- *             handshake of core.c (qs_core_stack_may_sleep, which asks
- *             has_work) until quit, then the quit sequence;
- *   inline    (cfg.inline_stack) step() is one iteration in the hub's
+/* loop.c: the stack loop over the transport (common/transport.h) named by
+ * qs_config.backend.  The core owns the rings, the pool, the wakeup
+ * protocol and the thread; the transport owns the sockets; the loop joins
+ * them.  Two layouts drive it:
+ *   threaded  qs_loop_run is the stack thread's body: iterations plus the
+ *             sleep handshake of core.c (qs_core_stack_may_sleep, which asks
+ *             qs_loop_has_work) until quit, then the quit sequence;
+ *   inline    (cfg.inline_stack) qs_loop_step is one iteration in the hub's
  *             thread (commands first, then one wait of at most timeout_ms,
  *             reads, publish; no eventfd is ever written), and
- *             qs_core_shutdown calls run() in the hub's thread with quit
- *             already set, so it performs only the quit sequence.
- * init() sets core->poll_fd: an fd readable whenever a step would find
- * work (the epoll fd), for the hub's event loop to watch in inline mode. */
-typedef struct qs_backend {
-    const char *name;
-    int (*init)(struct qs_core *c);            /* allocate backend state */
-    int (*listen)(struct qs_core *c, const qs_listen_spec *spec);  /* see qs_core_listen */
-    void (*run)(struct qs_core *c);            /* loop until quit, then the quit sequence */
-    int (*step)(struct qs_core *c, int timeout_ms);  /* inline: one iteration; events
-                                                        published, or -errno; adds the
-                                                        time it slept to step_idle_ns */
-    /* Work an iteration would find now, without waiting (commands, conns
-     * that may go on, ...): what the stack's sleep handshake re-checks
-     * after announcing its sleep (qs_core_stack_may_sleep). */
-    int (*has_work)(struct qs_core *c);
-    void (*destroy)(struct qs_core *c);        /* after run() returned (or never ran) */
-    void (*stats)(struct qs_core *c, qs_stats *out);   /* optional: the backend's own */
-} qs_backend;
-
-extern const qs_backend qs_backend_kernel;
-extern const qs_backend qs_backend_ustack;
-extern const qs_backend qs_backend_uring;     /* backend_uring.c, or _absent.c without liburing */
+ *             qs_core_shutdown calls qs_loop_run in the hub's thread with
+ *             quit already set, so it performs only the quit sequence.
+ * qs_loop_init sets core->poll_fd: the transport's fd, readable whenever a
+ * step would find work, for the hub's event loop to watch in inline mode. */
+int qs_loop_init(struct qs_core *c);
+int qs_loop_listen(struct qs_core *c, const qs_listen_spec *spec);  /* see qs_core_listen */
+void qs_loop_run(struct qs_core *c);
+/* inline: one iteration; events published, or -errno; adds the time it
+ * slept to step_idle_ns */
+int qs_loop_step(struct qs_core *c, int timeout_ms);
+/* Work an iteration would find now, without waiting (commands, conns
+ * that may go on, reports the transport holds): what the stack's sleep
+ * handshake re-checks after announcing its sleep. */
+int qs_loop_has_work(struct qs_core *c);
+void qs_loop_destroy(struct qs_core *c);      /* after qs_loop_run returned (or never ran) */
+void qs_loop_stats(struct qs_core *c, qs_stats *out);   /* the transport's own counters */
 
 /* Internal command flag: SEND_COPY payload is a malloc'ed block at `off`
  * (too big for the byte ring); the stack frees it.  Above every seq
@@ -156,14 +147,13 @@ extern const qs_backend qs_backend_uring;     /* backend_uring.c, or _absent.c w
 struct qs_core {
     qs_config cfg;
     int32_t hdr_len;
-    const qs_backend *be;
-    void *be_state;
+    struct qs_conns *loop;          /* loop.c: the connection table and its transport */
     qs_pool pool;
     qs_ring ev[QS_MAX_LEVELS];      /* stack -> hub */
     qs_ring cmd[QS_MAX_LEVELS];     /* hub -> stack */
     qs_bring bring[QS_MAX_LEVELS];  /* SEND_COPY payloads, hub -> stack */
     int hub_efd, stack_efd;
-    int poll_fd;                    /* set by the backend's init */
+    int poll_fd;                    /* set by qs_loop_init */
     pthread_t thread;
     int started, joined;
 
@@ -173,7 +163,7 @@ struct qs_core {
     qs_au64 cmd_gen;                         /* bumped when commands were consumed */
     qs_au64 final_cpu_ns;
     qs_au64 step_cpu_ns;                     /* inline: CPU spent in steps */
-    int64_t step_idle_ns;                    /* inline: set by step(): time asleep in its wait */
+    int64_t step_idle_ns;                    /* inline: set by the step: time asleep in its wait */
 
     /* written by the hub, read by the stack */
     QS_ALIGNED _Atomic int hub_sleeping;     /* also cleared by the stack */
@@ -198,10 +188,10 @@ void qs_peer_closed(struct qs_core *c, int slot, int64_t id, int why);  /* QS_CL
 void qs_core_wake_stack(struct qs_core *c);
 void qs_core_wake_hub(struct qs_core *c);
 
-/* The stack thread's side of the handshake, for a backend's run() loop
- * (threaded layout).  qs_core_stack_awake: first thing after a wait.
- * qs_core_stack_may_sleep: announce the sleep, fence, re-check the
- * backend's has_work and quit; 1: sleep now (whoever publishes work will
+/* The stack thread's side of the handshake, for qs_loop_run (threaded
+ * layout).  qs_core_stack_awake: first thing after a wait.
+ * qs_core_stack_may_sleep: announce the sleep, fence, re-check
+ * qs_loop_has_work and quit; 1: sleep now (whoever publishes work will
  * write stack_efd), 0: work appeared, the announcement is taken back.
  * want_space: conns wait for event-ring room (the hub's poll wakes us).
  * qs_core_stack_published: after a round of work, wake the hub if it
