@@ -483,10 +483,14 @@ static void on_accept(qs_uring *u, int i, const struct io_uring_cqe *cqe)
         u->accept_armed[i] = 0;
     int res = cqe->res;
     if (res >= 0) {
-        if (live)
+        /* After STOP_ACCEPT the multishot accept may still have taken
+         * connections from the (shared) listener before its cancel: they
+         * are ours to serve while the core lingers and drains.  Closing
+         * one reset a client whose request was already in (SIGHUP reload). */
+        if (live || !u->conns.quitting)
             on_accepted(u, res, u->families[i]);
         else
-            close(res);                /* accepted as the listener closed */
+            close(res);                /* accepted as the core quits */
     } else if (res != -ECANCELED && res != -EINTR && res != -ECONNABORTED) {
         QS_ADD(core->st.accept_errors, 1);
         if (live && !u->accept_off &&
