@@ -1270,9 +1270,6 @@ def test_shutdown_ends_conns_it_could_not_flush(cores):
 
 
 @pytest.mark.parametrize("backend", ["ustack-tap"], indirect=True)
-@pytest.mark.xfail(strict=True, reason="qs_tcp_reset_all sends the RSTs but keeps the control "
-                   "blocks and their queues until the core is freed, so the exit line counts "
-                   "their packet buffers as in use (not a leak: qs_ustack_destroy frees them)")
 def test_shutdown_gives_back_the_packet_buffers(cores):
     """After a shutdown that had to reset a conn, the user-space stack holds
     no packet buffer any more (the exit line's leak check says 0)."""

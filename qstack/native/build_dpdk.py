@@ -39,8 +39,10 @@ def main(target=TARGET):
     os.makedirs(os.path.join(ROOT, "build"), exist_ok=True)
     tmp = os.path.join(ROOT, "build", "_qsdpdk.so")
     strict = [] if os.environ.get("QSTACK_SANITIZE") else ["-Wl,--no-undefined"]
+    # rte_vdev_init (a memif vdev is probed after rte_eal_init) is in the vdev
+    # bus's library, which pkg-config's libdpdk leaves to the driver plugins.
     cmd = ["gcc", *CFLAGS, "-fPIC", "-shared", "-I", INCLUDE, "-I", os.path.dirname(SRC),
-           SRC, "-o", tmp, *flags, *LDFLAGS, *strict, "-lpthread"]
+           SRC, "-o", tmp, *flags, "-lrte_bus_vdev", *LDFLAGS, *strict, "-lpthread"]
     subprocess.check_call(cmd)
     # Copy then rename: a process that has the old library mapped keeps its inode.
     os.makedirs(os.path.dirname(target), exist_ok=True)

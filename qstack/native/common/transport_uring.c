@@ -572,10 +572,12 @@ static void on_accept(ur *u, int i, const struct io_uring_cqe *cqe)
         u->accept_armed[i] = 0;
     int res = cqe->res;
     if (res >= 0) {
-        if (live)
-            on_accepted(u, res, u->families[i]);
-        else
-            close(res);                /* accepted as the listener closed */
+        /* After stop_accept the multishot accept may still have taken
+         * connections from the (shared) listener before its cancel: they
+         * go to the owner, which serves them while it lingers and drains
+         * (closing one reset a client whose request was already in: a
+         * SIGHUP reload) and refuses them once it quits. */
+        on_accepted(u, res, u->families[i]);
     } else if (res != -ECANCELED && res != -EINTR && res != -ECONNABORTED) {
         o->accept_failed(o->ctx, -res);
         if (live && !u->accept_off &&

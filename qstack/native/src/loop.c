@@ -86,6 +86,8 @@ static void cb_ready(void *ctx, qs_tp_sock *s, uint32_t ev)
 static qs_tp_sock *cb_accepted(void *ctx, const qs_tp_sock *s, const qs_tp_peer *tp)
 {
     qs_conns *conns = ctx;
+    if (conns->quitting)
+        return NULL;                   /* accepted as the core quits: closed */
     qs_conn *c = qs_conn_new(conns, s);
     if (!c)
         return NULL;

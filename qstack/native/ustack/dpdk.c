@@ -28,18 +28,50 @@
  * --lcores=0@(the caller's CPUs) so EAL neither pins the
  * calling thread nor starts a worker thread per CPU: qstack places its own
  * threads.  EAL logs go to stderr; stdout belongs to the application.
+ *
+ * EAL's interrupt thread.  EAL runs one control thread of its own
+ * (eal-intr-thread) that calls the drivers' callbacks: memif's whole
+ * control protocol (accepting the peer, HELLO/INIT/regions/rings/CONNECT,
+ * DISCONNECT) runs there, beside the thread that opens the port and the
+ * one that polls it.  Two races with it were seen, both fixed by holding
+ * that thread in a callback of ours (the gate, below) for a while:
+ *
+ * - A memif server listens from the moment its vdev is probed (inside
+ *   rte_eal_init when it comes as --vdev), but takes a peer only once its
+ *   port is started; a client that connects in between is told "ID not
+ *   found" and disconnected, and DPDK's memif client never connects again
+ *   (only rte_eth_dev_start connects): the link stays down for good.  A
+ *   client started first, retrying its start every 100 ms, met that window
+ *   whenever the server's thread was slow between probe and start.  So a
+ *   net_memif vdev is not given to rte_eal_init: it is probed afterwards
+ *   (rte_vdev_init) with the gate closed, and the gate opens once the port
+ *   is started.  A peer that came early waits in the listen backlog.
+ * - rte_eal_cleanup (22.11) unmaps EAL's memory but leaves the interrupt
+ *   thread running, and memif's listener is still registered there after
+ *   rte_eth_dev_close, with its handle in EAL memory: when the thread
+ *   rebuilt its wait list at that moment (it does after every
+ *   (un)registration, such as the ones closing the port makes) it read
+ *   unmapped memory, SIGSEGV at exit.  So destroy closes the gate before
+ *   it stops the port and never opens it again: the thread stays parked
+ *   until the process exits, and cannot run memif's handlers against a
+ *   port being closed either.
  */
+#define ALLOW_EXPERIMENTAL_API 1       /* rte_intr_* handle accessors (22.11) */
 #include "ustack.h"
+#include <fcntl.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
+#include <rte_bus_vdev.h>
 #include <rte_eal.h>
 #include <rte_errno.h>
 #include <rte_ethdev.h>
+#include <rte_interrupts.h>
 #include <rte_lcore.h>
 #include <rte_log.h>
 #include <rte_mbuf.h>
@@ -63,6 +95,95 @@ enum { EAL_NONE, EAL_UP, EAL_DONE };
 static pthread_mutex_t eal_lock = PTHREAD_MUTEX_INITIALIZER;
 static int eal_state = EAL_NONE;
 static int port_open;
+
+/* The gate: EAL's interrupt thread held in gate_cb (see the top).  The
+ * thread calls a callback of an "external" handle after reading one byte
+ * from its fd, so a pipe with one byte in it makes it come. */
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int parked, open;
+    int fds[2];
+    struct rte_intr_handle *h;
+} gate = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 1, {-1, -1}, NULL};
+
+#define GATE_WAIT_S 10
+
+static void gate_cb(void *arg)
+{
+    (void)arg;
+    pthread_mutex_lock(&gate.mu);
+    gate.parked = 1;
+    pthread_cond_broadcast(&gate.cv);
+    while (!gate.open)
+        pthread_cond_wait(&gate.cv, &gate.mu);
+    gate.parked = 0;
+    pthread_cond_broadcast(&gate.cv);
+    pthread_mutex_unlock(&gate.mu);
+}
+
+/* Hold the interrupt thread in gate_cb; 0 once it is there.  Not
+ * reentrant: one gate at a time, as there is one port per process. */
+static int gate_close(void)
+{
+    if (pipe2(gate.fds, O_CLOEXEC | O_NONBLOCK) < 0)
+        return -errno;
+    int rc = -ENOMEM;
+    if (!(gate.h = rte_intr_instance_alloc(RTE_INTR_INSTANCE_F_PRIVATE)))
+        goto fail;
+    if (rte_intr_fd_set(gate.h, gate.fds[0]) || rte_intr_type_set(gate.h, RTE_INTR_HANDLE_EXT)) {
+        rc = -EINVAL;
+        goto fail;
+    }
+    gate.open = 0;
+    if ((rc = rte_intr_callback_register(gate.h, gate_cb, NULL)) < 0)
+        goto fail;
+    if (write(gate.fds[1], "g", 1) != 1) {
+        rc = -errno;
+        goto fail_registered;
+    }
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += GATE_WAIT_S;
+    rc = 0;
+    pthread_mutex_lock(&gate.mu);
+    while (!gate.parked && rc == 0)
+        rc = -pthread_cond_timedwait(&gate.cv, &gate.mu, &until);
+    pthread_mutex_unlock(&gate.mu);
+    if (rc == 0)
+        return 0;
+fail_registered:                        /* never came: let it pass if it does */
+    pthread_mutex_lock(&gate.mu);
+    gate.open = 1;
+    pthread_cond_broadcast(&gate.cv);
+    pthread_mutex_unlock(&gate.mu);
+    rte_intr_callback_unregister_sync(gate.h, gate_cb, NULL);
+fail:
+    gate.open = 1;
+    rte_intr_instance_free(gate.h);
+    gate.h = NULL;
+    close(gate.fds[0]);
+    close(gate.fds[1]);
+    gate.fds[0] = gate.fds[1] = -1;
+    return rc;
+}
+
+/* Let the interrupt thread go on, and remove the gate. */
+static void gate_open(void)
+{
+    if (!gate.h)
+        return;
+    pthread_mutex_lock(&gate.mu);
+    gate.open = 1;
+    pthread_cond_broadcast(&gate.cv);
+    pthread_mutex_unlock(&gate.mu);
+    rte_intr_callback_unregister_sync(gate.h, gate_cb, NULL);  /* waits for gate_cb to return */
+    rte_intr_instance_free(gate.h);
+    gate.h = NULL;
+    close(gate.fds[0]);
+    close(gate.fds[1]);
+    gate.fds[0] = gate.fds[1] = -1;
+}
 
 static void flush(dpdk *p)
 {
@@ -182,11 +303,13 @@ static void d_destroy(qs_netdrv *d)
 {
     dpdk *p = (dpdk *)d;
     flush(p);
+    pthread_mutex_lock(&eal_lock);
+    int parked = gate_close() == 0;     /* for good: no memif handler beside the close */
     close_port(p->port, p->mp);
     free(p);
-    pthread_mutex_lock(&eal_lock);
     port_open = 0;
-    rte_eal_cleanup();
+    if (parked)                         /* else EAL stays as it is: exit frees it */
+        rte_eal_cleanup();
     eal_state = EAL_DONE;
     pthread_mutex_unlock(&eal_lock);
 }
@@ -235,6 +358,32 @@ static char *lcores_arg(void)
     return s;
 }
 
+/* Is argv[i] a net_memif vdev ("--vdev=net_memif..." or "--vdev" then
+ * "net_memif...")?  Its device string, else NULL; *used: arguments taken. */
+static char *memif_vdev(char **argv, int argc, int i, int *used)
+{
+    static const char eq[] = "--vdev=", memif[] = "net_memif";
+    char *dev = NULL;
+    *used = 1;
+    if (!strncmp(argv[i], eq, sizeof(eq) - 1))
+        dev = argv[i] + sizeof(eq) - 1;
+    else if (!strcmp(argv[i], "--vdev") && i + 1 < argc)
+        dev = argv[i + 1], *used = 2;
+    return dev && !strncmp(dev, memif, sizeof(memif) - 1) ? dev : NULL;
+}
+
+/* Probe a vdev held back from rte_eal_init: "name,key=value,...". */
+static int probe_vdev(char *dev, const qs_dpdk_env *env)
+{
+    char *comma = strchr(dev, ',');
+    if (comma)
+        *comma = 0;
+    int rc = rte_vdev_init(dev, comma ? comma + 1 : "");
+    if (rc < 0)
+        say(env, "rte_vdev_init(%s): %s", dev, rte_strerror(-rc));
+    return rc;
+}
+
 static int eal_init(const char *eal_args, const qs_dpdk_env *env)
 {
     static const char *const prefix[] = {"--file-prefix", "--in-memory", "--no-shconf", NULL};
@@ -242,8 +391,8 @@ static int eal_init(const char *eal_args, const qs_dpdk_env *env)
     static const char *const telemetry[] = {"--telemetry", "--no-telemetry", NULL};
     static const char *const lcores[] = {"-l", "-c", "--lcores", NULL};
     char *copy = strdup(eal_args), *save = NULL, *lc = NULL;
-    char *argv[MAX_ARGS + 5];
-    int argc = 0, rc = 0;
+    char *argv[MAX_ARGS + 5], *later[MAX_ARGS];
+    int argc = 0, nlater = 0, rc = 0;
     if (!copy)
         return -ENOMEM;
     argv[argc++] = "qstack";
@@ -254,6 +403,16 @@ static int eal_init(const char *eal_args, const qs_dpdk_env *env)
             goto out;
         }
         argv[argc++] = t;
+    }
+    for (int i = 1, used; i < argc;) {  /* memif vdevs: probed after rte_eal_init */
+        char *dev = memif_vdev(argv, argc, i, &used);
+        if (!dev) {
+            i++;
+            continue;
+        }
+        later[nlater++] = dev;
+        memmove(argv + i, argv + i + used, (size_t)(argc - i - used) * sizeof(*argv));
+        argc -= used;
     }
     int mine = !has_opt(argv, argc, prefix), huge = !has_opt(argv, argc, nohuge);
     int tele = has_opt(argv, argc, telemetry), pin = has_opt(argv, argc, lcores);
@@ -268,7 +427,13 @@ static int eal_init(const char *eal_args, const qs_dpdk_env *env)
     if (rte_eal_init(argc, argv) < 0) {
         rc = rte_errno ? -rte_errno : -EINVAL;
         say(env, "rte_eal_init failed: %s", rte_strerror(-rc));
+        goto out;
     }
+    eal_state = EAL_UP;
+    if (nlater)                         /* opened once the port is started; if the */
+        gate_close();                   /* thread never came, memif as before: racy */
+    for (int i = 0; i < nlater && rc == 0; i++)
+        rc = probe_vdev(later[i], env);
 out:
     free(lc);
     free(copy);
@@ -340,10 +505,10 @@ qs_netdrv *qs_dpdk_port_open(const char *eal_args, const qs_dpdk_env *env, int *
                            : "EAL was already initialised and cleaned up in this process");
         goto out;
     }
-    if (eal_state == EAL_NONE) {
-        if ((rc = eal_init(eal_args, env)) < 0)
-            goto out;
-        eal_state = EAL_UP;
+    if (eal_state == EAL_NONE && (rc = eal_init(eal_args, env)) < 0) {
+        if (eal_state == EAL_UP)        /* up, but a vdev failed */
+            goto fail;
+        goto out;
     }
     uint16_t port = RTE_MAX_ETHPORTS, pid;
     RTE_ETH_FOREACH_DEV(pid) {
@@ -371,6 +536,7 @@ qs_netdrv *qs_dpdk_port_open(const char *eal_args, const qs_dpdk_env *env, int *
         rte_mempool_free(mp);
         goto fail;
     }
+    gate_open();                        /* started: memif may take its peer now */
     if (!(p = calloc(1, sizeof(*p)))) {
         close_port(port, mp);
         rc = -ENOMEM;
@@ -384,7 +550,8 @@ qs_netdrv *qs_dpdk_port_open(const char *eal_args, const qs_dpdk_env *env, int *
     port_open = 1;
     goto out;
 fail:                                   /* EAL is up but useless: it cannot be re-run */
-    rte_eal_cleanup();
+    if (gate.h || gate_close() == 0)    /* parked for good, as in d_destroy */
+        rte_eal_cleanup();
     eal_state = EAL_DONE;
 out:
     pthread_mutex_unlock(&eal_lock);

@@ -316,8 +316,12 @@ int qs_tcp_any_busy(const qs_ustack *s)
 
 /* The end of a stack's life (a server's grace period ran out): a RST to
  * every peer still connected, so that none hangs on a connection that is
- * gone.  The control blocks stay as they are; qs_ustack_destroy frees
- * them.  TIME-WAIT has nothing left to reset, and a SYN-RECEIVED
+ * gone, and each such connection CLOSED as an abort is (RFC 9293 3.10.5):
+ * its queues go back to the pool now, so the exit line's count of packet
+ * buffers in use is a leak check, not the queues of connections about to
+ * be freed (a peer that vanished without acknowledging its last bytes used
+ * to show there as buffers in use).  qs_ustack_destroy frees the control
+ * blocks.  TIME-WAIT has nothing left to reset, and a SYN-RECEIVED
  * connection was never the application's.  The RST carries qs_tcp_ack_seq,
  * not snd_max: past a peer's closed window (our zero-window probe byte) the
  * peer would drop it and hang. */
@@ -326,9 +330,11 @@ void qs_tcp_reset_all(qs_ustack *s, int64_t now)
     qs_ustack_enter(s);
     for (uint32_t i = 0; i <= s->flow_mask; i++)
         for (qs_tcb *t = s->flows[i], *n; t; t = n) {
-            n = t->hnext;
-            if (t->state != QS_TCP_TIME_WAIT && t->state != QS_TCP_SYN_RECEIVED)
+            n = t->hnext;            /* the drop unhashes t */
+            if (t->state != QS_TCP_TIME_WAIT && t->state != QS_TCP_SYN_RECEIVED) {
                 qs_tcp_send_ctl(s, t, QS_TH_RST, qs_tcp_ack_seq(t), now);
+                qs_tcp_drop(s, t, -ECONNABORTED);
+            }
         }
     qs_ustack_leave(s);              /* the RSTs leave here */
 }
