@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.qstack-installed
 NATIVE := $(wildcard qstack/native/include/*.h qstack/native/*.py \
             qstack/native/src/*.[ch] qstack/native/loadgen/*.[ch] qstack/native/ustack/*.[ch] \
-            qstack/native/harness/*.[ch] qstack/native/common/*.[ch] qstack/native/pyview/*.c)
+            qstack/native/harness/*.[ch] qstack/native/common/*.[ch] qstack/native/pyview/*.[ch])
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 

@@ -81,8 +81,9 @@ def reply_type(exc):
     tb = exc.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-    # Raised in the hub's own frame (copying the reply), not in the handler.
-    if tb is None or not tb.tb_frame.f_globals.get("__name__", "").startswith("qstack.coro"):
+    # Raised in the hub's own frame (copying the reply), not in the handler;
+    # or by the hub's C lane (qslane.c), which leaves no traceback.
+    if tb is not None and not tb.tb_frame.f_globals.get("__name__", "").startswith("qstack.coro"):
         return None
     m = _CONCAT.search(str(exc))
     if m:

@@ -66,12 +66,22 @@ one level in use) or ``YIELD_AFTER`` (with several) it gives the loop a
 turn so timers and handlers that were blocked can resume.  When the rings
 are empty it parks, and the stack's watcher brings it back.
 
-Commands (replies, buffer returns) collect as tuples in a list (appending is
-the cheapest thing Python does; array.extend of a tuple costs 10x more) plus a
-staging bytearray for copied replies, and reach C packed, in one call per
-batch.  A reply that is the request's
-own buffer is sent without a copy; because QS_EV_DATA == QS_CMD_SEND_BUF and
-the layouts match, such an event tuple *is* its own command.
+Commands (replies, buffer returns) collect as qs_cmd structs in a C queue
+(``CommandQueue``, qstack/native/pyview/qslane.c) with a staging area for
+copied replies, and reach the stack in one C call per batch.  A reply that
+is the request's own buffer is sent without a copy; because QS_EV_DATA ==
+QS_CMD_SEND_BUF and the layouts match, such an event *is* its own command.
+
+One level in C.  When every message has the same level (no priority rule
+and no classifier: the common case), that level's queue is an
+``EventQueue``: the polled events stay qs_event structs, and the leader's
+request loop runs in C (``EventQueue.run``, see ``_lead_lane``): it makes
+the view, fills the request, calls the handler and queues its reply with no
+Python in between, and returns to Python for everything else (an event that
+is not a message, a handler that blocked, a turn for the loop).  That took
+0.5 us of interpreter work per request out of the echo path.  With several
+levels the same steps run in Python (``_lead``), where priority decisions
+between requests need the run queue.
 """
 
 import logging
@@ -86,7 +96,8 @@ import gevent
 from gevent import get_hub
 from greenlet import getcurrent
 
-from .._qsview import done as _view_done, view as _view
+from .._qsview import (RUN_LOST, RUN_SLOW, RUN_YIELD, CommandQueue, EventQueue,
+                       done as _view_done, view as _view)
 from .errlog import handler_failed, peer_name
 from qstack.transport import EVENT_SIZE, ffi, iter_events, jumbo_view, lib
 from .runqueue import RunQueue, reserve_table
@@ -167,16 +178,22 @@ class Hub:
         self._classifier = classifier
         self._polled = list(enumerate(self._queues))
         self._multilevel = core.levels > 1 and (core.only_level is None or classifier is not None)
-        if core.only_level is not None and classifier is None and not core.stream:
-            # Every message gets one level (no rule): one ring to poll.
-            self._only = self._queues[core.only_level]
-            self._next = self._next_only
-            self._polled = [(core.only_level, self._only)]
         self._batch = batch
         self._evbuf = ffi.new("qs_event[]", batch)
         self._evview = memoryview(ffi.buffer(self._evbuf))
-        self._cmds = []                 # command tuples, packed once per flush
-        self._tx = bytearray()
+        self._lane = None
+        if core.only_level is not None and classifier is None and not core.stream:
+            # Every message gets one level (no rule): one ring to poll, and
+            # its requests run in C (_lead_lane).
+            self._lane = EventQueue(int(ffi.cast("uintptr_t", self._evbuf)), batch)
+            self._queues[core.only_level] = self._only = self._lane
+            self._only_level = core.only_level
+            self._next = self._next_only
+            self._polled = [(core.only_level, self._only)]
+        # Commands, in order, as qs_cmd structs; submitted from C when the
+        # core is native (a test's fake core takes them through Python).
+        self._native_submit = getattr(core, "submit_address", None)
+        self._cq = CommandQueue(*(self._native_submit or ()))
         self._make_request = make_request
         self._make_connection = make_connection
         # app.on_connect / app.on_close: called for ACCEPTED / CLOSED events
@@ -226,6 +243,9 @@ class Hub:
         for w in (self._yield_idle, self._yield_timer, self._cont_idle, self._cont_timer):
             w.priority = EV_MINPRI
         self._t_yield = 0.0
+        if self._lane is not None:
+            self._lane.bind(self, handler, self._cq, core.slab_addr, self._kept_free,
+                            self._handler_failed, YIELD_EVERY)
         if self.ordered and not core.stream:
             if install_wait_priorities(core.levels):
                 self._stack_w.priority = EV_MAXPRI     # arrivals before wake-ups
@@ -259,6 +279,8 @@ class Hub:
                 moved += n
                 if self._writable_waiters or self._bodies:
                     q.extend(self._take_side(iter_events(view[:n * EVENT_SIZE])))
+                elif q is self._lane:
+                    q.take(n)
                 elif self._classifier is None:
                     q.extend(iter_events(view[:n * EVENT_SIZE]))
                 else:
@@ -353,31 +375,35 @@ class Hub:
 
     def _flush(self):
         """Hand every queued command to the stack thread in one call."""
-        cmds = self._cmds
-        if not cmds:
+        cq = self._cq
+        if not cq:
             return
         if self._native_gone:
             self._release_commands()
             return
+        if cq.flush() if self._native_submit else self._flush_through_python():
+            if self._inline:
+                self._step(NO_POLL)
+        else:
+            # A command ring is full: the rest stay queued (their staging
+            # offsets stay valid until everything is taken); retry shortly.
+            timer = self._loop.timer(0.0002)
+            timer.start(self._flush_later, timer)
+
+    def _flush_through_python(self):
+        """_flush for a core that is not native (tests' fake cores): the
+        commands go through its Python submit; True if all were taken."""
+        cq = self._cq
+        cmds, tx = cq.commands(), cq.staging()
         n = len(cmds)
-        tx = self._tx
         with ffi.from_buffer("qs_cmd[]", b"".join(starmap(_pack_cmd, cmds))) as p:
             if tx:
                 with ffi.from_buffer(tx) as s:
                     done = self._submit(p, n, s)
             else:
                 done = self._submit(p, n, ffi.NULL)
-        if done == n:
-            del cmds[:]
-            del tx[:]
-            if self._inline:
-                self._step(NO_POLL)
-        else:
-            # A command ring is full: keep the rest (their staging offsets
-            # stay valid until everything is taken) and retry shortly.
-            del cmds[:max(done, 0)]
-            timer = self._loop.timer(0.0002)
-            timer.start(self._flush_later, timer)
+        cq.taken(done)
+        return done >= n
 
     def _step(self, timeout):
         """Inline stack: run one step now (NO_POLL: just the commands).
@@ -395,19 +421,14 @@ class Hub:
 
     def _release_commands(self):
         """After the stack thread is gone: drop the buffers commands name."""
-        cmds = self._cmds
-        for cmd in cmds:
+        for cmd in self._cq.commands():
             if cmd[3] and not cmd[7] & F_KEEP:     # kept: _kept_free releases it
                 self.core.release_local(cmd[3])
-        del cmds[:]
-        del self._tx[:]
+        self._cq.clear()
 
     def post(self, op, level, conn, buf=0, data=b"", flags=0, t_rx=0):
         """Queue a command from anywhere (not the leader's hot path)."""
-        off = len(self._tx)
-        if data:
-            self._tx += data
-        self._cmds.append((op, level, conn, buf, off, len(data), t_rx, flags))
+        self._cq.post(op, level, conn, buf, data, flags, t_rx)
         self._schedule_flush()
 
     def _schedule_flush(self):
@@ -613,7 +634,7 @@ class Hub:
             if rtop < levels:
                 g, entry = ready.pop(rtop)
                 g.resume(entry)
-                if rtop < levels - 1 and self._cmds:
+                if rtop < levels - 1 and self._cq:
                     self._flush()       # a high reply leaves at once
                 continue
             if self._native_gone:
@@ -671,11 +692,50 @@ class Hub:
                 continue
             self._lead(me, req)
 
-    def _lead(self, me, req):
-        """Run requests while we lead.  The hot loop of qstack: every name it
-        uses per request is a local, and the handler runs in this frame."""
+    def _lead_lane(self, me, req):
+        """_lead when every message has one level: the requests run in C
+        (EventQueue.run, qslane.c: the same steps as _lead's, in the same
+        order), the rest here."""
         self._arm()
-        handler, cmds, nxt = self._handler, self._cmds, self._next
+        q, ready, level = self._lane, self._ready, self._only_level
+        run = q.run
+        while not self._native_gone:
+            if not q:
+                self._refill()
+                if not q:
+                    self._park()
+                    self._arm()
+                    continue
+            if ready.count and ready.top() <= level:
+                self._park()        # woken workers of this level go first
+                self._arm()
+                continue
+            status = run(me, req)
+            if status == RUN_SLOW:
+                ev = q.popleft()
+                if ev[0] >= WRITABLE:
+                    self._side_event(ev)    # for a request in progress
+                else:
+                    # a connection came or went: app.on_connect / app.on_close
+                    self._conn_event(me, ev[0], ev[1], ev[2])
+                if self._leader is not me:
+                    status = RUN_LOST
+            if status == RUN_LOST:
+                # We blocked and a follower took over (see _lead).
+                self._schedule_run()
+                return
+            if status == RUN_YIELD:
+                self._yield()               # callbacks and timers get a turn
+                self._arm()
+
+    def _lead(self, me, req):
+        """Run requests while we lead.  The hot loop of qstack with several
+        levels: every name it uses per request is a local, and the handler
+        runs in this frame."""
+        if self._lane is not None:
+            return self._lead_lane(me, req)
+        self._arm()
+        handler, cmds, nxt = self._handler, self._cq, self._next
         base, view, done, on_free = self.core.slab_addr, _view, _view_done, self._kept_free
         ready = self._ready
         ordered = self._multilevel
@@ -713,21 +773,12 @@ class Hub:
             self._busy += 1
             try:
                 out = handler(req)
-                if out is data:
-                    cmds.append(ev if kind == EV_DATA else
-                                (SEND_BUF, level, conn, buf, off, ln, t_rx, seq))
-                elif out is None:
-                    cmds.append((DONE, level, conn, buf, 0, 0, 0, seq))
-                else:
-                    tx = self._tx
-                    pos = len(tx)
-                    tx += out
-                    cmds.append((SEND_COPY, level, conn, buf, pos, len(tx) - pos, t_rx, seq))
+                cmds.reply(ev, out, data)   # SEND_BUF (out is data), DONE (None) or a copy
             except Exception as exc:
                 self._handler_failed(conn, exc)
-                cmds.append((DONE, level, conn, buf, 0, 0, 0, seq | F_CLOSE))
+                cmds.push(DONE, level, conn, buf, 0, 0, 0, seq | F_CLOSE)
             except BaseException:
-                cmds.append((DONE, level, conn, buf, 0, 0, 0, seq | F_CLOSE))
+                cmds.push(DONE, level, conn, buf, 0, 0, 0, seq | F_CLOSE)
                 raise
             finally:
                 me.qstack_level = None
@@ -737,8 +788,7 @@ class Hub:
                     # A slice of req.data outlives the request: the stack keeps one
                     # more reference (F_KEEP on the request's command, the last one
                     # queued) until the slice dies (_kept_free).
-                    c = cmds[-1]
-                    cmds[-1] = c[:7] + (c[7] | F_KEEP,)
+                    cmds.keep_last()
             if self._leader is not me:
                 # We blocked and a follower took over; it may be parked (for
                 # work, or for the worker we just freed), so the scheduler

@@ -1,5 +1,6 @@
-"""Build qstack/_qsview*.so in place: a plain CPython extension (qsview.c
-handles Python objects, which the cffi ABI never does).
+"""Build qstack/_qsview*.so in place: a plain CPython extension (qsview.c,
+the request views, and qslane.c, the hub's per-request path, handle Python
+objects, which the cffi ABI never does).
 
 ``python qstack/native/build_qsview.py`` from anywhere; setup.py lists the
 same extension for pip installs.
@@ -15,10 +16,14 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
 def extension(direct=False):
-    src = os.path.join(HERE, "pyview", "qsview.c")
+    srcs = [os.path.join(HERE, "pyview", name) for name in ("qsview.c", "qslane.c")]
+    include = os.path.join(HERE, "include")
     if not direct:
-        src = os.path.relpath(src, ROOT)
-    return Extension("qstack._qsview", [src], extra_compile_args=["-O2", "-Wall"])
+        srcs = [os.path.relpath(src, ROOT) for src in srcs]
+        include = os.path.relpath(include, ROOT)
+    return Extension("qstack._qsview", srcs, include_dirs=[include],
+                     depends=[os.path.join(os.path.dirname(srcs[0]), "qsview.h")],
+                     extra_compile_args=["-O2", "-Wall"])
 
 
 if __name__ == "__main__":

@@ -149,6 +149,10 @@ class NativeCore:
         self.pending_above = partial(lib.qs_core_pending_above, c)
         self.sleep_below = partial(lib.qs_core_sleep_below, c)
         self.step = partial(lib.qs_core_step, c)
+        # The same submit for the hub's command queue, which calls it from C
+        # (qstack/native/pyview/qslane.c): the core's and the function's addresses.
+        self.submit_address = (int(ffi.cast("uintptr_t", c)),
+                               int(ffi.cast("uintptr_t", ffi.addressof(lib, "qs_core_submit"))))
 
     def _configure(self, cfg):
         """Fill this backend's own part of the qs_config."""

@@ -27,8 +27,7 @@
  * A plain CPython extension (not cffi): it handles Python objects, which
  * the native ABI (include/qstack.h) never does.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "qsview.h"
 
 typedef struct {
     PyObject_HEAD
@@ -93,6 +92,11 @@ static PyObject *qv_view(PyObject *mod, PyObject *const *args, Py_ssize_t n)
     Py_ssize_t len = PyLong_AsSsize_t(args[1]);
     if ((!p || len < 0) && PyErr_Occurred())
         return NULL;
+    return qsv_view(p, len);
+}
+
+PyObject *qsv_view(void *p, Py_ssize_t len)
+{
     Window *w = PyObject_New(Window, &WindowType);
     if (!w)
         return NULL;
@@ -110,32 +114,25 @@ static PyObject *qv_view(PyObject *mod, PyObject *const *args, Py_ssize_t n)
  * variable and the argument it passes (CPython pushes a strong reference). */
 #define CALLER_REFS 2
 
-/* done(view, buf, on_free) -> False if nothing else exports the view's
- * Window (the buffer may go back now), True if something does: then
- * on_free(buf) is called when the last export dies. */
-static PyObject *qv_done(PyObject *mod, PyObject *const *args, Py_ssize_t n)
+/* See qsview.h.  `refs`: the references to the view that are the caller's. */
+int qsv_done(PyObject *mv, long long buf, PyObject *on_free, Py_ssize_t refs)
 {
-    if (n != 3 || !PyMemoryView_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "done(memoryview, buf, on_free)");
-        return NULL;
-    }
-    PyObject *mv = args[0];
     PyObject *o = PyMemoryView_GET_BUFFER(mv)->obj;
     /* The usual case, decided without releasing the view: the caller holds
-     * the only references to it (its variable and this call's argument),
-     * no consumer exports it and no slice shares its managed buffer.  Then
-     * nothing can reach the bytes once the caller drops it, and the Window
-     * (on_free unset) goes quietly with the view. */
+     * the only references to it, no consumer exports it and no slice
+     * shares its managed buffer.  Then nothing can reach the bytes once
+     * the caller drops it, and the Window (on_free unset) goes quietly
+     * with the view. */
     PyMemoryViewObject *v = (PyMemoryViewObject *)mv;
-    if (Py_REFCNT(mv) <= CALLER_REFS && v->exports == 0 && v->mbuf->exports == 1
+    if (Py_REFCNT(mv) <= refs && v->exports == 0 && v->mbuf->exports == 1
             && o && Py_TYPE(o) == &WindowType)
-        Py_RETURN_FALSE;
+        return 0;
     if (!o || Py_TYPE(o) != &WindowType) {          /* not ours (or released) */
         PyObject *r = PyObject_CallMethod(mv, "release", NULL);
         if (!r)
             PyErr_Clear();
         Py_XDECREF(r);
-        Py_RETURN_FALSE;
+        return 0;
     }
     Window *w = (Window *)o;
     Py_INCREF(w);
@@ -146,11 +143,29 @@ static PyObject *qv_done(PyObject *mod, PyObject *const *args, Py_ssize_t n)
         PyErr_Clear();                 /* BufferError: the view itself is exported */
     int kept = w->exports > 0;
     if (kept) {
-        w->buf = PyLong_AsLongLong(args[1]);
-        Py_INCREF(args[2]);
-        Py_XSETREF(w->on_free, args[2]);
+        w->buf = buf;
+        Py_INCREF(on_free);
+        Py_XSETREF(w->on_free, on_free);
     }
     Py_DECREF(w);
+    return kept;
+}
+
+/* done(view, buf, on_free) -> False if nothing else exports the view's
+ * Window (the buffer may go back now), True if something does: then
+ * on_free(buf) is called when the last export dies. */
+static PyObject *qv_done(PyObject *mod, PyObject *const *args, Py_ssize_t n)
+{
+    if (n != 3 || !PyMemoryView_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "done(memoryview, buf, on_free)");
+        return NULL;
+    }
+    long long buf = PyLong_AsLongLong(args[1]);
+    if (buf == -1 && PyErr_Occurred())
+        return NULL;
+    int kept = qsv_done(args[0], buf, args[2], CALLER_REFS);
+    if (kept < 0)
+        return NULL;
     return PyBool_FromLong(kept);
 }
 
@@ -171,5 +186,8 @@ PyMODINIT_FUNC PyInit__qsview(void)
 {
     if (PyType_Ready(&WindowType) < 0)
         return NULL;
-    return PyModule_Create(&qv_module);
+    PyObject *m = PyModule_Create(&qv_module);
+    if (m && qsl_add_types(m) < 0)
+        Py_CLEAR(m);
+    return m;
 }
