@@ -435,3 +435,109 @@ def test_inline_high_work_in_hand_goes_before_reading_more(hub):
         high = b"high%d" % k
         assert high in core.log[at][1]
         assert ("handled", high) in core.log[at:steps[k + 1]], core.log
+
+
+# -- one level: the requests run in C (EventQueue.run, qslane.c) -------------
+
+def one_level_core(**kw):
+    """A core whose messages all have level 1 (no rule): the hub's lane."""
+    core = FakeCore(**kw)
+    core.only_level = 1
+    return core
+
+
+def test_one_level_runs_in_c_with_the_same_commands(hub, caplog):
+    core = one_level_core()
+    replies = {b"a": b"A", b"none": None, b"same": "same", b"boom": "boom", b"str": "s"}
+
+    def handler(req):
+        assert req.priority == 1 and req.conn_id == 7
+        out = replies[bytes(req.data)]
+        if out == "same":
+            return req.data
+        if out == "boom":
+            raise RuntimeError("boom")
+        return out
+
+    h = hub(core, handler, workers=4)
+    assert h._lane is not None
+    seqs = {name: core.arrive(7, name, 1) for name in replies}
+    settle()
+    got = [(s.op, s.data, s.seq, s.flags & 0xff) for s in core.sent]
+    assert got == [(lib.QS_CMD_SEND_COPY, b"A", seqs[b"a"], 0),
+                   (lib.QS_CMD_DONE, None, seqs[b"none"], 0),
+                   (lib.QS_CMD_SEND_BUF, b"same", seqs[b"same"], 0),
+                   (lib.QS_CMD_DONE, None, seqs[b"boom"], lib.QS_F_CLOSE),
+                   (lib.QS_CMD_DONE, None, seqs[b"str"], lib.QS_F_CLOSE)]
+    assert h.errors == 2
+    said = [r.getMessage() for r in caplog.records]
+    assert any("handler raised" in m for m in said), said
+    assert any("non-bytes reply (str" in m for m in said), said
+
+
+def test_one_level_handlers_that_block_hand_the_lead_on(hub):
+    core, h = one_level_core(), Gated()
+    hub(core, h, workers=8)
+    seqs = {name: core.arrive(7, name, 1) for name in (b"a", b"b", b"c")}
+    settle()
+    assert h.started() == [b"a", b"b", b"c"]       # each blocked; the next worker led
+    assert all(level == 1 for _, _, level in h.log)
+    h.open(b"c")
+    settle()
+    h.open(b"a", b"b")
+    settle()
+    replies = [(s.data, s.seq) for s in core.sent]
+    assert replies == [(b"c", seqs[b"c"]), (b"a", seqs[b"a"]), (b"b", seqs[b"b"])]
+    assert qstack.current_level() is None
+
+
+def test_one_level_views_kept_past_the_request(hub):
+    core = one_level_core()
+    kept = {}
+
+    def handler(req):
+        name = bytes(req.data[:4])
+        if name == b"view":
+            kept[name] = req.data
+        elif name == b"slic":
+            kept[name] = req.data[4:]
+        elif name == b"echo":
+            return req.data
+        return None
+
+    hub(core, handler, workers=4)
+    for name in (b"view", b"slic", b"echo"):
+        core.arrive(3, name + b"-bytes", 1)
+    settle()
+    assert bytes(kept[b"slic"]) == b"-bytes"
+    with pytest.raises(ValueError):
+        bytes(kept[b"view"])
+    keep_ops = [(s.op, s.flags & lib.QS_F_KEEP) for s in core.sent]
+    assert keep_ops == [(lib.QS_CMD_DONE, 0), (lib.QS_CMD_DONE, lib.QS_F_KEEP),
+                        (lib.QS_CMD_SEND_BUF, 0)]
+    del kept[b"slic"]
+    settle()
+    assert [s.op for s in core.sent].count(lib.QS_CMD_RELEASE) == 1
+
+
+def test_one_level_connection_events_and_the_loops_turns(hub):
+    # Connection events leave the C loop for the hooks; a run of requests
+    # whose handlers never block still gives gevent's loop a turn (here: a
+    # greenlet the first handler spawned runs before the 200th request).
+    core = one_level_core()
+    handled, seen, hooked = [], [], []
+
+    def handler(req):
+        if not handled:
+            gevent.spawn(lambda: seen.append(len(handled)))
+        handled.append(bytes(req.data))
+        return req.data
+
+    hub(core, handler, workers=4, on_connect=lambda conn: hooked.append(conn.id))
+    core.rings[1].append((lib.QS_EV_ACCEPTED, 1, 42, 0, 0, 0, 0, 0))
+    for i in range(200):
+        core.arrive(42, b"m%d" % i, 1)
+    settle()
+    assert hooked == [42]
+    assert len(handled) == 200 and len(core.replies()) == 200
+    assert seen and 0 < seen[0] < 200, seen
