@@ -779,6 +779,20 @@ static void enable(ur *u)
     }
 }
 
+/* Whether a look for completions needs the kernel.  Inline the ring is
+ * COOP_TASKRUN with TASKRUN_FLAG: a completion that is not in the CQ ring
+ * yet waits as task work, and the kernel says so in the SQ ring's flags.
+ * With nothing to submit and no task work pending, the CQ ring already
+ * holds everything there is, and the enter is skipped: a step right after
+ * the flush that reaped (the hub's refill) costs no syscall.  Threaded
+ * (DEFER_TASKRUN) the flag is not kept, and every look enters. */
+static int must_enter(ur *u)
+{
+    if (io_uring_sq_ready(&u->ring) || !(u->ring.flags & IORING_SETUP_TASKRUN_FLAG))
+        return 1;
+    return (IO_URING_READ_ONCE(*u->ring.sq.kflags) & (IORING_SQ_TASKRUN | IORING_SQ_CQ_OVERFLOW)) != 0;
+}
+
 /* One io_uring_enter: submit what is prepared and wait up to timeout_ns for
  * a completion (0: only collect, < 0: forever); then handle every
  * completion and deliver what the rx queues hold.  Whatever that prepared
@@ -793,7 +807,7 @@ static int ur_wait(qs_tp *n, int64_t timeout_ns, uint32_t flags)
     int rc;
     arm_wake(u);
     if (timeout_ns == 0) {
-        rc = io_uring_submit_and_get_events(&u->ring);
+        rc = must_enter(u) ? io_uring_submit_and_get_events(&u->ring) : 0;
     } else if (timeout_ns < 0) {
         rc = io_uring_submit_and_wait(&u->ring, 1);
     } else {
