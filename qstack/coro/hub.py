@@ -186,10 +186,9 @@ class Hub:
             # Every message gets one level (no rule): one ring to poll, and
             # its requests run in C (_lead_lane).
             self._lane = EventQueue(int(ffi.cast("uintptr_t", self._evbuf)), batch)
-            self._queues[core.only_level] = self._only = self._lane
+            self._queues[core.only_level] = self._lane
             self._only_level = core.only_level
-            self._next = self._next_only
-            self._polled = [(core.only_level, self._only)]
+            self._polled = [(core.only_level, self._lane)]
         # Commands, in order, as qs_cmd structs; submitted from C when the
         # core is native (a test's fake core takes them through Python).
         self._native_submit = getattr(core, "submit_address", None)
@@ -307,15 +306,6 @@ class Hub:
         if ev[0] == EV_DATA:
             return self._slab[ev[4]:ev[4] + ev[5]]
         return jumbo_view(ev[4], ev[5])
-
-    def _next_only(self):
-        """_next when every message has the same level (no rule, no classifier)."""
-        q = self._only
-        if not q:
-            self._refill()
-            if not q:
-                return None
-        return q.popleft()
 
     def _next(self):
         """The next event by priority that may take a worker now (see
