@@ -516,3 +516,51 @@ def test_one_level_connection_events_and_the_loops_turns(hub):
     assert hooked == [42]
     assert len(handled) == 200 and len(core.replies()) == 200
     assert seen and 0 < seen[0] < 200, seen
+
+
+class _Watched(Request):
+    """A request type whose `data` is a property (setattr, not the slot)."""
+    __slots__ = ("_data", "seen")
+
+    @property
+    def data(self):
+        return self._data
+
+    @data.setter
+    def data(self, v):
+        self._data = v
+        if v is not None:
+            self.seen = bytes(v)
+
+
+class _Plain(Request):
+    pass                # no __slots__: the inherited slots plus a __dict__
+
+
+@pytest.mark.parametrize("make", [Request, _Plain, _Watched], ids=["slots", "subclass", "property"])
+def test_one_level_sets_the_request_however_its_type_keeps_it(hub, make):
+    # The C lane writes Request's slots directly; a subclass that overrides
+    # one with a property still has it called, and a plain subclass shares them.
+    core = one_level_core()
+    got = []
+
+    def handler(req):
+        got.append((type(req), bytes(req.data), req.priority, req.conn_id,
+                    getattr(req, "seen", None)))
+        return req.data
+
+    h = Hub(core, handler, make_request=make, make_connection=Connection, workers=2)
+    h.start()
+    try:
+        gevent.sleep(0)
+        assert h._lane is not None
+        for name in (b"x", b"yy"):
+            core.arrive(9, name, 1)
+        settle()
+        seen = (lambda n: n) if make is _Watched else (lambda n: None)
+        assert got == [(make, b"x", 1, 9, seen(b"x")), (make, b"yy", 1, 9, seen(b"yy"))]
+        assert [s.data for s in core.sent] == [b"x", b"yy"]
+    finally:
+        assert h.drain(2.0)
+        assert not core.bufs_out
+        core.close()

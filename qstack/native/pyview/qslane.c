@@ -36,6 +36,7 @@
  * A plain CPython extension, part of qstack._qsview (see qsview.c).
  */
 #include "qsview.h"
+#include <structmember.h>              /* T_OBJECT_EX, READONLY (PyMemberDef) */
 #include <stdint.h>
 #include <stddef.h>
 #include <stdatomic.h>
@@ -354,6 +355,9 @@ static PyTypeObject CommandQueueType = {
 
 /* -- EventQueue ----------------------------------------------------------- */
 
+/* The request attributes run() sets per message, in this order. */
+enum { REQ_DATA, REQ_PRIORITY, REQ_CONN_ID, REQ_SEQ, REQ_NATTR };
+
 typedef struct {
     PyObject_HEAD
     qs_event *ev;                      /* a ring of cap (a power of 2) slots */
@@ -366,6 +370,10 @@ typedef struct {
     char *base;                        /* the slab: DATA offsets are into it */
     int yield_every;
     int handled;                       /* requests since the last RUN_YIELD */
+    /* The request type's slots (req_slots): their offsets, 0 where the
+     * attribute is not a plain writable slot and goes through setattr. */
+    PyTypeObject *req_type;            /* the type the offsets are for */
+    Py_ssize_t off[REQ_NATTR];
 } EventQueue;
 
 static PyObject *s_leader, *s_busy, *s_level, *s_data, *s_priority, *s_conn_id, *s_seq;
@@ -433,6 +441,7 @@ static int eq_traverse(EventQueue *q, visitproc visit, void *arg)
     Py_VISIT(q->on_free);
     Py_VISIT(q->failed);
     Py_VISIT((PyObject *)q->cq);
+    Py_VISIT((PyObject *)q->req_type);
     return 0;
 }
 
@@ -443,6 +452,7 @@ static int eq_clear_refs(EventQueue *q)
     Py_CLEAR(q->on_free);
     Py_CLEAR(q->failed);
     Py_CLEAR(q->cq);
+    Py_CLEAR(q->req_type);
     return 0;
 }
 
@@ -598,11 +608,51 @@ static int set_i64(PyObject *o, PyObject *name, int64_t v)
     return rc;
 }
 
-/* The request's attributes for message ev, viewed as data. */
-static int fill_request(PyObject *req, PyObject *data, const qs_event *ev)
+/* Where req's type keeps each attribute run() sets: the offset of a plain
+ * writable __slots__ member (what Request has), found once per type, or 0
+ * when setattr must decide (a property, a __setattr__ of a subclass). */
+static void req_slots(EventQueue *q, PyTypeObject *t)
 {
-    if (PyObject_SetAttr(req, s_data, data) < 0 || set_i64(req, s_priority, ev->level) < 0 ||
-            set_i64(req, s_conn_id, ev->conn) < 0 || set_i64(req, s_seq, ev->aux) < 0)
+    PyObject *names[REQ_NATTR] = {s_data, s_priority, s_conn_id, s_seq};
+    Py_XSETREF(q->req_type, (PyTypeObject *)Py_NewRef(t));
+    for (int i = 0; i < REQ_NATTR; i++) {
+        q->off[i] = 0;
+        if (t->tp_setattro != PyObject_GenericSetAttr)
+            continue;
+        PyObject *d = _PyType_Lookup(t, names[i]);     /* borrowed */
+        if (!d || !Py_IS_TYPE(d, &PyMemberDescr_Type))
+            continue;
+        PyMemberDef *m = ((PyMemberDescrObject *)d)->d_member;
+        if (m->type == T_OBJECT_EX && !(m->flags & READONLY) && m->offset > 0)
+            q->off[i] = m->offset;
+    }
+}
+
+/* req.<attribute i> = v (a new reference, stolen). */
+static int req_set(EventQueue *q, PyObject *req, int i, PyObject *v)
+{
+    if (!v)
+        return -1;
+    if (q->off[i]) {
+        PyObject **slot = (PyObject **)((char *)req + q->off[i]);
+        PyObject *old = *slot;
+        *slot = v;
+        Py_XDECREF(old);
+        return 0;
+    }
+    static PyObject **names[REQ_NATTR] = {&s_data, &s_priority, &s_conn_id, &s_seq};
+    int rc = PyObject_SetAttr(req, *names[i], v);
+    Py_DECREF(v);
+    return rc;
+}
+
+/* The request's attributes for message ev, viewed as data. */
+static int fill_request(EventQueue *q, PyObject *req, PyObject *data, const qs_event *ev)
+{
+    if (req_set(q, req, REQ_DATA, Py_NewRef(data)) < 0 ||
+            req_set(q, req, REQ_PRIORITY, PyLong_FromLong(ev->level)) < 0 ||
+            req_set(q, req, REQ_CONN_ID, PyLong_FromLongLong(ev->conn)) < 0 ||
+            req_set(q, req, REQ_SEQ, PyLong_FromLongLong(ev->aux)) < 0)
         return -1;
     return 0;
 }
@@ -619,10 +669,19 @@ static PyObject *eq_run(EventQueue *q, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     PyObject *me = args[0], *req = args[1];
+    if (Py_TYPE(req) != q->req_type)
+        req_slots(q, Py_TYPE(req));
     PyObject *hub = Py_NewRef(q->hub), *handler = Py_NewRef(q->handler);
     CommandQueue *cq = (CommandQueue *)Py_NewRef(q->cq);
     int status = RUN_EMPTY, failed = 0;
     int64_t level = -1;                /* me.qstack_level, once set */
+    /* hub._leader, read after every request: straight from the hub's
+     * __dict__ when no class attribute could stand in front of it */
+    PyObject *hub_dict = NULL;
+    if (Py_TYPE(hub)->tp_getattro == PyObject_GenericGetAttr &&
+            !_PyType_Lookup(Py_TYPE(hub), s_leader))
+        hub_dict = PyObject_GenericGetDict(hub, NULL);
+    PyErr_Clear();                     /* no dict: getattr then */
     if (add_busy(hub, 1) < 0) {
         failed = 1;
         goto out_unbusy;
@@ -642,7 +701,7 @@ static PyObject *eq_run(EventQueue *q, PyObject *const *args, Py_ssize_t nargs)
         }
         char *p = ev.kind == QS_EV_DATA ? q->base + ev.off : (char *)(intptr_t)ev.off;
         PyObject *data = qsv_view(p, (Py_ssize_t)ev.len);
-        if (!data || fill_request(req, data, &ev) < 0) {
+        if (!data || fill_request(q, req, data, &ev) < 0) {
             Py_XDECREF(data);          /* the event stays queued */
             failed = 1;
             break;
@@ -677,7 +736,7 @@ static PyObject *eq_run(EventQueue *q, PyObject *const *args, Py_ssize_t nargs)
         /* Nothing but data itself may hold the view now, or a slice of it
          * outlives the request: then the buffer stays (F_KEEP on the
          * request's command, the last one queued) until the slice dies. */
-        if (PyObject_SetAttr(req, s_data, Py_None) < 0)
+        if (req_set(q, req, REQ_DATA, Py_NewRef(Py_None)) < 0)
             PyErr_WriteUnraisable(req);
         int kept = qsv_done(data, ev.buf, q->on_free, 1);
         Py_DECREF(data);
@@ -690,12 +749,14 @@ static PyObject *eq_run(EventQueue *q, PyObject *const *args, Py_ssize_t nargs)
             failed = 1;
             break;
         }
-        PyObject *leader = PyObject_GetAttr(hub, s_leader);
-        if (!leader) {
+        PyObject *leader = hub_dict ? PyDict_GetItemWithError(hub_dict, s_leader)
+                                    : PyObject_GetAttr(hub, s_leader);
+        if (!leader && PyErr_Occurred()) {
             failed = 1;
             break;
         }
-        Py_DECREF(leader);             /* only compared */
+        if (!hub_dict)
+            Py_XDECREF(leader);        /* only compared */
         if (leader != me) {
             status = RUN_LOST;
             break;
@@ -716,6 +777,7 @@ static PyObject *eq_run(EventQueue *q, PyObject *const *args, Py_ssize_t nargs)
         PyErr_Restore(et, ex, tb);
     }
 out_unbusy:
+    Py_XDECREF(hub_dict);
     Py_DECREF(hub);
     Py_DECREF(handler);
     Py_DECREF(cq);
