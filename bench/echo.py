@@ -32,10 +32,12 @@ request and latency there. Open-loop latency is counted from each request's
 intended send time, so a stall is charged to every request it delays.
 
 How to read it. req/s in the closed loop is the server's capacity on one
-core *given this client on the other core*: the client costs about as much
-per request as the C epoll server, so c-epoll's row is the ceiling of this
-setup (check its srv CPU% -- near 100% means the server, not the client,
-was the limit). Compare servers by "CPU us/req" first: it is the figure that
+core *given this client on the other core*. The client runs on io_uring
+(`qstack load --backend uring`, --client-backend; kernel where io_uring is
+refused): on epoll it cost about as much per request as the C epoll server,
+so every fast server's row was the client's ceiling; on io_uring the
+servers reach ~100% CPU first (check srv CPU%: near 100% means the server,
+not the client, was the limit). Compare servers by "CPU us/req" first: it is the figure that
 survives the client ceiling and what decides capacity when the server owns
 a core. In the closed loop, p50 is roughly N / throughput (Little's law),
 so latency columns there say more about throughput than about tail
@@ -413,6 +415,9 @@ def parse_args(argv=None):
                          "least disturbed (default 1)")
     ap.add_argument("--server-cpu", type=int, default=0)
     ap.add_argument("--client-cpu", type=int, default=1)
+    ap.add_argument("--client-backend", default="auto", choices=("auto", "kernel", "uring"),
+                    help="the load generator's transport (qstack load --backend); "
+                         "auto (default): uring where io_uring works, else kernel")
     cfg = ap.parse_args(argv)
     cfg.rounds = cfg.rounds or (1 if cfg.quick else 3)
     cfg.duration = cfg.duration or (1.5 if cfg.quick else 4.0)
@@ -463,11 +468,13 @@ def main(argv=None):
     # The runner itself wakes at the marks and reads /proc: keep it off the
     # server's CPU.
     os.sched_setaffinity(0, {cfg.client_cpu})
-    client = h.load_command()
+    cfg.client_backend = h.client_backend(cfg.client_backend)
+    client = h.load_command() + ["--backend", cfg.client_backend]
     load_before = os.getloadavg()
-    print("echo bench: servers %s, sizes %s, conns %s, %d round(s), warm-up %.1f s, "
-          "window %.1f s; load average %.2f" % (
-              ",".join(cfg.servers), cfg.sizes, cfg.conns, cfg.rounds, cfg.warmup,
+    print("echo bench: servers %s, sizes %s, conns %s, %d round(s), client on %s, "
+          "warm-up %.1f s, window %.1f s; load average %.2f" % (
+              ",".join(cfg.servers), cfg.sizes, cfg.conns, cfg.rounds, cfg.client_backend,
+              cfg.warmup,
               cfg.duration, load_before[0]), flush=True)
     if load_before[0] > 0.5:
         print("note: the machine is not idle (load %.2f); expect noise" % load_before[0])
@@ -513,6 +520,7 @@ def main(argv=None):
             "meta": {"argv": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                      "kernel": platform.release(), "cpus": ncpu,
                      "python": platform.python_version(), "elapsed_s": elapsed,
+                     "client_backend": cfg.client_backend,
                      "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
                      "config": {k: v for k, v in vars(cfg).items() if k != "json"}},
             "unavailable": unavailable,

@@ -225,6 +225,16 @@ def cpu_delta(before, after, classify):
 
 # ---- the load generator ----------------------------------------------------
 
+def client_backend(choice="auto"):
+    """The load generator's transport: "uring" where io_uring works (the
+    cheaper client, so the server under test saturates first), else
+    "kernel"; an explicit choice stands."""
+    if choice != "auto":
+        return choice
+    from qstack.transport.binding import uring_refusal
+    return "kernel" if uring_refusal() else "uring"
+
+
 def load_command():
     """argv prefix that runs `qstack load` (the venv's Python when there is one)."""
     py = VENV_PY if os.access(VENV_PY, os.X_OK) else sys.executable

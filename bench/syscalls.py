@@ -31,6 +31,7 @@ def measure(name, args):
         if why:
             raise Unavailable(why)
         client = h.pin_prefix(1) + h.load_command() + [
+            "--backend", h.client_backend(args.client_backend),
             "--dest", "%s:%d" % (h.LOOPBACK, port), "-c", str(args.conns),
             "-l", str(args.size), "-s", "0", "-w", "0.5", "--connect-inflight", "64",
             "-r", "0", "--warmup", "1", "-d", str(args.duration), "--drain", "1",
@@ -62,6 +63,8 @@ def main():
     ap.add_argument("--conns", type=int, default=100)
     ap.add_argument("--duration", type=float, default=3.0)
     ap.add_argument("--rate", type=float, default=0.0, help="open loop at this req/s")
+    ap.add_argument("--client-backend", default="auto", choices=("auto", "kernel", "uring"),
+                    help="qstack load --backend (auto: uring where io_uring works)")
     args = ap.parse_args()
     os.sched_setaffinity(0, {1})
     os.makedirs(os.path.join(h.BENCH, "results", "logs"), exist_ok=True)
