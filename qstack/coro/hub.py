@@ -554,9 +554,18 @@ class Hub:
                 os.eventfd_read(self.core.wake_fd)
             except BlockingIOError:
                 pass
-        if not self._native_gone:
-            while self._work_top() == 0 and self._dispatch():
-                pass
+        if self._native_gone:
+            self._schedule_run()
+            return
+        if self._lane is not None and self._inline and self._waiting and not self._ready.count:
+            # One level, inline, the leader parked for work and nobody woken
+            # (see _lead_lane): read the sockets and hand it what came; no
+            # scheduler pass, there is nothing else for one to weigh.
+            if self._work_top() < self._levels:
+                self._dispatch()
+            return
+        while self._work_top() == 0 and self._dispatch():
+            pass
         self._schedule_run()
 
     def before_resume(self, level):
@@ -658,11 +667,13 @@ class Hub:
         g.switch()
         return True
 
-    def _park(self):
+    def _park(self, quiet=False):
         """The leader waits for the scheduler (no work it may start, or
-        woken workers that go first)."""
+        woken workers that go first).  ``quiet``: without asking for a
+        scheduler pass now -- the stack's watcher or a wake-up will."""
         self._parked = self._waiting = True
-        self._schedule_run()
+        if not quiet:
+            self._schedule_run()
         try:
             self._ghub.switch()
         finally:
@@ -693,7 +704,10 @@ class Hub:
             if not q:
                 self._refill()
                 if not q:
-                    self._park()
+                    # Inline with nobody woken, a scheduler pass would only
+                    # find what _refill just did: the stack's watcher
+                    # (_on_stack) resumes us when the sockets have more.
+                    self._park(quiet=self._inline and not ready.count)
                     self._arm()
                     continue
             if ready.count and ready.top() <= level:
