@@ -177,3 +177,29 @@ class InlineFakeCore(FakeCore):
         while time.monotonic() < until:
             pass
         return len(moved)
+
+
+class ReapingInlineCore(InlineFakeCore):
+    """InlineFakeCore as the uring backend behaves, with the addresses a
+    native core offers: the step that sends the replies (NO_POLL) also
+    takes what reached the wire, and submit, step and poll are C function
+    pointers (cffi callbacks into the methods above), so the hub's C lane
+    (qslane.c) calls them as it calls qs_core_submit/step/poll."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self._cbs = [
+            ffi.callback("int(void *, qs_cmd *, int, uint8_t *)",
+                         lambda _c, cmds, n, staging: self.submit(cmds, n, staging)),
+            ffi.callback("int(void *, int)", lambda _c, timeout: self.step(timeout)),
+            ffi.callback("int(void *, int, qs_event *, int)",
+                         lambda _c, level, out, most: self.poll(level, out, most)),
+        ]
+        addr = [int(ffi.cast("uintptr_t", cb)) for cb in self._cbs]
+        self.submit_address = (1, addr[0])
+        self.stack_address = (1, addr[1], addr[2])
+
+    def step(self, timeout):
+        if timeout == lib.QS_STEP_NO_POLL:
+            timeout = 0                 # the enter that sends also reaps
+        return super().step(timeout)

@@ -564,3 +564,36 @@ def test_one_level_sets_the_request_however_its_type_keeps_it(hub, make):
         assert h.drain(2.0)
         assert not core.bufs_out
         core.close()
+
+
+def test_one_level_inline_refills_in_c_between_batches(hub, monkeypatch):
+    # A closed loop: each handler's reply brings the next message (as a
+    # client would), which the step that sends the reply reads (as io_uring's
+    # enter does).  run() refills the lane itself, so the hub's Python
+    # _refill runs a few times, not once per batch.
+    from fakecore import ReapingInlineCore
+    core = ReapingInlineCore(chunk=4)
+    core.only_level = 1
+    got = []
+
+    def handler(req):
+        got.append(bytes(req.data))
+        if len(got) < 40:
+            core.send(3, b"m%d" % len(got), 1)
+        return req.data
+
+    h = Hub(core, handler, make_request=Request, make_connection=Connection, workers=2)
+    python_refills = []
+    refill = h._refill
+    monkeypatch.setattr(h, "_refill", lambda *a: python_refills.append(a) or refill(*a))
+    h.start()
+    try:
+        core.send(3, b"m0", 1)
+        settle()
+        assert got == [b"m%d" % i for i in range(40)]
+        assert core.replies() == got
+        assert len(python_refills) < 10, len(python_refills)
+    finally:
+        assert h.drain(2.0)
+        assert not core.bufs_out
+        core.close()

@@ -245,6 +245,10 @@ class Hub:
         if self._lane is not None:
             self._lane.bind(self, handler, self._cq, core.slab_addr, self._kept_free,
                             self._handler_failed, YIELD_EVERY)
+            stack = getattr(core, "stack_address", None)
+            if self._inline and stack and self._native_submit:
+                # run() refills an empty lane itself (qslane.c): _refill in C
+                self._lane.bind_stack(*stack, self._only_level)
         if self.ordered and not core.stream:
             if install_wait_priorities(core.levels):
                 self._stack_w.priority = EV_MAXPRI     # arrivals before wake-ups
@@ -714,7 +718,9 @@ class Hub:
                 self._park()        # woken workers of this level go first
                 self._arm()
                 continue
-            status = run(me, req)
+            # Side events (a handler waiting for a body or for room) are
+            # sorted in Python (_take_side): then only _refill takes events.
+            status = run(me, req, not (self._writable_waiters or self._bodies))
             if status == RUN_SLOW:
                 ev = q.popleft()
                 if ev[0] >= WRITABLE:
@@ -1091,6 +1097,8 @@ class Hub:
             gevent.sleep(0.005)
         self._flush()
         self._stack_w.stop()
+        if self._lane is not None:
+            self._lane.bind_stack(0, 0, 0, 0)
         self.core.shutdown(max(deadline - time.monotonic(), 0.05))
         self._native_gone = True
         self._release_leftovers()

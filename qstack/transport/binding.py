@@ -153,6 +153,10 @@ class NativeCore:
         # (qstack/native/pyview/qslane.c): the core's and the function's addresses.
         self.submit_address = (int(ffi.cast("uintptr_t", c)),
                                int(ffi.cast("uintptr_t", ffi.addressof(lib, "qs_core_submit"))))
+        # ... and its step and poll, for an inline hub's EventQueue.run
+        self.stack_address = (self.submit_address[0],
+                              int(ffi.cast("uintptr_t", ffi.addressof(lib, "qs_core_step"))),
+                              int(ffi.cast("uintptr_t", ffi.addressof(lib, "qs_core_poll"))))
 
     def _configure(self, cfg):
         """Fill this backend's own part of the qs_config."""

@@ -33,6 +33,14 @@
  * hub._busy are set once per run rather than per request: nothing can
  * switch greenlets between two requests of a run, so nobody can tell.
  *
+ * Inline, with the stack bound (bind_stack) and run(me, req, True), an
+ * empty queue is refilled here before RUN_EMPTY: the replies so far go
+ * out in one step (with io_uring that enter also reaps what arrived) and
+ * the lane's ring is polled -- what Hub._refill does, without the trip
+ * through Python between the batches of a busy loop.  RUN_EMPTY then
+ * means the poll found nothing (or a command ring was full): the hub's own
+ * _refill looks once more and parks.
+ *
  * A plain CPython extension, part of qstack._qsview (see qsview.c).
  */
 #include "qsview.h"
@@ -50,6 +58,8 @@
 enum { RUN_EMPTY, RUN_SLOW, RUN_LOST, RUN_YIELD };
 
 typedef int (*submit_fn)(void *core, const qs_cmd *cmds, int n, const uint8_t *staging);
+typedef int (*step_fn)(void *core, int timeout_ms);
+typedef int (*poll_fn)(void *core, int level, qs_event *out, int max);
 
 /* -- CommandQueue --------------------------------------------------------- */
 
@@ -374,6 +384,11 @@ typedef struct {
      * attribute is not a plain writable slot and goes through setattr. */
     PyTypeObject *req_type;            /* the type the offsets are for */
     Py_ssize_t off[REQ_NATTR];
+    /* the inline stack, for run()'s refill (bind_stack) */
+    void *core;
+    step_fn step;
+    poll_fn poll;
+    int level;
 } EventQueue;
 
 static PyObject *s_leader, *s_busy, *s_level, *s_data, *s_priority, *s_conn_id, *s_seq;
@@ -484,6 +499,49 @@ static PyObject *eq_take(EventQueue *q, PyObject *arg)
     for (Py_ssize_t i = 0; i < n; i++)
         *eq_at(q, q->n++) = q->src[i];
     Py_RETURN_NONE;
+}
+
+/* bind_stack(core, step, poll, level): the inline core's qs_core_step and
+ * qs_core_poll (addresses), for run()'s refill; bind_stack(0, 0, 0, 0)
+ * unbinds (the core is going away). */
+static PyObject *eq_bind_stack(EventQueue *q, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "bind_stack(core, step, poll, level)");
+        return NULL;
+    }
+    void *core = PyLong_AsVoidPtr(args[0]), *step = PyLong_AsVoidPtr(args[1]);
+    void *poll = PyLong_AsVoidPtr(args[2]);
+    long level = PyLong_AsLong(args[3]);
+    if (PyErr_Occurred())
+        return NULL;
+    q->core = core;
+    q->step = core ? (step_fn)(uintptr_t)step : NULL;
+    q->poll = core ? (poll_fn)(uintptr_t)poll : NULL;
+    q->level = (int)level;
+    Py_RETURN_NONE;
+}
+
+/* run()'s refill of an empty queue (see the top of this file): 1 if the
+ * poll brought events, 0 if not, -1 on error. */
+static int eq_refill(EventQueue *q, CommandQueue *cq)
+{
+    if (cq->n) {
+        if (!cq->submit)
+            return 0;
+        int done = cq->submit(cq->core, cq->cmd, (int)cq->n, cq->txlen ? cq->tx : NULL);
+        if (!cq_taken(cq, done))
+            return 0;                  /* a ring is full: the hub's flush retries */
+        q->step(q->core, QS_STEP_NO_POLL);
+    }
+    int n = q->poll(q->core, q->level, (qs_event *)q->src, (int)q->src_n);
+    if (n <= 0)
+        return 0;
+    if (eq_room(q, n) < 0)
+        return -1;
+    for (int i = 0; i < n; i++)
+        *eq_at(q, q->n++) = q->src[i];
+    return 1;
 }
 
 static PyObject *eq_append(EventQueue *q, PyObject *t)
@@ -660,10 +718,14 @@ static int fill_request(EventQueue *q, PyObject *req, PyObject *data, const qs_e
 /* run(me, req) -> RUN_* (see the top of this file). */
 static PyObject *eq_run(EventQueue *q, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "run(worker, request)");
+    if (nargs != 2 && nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "run(worker, request, refill=False)");
         return NULL;
     }
+    int refill = nargs == 3 ? PyObject_IsTrue(args[2]) : 0;
+    if (refill < 0)
+        return NULL;
+    refill = refill && q->step && q->poll && q->src;
     if (!q->hub) {
         PyErr_SetString(PyExc_RuntimeError, "EventQueue.run before bind()");
         return NULL;
@@ -686,7 +748,14 @@ static PyObject *eq_run(EventQueue *q, PyObject *const *args, Py_ssize_t nargs)
         failed = 1;
         goto out_unbusy;
     }
-    while (q->n > 0) {
+    for (;;) {
+        if (q->n == 0) {
+            int r = refill ? eq_refill(q, cq) : 0;
+            if (r < 0)
+                failed = 1;
+            if (r <= 0)
+                break;
+        }
         qs_event ev = *eq_at(q, 0);
         if (ev.kind != QS_EV_DATA && ev.kind != QS_EV_BIGDATA) {
             status = RUN_SLOW;
@@ -796,7 +865,9 @@ static PyMethodDef eq_methods[] = {
     {"bind", (PyCFunction)(void (*)(void))eq_bind, METH_FASTCALL,
      "bind(hub, handler, commands, slab_address, on_free, failed, yield_every)"},
     {"run", (PyCFunction)(void (*)(void))eq_run, METH_FASTCALL,
-     "run(worker, request) -> RUN_*: serve the messages at the head"},
+     "run(worker, request, refill=False) -> RUN_*: serve the messages at the head"},
+    {"bind_stack", (PyCFunction)(void (*)(void))eq_bind_stack, METH_FASTCALL,
+     "bind_stack(core, step, poll, level): the inline core, for run()'s refill"},
     {NULL, NULL, 0, NULL},
 };
 
