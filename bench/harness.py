@@ -300,8 +300,9 @@ def run_client(client, port, cpu, *, conns, size, warmup, duration, rate=0.0,
     try:
         doc = json.loads("".join(body))
         result = _flat(doc)
-    except (ValueError, KeyError):
-        return {"error": "qstack load exit %s: %s" % (proc.returncode, err.strip()[-300:])}
+    except (ValueError, KeyError) as e:
+        why = err.strip()[-300:] or "%s %s in %r" % (type(e).__name__, e, "".join(body)[-300:])
+        return {"error": "qstack load exit %s: %s" % (proc.returncode, why)}
     if keep_doc:
         result["doc"] = doc
     if err.strip():

@@ -167,6 +167,30 @@ def test_closed_loop_with_a_window(bench, tmp_path):
     assert m["rx_bytes"] == m["tx_bytes"] == 256 * m["sent"]
 
 
+def test_json_on_a_slow_pipe_arrives_whole(bench):
+    """`--json -` into a pipe nobody reads yet: the write blocks while the
+    transport is torn down (io_uring delivers its cancellations as task
+    work, which cuts a blocking write short) and must still deliver every
+    byte -- it once ended at a 64 KiB boundary with exit status 0."""
+    import fcntl
+    import time
+    srv = bench.serve("apps.echo:handle", "--framing", "fixed:64")
+    proc = subprocess.Popen([sys.executable, "-m", "qstack", "load", *bench.client,
+                             "--dest", dest(srv), "--closed", "-c", "64", "-l", "64", "-s", "0.2",
+                             "-w", "0.2", "-d", "0.5", "-q", "--json", "-"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        fcntl.fcntl(proc.stdout.fileno(), 1031, 4096)   # F_SETPIPE_SZ: one page
+        time.sleep(3)   # start-up, the run and the teardown, against a full pipe
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert len(out) > 4096
+    doc = json.loads(out)
+    assert doc["status"] == "ok" and doc["messages"]["responses"] > 0
+
+
 def test_script_protocol(bench, tmp_path):
     srv = bench.serve("apps.echo:handle", "--framing", "line")
     res, doc = bench.load_json(tmp_path, "--dest", dest(srv), "--script",
