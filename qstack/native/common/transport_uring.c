@@ -310,18 +310,25 @@ static void refill(ur *u)
         io_uring_buf_ring_advance(u->br, n);
         UR_ADD(u->lent, n);
     }
-    if (!u->starved.n || u->nholes == u->nprov)
-        return;
-    for (int i = 0; i < u->starved.n; i++) {
+    /* Re-arm no more starved sockets than there are buffers in the ring:
+     * each will take one at once (it starved with bytes waiting), and the
+     * rest would only find the ring empty again -- with 1,000 sockets
+     * starved and a few buffers back per step, that was 20 failed recvs
+     * per message received.  The others wait, in order, for later refills. */
+    int budget = (int)(u->nprov - u->nholes), i = 0;
+    for (; i < u->starved.n && budget > 0; i++) {
         qs_tp_sock *s = o->lookup(o->ctx, u->starved.v[i]);
         if (!s || !s->p)
             continue;
         ur_sock *rs = s->p;
         rs->starved = 0;
-        if ((s->want & QS_TP_IN) && !rs->recv_armed && !rs->rxq && !rs->end)
+        if ((s->want & QS_TP_IN) && !rs->recv_armed && !rs->rxq && !rs->end) {
             arm_recv(u, s);
+            budget--;
+        }
     }
-    u->starved.n = 0;
+    memmove(u->starved.v, u->starved.v + i, (size_t)(u->starved.n - i) * sizeof(*u->starved.v));
+    u->starved.n -= i;
 }
 
 static void prov_return_all(ur *u)
@@ -846,7 +853,9 @@ static int ur_wait(qs_tp *n, int64_t timeout_ns, uint32_t flags)
 static int ur_pending(qs_tp *n)
 {
     ur *u = (ur *)n;
-    return u->ready.n || (u->starved.n && u->nholes && buf_spare(u));
+    /* starved sockets wait for buffers: some in the ring (refill re-arms
+     * as many sockets as it holds) or some to put there */
+    return u->ready.n || (u->starved.n && (u->nholes < u->nprov || (u->nholes && buf_spare(u))));
 }
 
 /* What the owner's commands left: buffers back in the ring, rx queues of
