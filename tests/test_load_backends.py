@@ -19,10 +19,12 @@ server for its counts.
 """
 
 import contextlib
+import fcntl
 import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -172,15 +174,13 @@ def test_json_on_a_slow_pipe_arrives_whole(bench):
     transport is torn down (io_uring delivers its cancellations as task
     work, which cuts a blocking write short) and must still deliver every
     byte -- it once ended at a 64 KiB boundary with exit status 0."""
-    import fcntl
-    import time
     srv = bench.serve("apps.echo:handle", "--framing", "fixed:64")
     proc = subprocess.Popen([sys.executable, "-m", "qstack", "load", *bench.client,
                              "--dest", dest(srv), "--closed", "-c", "64", "-l", "64", "-s", "0.2",
                              "-w", "0.2", "-d", "0.5", "-q", "--json", "-"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        fcntl.fcntl(proc.stdout.fileno(), 1031, 4096)   # F_SETPIPE_SZ: one page
+        fcntl.fcntl(proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)   # one page
         time.sleep(3)   # start-up, the run and the teardown, against a full pipe
         out, err = proc.communicate(timeout=60)
     finally:
@@ -357,7 +357,6 @@ def test_ustack_client_over_memif(tmp_path):
     from qstack.loadgen.engine import dpdk_library
     if why_not() or dpdk_library() is None:
         pytest.skip(why_not() or "this build has no DPDK driver (no libdpdk found)")
-    import time
     sock = str(tmp_path / "memif.sock")
     conf = tmp_path / "faults.yaml"
     conf.write_text("ustack:\n  loss: 0.01\n  dup: 0.01\n  reorder: 0.02\n  corrupt: 0.005\n"
@@ -418,7 +417,6 @@ def test_memif_one_link_per_core(tmp_path):
     if why_not() or dpdk_library() is None:
         pytest.skip(why_not() or "this build has no DPDK driver (no libdpdk found)")
     import re
-    import time
     sock = str(tmp_path / "memif.sock")
     srv = subprocess.Popen(
         [sys.executable, "-m", "qstack", "serve", "apps.echo:handle", *ECHO_SERVE,

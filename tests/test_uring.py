@@ -71,25 +71,38 @@ def test_probe_says_why_or_nothing():
 
 
 @pytest.mark.skipif(bool(refused), reason=refused or "")
+def started_core(**options):
+    """An inline uring core listening on a loopback port of its own, started;
+    returns (core, address)."""
+    core = open_core("uring", levels=1, buf_size=4096, inline=True, **options)
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(128)
+    addr = ls.getsockname()
+    core.listen(fd=ls.detach())
+    core.start()
+    return core, addr
+
+
+def connect(core, addr, n):
+    """n clients, stepping the core until it has accepted them all."""
+    clients = [socket.create_connection(addr) for _ in range(n)]
+    for _ in range(500):
+        core.step(1)
+        if core.stats().conns_open == n:
+            break
+    assert core.stats().conns_open == n
+    return clients
+
+
 def test_buffers_lent_to_the_kernel_are_not_in_use():
     """The provided-buffer ring holds pool buffers; idle, with connections
     open, the pool reports none in use, and a message held by the hub
     counts one."""
-    core = open_core("uring", levels=1, buf_size=4096, buf_count=256, inline=True)
-    ls = socket.socket()
-    ls.bind(("127.0.0.1", 0))
-    ls.listen(16)
-    addr = ls.getsockname()
-    core.listen(fd=ls.detach())
-    core.start()
+    core, addr = started_core(buf_count=256)
     try:
         assert core.stats().bufs_in_use == 0
-        clients = [socket.create_connection(addr) for _ in range(8)]
-        for _ in range(200):
-            core.step(1)
-            if core.stats().conns_open == 8:
-                break
-        assert core.stats().conns_open == 8
+        clients = connect(core, addr, 8)
         assert core.stats().bufs_in_use == 0
         clients[0].sendall(b"x" * 100)
         evs = ffi.new("qs_event[4]")
@@ -110,30 +123,17 @@ def test_buffers_lent_to_the_kernel_are_not_in_use():
         core.free()
 
 
-
 def test_a_ring_far_smaller_than_the_connections_still_serves_them_all():
     """100 connections send at once into a provided-buffer ring of a few
     buffers: most receives find it empty and wait (starved); each refill
     re-arms only as many of them as the ring holds, in order, and stepping
     goes on while any wait -- every message arrives, every buffer comes
     back."""
-    core = open_core("uring", levels=1, buf_size=4096, buf_count=48, buf_reserve=8,
-                     inline=True)
-    ls = socket.socket()
-    ls.bind(("127.0.0.1", 0))
-    ls.listen(128)
-    addr = ls.getsockname()
-    core.listen(fd=ls.detach())
-    core.start()
+    core, addr = started_core(buf_count=48, buf_reserve=8)
     evs, rel = ffi.new("qs_event[16]"), ffi.new("qs_cmd[16]")
     clients = []
     try:
-        clients = [socket.create_connection(addr) for _ in range(100)]
-        for _ in range(500):
-            core.step(1)
-            if core.stats().conns_open == 100:
-                break
-        assert core.stats().conns_open == 100
+        clients = connect(core, addr, 100)
         for i, c in enumerate(clients):
             c.sendall(b"%03d" % i)
         got = {}
