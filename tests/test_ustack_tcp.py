@@ -1447,6 +1447,50 @@ def test_a_client_whose_syn_was_resent_times_the_syn_ack_by_its_timestamp():
         n.free()
 
 
+def test_a_lost_syn_ack_times_neither_end_by_the_servers_timer():
+    """A lost SYN-ACK is sent again by the server's timer 1 s after the SYN
+    reached it, echoing that SYN: the client that took it for a round trip
+    timed the server's timer (about 1 s: an RTO of 3 s, which the 40 ms
+    samples that followed first raised), and the server, which refused any
+    sample after a resent SYN-ACK, started at 3 s (RFC 6298 5.7) although
+    the ACK echoed the resent SYN-ACK, an exact round trip.  Under 1% loss
+    over memif, a lost segment of either end's first message then waited
+    3 s, 9 s, 21 s.  Now the server takes that echo, the client takes no
+    handshake sample, and its first data sample sets the RTO afresh."""
+    n = Net(latency=20 * MS)
+    try:
+        n.listen(B, 80)
+        first = n.connect(A, 80)                       # ARP resolved: SYNs leave at once
+        n.run(100 * MS)
+        n.fault(B, loss=1.0)                           # the SYN-ACK is lost
+        h = n.connect(A, 80)
+        n.run(30 * MS)
+        n.fault(B)
+        n.run(1100 * MS)     # A resends its SYN at 1 s, B's timer its SYN-ACK at 1.02 s
+        (fb, hb) = n.accepted(B)
+        assert n.state(A, h) == n.state(B, hb) == "ESTABLISHED"
+        ia, ib = n.info(A, h), n.info(B, hb)
+        assert ia.srtt_us == 0 and ia.rto_ms == 3000, (ia.srtt_us, ia.rto_ms)   # 5.7
+        assert 39_000 <= ib.srtt_us <= 41_000 and ib.rto_ms < 1000, (ib.srtt_us, ib.rto_ms)
+        # one exchange: the client's first data sample is its first measurement
+        assert n.send(A, h, b"q" * 100) == 100
+        n.run(200 * MS)
+        assert n.recv(B, hb) == b"q" * 100
+        assert n.send(B, hb, b"r" * 100) == 100
+        n.run(200 * MS)
+        assert n.recv(A, h) == b"r" * 100
+        ia = n.info(A, h)
+        assert 0 < ia.srtt_us < 200_000 and ia.rto_ms < 1000, (ia.srtt_us, ia.rto_ms)
+        for x in (first, h):
+            n.close(A, x)
+        for x in (fb, hb):
+            n.close(B, x)
+        n.run(100 * MS)
+        leak_free(n)
+    finally:
+        n.free()
+
+
 def test_an_unanswered_arp_request_is_asked_again_by_the_timer():
     """A lost ARP answer (a memif link loses the first frames its server
     sends while the link comes up) is asked for again a second later by the

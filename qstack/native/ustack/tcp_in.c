@@ -263,6 +263,7 @@ static void syn_sent_input(qs_ustack *s, qs_tcb *t, qs_tcp_seg *g, qs_mbuf *m, i
         /* simultaneous open (RFC 9293 3.5, figure 7): SYN-ACK with our ISS */
         qs_tcp_set_state(s, t, QS_TCP_SYN_RECEIVED);
         t->flags &= (uint32_t)~QT_TIMING;
+        t->rtt_t0 = qs_tick(now);         /* our latest SYN (tcp_sync.c) */
         qs_tcp_send_ctl(s, t, QS_TH_SYN | QS_TH_ACK, t->iss, now);
         qs_tcp_rexmit_arm(s, t, now);
     }

@@ -26,7 +26,6 @@
 #include "ustack.h"
 
 #define CHALLENGE_PER_SEC 1000
-#define HANDSHAKE_RTT_MAX_MS 60000
 
 static uint32_t adv_window(const qs_tcb *t)
 {
@@ -216,32 +215,46 @@ static void pull_ooo(qs_ustack *s, qs_tcb *t)
  * handshake: the SYN-ACK for a client, the ACK of the SYN-ACK for a server
  * (as Linux's tcp_synack_rtt_meas).  Without it a server's RTO stayed at
  * init_rto_ms until its first reply was acknowledged, and a reply whose
- * last segment was lost waited 1 s, then 2, 4 ...; a client whose SYN was
- * resent started at 3 s (RFC 6298 5.7), and its first lost request waited
- * 3 s, then 6.
+ * last segment was lost waited 1 s, then 2, 4 ...
  *
- * A client takes the SYN-ACK's TSecr, which says which SYN it answers, so
- * a resent SYN is timed too; without timestamps, the timed SYN if it was
- * sent once (Karn).  A server takes only a prompt answer to a SYN-ACK sent
- * once: after a resent SYN-ACK the client's ACK echoes the first one's
- * TSval (its TS.Recent does not move for a duplicate), and a request that
- * completes the handshake because the ACK before it was lost may come
- * seconds later; both gave samples of a second and more under 1% loss, and
- * RTOs of 3-7 s.  A SYN-cookie connection runs without timestamps and was
- * timed by nobody: no sample.
+ * A sample must time a round trip of the path, and the handshake has two
+ * ways to time something else instead:
+ *  - the answer echoes an earlier SYN (SYN-ACK) than our latest: after a
+ *    resent SYN-ACK the client's ACK echoes the first one's TSval (its
+ *    TS.Recent does not move for a duplicate);
+ *  - the answer is the peer's own retransmission: a SYN-ACK lost on its
+ *    way is sent again by the server's timer init_rto_ms (RFC 6298 2.1:
+ *    1 s) after our SYN reached it, echoing that SYN, so the client timed
+ *    the server's timer -- about 1 s, which RFC 6298 2.2 turns into an RTO
+ *    of 3 s, on every connection that lost a SYN-ACK, and the 1 ms samples
+ *    that follow first raise it (RTTVAR) before they bring it down.
+ * So: with timestamps, only an echo of the TSval of our latest SYN
+ * (SYN-ACK), which says exactly what it answers (RFC 7323 4; Karn's
+ * ambiguity is gone, so a resent one counts), and only if it came back
+ * within init_rto_ms.  Without timestamps, the timed SYN (SYN-ACK) if it
+ * was sent once (Karn).  A server takes nothing from a request that
+ * completes the handshake (its ACK before it was lost: it may come
+ * seconds later).  No sample: init_rto_ms, or 3 s after a resent SYN
+ * (SYN-ACK) (RFC 6298 5.7), until the first data sample -- which is then
+ * the first measurement (2.2), not one averaged with a wrong one.  A
+ * SYN-cookie connection runs without timestamps and was timed by nobody.
+ * Under 1% loss each way, 2.5% of client connections took a sample of
+ * about 1 s, and the server refused a valid one after every resent
+ * SYN-ACK: a lost segment of either end's first message waited 3 s, then
+ * 6 more, then 12.
  */
 void qs_tcp_handshake_rtt(qs_ustack *s, qs_tcb *t, const qs_tcp_seg *g, int64_t now)
 {
     uint32_t rtt = UINT32_MAX;
     int passive = t->state != QS_TCP_SYN_SENT;       /* a server, or a simultaneous open */
-    if (passive && (g->len || t->nrexmit))
+    if (passive && g->len)
         ;                                             /* not a round trip: see above */
-    else if ((t->flags & QT_TS) && g->has_ts && g->tsecr)
-        rtt = qs_tick(now) + t->iss.v - g->tsecr;     /* our clock: tick + iss */
+    else if ((t->flags & QT_TS) && g->has_ts)
+        rtt = g->tsecr == t->rtt_t0 + t->iss.v ? qs_tick(now) - t->rtt_t0 : UINT32_MAX;
     else if ((t->flags & QT_TIMING) && !t->nrexmit)
         rtt = qs_tick(now) - t->rtt_t0;
     t->flags &= (uint32_t)~QT_TIMING;
-    if (rtt <= HANDSHAKE_RTT_MAX_MS)                  /* else not an echo of ours */
+    if (rtt < s->cfg.init_rto_ms)
         qs_tcp_rtt_sample(s, t, rtt);
 }
 

@@ -154,6 +154,7 @@ static void rexmit_expired(qs_ustack *s, qs_tcb *t, int64_t now)
         s->st.tcp_rexmit++;
         t->rto_ms = t->rto_ms * 2 > s->cfg.max_rto_ms ? s->cfg.max_rto_ms : t->rto_ms * 2;
         t->flags &= (uint32_t)~QT_TIMING;
+        t->rtt_t0 = qs_tick(now);     /* the latest SYN: an answer echoes its TSval (tcp_sync.c) */
         qs_tcp_send_ctl(s, t, t->state == QS_TCP_SYN_SENT ? QS_TH_SYN : QS_TH_SYN | QS_TH_ACK,
                         t->iss, now);
         qs_tcp_rexmit_arm(s, t, now);
