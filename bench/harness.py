@@ -34,8 +34,9 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 NATIVE = {
     "epoll_echo": ["epoll_echo.c"],
     "uring_echo": ["uring_echo.c"],
+    "sendzc_probe": ["sendzc_probe.c"],
 }
-LIBS = {"uring_echo": ["-luring"]}   # beyond -lm
+LIBS = {"uring_echo": ["-luring"], "sendzc_probe": ["-luring", "-lpthread"]}   # beyond -lm
 
 
 # ---- building ---------------------------------------------------------------
