@@ -4,6 +4,7 @@ serves; buffers lent to the kernel are not reported in use.  The server
 and connection-layer suites run on it too (conftest.BACKENDS,
 test_native.BACKENDS)."""
 
+import os
 import socket
 import subprocess
 import sys
@@ -14,6 +15,10 @@ from conftest import ROOT, recv_exact
 from qstack.transport import ffi, lib, open_core, uring_refusal
 
 refused = uring_refusal()
+# Where io_uring works, the refusal paths run under a seccomp filter that
+# refuses it to the server's process tree only (tests/no_io_uring.py).
+NO_URING = () if refused else (sys.executable, os.path.join(ROOT, "tests", "no_io_uring.py"))
+REFUSAL = refused or "the kernel refuses io_uring: EPERM (Operation not permitted)"
 
 
 def stopped(server):
@@ -55,14 +60,40 @@ def test_named_backend_serves_and_says_so(serve, backend, stack):
     assert log.count(f"({backend} backend,") == 2
 
 
-@pytest.mark.skipif(not refused, reason="io_uring works here: nothing is refused")
-def test_uring_refused_is_one_line_and_exit_2(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "qstack", "serve", "apps.echo:handle",
+def test_auto_falls_back_to_kernel_where_io_uring_is_refused(serve):
+    """As in a container whose seccomp profile refuses io_uring: one warning
+    (from the supervisor, not one per core), and every core serves on kernel."""
+    server = serve("apps.echo:handle", "--cores", "2", wrap=NO_URING)
+    for _ in range(4):
+        echo(server, 5)
+    log = stopped(server)
+    assert log.count(f"backend auto: kernel, not uring: {REFUSAL}") == 1, log[-2000:]
+    assert log.count("(kernel backend,") == 2 and "(uring backend," not in log, log[-2000:]
+
+
+def one_error_line(proc, *fragments):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_uring_asked_for_and_refused_is_one_line_and_exit_2():
+    proc = subprocess.run([*NO_URING, sys.executable, "-m", "qstack", "serve", "apps.echo:handle",
                            "--backend", "uring", "--port", "0"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and refused in lines[0] and "Traceback" not in proc.stderr
+    one_error_line(proc, "server.backend: uring: " + REFUSAL, "--backend kernel (or auto)")
+
+
+def test_load_on_uring_refused_is_one_line_and_exit_2(serve):
+    """qstack load --backend uring where io_uring is refused: said before it
+    connects anything, not as a failed run's report."""
+    server = serve("apps.echo:handle", "--backend", "kernel")
+    proc = subprocess.run([*NO_URING, sys.executable, "-m", "qstack", "load", "--backend", "uring",
+                           "--dest", "%s:%d" % server.addr, "-c", "10", "-d", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    one_error_line(proc, "--backend uring: " + REFUSAL, "--backend kernel")
 
 
 def test_probe_says_why_or_nothing():

@@ -199,6 +199,11 @@ def options_from_args(args: argparse.Namespace):
     if o.script:   # import and try it now: a bad script is one line and exit 2
         from qstack.loadgen import script
         script.install(script.load(o.script, o.length), o.length)
+    if o.backend == "uring":     # refused (seccomp, a container, the sysctl): say so now
+        from qstack.transport import uring_refusal
+        why = uring_refusal()
+        if why:
+            raise ConfigError(f"--backend uring: {why}; --backend kernel runs without it")
     if o.backend == "ustack" and o.driver == "tap":
         _check_ustack_device(o)
     if o.backend == "ustack" and o.driver in ("dpdk", "memif"):
