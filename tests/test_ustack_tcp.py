@@ -1456,7 +1456,10 @@ def test_a_lost_syn_ack_times_neither_end_by_the_servers_timer():
     the ACK echoed the resent SYN-ACK, an exact round trip.  Under 1% loss
     over memif, a lost segment of either end's first message then waited
     3 s, 9 s, 21 s.  Now the server takes that echo, the client takes no
-    handshake sample, and its first data sample sets the RTO afresh."""
+    handshake sample, and its first data sample sets the RTO afresh.  (The
+    client's resent SYN is lost too: one that gets through draws a SYN-ACK
+    that echoes it, an exact round trip, see
+    test_a_retransmitted_syn_in_syn_received_gets_the_syn_ack_again.)"""
     n = Net(latency=20 * MS)
     try:
         n.listen(B, 80)
@@ -1466,7 +1469,11 @@ def test_a_lost_syn_ack_times_neither_end_by_the_servers_timer():
         h = n.connect(A, 80)
         n.run(30 * MS)
         n.fault(B)
-        n.run(1100 * MS)     # A resends its SYN at 1 s, B's timer its SYN-ACK at 1.02 s
+        n.run(900 * MS)
+        n.fault(A, loss=1.0)  # A's SYN resent at 1 s is lost; B's timer resends at 1.02 s
+        n.run(100 * MS)
+        n.fault(A)
+        n.run(100 * MS)
         (fb, hb) = n.accepted(B)
         assert n.state(A, h) == n.state(B, hb) == "ESTABLISHED"
         ia, ib = n.info(A, h), n.info(B, hb)
@@ -1481,6 +1488,43 @@ def test_a_lost_syn_ack_times_neither_end_by_the_servers_timer():
         assert n.recv(A, h) == b"r" * 100
         ia = n.info(A, h)
         assert 0 < ia.srtt_us < 200_000 and ia.rto_ms < 1000, (ia.srtt_us, ia.rto_ms)
+        for x in (first, h):
+            n.close(A, x)
+        for x in (fb, hb):
+            n.close(B, x)
+        n.run(100 * MS)
+        leak_free(n)
+    finally:
+        n.free()
+
+
+def test_a_retransmitted_syn_in_syn_received_gets_the_syn_ack_again():
+    """A client whose SYN-ACK was lost sends its SYN again.  In SYN-RECEIVED
+    that SYN (sequence IRS, below RCV.NXT) failed the acceptability test and
+    drew a bare ACK, which the client in SYN-SENT drops, so the handshake
+    waited for the server's own SYN-ACK timer (here 3 s, an older server's
+    initial RTO).  Now it gets the SYN-ACK again at once, echoing the SYN
+    it answers: both ends take an exact 40 ms round trip from it."""
+    n = Net(latency=20 * MS, b={"init_rto_ms": 3000})
+    try:
+        n.listen(B, 80)
+        first = n.connect(A, 80)                       # ARP resolved: SYNs leave at once
+        n.run(100 * MS)
+        n.fault(B, loss=1.0)                           # the SYN-ACK is lost
+        h = n.connect(A, 80)
+        n.run(30 * MS)
+        n.fault(B)
+        rexmit = n.stats(B).tcp_rexmit
+        n.run(1100 * MS)                               # A resends its SYN at 1 s
+        assert n.state(A, h) == "ESTABLISHED"
+        (fb, hb) = n.accepted(B)
+        assert n.state(B, hb) == "ESTABLISHED"
+        assert n.stats(B).tcp_rexmit == rexmit + 1     # the one SYN-ACK, not the timer
+        ia, ib = n.info(A, h), n.info(B, hb)
+        assert 39_000 <= ia.srtt_us <= 41_000 and ia.rto_ms < 1000, (ia.srtt_us, ia.rto_ms)
+        assert 39_000 <= ib.srtt_us <= 41_000 and ib.rto_ms < 1000, (ib.srtt_us, ib.rto_ms)
+        n.run(3 * SEC)
+        assert n.stats(B).tcp_rexmit == rexmit + 1     # and no SYN-ACK timer left behind
         for x in (first, h):
             n.close(A, x)
         for x in (fb, hb):

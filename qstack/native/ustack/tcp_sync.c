@@ -3,12 +3,13 @@
  * 3.10.7.4): SYN-RECEIVED, ESTABLISHED, FIN-WAIT-1/2, CLOSE-WAIT, CLOSING,
  * LAST-ACK, TIME-WAIT.  The steps run in the RFC's order:
  *
- *   1. sequence acceptability (the four cases of 3.10.7.4), else ACK and drop;
+ *   1. sequence acceptability (the four cases of 3.10.7.4), else ACK and drop
+ *      (a retransmitted SYN in SYN-RECEIVED, which fails it, gets our
+ *      SYN-ACK again first);
  *   2. RST: RFC 5961 3.2 -- reset only if SEG.SEQ == RCV.NXT exactly; any
  *      other in-window RST draws a challenge ACK, so a blind attacker must
  *      hit one sequence number in 2^32 instead of one window in 2^32;
- *   3. SYN: RFC 5961 4 -- never a reset, always a challenge ACK (except a
- *      retransmitted SYN in SYN-RECEIVED, which gets our SYN-ACK again);
+ *   3. SYN: RFC 5961 4 -- never a reset, always a challenge ACK;
  *      a RST in TIME-WAIT is ignored (RFC 1337), so a stray or forged RST
  *      cannot cut the 2 MSL that protects the next incarnation;
  *   4. ACK: RFC 5961 5.2 -- acceptable only within
@@ -353,6 +354,37 @@ static int paws_reject(const qs_tcb *t, const qs_tcp_seg *g, int64_t now)
            qs_tick(now) - t->ts_recent_tick < QS_PAWS_IDLE_MS;   /* 5.5: a TS.Recent that old is void */
 }
 
+/*
+ * The peer's SYN again, in SYN-RECEIVED: our SYN-ACK (or its ACK) was
+ * lost, and the peer's timer went first.  Its sequence number is IRS, one
+ * below RCV.NXT, so the acceptability test of step 1 fails and RFC 9293
+ * would answer with a bare ACK -- which the peer in SYN-SENT drops
+ * (3.10.7.3: neither SYN nor RST), so the handshake waited for our own SYN-ACK timer, up to a second
+ * later, or 2 s, 4 s after that.  Answer with the SYN-ACK, as Linux does
+ * for a pure retransmitted SYN (tcp_check_req), and restart our timer
+ * from it.
+ *
+ * Its TSval becomes TS.Recent (RFC 7323 4.3: SEG.SEQ = IRS <= Last.ACK.sent,
+ * and PAWS let it in, so it is not older), so the SYN-ACK echoes the SYN
+ * just sent, and the peer takes an exact round trip from it (tcp_sync.c's
+ * handshake sample wants its latest SYN); Linux echoes the first SYN
+ * instead.  Our own answer is timed from this SYN-ACK on (rtt_t0), by its
+ * timestamp; without timestamps not at all (Karn).  Neither the backoff
+ * nor the retry count moves: no timer expired (RFC 6298 5.7).
+ */
+static void resend_synack(qs_ustack *s, qs_tcb *t, const qs_tcp_seg *g, int64_t now)
+{
+    if (g->has_ts && (t->flags & QT_TS)) {
+        t->ts_recent = g->tsval;
+        t->ts_recent_tick = qs_tick(now);
+    }
+    s->st.tcp_rexmit++;
+    t->flags &= (uint32_t)~QT_TIMING;
+    t->rtt_t0 = qs_tick(now);
+    qs_tcp_send_ctl(s, t, QS_TH_SYN | QS_TH_ACK, t->iss, now);
+    qs_tcp_rexmit_arm(s, t, now);
+}
+
 void qs_tcp_sync_input(qs_ustack *s, qs_tcb *t, qs_tcp_seg *g, qs_mbuf *m, int64_t now)
 {
     uint32_t seglen = g->len + ((g->flags & QS_TH_SYN) ? 1 : 0) + ((g->flags & QS_TH_FIN) ? 1 : 0);
@@ -365,6 +397,11 @@ void qs_tcp_sync_input(qs_ustack *s, qs_tcb *t, qs_tcp_seg *g, qs_mbuf *m, int64
     if (paws_reject(t, g, now)) {
         s->st.tcp_paws_drop++;
         qs_tcp_send_ack(s, t, now);
+        goto drop;
+    }
+    if (t->state == QS_TCP_SYN_RECEIVED && qs_seq_eq(g->seq, t->irs) &&
+        (g->flags & (QS_TH_SYN | QS_TH_ACK | QS_TH_RST)) == QS_TH_SYN) {
+        resend_synack(s, t, g, now);
         goto drop;
     }
     if (!acceptable(t, g, seglen)) {
@@ -412,12 +449,9 @@ void qs_tcp_sync_input(qs_ustack *s, qs_tcb *t, qs_tcp_seg *g, qs_mbuf *m, int64
         }
         goto drop;
     }
-    /* 3. SYN */
+    /* 3. SYN (a retransmitted one in SYN-RECEIVED was answered above) */
     if (g->flags & QS_TH_SYN) {
-        if (t->state == QS_TCP_SYN_RECEIVED && qs_seq_eq(g->seq, t->irs) && !(g->flags & QS_TH_ACK))
-            qs_tcp_send_ctl(s, t, QS_TH_SYN | QS_TH_ACK, t->iss, now);
-        else
-            challenge_ack(s, t, now);
+        challenge_ack(s, t, now);
         goto drop;
     }
     /* 4. ACK */
