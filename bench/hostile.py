@@ -14,8 +14,9 @@ until the attack is over if that is later
 (the large-message attack sends for up to ATTACK_LIMIT s while a server
 does not read it).
 
-    python bench/hostile.py                          # qstack, kernel backend
+    python bench/hostile.py                          # qstack, kernel backend (epoll)
     python bench/hostile.py --server qstack,gevent,uvloop --hold 8
+    python bench/hostile.py --backend uring          # qstack on io_uring
     python bench/hostile.py --backend ustack         # qstack over TAP (root)
     python bench/hostile.py --attack slowloris --conns 8000
 
@@ -75,13 +76,14 @@ def wait_listening(proc, host, port, timeout=15.0):
     raise RuntimeError(f"server did not listen on {host}:{port}")
 
 
-def start(args, config=None, env=None, tap=None):
-    """`qstack serve`: on 127.0.0.1 and a free port, or (tap = the device of a
-    namespace the caller entered) on the user-space stack at STACK_IP:8000.
+def start(args, config=None, env=None, tap=None, backend="kernel"):
+    """`qstack serve`: on 127.0.0.1 and a free port over kernel sockets
+    (backend kernel or uring), or (tap = the device of a namespace the
+    caller entered) on the user-space stack at STACK_IP:8000.
     Returns (proc, host, port)."""
     if tap is None:
         host, port = LOOPBACK, free_port()
-        where = ["--host", host, "--port", str(port)]
+        where = ["--host", host, "--port", str(port), "--backend", backend]
     else:
         sys.path.insert(0, os.path.join(ROOT, "tests"))
         from netns import STACK_IP
@@ -331,14 +333,16 @@ server:
 
 
 def run(attack, conns, hold, buf_count=8192, max_large=128 << 20, mt=30.0, wt=30.0,
-        stack="thread", server="qstack", tap=None):
+        stack="thread", server="qstack", tap=None, backend="kernel"):
     """One attack, held `hold` s, against `server` (qstack, gevent or
-    uvloop; qstack on the user-space stack when `tap` names the device of a
-    namespace the caller entered).  Returns a dict of figures."""
+    uvloop; qstack on `backend` kernel or uring, or on the user-space stack
+    when `tap` names the device of a namespace the caller entered).
+    Returns a dict of figures."""
     if server == "qstack":
         proc, host, port = start(
             ["apps.echo:handle", *QSTACK_ARGS[attack], "--stack", stack],
-            CONFIG.format(buf_count=buf_count, max_large=max_large, mt=mt, wt=wt), tap=tap)
+            CONFIG.format(buf_count=buf_count, max_large=max_large, mt=mt, wt=wt), tap=tap,
+            backend=backend)
     else:
         proc, host, port = start_peer(server, FRAMING[attack])
     try:
@@ -389,9 +393,9 @@ def fmt(r):
 
 @contextlib.contextmanager
 def namespace(backend):
-    """None on the kernel backend; else a TAP device in a namespace of our
-    own, entered for the block (tests/netns.py)."""
-    if backend == "kernel":
+    """None on kernel sockets; for ustack a TAP device in a namespace of
+    our own, entered for the block (tests/netns.py)."""
+    if backend != "ustack":
         yield None
         return
     sys.path.insert(0, os.path.join(ROOT, "tests"))
@@ -407,7 +411,7 @@ def main():
     ap.add_argument("--attack", choices=[*ATTACKS, "all"], default="all")
     ap.add_argument("--server", default="qstack",
                     help="comma-separated: qstack, gevent, uvloop (default qstack)")
-    ap.add_argument("--backend", choices=["kernel", "ustack"], default="kernel",
+    ap.add_argument("--backend", choices=["kernel", "uring", "ustack"], default="kernel",
                     help="qstack's backend (the peers always use kernel sockets)")
     ap.add_argument("--conns", type=int, default=None)
     ap.add_argument("--hold", type=float, default=8.0)
@@ -430,7 +434,7 @@ def main():
                 if tap is not None and server != "qstack":
                     continue
                 r = run(attack, a.conns or PLAN[attack], a.hold, mt=a.timeout, wt=a.timeout,
-                        stack=a.stack, server=server, tap=tap)
+                        stack=a.stack, server=server, tap=tap, backend=a.backend)
                 print(fmt(r), flush=True)
                 for line in r["said"]:
                     print("    server said:", line)

@@ -1,5 +1,6 @@
-"""Hostile peers against a real server (issue 10), on the kernel backend
-and, where the attack applies, on the user-space stack over TAP.
+"""Hostile peers against a real server (issue 10), on kernel sockets under
+epoll (kernel) and io_uring (uring) and, where the attack applies, on the
+user-space stack over TAP.
 
 Each attack is held while a well-behaved probe (high priority where a rule
 exists) keeps getting replies within a bound; the server's RSS stays under
@@ -38,12 +39,19 @@ def short_accept_linger(monkeypatch):
     monkeypatch.setenv("QSTACK_TEST_ACCEPT_LINGER", "0.02")
 
 
-@pytest.fixture(params=["kernel", "ustack"])
-def tap(request):
-    """None on the kernel backend; the TAP device of an entered namespace
-    on the user-space stack."""
-    if request.param == "kernel":
-        yield None
+@pytest.fixture(params=["kernel", "uring", "ustack"])
+def where(request):
+    """hostile.run()'s backend and tap: a TAP device of an entered namespace
+    for the user-space stack, None on kernel sockets."""
+    yield from _where(request.param)
+
+
+def _where(backend):
+    if backend != "ustack":
+        from qstack.transport import uring_refusal
+        if backend == "uring" and uring_refusal():
+            pytest.skip(uring_refusal())
+        yield {"backend": backend, "tap": None}
         return
     from conftest import wait_tap
     from netns import entered_tap, why_not
@@ -57,7 +65,7 @@ def tap(request):
 
     with entered_tap() as dev, pytest.MonkeyPatch.context() as mp:
         mp.setattr(hostile, "wait_listening", wait_listening)
-        yield dev
+        yield {"backend": backend, "tap": dev}
 
 
 def check_probe(r):
@@ -68,10 +76,11 @@ def check_probe(r):
     assert p["max"] < PROBE_MAX, p
 
 
-def check_exit(r, tap):
+def check_exit(r, where):
     assert r["exit"] == 0, r["stderr"][-2000:]
+    assert f"({where['backend']} backend," in r["stderr"], r["stderr"][-2000:]
     assert "buffers in use 0" in r["stderr"], r["stderr"][-2000:]
-    if tap is not None:
+    if where["tap"] is not None:
         assert "packet buffers in use 0" in r["stderr"], r["stderr"][-2000:]
 
 
@@ -83,12 +92,22 @@ def last_peer_named(r, what, tap):
     return any(pat.search(s) for s in r["said"])
 
 
-@pytest.mark.parametrize("stack", ["thread", "inline"])
-def test_slowloris_one_byte_each_does_not_take_the_pool(stack, tap):
+@pytest.fixture(params=[("kernel", "thread"), ("uring", "inline"), ("ustack", "thread"),
+                        ("ustack", "inline")], ids="-".join)
+def where_stack(request):
+    """Each backend and each stack layout at least once (not every pair:
+    each run holds the attack for seconds)."""
+    backend, stack = request.param
+    for where in _where(backend):
+        yield {**where, "stack": stack}
+
+
+def test_slowloris_one_byte_each_does_not_take_the_pool(where_stack):
     # 3,000 conns each holding 1 byte of a 200-byte message, against a pool of
     # 1,024 buffers: before, the first 1,024 took the whole pool.
-    r = hostile.run("slowloris", 3000, hold=4.0, buf_count=1024, mt=2.0, stack=stack, tap=tap)
-    check_exit(r, tap)
+    tap = where_stack["tap"]
+    r = hostile.run("slowloris", 3000, hold=4.0, buf_count=1024, mt=2.0, **where_stack)
+    check_exit(r, where_stack)
     check_probe(r)
     # held (not refused) while partial: far more than the pool (the first
     # ones may be reset already if opening 3,000 took the 2 s timeout)
@@ -98,12 +117,13 @@ def test_slowloris_one_byte_each_does_not_take_the_pool(stack, tap):
     assert r["rss_peak"] - r["rss_base"] < 64 << 20, r
 
 
-def test_never_reading_clients_do_not_hold_the_pool(tap):
+def test_never_reading_clients_do_not_hold_the_pool(where):
     # 50 peers with a 4 KiB receive buffer sending 1 KiB lines, never reading.
     # Before: replies queued after the socket filled kept their pool buffers
     # (1,024 of 1,024) and the probe waited 2 s, every time.
-    r = hostile.run("nonreaders", 50, hold=5.0, buf_count=1024, wt=2.0, tap=tap)
-    check_exit(r, tap)
+    tap = where["tap"]
+    r = hostile.run("nonreaders", 50, hold=5.0, buf_count=1024, wt=2.0, **where)
+    check_exit(r, where)
     check_probe(r)
     # reset by the write timeout (a peek on the client cannot tell: the
     # unread replies are still in its receive buffer)
@@ -113,11 +133,12 @@ def test_never_reading_clients_do_not_hold_the_pool(tap):
     assert r["rss_peak"] - r["rss_base"] < 200 << 20, r
 
 
-def test_large_partial_messages_are_capped(tap):
+def test_large_partial_messages_are_capped(where):
     # 20 peers announcing 15 MiB and sending 14 MiB, under a 64 MiB cap:
     # 4 fit, the others wait (not read: TCP pushes back).
-    r = hostile.run("large", 20, hold=5.0, max_large=64 << 20, mt=3.0, tap=tap)
-    check_exit(r, tap)
+    tap = where["tap"]
+    r = hostile.run("large", 20, hold=5.0, max_large=64 << 20, mt=3.0, **where)
+    check_exit(r, where)
     check_probe(r)
     assert r["rss_peak"] - r["rss_base"] < (64 + 64) << 20, r
     assert (last_peer_named(r, "message timeouts", tap) or
