@@ -986,6 +986,56 @@ def test_rto_backoff_and_give_up():
         n.free()
 
 
+def test_the_ack_of_a_retransmission_collapses_the_backed_off_rto():
+    """After a timeout the RTO stayed backed off until new data was timed
+    (Karn: the ACK of a retransmission is not), so a request/response
+    connection that lost a segment (or its ACK) twice waited 0.2 + 0.4 s,
+    and its next loss 0.8 s.  With timestamps the TSecr says which transmission an ACK
+    answers (RFC 7323 4.1): the ACK of the retransmission is an exact
+    sample, and the RTO comes back down at once.  An ACK whose TSecr is 0,
+    before our SYN, or in the future gives no sample."""
+    n = Net(latency=20 * MS)
+    try:
+        n.listen(B, 80)
+        h = n.connect(A, 80)
+        n.run(200 * MS)
+        (hb,) = n.accepted(B)
+        n.capture_on(A), n.capture_on(B)
+        assert n.send(A, h, b"q" * 100) == 100
+        n.run(200 * MS)
+        assert n.recv(B, hb) == b"q" * 100
+        srtt = n.info(A, h).srtt_us
+        assert 0 < srtt <= 80_000 and n.info(A, h).rto_ms == 200, n.info(A, h).rto_ms
+        n.fault(B, loss=1.0)             # B's ACKs are lost
+        assert n.send(A, h, b"x" * 1000) == 1000
+        n.run(650 * MS)                  # sent at 0, again at 0.2 s (RTO), 0.6 s (RTO)
+        n.fault(B)
+        assert n.recv(B, hb) == b"x" * 1000
+        i = n.info(A, h)
+        assert n.stats(A).tcp_rto == 2 and i.rto_ms == 800, (n.stats(A).tcp_rto, i.rto_ms)
+        a_ts = [ts_option(f)[0] for f in n.captured(A) if parse_tcp(f)]
+        b_ts = max(ts_option(f)[0] for f in n.captured(B) if parse_tcp(f))
+        syn_ts = a_ts[0] - 100_000       # the pair's SYN left before anything captured
+        for k, tsecr in enumerate((0, syn_ts - 1000, a_ts[-1] + 10_000)):
+            i = n.info(A, h)
+            una = i.snd_una
+            assert n.inject(A, tcp_to(n, A, h, ACK, ack_off=una + 100 - i.snd_nxt,
+                                      opts=ts_opts(b_ts + 1 + k, tsecr))) == 0
+            i = n.info(A, h)
+            assert i.snd_una == (una + 100) & 0xffffffff
+            assert i.rto_ms == 800 and i.srtt_us == srtt, (tsecr, i.rto_ms, i.srtt_us)
+        n.run(100 * MS)                  # A sends again at 1.4 s: 800 ms from 0.6 s
+        assert n.info(A, h).rto_ms == 800
+        n.run(800 * MS)
+        i = n.info(A, h)
+        assert i.srtt_us == srtt - srtt // 8 + 40_000 // 8, i.srtt_us      # a 40 ms sample
+        assert i.rto_ms < 300, i.rto_ms
+        n.close(A, h), n.close(B, hb)
+        leak_free(n)
+    finally:
+        n.free()
+
+
 def test_zero_window_probe_and_reopen():
     n, h, hb = opened(b={"rcv_buf": 8192})
     try:

@@ -2,7 +2,9 @@
  * tcp_cc.c -- round-trip time, retransmission timeout, congestion control.
  *
  * RTO (RFC 6298): one RTT measurement at a time on new data only (Karn's
- * rule: tcp_out.c starts it, a retransmission cancels it), SRTT/RTTVAR in
+ * rule: tcp_out.c starts it, a retransmission cancels it; with timestamps
+ * the TSecr also times the ACKs in between, retransmissions included:
+ * tcp_sync.c's ack_rtt), SRTT/RTTVAR in
  * microseconds from millisecond ticks (clock granularity G = 1 ms),
  * RTO = SRTT + max(G, 4 RTTVAR) clamped to [min_rto, max_rto].  RFC 6298
  * 2.4 asks for a 1 s floor; like most stacks we make the floor a setting

@@ -383,7 +383,8 @@ int qs_tcp_output(qs_ustack *s, qs_tcb *t, int64_t now)
             if (timing) {                 /* Karn: time only new data */
                 t->flags |= QT_TIMING;
                 t->rtt_seq = t->snd_nxt;
-                t->rtt_t0 = qs_tick(now);
+                if (!(t->flags & QT_TS))  /* with them, TSecr times it (tcp_sync.c) */
+                    t->rtt_t0 = qs_tick(now);
             }
             t->snd_nxt = qs_seq_add(t->snd_nxt, len + (fin ? 1 : 0));
             if (fin)

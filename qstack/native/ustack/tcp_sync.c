@@ -92,6 +92,42 @@ static void trim_sndq(qs_ustack *s, qs_tcb *t, uint32_t n)
     }
 }
 
+/*
+ * The RTT sample of an ACK that advances SND.UNA.  Without timestamps,
+ * Karn: one segment at a time is timed (tcp_out.c), a retransmission
+ * cancels the measurement, and the backed-off RTO stays until new data has
+ * been timed.  With timestamps the TSecr says which transmission the ACK
+ * answers, so there is no ambiguity (RFC 7323 4.1, as Linux's
+ * tcp_rtt_tsopt_us): it gives the sample when it completes the running
+ * measurement (one per round trip, as before) and on every such ACK while
+ * none runs -- after a retransmission in particular, so the first ACK of a
+ * retransmitted segment collapses the backed-off RTO (RFC 6298 5.5's note;
+ * Linux resets its backoff on that sample).  Before, it stayed at 2, 4 ...
+ * times the RTO until new data was timed: a request/response connection
+ * that lost a segment then lost its next one at that RTO.
+ *
+ * Only an echo of this connection's clock counts: TSecr 0 (nothing to
+ * echo yet, or a peer that does not echo), or a tick before our latest SYN
+ * (SYN-ACK) (rtt_t0, which data timing leaves alone with timestamps), or
+ * after now, is no sample.  Nor is the ACK of our SYN alone
+ * (qs_tcp_handshake_rtt takes that one, with its own rules).
+ */
+static void ack_rtt(qs_ustack *s, qs_tcb *t, const qs_tcp_seg *g, int64_t now)
+{
+    int closes = (t->flags & QT_TIMING) && qs_seq_gt(g->ack, t->rtt_seq);
+    if (!(t->flags & QT_TS)) {
+        if (closes)
+            qs_tcp_rtt_sample(s, t, qs_tick(now) - t->rtt_t0);
+    } else if ((closes || !(t->flags & QT_TIMING)) && g->has_ts && g->tsecr &&
+               qs_seq_gt(g->ack, qs_seq_add(t->iss, 1))) {
+        uint32_t rtt = qs_tick(now) - (g->tsecr - t->iss.v);
+        if (rtt <= qs_tick(now) - t->rtt_t0)
+            qs_tcp_rtt_sample(s, t, rtt);
+    }
+    if (closes)
+        t->flags &= (uint32_t)~QT_TIMING;
+}
+
 /* SND.UNA < SEG.ACK <= SND.MAX.  Returns the bytes of data it freed; the
  * caller tells the application (writable) only after the window update of
  * the same segment, so that what the application sends from its callback
@@ -106,10 +142,7 @@ static uint32_t new_ack(qs_ustack *s, qs_tcb *t, const qs_tcp_seg *g, int64_t no
     qs_sack_trim(t);
     if (qs_seq_lt(t->snd_nxt, t->snd_una))
         t->snd_nxt = t->snd_una;
-    if ((t->flags & QT_TIMING) && qs_seq_gt(g->ack, t->rtt_seq)) {
-        qs_tcp_rtt_sample(s, t, qs_tick(now) - t->rtt_t0);
-        t->flags &= (uint32_t)~QT_TIMING;
-    }
+    ack_rtt(s, t, g, now);
     t->nrexmit = 0;
     qs_tcp_cc_ack(s, t, acked, now);
     if (qs_seq_eq(t->snd_una, t->snd_max))
@@ -405,6 +438,17 @@ void qs_tcp_sync_input(qs_ustack *s, qs_tcb *t, qs_tcp_seg *g, qs_mbuf *m, int64
         goto drop;
     }
     if (!acceptable(t, g, seglen)) {
+        /* the peer's retransmission of our last ACKed bytes (its RTO: our
+         * ACK was lost): RFC 7323 5.3 drops it (R2) before TS.Recent
+         * (R3), so our ACK echoed the first transmission and the peer
+         * timed its own timeout, 1 s and more, as a round trip (ack_rtt).
+         * Linux's tcp_sequence takes a segment that ends at RCV.NXT (rcv_wup)
+         * and echoes its TSval; so do we (PAWS has passed it). */
+        if (g->has_ts && (t->flags & QT_TS) && seglen &&
+            qs_seq_eq(qs_seq_add(g->seq, seglen), t->rcv_nxt)) {
+            t->ts_recent = g->tsval;
+            t->ts_recent_tick = qs_tick(now);
+        }
         if (g->len && qs_seq_le(qs_seq_add(g->seq, seglen), t->rcv_nxt))
             s->st.tcp_dup_data++;                 /* an old duplicate, all of it */
         else
