@@ -1585,6 +1585,211 @@ def test_a_retransmitted_syn_in_syn_received_gets_the_syn_ack_again():
         n.free()
 
 
+def tlp_pair(a=None, b=None):
+    """A connection over a 20 ms each-way link, with a few exchanges behind
+    it, each answered at once (no delayed ACK): both ends have an SRTT of
+    about 40 ms."""
+    n = Net(latency=20 * MS, a=a, b=b)
+    n.listen(B, 80)
+    first = n.connect(A, 80)                           # resolves ARP: timed from here on
+    n.run(200 * MS)
+    (fb,) = n.accepted(B)
+    n.close(A, first), n.close(B, fb)
+    h = n.connect(A, 80)
+    n.run(200 * MS)
+    (hb,) = n.accepted(B)
+    for _ in range(4):
+        assert n.send(A, h, b"q" * 100) == 100
+        n.run(25 * MS)
+        assert n.recv(B, hb) == b"q" * 100
+        assert n.send(B, hb, b"r" * 100) == 100
+        n.run(25 * MS)
+        assert n.recv(A, h) == b"r" * 100
+    n.run(200 * MS)
+    for side, x in ((A, h), (B, hb)):
+        assert 38_000 <= n.info(side, x).srtt_us <= 50_000, n.info(side, x).srtt_us
+    return n, h, hb
+
+
+def send_losing(n, side, h, parts, lost):
+    """Send `parts` one segment each; those whose index is in `lost` are lost."""
+    for k, p in enumerate(parts):
+        if k in lost:
+            n.fault(side, loss=1.0, seed=1)
+        m0 = n.info(side, h).snd_max
+        assert n.send(side, h, p) == len(p)
+        assert n.info(side, h).snd_max - m0 == len(p)     # on the wire now
+        if k in lost:
+            n.fault(side)
+
+
+def until_received(n, side, h, want, limit=5 * SEC):
+    """Run in 1 ms steps until `side` has read `want` bytes; returns (ms, data)."""
+    t0, got = n.now(), b""
+    while len(got) < want and n.now() - t0 < limit:
+        n.run(1 * MS)
+        r = n.recv(side, h)
+        if isinstance(r, bytes):
+            got += r
+    return (n.now() - t0) / MS, got
+
+
+def test_a_lost_last_segment_is_repaired_by_a_loss_probe_not_the_rto():
+    """The last of three segments is lost: the first two draw an ACK, the
+    third nothing, and a flight that short cannot raise three duplicate
+    ACKs -- it waited for the RTO (here 1 s, RFC 6298's floor; under loss
+    early in a connection 1-3 s).  Now a tail loss probe (RFC 8985 7) sends
+    it again a PTO after that ACK: 2 SRTT plus 200 ms for the peer's delayed
+    ACK, since one segment is left in flight.  The RTO is not backed off,
+    nothing counts as a timeout, and the episode ends with cwnd halved once
+    (no D-SACK: the probe may have repaired a loss, 7.4)."""
+    n, h, hb = tlp_pair(a={"min_rto_ms": 1000})
+    try:
+        mss = n.info(A, h).mss
+        msg = os.urandom(2 * mss + 104)
+        s0 = n.stats(A)
+        rto0 = n.info(A, h).rto_ms
+        assert rto0 == 1000
+        send_losing(n, A, h, [msg[:mss], msg[mss:2 * mss], msg[2 * mss:]], {2})
+        took, got = until_received(n, B, hb, len(msg))
+        assert got == msg
+        # the ACK of the first two at 40 ms, the probe 2 * 40 + 200 ms after it
+        assert 300 <= took <= 360, took
+        s, i = n.stats(A), n.info(A, h)
+        assert s.tcp_tlp - s0.tcp_tlp == 1 and s.tcp_rto == s0.tcp_rto
+        assert s.tcp_rexmit - s0.tcp_rexmit == 1
+        n.run(200 * MS)
+        i = n.info(A, h)
+        assert i.snd_una == i.snd_max and i.nrexmit == 0 and i.rto_ms == rto0, (i.nrexmit, i.rto_ms)
+        # the next exchange's ACK goes beyond the probe: cwnd is halved, once
+        cwnd1 = i.cwnd
+        assert i.ssthresh > 1 << 20                       # never reduced so far
+        assert n.send(A, h, b"x" * 100) == 100
+        n.run(200 * MS)
+        assert n.recv(B, hb) == b"x" * 100
+        i = n.info(A, h)
+        half = max((cwnd1 + 100) // 2, 2 * mss)           # slow start took the ACK first
+        assert i.ssthresh == i.cwnd == half, (cwnd1, i.cwnd, i.ssthresh)
+        assert n.send(A, h, b"y" * 100) == 100
+        n.run(200 * MS)
+        assert n.info(A, h).ssthresh == half              # once
+        assert n.stats(A).tcp_tlp - s0.tcp_tlp == 1
+        n.close(A, h), n.close(B, hb)
+        leak_free(n)
+    finally:
+        n.free()
+
+
+def test_a_lost_single_segment_reply_is_repaired_by_a_loss_probe():
+    """A reply of one segment, lost: its sender's probe resends it 2 SRTT +
+    200 ms later instead of waiting for the 1 s RTO."""
+    n, h, hb = tlp_pair(b={"min_rto_ms": 1000})
+    try:
+        assert n.send(A, h, b"q" * 100) == 100
+        n.run(100 * MS)                                   # B's delayed ACK went back
+        assert n.recv(B, hb) == b"q" * 100
+        s0 = n.stats(B)
+        send_losing(n, B, hb, [b"r" * 300], {0})
+        took, got = until_received(n, A, h, 300)
+        assert got == b"r" * 300
+        assert 295 <= took <= 320, took                   # 2 * 40 + 200 ms, + 20 ms on the way
+        s, i = n.stats(B), n.info(B, hb)
+        assert s.tcp_tlp - s0.tcp_tlp == 1 and s.tcp_rto == s0.tcp_rto
+        n.run(100 * MS)
+        i = n.info(B, hb)
+        assert i.snd_una == i.snd_max and i.nrexmit == 0 and i.rto_ms == 1000
+        n.close(A, h), n.close(B, hb)
+        leak_free(n)
+    finally:
+        n.free()
+
+
+def test_a_lost_whole_reply_is_recovered_through_the_probes_sack():
+    """All three segments of a reply are lost.  The probe (2 SRTT after the
+    send: three segments in flight, no delayed-ACK allowance) resends the
+    last one; the peer SACKs it above the hole, and what was sent before it
+    is taken as lost (RACK's inference, RFC 8985 6: sent two SRTTs before
+    something that arrived) -- fast recovery, one cwnd reduction, no RTO,
+    all of it before the 200 ms minimum RTO would have fired."""
+    n, h, hb = tlp_pair()
+    try:
+        mss = n.info(B, hb).mss
+        msg = os.urandom(2 * mss + 104)
+        s0 = n.stats(B)
+        assert n.info(B, hb).rto_ms == 200
+        send_losing(n, B, hb, [msg[:mss], msg[mss:2 * mss], msg[2 * mss:]], {0, 1, 2})
+        took, got = until_received(n, A, h, len(msg))
+        assert got == msg
+        assert took <= 180, took                          # PTO 80, SACK back 120, holes at 140
+        s = n.stats(B)
+        assert s.tcp_tlp - s0.tcp_tlp == 1 and s.tcp_rto == s0.tcp_rto
+        assert s.tcp_fast_rexmit - s0.tcp_fast_rexmit == 1
+        assert s.tcp_rexmit - s0.tcp_rexmit == 3          # the probe and the two holes
+        n.run(200 * MS)
+        i = n.info(B, hb)
+        assert i.snd_una == i.snd_max and i.nrexmit == 0 and i.rto_ms == 200
+        n.close(A, h), n.close(B, hb)
+        leak_free(n)
+    finally:
+        n.free()
+
+
+def test_a_lost_probe_leaves_the_loss_to_the_rto():
+    """The probe is lost too: the RTO fires as it would have without it
+    (armed all the while, not restarted by the probe) -- backed off,
+    counted, cwnd to one segment -- and repairs the tail."""
+    n, h, hb = tlp_pair(a={"min_rto_ms": 1000})
+    try:
+        mss = n.info(A, h).mss
+        msg = os.urandom(2 * mss + 104)
+        s0 = n.stats(A)
+        send_losing(n, A, h, [msg[:mss], msg[mss:2 * mss]], set())
+        n.fault(A, loss=1.0, seed=1)                      # the last segment, and the probe at 320 ms
+        assert n.send(A, h, msg[2 * mss:]) == 104
+        n.run(400 * MS)
+        s = n.stats(A)
+        assert s.tcp_tlp - s0.tcp_tlp == 1 and s.tcp_rto == s0.tcp_rto
+        n.fault(A)
+        took, got = until_received(n, B, hb, len(msg))
+        assert got[2 * mss:] == msg[2 * mss:] and len(got) == len(msg)
+        # the RTO from the ACK of the first two: 40 + 1000 ms, 20 ms on the way
+        assert 1055 <= 400 + took <= 1070, took
+        s, i = n.stats(A), n.info(A, h)
+        assert s.tcp_tlp - s0.tcp_tlp == 1 and s.tcp_rto - s0.tcp_rto == 1
+        assert i.rto_ms == 2000 and i.cwnd == mss, (i.rto_ms, i.cwnd)   # RFC 6298 5.5, 5681 3.1
+        n.close(A, h), n.close(B, hb)
+        leak_free(n)
+    finally:
+        n.free()
+
+
+def test_no_loss_probe_when_the_ack_comes_in_time():
+    """Nothing lost, nothing probed: the ACK of a three-segment message, of
+    a single segment (held 40 ms by the peer's delayed ACK, within the
+    200 ms allowance), and request/response exchanges all come before the
+    PTO, which each ACK re-arms or cancels."""
+    n, h, hb = tlp_pair(a={"min_rto_ms": 1000}, b={"min_rto_ms": 1000})
+    try:
+        mss = n.info(A, h).mss
+        s0a, s0b = n.stats(A), n.stats(B)
+        for size in (2 * mss + 104, 100, 3 * mss, 1):
+            msg = os.urandom(size)
+            assert n.send(A, h, msg) == size
+            took, got = until_received(n, B, hb, size)
+            assert got == msg
+            assert n.send(B, hb, msg) == size
+            took, got = until_received(n, A, h, size)
+            assert got == msg
+            n.run(1 * SEC)
+        for side, s0 in ((A, s0a), (B, s0b)):
+            s = n.stats(side)
+            assert s.tcp_tlp == s0.tcp_tlp and s.tcp_rexmit == s0.tcp_rexmit, side
+        n.close(A, h), n.close(B, hb)
+        leak_free(n)
+    finally:
+        n.free()
+
+
 def test_an_unanswered_arp_request_is_asked_again_by_the_timer():
     """A lost ARP answer (a memif link loses the first frames its server
     sends while the link comes up) is asked for again a second later by the

@@ -40,7 +40,8 @@ typedef struct qsu_conn_info {
     uint32_t sndq, rcvq;      /* bytes queued */
     uint32_t bufs;            /* pool buffers its send and out-of-order queues keep */
     uint32_t nrexmit;
-    uint32_t timers;          /* bit 0 retransmit/persist/2MSL, 1 delayed ACK, 2 keepalive */
+    uint32_t timers;          /* bit 0 retransmit/persist/2MSL, 1 delayed ACK, 2 keepalive,
+                                 3 loss probe */
     int32_t rexmit_in_ms;     /* until the retransmission timer fires, if armed */
 } qsu_conn_info;
 

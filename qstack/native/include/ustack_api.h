@@ -101,6 +101,8 @@ typedef struct qs_ustack_stats {
     uint64_t tw_bytes;        /* sizeof one TIME-WAIT record */
     uint64_t tcp_paws_drop;   /* segments dropped by PAWS: a timestamp older than the
                                  connection's last (RFC 7323 5.3) */
+    uint64_t tcp_tlp;         /* tail loss probes sent (RFC 8985 7), and probe timeouts
+                                 that started recovery on SACKed data instead */
 } qs_ustack_stats;
 
 /* Faults applied to every frame one side transmits.  Rates are in [0, 1]. */

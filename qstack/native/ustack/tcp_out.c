@@ -397,6 +397,9 @@ int qs_tcp_output(qs_ustack *s, qs_tcb *t, int64_t now)
         /* RFC 6298 5.1: a timer runs whenever data is outstanding */
         if ((sent || !qs_seq_eq(t->snd_max, t->snd_una)) && !(t->timers & (1u << QS_TM_REXMIT)))
             qs_tcp_rexmit_arm(s, t, now);
+        /* RFC 8985 7.2: new data out, a loss probe (re)scheduled (tcp_cc.c) */
+        if (sent)
+            qs_tcp_tlp_arm(s, t, now);
         /* persist: data waits behind a zero (or, SWS, too small) window and
          * nothing is in flight that an ACK could come back for */
         if (qs_seq_eq(t->snd_max, t->snd_una) &&

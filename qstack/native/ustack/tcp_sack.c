@@ -48,6 +48,7 @@ struct qs_sackboard {
     uint32_t n;                 /* ranges in use */
     qs_seq rxt_end;             /* RFC 6675 HighRxt + 1 (this recovery) */
     qs_seq rxt_mark;            /* SND.MAX when we last retransmitted */
+    qs_seq lost_end;            /* every hole below it is lost (a loss probe's inference) */
     qs_seq lo[SB_MAX], hi[SB_MAX];
 };
 
@@ -105,7 +106,7 @@ uint32_t qs_sack_update(qs_tcb *t, const qs_tcp_seg *g)
             t->sb = calloc(1, sizeof(*t->sb));
             if (!t->sb)
                 return added;
-            t->sb->rxt_end = t->snd_una;
+            t->sb->rxt_end = t->sb->lost_end = t->snd_una;
         }
         added += insert(t->sb, l, r);
     }
@@ -137,10 +138,13 @@ void qs_sack_clear(qs_tcb *t)
     t->sb = NULL;
 }
 
-/* IsLost for the hole just below range i: the ranges i.. lie above it */
+/* IsLost for the hole just below range i: the ranges i.. lie above it.
+ * Or a hole below lost_end: see qs_sack_mark_lost. */
 static int hole_lost(const qs_tcb *t, uint32_t i)
 {
     const qs_sackboard *b = t->sb;
+    if (qs_seq_le(b->lo[i], b->lost_end))
+        return 1;
     uint32_t bytes = 0;
     for (uint32_t k = i; k < b->n; k++)
         bytes += span(b->lo[k], b->hi[k]);
@@ -150,6 +154,21 @@ static int hole_lost(const qs_tcb *t, uint32_t i)
 int qs_sack_lost_una(const qs_tcb *t)
 {
     return t->sb && t->sb->n && qs_seq_gt(t->sb->lo[0], t->snd_una) && hole_lost(t, 0);
+}
+
+/* Every hole below `end` is lost, however little is SACKed above it: a
+ * loss probe's inference (tcp_cc.c's tlp_lost_una, RACK's rule).  Pipe
+ * then leaves those holes out and NextSeg's rule (1) resends them, all in
+ * one round trip as cwnd allows, rather than one hole per partial ACK. */
+void qs_sack_mark_lost(qs_tcb *t, qs_seq end)
+{
+    if (t->sb && qs_seq_gt(end, t->sb->lost_end))
+        t->sb->lost_end = end;
+}
+
+int qs_sack_any(const qs_tcb *t, qs_seq below)
+{
+    return t->sb && t->sb->n && qs_seq_lt(t->sb->lo[0], below);
 }
 
 uint32_t qs_sack_pipe(const qs_tcb *t)

@@ -149,6 +149,7 @@ static uint32_t new_ack(qs_ustack *s, qs_tcb *t, const qs_tcp_seg *g, int64_t no
         qs_tcp_timer_clear(t, QS_TM_REXMIT);      /* RFC 6298 5.2 */
     else
         qs_tcp_rexmit_arm(s, t, now);             /* 5.3 */
+    qs_tcp_tlp_arm(s, t, now);                    /* RFC 8985 7.2: or none, flight or not */
     if (!fin_acked || (t->flags & QT_DEAD))
         return data;
     switch (t->state) {
@@ -532,7 +533,8 @@ void qs_tcp_sync_input(qs_ustack *s, qs_tcb *t, qs_tcp_seg *g, qs_mbuf *m, int64
     /* the scoreboard first (tcp_sack.c): what this ACK SACKs for the first
      * time makes it a duplicate in RFC 6675's sense, and recovery reads it */
     uint32_t sacked = g->nsack ? qs_sack_update(t, g) : 0;
-    if (qs_seq_gt(g->ack, t->snd_una)) {
+    int advanced = qs_seq_gt(g->ack, t->snd_una);
+    if (advanced) {
         freed = new_ack(s, t, g, now);
         if (t->flags & QT_DEAD)
             goto drop;
@@ -550,6 +552,9 @@ void qs_tcp_sync_input(qs_ustack *s, qs_tcb *t, qs_tcp_seg *g, qs_mbuf *m, int64
         if (t->flags & QT_DEAD)
             goto drop;
     }
+    if (t->flags & QT_TLP)                        /* the probe's episode (tcp_cc.c) */
+        qs_tcp_tlp_ack(s, t, g, advanced, !advanced && !sacked && !g->len &&
+                       !(g->flags & QS_TH_FIN) && wnd == t->snd_wnd, now);
     if (qs_seq_lt(t->snd_wl1, g->seq) ||
         (qs_seq_eq(t->snd_wl1, g->seq) && qs_seq_le(t->snd_wl2, g->ack))) {
         int opened = t->snd_wnd == 0 && wnd > 0;

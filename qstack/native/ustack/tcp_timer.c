@@ -3,13 +3,13 @@
  *
  * One wheel of QS_WHEEL_SLOTS one-millisecond slots per stack.  A
  * connection is filed at most once, under the earliest of its armed
- * deadlines (retransmission/persist/SYN/2MSL, delayed ACK, keepalive), so
- * an idle connection costs the wheel nothing and a busy one a single list
- * node.  Arming a later deadline does not move the node (the common case:
- * every ACK pushes the RTO back); when the node comes due, the handler
- * fires what is due and refiles under the next deadline.  Deadlines beyond
- * one revolution simply stay in their slot until their round comes: each
- * visit compares the full 32-bit tick.
+ * deadlines (retransmission/persist/SYN/2MSL, delayed ACK, keepalive,
+ * loss probe), so an idle connection costs the wheel nothing and a busy
+ * one a single list node.  Arming a later deadline does not move the node
+ * (the common case: every ACK pushes the RTO back); when the node comes
+ * due, the handler fires what is due and refiles under the next deadline.
+ * Deadlines beyond one revolution simply stay in their slot until their
+ * round comes: each visit compares the full 32-bit tick.
  *
  * Time jumps (a fake clock, a stalled thread): advancing by more than a
  * revolution visits every slot once, so nothing is skipped; timers fire
@@ -272,9 +272,12 @@ static void fire(qs_ustack *s, qs_tcb *t, uint32_t tick, int64_t now)
         if (!(t->timers & (1u << i)) || (int32_t)(t->tm[i] - tick) > 0)
             continue;
         t->timers &= (uint8_t)~(1u << i);
-        if (i == QS_TM_REXMIT)
+        if (i == QS_TM_REXMIT) {
+            qs_tcp_timer_clear(t, QS_TM_PTO);      /* the RTO went first: no probe after it */
             rexmit_expired(s, t, now);
-        else if (i == QS_TM_DELACK) {
+        } else if (i == QS_TM_PTO) {
+            qs_tcp_tlp_expired(s, t, now);
+        } else if (i == QS_TM_DELACK) {
             if (t->state != QS_TCP_CLOSED) {
                 s->st.tcp_delacks++;
                 qs_tcp_send_ack(s, t, now);

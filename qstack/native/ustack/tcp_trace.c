@@ -65,6 +65,7 @@ static const char *const names[QS_TR_NEVENTS] = {
     [QS_TR_IN] = "in", [QS_TR_OUT] = "out", [QS_TR_RTO] = "rto", [QS_TR_PERSIST] = "persist",
     [QS_TR_SWS] = "sws-override", [QS_TR_FAST] = "fast-rexmit", [QS_TR_PARTIAL] = "partial-ack",
     [QS_TR_FULL] = "recovery-end", [QS_TR_WND] = "wnd-update", [QS_TR_DROP] = "drop",
+    [QS_TR_TLP] = "loss-probe", [QS_TR_TLP_END] = "probe-end",
 };
 
 /* Oldest first, one line per event; our sequence numbers relative to the

@@ -170,6 +170,8 @@ static inline void qs_netdrv_flush(qs_netdrv *d, int64_t now)
 #define QT_SACK       0x10000   /* both offered SACK: we report holes (RFC 2018) */
 #define QT_SACK_RCVRY 0x20000   /* QT_RECOVERY is RFC 6675's, clocked by pipe (tcp_sack.c) */
 #define QT_TS         0x40000   /* both offered timestamps: every segment carries one (RFC 7323) */
+#define QT_TLP        0x80000   /* a tail loss probe went out, its episode is open (tlp_end) */
+#define QT_TLP_RXT   0x100000   /* ... and it was a retransmission (RFC 8985 TLP.is_retrans) */
 
 /* Timestamps (RFC 7323 3-5).  Our clock is the millisecond tick plus a
  * per-connection offset (5.4: no global clock to read off), the ISS, which
@@ -180,9 +182,11 @@ static inline void qs_netdrv_flush(qs_netdrv *d, int64_t now)
 #define QS_PAWS_IDLE_MS (24u * 24 * 3600 * 1000)   /* TS.Recent older than 24 days is void */
 
 /* timers, qs_tcb.timers bits (deadlines in ms ticks) */
-enum { QS_TM_REXMIT, QS_TM_DELACK, QS_TM_KEEP, QS_TM_NTIMERS };
+enum { QS_TM_REXMIT, QS_TM_DELACK, QS_TM_KEEP, QS_TM_PTO, QS_TM_NTIMERS };
 /* REXMIT also serves the SYN timer, the persist (zero window probe) timer
- * and 2MSL in TIME_WAIT: a connection never needs two of them at once. */
+ * and 2MSL in TIME_WAIT: a connection never needs two of them at once.
+ * PTO, the tail loss probe's (tcp_cc.c), runs beside the RTO and before it:
+ * the RTO stays armed under it, so nothing waits on the PTO alone. */
 
 /* The control block: everything a connection costs while idle (see
  * docs/USTACK.md for the sum).  Queues hold pool buffers only while they
@@ -219,6 +223,7 @@ typedef struct qs_tcb {
     uint32_t ts_recent, ts_recent_tick; /* QT_TS: the peer's last TSval and when (RFC 7323 4.3) */
     uint32_t sndq_len, rcvq_len;        /* bytes in sndq (from snd_una) and rcvq */
     uint32_t nbufs;                     /* pool buffers in sndq and oooq (tcp_mem.c) */
+    qs_seq tlp_end;                     /* QT_TLP: SND.NXT after the probe (RFC 8985 TLP.end_seq) */
     qs_mq sndq, rcvq, oooq;
 } qs_tcb;
 
@@ -462,6 +467,10 @@ void qs_tcp_cc_init(qs_ustack *s, qs_tcb *t);
 void qs_tcp_cc_ack(qs_ustack *s, qs_tcb *t, uint32_t acked, int64_t now);
 void qs_tcp_cc_dupack(qs_ustack *s, qs_tcb *t, int64_t now);
 void qs_tcp_cc_rto(qs_ustack *s, qs_tcb *t);
+void qs_tcp_tlp_arm(qs_ustack *s, qs_tcb *t, int64_t now);      /* (re)schedule the PTO, or not */
+void qs_tcp_tlp_expired(qs_ustack *s, qs_tcb *t, int64_t now);  /* the PTO fired */
+void qs_tcp_tlp_ack(qs_ustack *s, qs_tcb *t, const qs_tcp_seg *g, int advanced, int dup,
+                    int64_t now);
 uint32_t qs_tcp_flight(const qs_tcb *t);
 uint32_t qs_tcp_snd_space(const qs_tcb *t);   /* window left above SND.UNA (tcp_out.c) */
 
@@ -471,6 +480,8 @@ void qs_sack_trim(qs_tcb *t);                                 /* after SND.UNA m
 void qs_sack_clear(qs_tcb *t);
 int qs_sack_lost_una(const qs_tcb *t);                        /* IsLost(SND.UNA) */
 uint32_t qs_sack_pipe(const qs_tcb *t);
+void qs_sack_mark_lost(qs_tcb *t, qs_seq end);                /* every hole below end: lost */
+int qs_sack_any(const qs_tcb *t, qs_seq below);               /* SACKed data above SND.UNA, below `below` */
 void qs_sack_send(qs_ustack *s, qs_tcb *t, int64_t now);      /* while cwnd - pipe >= SMSS */
 void qs_sack_recover(qs_ustack *s, qs_tcb *t, int64_t now);   /* resend the first hole, go on */
 
@@ -488,7 +499,7 @@ const char *qs_tcp_timer_check(const qs_tcb *t);
 
 /* tcp_trace.c: recent TCP events of a stack, for debugging (off by default) */
 enum { QS_TR_IN, QS_TR_OUT, QS_TR_RTO, QS_TR_PERSIST, QS_TR_SWS, QS_TR_FAST, QS_TR_PARTIAL,
-       QS_TR_FULL, QS_TR_WND, QS_TR_DROP, QS_TR_NEVENTS };
+       QS_TR_FULL, QS_TR_WND, QS_TR_DROP, QS_TR_TLP, QS_TR_TLP_END, QS_TR_NEVENTS };
 int qs_trace_enable(qs_ustack *s, uint32_t events);            /* 0: off */
 void qs_trace_note(qs_ustack *s, const qs_tcb *t, int64_t now, int ev, uint32_t a, uint32_t b,
                    uint32_t c, uint32_t d);
