@@ -1036,6 +1036,41 @@ def test_the_ack_of_a_retransmission_collapses_the_backed_off_rto():
         n.free()
 
 
+def test_an_echo_from_before_our_retransmission_is_no_sample():
+    """With timestamps an ACK is timed by its TSecr -- but only an echo of a
+    transmission since our latest retransmission.  Here B's ACKs are lost
+    until A's timeout resends the head of a 3-segment flight; B, past all
+    of it, answers that old duplicate echoing the TSval it last recorded,
+    from before the timeout.  Taken as a sample, that was the timeout and
+    then some as a round trip (a 4 s "RTT" and a 12 s RTO were seen over
+    memif); it must change nothing."""
+    n = Net(latency=20 * MS)
+    try:
+        n.listen(B, 80)
+        h = n.connect(A, 80)
+        n.run(200 * MS)
+        (hb,) = n.accepted(B)
+        assert n.send(A, h, b"q" * 100) == 100
+        n.run(200 * MS)
+        assert n.recv(B, hb) == b"q" * 100
+        srtt = n.info(A, h).srtt_us
+        assert 0 < srtt <= 80_000 and n.info(A, h).rto_ms == 200
+        n.fault(B, loss=1.0)             # B's ACKs are lost: the probe's too
+        assert n.send(A, h, b"x" * 3000) == 3000
+        n.run(650 * MS)                  # the probe of the tail (B records its TSval),
+        assert n.stats(A).tcp_rto == 2   # the head again at 0.2 s and 0.6 s
+        n.fault(B)
+        n.run(1000 * MS)                 # the head at 1.4 s: its ACK echoes the probe
+        i = n.info(A, h)
+        assert n.stats(A).tcp_rto == 3 and i.snd_una == i.snd_max
+        assert n.recv(B, hb) == b"x" * 3000
+        assert i.srtt_us == srtt, (i.srtt_us, srtt)
+        n.close(A, h), n.close(B, hb)
+        leak_free(n)
+    finally:
+        n.free()
+
+
 def test_zero_window_probe_and_reopen():
     n, h, hb = opened(b={"rcv_buf": 8192})
     try:

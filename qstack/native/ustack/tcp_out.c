@@ -297,8 +297,15 @@ int qs_tcp_send_seg(qs_ustack *s, qs_tcb *t, qs_seq seq, uint32_t len, int fin, 
         flags |= QS_TH_FIN;
     if (len && at + len == t->sndq_len)
         flags |= QS_TH_PSH;
-    if (qs_seq_lt(seq, t->snd_max))
+    if (qs_seq_lt(seq, t->snd_max)) {
         s->st.tcp_rexmit++;
+        /* With timestamps, an ACK is timed by its TSecr only if it echoes
+         * a transmission from here on (tcp_sync.c ack_rtt): a receiver
+         * past these bytes echoes the TSval it recorded before, and that
+         * echo would time our timeout as a round trip. */
+        if (t->flags & QT_TS)
+            t->rtt_t0 = qs_tick(now);
+    }
     acked_now(t);
     uint16_t wnd = window_field(s, t);
     QS_TRACE(s, t, now, QS_TR_OUT, seq.v, len, flags, wnd);

@@ -108,8 +108,8 @@ static void trim_sndq(qs_ustack *s, qs_tcb *t, uint32_t n)
  *
  * Only an echo of this connection's clock counts: TSecr 0 (nothing to
  * echo yet, or a peer that does not echo), or a tick before our latest SYN
- * (SYN-ACK) (rtt_t0, which data timing leaves alone with timestamps), or
- * after now, is no sample.  Nor is the ACK of our SYN alone
+ * (SYN-ACK) or retransmission (rtt_t0, which data timing leaves alone with
+ * timestamps), or after now, is no sample.  Nor is the ACK of our SYN alone
  * (qs_tcp_handshake_rtt takes that one, with its own rules).
  */
 static void ack_rtt(qs_ustack *s, qs_tcb *t, const qs_tcp_seg *g, int64_t now)

@@ -216,7 +216,7 @@ typedef struct qs_tcb {
     uint32_t snd_wnd, max_snd_wnd;
     uint32_t cwnd, ssthresh;
     uint32_t srtt_us, rttvar_us, rto_ms;
-    uint32_t rtt_t0;                    /* tick the timed segment left; with QT_TS, our latest SYN (SYN-ACK) */
+    uint32_t rtt_t0;                    /* tick the timed segment left; with QT_TS, our latest SYN (SYN-ACK) or retransmission */
     uint32_t t_at;                      /* tick the wheel files us under */
     uint32_t tm[QS_TM_NTIMERS];         /* deadlines, ticks */
     uint32_t rcv_buf;                   /* receive buffer size (bytes) */
