@@ -74,6 +74,7 @@ _NET_COUNTERS = {
     "tx_frames": ("qstack_ustack_tx_frames", "frames sent by the user-space stack"),
     "drops": ("qstack_ustack_dropped_frames", "frames dropped (driver or bad frames)"),
     "rexmit": ("qstack_ustack_retransmits", "TCP segments retransmitted"),
+    "tlp": ("qstack_ustack_tail_loss_probes", "TCP tail loss probes sent (RFC 8985)"),
 }
 
 

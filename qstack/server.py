@@ -322,7 +322,7 @@ def _net_gauges(st):
     return {"net": {"tcbs": st.net_conns, "bufs_in_use": st.net_bufs_in_use,
                     "bufs_total": st.net_bufs_total, "rx_frames": st.net_rx_frames,
                     "tx_frames": st.net_tx_frames, "drops": st.net_drops,
-                    "rexmit": st.net_rexmit}}
+                    "rexmit": st.net_rexmit, "tlp": st.net_tlp}}
 
 
 def _app_counters():
@@ -545,8 +545,8 @@ def _serve(cfg, handler, core_index, stats_fd, listen_fds, stop_fd, owned):
     if final.get("net"):
         net = final["net"]
         log.info("core %d ustack: %d frames in, %d out, %d dropped, %d retransmitted, "
-                 "packet buffers in use %d", core_index, net["rx_frames"], net["tx_frames"],
-                 net["drops"], net["rexmit"], net["bufs_in_use"])
+                 "%d tail probes, packet buffers in use %d", core_index, net["rx_frames"],
+                 net["tx_frames"], net["drops"], net["rexmit"], net["tlp"], net["bufs_in_use"])
     if final.get("counters"):
         from .stats import format_counters
         log.info("core %d counters: %s", core_index,

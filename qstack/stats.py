@@ -190,7 +190,7 @@ def format_net(net: dict | None) -> str:
     if not net:
         return ""
     return (f"  ustack tcbs {net['tcbs']} pkt bufs {net['bufs_in_use']}/{net['bufs_total']}"
-            f" drops {net['drops']} rexmit {net['rexmit']}")
+            f" drops {net['drops']} rexmit {net['rexmit']} tlp {net['tlp']}")
 
 
 def format_counters(counters: dict, nlevels: int) -> str:

@@ -403,6 +403,8 @@ def test_ustack_client_over_memif(tmp_path):
     assert f"stopped: {m['sent']} requests" in err, err[-2000:]     # the server's own count
     rexmit = int(err.split(" retransmitted")[0].rsplit(" ", 1)[1])
     assert rexmit > 0, err[-2000:]                            # the faults were there
+    probes = int(err.split(" tail probes")[0].rsplit(" ", 1)[1])
+    assert probes > 0, err[-2000:]                            # and lost tails were probed
 
 
 def test_memif_one_link_per_core(tmp_path):

@@ -127,6 +127,7 @@ typedef struct qs_tp_params {
 /* Counters of a transport's own (the ustack's stack; what uring lends). */
 typedef struct qs_tp_stats {
     uint64_t conns, bufs_in_use, bufs_total, rx_frames, tx_frames, drops, rexmit;
+    uint64_t tlp;                       /* ustack: tail loss probes sent */
     uint64_t lent;                      /* owner buffers lent to the kernel now */
 } qs_tp_stats;
 

@@ -75,7 +75,7 @@ typedef struct ut {
     int nports;
     uint64_t *ready;                 /* tokens with socket work */
     uint32_t nready, ready_cap;
-    _Atomic uint64_t snap_conns, snap_bufs, snap_rx, snap_tx, snap_drops, snap_rexmit;
+    _Atomic uint64_t snap_conns, snap_bufs, snap_rx, snap_tx, snap_drops, snap_rexmit, snap_tlp;
 } ut;
 
 #define UT_SET(x, v) atomic_store_explicit(&(x), (v), memory_order_relaxed)
@@ -322,6 +322,7 @@ static void snapshot(ut *u)
                               st->ip_bad_csum + st->tcp_bad_hdr + st->tcp_bad_csum +
                               st->tcp_bad_opts);
     UT_SET(u->snap_rexmit, st->tcp_rexmit);
+    UT_SET(u->snap_tlp, st->tcp_tlp);
 }
 
 /* Sleep on the epoll set for at most timeout_ns (< 0: until something). */
@@ -496,6 +497,7 @@ static void ut_stats(qs_tp *n, qs_tp_stats *o)
     o->tx_frames = UT_GET(u->snap_tx);
     o->drops = UT_GET(u->snap_drops);
     o->rexmit = UT_GET(u->snap_rexmit);
+    o->tlp = UT_GET(u->snap_tlp);
 }
 
 const qs_transport qs_transport_ustack = {

@@ -232,6 +232,7 @@ typedef struct qs_stats {
     uint64_t net_bufs_in_use, net_bufs_total;   /* the stack's packet pool */
     uint64_t net_rx_frames, net_tx_frames, net_drops;   /* drops: driver + bad frames */
     uint64_t net_rexmit;                /* segments retransmitted */
+    uint64_t net_tlp;                   /* tail loss probes sent (RFC 8985) */
     /* hostile peers (both backends) */
     uint64_t timeouts_message;          /* conns reset: a message not finished in time */
     uint64_t timeouts_idle;             /* conns closed: idle */

@@ -234,6 +234,7 @@ void qs_loop_stats(qs_core *core, qs_stats *o)
         o->net_tx_frames = ts.tx_frames;
         o->net_drops = ts.drops;
         o->net_rexmit = ts.rexmit;
+        o->net_tlp = ts.tlp;
     }
     o->bufs_in_use = o->bufs_in_use > ts.lent ? o->bufs_in_use - ts.lent : 0;
 }
