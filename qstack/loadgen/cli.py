@@ -200,10 +200,10 @@ def options_from_args(args: argparse.Namespace):
         from qstack.loadgen import script
         script.install(script.load(o.script, o.length), o.length)
     if o.backend == "uring":     # refused (seccomp, a container, the sysctl): say so now
-        from qstack.transport import uring_refusal
+        from qstack.loadgen.engine import uring_refusal
         why = uring_refusal()
         if why:
-            raise ConfigError(f"--backend uring: {why}; --backend kernel runs without it")
+            raise ConfigError(f"{why}; --backend kernel runs without it")
     if o.backend == "ustack" and o.driver == "tap":
         _check_ustack_device(o)
     if o.backend == "ustack" and o.driver in ("dpdk", "memif"):

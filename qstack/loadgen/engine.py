@@ -51,6 +51,12 @@ USTACK_BUFFERS = (4096, 65536)      # packet buffers at least, at most (2 KiB ea
 USTACK_SNDRCV = 262144              # bytes queued per connection, each way
 
 
+def uring_refusal() -> str | None:
+    """Why --backend uring cannot run here (one line), or None."""
+    rc = lib.qs_uring_probe()
+    return _uring_error(-rc) if rc < 0 else None
+
+
 def _uring_error(err: int) -> str:
     """Why the uring transport would not open, in words."""
     if err == errno.ENOPKG:

@@ -67,6 +67,12 @@
                                      no file descriptor per connection */
 #define QSL_BACKEND_URING 2       /* kernel sockets, io_uring (where liburing was built in) */
 
+/* Whether QSL_BACKEND_URING can run here: 0, -ENOPKG (built without
+ * liburing), or the kernel's refusal (-EPERM, -ENOSYS: seccomp, a
+ * container, kernel.io_uring_disabled).  The server's probe, compiled in
+ * with the transport table (common/transport_uring.c). */
+int qs_uring_probe(void);
+
 /* qsl_engine_run results */
 #define QSL_RUN_UNTIL 0           /* the deadline passed; call again */
 #define QSL_RUN_DONE 1            /* window over and drained: the run is complete */
