@@ -253,17 +253,7 @@ void qs_tcp_cc_rto(qs_ustack *s, qs_tcb *t)
  */
 static int tlp_may(const qs_tcb *t)
 {
-    switch (t->state) {
-    case QS_TCP_ESTABLISHED:
-    case QS_TCP_CLOSE_WAIT:
-    case QS_TCP_FIN_WAIT_1:
-    case QS_TCP_CLOSING:
-    case QS_TCP_LAST_ACK:
-        break;
-    default:
-        return 0;
-    }
-    return (t->flags & QT_SACK) && !(t->flags & (QT_RECOVERY | QT_TLP | QT_RTO_BACKOFF)) &&
+    return qs_tcp_can_send(t) && (t->flags & QT_SACK) && !(t->flags & (QT_RECOVERY | QT_TLP | QT_RTO_BACKOFF)) &&
            !t->nrexmit && !qs_seq_lt(t->snd_una, t->recover) &&
            !qs_seq_eq(t->snd_una, t->snd_max) && (t->timers & (1u << QS_TM_REXMIT));
 }

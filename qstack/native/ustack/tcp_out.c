@@ -331,7 +331,7 @@ uint32_t qs_tcp_flight(const qs_tcb *t)
     return (uint32_t)qs_seq_diff(t->snd_max, t->snd_una);
 }
 
-static int can_send_data(const qs_tcb *t)
+int qs_tcp_can_send(const qs_tcb *t)
 {
     switch (t->state) {
     case QS_TCP_ESTABLISHED:
@@ -348,7 +348,7 @@ static int can_send_data(const qs_tcb *t)
 int qs_tcp_output(qs_ustack *s, qs_tcb *t, int64_t now)
 {
     int sent = 0;
-    if (can_send_data(t)) {
+    if (qs_tcp_can_send(t)) {
         qs_seq end = qs_seq_add(t->snd_una, t->sndq_len);   /* where our FIN goes */
         uint32_t space = qs_tcp_snd_space(t);
         uint32_t wnd = space < t->cwnd ? space : t->cwnd;

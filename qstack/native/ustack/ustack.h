@@ -472,6 +472,7 @@ void qs_tcp_tlp_expired(qs_ustack *s, qs_tcb *t, int64_t now);  /* the PTO fired
 void qs_tcp_tlp_ack(qs_ustack *s, qs_tcb *t, const qs_tcp_seg *g, int advanced, int dup,
                     int64_t now);
 uint32_t qs_tcp_flight(const qs_tcb *t);
+int qs_tcp_can_send(const qs_tcb *t);      /* a state in which data may be sent */
 uint32_t qs_tcp_snd_space(const qs_tcb *t);   /* window left above SND.UNA (tcp_out.c) */
 
 /* tcp_sack.c: the SACK sender (RFC 6675) */
