@@ -84,9 +84,12 @@ static uint32_t half_flight(const qs_tcb *t)
 }
 
 /* Fast retransmit: enter recovery, NewReno's or, with a scoreboard,
- * RFC 6675's (tcp_sack.c), whose cwnd is ssthresh without inflation. */
+ * RFC 6675's (tcp_sack.c), whose cwnd is ssthresh without inflation.  A
+ * probe's inference marks the holes below it lost first. */
 static void enter_recovery(qs_ustack *s, qs_tcb *t, int64_t now)
 {
+    if (tlp_lost_una(t))
+        qs_sack_mark_lost(t, t->tlp_end);
     t->ssthresh = half_flight(t);
     t->recover = t->snd_max;
     t->flags |= QT_RECOVERY;
@@ -155,11 +158,8 @@ void qs_tcp_cc_ack(qs_ustack *s, qs_tcb *t, uint32_t acked, int64_t now)
         t->cwnd = CWND_MAX;
     /* RFC 6675 5: IsLost(HighACK + 1) starts recovery too, on any ACK */
     if ((t->flags & QT_SACK) && (qs_sack_lost_una(t) || tlp_lost_una(t)) &&
-        qs_seq_gt(t->snd_una, t->recover)) {
-        if (tlp_lost_una(t))
-            qs_sack_mark_lost(t, t->tlp_end);
+        qs_seq_gt(t->snd_una, t->recover))
         enter_recovery(s, t, now);
-    }
 }
 
 /* A duplicate ACK (RFC 5681 2, definition (e)): t->dupacks already counted. */
@@ -190,8 +190,6 @@ void qs_tcp_cc_dupack(qs_ustack *s, qs_tcb *t, int64_t now)
         return;
     if (!qs_seq_gt(t->snd_una, t->recover))
         return;                                   /* RFC 6582 3.2 step 2: no second reduction */
-    if (tlp_lost_una(t))
-        qs_sack_mark_lost(t, t->tlp_end);
     enter_recovery(s, t, now);
 }
 
@@ -253,8 +251,8 @@ void qs_tcp_cc_rto(qs_ustack *s, qs_tcb *t)
  */
 static int tlp_may(const qs_tcb *t)
 {
-    return qs_tcp_can_send(t) && (t->flags & QT_SACK) && !(t->flags & (QT_RECOVERY | QT_TLP | QT_RTO_BACKOFF)) &&
-           !t->nrexmit && !qs_seq_lt(t->snd_una, t->recover) &&
+    return qs_tcp_can_send(t) && (t->flags & QT_SACK) &&
+           !(t->flags & (QT_RECOVERY | QT_TLP | QT_RTO_BACKOFF)) && !t->nrexmit && !qs_seq_lt(t->snd_una, t->recover) &&
            !qs_seq_eq(t->snd_una, t->snd_max) && (t->timers & (1u << QS_TM_REXMIT));
 }
 
