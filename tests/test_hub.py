@@ -8,6 +8,7 @@ order, never time.
 """
 
 import time
+import weakref
 
 import gevent
 import gevent.event
@@ -497,8 +498,9 @@ def test_one_level_handlers_that_block_hand_the_lead_on(hub):
 
 def test_one_level_connection_events_and_the_loops_turns(hub):
     # Connection events leave the C loop for the hooks; a run of requests
-    # whose handlers never block still gives gevent's loop a turn (here: a
-    # greenlet the first handler spawned runs before the 200th request).
+    # whose handlers never block still gives gevent's loop a turn every
+    # YIELD_AFTER (here: a greenlet the first handler spawned runs before
+    # the 200th request, which comes after 200 * YIELD_AFTER / 20).
     core = one_level_core()
     handled, seen, hooked = [], [], []
 
@@ -506,6 +508,9 @@ def test_one_level_connection_events_and_the_loops_turns(hub):
         if not handled:
             gevent.spawn(lambda: seen.append(len(handled)))
         handled.append(bytes(req.data))
+        until = time.monotonic() + YIELD_AFTER / 20
+        while time.monotonic() < until:
+            pass
         return req.data
 
     hub(core, handler, workers=4, on_connect=lambda conn: hooked.append(conn.id))
@@ -516,6 +521,45 @@ def test_one_level_connection_events_and_the_loops_turns(hub):
     assert hooked == [42]
     assert len(handled) == 200 and len(core.replies()) == 200
     assert seen and 0 < seen[0] < 200, seen
+
+
+def test_one_level_reuses_a_view_only_when_nothing_can_reach_it(hub):
+    # The C loop points the last request's view at the next request's
+    # bytes (three objects fewer per request) -- only when nothing but the
+    # loop could reach it: a view kept, a slice or a weak reference taken
+    # each make the next request's view a new one, and the weak reference
+    # dies with the request, not later.
+    core = one_level_core()
+    seen, held, weak = [], {}, {}
+
+    def handler(req):
+        name = bytes(req.data)
+        seen.append((name, h._lane.reused, {k: w() for k, w in weak.items()}))
+        if name == b"hold":
+            held[name] = req.data
+        elif name == b"slice":
+            held[name] = req.data[1:]
+        elif name.startswith(b"weak"):
+            weak[name] = weakref.ref(req.data)
+        return req.data
+
+    h = hub(core, handler, workers=4)
+    names = [b"a", b"b", b"hold", b"c", b"slice", b"d", b"weak", b"e", b"f"]
+    for name in names:
+        core.arrive(5, name, 1)
+    settle()
+    assert [n for n, _, _ in seen] == names and core.replies() == names
+    counts = [n for _, n, _ in seen]
+    reused = [names[k + 1] for k in range(len(counts) - 1) if counts[k + 1] > counts[k]]
+    # each request after one that kept nothing
+    assert reused == [b"b", b"hold", b"slice", b"weak", b"f"], reused
+    assert seen[7][2] == {b"weak": None}        # dead as soon as "weak" was done
+    assert bytes(held[b"slice"]) == b"lice"
+    with pytest.raises(ValueError):
+        bytes(held[b"hold"])                    # released, as every kept view
+    core.arrive(5, b"weak-last", 1)             # no next request to wait for
+    settle()
+    assert weak[b"weak-last"]() is None
 
 
 class _Watched(Request):

@@ -61,9 +61,12 @@ handlers wait on something downstream; four things keep it:
 - Downstream connections per level: qstack.LevelPool (app layer).
 
 Fairness with gevent.  While there is work the leader drains the rings
-without going through gevent's loop; every ``YIELD_EVERY`` requests (with
-one level in use) or ``YIELD_AFTER`` (with several) it gives the loop a
-turn so timers and handlers that were blocked can resume.  When the rings
+without going through gevent's loop; every ``YIELD_AFTER`` it gives the
+loop a turn so timers and handlers that were blocked can resume.  Time, not
+a count of requests: a turn costs several microseconds (a poll and the
+scheduler's Python), which after every 64 echo requests was a quarter of
+the hub's CPU per request, while 64 slow handlers would hold timers too
+long.  When the rings
 are empty it parks, and the stack's watcher brings it back.
 
 Commands (replies, buffer returns) collect as qs_cmd structs in a C queue
@@ -128,7 +131,6 @@ F_KEEP = lib.QS_F_KEEP
 NO_POLL = lib.QS_STEP_NO_POLL
 assert EV_DATA == SEND_BUF
 
-YIELD_EVERY = 64
 YIELD_AFTER = 0.001 # s: a leader whose handlers never block yields at least this often
 SLICE = 0.0005      # s: the scheduler runs lower levels this long, then lets the loop poll
 HOT_BATCH = 4       # inline: a refill this big means more is coming; poll at once
@@ -244,7 +246,7 @@ class Hub:
         self._t_yield = 0.0
         if self._lane is not None:
             self._lane.bind(self, handler, self._cq, core.slab_addr, self._kept_free,
-                            self._handler_failed, YIELD_EVERY)
+                            self._handler_failed, YIELD_AFTER)
             stack = getattr(core, "stack_address", None)
             if self._inline and stack and self._native_submit:
                 # run() refills an empty lane itself (qslane.c): _refill in C
@@ -712,10 +714,12 @@ class Hub:
                     # find what _refill just did: the stack's watcher
                     # (_on_stack) resumes us when the sockets have more.
                     self._park(quiet=self._inline and not ready.count)
+                    q.turned()      # the loop had its turn: a new yield interval
                     self._arm()
                     continue
             if ready.count and ready.top() <= level:
                 self._park()        # woken workers of this level go first
+                q.turned()
                 self._arm()
                 continue
             # Side events (a handler waiting for a body or for room) are
@@ -749,7 +753,6 @@ class Hub:
         base, view, done, on_free = self.core.slab_addr, _view, _view_done, self._kept_free
         ready = self._ready
         ordered = self._multilevel
-        handled = 0
         while not self._native_gone:
             ev = nxt()
             if ev is None:
@@ -805,18 +808,16 @@ class Hub:
                 # runs: it flushes our reply and dispatches what now may start.
                 self._schedule_run()
                 return
-            handled += 1
-            if ordered and monotonic() >= self._t_yield:
+            if monotonic() >= self._t_yield:
                 # Let the loop poll: wake-ups and arrivals of higher levels
                 # must not wait for this run of requests.  Checked after every
                 # request: with handlers of a millisecond, checking every few
                 # requests would hold a level-0 arrival that long times more.
-                handled = 0
-                self._lead_yield()
-                self._arm()
-            elif handled >= YIELD_EVERY:
-                handled = 0
-                self._yield()           # callbacks and timers get a turn
+                if ordered:
+                    self._lead_yield()
+                else:
+                    self._yield()       # callbacks and timers get a turn
+                    self._t_yield = monotonic() + YIELD_AFTER
                 self._arm()
 
     def _conn_event(self, me, kind, level, conn):

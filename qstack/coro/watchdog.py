@@ -9,7 +9,7 @@ requests without switching greenlets:
 - *Progress* is libev's own loop counter (``loop.iteration``, bumped by
   libev each time the loop polls): nothing is added per request or per
   loop turn.  While the hub serves, the loop polls at least every few
-  milliseconds (the leader yields every ``YIELD_EVERY`` requests and gevent
+  milliseconds (the leader yields every ``YIELD_AFTER`` and gevent
   polls between callback batches after a switch interval).  A loop without
   that counter (libuv) gets a prepare watcher that bumps one: one Python
   call per loop turn, still none per request.

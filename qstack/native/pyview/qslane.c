@@ -22,9 +22,15 @@
  * run(me, req) serves messages until one of: the queue is empty
  * (RUN_EMPTY), the event at its head is not a message (RUN_SLOW: the hub
  * pops it as a tuple and handles it), the worker lost the lead because its
- * handler blocked (RUN_LOST), or yield_every requests were served since
- * the last RUN_YIELD, over any number of runs (RUN_YIELD: gevent's loop
- * gets a turn).  Per request it makes the view
+ * handler blocked (RUN_LOST), or the yield interval has passed since the
+ * first request after the last RUN_YIELD, over any number of runs
+ * (RUN_YIELD: gevent's loop gets a turn).  The interval is time, not a
+ * count of requests: a turn of the loop costs several microseconds (a
+ * poll, the hub's scheduler in Python), which every 64 requests of an echo
+ * handler was a quarter of qstack's own CPU per request; and a count is
+ * too long a wait for timers and woken handlers once the handlers are
+ * slow.  The clock is read after every CLOCK_EVERY requests: a vDSO call
+ * costs ~20 ns here, a sixth of the lane's own cost per request.  Per request it makes the view
  * (qsview.c), fills req, calls the handler, queues the reply command and
  * checks the view is done with -- what Hub._lead does, in the same order.
  * A handler's Exception is the hub's to log (its failed(conn, exc)) and
@@ -56,6 +62,15 @@
 #include "qstack.h"
 
 enum { RUN_EMPTY, RUN_SLOW, RUN_LOST, RUN_YIELD };
+enum { CLOCK_EVERY = 8 };              /* a power of 2 */
+enum { CONN_INTS = 1024 };             /* a power of 2 */
+
+/* A connection id's int object, kept for its next request: ids are large
+ * (a generation above the slot), so each would be a new int otherwise. */
+struct conn_int {
+    int64_t id;
+    PyObject *obj;
+};
 
 typedef int (*submit_fn)(void *core, const qs_cmd *cmds, int n, const uint8_t *staging);
 typedef int (*step_fn)(void *core, int timeout_ms);
@@ -376,10 +391,14 @@ typedef struct {
     Py_ssize_t src_n;
     /* run()'s company (bind()) */
     PyObject *hub, *handler, *on_free, *failed;
+    PyObject *spare;                   /* the last request's view, to reuse (qsv_reusable) */
+    unsigned long long reused;         /* views reused, over the queue's life */
+    struct conn_int *conn_ints;        /* req.conn_id's ints, by connection slot (conn_int) */
     CommandQueue *cq;
     char *base;                        /* the slab: DATA offsets are into it */
-    int yield_every;
-    int handled;                       /* requests since the last RUN_YIELD */
+    int64_t yield_ns;                  /* the yield interval */
+    int64_t yield_at;                  /* its end (CLOCK_MONOTONIC ns); 0: not started */
+    unsigned handled;                  /* requests served: the clock is read every CLOCK_EVERY */
     /* The request type's slots (req_slots): their offsets, 0 where the
      * attribute is not a plain writable slot and goes through setattr. */
     PyTypeObject *req_type;            /* the type the offsets are for */
@@ -390,6 +409,13 @@ typedef struct {
     poll_fn poll;
     int level;
 } EventQueue;
+
+static inline int64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
 
 static PyObject *s_leader, *s_busy, *s_level, *s_data, *s_priority, *s_conn_id, *s_seq;
 
@@ -445,7 +471,7 @@ static int eq_init(EventQueue *q, PyObject *args, PyObject *kw)
         return -1;
     q->src = (const qs_event *)(uintptr_t)src;
     q->src_n = src_n;
-    q->yield_every = 64;
+    q->yield_ns = 1000000;
     return eq_room(q, 1);
 }
 
@@ -454,6 +480,7 @@ static int eq_traverse(EventQueue *q, visitproc visit, void *arg)
     Py_VISIT(q->hub);
     Py_VISIT(q->handler);
     Py_VISIT(q->on_free);
+    Py_VISIT(q->spare);
     Py_VISIT(q->failed);
     Py_VISIT((PyObject *)q->cq);
     Py_VISIT((PyObject *)q->req_type);
@@ -466,6 +493,13 @@ static int eq_clear_refs(EventQueue *q)
     Py_CLEAR(q->handler);
     Py_CLEAR(q->on_free);
     Py_CLEAR(q->failed);
+    Py_CLEAR(q->spare);
+    if (q->conn_ints) {
+        for (int i = 0; i < CONN_INTS; i++)
+            Py_CLEAR(q->conn_ints[i].obj);
+        PyMem_Free(q->conn_ints);
+        q->conn_ints = NULL;
+    }
     Py_CLEAR(q->cq);
     Py_CLEAR(q->req_type);
     return 0;
@@ -594,6 +628,14 @@ static PyObject *eq_popleft(EventQueue *q, PyObject *unused)
     return t;
 }
 
+/* turned(): gevent's loop just had a turn (the leader parked): the yield
+ * interval starts again at the next request. */
+static PyObject *eq_turned(EventQueue *q, PyObject *unused)
+{
+    q->yield_at = 0;
+    Py_RETURN_NONE;
+}
+
 static PyObject *eq_clear(EventQueue *q, PyObject *unused)
 {
     q->head = q->n = 0;
@@ -618,16 +660,17 @@ static PyObject *eq_iter(EventQueue *q)
     return it;
 }
 
-/* bind(hub, handler, commands, slab_address, on_free, failed, yield_every) */
+/* bind(hub, handler, commands, slab_address, on_free, failed, yield_after):
+ * yield_after in seconds */
 static PyObject *eq_bind(EventQueue *q, PyObject *const *args, Py_ssize_t n)
 {
     if (n != 7 || !PyObject_TypeCheck(args[2], &CommandQueueType)) {
         PyErr_SetString(PyExc_TypeError, "bind(hub, handler, commands: CommandQueue, "
-                                         "slab_address, on_free, failed, yield_every)");
+                                         "slab_address, on_free, failed, yield_after)");
         return NULL;
     }
     void *base = PyLong_AsVoidPtr(args[3]);
-    long every = PyLong_AsLong(args[6]);
+    double after = PyFloat_AsDouble(args[6]);
     if (PyErr_Occurred())
         return NULL;
     eq_clear_refs(q);
@@ -637,7 +680,8 @@ static PyObject *eq_bind(EventQueue *q, PyObject *const *args, Py_ssize_t n)
     q->base = base;
     q->on_free = Py_NewRef(args[4]);
     q->failed = Py_NewRef(args[5]);
-    q->yield_every = every > 0 ? (int)every : 1;
+    q->yield_ns = after > 0 ? (int64_t)(after * 1e9) : 0;
+    q->yield_at = 0;
     Py_RETURN_NONE;
 }
 
@@ -704,12 +748,29 @@ static int req_set(EventQueue *q, PyObject *req, int i, PyObject *v)
     return rc;
 }
 
+/* req.conn_id for connection id: a new reference, from the cache by the
+ * id's slot (its low bits) when the last id there was the same. */
+static PyObject *conn_int(EventQueue *q, int64_t id)
+{
+    if (!q->conn_ints && !(q->conn_ints = PyMem_Calloc(CONN_INTS, sizeof(struct conn_int))))
+        return PyLong_FromLongLong(id);
+    struct conn_int *e = &q->conn_ints[(uint64_t)id & (CONN_INTS - 1)];
+    if (e->obj && e->id == id)
+        return Py_NewRef(e->obj);
+    PyObject *o = PyLong_FromLongLong(id);
+    if (o) {
+        Py_XSETREF(e->obj, Py_NewRef(o));
+        e->id = id;
+    }
+    return o;
+}
+
 /* The request's attributes for message ev, viewed as data. */
 static int fill_request(EventQueue *q, PyObject *req, PyObject *data, const qs_event *ev)
 {
     if (req_set(q, req, REQ_DATA, Py_NewRef(data)) < 0 ||
             req_set(q, req, REQ_PRIORITY, PyLong_FromLong(ev->level)) < 0 ||
-            req_set(q, req, REQ_CONN_ID, PyLong_FromLongLong(ev->conn)) < 0 ||
+            req_set(q, req, REQ_CONN_ID, conn_int(q, ev->conn)) < 0 ||
             req_set(q, req, REQ_SEQ, PyLong_FromLongLong(ev->aux)) < 0)
         return -1;
     return 0;
@@ -769,7 +830,14 @@ static PyObject *eq_run(EventQueue *q, PyObject *const *args, Py_ssize_t nargs)
             level = ev.level;
         }
         char *p = ev.kind == QS_EV_DATA ? q->base + ev.off : (char *)(intptr_t)ev.off;
-        PyObject *data = qsv_view(p, (Py_ssize_t)ev.len);
+        PyObject *data = q->spare;
+        q->spare = NULL;
+        if (data) {
+            qsv_repoint(data, p, (Py_ssize_t)ev.len);
+            q->reused++;
+        }
+        else
+            data = qsv_view(p, (Py_ssize_t)ev.len);
         if (!data || fill_request(q, req, data, &ev) < 0) {
             Py_XDECREF(data);          /* the event stays queued */
             failed = 1;
@@ -808,7 +876,10 @@ static PyObject *eq_run(EventQueue *q, PyObject *const *args, Py_ssize_t nargs)
         if (req_set(q, req, REQ_DATA, Py_NewRef(Py_None)) < 0)
             PyErr_WriteUnraisable(req);
         int kept = qsv_done(data, ev.buf, q->on_free, 1);
-        Py_DECREF(data);
+        if (kept == 0 && qsv_reusable(data))
+            q->spare = data;           /* the next request's view */
+        else
+            Py_DECREF(data);
         if (kept > 0)
             cq->cmd[cq->n - 1].flags |= QS_F_KEEP;
         else if (kept < 0)
@@ -830,10 +901,15 @@ static PyObject *eq_run(EventQueue *q, PyObject *const *args, Py_ssize_t nargs)
             status = RUN_LOST;
             break;
         }
-        if (++q->handled >= q->yield_every) {
-            q->handled = 0;
-            status = RUN_YIELD;
-            break;
+        if ((++q->handled & (CLOCK_EVERY - 1)) == 0) {
+            int64_t now = now_ns();
+            if (!q->yield_at) {
+                q->yield_at = now + q->yield_ns;
+            } else if (now >= q->yield_at) {
+                q->yield_at = 0;
+                status = RUN_YIELD;
+                break;
+            }
         }
     }
     {
@@ -862,13 +938,21 @@ static PyMethodDef eq_methods[] = {
     {"extend", (PyCFunction)eq_extend, METH_O, "extend(events)"},
     {"popleft", (PyCFunction)eq_popleft, METH_NOARGS, "popleft() -> event"},
     {"clear", (PyCFunction)eq_clear, METH_NOARGS, "drop every event"},
+    {"turned", (PyCFunction)eq_turned, METH_NOARGS,
+     "turned(): the loop had a turn; run()'s yield interval starts again"},
     {"bind", (PyCFunction)(void (*)(void))eq_bind, METH_FASTCALL,
-     "bind(hub, handler, commands, slab_address, on_free, failed, yield_every)"},
+     "bind(hub, handler, commands, slab_address, on_free, failed, yield_after)"},
     {"run", (PyCFunction)(void (*)(void))eq_run, METH_FASTCALL,
      "run(worker, request, refill=False) -> RUN_*: serve the messages at the head"},
     {"bind_stack", (PyCFunction)(void (*)(void))eq_bind_stack, METH_FASTCALL,
      "bind_stack(core, step, poll, level): the inline core, for run()'s refill"},
     {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef eq_members[] = {
+    {"reused", T_ULONGLONG, offsetof(EventQueue, reused), READONLY,
+     "request views run() reused (qsv_reusable), over the queue's life"},
+    {NULL},
 };
 
 static PySequenceMethods eq_as_seq = {.sq_length = (lenfunc)eq_len};
@@ -885,6 +969,7 @@ static PyTypeObject EventQueueType = {
     .tp_clear = (inquiry)eq_clear_refs,
     .tp_iter = (getiterfunc)eq_iter,
     .tp_methods = eq_methods,
+    .tp_members = eq_members,
     .tp_init = (initproc)eq_init,
     .tp_new = PyType_GenericNew,
 };

@@ -110,6 +110,56 @@ PyObject *qsv_view(void *p, Py_ssize_t len)
     return mv;
 }
 
+/* Reusing a view.  A view is three objects (the memoryview, its managed
+ * buffer, the Window) made and freed per request: about a third of the
+ * lane's own cost.  When the view that request N saw is reachable from
+ * nothing but the lane's own reference -- no slice, no export, no weak
+ * reference, not released -- nothing can observe it any more, so request
+ * N + 1 can see the same three objects pointed at its own bytes.  That
+ * is decided when request N is done (a weak reference must die then).  The
+ * fields re-pointed are the ones PyMemoryView_FromObject filled from the
+ * Window's buffer (buf and len; the shape is len), in the struct layout
+ * of CPython 3.8 to 3.13, which memoryobject.h declares but calls private:
+ * other versions build without reuse. */
+#if PY_VERSION_HEX >= 0x03080000 && PY_VERSION_HEX < 0x030e0000
+#define QSV_REUSE 1
+#endif
+
+int qsv_reusable(PyObject *mv)
+{
+#ifdef QSV_REUSE
+    PyMemoryViewObject *v = (PyMemoryViewObject *)mv;
+    _PyManagedBufferObject *mb = v->mbuf;
+    PyObject *o = mb ? mb->master.obj : NULL;
+    if (Py_REFCNT(mv) != 1 || v->exports || v->weakreflist || v->flags & _Py_MEMORYVIEW_RELEASED
+            || v->view.ndim != 1 || Py_REFCNT(mb) != 1 || mb->exports != 1
+            || mb->flags & _Py_MANAGED_BUFFER_RELEASED || !o || Py_TYPE(o) != &WindowType)
+        return 0;
+    Window *w = (Window *)o;
+    return Py_REFCNT(w) == 1 && w->exports == 1 && !w->on_free;
+#else
+    (void)mv;
+    return 0;
+#endif
+}
+
+void qsv_repoint(PyObject *mv, void *p, Py_ssize_t len)
+{
+#ifdef QSV_REUSE
+    PyMemoryViewObject *v = (PyMemoryViewObject *)mv;
+    Window *w = (Window *)v->mbuf->master.obj;
+    w->p = p;
+    w->len = len;
+    v->mbuf->master.buf = p;
+    v->mbuf->master.len = len;         /* master.shape, if set, points here */
+    v->view.buf = p;
+    v->view.len = len;
+    v->view.shape[0] = len;
+#else
+    (void)mv; (void)p; (void)len;
+#endif
+}
+
 /* References to the view done() may find that are the caller's own: its
  * variable and the argument it passes (CPython pushes a strong reference). */
 #define CALLER_REFS 2
