@@ -528,6 +528,10 @@ int qs_core_step(qs_core *c, int timeout_ms)
         return -EINVAL;
     if (c->joined)
         return -ESHUTDOWN;
+    for (int l = 0; l < c->cfg.levels; l++) {
+        qs_ring_rewind(&c->ev[l]);
+        qs_ring_rewind(&c->cmd[l]);
+    }
 #ifdef QS_STEP_CPU_EXACT
     uint64_t t0 = thread_cpu_ns();
     int n = qs_loop_step(c, timeout_ms);
